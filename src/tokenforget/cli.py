@@ -1,0 +1,94 @@
+"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `demo`.
+
+Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
+(`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). jsonargparse builds the parser from the
+dataclasses in `config.py`, so type errors and unknown keys are reported for free.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from tokenforget.config import ConfigError, DemoConfig, RunConfig
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _run_stage(stage: str) -> Callable[[RunConfig], None]:
+    def command(cfg: RunConfig) -> None:
+        from tokenforget import report
+        from tokenforget.pipeline import Run
+
+        run = Run(cfg)
+        if stage == "run":
+            run.run_all()
+        else:
+            getattr(run, stage)()
+        trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
+        print(report.run_summary(run, trained))
+
+    return command
+
+
+def _demo(cfg: DemoConfig) -> None:
+    from tokenforget.demo import run_demo
+
+    run_demo(cfg)
+
+
+COMMANDS: dict[str, tuple[type, str, Callable]] = {
+    "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
+    "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
+    "score": (RunConfig, "Score every response token: CE_base - CE_ref.", _run_stage("score")),
+    "partition": (RunConfig, "Split response tokens into positive and negative by global ranking.", _run_stage("partition")),
+    "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
+    "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+}
+
+
+def build_parser() -> ArgumentParser:
+    root = ArgumentParser(prog="tokenforget", description="Token-level forgetting for LLM fine-tuning.")
+    sub = root.add_subcommands(dest="command")
+    for name, (cls, help_text, _) in COMMANDS.items():
+        p = ArgumentParser(description=help_text)
+        p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
+        p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        sub.add_subcommand(name, p, help=help_text)
+    return root
+
+
+def _positional_config(argv: list[str]) -> list[str]:
+    """`tokenforget run cfg.yaml ...` -> `tokenforget run --config cfg.yaml ...`."""
+    if len(argv) >= 2 and argv[0] in COMMANDS and not argv[1].startswith("-"):
+        return [argv[0], "--config", argv[1], *argv[2:]]
+    return argv
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tokenforget.data import DataError
+    from tokenforget.models import ModelLoadError
+
+    return (*USER_ERRORS, DataError, ModelLoadError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _positional_config(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    name = ns.command
+    try:
+        init = parser.instantiate(ns)
+        cls, _, command = COMMANDS[name]
+        fields = {k: v for k, v in vars(init[name]).items() if k != "config"}
+        command(cls(**fields))
+    except _user_errors() as e:
+        print(f"tokenforget {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

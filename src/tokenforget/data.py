@@ -1,0 +1,293 @@
+"""Data: records from files or the Hub -> chat messages -> tokens with a response mask.
+
+A record becomes a list of messages; the messages are rendered to text (chat template, or plain
+`prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
+token when it starts inside an assistant message's content; character spans that a record marks as
+corrupted (`corrupt_spans`, from the demo's generator) become a per-token `corrupt` mask the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from tokenforget.config import DataConfig
+
+Span = tuple[int, int]
+ROLES = ("system", "user", "assistant")
+
+# Our canonical field names per format; `field_map` renames the file's columns onto them.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "question_answer": ("question", "answer"),
+}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line or field."""
+
+
+@dataclass
+class Record:
+    """One training example before tokenization."""
+
+    messages: list[dict[str, str]]
+    where: str  # "file.jsonl:12", for error messages
+    corrupt_spans: tuple[Span, ...] = ()  # char spans inside the (single) assistant message
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(path: str, split: str = "train", hub_config: Optional[str] = None) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a .jsonl/.json/.parquet file or a Hub data set name."""
+    p = Path(path).expanduser()
+    if p.suffix == ".jsonl":
+        return _read_jsonl(p)
+    if p.suffix == ".json":
+        return _read_json(p)
+    if p.suffix == ".parquet":
+        return _read_parquet(p)
+    if p.exists() or path.startswith((".", "/", "~")):
+        raise DataError(f"{path}: unsupported data file (use .jsonl, .json or .parquet)")
+    return _read_hub(path, split, hub_config)
+
+
+def _decode_lines(p: Path) -> list[str]:
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found")
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return out
+
+
+def _read_jsonl(p: Path) -> list[tuple[str, dict]]:
+    records = []
+    for n, line in enumerate(_decode_lines(p), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+        records.append((f"{p}:{n}", rec))
+    return records
+
+
+def _read_json(p: Path) -> list[tuple[str, dict]]:
+    text = "\n".join(_decode_lines(p))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{p}: expected a JSON list of objects")
+    return [(f"{p}[{i}]", r) for i, r in enumerate(data)]
+
+
+def _read_parquet(p: Path) -> list[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found")
+    rows = pq.read_table(p).to_pylist()
+    return [(f"{p} row {i}", r) for i, r in enumerate(rows)]
+
+
+def _read_hub(name: str, split: str, hub_config: Optional[str]) -> list[tuple[str, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, hub_config, split=split)
+    except Exception as e:  # noqa: BLE001 - surface any Hub/network failure as a data error
+        raise DataError(f"data.path '{name}': not a local file and could not be loaded from the Hub ({e})") from None
+    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- records -> messages
+
+
+def detect_format(record: dict, field_map: dict[str, str]) -> str:
+    """The format whose leading (mapped) field is in the record; its other fields are checked per record."""
+    for fmt, fields in FORMAT_FIELDS.items():
+        if field_map.get(fields[0], fields[0]) in record:
+            return fmt
+    raise DataError(
+        f"cannot tell the data format from the fields {sorted(record)}; expected one of "
+        f"{[list(f) for f in FORMAT_FIELDS.values()]} or set data.format and data.field_map"
+    )
+
+
+def _text(record: dict, name: str, field_map: dict[str, str], where: str, allow_empty: bool = False) -> str:
+    key = field_map.get(name, name)
+    if key not in record or record[key] is None:
+        raise DataError(f"{where}: missing field '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _messages_field(record: dict, field_map: dict[str, str], where: str) -> list[dict[str, str]]:
+    key = field_map.get("messages", "messages")
+    msgs = record.get(key)
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {key}[{i}] needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}] has unknown role '{m['role']}' (expected one of {list(ROLES)})")
+        if not isinstance(m["content"], str) or (m["role"] == "assistant" and not m["content"].strip()):
+            raise DataError(f"{where}: {key}[{i}] content must be a non-empty string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: conversation has no assistant message")
+    return out
+
+
+def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
+    """Map one raw record to chat messages in our canonical shape."""
+    fm = cfg.field_map
+    if fmt == "messages":
+        return Record(_messages_field(raw, fm, where), where)
+    if fmt == "prompt_completion":
+        prompt, answer = _text(raw, "prompt", fm, where), _text(raw, "completion", fm, where)
+    elif fmt == "instruction":
+        prompt = _text(raw, "instruction", fm, where)
+        extra = raw.get(fm.get("input", "input")) or ""
+        prompt = f"{prompt}\n\n{extra}" if str(extra).strip() else prompt
+        answer = _text(raw, "output", fm, where)
+    else:
+        prompt, answer = _text(raw, "question", fm, where), _text(raw, "answer", fm, where)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    if cfg.system_prompt:
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    spans = tuple((int(s), int(e)) for s, e in raw.get("corrupt_spans") or ())
+    return Record(messages, where, spans)
+
+
+def load_records(cfg: DataConfig, path: Optional[str] = None) -> list[Record]:
+    """Read and normalise every record of `path` (default `cfg.path`)."""
+    path = path or cfg.path
+    if not path:
+        raise DataError("config field 'data.path' is required")
+    raw = read_records(path, cfg.split, cfg.hub_config)
+    if cfg.limit:
+        raw = raw[: cfg.limit]
+    if not raw:
+        raise DataError(f"{path}: no records")
+    fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0][1], cfg.field_map)
+    return [to_record(r, where, cfg, fmt) for where, r in raw]
+
+
+# ---------------------------------------------------------------- rendering and tokenization
+
+
+def render(tokenizer: PreTrainedTokenizerBase, record: Record, chat: bool) -> tuple[str, list[Span], int]:
+    """(text, assistant content spans, offset of the first assistant content) for one record.
+
+    Chat rendering relies on the template rendering a prefix of the conversation as a prefix of the
+    whole text (true of ChatML, Llama, Gemma templates); a template that rewrites history is an error.
+    """
+    msgs = record.messages
+    if not chat:
+        if len(msgs) > 2 + (msgs[0]["role"] == "system"):
+            raise DataError(f"{record.where}: multi-turn data needs data.chat_template: true")
+        prompt = "\n".join(m["content"] for m in msgs[:-1])
+        start = len(prompt)
+        text = prompt + msgs[-1]["content"] + (tokenizer.eos_token or "")
+        return text, [(start, len(text))], start
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    spans: list[Span] = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)
+        if not full.startswith(before) or not full.startswith(upto):
+            raise DataError(f"{record.where}: the chat template does not render turns as prefixes")
+        spans.append((len(before), len(upto.rstrip())))
+    first = full.find(msgs[[m["role"] for m in msgs].index("assistant")]["content"], spans[0][0])
+    return full, spans, first if first >= 0 else spans[0][0]
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    response_mask: list[int]  # 1 where the token is a response token (and so gets a loss)
+    corrupt: list[int]  # 1 where the token overlaps a span the record marks as corrupted
+
+
+def tokenize_record(
+    tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int, chat: bool
+) -> Tokenized:
+    """Tokens, response mask and corrupt mask of one record, cut to `max_length` tokens."""
+    text, spans, content_start = render(tokenizer, record, chat)
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    response = [int(any(s <= a < e for s, e in spans) and b > a) for a, b in offsets]
+    response[0] = 0  # the first token is never predicted
+    bad = [(content_start + s, content_start + e) for s, e in record.corrupt_spans]
+    corrupt = [int(r and any(a < e and b > s for s, e in bad)) for (a, b), r in zip(offsets, response)]
+    return Tokenized(ids, response, corrupt)
+
+
+@dataclass
+class TokenizeReport:
+    kept: int
+    skipped_no_response: int
+
+
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: DataConfig
+) -> tuple[dict[str, list[Any]], TokenizeReport]:
+    """Columns `input_ids`, `response_mask`, `corrupt`, `example` for every record with a response left.
+
+    Records whose prompt fills `max_length` are skipped and counted; if all are, that is an error.
+    """
+    cols: dict[str, list[Any]] = {"input_ids": [], "response_mask": [], "corrupt": [], "example": []}
+    skipped = 0
+    for i, rec in enumerate(records):
+        tok = tokenize_record(tokenizer, rec, cfg.max_length, cfg.chat_template)
+        if not any(tok.response_mask):
+            skipped += 1
+            continue
+        cols["input_ids"].append(tok.input_ids)
+        cols["response_mask"].append(tok.response_mask)
+        cols["corrupt"].append(tok.corrupt)
+        cols["example"].append(i)
+    if not cols["input_ids"]:
+        raise DataError(
+            f"data.max_length={cfg.max_length}: every one of the {len(records)} examples has no response "
+            "token left after truncation; raise data.max_length"
+        )
+    return cols, TokenizeReport(kept=len(cols["input_ids"]), skipped_no_response=skipped)
+
+
+def reference_subset(n: int, fraction: float, size: Optional[int], seed: int) -> list[int]:
+    """Sorted indices of the seeded random subset the reference model trains on."""
+    k = size if size is not None else max(1, round(fraction * n))
+    if k > n:
+        raise DataError(f"reference.size={k} is larger than the data set ({n} examples)")
+    return sorted(random.Random(seed).sample(range(n), k))

