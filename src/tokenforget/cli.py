@@ -8,6 +8,7 @@ dataclasses in `config.py`, so type errors and unknown keys are reported for fre
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -74,7 +75,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (*USER_ERRORS, DataError, ModelLoadError)
 
 
+def _quiet_known_warnings() -> None:
+    """Warnings that say nothing to a tokenforget user (deprecations inside transformers, peft's note that a
+    GGUF folder has no config.json)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_known_warnings()
     argv = _positional_config(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     ns = parser.parse_args(argv)

@@ -193,9 +193,9 @@ class DemoConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
-    n_train: int = 320
+    n_train: int = 240
     """Training examples generated."""
-    n_test: int = 64
+    n_test: int = 48
     """Clean held-out examples for accuracy and gold NLL."""
     noise: float = 0.3
     """Share of training responses with one corrupted step."""
@@ -205,7 +205,7 @@ class DemoConfig:
     epochs: float = 1.0
     learning_rate: float = 2e-4
     batch_size: int = 8
-    max_new_tokens: int = 96
+    max_new_tokens: int = 72
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")

@@ -19,33 +19,32 @@ from tokenforget.config import DataConfig, DemoConfig, PartitionConfig, Referenc
 from tokenforget.models import BaseModel
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
+SYSTEM_PROMPT = "Solve the problem step by step."  # shorter than SmolLM2's default one: fewer tokens to train on
 ITEMS = ["apples", "stickers", "marbles", "cookies", "pencils", "cards"]
 
 
 def _problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """(question, worked steps ending in 'The answer is N.', answer)."""
+    """(question, two worked steps, answer). Small numbers: a 135M model can learn the task in one epoch."""
     name, he = rng.choice(NAMES)
     He = he.capitalize()
     kind = rng.randrange(4)
     if kind == 0:
-        item, a, b, c, d = rng.choice(ITEMS), rng.randint(5, 30), rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 9)
-        s = a + b * c
-        q = f"{name} has {a} {item}. {He} buys {b} bags with {c} {item} each. Then {he} gives away {d} {item}. How many {item} does {name} have now?"
-        steps = [f"{He} buys {b} * {c} = {b * c} {item}.", f"{He} then has {a} + {b * c} = {s} {item}.",
-                 f"After giving away {d}, {he} has {s} - {d} = {s - d} {item}."]
-        return q, steps, s - d
+        item, a, b, c = rng.choice(ITEMS), rng.randint(2, 20), rng.randint(2, 5), rng.randint(2, 5)
+        q = f"{name} has {a} {item}. {He} buys {b} bags with {c} {item} each. How many {item} does {name} have now?"
+        steps = [f"{He} buys {b} * {c} = {b * c} {item}.", f"{He} then has {a} + {b * c} = {a + b * c} {item}."]
+        return q, steps, a + b * c
     if kind == 1:
-        item, p, n = rng.choice(ITEMS), rng.randint(2, 9), rng.randint(2, 9)
-        m = 10 * (p * n // 10 + rng.randint(1, 3))
+        item, p, n = rng.choice(ITEMS), rng.randint(2, 5), rng.randint(2, 5)
+        m = 10 * (p * n // 10 + 1)
         q = f"A shop sells {item} for {p} dollars each. {name} buys {n} {item} and pays with {m} dollars. How much change does {name} get?"
         steps = [f"The {item} cost {n} * {p} = {n * p} dollars.", f"The change is {m} - {n * p} = {m - n * p} dollars."]
         return q, steps, m - n * p
     if kind == 2:
-        a, b = rng.randint(10, 40), rng.randint(10, 40)
+        a, b = rng.randint(2, 15), rng.randint(2, 15)
         q = f"{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {he} reads twice as many pages as on Monday. How many pages does {name} read in total?"
         steps = [f"On Wednesday {he} reads 2 * {a} = {2 * a} pages.", f"In total {he} reads {a} + {b} + {2 * a} = {3 * a + b} pages."]
         return q, steps, 3 * a + b
-    rows, per, cut = rng.randint(3, 9), rng.randint(4, 12), rng.randint(1, 10)
+    rows, per, cut = rng.randint(2, 5), rng.randint(2, 5), rng.randint(1, 4)
     q = f"A farm has {rows} rows of {per} trees. The farmer cuts down {cut} trees. How many trees are left?"
     steps = [f"There are {rows} * {per} = {rows * per} trees.", f"After cutting, {rows * per} - {cut} = {rows * per - cut} trees are left."]
     return q, steps, rows * per - cut
@@ -97,7 +96,7 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         run_dir=cfg.run_dir,
         seed=cfg.seed,
         model=cfg.model,
-        data=DataConfig(path=str(train_path), max_length=256),
+        data=DataConfig(path=str(train_path), max_length=256, system_prompt=SYSTEM_PROMPT),
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
         train=TrainConfig(mode="forget", training=training, save_merged=True),

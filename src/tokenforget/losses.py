@@ -123,6 +123,7 @@ def sft_loss(
 Objective = Callable[[torch.Tensor, torch.Tensor, float, Optional[TokenCounts]], LossParts]
 
 OBJECTIVES: dict[str, Objective] = {"forget": forgetting_loss, "ignore": ignore_loss, "sft": sft_loss}
+USES_LAMBDA = frozenset({"forget"})  # objectives whose value depends on lambda (logged only for these)
 
 
 def linear_schedule(step: int, total: int, t_min: float, t_max: float) -> float:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from tokenforget.config import TrainingConfig
-from tokenforget.losses import FORGET, LEARN, TokenCounts, get_objective, get_schedule, token_cross_entropy
+from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
 
 
 @dataclass
@@ -114,7 +114,8 @@ class ForgettingTrainer(Trainer):
             pos, neg, n_pos, n_neg = self._sums.tolist()
             logs["loss_pos"] = pos / max(n_pos, 1.0)
             logs["loss_neg"] = neg / max(n_neg, 1.0) if n_neg else float("nan")
-            logs["lambda"] = self._last_lambda
+            if self.objective_name in USES_LAMBDA:
+                logs["lambda"] = self._last_lambda
             logs["n_pos"], logs["n_neg"] = int(n_pos), int(n_neg)
             self._sums.zero_()
         super().log(logs, start_time)

@@ -1,0 +1,115 @@
+"""End to end: every command on a tiny model built in code and a local JSONL file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import write_jsonl
+from tokenforget.cli import main
+from tokenforget.demo import make_examples
+
+STAGES = ["data", "reference", "scores", "partition", "train-forget"]
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", make_examples(24, seed=0, noise=0.25))
+    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(data), "max_length": 128},
+        "reference": {"fraction": 0.25, "training": training},
+        "score": {"batch_size": 8},
+        "train": {"training": training},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_every_stage_then_reuse(config: Path, capsys):
+    run = config.parent / "run"
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert all((run / s / "stage.json").is_file() for s in STAGES)
+    assert "Tokens scored:" in out and "train-forget: final loss=" in out
+    merged = AutoModelForCausalLM.from_pretrained(run / "train-forget" / "model", dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    stats = json.loads((run / "partition" / "stats.json").read_text())
+    assert stats["n_positive"] == int(0.7 * stats["n_tokens"] + 0.5)
+
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{s}] up to date" in out for s in STAGES)
+
+    assert main(["run", str(config), "--partition.rho", "0.5"]) == 0  # scores reused, partition redone
+    out = capsys.readouterr().out
+    assert "[scores] up to date" in out and "[partition] " in out and "[partition] up to date" not in out
+    stats = json.loads((run / "partition" / "stats.json").read_text())
+    assert stats["n_positive"] == int(0.5 * stats["n_tokens"] + 0.5)
+
+
+def test_changed_data_file_redoes_every_stage(config: Path, capsys):
+    assert main(["score", str(config)]) == 0
+    data = Path(yaml.safe_load(config.read_text())["data"]["path"])
+    write_jsonl(data, make_examples(24, seed=1, noise=0.25))
+    capsys.readouterr()
+    assert main(["score", str(config)]) == 0
+    assert "up to date" not in capsys.readouterr().out
+
+
+def test_stage_commands_write_only_their_stages(config: Path):
+    run = config.parent / "run"
+    assert main(["reference", str(config)]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["data", "reference"]
+    assert main(["partition", str(config)]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["data", "partition", "reference", "scores"]
+    assert main(["train", str(config), "--train.mode", "ignore"]) == 0
+    assert (run / "train-ignore" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sft_needs_no_reference(config: Path):
+    run = config.parent / "run"
+    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["data", "train-sft"]
+
+
+def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys):
+    assert main(["run", str(config), "--partition.rho", "1.5"]) == 2
+    assert "partition.rho" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    assert main(["run", str(config), "--data.path", str(bad)]) == 2
+    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert main(["run", str(config), "--model.name_or_path", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(config), "--partition.rhoo", "0.5"])
+    assert e.value.code == 2
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
+    args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
+            "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "answer accuracy" in out and "AUROC" in out
+    res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert set(res["models"]) == {"base", "sft", "forget"}
+    assert res["detection"]["n_corrupt"] > 0 and 0.0 <= res["detection"]["auroc"] <= 1.0
+
+
+def test_python_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "tokenforget", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "demo" in out.stdout and "partition" in out.stdout
