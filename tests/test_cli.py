@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,5 +112,6 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
 
 def test_python_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "tokenforget", "--help"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-m", "tokenforget", "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "demo" in out.stdout and "partition" in out.stdout

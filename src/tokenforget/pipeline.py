@@ -1,6 +1,7 @@
 """The run folder: each stage's output written atomically with a fingerprint of its inputs.
 
     run_dir/
+      config.json   the RunConfig of the last command run here
       data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
       reference/    the reference model's LoRA adapter (or full model)
       scores/       per-token ce_base, ce_ref, score (Arrow)
@@ -35,6 +36,7 @@ from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
 
 STAGE_FILE = "stage.json"
+CONFIG_FILE = "config.json"  # the RunConfig of the last command run in this folder
 
 
 def fingerprint(*parts: Any) -> str:
@@ -118,6 +120,7 @@ class Run:
         """Tokenized training examples with response and corrupt masks."""
         if "data" in self._loaded:
             return self._loaded["data"]
+        self.save_config()
         fp = self.data_fp()
         if self.is_done("data", fp):
             self._skip("data")
@@ -280,6 +283,13 @@ class Run:
         return (model, trainer) if keep_trainer else model
 
     # ------------------------------------------------------------ all
+
+    def save_config(self) -> None:
+        """Record the run's config in the run folder (for `report` and for people reading the folder)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(to_dict(self.cfg), indent=2))
+        os.replace(tmp, self.root / CONFIG_FILE)
 
     def run_all(self) -> Path:
         """Every stage the configured mode needs."""
