@@ -1,7 +1,7 @@
 """The run folder: each stage's output written atomically with a fingerprint of its inputs.
 
     run_dir/
-      config.json   the RunConfig of the last command run here
+      config.json   the RunConfig of the last stage written here
       data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
       reference/    the reference model's LoRA adapter (or full model)
       scores/       per-token ce_base, ce_ref, score (Arrow)
@@ -99,6 +99,7 @@ class Run:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        self.save_config()
 
     def _skip(self, name: str) -> None:
         if name in self.skipped:
@@ -120,7 +121,6 @@ class Run:
         """Tokenized training examples with response and corrupt masks."""
         if "data" in self._loaded:
             return self._loaded["data"]
-        self.save_config()
         fp = self.data_fp()
         if self.is_done("data", fp):
             self._skip("data")
