@@ -14,8 +14,12 @@ from typing import Any, Optional
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from tokenforget.config import TrainingConfig
+from tokenforget.config import TrainingConfig, UserError
 from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; training stopped with the last good checkpoint kept."""
 
 
 @dataclass
@@ -98,12 +102,20 @@ class ForgettingTrainer(Trainer):
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         parts = self.objective(token_loss, token_class, lam, counts)
+        if not torch.isfinite(parts.loss):
+            self._stop_non_finite(parts.loss)
         if model.training:
             self._last_lambda = lam
             self._track(parts.pos_sum, parts.neg_sum, token_class)
         # DDP averages gradients over ranks; our sums are already divided by the all-rank counts.
         loss = parts.loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _stop_non_finite(self, loss: torch.Tensor) -> None:
+        step = self.state.global_step + 1
+        ckpt = last_checkpoint(Path(self.args.output_dir))
+        kept = f"last good checkpoint kept at {ckpt}" if ckpt else "no checkpoint was saved before it"
+        raise NonFiniteLossError(f"training loss became {loss.item()} at optimizer step {step}; stopped, {kept}")
 
     def _track(self, pos_sum: torch.Tensor, neg_sum: torch.Tensor, token_class: torch.Tensor) -> None:
         n_pos, n_neg = (token_class == LEARN).sum(), (token_class == FORGET).sum()
