@@ -121,7 +121,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the group down (avoids a crash at interpreter exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
