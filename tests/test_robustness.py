@@ -245,3 +245,13 @@ def test_two_process_first_step_equals_one_process(tmp_path, tiny_model_dir):
     assert set(one["grads"]) == set(two["grads"]) and one["grads"]
     for name, g in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], g, rtol=0, atol=1e-4)
+
+
+def test_two_process_run_writes_every_stage_once(tmp_path, tiny_model_dir):
+    """`tokenforget run` under torchrun: DDP training of reference and final model, sharded scoring."""
+    cfg = make_config(tmp_path, tiny_model_dir, run="ddp")
+    out = torchrun("-m", "tokenforget", "run", str(cfg))
+    assert stage_dirs(tmp_path / "ddp") == ["data", "partition", "reference", "scores", "train-forget"]
+    assert out.stdout.count("[partition] ") == 1  # only rank 0 reports
+    history = json.loads((tmp_path / "ddp" / "train-forget" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # 24 examples / (4 per rank x 2 ranks)
