@@ -300,9 +300,10 @@ class Run:
         ref, base = self._load_reference(ref_dir)
         for s in todo:
             lo, hi = shards[s]
-            ids = tokens.select(range(lo, hi))["input_ids"]
+            shard = tokens.select(range(lo, hi))
             ce_base, ce_ref = score_tokens(
-                ref, ids, self.cfg.score.batch_size, self.bf16, base=base, pad_id=self.base.tokenizer.pad_token_id
+                ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
+                pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
             )
             cols = {"ce_base": ce_base, "ce_ref": ce_ref, "score": [b - r for b, r in zip(ce_base, ce_ref)]}
             tmp = work / f".shard-{s:05d}.tmp"

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from tokenforget.config import TrainingConfig, UserError
+from tokenforget.score import model_token_ce, supports_hidden_ce
 from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
 
 
@@ -65,9 +66,12 @@ class ForgettingTrainer(Trainer):
         lambda_schedule: str = "linear",
         t_min: float = 0.0,
         t_max: float = 0.25,
+        chunked_ce: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
+        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
         self.objective_name = objective
         self.objective = get_objective(objective)
         self.schedule = get_schedule(lambda_schedule)
@@ -97,8 +101,13 @@ class ForgettingTrainer(Trainer):
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
         token_class = inputs["token_class"]  # (B, T)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        token_loss = token_cross_entropy(outputs.logits, inputs["input_ids"])  # (B, T) fp32
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        outputs = None
+        if self.chunked_ce and not return_outputs:
+            token_loss = model_token_ce(model, ids, attn, token_class != 0)  # (B, T) fp32, no full logits
+        else:
+            outputs = model(input_ids=ids, attention_mask=attn, use_cache=False)
+            token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         parts = self.objective(token_loss, token_class, lam, counts)
