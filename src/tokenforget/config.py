@@ -148,9 +148,14 @@ class PartitionConfig:
 
     rho: float = 0.7
     """Share of response tokens that are positive (the top-scored ones); the rest are negative."""
+    streaming: bool = False
+    """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
+    stream_rows: int = 100_000
+    """Examples per block in streaming mode."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
+        _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
 
 
 @dataclass
