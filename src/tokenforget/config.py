@@ -102,6 +102,8 @@ class TrainingConfig:
     logging_steps: int = 10
     save_steps: int = 500
     """Checkpoint every N optimizer steps (resume picks up the last one)."""
+    packing: bool = False
+    """Padding-free batches: a batch's examples in one row, attention kept within each (position_ids)."""
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")

@@ -416,7 +416,9 @@ class Run:
         model = add_lora(self.base.fresh(), self.cfg.lora)
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
         tc = self.cfg.train
-        trainer = make_trainer(model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max)
+        trainer = make_trainer(
+            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing
+        )
         resume = last_checkpoint(work)
         if resume:
             self.log(f"[{name}] resuming from {resume}")
