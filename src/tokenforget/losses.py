@@ -189,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
 ) -> torch.Tensor:
     """Per-row cross-entropy of `targets` under `hidden @ weight.T`, without the full logits.
 

@@ -134,7 +134,7 @@ def streaming_threshold(shards: Callable[[], Iterable[np.ndarray]], rho: float, 
     edges = np.linspace(lo, hi, bins + 1)
     hist = np.zeros(bins, dtype=np.int64)
     for s in shards():
-        hist += np.histogram(s, bins=edges)[0]
+        hist += np.histogram(s, bins=bins, range=(lo, hi))[0]  # uniform bins: O(n), no search
     from_top = np.cumsum(hist[::-1])  # tokens in the top j+1 bins
     b = bins - 1 - int(np.searchsorted(from_top, k))  # bin holding the k-th highest score
     threshold = float(edges[b])

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from tokenforget.losses import linear_cross_entropy, token_cross_entropy
 from tokenforget.models import autocast
 
-CE_CHUNK = 1024  # rows of fp32 logits alive at a time: 1024 x 49k vocab = 200 MB
+CE_CHUNK = 256  # rows of logits alive at a time: 256 x 49k vocab = 50 MB in fp32
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -118,6 +118,7 @@ def score_tokens(
     base: Optional[torch.nn.Module] = None,
     pad_id: int = 0,
     masks: Optional[Sequence[Sequence[int]]] = None,
+    progress: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-token CE of every sequence under the base and the reference model.
 
@@ -136,7 +137,8 @@ def score_tokens(
     reference.eval()
     if base is not None:
         base.eval()
-    for batch in tqdm(length_grouped_batches([len(s) for s in input_ids], batch_size), desc="score", unit="batch"):
+    batches = length_grouped_batches([len(s) for s in input_ids], batch_size)
+    for batch in tqdm(batches, desc="score", unit="batch", disable=not progress):
         ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         want = mask if masks is None else pad_batch([masks[i] for i in batch], 0)[0].to(dev)

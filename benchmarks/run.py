@@ -1,0 +1,374 @@
+"""Performance ratios of tokenforget against its baselines, measured side by side in one run.
+
+    python benchmarks/run.py            # full sizes (SmolLM2-135M when installed), ~10 min on 2 cores
+    python benchmarks/run.py --quick    # small sizes, for CI: checks the code paths, not the targets
+
+Every timing: warm-up excluded, >= 5 repetitions (3 in --quick), min / median / max printed, the
+baseline timed in the same process, interleaved with ours. Ratios use medians. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+from tokenforget.config import LoraSettings, ModelConfig, TrainingConfig  # noqa: E402
+from tokenforget.models import add_lora, cpu_has_bf16, load_model  # noqa: E402
+from tokenforget.partition import flat_token_classes, streaming_threshold  # noqa: E402
+from tokenforget.score import forward_ce, length_grouped_batches, pad_batch, score_tokens  # noqa: E402
+from tokenforget.train import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
+
+
+@dataclass
+class Row:
+    metric: str
+    ours: str
+    baseline: str
+    ratio: float
+    target: str
+    ok: bool | None  # None: informational
+
+
+@dataclass
+class Timing:
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def __str__(self) -> str:
+        return f"{min(self.times):.3f}/{self.median:.3f}/{max(self.times):.3f}s"
+
+
+def interleaved(fns: list[Callable[[], None]], reps: int) -> list[Timing]:
+    """Time each fn `reps` times after one warm-up call, alternating between them."""
+    for fn in fns:
+        fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            out[i].append(time.perf_counter() - t)
+    return [Timing(t) for t in out]
+
+
+# ------------------------------------------------------------------------------------------ models and data
+
+
+def bench_model(quick: bool) -> torch.nn.Module:
+    """SmolLM2-135M (GGUF) when installed and not --quick; else a random Llama of SmolLM2's vocabulary."""
+    if not quick:
+        try:
+            return load_model(ModelConfig(name_or_path="smollm2"))
+        except Exception as e:  # noqa: BLE001
+            print(f"(SmolLM2 not available: {e}; using a random model of its shape)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    layers, hidden = (2, 128) if quick else (30, 576)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 192), tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+class _Tok:  # the bits of a tokenizer the Trainer and collators use
+    pad_token_id = 0
+
+
+def toy_examples(n: int, lo: int, hi: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Random token sequences with a 40% prompt (class 0) and 70% / 30% learn / forget response tokens."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi + 1))
+        cls = np.where(rng.random(length) < 0.7, 1, -1)
+        cls[: int(0.4 * length)] = 0
+        out.append({"input_ids": rng.integers(1, 49152, length).tolist(), "token_class": cls.tolist()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 1. training step
+
+
+class _LabelCollator:
+    def __call__(self, feats):
+        ids, mask = pad_batch([f["input_ids"] for f in feats], 0)
+        cls, _ = pad_batch([f["token_class"] for f in feats], 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(cls == 0, -100)}
+
+
+def _trainer(model, examples, mode: str | None, bf16: bool, tmp: Path, packing: bool = False):
+    import datasets
+    from transformers import Trainer
+
+    data = datasets.Dataset.from_list(examples)
+    args = training_arguments(TrainingConfig(max_steps=1000, warmup_ratio=0.0, batch_size=len(examples)),
+                              tmp / (mode or "plain"), seed=0, bf16=bf16, disable_tqdm=True)
+    if mode is None:  # plain SFT: transformers' own loss from `labels`
+        t = Trainer(model=model, args=args, train_dataset=data, data_collator=_LabelCollator())
+    else:
+        t = make_trainer(model, _Tok(), data, args, mode, t_min=0.1, t_max=0.25, packing=packing)
+    t.create_optimizer_and_scheduler(num_training_steps=1000)
+    return t
+
+
+def _step(trainer, batch) -> Callable[[], None]:
+    def run() -> None:
+        samples, n_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        trainer.training_step(trainer.model, samples[0], n_items)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    return run
+
+
+def bench_train_step(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
+    """Forget step vs a plain SFT step (model's built-in loss), same LoRA model copy, batch, precision."""
+    import copy
+
+    bsz, seq, reps = (4, 64, 3) if quick else (8, 128, 5)
+    examples = toy_examples(bsz, seq, seq)
+    lora = LoraSettings(r=64, alpha=16, dropout=0.1)
+    plain = _trainer(add_lora(copy.deepcopy(base), lora), examples, None, bf16, tmp)
+    ours = _trainer(add_lora(copy.deepcopy(base), lora), examples, "forget", bf16, tmp)
+    t_plain, t_ours = interleaved([_step(plain, _LabelCollator()(examples)),
+                                   _step(ours, TokenClassCollator(0)(examples))], reps)
+    r = t_ours.median / t_plain.median
+    return [Row(f"train step, forget / plain SFT (B={bsz}, T={seq}, LoRA r=64, {'bf16' if bf16 else 'fp32'})",
+                str(t_ours), str(t_plain), r, "<= 1.03", r <= 1.03)]
+
+
+def bench_packing(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
+    """Padding-free (packed) vs padded forget step on variable-length examples (informational)."""
+    import copy
+
+    bsz, lo, hi, reps = (4, 16, 64, 3) if quick else (8, 48, 200, 5)
+    examples = toy_examples(bsz, lo, hi, seed=1)
+    lora = LoraSettings(r=64, alpha=16, dropout=0.0)
+    padded = _trainer(add_lora(copy.deepcopy(base), lora), examples, "forget", bf16, tmp / "pad")
+    packed = _trainer(add_lora(copy.deepcopy(base), lora), examples, "forget", bf16, tmp / "pack", packing=True)
+    t_pad, t_pack = interleaved([_step(padded, TokenClassCollator(0)(examples)),
+                                 _step(packed, PackedTokenClassCollator()(examples))], reps)
+    real = sum(len(e["input_ids"]) for e in examples)
+    share = 1 - real / (bsz * max(len(e["input_ids"]) for e in examples))
+    return [Row(f"packed / padded forget step (lengths {lo}-{hi}, padding {share:.0%})", str(t_pack), str(t_pad),
+                t_pack.median / t_pad.median, "info", None)]
+
+
+# ------------------------------------------------------------------------------------------ 2. per-step class work
+
+
+def bench_class_work(quick: bool) -> list[Row]:
+    """Ours: the classes ride in the batch; per step we count them (get_batch_samples). The authors'
+    approach: per step, a Python loop over the data-set-wide list of (sample, position) pairs."""
+    n_samples, n_tokens, bsz = (5_000, 300, 8) if quick else (50_000, 300, 8)
+    rng = np.random.default_rng(0)
+    neg = rng.random((n_samples, n_tokens)) < 0.3
+    pairs = [(int(s), int(p)) for s, p in zip(*np.nonzero(neg))]  # the authors' pickled index list
+    batch_ids = set(rng.choice(n_samples, bsz, replace=False).tolist())
+    batch_cls = torch.as_tensor(np.where(neg[list(batch_ids)], -1, 1))
+
+    def authors() -> None:
+        mask = {}
+        for s, p in pairs:  # O(data set) per step
+            if s in batch_ids:
+                mask.setdefault(s, []).append(p)
+
+    def ours() -> None:
+        torch.stack([(batch_cls == 1).sum(), (batch_cls == -1).sum()])  # O(batch) per step
+
+    t_auth, t_ours = interleaved([authors, ours], 3 if quick else 5)
+    return [Row(f"per-step token-class work ({n_samples:,} samples x {n_tokens} tokens)", str(t_ours), str(t_auth),
+                t_ours.median / t_auth.median, "O(batch)", t_ours.median < 1e-3)]
+
+
+# ------------------------------------------------------------------------------------------ 3. scoring
+
+
+def bench_scoring(base, quick: bool, bf16: bool) -> list[Row]:
+    """Scoring (base and reference in one pass: adapter off/on) vs bare no-grad forwards of both models."""
+    import copy
+
+    n, lo, hi, bsz, reps = (16, 32, 96, 4, 3) if quick else (48, 64, 256, 8, 5)
+    examples = toy_examples(n, lo, hi, seed=2)
+    ids = [e["input_ids"] for e in examples]
+    masks = [[int(c != 0) for c in e["token_class"]] for e in examples]
+    ref = add_lora(copy.deepcopy(base), LoraSettings(r=64, alpha=16, dropout=0.0))
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    ref.eval()
+    batches = length_grouped_batches([len(s) for s in ids], bsz)
+    padded = sum(bsz_ * max(len(ids[i]) for i in b) for b in batches for bsz_ in [len(b)])
+    real = sum(map(len, ids))
+
+    @torch.no_grad()
+    def bare() -> None:
+        for b in batches:
+            x, m = pad_batch([ids[i] for i in b], 0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with ref.disable_adapter():
+                    ref(input_ids=x, attention_mask=m, use_cache=False).logits
+                ref(input_ids=x, attention_mask=m, use_cache=False).logits
+
+    def ours() -> None:
+        score_tokens(ref, ids, bsz, bf16, masks=masks, progress=False)
+
+    t_bare, t_ours = interleaved([bare, ours], reps)
+    tput = lambda t: 2 * real / t.median  # noqa: E731  tokens/s, both models
+    r = tput(t_ours) / tput(t_bare)
+    share = 1 - real / padded
+    return [
+        Row(f"scoring tokens/s, both models ({n} seqs of {lo}-{hi} tokens)", f"{tput(t_ours):,.0f} tok/s ({t_ours})",
+            f"{tput(t_bare):,.0f} tok/s ({t_bare})", r, ">= 0.9", r >= 0.9),
+        Row("padding share of length-grouped scoring batches", f"{share:.1%}", "-", share, "< 10%", share < 0.10),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ 4. memory
+
+MEMORY_CHILD = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tokenforget.losses import linear_cross_entropy
+kind, train = sys.argv[2], sys.argv[3] == "train"
+B, T, H, V = 8, 512, 576, 49152
+torch.manual_seed(0)
+h = torch.randn(B * T, H, requires_grad=train)
+w = torch.randn(V, H) * 0.02
+t = torch.randint(0, V, (B * T,))
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+    if kind == "naive":  # what transformers does: full logits, upcast, cross-entropy
+        loss = torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="none")
+    else:
+        loss = linear_cross_entropy(h, w, t)
+    if train:
+        loss.mean().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def _peak(kind: str, mode: str) -> int:
+    src = str(Path(__file__).parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, src, kind, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory() -> list[Row]:
+    """Peak extra memory of per-token CE at vocab 49,152, sequence 512, batch 8 (bf16 autocast)."""
+    rows = []
+    for mode in ("train", "score"):
+        naive, ours = _peak("naive", mode), _peak("chunked", mode)
+        r = ours / naive
+        rows.append(Row(f"per-token CE peak memory, {mode} (V=49152, T=512, B=8)", f"{ours / 2**20:,.0f} MiB",
+                        f"{naive / 2**20:,.0f} MiB", r, "<= 0.3", r <= 0.3))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 5. partition
+
+
+def bench_partition(quick: bool) -> list[Row]:
+    n = 2_500_000 if quick else 25_000_000
+    scores = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    resp = np.ones(n, dtype=np.int8)
+
+    def ours() -> None:
+        flat_token_classes(scores, resp, 0.7)
+
+    def sort_anchor() -> None:  # a stable sort of all scores (what a sort-based ranking costs)
+        np.argsort(-scores, kind="stable")
+
+    t_sort, t_ours = interleaved([sort_anchor, ours], 3 if quick else 5)
+    rows = [Row(f"partition of {n:,} scores (exact, O(N) selection)", str(t_ours), f"stable sort {t_sort}",
+                t_ours.median / t_sort.median, "<= 5 s" if not quick else "info", t_ours.median <= 5.0 if not quick else None)]
+    total, shard = (20_000_000, 10_000_000) if quick else (1_000_000_000, 10_000_000)
+
+    def shards():
+        for i in range(total // shard):
+            yield np.random.default_rng(1000 + i).standard_normal(shard, dtype=np.float32)
+
+    t0 = time.perf_counter()
+    cut = streaming_threshold(shards, 0.7)
+    wall = time.perf_counter() - t0
+    err = cut.achieved_rho - 0.7
+    rows.append(Row(f"streaming partition of {total:,} simulated scores ({total // shard} shards)",
+                    f"{wall:.1f} s, achieved rho {cut.achieved_rho:.6f}", "rho 0.7", err, "|rho err| < 1e-4",
+                    abs(err) < 1e-4))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ["metric", "ours (min/median/max)", "baseline", "ratio", "target", "ok"]
+    cells = [header] + [[r.metric, r.ours, r.baseline, f"{r.ratio:.3g}", r.target,
+                         "-" if r.ok is None else ("yes" if r.ok else "NO")] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for i, c in enumerate(cells):
+        print(" | ".join(x.ljust(w) for x, w in zip(c, widths)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes for CI")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bf16 = cpu_has_bf16() or torch.cuda.is_available()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "tokenforget-bench"
+    t0 = time.time()
+    print(machine())
+    base = bench_model(args.quick)
+    sections = [
+        lambda: bench_train_step(base, args.quick, bf16, tmp),
+        lambda: bench_class_work(args.quick),
+        lambda: bench_scoring(base, args.quick, bf16),
+        bench_memory,
+        lambda: bench_partition(args.quick),
+        lambda: bench_packing(base, args.quick, bf16, tmp),
+    ]
+    rows: list[Row] = []
+    for section in sections:
+        rows += section()
+        print(f"[{time.time() - t0:.0f} s] {rows[-1].metric}: {rows[-1].ratio:.3g}", flush=True)
+    print_table(rows)
+    print(f"wall time {time.time() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
