@@ -144,6 +144,8 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
     ) -> None:
         self.init_forgetting(objective, lambda_schedule, t_min, t_max)
         super().__init__(*args, **kwargs)
+        if self.args.label_names is None:
+            self.label_names = ["token_class"]  # the batch's "labels": evaluation computes a loss only if present
 
     def compute_loss(
         self,
