@@ -36,6 +36,18 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
     return command
 
 
+def _dry_run(command: str, cfg: RunConfig) -> None:
+    """`--dry-run`: print the stages `command` would run or reuse, token counts and a measured time estimate."""
+    from tokenforget.pipeline import Run
+    from tokenforget.plan import dry_run
+
+    dry_run(Run(cfg), DRY_RUN_MODES[command](cfg))
+
+
+# Commands that take --dry-run, and the training modes each one would run (a compare command lists several).
+DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {"run": lambda cfg: [cfg.train.mode]}
+
+
 def _demo(cfg: DemoConfig) -> None:
     from tokenforget.demo import run_demo
 
@@ -59,6 +71,9 @@ def build_parser() -> ArgumentParser:
         p = ArgumentParser(description=help_text)
         p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        if name in DRY_RUN_MODES:
+            p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, token counts and "
+                           "an estimated wall time from a short measured warm-up; write nothing")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -93,8 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         init = parser.instantiate(ns)
         cls, _, command = COMMANDS[name]
-        fields = {k: v for k, v in vars(init[name]).items() if k != "config"}
-        command(cls(**fields))
+        fields = {k: v for k, v in vars(init[name]).items() if k not in ("config", "dry_run")}
+        if vars(init[name]).get("dry_run"):
+            _dry_run(name, cls(**fields))
+        else:
+            command(cls(**fields))
     except _user_errors() as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
         return 2
