@@ -49,6 +49,25 @@ def test_bad_knobs_are_config_errors_naming_the_field(make, message):
         make()
 
 
+def test_the_readme_knobs_example_is_a_valid_config(tmp_path):
+    """The README's YAML of knobs parses through the CLI's parser into a RunConfig with those values."""
+    from test_trl import readme_block
+    from tokenforget.cli import build_parser
+
+    (tmp_path / "knobs.yaml").write_text(readme_block("training_args:"))
+    parser = build_parser()
+    ns = parser.instantiate(parser.parse_args(["run", "--config", str(tmp_path / "knobs.yaml")]))
+    cfg = RunConfig(**{k: v for k, v in vars(ns["run"]).items() if k not in ("config", "dry_run")})
+    assert cfg.lora.qlora and cfg.lora.peft_args == {"use_rslora": True} and cfg.train.training.gradient_checkpointing
+    assert cfg.train.training.training_args["metric_for_best_model"] == "eval_loss"
+
+
+def test_a_value_trainingarguments_rejects_stops_before_any_stage(config: Path, capsys):  # noqa: F811
+    assert main(["run", str(config), "--train.training.training_args", '{"optim": "no_such_optimizer"}']) == 2
+    assert "config field 'train.training.training_args'" in capsys.readouterr().err
+    assert not (config.parent / "run").exists()
+
+
 def test_peft_args_reach_the_lora_config(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"], peft_args={"use_rslora": True})

@@ -38,21 +38,21 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys)
     assert status == {"data": "reuse", "reference": "reuse", "scores": "run", "train-forget": "run"}
 
 
-def test_predicted_steps_and_tokens_match_the_real_run(config: Path, capsys):  # noqa: F811
-    """The plan's token count is the data stage's, and its optimizer steps are what the Trainer then does
-    (24 examples, batch 4, 1 epoch: 6 steps; reference: 6 examples, 2 steps)."""
+def test_predicted_steps_and_tokens_match_the_real_run(config: Path):  # noqa: F811
+    """The plan's example count is the data stage's, and its optimizer steps are what the Trainer then does
+    (24 examples, batch 4, 1 epoch: 6 steps). The reference trains on round(0.25 x 24) = 6 examples: 2 steps."""
     parser = build_parser()
     ns = parser.instantiate(parser.parse_args(_positional_config(["run", str(config)])))
     cfg = RunConfig(**{k: v for k, v in vars(ns["run"]).items() if k not in ("config", "dry_run")})
-    plans, _ = plan_run(Run(cfg), ["forget"], measure=False)
+    plans, _ = plan_run(Run(cfg), ["forget", "sft"], measure=False)
     by = {p.name: p for p in plans}
-    assert main(["run", str(config)]) == 0
-    run = config.parent / "run"
-    tokens = json.loads((run / "data" / "stage.json").read_text())
-    assert by["data"].examples == tokens["kept"] == 24
-    history = json.loads((run / "train-forget" / "log_history.json").read_text())
-    assert by["train-forget"].work.startswith("6 optimizer steps") and history[-1]["step"] == 6
+    assert list(by) == ["data", "reference", "scores", "partition", "labels", "train-forget", "train-sft"]
     assert by["reference"].examples == 6 and by["reference"].work.startswith("2 optimizer steps")
+    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    run = config.parent / "run"
+    assert by["data"].examples == json.loads((run / "data" / "stage.json").read_text())["kept"] == 24
+    history = json.loads((run / "train-sft" / "log_history.json").read_text())
+    assert by["train-sft"].work.startswith("6 optimizer steps") and history[-1]["step"] == 6
 
 
 def test_counts_by_hand():
