@@ -7,15 +7,16 @@ dataclasses in `config.py`, so type errors and unknown keys are reported for fre
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import ConfigError, DemoConfig, RunConfig
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+from tokenforget.config import DemoConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -65,10 +66,12 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
 
 
 def build_parser() -> ArgumentParser:
-    root = ArgumentParser(prog="tokenforget", description="Token-level forgetting for LLM fine-tuning.")
+    root = ArgumentParser(
+        prog="tokenforget", description="Token-level forgetting for LLM fine-tuning.", exit_on_error=False
+    )
     sub = root.add_subcommands(dest="command")
     for name, (cls, help_text, _) in COMMANDS.items():
-        p = ArgumentParser(description=help_text)
+        p = ArgumentParser(description=help_text, exit_on_error=False)
         p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
         if name in DRY_RUN_MODES:
@@ -85,11 +88,28 @@ def _positional_config(argv: list[str]) -> list[str]:
     return argv
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from tokenforget.data import DataError
-    from tokenforget.models import ModelLoadError
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted field name of a config dataclass: `partition.rho`, `train.training.learning_rate`, ..."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = f.type if isinstance(f.type, type) else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{f.name}.")
+        elif sub is None or not dataclasses.is_dataclass(sub):
+            keys.append(prefix + f.name)
+    return keys
 
-    return (*USER_ERRORS, DataError, ModelLoadError)
+
+def explain_parse_error(message: str, cls: type) -> str:
+    """One line for a parse error, with a 'did you mean' for an unknown key."""
+    first = " ".join(message.split())
+    m = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
+    if m:
+        key = m.group(1) or m.group(2)
+        close = difflib.get_close_matches(key, config_keys(cls), n=1, cutoff=0.6)
+        first = f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return first
 
 
 def _quiet_known_warnings() -> None:
@@ -103,8 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
     argv = _positional_config(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    name = ns.command
+    name = argv[0] if argv and argv[0] in COMMANDS else ""
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as e:
+        cls = COMMANDS[name][0] if name in COMMANDS else RunConfig
+        print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
+        return 2
     try:
         init = parser.instantiate(ns)
         cls, _, command = COMMANDS[name]
@@ -113,10 +138,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _dry_run(name, cls(**fields))
         else:
             command(cls(**fields))
-    except _user_errors() as e:
+    except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the group down (avoids a crash at interpreter exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ Mode = Literal["forget", "sft", "ignore"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input from the user (config, data, model path, run folder). The CLI prints the message on one
+    line and exits with status 2; every subclass names the file, line or field at fault."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is out of range; the message names the field."""
 
 
@@ -180,9 +185,12 @@ class ScoreConfig:
 
     batch_size: int = 8
     """Examples per forward pass; batches are grouped by length to keep padding low."""
+    shard_size: int = 1024
+    """Examples per shard: the unit written to disk as scoring goes (resume) and dealt out to ranks."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "score.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.shard_size > 0, "score.shard_size", f"must be > 0, got {self.shard_size}")
 
 
 @dataclass
@@ -236,6 +244,8 @@ class RunConfig:
 
     run_dir: str = "runs/default"
     """Folder for every artifact of this run; finished stages are reused when their inputs match."""
+    overwrite: bool = False
+    """Allow run_dir to hold a run of another model or data set (its stages are then redone)."""
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

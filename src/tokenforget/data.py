@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.config import DataConfig
+from tokenforget.config import DataConfig, UserError
 
 Span = tuple[int, int]
 ROLES = ("system", "user", "assistant")
@@ -35,7 +35,7 @@ FORMAT_FIELDS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line or field."""
 
 

@@ -85,7 +85,7 @@ def gold_nll(
     for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
         ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
         resp, _ = pad_batch([response_masks[i] for i in batch], 0)
-        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16).cpu()  # (B, T)
+        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16, resp.to(dev)).cpu()  # (B, T), 0 off-response
         total += float((ce * resp).sum())
         count += int(resp.sum())
     return total / max(count, 1)

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenforget.config import ConfigError, LoraSettings, ModelConfig
+from tokenforget.config import ConfigError, LoraSettings, ModelConfig, UserError
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +25,7 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(FileNotFoundError):
+class ModelLoadError(UserError, FileNotFoundError):
     """The model or GGUF file named in the config cannot be found."""
 
 

@@ -4,13 +4,16 @@
       config.json   the RunConfig of the last stage written here
       data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
       reference/    the reference model's LoRA adapter (or full model)
-      scores/       per-token ce_base, ce_ref, score (Arrow)
+      scores/       per-token ce_base, ce_ref, score (Arrow, float32)
       partition/    per-token token_class (Arrow) + stats.json
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
 
 A stage is skipped when `stage.json` in its folder holds the fingerprint of its current inputs; a stale
 or half-written stage is redone. Outputs are built in a hidden temporary folder and renamed into place.
+Work in progress that survives a crash lives in `.<stage>.work/`: training checkpoints, and finished
+scoring shards. Under `torchrun` every rank trains (DDP through the Trainer) and scores its own shards;
+rank 0 alone writes stages.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -30,7 +34,7 @@ from transformers import set_seed
 
 from tokenforget import data as data_mod
 from tokenforget import labels as labels_mod
-from tokenforget.config import ConfigError, RunConfig, TrainingConfig, to_dict
+from tokenforget.config import ConfigError, RunConfig, TrainingConfig, UserError, to_dict
 from tokenforget.losses import LEARN, NO_LOSS
 from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
 from tokenforget.partition import token_classes
@@ -38,7 +42,12 @@ from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
 
 STAGE_FILE = "stage.json"
-CONFIG_FILE = "config.json"  # the RunConfig of the last command run in this folder
+CONFIG_FILE = "config.json"
+SCORE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref", "score")})
+
+
+class RunFolderError(UserError):
+    """The run folder holds a different run, or a stage's files do not match its inputs."""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -61,17 +70,63 @@ def file_digest(path: Optional[str]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class Ranks:
+    """This process's place among the processes of a `torchrun` / `accelerate launch` job."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def detect() -> "Ranks":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Ranks()
+        from accelerate import PartialState  # initialises the process group (gloo on CPU)
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return Ranks(state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) example ranges of at most `size` examples."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+IDENTITY = {"model": ("name_or_path", "gguf_file"), "data": ("path", "hub_config", "split")}
+
+
+def same_run_keys(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What makes a run folder one run: the base model and the training data (other fields may change)."""
+    return {sec: {k: cfg.get(sec, {}).get(k) for k in keys} for sec, keys in IDENTITY.items()}
+
+
 class Run:
     """One run folder and the stages that fill it. Stages call their inputs' stages first."""
 
-    def __init__(self, cfg: RunConfig, base: Optional[BaseModel] = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        base: Optional[BaseModel] = None,
+        log: Callable[[str], None] = print,
+        ranks: Optional[Ranks] = None,
+    ):
         self.cfg = cfg
         self.root = Path(cfg.run_dir)
         self.base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)
-        self.log = log
+        self.ranks = ranks or Ranks.detect()
+        self.log = log if self.ranks.is_main else (lambda _msg: None)
         self.bf16 = use_bf16(cfg.model.precision)
         self.skipped: list[str] = []
         self._loaded: dict[str, datasets.Dataset] = {}  # stage outputs already read in this process
+        self.check_folder()
         self._check_before_any_stage()
 
     def _check_before_any_stage(self) -> None:
@@ -85,6 +140,20 @@ class Run:
                 raise ConfigError(f"config field '{name}.training_args': TrainingArguments rejects them: {e}") from None
 
     # ------------------------------------------------------------ bookkeeping
+
+    def check_folder(self) -> None:
+        """Refuse a run folder that holds a run of another model or data set (unless `overwrite`)."""
+        recorded = self.root / CONFIG_FILE
+        if self.cfg.overwrite or not recorded.is_file():
+            return
+        before = same_run_keys(json.loads(recorded.read_text()))
+        now = same_run_keys(to_dict(self.cfg))
+        changed = [f"{sec}.{k}" for sec in now for k in now[sec] if before.get(sec, {}).get(k) != now[sec][k]]
+        if changed:
+            raise RunFolderError(
+                f"run_dir '{self.root}' holds a different run ({', '.join(changed)} differ from {recorded}); "
+                "choose another run_dir or pass --overwrite true"
+            )
 
     def stage_dir(self, name: str) -> Path:
         return self.root / name
@@ -114,6 +183,24 @@ class Run:
         shutil.rmtree(old, ignore_errors=True)
         self.save_config()
 
+    def work_dir(self, name: str, fp: str) -> Path:
+        """`.<name>.work/` for crash-surviving work of inputs `fp`; emptied when the inputs changed."""
+        work = self.root / f".{name}.work"
+        marker = work / "fingerprint"
+        if self.ranks.is_main:
+            if work.exists() and (not marker.is_file() or marker.read_text() != fp):
+                shutil.rmtree(work)  # work of different inputs: never resume from it
+            work.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fp)
+        self.ranks.barrier()
+        return work
+
+    def save_config(self) -> None:
+        """Record the run's config in the run folder (for `report` and for people reading the folder)."""
+        tmp = self.root / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(to_dict(self.cfg), indent=2))
+        os.replace(tmp, self.root / CONFIG_FILE)
+
     def _skip(self, name: str) -> None:
         if name in self.skipped:
             return
@@ -137,12 +224,13 @@ class Run:
         fp = self.data_fp()
         if self.is_done("data", fp):
             self._skip("data")
-        else:
+        elif self.ranks.is_main:
             records = data_mod.load_records(self.cfg.data)
             cols, rep = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
             self.log(f"[data] {rep.kept} examples tokenized, {rep.skipped_no_response} skipped (no response token left)")
             with self.writing("data", fp, {"kept": rep.kept, "skipped_no_response": rep.skipped_no_response}) as d:
                 datasets.Dataset.from_dict(cols).save_to_disk(str(d / "tokens"))
+        self.ranks.barrier()
         return self._load("data", "tokens")
 
     # ------------------------------------------------------------ reference
@@ -170,9 +258,11 @@ class Run:
             return self.stage_dir("reference")
         subset = self._reference_examples(tokens)
         self.log(f"[reference] SFT on {len(subset)} examples")
-        with self.writing("reference", fp, {"examples": len(subset)}) as d:
-            model = self._fit(_sft_classes(subset), self.cfg.reference.training, "sft", self.root / ".reference.work", fp)
-            save_model(model, self.base.tokenizer, d, merged=False)
+        trainer = self._fit(_sft_classes(subset), self.cfg.reference.training, "sft", "reference", fp)
+        if self.ranks.is_main:
+            with self.writing("reference", fp, {"examples": len(subset)}) as d:
+                save_model(trainer.model, self.base.tokenizer, d, merged=False)
+        self.ranks.barrier()
         return self.stage_dir("reference")
 
     # ------------------------------------------------------------ score
@@ -181,7 +271,12 @@ class Run:
         return fingerprint("score", self.reference_fp(), to_dict(self.cfg.score), self.bf16)
 
     def score(self) -> datasets.Dataset:
-        """Per-token CE under base and reference, and their difference, for every training example."""
+        """Per-token CE under base and reference, and their difference, for every training example.
+
+        The examples are cut into shards of `score.shard_size`; rank r scores shards r, r + world, ...
+        and writes each one as it finishes, so a killed run resumes at the first missing shard. Rank 0
+        joins the shards in example order.
+        """
         if "scores" in self._loaded:
             return self._loaded["scores"]
         tokens = self.data()
@@ -190,17 +285,44 @@ class Run:
         if self.is_done("scores", fp):
             self._skip("scores")
         else:
-            ref, base = self._load_reference(ref_dir)
-            ids = tokens["input_ids"]
+            work = self.work_dir("scores", fp)
+            shards = shard_ranges(len(tokens), self.cfg.score.shard_size)
+            self._score_shards(tokens, ref_dir, work, shards)
+            self.ranks.barrier()
+            if self.ranks.is_main:
+                parts = [datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))]
+                n_tokens = int(sum(map(sum, tokens["response_mask"])))
+                with self.writing("scores", fp, {"tokens": n_tokens, "shards": len(shards)}) as d:
+                    datasets.concatenate_datasets(parts).save_to_disk(str(d / "scores"))
+                shutil.rmtree(work)
+            self.ranks.barrier()
+        scores = self._load("scores", "scores")
+        check_aligned(tokens, scores, self.stage_dir("scores"))
+        return scores
+
+    def _score_shards(
+        self, tokens: datasets.Dataset, ref_dir: Path, work: Path, shards: list[tuple[int, int]]
+    ) -> None:
+        """Score this rank's unfinished shards, writing each atomically to `work/shard-NNNNN`."""
+        mine = [s for s in range(len(shards)) if s % self.ranks.world == self.ranks.rank]
+        todo = [s for s in mine if not (work / f"shard-{s:05d}").is_dir()]
+        if len(todo) < len(mine):
+            self.log(f"[scores] resuming: {len(mine) - len(todo)} of {len(mine)} shards already scored")
+        if not todo:
+            return
+        ref, base = self._load_reference(ref_dir)
+        for s in todo:
+            lo, hi = shards[s]
+            shard = tokens.select(range(lo, hi))
             ce_base, ce_ref = score_tokens(
-                ref, ids, self.cfg.score.batch_size, self.bf16, base=base, pad_id=self.base.tokenizer.pad_token_id
+                ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
+                pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
             )
             cols = {"ce_base": ce_base, "ce_ref": ce_ref, "score": [b - r for b, r in zip(ce_base, ce_ref)]}
-            with self.writing("scores", fp, {"tokens": int(sum(map(sum, tokens["response_mask"])))}) as d:
-                datasets.Dataset.from_dict({k: [v.tolist() for v in vs] for k, vs in cols.items()}).save_to_disk(
-                    str(d / "scores")
-                )
-        return self._load("scores", "scores")
+            tmp = work / f".shard-{s:05d}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            datasets.Dataset.from_dict({k: [v.tolist() for v in vs] for k, vs in cols.items()}, features=SCORE_FEATURES).save_to_disk(str(tmp))
+            os.replace(tmp, work / f"shard-{s:05d}")
 
     def _load_reference(self, ref_dir: Path) -> tuple[torch.nn.Module, Optional[torch.nn.Module]]:
         """(reference, separate base or None). A LoRA reference is the base plus its adapter."""
@@ -227,7 +349,7 @@ class Run:
         fp = self.partition_fp()
         if self.is_done("partition", fp):
             self._skip("partition")
-        else:
+        elif self.ranks.is_main:
             arrays = [np.asarray(s, np.float32) for s in scores["score"]]
             classes, stats = token_classes(arrays, tokens["response_mask"], self.cfg.partition.rho)
             self.log(f"[partition] {stats.n_positive} positive, {stats.n_negative} negative of {stats.n_tokens} tokens")
@@ -236,6 +358,7 @@ class Run:
                     str(d / "classes")
                 )
                 (d / "stats.json").write_text(json.dumps(stats.__dict__, indent=2))
+        self.ranks.barrier()
         return self._load("partition", "classes")
 
     def partition_stats(self) -> dict[str, Any]:
@@ -252,7 +375,7 @@ class Run:
         fp = self.labels_fp()
         if self.is_done("labels", fp):
             self._skip("labels")
-        else:
+        elif self.ranks.is_main:
             meta = {"model": self.cfg.model.name_or_path, "tokenizer": labels_mod.tokenizer_digest(self.base.tokenizer),
                     "rho": self.cfg.partition.rho, "data": self.cfg.data.path}
             table = labels_mod.labels_table(
@@ -262,6 +385,7 @@ class Run:
             with self.writing("labels", fp, {"examples": len(tokens)}) as d:
                 path = labels_mod.write_labels(table, d)
             self.log(f"[labels] {len(tokens)} examples -> {self.stage_dir('labels') / path.name}")
+        self.ranks.barrier()
         return self.stage_dir("labels") / labels_mod.LABELS_FILE
 
     # ------------------------------------------------------------ train
@@ -309,15 +433,15 @@ class Run:
             self._skip(name)
             return self.stage_dir(name)
         self.log(f"[{name}] training on {len(train_set)} examples")
-        with self.writing(name, fp, {"mode": mode}) as d:
-            tc = self.cfg.train
-            model, trainer = self._fit(
-                train_set, tc.training, mode, self.root / f".{name}.work", fp, keep_trainer=True, eval_set=self.eval_set()
-            )
-            (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-            (d / "training_args.json").write_text(trainer.args.to_json_string())
-            dense = (lambda: load_model(self.cfg.model)) if self.cfg.lora.qlora else None
-            save_model(model, self.base.tokenizer, d, merged=tc.save_merged, dense_base=dense)
+        tc = self.cfg.train
+        trainer = self._fit(train_set, tc.training, mode, name, fp, eval_set=self.eval_set())
+        if self.ranks.is_main:
+            with self.writing(name, fp, {"mode": mode}) as d:
+                (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+                (d / "training_args.json").write_text(trainer.args.to_json_string())
+                dense = (lambda: load_model(self.cfg.model)) if self.cfg.lora.qlora else None
+                save_model(trainer.model, self.base.tokenizer, d, merged=tc.save_merged, dense_base=dense)
+        self.ranks.barrier()
         return self.stage_dir(name)
 
     def _fit(
@@ -325,17 +449,12 @@ class Run:
         train_set: datasets.Dataset,
         tcfg: TrainingConfig,
         mode: str,
-        work: Path,
+        name: str,
         fp: str,
-        keep_trainer: bool = False,
         eval_set: Optional[datasets.Dataset] = None,
     ) -> Any:
-        """Train a fresh LoRA copy of the base; checkpoints go to `work` so a killed run resumes."""
-        marker = work / "fingerprint"
-        if work.exists() and (not marker.is_file() or marker.read_text() != fp):
-            shutil.rmtree(work)  # checkpoints of different inputs: never resume from them
-        work.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fp)
+        """Train a fresh LoRA copy of the base; checkpoints go to `.<name>.work/` so a killed run resumes."""
+        work = self.work_dir(name, fp)
         set_seed(self.cfg.seed)
         model = add_lora(self.base.fresh(), self.cfg.lora)
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
@@ -343,23 +462,30 @@ class Run:
         trainer = make_trainer(
             model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, eval_dataset=eval_set
         )
-        trainer.train(resume_from_checkpoint=last_checkpoint(work))
-        model = trainer.model
-        shutil.rmtree(work, ignore_errors=True)
-        return (model, trainer) if keep_trainer else model
+        resume = last_checkpoint(work)
+        if resume:
+            self.log(f"[{name}] resuming from {resume}")
+        trainer.train(resume_from_checkpoint=resume)
+        self.ranks.barrier()
+        if self.ranks.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+        return trainer
 
     # ------------------------------------------------------------ all
-
-    def save_config(self) -> None:
-        """Record the run's config in the run folder (for `report` and for people reading the folder)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(to_dict(self.cfg), indent=2))
-        os.replace(tmp, self.root / CONFIG_FILE)
 
     def run_all(self) -> Path:
         """Every stage the configured mode needs."""
         return self.train()
+
+
+def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Path) -> None:
+    """Scores must have one value per token of every example; otherwise they belong to other data."""
+    lengths = [len(x) for x in tokens["input_ids"]]
+    if len(scores) != len(tokens) or [len(s) for s in scores["score"]] != lengths:
+        raise RunFolderError(
+            f"{where}: scores do not match the tokenized data set ({len(scores)} examples scored, "
+            f"{len(tokens)} tokenized, or token counts differ): fingerprint mismatch; delete the folder to rescore"
+        )
 
 
 def _sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:

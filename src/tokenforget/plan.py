@@ -30,7 +30,7 @@ from tokenforget.losses import LEARN, forgetting_loss, token_cross_entropy
 from tokenforget.models import add_lora, autocast, device
 from tokenforget.pipeline import Run
 from tokenforget.report import format_table
-from tokenforget.score import length_grouped_batches, pad_batch
+from tokenforget.score import forward_ce, length_grouped_batches, model_token_ce, pad_batch, supports_hidden_ce
 
 TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
 
@@ -92,6 +92,7 @@ class TokenSets:
     """The examples each stage goes over, as token id lists."""
 
     all: list[list[int]]
+    masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
     response_tokens: int
     reference: list[list[int]]
     train: dict[str, list[list[int]]]  # mode -> examples
@@ -105,13 +106,12 @@ def _token_sets(run: Run, modes: Sequence[str]) -> TokenSets:
 
         exported = read_labels(cfg.train.labels_path, run.base.tokenizer)
         ids = exported["input_ids"]
-        n_resp = sum(sum(c != 0 for c in cls) for cls in exported["token_class"])
-        return TokenSets(ids, n_resp, [], {m: ids for m in modes})
+        masks = [[int(c != 0) for c in cls] for cls in exported["token_class"]]
+        return TokenSets(ids, masks, sum(map(sum, masks)), [], {m: ids for m in modes})
     tokens = _tokens(run)
-    ids = tokens["input_ids"]
-    n_resp = sum(map(sum, tokens["response_mask"]))
+    ids, masks = tokens["input_ids"], tokens["response_mask"]
     reference = run._reference_examples(tokens)["input_ids"]
-    return TokenSets(ids, n_resp, reference, {m: ids for m in modes})
+    return TokenSets(ids, masks, sum(map(sum, masks)), reference, {m: ids for m in modes})
 
 
 def _tokens(run: Run) -> datasets.Dataset:
@@ -210,23 +210,24 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
     for tcfg in trainings:
         key = (tcfg.batch_size, tcfg.gradient_checkpointing)
         if key not in timing.train:
-            batch = _sample_batch(sets.all, tcfg.batch_size, cfg.seed)
-            secs = _time_train_step(run, batch, tcfg.gradient_checkpointing)
-            timing.train[key] = secs / batch.numel()
-            timing.notes.append(f"training micro-batch {tuple(batch.shape)}: {secs:.3f} s")
+            ids, attn, resp = _sample_batch(sets, tcfg.batch_size, cfg.seed)
+            secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
+            timing.train[key] = secs / ids.numel()
+            timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
     if "scores" in todo:
-        batch = _sample_batch(sets.all, cfg.score.batch_size, cfg.seed)
-        secs = _time_forward(run, batch)
-        timing.forward[cfg.score.batch_size] = secs / batch.numel()
-        timing.notes.append(f"scoring forward {tuple(batch.shape)}: {secs:.3f} s")
+        ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
+        secs = _time_forward(run, ids, attn, resp)
+        timing.forward[cfg.score.batch_size] = secs / ids.numel()
+        timing.notes.append(f"scoring forward {tuple(ids.shape)}: {secs:.3f} s")
     return timing
 
 
-def _sample_batch(examples: Sequence[Sequence[int]], batch_size: int, seed: int) -> torch.Tensor:
-    """(B, T) ids of a seeded random batch, right-padded with token 0 (timing only)."""
-    pick = random.Random(seed).sample(range(len(examples)), min(batch_size, len(examples)))
-    ids, _ = pad_batch([examples[i] for i in pick], 0)
-    return ids
+def _sample_batch(sets: TokenSets, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, response mask), each (B, T), of a seeded random batch, right-padded."""
+    pick = random.Random(seed).sample(range(len(sets.all)), min(batch_size, len(sets.all)))
+    ids, attn = pad_batch([sets.all[i] for i in pick], 0)
+    resp, _ = pad_batch([sets.masks[i] for i in pick], 0)
+    return ids.to(device()), attn.to(device()), resp.to(device())
 
 
 def _timed(step: Callable[[], None]) -> float:
@@ -240,20 +241,25 @@ def _timed(step: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
-def _time_train_step(run: Run, ids: torch.Tensor, gradient_checkpointing: bool) -> float:
-    """Seconds of one training micro-batch: forward, objective, backward, AdamW step, on a fresh LoRA copy."""
+def _time_train_step(
+    run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor, gradient_checkpointing: bool
+) -> float:
+    """Seconds of one training micro-batch on a fresh LoRA copy: forward and per-token CE the way
+    `ForgettingTrainer` computes them, the objective, backward, an AdamW step."""
     model = add_lora(run.base.fresh(), run.cfg.lora).to(device())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay put
-    ids = ids.to(device())
-    cls = torch.full_like(ids, LEARN)
+    cls = resp * LEARN
 
     def step() -> None:
         with autocast(run.bf16):
-            logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        forgetting_loss(token_cross_entropy(logits, ids), cls, 0.0).loss.backward()
+            if supports_hidden_ce(model):
+                token_loss = model_token_ce(model, ids, attn, resp.bool())  # (B, T)
+            else:
+                token_loss = token_cross_entropy(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids)
+        forgetting_loss(token_loss, cls, 0.0).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync()
@@ -261,14 +267,12 @@ def _time_train_step(run: Run, ids: torch.Tensor, gradient_checkpointing: bool) 
     return _timed(step)
 
 
-def _time_forward(run: Run, ids: torch.Tensor) -> float:
+def _time_forward(run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor) -> float:
+    """Seconds of one scoring forward (the scorer's `forward_ce`, response tokens only)."""
     model = run.base.fresh().to(device()).eval()
-    ids = ids.to(device())
 
-    @torch.no_grad()
     def step() -> None:
-        with autocast(run.bf16):
-            token_cross_entropy(model(input_ids=ids, use_cache=False).logits, ids)
+        forward_ce(model, ids, attn, run.bf16, resp)
         _sync()
 
     return _timed(step)

@@ -14,8 +14,13 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from tokenforget.config import TrainingConfig
+from tokenforget.config import TrainingConfig, UserError
+from tokenforget.score import model_token_ce, supports_hidden_ce
 from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; training stopped with the last good checkpoint kept."""
 
 
 @dataclass
@@ -101,15 +106,26 @@ class ForgettingMixin:
             token_class: (B, T) +1 learn / -1 forget / 0 no loss.
             num_items_in_batch: the (2,) optimizer-batch counts from `get_batch_samples`, or None (evaluation:
                 this batch's own counts).
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or infinite (training stops; the last checkpoint is kept).
         """
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         parts = self.objective(token_loss, token_class, lam, counts)
+        if not torch.isfinite(parts.loss):
+            self._stop_non_finite(parts.loss)
         if training:
             self._last_lambda = lam
             self._track(parts.pos_sum, parts.neg_sum, token_class)
         # DDP averages gradients over ranks; our sums are already divided by the all-rank counts.
         return parts.loss * self.accelerator.num_processes
+
+    def _stop_non_finite(self, loss: torch.Tensor) -> None:
+        step = self.state.global_step + 1
+        ckpt = last_checkpoint(Path(self.args.output_dir))
+        kept = f"last good checkpoint kept at {ckpt}" if ckpt else "no checkpoint was saved before it"
+        raise NonFiniteLossError(f"training loss became {loss.item()} at optimizer step {step}; stopped, {kept}")
 
     def _track(self, pos_sum: torch.Tensor, neg_sum: torch.Tensor, token_class: torch.Tensor) -> None:
         n_pos, n_neg = (token_class == LEARN).sum(), (token_class == FORGET).sum()
@@ -140,10 +156,13 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         lambda_schedule: str = "linear",
         t_min: float = 0.0,
         t_max: float = 0.25,
+        chunked_ce: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         self.init_forgetting(objective, lambda_schedule, t_min, t_max)
         super().__init__(*args, **kwargs)
+        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
+        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
         if self.args.label_names is None:
             self.label_names = ["token_class"]  # the batch's "labels": evaluation computes a loss only if present
 
@@ -154,9 +173,15 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        token_loss = token_cross_entropy(outputs.logits, inputs["input_ids"])  # (B, T) fp32
-        loss = self.objective_loss(token_loss, inputs["token_class"], num_items_in_batch, model.training)
+        token_class = inputs["token_class"]  # (B, T)
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        outputs = None
+        if self.chunked_ce and not return_outputs:
+            token_loss = model_token_ce(model, ids, attn, token_class != 0)  # (B, T) fp32, no full logits
+        else:
+            outputs = model(input_ids=ids, attention_mask=attn, use_cache=False)
+            token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
+        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -1,0 +1,50 @@
+"""One ForgettingTrainer optimizer step on a fixed toy batch; rank 0 saves the loss and gradients.
+
+Run alone (global batch 4 on one process) or under `torchrun --nproc_per_node 2` (2 per rank).
+Usage: python first_step.py MODEL_DIR OUT_FILE PER_DEVICE_BATCH
+"""
+
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from tokenforget.config import ModelConfig, TrainingConfig
+from tokenforget.models import load_tokenizer
+from tokenforget.train import make_trainer, training_arguments
+
+IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
+CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]
+
+
+class Capture(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def main(model_dir: str, out: str, per_device: int) -> None:
+    tok = load_tokenizer(ModelConfig(name_or_path=model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = TrainingConfig(batch_size=per_device, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0, logging_steps=1)
+    args = training_arguments(cfg, Path(out).parent / f"work-{per_device}", seed=0, bf16=False, disable_tqdm=True)
+    data = datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS})
+    trainer = make_trainer(model, tok, data, args, "forget", "linear", t_min=0.2, t_max=0.2)
+    cap = Capture(model)
+    trainer.add_callback(cap)
+    trainer.train()
+    if trainer.args.process_index == 0:
+        loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]
+        torch.save({"loss": loss, "grads": cap.grads}, out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
