@@ -37,7 +37,7 @@ def test_training_args_pass_through_last(tmp_path):
         (lambda: TrainingConfig(training_args={"adam_beta3": 0.9}), r"'training_args.adam_beta3': not a field of TrainingArguments"),
         (lambda: LoraSettings(peft_args={"r": 4}), r"'lora.peft_args.r': set it with 'lora.r'"),
         (lambda: LoraSettings(peft_args={"rank": 4}), r"'lora.peft_args.rank': not a field of peft.LoraConfig"),
-        (lambda: LoraSettings(enabled=False, qlora=True), r"'lora.qlora': a 4-bit base can only be trained with LoRA"),
+        (lambda: LoraSettings(enabled=False, qlora=True), r"'lora.qlora': a 4-bit base is trained with LoRA only"),
         (
             lambda: RunConfig(train=TrainConfig(training=TrainingConfig(training_args={"eval_strategy": "steps"}))),
             r"evaluation needs a held-out file: set train.eval_path",

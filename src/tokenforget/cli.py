@@ -59,7 +59,10 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
     "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
     "score": (RunConfig, "Score every response token: CE_base - CE_ref.", _run_stage("score")),
-    "partition": (RunConfig, "Split response tokens into positive and negative by global ranking; export labels.parquet.", _run_stage("partition")),
+    "partition": (
+        RunConfig, "Split response tokens into positive and negative by global ranking; export labels.parquet.",
+        _run_stage("partition"),
+    ),
     "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
 }

@@ -69,7 +69,7 @@ class LoraSettings:
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(self.enabled or not self.qlora, "lora.qlora", "a 4-bit base can only be trained with LoRA (enabled: true)")
+        _check(self.enabled or not self.qlora, "lora.qlora", "a 4-bit base is trained with LoRA only (enabled: true)")
         if self.peft_args:
             import dataclasses
 

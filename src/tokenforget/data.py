@@ -2,8 +2,8 @@
 
 Formats: `prompt`/`completion` (strings, or TRL's conversational lists of messages), OpenAI `messages`
 (`role`/`content`, system and multi-turn), ShareGPT `conversations` (`from`/`value` with `human`/`gpt`/`system`),
-`instruction`/`input`/`output` and `question`/`answer`. A record becomes a list of messages; the messages are rendered to text (chat template, or plain
-`prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
+`instruction`/`input`/`output` and `question`/`answer`. A record becomes a list of messages; the messages
+are rendered to text (chat template, or plain `prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
 token when it starts inside an assistant message's content; character spans that a record marks as
 corrupted (`corrupt_spans`, from the demo's generator) become a per-token `corrupt` mask the same way.
 """
@@ -152,9 +152,9 @@ def _text(record: dict, name: str, field_map: dict[str, str], where: str, allow_
     return value
 
 
-def _messages_field(record: dict, field_map: dict[str, str], where: str, name: str = "messages") -> list[dict[str, str]]:
-    """OpenAI messages (`role`/`content`) of field `name`, checked; at least one assistant turn."""
-    key = field_map.get(name, name)
+def _messages_field(record: dict, field_map: dict[str, str], where: str) -> list[dict[str, str]]:
+    """OpenAI messages (`role`/`content`), checked; at least one assistant turn."""
+    key = field_map.get("messages", "messages")
     msgs = record.get(key)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")

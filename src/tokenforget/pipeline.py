@@ -133,7 +133,8 @@ class Run:
         """Settings that would fail only when their stage starts fail now, before anything is written."""
         if self.cfg.lora.qlora:
             check_qlora(self.cfg.model)
-        for name, tcfg in (("reference.training", self.cfg.reference.training), ("train.training", self.cfg.train.training)):
+        trainings = {"reference.training": self.cfg.reference.training, "train.training": self.cfg.train.training}
+        for name, tcfg in trainings.items():
             try:
                 training_arguments(tcfg, self.root / ".check", self.cfg.seed, self.bf16)
             except (ValueError, TypeError) as e:
@@ -460,7 +461,7 @@ class Run:
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
         tc = self.cfg.train
         trainer = make_trainer(
-            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, eval_dataset=eval_set
+            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, eval_set
         )
         resume = last_checkpoint(work)
         if resume:

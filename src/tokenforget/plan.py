@@ -10,6 +10,7 @@ by the padded tokens each stage would process:
 Training batches are drawn at random, so their padded tokens are those of a seeded shuffle (an expected
 value, not the Trainer's exact order); scoring batches are the scorer's own length-grouped batches.
 `run --dry-run` plans one mode; a command that trains several modes passes them all to `plan_run`.
+The estimate is for one process (under torchrun each rank does a share of the steps).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = True) -> tuple[list
     fps = fingerprints(run, stages)
     todo = [s for s in stages if not run.is_done(s, fps[s])]
     t0 = time.perf_counter()
-    sets = _token_sets(run, modes)
+    sets = _token_sets(run)
     tokenize_s = time.perf_counter() - t0
     timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [])
     plans = [_stage_plan(run, s, fps[s], s not in todo, sets, timing, tokenize_s) for s in stages]
@@ -94,11 +95,10 @@ class TokenSets:
     all: list[list[int]]
     masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
     response_tokens: int
-    reference: list[list[int]]
-    train: dict[str, list[list[int]]]  # mode -> examples
+    reference: list[list[int]]  # the reference training's examples (every mode trains on `all`)
 
 
-def _token_sets(run: Run, modes: Sequence[str]) -> TokenSets:
+def _token_sets(run: Run) -> TokenSets:
     """Token ids from the finished data stage, the labels file, or tokenized now in memory."""
     cfg = run.cfg
     if cfg.train.labels_path:
@@ -107,11 +107,11 @@ def _token_sets(run: Run, modes: Sequence[str]) -> TokenSets:
         exported = read_labels(cfg.train.labels_path, run.base.tokenizer)
         ids = exported["input_ids"]
         masks = [[int(c != 0) for c in cls] for cls in exported["token_class"]]
-        return TokenSets(ids, masks, sum(map(sum, masks)), [], {m: ids for m in modes})
+        return TokenSets(ids, masks, sum(map(sum, masks)), [])
     tokens = _tokens(run)
     ids, masks = tokens["input_ids"], tokens["response_mask"]
     reference = run._reference_examples(tokens)["input_ids"]
-    return TokenSets(ids, masks, sum(map(sum, masks)), reference, {m: ids for m in modes})
+    return TokenSets(ids, masks, sum(map(sum, masks)), reference)
 
 
 def _tokens(run: Run) -> datasets.Dataset:
@@ -177,12 +177,12 @@ def _stage_plan(
         padded = score_padded_tokens(sets.all, bs)
         n_batches = math.ceil(len(sets.all) / bs)
         secs = 2 * padded * timing.forward.get(bs, 0.0)
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, f"{n_batches} batches x 2 forwards (base, reference)", 0.0 if reuse else secs)
+        work = f"{n_batches} batches x 2 forwards (base, reference)"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
     if stage in ("partition", "labels"):
         what = f"rank {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
-    mode = stage.removeprefix("train-")
-    return _train_plan(stage, fp, reuse, sets.train[mode], cfg.train.training, cfg.seed, timing)
+    return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
 
 
 def _train_plan(
@@ -298,7 +298,8 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
     lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows)]
     if timing.notes:
         lines.append(f"Warm-up on this machine (median of {TIMED_REPEATS} after 1 untimed): " + "; ".join(timing.notes))
-    lines.append(f"Estimated wall time of the stages to run: {_duration(total)}" + ("" if timing.notes else " (nothing to run)"))
+    nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
+    lines.append(f"Estimated wall time of the stages to run: {_duration(total)}{nothing}")
     return "\n".join(lines)
 
 
@@ -312,7 +313,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def dry_run(run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = True) -> list[StagePlan]:
+def dry_run(
+    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = True
+) -> list[StagePlan]:
     """Print the plan for training `modes` in `run` and return it."""
     plans, timing = plan_run(run, modes, measure)
     log(format_plan(run, plans, timing))

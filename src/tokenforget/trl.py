@@ -126,7 +126,10 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
         for key, value in (("entropy", outputs.entropy.detach().sum()), ("mean_token_accuracy", outputs.is_top1.sum())):
             self._metrics[mode][key].append((gather(value).sum() / n_valid).item() if n_valid > 0 else 0.0)
         if mode == "train":
-            n = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["position_ids"].size(1))
+            if "attention_mask" in inputs:
+                n = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of real tokens
+                n = torch.tensor(inputs["position_ids"].size(1))
             self._total_train_tokens += gather(n.to(self.accelerator.device)).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
@@ -161,7 +164,9 @@ def _reject_other_losses(kwargs: dict[str, Any]) -> None:
     if kwargs.get("compute_loss_func") is not None:
         raise ValueError("ForgettingSFTTrainer: the objective is the loss; pass no compute_loss_func")
     if args is not None and getattr(args, "loss_type", "nll") != "nll":
-        raise ValueError(f"ForgettingSFTTrainer: the objective is the loss; leave loss_type at 'nll', not {args.loss_type!r}")
+        raise ValueError(
+            f"ForgettingSFTTrainer: the objective is the loss; leave loss_type at 'nll', not {args.loss_type!r}"
+        )
     if args is not None and getattr(args, "label_smoothing_factor", 0.0):
         raise ValueError("ForgettingSFTTrainer: label smoothing does not combine with the objective; set it to 0")
 
