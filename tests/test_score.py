@@ -61,7 +61,7 @@ def test_hidden_state_ce_equals_full_logits_ce_with_gradients(tiny_model_dir):
     full.sum().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours = model_token_ce(model, ids, mask, positions, chunk_size=3)
+    ours = model_token_ce(model, ids, positions, chunk_size=3, attention_mask=mask)
     ours.sum().backward()
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():

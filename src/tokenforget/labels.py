@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import datasets
 import numpy as np
@@ -43,20 +43,27 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+Column = Union[Sequence[Any], pa.Array, pa.ChunkedArray]
+
+
+def _column(values: Column, kind: pa.DataType) -> Union[pa.Array, pa.ChunkedArray]:
+    """Arrow columns are cast without a trip through Python objects; Python lists are converted."""
+    return values.cast(kind) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, kind)
+
+
 def labels_table(
-    input_ids: Sequence[Sequence[int]],
-    token_class: Sequence[Sequence[int]],
-    scores: dict[str, Sequence[Sequence[float]]],
-    example: Sequence[int],
-    meta: dict[str, Any],
+    input_ids: Column, token_class: Column, scores: dict[str, Column], example: Column, meta: dict[str, Any]
 ) -> pa.Table:
-    """The labels as an Arrow table; `scores` holds the `score`, `ce_base` and `ce_ref` columns."""
+    """The labels as an Arrow table; `scores` holds the `score`, `ce_base` and `ce_ref` columns.
+
+    Columns are Arrow arrays (a stage's `dataset.data.column(...)`) or Python lists, one entry per example.
+    """
     floats = pa.list_(pa.float32())
     columns = {
-        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-        "token_class": pa.array(token_class, pa.list_(pa.int8())),
-        **{name: pa.array(scores[name], floats) for name in ("score", "ce_base", "ce_ref")},
-        "example": pa.array(example, pa.int64()),
+        "input_ids": _column(input_ids, pa.list_(pa.int32())),
+        "token_class": _column(token_class, pa.list_(pa.int8())),
+        **{name: _column(scores[name], floats) for name in ("score", "ce_base", "ce_ref")},
+        "example": _column(example, pa.int64()),
     }
     table = pa.table(columns)
     return table.replace_schema_metadata({META_KEY: json.dumps({"format": FORMAT, **meta}).encode()})

@@ -143,7 +143,8 @@ def micro_batches(n_examples: int, cfg: TrainingConfig) -> int:
 
 def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, seed: int) -> int:
     """Expected padded tokens of a training: each epoch a seeded shuffle cut into batches (the last one
-    smaller), each batch padded to its longest example, until the training's micro-batches are done."""
+    smaller), each batch padded to its longest example (not padded at all with `packing`), until the
+    training's micro-batches are done."""
     lengths = [len(e) for e in examples]
     todo, total, rng = micro_batches(len(lengths), cfg), 0, random.Random(seed)
     while todo > 0:
@@ -152,7 +153,8 @@ def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, 
             if todo == 0:
                 break
             batch = order[start : start + cfg.batch_size]
-            total += len(batch) * max(lengths[i] for i in batch)
+            widths = [lengths[i] for i in batch]
+            total += sum(widths) if cfg.packing else len(batch) * max(widths)
             todo -= 1
     return total
 
@@ -256,7 +258,7 @@ def _time_train_step(
     def step() -> None:
         with autocast(run.bf16):
             if supports_hidden_ce(model):
-                token_loss = model_token_ce(model, ids, attn, resp.bool())  # (B, T)
+                token_loss = model_token_ce(model, ids, resp.bool(), attention_mask=attn)  # (B, T)
             else:
                 token_loss = token_cross_entropy(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids)
         forgetting_loss(token_loss, cls, 0.0).loss.backward()

@@ -67,9 +67,9 @@ def supports_hidden_ce(model: torch.nn.Module) -> bool:
 def model_token_ce(
     model: torch.nn.Module,
     ids: torch.Tensor,
-    attention_mask: torch.Tensor,
     positions: torch.Tensor,
     chunk_size: int = CE_CHUNK,
+    **forward_kwargs: Any,
 ) -> torch.Tensor:
     """(B, T) fp32 CE of the tokens at `positions` (0 elsewhere), without full-vocabulary logits.
 
@@ -78,11 +78,11 @@ def model_token_ce(
     work, so prompt and padding tokens are free. Differentiable (training) and usable under no_grad.
 
     Args:
-        ids, attention_mask: (B, T) right-padded batch.
+        ids: (B, T) token ids; `forward_kwargs` carry attention_mask (padded) or position_ids (packed).
         positions: (B, T) bool, which tokens to score; position 0 is never scored.
     """
     with final_hidden_states(model) as box:
-        model(input_ids=ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
     want = positions.bool().clone()
     want[:, 0] = False
     b, t = want.nonzero(as_tuple=True)
@@ -99,7 +99,7 @@ def forward_ce(
     """(B, T) per-token CE of a right-padded batch under `model`: of every token, or of `positions` only."""
     with autocast(bf16):
         if supports_hidden_ce(model):
-            return model_token_ce(model, ids, mask, mask if positions is None else positions)
+            return model_token_ce(model, ids, mask if positions is None else positions, attention_mask=mask)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     ce = token_cross_entropy(logits, ids)
     return ce if positions is None else ce * positions

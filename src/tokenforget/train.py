@@ -48,6 +48,26 @@ class TokenClassCollator:
         return {"input_ids": ids, "attention_mask": mask, "token_class": cls}
 
 
+@dataclass
+class PackedTokenClassCollator:
+    """Padding-free batches: all examples of a batch in one row, no padding at all.
+
+    `position_ids` restart at 0 for each example; transformers turns them into a block-causal mask, so
+    attention never crosses examples. Classes are concatenated alongside, so each stays on its token;
+    an example's first token must have class 0 (it has no prediction), so no loss crosses a boundary.
+
+    Output: input_ids (1, N), position_ids (1, N), token_class (1, N), N = total tokens of the batch.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if any(f["token_class"][0] != 0 for f in features):
+            raise ValueError("packing needs class 0 on every example's first token")
+        ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        cls = torch.cat([torch.as_tensor(f["token_class"], dtype=torch.long) for f in features])
+        pos = torch.cat([torch.arange(len(f["input_ids"])) for f in features])
+        return {"input_ids": ids[None], "position_ids": pos[None], "token_class": cls[None]}
+
+
 class ForgettingMixin:
     """The forgetting objective for any `transformers.Trainer` subclass (ours, TRL's `SFTTrainer`, ...).
 
@@ -174,12 +194,13 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
         token_class = inputs["token_class"]  # (B, T)
-        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        ids = inputs["input_ids"]
+        extra = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}  # padded or packed
         outputs = None
         if self.chunked_ce and not return_outputs:
-            token_loss = model_token_ce(model, ids, attn, token_class != 0)  # (B, T) fp32, no full logits
+            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, no full logits
         else:
-            outputs = model(input_ids=ids, attention_mask=attn, use_cache=False)
+            outputs = model(input_ids=ids, use_cache=False, **extra)
             token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
         loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
         return (loss, outputs) if return_outputs else loss
@@ -235,15 +256,17 @@ def make_trainer(
     lambda_schedule: str = "linear",
     t_min: float = 0.0,
     t_max: float = 0.25,
+    packing: bool = False,
     eval_dataset: Any = None,
 ) -> ForgettingTrainer:
-    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns."""
+    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches)."""
+    collator = PackedTokenClassCollator() if packing else TokenClassCollator(pad_token_id=tokenizer.pad_token_id)
     return ForgettingTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=TokenClassCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
         lambda_schedule=lambda_schedule,
