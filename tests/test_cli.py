@@ -17,7 +17,7 @@ from conftest import write_jsonl
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
 
-STAGES = ["data", "reference", "scores", "partition", "train-forget"]
+STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
 
 def stage_dirs(run: Path) -> list[str]:
@@ -78,7 +78,7 @@ def test_stage_commands_write_only_their_stages(config: Path):
     assert main(["reference", str(config)]) == 0
     assert stage_dirs(run) == ["data", "reference"]
     assert main(["partition", str(config)]) == 0
-    assert stage_dirs(run) == ["data", "partition", "reference", "scores"]
+    assert stage_dirs(run) == ["data", "labels", "partition", "reference", "scores"]
     assert main(["train", str(config), "--train.mode", "ignore"]) == 0
     assert (run / "train-ignore" / "adapter" / "adapter_config.json").is_file()
 

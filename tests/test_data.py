@@ -38,6 +38,49 @@ def test_multi_turn_messages_mask_every_assistant_turn(tiny_tokenizer, tmp_path)
     assert masked_text(tiny_tokenizer, t) == "Three.<|im_end|>Four.<|im_end|>"
 
 
+def test_messages_with_system_and_history_mask_only_assistant_turns(tiny_tokenizer, tmp_path):
+    """The whole rendered ChatML text, by hand, and the masked part: both assistant turns with their
+    <|im_end|>, nothing of the system prompt, the user turns or the turn headers, even where the
+    assistant repeats the user's words."""
+    msgs = [
+        {"role": "system", "content": "You count."},
+        {"role": "user", "content": "Say 2."},
+        {"role": "assistant", "content": "Say 2."},
+        {"role": "user", "content": "And 3?"},
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "Thanks."},
+    ]
+    (rec,) = one(tmp_path, [{"messages": msgs}])
+    t = tokenize_record(tiny_tokenizer, rec, 512, chat=True)
+    assert tiny_tokenizer.decode(t.input_ids) == (
+        "<|im_start|>system\nYou count.<|im_end|>\n<|im_start|>user\nSay 2.<|im_end|>\n"
+        "<|im_start|>assistant\nSay 2.<|im_end|>\n<|im_start|>user\nAnd 3?<|im_end|>\n"
+        "<|im_start|>assistant\n3<|im_end|>\n<|im_start|>user\nThanks.<|im_end|>\n"
+    )
+    assert masked_text(tiny_tokenizer, t) == "Say 2.<|im_end|>3<|im_end|>"
+
+
+def test_sharegpt_conversations_become_the_same_messages(tiny_tokenizer, tmp_path):
+    """ShareGPT speakers map to roles (system, human -> user, gpt -> assistant); the tokens and mask equal
+    those of the same conversation written as OpenAI messages."""
+    turns = [("system", "Be brief."), ("human", "How many?"), ("gpt", "Three."), ("human", "And now?"), ("gpt", "Four.")]
+    (share,) = one(tmp_path, [{"conversations": [{"from": f, "value": v} for f, v in turns]}])
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    (openai,) = one(tmp_path, [{"messages": [{"role": roles[f], "content": v} for f, v in turns]}])
+    assert share.messages == openai.messages
+    t = tokenize_record(tiny_tokenizer, share, 512, chat=True)
+    assert masked_text(tiny_tokenizer, t) == "Three.<|im_end|>Four.<|im_end|>"
+    assert t == tokenize_record(tiny_tokenizer, openai, 512, chat=True)
+
+
+def test_trl_conversational_prompt_completion(tiny_tokenizer, tmp_path):
+    """TRL's conversational prompt-completion: both fields lists of messages, joined into one conversation."""
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "completion": [{"role": "assistant", "content": "5"}]}
+    (rec,) = one(tmp_path, [row])
+    assert rec.messages == row["prompt"] + row["completion"]
+    assert masked_text(tiny_tokenizer, tokenize_record(tiny_tokenizer, rec, 512, chat=True)) == "5<|im_end|>"
+
+
 def test_instruction_input_output_and_field_map(tiny_tokenizer, tmp_path):
     (rec,) = one(tmp_path, [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
     assert rec.messages[0]["content"] == "Add.\n\n2 and 3" and rec.messages[1]["content"] == "5"
@@ -85,6 +128,13 @@ def test_corrupt_spans_become_token_flags(tiny_tokenizer, tmp_path):
         (b'{"prompt": "a", "completion": "  "}\n', r"d\.jsonl:1: field 'completion' is empty"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}\n', r"d\.jsonl:1: messages\[0\] has unknown role 'robot'"),
         (b'{"messages": [{"role": "user", "content": "x"}]}\n', r"d\.jsonl:1: conversation has no assistant message"),
+        (
+            b'{"conversations": [{"from": "gpt", "value": "a"}]}\n{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "x"}]}\n',
+            r"d\.jsonl:2: conversation has no assistant message \(a 'gpt' turn\)",
+        ),
+        (b'{"conversations": [{"from": "bot", "value": "x"}]}\n', r"d\.jsonl:1: conversations\[0\] has unknown from 'bot'"),
+        (b'{"conversations": [{"role": "user", "content": "x"}]}\n', r"d\.jsonl:1: conversations\[0\] needs 'from' and 'value'"),
+        (b'{"conversations": [{"from": "gpt", "value": " "}]}\n', r"d\.jsonl:1: conversations\[0\] value must be a non-empty"),
         (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe"}\n', r"d\.jsonl:2: not valid UTF-8"),
         (b'{"text": "a"}\n', r"cannot tell the data format"),
     ],

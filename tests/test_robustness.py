@@ -261,7 +261,7 @@ def test_two_process_run_writes_every_stage_once(tmp_path, tiny_model_dir):
     """`tokenforget run` under torchrun: DDP training of reference and final model, sharded scoring."""
     cfg = make_config(tmp_path, tiny_model_dir, run="ddp")
     out = torchrun("-m", "tokenforget", "run", str(cfg))
-    assert stage_dirs(tmp_path / "ddp") == ["data", "partition", "reference", "scores", "train-forget"]
+    assert stage_dirs(tmp_path / "ddp") == ["data", "labels", "partition", "reference", "scores", "train-forget"]
     assert out.stdout.count("[partition] ") == 1  # only rank 0 reports
     history = json.loads((tmp_path / "ddp" / "train-forget" / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # 24 examples / (4 per rank x 2 ranks)

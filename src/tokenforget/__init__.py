@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # heavy imports (transformers Trainer) only when asked for
-    if name in ("ForgettingTrainer", "TokenClassCollator"):
+    if name in ("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"):
         from tokenforget import train
 
         return getattr(train, name)
@@ -25,6 +25,7 @@ def __getattr__(name: str):  # heavy imports (transformers Trainer) only when as
 
 __all__ = [
     "DataConfig",
+    "ForgettingMixin",
     "ForgettingTrainer",
     "ModelConfig",
     "OBJECTIVES",

@@ -27,12 +27,26 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
         run = Run(cfg)
         if stage == "run":
             run.run_all()
+        elif stage == "partition":
+            run.labels()  # the partition, and the labels file it makes possible
         else:
             getattr(run, stage)()
         trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
 
     return command
+
+
+def _dry_run(command: str, cfg: RunConfig) -> None:
+    """`--dry-run`: print the stages `command` would run or reuse, token counts and a measured time estimate."""
+    from tokenforget.pipeline import Run
+    from tokenforget.plan import dry_run
+
+    dry_run(Run(cfg), DRY_RUN_MODES[command](cfg))
+
+
+# Commands that take --dry-run, and the training modes each one would run (a compare command lists several).
+DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {"run": lambda cfg: [cfg.train.mode]}
 
 
 def _demo(cfg: DemoConfig) -> None:
@@ -45,7 +59,10 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
     "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
     "score": (RunConfig, "Score every response token: CE_base - CE_ref.", _run_stage("score")),
-    "partition": (RunConfig, "Split response tokens into positive and negative by global ranking.", _run_stage("partition")),
+    "partition": (
+        RunConfig, "Split response tokens into positive and negative by global ranking; export labels.parquet.",
+        _run_stage("partition"),
+    ),
     "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
 }
@@ -60,6 +77,9 @@ def build_parser() -> ArgumentParser:
         p = ArgumentParser(description=help_text, exit_on_error=False)
         p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        if name in DRY_RUN_MODES:
+            p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, token counts and "
+                           "an estimated wall time from a short measured warm-up; write nothing")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -116,8 +136,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         init = parser.instantiate(ns)
         cls, _, command = COMMANDS[name]
-        fields = {k: v for k, v in vars(init[name]).items() if k != "config"}
-        command(cls(**fields))
+        fields = {k: v for k, v in vars(init[name]).items() if k not in ("config", "dry_run")}
+        if vars(init[name]).get("dry_run"):
+            _dry_run(name, cls(**fields))
+        else:
+            command(cls(**fields))
     except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
         return 2

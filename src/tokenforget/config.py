@@ -7,11 +7,11 @@ command-line overrides (`--partition.rho 0.5`), so nothing here parses text by h
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 Precision = Literal["auto", "fp32", "bf16"]
 Mode = Literal["forget", "sft", "ignore"]
-DataFormat = Literal["auto", "prompt_completion", "messages", "instruction", "question_answer"]
+DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 
 
 class UserError(Exception):
@@ -26,6 +26,15 @@ class ConfigError(UserError, ValueError):
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def _check_pass_through(
+    given: dict[str, Any], allowed: set[str], owned: dict[str, str], field_name: str, target: str
+) -> None:
+    """Every key of a pass-through dict must be a field of `target` that no typed field of ours sets."""
+    for key in given:
+        _check(key not in owned, f"{field_name}.{key}", f"set it with '{owned.get(key)}' instead")
+        _check(key in allowed, f"{field_name}.{key}", f"not a field of {target}")
 
 
 @dataclass
@@ -50,10 +59,29 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.1
     target_modules: Union[str, list[str]] = "all-linear"
+    """Module names (or `all-linear`) that get an adapter, as in peft's `LoraConfig.target_modules`."""
+    qlora: bool = False
+    """QLoRA: load the base model in 4-bit NF4 through bitsandbytes (CUDA only) and train LoRA on it."""
+    peft_args: dict[str, Any] = field(default_factory=dict)
+    """Any other field of peft's `LoraConfig`, passed through unchanged (`use_rslora`, `use_dora`,
+    `modules_to_save`, `layers_to_transform`, ...)."""
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.enabled or not self.qlora, "lora.qlora", "a 4-bit base is trained with LoRA only (enabled: true)")
+        if self.peft_args:
+            import dataclasses
+
+            from peft import LoraConfig
+
+            allowed = {f.name for f in dataclasses.fields(LoraConfig)}
+            _check_pass_through(self.peft_args, allowed, PEFT_OWNED, "lora.peft_args", "peft.LoraConfig")
+
+
+# LoraConfig fields that a typed LoraSettings field sets.
+PEFT_OWNED = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+              "target_modules": "lora.target_modules", "task_type": "(always CAUSAL_LM)"}
 
 
 @dataclass
@@ -102,6 +130,11 @@ class TrainingConfig:
     logging_steps: int = 10
     save_steps: int = 500
     """Checkpoint every N optimizer steps (resume picks up the last one)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant): less memory, about a third more time."""
+    training_args: dict[str, Any] = field(default_factory=dict)
+    """Any other `transformers.TrainingArguments` field, passed through unchanged and applied last, e.g.
+    `{report_to: tensorboard, eval_strategy: steps, eval_steps: 50, load_best_model_at_end: true}`."""
     packing: bool = False
     """Padding-free batches: a batch's examples in one row, attention kept within each (position_ids)."""
 
@@ -111,6 +144,24 @@ class TrainingConfig:
         _check(self.grad_accum > 0, "grad_accum", f"must be > 0, got {self.grad_accum}")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs", "epochs or max_steps must be > 0")
+        if self.training_args:
+            import dataclasses
+
+            from transformers import TrainingArguments
+
+            allowed = {f.name for f in dataclasses.fields(TrainingArguments)}
+            _check_pass_through(self.training_args, allowed, TRAINING_ARGS_OWNED, "training_args", "TrainingArguments")
+
+
+# TrainingArguments fields that a typed field of ours sets; `training_args` may not set them again.
+TRAINING_ARGS_OWNED = {
+    "output_dir": "run_dir", "seed": "seed", "data_seed": "seed",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "learning_rate", "num_train_epochs": "epochs", "max_steps": "max_steps",
+    "warmup_steps": "warmup_ratio", "lr_scheduler_type": "lr_scheduler", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "logging_steps": "logging_steps", "save_steps": "save_steps",
+    "gradient_checkpointing": "gradient_checkpointing", "bf16": "model.precision", "fp16": "model.precision",
+}
 
 
 @dataclass
@@ -173,6 +224,15 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     save_merged: bool = True
     """Also save the LoRA-merged model, loadable with `AutoModelForCausalLM.from_pretrained`."""
+    labels_path: Optional[str] = None
+    """Train on a token-label file that tokenforget exported (`run_dir/labels/labels.parquet`, or its folder):
+    no data, reference, score or partition stage runs; `data` is not read."""
+    eval_path: Optional[str] = None
+    """A held-out file (same format as `data`) for evaluation during training; set `eval_strategy` in
+    `training.training_args`. All its response tokens count as learn tokens, so `eval_loss` is the held-out
+    response NLL whatever the mode."""
+    eval_split: str = "test"
+    """Split of `eval_path` when it is a Hub data set."""
 
     def __post_init__(self) -> None:
         from tokenforget.losses import SCHEDULES  # late import: losses pulls in torch
@@ -201,6 +261,19 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        evals = lambda t: t.training_args.get("eval_strategy", "no") not in ("no", None)  # noqa: E731
+        _check(
+            not evals(self.reference.training),
+            "reference.training.training_args.eval_strategy",
+            "the reference training has no eval split; evaluate the final training (train.eval_path)",
+        )
+        _check(
+            not evals(self.train.training) or self.train.eval_path is not None,
+            "train.training.training_args.eval_strategy",
+            "evaluation needs a held-out file: set train.eval_path",
+        )
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Data: records from files or the Hub -> chat messages -> tokens with a response mask.
 
-A record becomes a list of messages; the messages are rendered to text (chat template, or plain
-`prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
+Formats: `prompt`/`completion` (strings, or TRL's conversational lists of messages), OpenAI `messages`
+(`role`/`content`, system and multi-turn), ShareGPT `conversations` (`from`/`value` with `human`/`gpt`/`system`),
+`instruction`/`input`/`output` and `question`/`answer`. A record becomes a list of messages; the messages
+are rendered to text (chat template, or plain `prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
 token when it starts inside an assistant message's content; character spans that a record marks as
 corrupted (`corrupt_spans`, from the demo's generator) become a per-token `corrupt` mask the same way.
 """
@@ -20,10 +22,13 @@ from tokenforget.config import DataConfig, UserError
 
 Span = tuple[int, int]
 ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names -> OpenAI roles. `user`/`assistant` appear in ShareGPT exports as well.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 # Our canonical field names per format; `field_map` renames the file's columns onto them.
 FORMAT_FIELDS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
     "question_answer": ("question", "answer"),
@@ -148,22 +153,51 @@ def _text(record: dict, name: str, field_map: dict[str, str], where: str, allow_
 
 
 def _messages_field(record: dict, field_map: dict[str, str], where: str) -> list[dict[str, str]]:
+    """OpenAI messages (`role`/`content`), checked; at least one assistant turn."""
     key = field_map.get("messages", "messages")
     msgs = record.get(key)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {key}[{i}] needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {key}[{i}] has unknown role '{m['role']}' (expected one of {list(ROLES)})")
-        if not isinstance(m["content"], str) or (m["role"] == "assistant" and not m["content"].strip()):
-            raise DataError(f"{where}: {key}[{i}] content must be a non-empty string")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: conversation has no assistant message")
-    return out
+    out = [_message(m, f"{where}: {key}[{i}]", "role", "content", {r: r for r in ROLES}) for i, m in enumerate(msgs)]
+    return _with_assistant(out, where, "")
+
+
+def _sharegpt_field(record: dict, field_map: dict[str, str], where: str) -> list[dict[str, str]]:
+    """ShareGPT `conversations` (`from`/`value`, speakers human/gpt/system) as OpenAI messages."""
+    key = field_map.get("conversations", "conversations")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of turns")
+    if all(isinstance(t, dict) and "role" in t for t in turns):
+        raise DataError(f"{where}: {key}[0] needs 'from' and 'value' (for role/content turns set "
+                        f"data.field_map: {{messages: {key}}})")
+    out = [_message(t, f"{where}: {key}[{i}]", "from", "value", SHAREGPT_ROLES) for i, t in enumerate(turns)]
+    return _with_assistant(out, where, " (a 'gpt' turn)")
+
+
+def _message(m: Any, where: str, role_key: str, text_key: str, roles: dict[str, str]) -> dict[str, str]:
+    if not isinstance(m, dict) or role_key not in m or text_key not in m:
+        raise DataError(f"{where} needs '{role_key}' and '{text_key}'")
+    if m[role_key] not in roles:
+        raise DataError(f"{where} has unknown {role_key} '{m[role_key]}' (expected one of {list(roles)})")
+    role, text = roles[m[role_key]], m[text_key]
+    if not isinstance(text, str) or (role == "assistant" and not text.strip()):
+        raise DataError(f"{where} {text_key} must be a non-empty string")
+    return {"role": role, "content": text}
+
+
+def _with_assistant(messages: list[dict[str, str]], where: str, hint: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant message{hint}, so no token would get a loss")
+    return messages
+
+
+def _prompt_completion(raw: dict, fm: dict[str, str], where: str) -> Optional[list[dict[str, str]]]:
+    """TRL's conversational prompt-completion (both fields lists of messages) as one conversation, else None."""
+    prompt, completion = raw.get(fm.get("prompt", "prompt")), raw.get(fm.get("completion", "completion"))
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        return None
+    return _messages_field({"messages": prompt + completion}, {}, where)
 
 
 def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
@@ -171,6 +205,10 @@ def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
     fm = cfg.field_map
     if fmt == "messages":
         return Record(_messages_field(raw, fm, where), where)
+    if fmt == "sharegpt":
+        return Record(_sharegpt_field(raw, fm, where), where)
+    if fmt == "prompt_completion" and (conversation := _prompt_completion(raw, fm, where)) is not None:
+        return Record(conversation, where)
     if fmt == "prompt_completion":
         prompt, answer = _text(raw, "prompt", fm, where), _text(raw, "completion", fm, where)
     elif fmt == "instruction":
@@ -187,12 +225,12 @@ def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
     return Record(messages, where, spans)
 
 
-def load_records(cfg: DataConfig, path: Optional[str] = None) -> list[Record]:
-    """Read and normalise every record of `path` (default `cfg.path`)."""
+def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[str] = None) -> list[Record]:
+    """Read and normalise every record of `path` (default `cfg.path`; `split`, default `cfg.split`, for Hub data)."""
     path = path or cfg.path
     if not path:
         raise DataError("config field 'data.path' is required")
-    raw = read_records(path, cfg.split, cfg.hub_config)
+    raw = read_records(path, split or cfg.split, cfg.hub_config)
     if cfg.limit:
         raw = raw[: cfg.limit]
     if not raw:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenforget.config import LoraSettings, ModelConfig, UserError
+from tokenforget.config import ConfigError, LoraSettings, ModelConfig, UserError
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,10 +59,16 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig) -> PreTrainedModel:
-    """The base causal LM in fp32 weights (bf16 is applied as autocast, see `autocast`)."""
+def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
+    """The base causal LM in fp32 weights (bf16 is applied as autocast, see `autocast`).
+
+    With `qlora` the linear layers are loaded in 4-bit NF4 instead (bitsandbytes, on the GPU).
+    """
     path, gguf = resolve_model(cfg)
     kwargs: dict = {}
+    if qlora:
+        check_qlora(cfg)
+        kwargs = {"quantization_config": qlora_config(use_bf16(cfg.precision)), "device_map": {"": 0}}
     if gguf:
         from transformers import GgufConfig
 
@@ -73,6 +79,35 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     if gguf:
         _forget_gguf_origin(model)
     return model
+
+
+def check_qlora(cfg: ModelConfig) -> None:
+    """Raise a ConfigError naming `lora.qlora` unless a 4-bit base can be loaded here."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "config field 'lora.qlora': a 4-bit base needs a CUDA GPU (bitsandbytes), and none is visible; "
+            "set lora.qlora: false to train LoRA on the full-precision base"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("config field 'lora.qlora': needs bitsandbytes: pip install 'tokenforget[qlora]'")
+    if cfg.name_or_path == SMOLLM2_ALIAS or cfg.gguf_file:
+        raise ConfigError(
+            "config field 'lora.qlora': a GGUF model is dequantised on load and cannot be re-quantised to 4-bit; "
+            "use a Hub id or a safetensors folder"
+        )
+
+
+def qlora_config(bf16: bool) -> "BitsAndBytesConfig":  # noqa: F821
+    """The QLoRA paper's recipe (https://arxiv.org/abs/2305.14314): NF4 weights, double quantisation, matmuls
+    in bf16 (fp16 on GPUs without bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+    )
 
 
 def _forget_gguf_origin(model: PreTrainedModel) -> None:
@@ -90,6 +125,8 @@ class BaseModel:
     cfg: ModelConfig
     _model: Optional[PreTrainedModel] = field(default=None, repr=False)
     _tokenizer: Optional[PreTrainedTokenizerBase] = field(default=None, repr=False)
+    qlora: bool = False
+    """Load the base in 4-bit (see `load_model`); each copy is then loaded anew instead of deep-copied."""
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -99,6 +136,8 @@ class BaseModel:
 
     def fresh(self) -> PreTrainedModel:
         """A deep copy of the base weights, so training one copy never touches another."""
+        if self.qlora:
+            return load_model(self.cfg, qlora=True)  # quantised weights live on the GPU: no deep copies
         if self._model is None:
             self._model = load_model(self.cfg)
         return copy.deepcopy(self._model)
@@ -137,17 +176,24 @@ def autocast(bf16: bool) -> Iterator[None]:
 
 
 def add_lora(model: PreTrainedModel, lora: LoraSettings) -> torch.nn.Module:
-    """Wrap the model with a fresh LoRA adapter (or return it as is for full fine-tuning)."""
+    """Wrap the model with a fresh LoRA adapter (or return it as is for full fine-tuning).
+
+    `lora.peft_args` go to peft's `LoraConfig` unchanged. A 4-bit base (QLoRA) is first prepared the way
+    peft recommends for k-bit training (norms in fp32, input gradients on).
+    """
     if not lora.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    target = lora.target_modules
+    if getattr(model, "is_loaded_in_4bit", False):
+        # gradient checkpointing is the Trainer's to switch on (training.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=target,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
+        **lora.peft_args,
     )
     return get_peft_model(model, peft_cfg)

@@ -6,7 +6,8 @@
       reference/    the reference model's LoRA adapter (or full model)
       scores/       per-token ce_base, ce_ref, score (Arrow, float32)
       partition/    per-token token_class (Arrow) + stats.json
-      train-<mode>/ adapter/, model/ (merged), log_history.json
+      labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
+      train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
 
 A stage is skipped when `stage.json` in its folder holds the fingerprint of its current inputs; a stale
 or half-written stage is redone. Outputs are built in a hidden temporary folder and renamed into place.
@@ -33,9 +34,10 @@ import torch
 from transformers import set_seed
 
 from tokenforget import data as data_mod
-from tokenforget.config import RunConfig, UserError, to_dict
-from tokenforget.losses import FORGET, LEARN
-from tokenforget.models import BaseModel, add_lora, device, use_bf16
+from tokenforget import labels as labels_mod
+from tokenforget.config import ConfigError, RunConfig, TrainingConfig, UserError, to_dict
+from tokenforget.losses import FORGET, LEARN, NO_LOSS
+from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
 from tokenforget.partition import flat_list_column, flat_token_classes, streaming_threshold
 from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
@@ -119,13 +121,25 @@ class Run:
     ):
         self.cfg = cfg
         self.root = Path(cfg.run_dir)
-        self.base = base or BaseModel(cfg.model)
+        self.base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)
         self.ranks = ranks or Ranks.detect()
         self.log = log if self.ranks.is_main else (lambda _msg: None)
         self.bf16 = use_bf16(cfg.model.precision)
         self.skipped: list[str] = []
         self._loaded: dict[str, datasets.Dataset] = {}  # stage outputs already read in this process
         self.check_folder()
+        self._check_before_any_stage()
+
+    def _check_before_any_stage(self) -> None:
+        """Settings that would fail only when their stage starts fail now, before anything is written."""
+        if self.cfg.lora.qlora:
+            check_qlora(self.cfg.model)
+        trainings = {"reference.training": self.cfg.reference.training, "train.training": self.cfg.train.training}
+        for name, tcfg in trainings.items():
+            try:
+                training_arguments(tcfg, self.root / ".check", self.cfg.seed, self.bf16)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config field '{name}.training_args': TrainingArguments rejects them: {e}") from None
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -379,37 +393,96 @@ class Run:
     def partition_stats(self) -> dict[str, Any]:
         return json.loads((self.stage_dir("partition") / "stats.json").read_text())
 
+    # ------------------------------------------------------------ labels
+
+    def labels_fp(self) -> str:
+        return fingerprint("labels", labels_mod.FORMAT, self.partition_fp())
+
+    def labels(self) -> Path:
+        """Export ids, scores and classes per example as one Parquet file any trainer can read."""
+        tokens, scores, classes = self.data(), self.score(), self.partition()
+        fp = self.labels_fp()
+        if self.is_done("labels", fp):
+            self._skip("labels")
+        elif self.ranks.is_main:
+            meta = {"model": self.cfg.model.name_or_path, "tokenizer": labels_mod.tokenizer_digest(self.base.tokenizer),
+                    "rho": self.cfg.partition.rho, "data": self.cfg.data.path}
+            column = lambda ds, name: ds.data.column(name)  # noqa: E731  (Arrow, no Python lists)
+            table = labels_mod.labels_table(
+                column(tokens, "input_ids"), column(classes, "token_class"),
+                {k: column(scores, k) for k in ("score", "ce_base", "ce_ref")}, column(tokens, "example"), meta,
+            )
+            with self.writing("labels", fp, {"examples": len(tokens)}) as d:
+                path = labels_mod.write_labels(table, d)
+            self.log(f"[labels] {len(tokens)} examples -> {self.stage_dir('labels') / path.name}")
+        self.ranks.barrier()
+        return self.stage_dir("labels") / labels_mod.LABELS_FILE
+
     # ------------------------------------------------------------ train
 
     def train_fp(self, mode: str) -> str:
         c = self.cfg
-        upstream = self.data_fp() if mode == "sft" else self.partition_fp()
-        return fingerprint("train", mode, upstream, to_dict(c.train), to_dict(c.lora), c.seed, self.bf16)
+        if c.train.labels_path:
+            upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
+        else:
+            upstream = self.data_fp() if mode == "sft" else self.partition_fp()
+        held_out = file_digest(c.train.eval_path)
+        return fingerprint("train", mode, upstream, held_out, to_dict(c.train), to_dict(c.lora), c.seed, self.bf16)
+
+    def train_set(self, mode: str) -> datasets.Dataset:
+        """`input_ids` and `token_class` to train `mode` on; ensures the stages they come from.
+
+        From `train.labels_path` when set; else `sft` needs only the data (every response token is a learn
+        token) and `forget`/`ignore` the partition, whose labels file is exported on the way.
+        """
+        if self.cfg.train.labels_path:
+            exported = labels_mod.read_labels(self.cfg.train.labels_path, self.base.tokenizer)
+            return _sft_from_classes(exported) if mode == "sft" else exported
+        tokens = self.data()
+        if mode == "sft":
+            return _sft_classes(tokens)
+        self.labels()
+        return _with_classes(tokens, self.partition())
+
+    def eval_set(self) -> Optional[datasets.Dataset]:
+        """The held-out `train.eval_path`, tokenized like the data, every response token a learn token."""
+        tc = self.cfg.train
+        if tc.eval_path is None:
+            return None
+        records = data_mod.load_records(self.cfg.data, tc.eval_path, tc.eval_split)
+        cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
+        return _sft_classes(datasets.Dataset.from_dict(cols))
 
     def train(self, mode: Optional[str] = None) -> Path:
-        """Train from the base model with `mode` (default `train.mode`). Returns the stage folder.
-
-        `sft` needs no scores: every response token is a learn token. `forget` and `ignore` use the partition.
-        """
+        """Train from the base model with `mode` (default `train.mode`). Returns the stage folder."""
         mode = mode or self.cfg.train.mode
         name = f"train-{mode}"
-        tokens = self.data()
-        classes = None if mode == "sft" else self.partition()
+        train_set = self.train_set(mode)
         fp = self.train_fp(mode)
         if self.is_done(name, fp):
             self._skip(name)
             return self.stage_dir(name)
-        train_set = _sft_classes(tokens) if classes is None else _with_classes(tokens, classes)
         self.log(f"[{name}] training on {len(train_set)} examples")
-        trainer = self._fit(train_set, self.cfg.train.training, mode, name, fp)
+        tc = self.cfg.train
+        trainer = self._fit(train_set, tc.training, mode, name, fp, eval_set=self.eval_set())
         if self.ranks.is_main:
             with self.writing(name, fp, {"mode": mode}) as d:
                 (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-                save_model(trainer.model, self.base.tokenizer, d, merged=self.cfg.train.save_merged)
+                (d / "training_args.json").write_text(trainer.args.to_json_string())
+                dense = (lambda: load_model(self.cfg.model)) if self.cfg.lora.qlora else None
+                save_model(trainer.model, self.base.tokenizer, d, merged=tc.save_merged, dense_base=dense)
         self.ranks.barrier()
         return self.stage_dir(name)
 
-    def _fit(self, train_set: datasets.Dataset, tcfg: Any, mode: str, name: str, fp: str) -> Any:
+    def _fit(
+        self,
+        train_set: datasets.Dataset,
+        tcfg: TrainingConfig,
+        mode: str,
+        name: str,
+        fp: str,
+        eval_set: Optional[datasets.Dataset] = None,
+    ) -> Any:
         """Train a fresh LoRA copy of the base; checkpoints go to `.<name>.work/` so a killed run resumes."""
         work = self.work_dir(name, fp)
         set_seed(self.cfg.seed)
@@ -417,7 +490,8 @@ class Run:
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
         tc = self.cfg.train
         trainer = make_trainer(
-            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing
+            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing,
+            eval_set,
         )
         resume = last_checkpoint(work)
         if resume:
@@ -457,3 +531,10 @@ def _sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
 
 def _with_classes(tokens: datasets.Dataset, classes: datasets.Dataset) -> datasets.Dataset:
     return datasets.concatenate_datasets([tokens, classes], axis=1)  # column-wise, no copy through Python
+
+
+def _sft_from_classes(exported: datasets.Dataset) -> datasets.Dataset:
+    """Every token that has a class (+1 or -1) becomes a learn token: plain SFT on the same tokens."""
+    return exported.map(
+        lambda ex: {"token_class": [LEARN if c != NO_LOSS else NO_LOSS for c in ex["token_class"]]}, desc="classes"
+    )

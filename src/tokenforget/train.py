@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
@@ -68,30 +68,27 @@ class PackedTokenClassCollator:
         return {"input_ids": ids[None], "position_ids": pos[None], "token_class": cls[None]}
 
 
-class ForgettingTrainer(Trainer):
-    """A Trainer whose loss is a tokenforget objective over per-token classes.
+class ForgettingMixin:
+    """The forgetting objective for any `transformers.Trainer` subclass (ours, TRL's `SFTTrainer`, ...).
+
+    Put it first among the bases: `class T(ForgettingMixin, SomeTrainer)`. It owns the lambda schedule, the
+    optimizer-batch token counts, the objective and its logging; the subclass's `compute_loss` only turns
+    its forward pass into a (B, T) per-token loss and calls `objective_loss`.
 
     The means of the objective are over the whole optimizer batch: `get_batch_samples` counts positive
     and negative tokens over every micro-batch of the accumulation step (and over every rank), and
-    `compute_loss` divides each micro-batch's sums by those counts. The micro-batch losses then add up
+    `objective_loss` divides each micro-batch's sums by those counts. The micro-batch losses then add up
     to the batch loss, so the Trainer must not divide by the accumulation steps again.
     """
 
     loss_is_scaled_for_ga = True
+    state: Any
+    args: Any
+    accelerator: Any
+    _signature_columns: Optional[list[str]]
 
-    def __init__(
-        self,
-        *args: Any,
-        objective: str = "forget",
-        lambda_schedule: str = "linear",
-        t_min: float = 0.0,
-        t_max: float = 0.25,
-        chunked_ce: Optional[bool] = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
-        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
+    def init_forgetting(self, objective: str, lambda_schedule: str, t_min: float, t_max: float) -> None:
+        """Set the objective and schedule; call before the Trainer's own `__init__`."""
         self.objective_name = objective
         self.objective = get_objective(objective)
         self.schedule = get_schedule(lambda_schedule)
@@ -103,8 +100,14 @@ class ForgettingTrainer(Trainer):
         """lambda(t) at the current optimizer step t of T = max_steps."""
         return self.schedule(self.state.global_step, self.state.max_steps, self.t_min, self.t_max)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep `token_class` even with `remove_unused_columns=True` (it is no forward argument)."""
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        if self._signature_columns is not None and "token_class" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "token_class"]
+
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batch_samples:
             cls = batch["token_class"]
@@ -113,33 +116,30 @@ class ForgettingTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)  # (world, 2) -> (2,)
         return batch_samples, counts
 
-    def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, torch.Tensor],
-        return_outputs: bool = False,
-        num_items_in_batch: Optional[torch.Tensor] = None,
-    ) -> Any:
-        token_class = inputs["token_class"]  # (B, T)
-        ids = inputs["input_ids"]
-        extra = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}  # padded or packed
-        outputs = None
-        if self.chunked_ce and not return_outputs:
-            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, no full logits
-        else:
-            outputs = model(input_ids=ids, use_cache=False, **extra)
-            token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
+    def objective_loss(
+        self, token_loss: torch.Tensor, token_class: torch.Tensor, num_items_in_batch: Any, training: bool
+    ) -> torch.Tensor:
+        """The objective over one micro-batch, scaled so micro-batches and ranks add up to the batch mean.
+
+        Args:
+            token_loss: (B, T) per-token CE, entry t = -log p(token t | tokens < t), entry 0 = 0.
+            token_class: (B, T) +1 learn / -1 forget / 0 no loss.
+            num_items_in_batch: the (2,) optimizer-batch counts from `get_batch_samples`, or None (evaluation:
+                this batch's own counts).
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or infinite (training stops; the last checkpoint is kept).
+        """
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         parts = self.objective(token_loss, token_class, lam, counts)
         if not torch.isfinite(parts.loss):
             self._stop_non_finite(parts.loss)
-        if model.training:
+        if training:
             self._last_lambda = lam
             self._track(parts.pos_sum, parts.neg_sum, token_class)
         # DDP averages gradients over ranks; our sums are already divided by the all-rank counts.
-        loss = parts.loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        return parts.loss * self.accelerator.num_processes
 
     def _stop_non_finite(self, loss: torch.Tensor) -> None:
         step = self.state.global_step + 1
@@ -160,16 +160,64 @@ class ForgettingTrainer(Trainer):
                 logs["lambda"] = self._last_lambda
             logs["n_pos"], logs["n_neg"] = int(n_pos), int(n_neg)
             self._sums.zero_()
-        super().log(logs, start_time)
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
+class ForgettingTrainer(ForgettingMixin, Trainer):
+    """A Trainer whose loss is a tokenforget objective over per-token classes (see `ForgettingMixin`).
+
+    Batches carry `input_ids`, `attention_mask` and `token_class` (see `TokenClassCollator`).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: str = "forget",
+        lambda_schedule: str = "linear",
+        t_min: float = 0.0,
+        t_max: float = 0.25,
+        chunked_ce: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> None:
+        self.init_forgetting(objective, lambda_schedule, t_min, t_max)
+        super().__init__(*args, **kwargs)
+        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
+        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
+        if self.args.label_names is None:
+            self.label_names = ["token_class"]  # the batch's "labels": evaluation computes a loss only if present
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[torch.Tensor] = None,
+    ) -> Any:
+        token_class = inputs["token_class"]  # (B, T)
+        ids = inputs["input_ids"]
+        extra = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}  # padded or packed
+        outputs = None
+        if self.chunked_ce and not return_outputs:
+            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, no full logits
+        else:
+            outputs = model(input_ids=ids, use_cache=False, **extra)
+            token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
+        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
+        return (loss, outputs) if return_outputs else loss
 
 
 def training_arguments(
     cfg: TrainingConfig, output_dir: Path, seed: int, bf16: bool, **overrides: Any
 ) -> TrainingArguments:
-    """TrainingArguments for one training; bf16 means autocast (weights stay fp32)."""
+    """TrainingArguments for one training; bf16 means autocast (weights stay fp32).
+
+    Precedence, lowest first: our defaults and typed fields, then `cfg.training_args` (any TrainingArguments
+    field, passed through unchanged), then `overrides` from the calling code.
+    """
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
@@ -182,6 +230,9 @@ def training_arguments(
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # non-reentrant: works with frozen embeddings (LoRA) without forcing input gradients
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         seed=seed,
         data_seed=seed,
         bf16=bf16,
@@ -191,6 +242,7 @@ def training_arguments(
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    kwargs.update(cfg.training_args)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -205,13 +257,15 @@ def make_trainer(
     t_min: float = 0.0,
     t_max: float = 0.25,
     packing: bool = False,
+    eval_dataset: Any = None,
 ) -> ForgettingTrainer:
-    """A ForgettingTrainer over a data set with `input_ids` and `token_class` columns."""
+    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches)."""
     collator = PackedTokenClassCollator() if packing else TokenClassCollator(pad_token_id=tokenizer.pad_token_id)
     return ForgettingTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
@@ -227,15 +281,29 @@ def last_checkpoint(output_dir: Path) -> Optional[str]:
     return str(ckpts[-1]) if ckpts else None
 
 
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, merged: bool) -> None:
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    merged: bool,
+    dense_base: Optional[Callable[[], torch.nn.Module]] = None,
+) -> None:
     """Save the LoRA adapter to `out/adapter` and, if asked, the merged model to `out/model`.
 
-    A full fine-tune (no adapter) is saved to `out/model` only.
+    A full fine-tune (no adapter) is saved to `out/model` only. With `dense_base` (QLoRA) the saved adapter
+    is merged into that full-precision base rather than into the 4-bit weights it was trained on, so the
+    merged model is not quantised twice.
     """
     is_peft = hasattr(model, "merge_and_unload")
     if is_peft:
         model.save_pretrained(out / "adapter")
-    if merged or not is_peft:
+    if not (merged or not is_peft):
+        return
+    if is_peft and dense_base is not None:
+        from peft import PeftModel
+
+        full = PeftModel.from_pretrained(dense_base(), str(out / "adapter")).merge_and_unload()
+    else:
         full = model.merge_and_unload() if is_peft else model
-        full.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+    full.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")

@@ -1,0 +1,325 @@
+"""Dry run: which stages a command would run or reuse, what they would process, and how long they would take.
+
+Nothing is written: stage fingerprints are compared with the `stage.json` files in the run folder, the
+data is tokenized in memory when its stage is not done yet, and the wall time comes from a short warm-up
+measured on this machine (a few training micro-batches and scoring forwards on real examples), scaled
+by the padded tokens each stage would process:
+
+    estimate(stage) = seconds per padded token (measured) x padded tokens the stage processes
+
+Training batches are drawn at random, so their padded tokens are those of a seeded shuffle (an expected
+value, not the Trainer's exact order); scoring batches are the scorer's own length-grouped batches.
+`run --dry-run` plans one mode; a command that trains several modes passes them all to `plan_run`.
+The estimate is for one process (under torchrun each rank does a share of the steps).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import datasets
+import torch
+
+from tokenforget import data as data_mod
+from tokenforget.config import TrainingConfig
+from tokenforget.losses import LEARN, forgetting_loss, token_cross_entropy
+from tokenforget.models import add_lora, autocast, device
+from tokenforget.pipeline import Run
+from tokenforget.report import format_table
+from tokenforget.score import forward_ce, length_grouped_batches, model_token_ce, pad_batch, supports_hidden_ce
+
+TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
+
+
+@dataclass
+class StagePlan:
+    """One stage of a dry run."""
+
+    name: str
+    fingerprint: str
+    reuse: bool  # True: its stage.json matches, the command would skip it
+    examples: int
+    tokens: int  # tokens of the examples the stage goes over (prompt and response)
+    work: str
+    seconds: float  # estimated wall time if it runs (0 when reused)
+
+
+def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
+    """The stage folders training `modes` needs, in the order they would run."""
+    if run.cfg.train.labels_path:
+        return [f"train-{m}" for m in modes]
+    needs_scores = any(m != "sft" for m in modes)
+    upstream = ["data", "reference", "scores", "partition", "labels"] if needs_scores else ["data"]
+    return upstream + [f"train-{m}" for m in modes]
+
+
+def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
+    fps: dict[str, Callable[[], str]] = {
+        "data": run.data_fp, "reference": run.reference_fp, "scores": run.score_fp,
+        "partition": run.partition_fp, "labels": run.labels_fp,
+    }
+    return {s: run.train_fp(s.removeprefix("train-")) if s.startswith("train-") else fps[s]() for s in stages}
+
+
+@dataclass
+class Timing:
+    """Measured seconds per padded token (median of the timed repeats) and what they were measured on."""
+
+    train: dict[tuple[int, int], float]  # (batch size, gradient checkpointing) -> s/token of a training micro-batch
+    forward: dict[int, float]  # batch size -> s/token of one scoring forward
+    notes: list[str]
+
+
+def plan_run(run: Run, modes: Sequence[str], measure: bool = True) -> tuple[list[StagePlan], Timing]:
+    """Plan every stage training `modes` needs; measure the warm-up only for stages that would run."""
+    stages = stages_for_modes(run, modes)
+    fps = fingerprints(run, stages)
+    todo = [s for s in stages if not run.is_done(s, fps[s])]
+    t0 = time.perf_counter()
+    sets = _token_sets(run)
+    tokenize_s = time.perf_counter() - t0
+    timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [])
+    plans = [_stage_plan(run, s, fps[s], s not in todo, sets, timing, tokenize_s) for s in stages]
+    return plans, timing
+
+
+@dataclass
+class TokenSets:
+    """The examples each stage goes over, as token id lists."""
+
+    all: list[list[int]]
+    masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
+    response_tokens: int
+    reference: list[list[int]]  # the reference training's examples (every mode trains on `all`)
+
+
+def _token_sets(run: Run) -> TokenSets:
+    """Token ids from the finished data stage, the labels file, or tokenized now in memory."""
+    cfg = run.cfg
+    if cfg.train.labels_path:
+        from tokenforget.labels import read_labels
+
+        exported = read_labels(cfg.train.labels_path, run.base.tokenizer)
+        ids = exported["input_ids"]
+        masks = [[int(c != 0) for c in cls] for cls in exported["token_class"]]
+        return TokenSets(ids, masks, sum(map(sum, masks)), [])
+    tokens = _tokens(run)
+    ids, masks = tokens["input_ids"], tokens["response_mask"]
+    reference = run._reference_examples(tokens)["input_ids"]
+    return TokenSets(ids, masks, sum(map(sum, masks)), reference)
+
+
+def _tokens(run: Run) -> datasets.Dataset:
+    if run.is_done("data", run.data_fp()):
+        return datasets.load_from_disk(str(run.stage_dir("data") / "tokens"))
+    records = data_mod.load_records(run.cfg.data)
+    cols, _ = data_mod.tokenize_records(run.base.tokenizer, records, run.cfg.data)
+    return datasets.Dataset.from_dict(cols)
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def optimizer_steps(n_examples: int, cfg: TrainingConfig) -> int:
+    """Optimizer steps of one training, as the Trainer counts them: max_steps, or
+    ceil(epochs x max(1, ceil(micro-batches per epoch / grad_accum)))."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro = math.ceil(n_examples / cfg.batch_size)
+    return math.ceil(cfg.epochs * max(1, math.ceil(micro / cfg.grad_accum)))
+
+
+def micro_batches(n_examples: int, cfg: TrainingConfig) -> int:
+    """Forward-backward passes of one training: max_steps x grad_accum, or ceil(epochs x batches per epoch)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps * cfg.grad_accum
+    return math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size))
+
+
+def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, seed: int) -> int:
+    """Expected padded tokens of a training: each epoch a seeded shuffle cut into batches (the last one
+    smaller), each batch padded to its longest example (not padded at all with `packing`), until the
+    training's micro-batches are done."""
+    lengths = [len(e) for e in examples]
+    todo, total, rng = micro_batches(len(lengths), cfg), 0, random.Random(seed)
+    while todo > 0:
+        order = rng.sample(range(len(lengths)), len(lengths))
+        for start in range(0, len(order), cfg.batch_size):
+            if todo == 0:
+                break
+            batch = order[start : start + cfg.batch_size]
+            widths = [lengths[i] for i in batch]
+            total += sum(widths) if cfg.packing else len(batch) * max(widths)
+            todo -= 1
+    return total
+
+
+def score_padded_tokens(examples: Sequence[Sequence[int]], batch_size: int) -> int:
+    """Padded tokens of the scorer's length-grouped batches (one forward; scoring runs two)."""
+    lengths = [len(e) for e in examples]
+    return sum(len(b) * max(lengths[i] for i in b) for b in length_grouped_batches(lengths, batch_size))
+
+
+def _stage_plan(
+    run: Run, stage: str, fp: str, reuse: bool, sets: TokenSets, timing: Timing, tokenize_s: float
+) -> StagePlan:
+    cfg = run.cfg
+    n_tok = sum(map(len, sets.all))
+    if stage == "data":
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, "tokenize", 0.0 if reuse else tokenize_s)
+    if stage == "reference":
+        return _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
+    if stage == "scores":
+        bs = cfg.score.batch_size
+        padded = score_padded_tokens(sets.all, bs)
+        n_batches = math.ceil(len(sets.all) / bs)
+        secs = 2 * padded * timing.forward.get(bs, 0.0)
+        work = f"{n_batches} batches x 2 forwards (base, reference)"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
+    if stage in ("partition", "labels"):
+        what = f"rank {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
+    return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
+
+
+def _train_plan(
+    stage: str, fp: str, reuse: bool, examples: Sequence[Sequence[int]], tcfg: TrainingConfig, seed: int, timing: Timing
+) -> StagePlan:
+    steps = optimizer_steps(len(examples), tcfg)
+    per_token = timing.train.get((tcfg.batch_size, tcfg.gradient_checkpointing), 0.0)
+    secs = train_padded_tokens(examples, tcfg, seed) * per_token
+    work = f"{steps} optimizer steps of {tcfg.batch_size} x {tcfg.grad_accum}"
+    return StagePlan(stage, fp, reuse, len(examples), sum(map(len, examples)), work, 0.0 if reuse else secs)
+
+
+# ---------------------------------------------------------------- warm-up
+
+
+def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
+    """Time a few micro-batches of each training and scoring configuration that a stage to run uses."""
+    cfg = run.cfg
+    timing = Timing({}, {}, [])
+    t0 = time.perf_counter()
+    run.base.fresh()  # loads the base once (later copies are deep copies)
+    timing.notes.append(f"model load {time.perf_counter() - t0:.1f} s")
+    trainings = [cfg.reference.training] if "reference" in todo else []
+    trainings += [cfg.train.training] if any(s.startswith("train-") for s in todo) else []
+    for tcfg in trainings:
+        key = (tcfg.batch_size, tcfg.gradient_checkpointing)
+        if key not in timing.train:
+            ids, attn, resp = _sample_batch(sets, tcfg.batch_size, cfg.seed)
+            secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
+            timing.train[key] = secs / ids.numel()
+            timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
+    if "scores" in todo:
+        ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
+        secs = _time_forward(run, ids, attn, resp)
+        timing.forward[cfg.score.batch_size] = secs / ids.numel()
+        timing.notes.append(f"scoring forward {tuple(ids.shape)}: {secs:.3f} s")
+    return timing
+
+
+def _sample_batch(sets: TokenSets, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, response mask), each (B, T), of a seeded random batch, right-padded."""
+    pick = random.Random(seed).sample(range(len(sets.all)), min(batch_size, len(sets.all)))
+    ids, attn = pad_batch([sets.all[i] for i in pick], 0)
+    resp, _ = pad_batch([sets.masks[i] for i in pick], 0)
+    return ids.to(device()), attn.to(device()), resp.to(device())
+
+
+def _timed(step: Callable[[], None]) -> float:
+    """Median seconds of TIMED_REPEATS calls after one untimed call."""
+    step()
+    times = []
+    for _ in range(TIMED_REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_train_step(
+    run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor, gradient_checkpointing: bool
+) -> float:
+    """Seconds of one training micro-batch on a fresh LoRA copy: forward and per-token CE the way
+    `ForgettingTrainer` computes them, the objective, backward, an AdamW step."""
+    model = add_lora(run.base.fresh(), run.cfg.lora).to(device())
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay put
+    cls = resp * LEARN
+
+    def step() -> None:
+        with autocast(run.bf16):
+            if supports_hidden_ce(model):
+                token_loss = model_token_ce(model, ids, resp.bool(), attention_mask=attn)  # (B, T)
+            else:
+                token_loss = token_cross_entropy(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids)
+        forgetting_loss(token_loss, cls, 0.0).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync()
+
+    return _timed(step)
+
+
+def _time_forward(run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor) -> float:
+    """Seconds of one scoring forward (the scorer's `forward_ce`, response tokens only)."""
+    model = run.base.fresh().to(device()).eval()
+
+    def step() -> None:
+        forward_ce(model, ids, attn, run.bf16, resp)
+        _sync()
+
+    return _timed(step)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
+    """The dry run as a table, the warm-up measurements, and the total."""
+    rows = [
+        [p.name, "reuse" if p.reuse else "run", p.fingerprint, p.examples, f"{p.tokens:,}", p.work,
+         "-" if p.reuse else _duration(p.seconds)]
+        for p in plans
+    ]
+    header = ["stage", "status", "fingerprint", "examples", "tokens", "work", "est. time"]
+    total = sum(p.seconds for p in plans if not p.reuse)
+    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows)]
+    if timing.notes:
+        lines.append(f"Warm-up on this machine (median of {TIMED_REPEATS} after 1 untimed): " + "; ".join(timing.notes))
+    nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
+    lines.append(f"Estimated wall time of the stages to run: {_duration(total)}{nothing}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def dry_run(
+    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = True
+) -> list[StagePlan]:
+    """Print the plan for training `modes` in `run` and return it."""
+    plans, timing = plan_run(run, modes, measure)
+    log(format_plan(run, plans, timing))
+    return plans
+

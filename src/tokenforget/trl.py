@@ -1,0 +1,198 @@
+"""TRL integration: `ForgettingSFTTrainer`, a `trl.SFTTrainer` that trains a tokenforget objective.
+
+A TRL script changes in two places: the class name, and a training set that carries a per-token
+`token_class` column next to `input_ids` (the `labels.parquet` that `tokenforget partition` exports):
+
+    train_dataset = load_dataset("parquet", data_files="runs/my-run/labels/labels.parquet", split="train")
+    trainer = ForgettingSFTTrainer(model=..., args=SFTConfig(...), train_dataset=train_dataset,
+                                   objective="forget", t_max=0.25)
+
+What TRL keeps doing: loading the model and tokenizer, peft, truncation to `max_length`, dropping examples
+with no loss token left, packing (`bfd`, `bfd_split`, `wrapped`) and padding-free batches, its fused LM head
+(no full logits), its metrics, checkpoints and logging. The classes stay aligned with the tokens because
+they travel through the same steps: truncated with the same slice, packed by TRL's own `pack_dataset`
+together with `input_ids` and `labels`, and padded or concatenated like the labels. A position TRL gives no
+loss (label -100, e.g. the first token of a packed sequence) gets class 0.
+
+The classes are per token of tokenforget's tokenization, so the training set must be tokenized already:
+TRL's chat-template step does not run on it (tokenforget's data stage applied the same tokenizer's template).
+An eval set without `token_class` is prepared by TRL as usual and every token it trains on counts as a
+learn token, so `eval_loss` is the plain held-out NLL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
+
+try:
+    from trl import SFTTrainer
+    from trl.data_utils import get_dataset_column_names, pack_dataset
+except ImportError as e:  # an optional extra
+    raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
+
+from tokenforget.losses import LEARN, NO_LOSS
+from tokenforget.train import ForgettingMixin
+
+IGNORE = -100  # the label of a token with no loss, in transformers and TRL
+
+
+class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
+    """`trl.SFTTrainer` with the loss replaced by a tokenforget objective over per-token classes.
+
+    Args:
+        objective: `forget` (the paper), `ignore` or `sft`; see `tokenforget.losses.OBJECTIVES`.
+        lambda_schedule, t_min, t_max: lambda(t) over optimizer steps; see `tokenforget.losses.SCHEDULES`.
+        *args, **kwargs: everything `SFTTrainer` takes. `train_dataset` needs `input_ids` and `token_class`.
+
+    The objective replaces TRL's `loss_type`, `compute_loss_func` and label smoothing, so those must be
+    left at their defaults.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: str = "forget",
+        lambda_schedule: str = "linear",
+        t_min: float = 0.0,
+        t_max: float = 0.25,
+        **kwargs: Any,
+    ) -> None:
+        self.init_forgetting(objective, lambda_schedule, t_min, t_max)
+        _reject_other_losses(kwargs)
+        super().__init__(*args, **kwargs)
+        self.data_collator = TokenClassPadding(self.data_collator)
+
+    def _prepare_dataset(
+        self,
+        dataset: Dataset | IterableDataset,
+        processing_class: Any,
+        args: Any,
+        packing: bool,
+        formatting_func: Any,
+        dataset_name: str,
+    ) -> Dataset | IterableDataset:
+        columns = get_dataset_column_names(dataset)
+        if "token_class" not in columns:
+            if dataset_name == "train":
+                raise ValueError(
+                    "ForgettingSFTTrainer: the training set has no 'token_class' column. Train on the labels that "
+                    "`tokenforget partition` exports (run_dir/labels/labels.parquet: input_ids, token_class)."
+                )
+            prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+            return prepared.map(_learn_where_labelled)  # held-out data: plain NLL of the tokens TRL trains on
+        if "input_ids" not in columns:
+            raise ValueError(
+                f"ForgettingSFTTrainer: the {dataset_name} set has 'token_class' but no 'input_ids'; classes belong "
+                "to tokens, so pass the tokenized labels file that tokenforget exports."
+            )
+        dataset = dataset.map(_labels_from_classes)
+        if packing:
+            dataset = _pack(dataset, args)
+        else:
+            dataset = _truncate_classes(dataset, args.max_length, args.truncation_mode)
+        # TRL truncates input_ids and labels with the same slice (a no-op after packing), drops examples
+        # with no loss token and shuffles if asked; it packs nothing more.
+        return super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[torch.Tensor] = None,
+    ) -> Any:
+        token_class = inputs.pop("token_class")  # (B, T)
+        inputs["use_cache"] = False
+        # TRL's fused LM head: log_probs (B, T-1), entry t = log p(labels[:, t+1]); 0 where the label is -100
+        outputs = model(**inputs, fused_lm_head=True)
+        token_loss = F.pad(-outputs.log_probs.float(), (1, 0))  # (B, T): our alignment, entry 0 = 0
+        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
+        self._record_trl_metrics(outputs, inputs)
+        if return_outputs:  # evaluation asking for logits: TRL recomputes them the same way
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
+
+    def _record_trl_metrics(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> None:
+        """TRL's own per-step metrics (entropy, mean_token_accuracy, num_tokens), as `SFTTrainer` logs them."""
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        n_valid = gather(outputs.label_mask.sum()).sum()
+        for key, value in (("entropy", outputs.entropy.detach().sum()), ("mean_token_accuracy", outputs.is_top1.sum())):
+            self._metrics[mode][key].append((gather(value).sum() / n_valid).item() if n_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                n = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of real tokens
+                n = torch.tensor(inputs["position_ids"].size(1))
+            self._total_train_tokens += gather(n.to(self.accelerator.device)).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+class TokenClassPadding:
+    """Wraps TRL's collator: pads `token_class` like the labels, and gives class 0 wherever TRL gives no loss.
+
+    TRL's collator returns rows right-padded to a common width, or, padding-free, all sequences of the batch
+    concatenated into one row; `token_class` gets the same layout. Output `token_class`: (B, T) long.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        classes = [torch.as_tensor(f.pop("token_class"), dtype=torch.long) for f in features]
+        batch = self.inner(features)
+        ids = batch["input_ids"]  # (B, T), or (1, sum of lengths) padding-free
+        rows = classes if ids.shape[0] == len(classes) else [torch.cat(classes)]
+        token_class = torch.full(ids.shape, NO_LOSS, dtype=torch.long)
+        for r, cls in enumerate(rows):
+            token_class[r, : len(cls)] = cls
+        if "labels" in batch:
+            token_class[batch["labels"] == IGNORE] = NO_LOSS
+        token_class[:, 0] = NO_LOSS  # the first position is never predicted
+        batch["token_class"] = token_class
+        return batch
+
+
+def _reject_other_losses(kwargs: dict[str, Any]) -> None:
+    args = kwargs.get("args")
+    if kwargs.get("compute_loss_func") is not None:
+        raise ValueError("ForgettingSFTTrainer: the objective is the loss; pass no compute_loss_func")
+    if args is not None and getattr(args, "loss_type", "nll") != "nll":
+        raise ValueError(
+            f"ForgettingSFTTrainer: the objective is the loss; leave loss_type at 'nll', not {args.loss_type!r}"
+        )
+    if args is not None and getattr(args, "label_smoothing_factor", 0.0):
+        raise ValueError("ForgettingSFTTrainer: label smoothing does not combine with the objective; set it to 0")
+
+
+def _labels_from_classes(example: dict[str, Any]) -> dict[str, Any]:
+    """labels = input_ids where the token has a class, -100 elsewhere: TRL's filters and metrics see our tokens."""
+    return {"labels": [t if c != NO_LOSS else IGNORE for t, c in zip(example["input_ids"], example["token_class"])]}
+
+
+def _learn_where_labelled(example: dict[str, Any]) -> dict[str, Any]:
+    return {"token_class": [LEARN if lab != IGNORE else NO_LOSS for lab in example["labels"]]}
+
+
+def _truncate_classes(dataset: Dataset | IterableDataset, max_length: Optional[int], mode: str) -> Any:
+    """Cut `token_class` (and nothing else) with the slice TRL will cut `input_ids` and `labels` with."""
+    if max_length is None:
+        return dataset
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    return dataset.map(lambda ex: {"token_class": ex["token_class"][cut]})
+
+
+def _pack(dataset: Dataset | IterableDataset, args: Any) -> Any:
+    """TRL's packing with `token_class` as a third packed column; same order of shuffle and pack as TRL."""
+    if args.max_length is None:
+        raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+    dataset = dataset.select_columns(["input_ids", "labels", "token_class"])
+    if args.shuffle_dataset:
+        dataset = dataset.shuffle(seed=args.seed)
+    return pack_dataset(dataset, args.max_length, args.packing_strategy, {})
