@@ -63,7 +63,7 @@ def test_compare_two_seeds_end_to_end(config: Path, capsys):
     assert nll["sft"][0] != nll["sft"][1]  # a different seed trains a different model
     mean, std = mean_std(nll["forget"])
     assert res["table"]["forget"]["gsm8k_nll"] == pytest.approx({"mean": mean, "std": std, "n_seeds": 2})
-    assert res["table"]["base"]["gsm8k_nll"]["std"] is None
+    assert res["table"]["base"]["gsm8k_nll"]["std"] is None and res["table"]["base"]["gsm8k_nll"]["stderr"] > 0
     paired = res["paired_vs_sft"]["forget"]["gsm8k_nll"]["per_seed"]
     assert paired == pytest.approx({s: f - b for s, f, b in zip(("1", "2"), nll["forget"], nll["sft"])})
     assert set(res["paired_vs_sft"]) == {"ignore", "forget"} and "average" in res["paired_vs_sft"]["forget"]
@@ -110,3 +110,18 @@ def test_summarize_average_and_differences_by_hand():
     assert d["per_seed"] == pytest.approx({"1": 0.1, "2": -0.1})
     assert (d["mean"], d["std"]) == pytest.approx((0.0, 0.2 / 2**0.5))
     assert res["paired_vs_sft"]["forget"]["b"]["mean"] == pytest.approx(-0.15)
+
+
+@pytest.mark.parametrize("name", ["gsm8k-smollm2", "gsm8k-noisy-smollm2"])
+def test_shipped_gsm8k_configs_parse(name: str):
+    """The two measured configs load into a RunConfig with the Hub fallbacks set (nothing is run)."""
+    from tokenforget.cli import build_parser
+    from tokenforget.config import RunConfig
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    parser = build_parser()
+    init = parser.instantiate(parser.parse_args(["compare", "--config", str(path)]))
+    cfg = RunConfig(**{k: v for k, v in vars(init["compare"]).items() if k != "config"})
+    assert cfg.data.hub_fallback == "openai/gsm8k" and cfg.eval.gsm8k_fallback == "openai/gsm8k"
+    assert cfg.compare.seeds == [1, 2, 3] and cfg.eval.limit and cfg.data.limit
+    assert (cfg.data.corrupt_fraction > 0) == ("noisy" in name)

@@ -110,12 +110,18 @@ def hf_lm(model: torch.nn.Module, tokenizer: Any, ecfg: EvalConfig, bf16: bool) 
     """lm_eval's `HFLM` around an already-loaded model (bf16 as autocast, as in training)."""
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_lm_eval()
     return HFLM(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=ecfg.batch_size,
         mixed_precision_dtype=torch.bfloat16 if bf16 else None,
     )
+
+
+def _quiet_lm_eval() -> None:
+    """lm_eval warns about every pre-loaded model and every `limit`; both are how we use it."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def run_harness(
@@ -125,7 +131,7 @@ def run_harness(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns about `limit` and pre-loaded models
+    _quiet_lm_eval()
     standard = any(isinstance(t, str) for t in tasks)  # indexing lm_eval's own tasks takes ~30 s
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=standard)
     return lm_eval.simple_evaluate(

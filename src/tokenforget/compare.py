@@ -27,8 +27,10 @@ compare_results.json (a plain dict; float values may be NaN, written as `NaN`):
                             "kind": "accuracy" | "nll" | "diversity" | "other", "n": int}},
       "per_seed": {"<seed>": {model: {benchmark: {"value", "stderr", "n", ...}}}},
                                   # the base model's one evaluation is repeated under every seed
-      "table": {model: {benchmark | "average": {"mean": float, "std": float | null, "n_seeds": int}}},
-                                  # std: sample std over seeds (null with one seed or for the base model);
+      "table": {model: {benchmark | "average": {"mean": float, "std": float | null, "n_seeds": int,
+                                               "stderr": float (only when std is null)}}},
+                                  # std: sample std over seeds (null with one seed or for the base model,
+                                  # which then carry their one evaluation's standard error over examples);
                                   # "average": the mean over the accuracy-kind benchmarks, per seed first
       "paired_vs_sft": {model: {benchmark | "average": {"per_seed": {"<seed>": model - sft},
                                                        "mean": float, "std": float | null}}},
@@ -136,6 +138,8 @@ def summarize(per_seed: dict[str, dict[str, dict[str, dict[str, Any]]]], models:
         for b, v in values[m].items():
             mean, std = mean_std(v[:1] if once else v)
             table[m][b] = {"mean": mean, "std": std, "n_seeds": 1 if once else len(v)}
+            if std is None and b != "average":  # one evaluation: its own standard error is the spread we have
+                table[m][b]["stderr"] = per_seed[seeds[0]][m][b]["stderr"]
     paired: dict[str, Any] = {}
     for m in models:
         if m in ("base", "sft"):
@@ -204,11 +208,15 @@ def _plain_floats(d: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- tables
 
 
-def _cell(entry: dict[str, Any]) -> str:
+def _cell(entry: dict[str, Any], signed: bool = False) -> str:
     mean, std = entry["mean"], entry["std"]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "nan"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    if std is not None:
+        return f"{text} ± {std:.4f}"
+    se = entry.get("stderr")
+    return text if se is None or math.isnan(se) else f"{text} (se {se:.4f})"
 
 
 def _signed(x: float) -> str:
@@ -226,8 +234,8 @@ def format_compare(results: dict[str, Any]) -> str:
     rows = [[m, *[_cell(results["table"][m][b]) if b in results["table"][m] else "-" for b in cols]] for m in results["models"]]
     out = [
         "",
-        f"Comparison over seeds {', '.join(seeds)}: mean ± sample std over seeds "
-        "(base: evaluated once; no ± with a single seed)",
+        f"Comparison over seeds {', '.join(seeds)}: mean ± sample std over seeds; where there is one "
+        "evaluation (the base model, or a single seed), its standard error over examples (se)",
         format_table(["model", *head], rows),
         "",
         "Paired difference to sft, per seed (model - sft; for gold NLL lower is better)",
@@ -236,7 +244,7 @@ def format_compare(results: dict[str, Any]) -> str:
     for m, per_b in results["paired_vs_sft"].items():
         for b in cols:
             d = per_b[b]
-            prow.append([b, m, *[_signed(d["per_seed"][s]) for s in seeds], _cell(d)])
+            prow.append([b, m, *[_signed(d["per_seed"][s]) for s in seeds], _cell(d, signed=True)])
     out.append(format_table(["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], prow))
     det = results.get("detection") or {}
     if det:
@@ -253,4 +261,5 @@ def format_compare(results: dict[str, Any]) -> str:
 def _header(name: str, meta: Optional[dict[str, Any]]) -> str:
     if meta is None:
         return "average (acc)"
-    return f"{name} ({meta['metric']}, n={meta['n']})"
+    metric = "" if meta["metric"] == name else f"{meta['metric']}, "
+    return f"{name} ({metric}n={meta['n']})"
