@@ -94,3 +94,25 @@ def test_linear_schedule():
     assert get_schedule("constant")(3, 10, 0.0, 0.25) == 0.25
     with pytest.raises(KeyError, match="unknown lambda schedule"):
         get_schedule("cosine-ish")
+
+
+def test_linear_cross_entropy_hand_value_and_gradients():
+    """hidden [1, 0] and weight rows [0, 0], [ln 3, 0] give logits [0, ln 3]: CE of token 1 = ln(4/3),
+    of token 0 = ln 4. Gradients equal autograd through the full logits (fp32, chunks of 2 rows)."""
+    from tokenforget.losses import linear_cross_entropy
+
+    h = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    w = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    out = linear_cross_entropy(h, w, torch.tensor([1, 0]), chunk_size=1)
+    torch.testing.assert_close(out, torch.tensor([math.log(4 / 3), math.log(4.0)]))
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(11, 5, requires_grad=True)
+    t, g = torch.randint(0, 11, (7,)), torch.randn(7)
+    (torch.nn.functional.cross_entropy(h @ w.T, t, reduction="none") * g).sum().backward()
+    want = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    (linear_cross_entropy(h, w, t, chunk_size=2) * g).sum().backward()
+    torch.testing.assert_close(h.grad, want[0])  # default fp32 tolerances: only summation order differs
+    torch.testing.assert_close(w.grad, want[1])

@@ -49,3 +49,19 @@ def test_token_classes_rank_across_examples():
     assert classes[1].tolist() == [0, 0, 1, -1, -1]
     assert (stats.n_tokens, stats.n_positive, stats.n_negative) == (5, 2, 3)
     assert stats.threshold == pytest.approx(0.5)
+
+
+def test_streaming_cut_counts_exactly_and_reports_achieved_rho():
+    """10,000 distinct scores in 7 shards, rho 0.7: exact selection keeps the top 7,000. With 64 bins the
+    streaming cut is a bin edge, so it keeps every exact positive plus at most the tokens of one bin
+    (here ~156 per bin on a uniform grid), and its count of scores >= threshold is exact."""
+    from tokenforget.partition import streaming_threshold
+
+    scores = np.random.default_rng(0).permutation(10_000).astype(np.float32) / 10_000
+    shards = lambda: np.array_split(scores, 7)  # noqa: E731
+    cut = streaming_threshold(shards, 0.7, bins=64)
+    exact = global_partition(scores, 0.7)
+    assert cut.n_tokens == 10_000 and cut.n_positive == int((scores >= cut.threshold).sum())
+    assert exact.sum() <= cut.n_positive <= exact.sum() + 10_000 / 64 + 1
+    assert np.all(scores[exact] >= cut.threshold)
+    assert 0.7 <= cut.achieved_rho <= 0.7 + 1 / 64 + 1e-4

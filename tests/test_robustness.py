@@ -214,8 +214,18 @@ def test_kill_during_training_then_resume_gives_the_same_loss_curve(tmp_path, ti
 # ------------------------------------------------------------------------------------------- two processes
 
 
+def free_port() -> int:
+    """A port nobody listens on now (other test runs on this machine may use torchrun too)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *args]
     out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

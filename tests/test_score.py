@@ -45,3 +45,24 @@ def test_lora_reference_scores_base_with_adapter_off(tiny_model_dir):
 def test_length_grouping():
     """Lengths 3, 10, 4, 9 in batches of 2: longest first -> [10, 9], [4, 3]."""
     assert length_grouped_batches([3, 10, 4, 9], 2) == [[1, 3], [2, 0]]
+
+
+def test_hidden_state_ce_equals_full_logits_ce_with_gradients(tiny_model_dir):
+    """model_token_ce (no full logits, only chosen positions) vs token_cross_entropy of the full logits:
+    same values at the chosen positions, 0 elsewhere, and the same parameter gradients (fp32)."""
+    from tokenforget.losses import token_cross_entropy
+    from tokenforget.score import model_token_ce, pad_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids, mask = pad_batch(SEQS, 0)
+    positions = mask.clone()
+    positions[:, :3] = 0  # a "prompt" of 3 tokens
+    full = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, ids) * positions
+    full.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ours = model_token_ce(model, ids, positions, chunk_size=3, attention_mask=mask)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -115,6 +115,8 @@ class TrainingConfig:
     logging_steps: int = 10
     save_steps: int = 500
     """Checkpoint every N optimizer steps (resume picks up the last one)."""
+    packing: bool = False
+    """Padding-free batches: a batch's examples in one row, attention kept within each (position_ids)."""
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -161,9 +163,14 @@ class PartitionConfig:
 
     rho: float = 0.7
     """Share of response tokens that are positive (the top-scored ones); the rest are negative."""
+    streaming: bool = False
+    """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
+    stream_rows: int = 100_000
+    """Examples per block in streaming mode."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
+        _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
 
 
 @dataclass

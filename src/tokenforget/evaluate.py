@@ -95,7 +95,7 @@ def response_nll(
     for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
         ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
         resp, _ = pad_batch([response_masks[i] for i in batch], 0)
-        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16).cpu()  # (B, T)
+        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16, resp.to(dev)).cpu()  # (B, T), 0 off-response
         sums[batch] = (ce * resp).sum(1).double().numpy()
         counts[batch] = resp.sum(1).numpy()
     return sums, counts

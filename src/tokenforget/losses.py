@@ -151,3 +151,60 @@ def get_schedule(name: str) -> Schedule:
     if name not in SCHEDULES:
         raise KeyError(f"unknown lambda schedule '{name}', choose from {sorted(SCHEDULES)}")
     return SCHEDULES[name]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """CE of `targets` under logits = hidden @ weight.T, one chunk of rows at a time (see `linear_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype: torch.dtype):  # type: ignore[override]
+        w = weight.to(dtype)
+        loss = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        for i in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[i : i + chunk_size].to(dtype) @ w.T).float()  # (c, V): the only logits alive
+            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[i : i + chunk_size, None]).squeeze(1)
+            loss[i : i + chunk_size] = lse[i : i + chunk_size] - picked
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[i : i + ctx.chunk_size].to(ctx.dtype)
+            probs = torch.exp((h @ w.T).float() - lse[i : i + ctx.chunk_size, None])  # softmax, (c, V)
+            probs[torch.arange(h.shape[0]), targets[i : i + ctx.chunk_size]] -= 1.0  # d CE / d logits
+            g = (probs * grad_loss[i : i + ctx.chunk_size, None]).to(ctx.dtype)
+            if grad_h is not None:
+                grad_h[i : i + ctx.chunk_size] = (g @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (g.T @ h).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Per-row cross-entropy of `targets` under `hidden @ weight.T`, without the full logits.
+
+    The (N, V) logits exist one chunk of `chunk_size` rows at a time, in fp32 for the log-sum-exp; the
+    backward pass recomputes each chunk. Under autocast the matmuls run in the autocast dtype.
+
+    Args:
+        hidden: (N, H) final hidden states of the positions that predict `targets`.
+        weight: (V, H) output embedding (lm_head) weight.
+        targets: (N,) token ids.
+
+    Returns:
+        (N,) fp32 cross-entropy per row.
+    """
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    with torch.autocast(device_type=dev, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype)

@@ -3,16 +3,21 @@
 Ranking is global (the paper's choice): one threshold for the whole data set, not per example.
 Exactly round(rho * N) tokens are positive (halves round up). Ties are broken by data order: among
 equal scores the token that comes first (earlier example, then earlier position) ranks higher, so
-the partition is deterministic and the counts are exact.
+the partition is deterministic and the counts are exact. Selection is O(N) (`np.partition`), on flat
+arrays read straight from Arrow, so 25 million scores take well under a second.
+
+For score sets that do not fit in memory, `streaming_threshold` finds the cut from per-shard
+histograms merged across shards, then counts exactly against it and reports the rho it achieves.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from tokenforget.losses import FORGET, LEARN, NO_LOSS
 
@@ -33,9 +38,13 @@ def global_partition(scores: np.ndarray, rho: float) -> np.ndarray:
         raise ValueError(f"rho must be in [0, 1], got {rho}")
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contain NaN or infinite values")
-    order = np.argsort(-scores, kind="stable")  # stable: equal scores keep data order
-    positive = np.zeros(scores.shape[0], dtype=bool)
-    positive[order[: n_positive(scores.shape[0], rho)]] = True
+    n, k = scores.shape[0], n_positive(scores.shape[0], rho)
+    if k in (0, n):
+        return np.full(n, k == n, dtype=bool)
+    cut = np.partition(scores, n - k)[n - k]  # the k-th highest score
+    positive = scores > cut
+    ties = np.flatnonzero(scores == cut)[: k - int(positive.sum())]  # earliest tied tokens fill the rest
+    positive[ties] = True
     return positive
 
 
@@ -48,21 +57,34 @@ class PartitionStats:
     quantiles: dict[str, float]
 
 
+def flat_list_column(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of an Arrow list column: row i is values[offsets[i]:offsets[i + 1]]."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy() - arr.offsets[0].as_py()
+    return arr.flatten().to_numpy(zero_copy_only=False), offsets
+
+
+def flat_token_classes(scores: np.ndarray, response: np.ndarray, rho: float) -> tuple[np.ndarray, PartitionStats]:
+    """Flat int8 classes (+1 learn, -1 forget, 0 no loss) for flat per-token scores and response flags."""
+    resp = response.astype(bool)
+    chosen = scores[resp]
+    positive = global_partition(chosen, rho)
+    classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
+    classes[resp] = np.where(positive, LEARN, FORGET)
+    return classes, _stats(chosen, positive)
+
+
 def token_classes(
     scores: Sequence[np.ndarray], response_masks: Sequence[Sequence[int]], rho: float
 ) -> tuple[list[np.ndarray], PartitionStats]:
-    """Per-example class arrays (+1 learn, -1 forget, 0 no loss) from per-example score arrays."""
-    masks = [np.asarray(m, dtype=bool) for m in response_masks]
-    flat = np.concatenate([np.asarray(s, np.float64)[m] for s, m in zip(scores, masks)])
-    positive = global_partition(flat, rho)
-    classes, start = [], 0
-    for m in masks:
-        cls = np.full(m.shape[0], NO_LOSS, dtype=np.int8)
-        n = int(m.sum())
-        cls[m] = np.where(positive[start : start + n], LEARN, FORGET)
-        classes.append(cls)
-        start += n
-    return classes, _stats(flat, positive)
+    """Per-example class arrays from per-example score arrays (convenience over `flat_token_classes`)."""
+    lengths = [len(m) for m in response_masks]
+    flat, stats = flat_token_classes(
+        np.concatenate([np.asarray(s, np.float32) for s in scores]),
+        np.concatenate([np.asarray(m, np.int8) for m in response_masks]),
+        rho,
+    )
+    return np.split(flat, np.cumsum(lengths)[:-1]), stats
 
 
 def _stats(flat: np.ndarray, positive: np.ndarray) -> PartitionStats:
@@ -75,3 +97,46 @@ def _stats(flat: np.ndarray, positive: np.ndarray) -> PartitionStats:
         threshold=float(flat[positive].min()) if positive.any() else float("nan"),
         quantiles={f"q{int(q * 100)}": float(v) for q, v in zip(qs, values)},
     )
+
+
+@dataclass
+class StreamingCut:
+    """The cut a streaming partition found: tokens with score >= threshold are positive."""
+
+    threshold: float
+    n_tokens: int
+    n_positive: int
+    target_rho: float
+
+    @property
+    def achieved_rho(self) -> float:
+        return self.n_positive / max(self.n_tokens, 1)
+
+
+def streaming_threshold(shards: Callable[[], Iterable[np.ndarray]], rho: float, bins: int = 1 << 20) -> StreamingCut:
+    """Global cut for scores that never sit in memory together, in three passes over `shards()`.
+
+    Pass 1: min and max. Pass 2: per-shard histograms on one shared grid of `bins` bins, summed; the
+    threshold is the lower edge of the bin where the count from the top first reaches round(rho*N).
+    Pass 3: exact count of scores >= threshold. The achieved rho differs from the target by at most
+    the mass of one bin (ties in that bin are all positive).
+
+    Args:
+        shards: called once per pass; yields 1-D arrays of response-token scores.
+    """
+    lo, hi, n = math.inf, -math.inf, 0
+    for s in shards():
+        if s.size:
+            lo, hi, n = min(lo, float(s.min())), max(hi, float(s.max())), n + s.size
+    k = n_positive(n, rho)
+    if k == 0 or n == 0:
+        return StreamingCut(math.inf, n, 0, rho)
+    edges = np.linspace(lo, hi, bins + 1)
+    hist = np.zeros(bins, dtype=np.int64)
+    for s in shards():
+        hist += np.histogram(s, bins=edges)[0]
+    from_top = np.cumsum(hist[::-1])  # tokens in the top j+1 bins
+    b = bins - 1 - int(np.searchsorted(from_top, k))  # bin holding the k-th highest score
+    threshold = float(edges[b])
+    positive = sum(int((s >= threshold).sum()) for s in shards())
+    return StreamingCut(threshold, n, positive, rho)

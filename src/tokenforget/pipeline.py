@@ -29,14 +29,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import set_seed
 
 from tokenforget import data as data_mod
 from tokenforget.config import RunConfig, UserError, to_dict
-from tokenforget.losses import LEARN
+from tokenforget.losses import FORGET, LEARN
 from tokenforget.models import BaseModel, add_lora, device, use_bf16
-from tokenforget.partition import token_classes
+from tokenforget.partition import flat_list_column, flat_token_classes, streaming_threshold
 from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
 
@@ -314,9 +315,10 @@ class Run:
         ref, base = self._load_reference(ref_dir)
         for s in todo:
             lo, hi = shards[s]
-            ids = tokens.select(range(lo, hi))["input_ids"]
+            shard = tokens.select(range(lo, hi))
             ce_base, ce_ref = score_tokens(
-                ref, ids, self.cfg.score.batch_size, self.bf16, base=base, pad_id=self.base.tokenizer.pad_token_id
+                ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
+                pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
             )
             cols = {"ce_base": ce_base, "ce_ref": ce_ref, "score": [b - r for b, r in zip(ce_base, ce_ref)]}
             tmp = work / f".shard-{s:05d}.tmp"
@@ -338,7 +340,7 @@ class Run:
     # ------------------------------------------------------------ partition
 
     def partition_fp(self) -> str:
-        return fingerprint("partition", self.score_fp(), self.cfg.partition.rho)
+        return fingerprint("partition", self.score_fp(), to_dict(self.cfg.partition))
 
     def partition(self) -> datasets.Dataset:
         """Token classes (+1/-1/0) for every training example, by global ranking of the scores."""
@@ -350,16 +352,43 @@ class Run:
         if self.is_done("partition", fp):
             self._skip("partition")
         elif self.ranks.is_main:
-            arrays = [np.asarray(s, np.float32) for s in scores["score"]]
-            classes, stats = token_classes(arrays, tokens["response_mask"], self.cfg.partition.rho)
-            self.log(f"[partition] {stats.n_positive} positive, {stats.n_negative} negative of {stats.n_tokens} tokens")
+            table, stats = (self._partition_streaming if self.cfg.partition.streaming else self._partition_exact)(
+                tokens, scores
+            )
+            self.log(f"[partition] {stats['n_positive']} positive, {stats['n_negative']} negative of {stats['n_tokens']} tokens")
             with self.writing("partition", fp, {}) as d:
-                datasets.Dataset.from_dict({"token_class": [c.tolist() for c in classes]}).save_to_disk(
-                    str(d / "classes")
-                )
-                (d / "stats.json").write_text(json.dumps(stats.__dict__, indent=2))
+                datasets.Dataset(table).save_to_disk(str(d / "classes"))
+                (d / "stats.json").write_text(json.dumps(stats, indent=2))
         self.ranks.barrier()
         return self._load("partition", "classes")
+
+    def _partition_exact(self, tokens: datasets.Dataset, scores: datasets.Dataset) -> tuple[pa.Table, dict[str, Any]]:
+        """All scores in memory as one flat array: exact round(rho * N) positives."""
+        flat_scores, offsets = flat_list_column(scores.data.column("score"))
+        flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
+        classes, stats = flat_token_classes(flat_scores, flat_resp, self.cfg.partition.rho)
+        return pa.table({"token_class": _list_column(offsets, classes)}), stats.__dict__
+
+    def _partition_streaming(self, tokens: datasets.Dataset, scores: datasets.Dataset) -> tuple[pa.Table, dict[str, Any]]:
+        """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
+        rows = self.cfg.partition.stream_rows
+
+        def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            for lo in range(0, len(scores), rows):
+                hi = min(lo + rows, len(scores))
+                sc, offsets = flat_list_column(scores.data.slice(lo, hi - lo).column("score"))
+                resp, _ = flat_list_column(tokens.data.slice(lo, hi - lo).column("response_mask"))
+                yield sc, resp.astype(bool), offsets
+
+        cut = streaming_threshold(lambda: (sc[resp] for sc, resp, _ in blocks()), self.cfg.partition.rho)
+        parts = []
+        for sc, resp, offsets in blocks():
+            cls = np.where(resp, np.where(sc >= cut.threshold, LEARN, FORGET), 0).astype(np.int8)
+            parts.append(pa.table({"token_class": _list_column(offsets, cls)}))
+        stats = {"n_tokens": cut.n_tokens, "n_positive": cut.n_positive, "n_negative": cut.n_tokens - cut.n_positive,
+                 "threshold": cut.threshold, "target_rho": cut.target_rho, "achieved_rho": cut.achieved_rho,
+                 "quantiles": {}}
+        return pa.concat_tables(parts), stats
 
     def partition_stats(self) -> dict[str, Any]:
         return json.loads((self.stage_dir("partition") / "stats.json").read_text())
@@ -401,7 +430,9 @@ class Run:
         model = add_lora(self.base.fresh(), self.cfg.lora)
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
         tc = self.cfg.train
-        trainer = make_trainer(model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max)
+        trainer = make_trainer(
+            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing
+        )
         resume = last_checkpoint(work)
         if resume:
             self.log(f"[{name}] resuming from {resume}")
@@ -487,12 +518,17 @@ def _folder_digest(folder: Path) -> list[tuple[str, int, int]]:
 
 def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Path) -> None:
     """Scores must have one value per token of every example; otherwise they belong to other data."""
-    lengths = [len(x) for x in tokens["input_ids"]]
-    if len(scores) != len(tokens) or [len(s) for s in scores["score"]] != lengths:
+    _, token_offsets = flat_list_column(tokens.data.column("input_ids"))
+    _, score_offsets = flat_list_column(scores.data.column("score"))
+    if len(scores) != len(tokens) or not np.array_equal(token_offsets, score_offsets):
         raise RunFolderError(
             f"{where}: scores do not match the tokenized data set ({len(scores)} examples scored, "
             f"{len(tokens)} tokenized, or token counts differ): fingerprint mismatch; delete the folder to rescore"
         )
+
+
+def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
 def _sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
@@ -501,4 +537,4 @@ def _sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
 
 
 def _with_classes(tokens: datasets.Dataset, classes: datasets.Dataset) -> datasets.Dataset:
-    return tokens.add_column("token_class", classes["token_class"])
+    return datasets.concatenate_datasets([tokens, classes], axis=1)  # column-wise, no copy through Python

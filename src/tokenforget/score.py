@@ -6,14 +6,17 @@ memory and both losses come from one pass over the data. Batches are grouped by 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenforget.losses import token_cross_entropy
+from tokenforget.losses import linear_cross_entropy, token_cross_entropy
 from tokenforget.models import autocast
+
+CE_CHUNK = 1024  # rows of fp32 logits alive at a time: 1024 x 49k vocab = 200 MB
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -33,12 +36,73 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tens
     return ids, mask
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / peft wrappers."""
+    while hasattr(model, "module"):  # DDP, FSDP
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the decoder's output (B, T, H), the input of the lm_head, during a forward of `model`."""
+    box: dict[str, torch.Tensor] = {}
+
+    def keep(_module: torch.nn.Module, _args: Any, out: Any) -> None:
+        box["hidden"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    handle = _unwrap(model).get_decoder().register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def supports_hidden_ce(model: torch.nn.Module) -> bool:
+    """Whether `model_token_ce` can read final hidden states (decoder + output embeddings exposed)."""
+    inner = _unwrap(model)
+    return hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None
+
+
+def model_token_ce(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    chunk_size: int = CE_CHUNK,
+    **forward_kwargs: Any,
+) -> torch.Tensor:
+    """(B, T) fp32 CE of the tokens at `positions` (0 elsewhere), without full-vocabulary logits.
+
+    The model runs with `logits_to_keep=1`; the final hidden states of the positions that predict the
+    wanted tokens go through `linear_cross_entropy` chunk by chunk. Only wanted positions cost lm_head
+    work, so prompt and padding tokens are free. Differentiable (training) and usable under no_grad.
+
+    Args:
+        ids: (B, T) token ids; `forward_kwargs` carry attention_mask (padded) or position_ids (packed).
+        positions: (B, T) bool, which tokens to score; position 0 is never scored.
+    """
+    with final_hidden_states(model) as box:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
+    want = positions.bool().clone()
+    want[:, 0] = False
+    b, t = want.nonzero(as_tuple=True)
+    hidden = box["hidden"][b, t - 1]  # (N, H): the state before token t predicts token t
+    weight = _unwrap(model).get_output_embeddings().weight  # (V, H)
+    ce = linear_cross_entropy(hidden, weight, ids[b, t], chunk_size)  # (N,)
+    return ce.new_zeros(ids.shape).index_put((b, t), ce)
+
+
 @torch.no_grad()
-def forward_ce(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """(B, T) per-token CE of a right-padded batch under `model` (see `token_cross_entropy`)."""
+def forward_ce(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, bf16: bool, positions: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(B, T) per-token CE of a right-padded batch under `model`: of every token, or of `positions` only."""
     with autocast(bf16):
+        if supports_hidden_ce(model):
+            return model_token_ce(model, ids, mask if positions is None else positions, attention_mask=mask)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    return token_cross_entropy(logits, ids)
+    ce = token_cross_entropy(logits, ids)
+    return ce if positions is None else ce * positions
 
 
 def _adapter_off(model: torch.nn.Module):
@@ -53,6 +117,7 @@ def score_tokens(
     bf16: bool,
     base: Optional[torch.nn.Module] = None,
     pad_id: int = 0,
+    masks: Optional[Sequence[Sequence[int]]] = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-token CE of every sequence under the base and the reference model.
 
@@ -60,6 +125,7 @@ def score_tokens(
         reference: the reference model; a peft model doubles as the base with its adapter off.
         input_ids: token ids per example.
         base: a separate base model (for a fully fine-tuned reference); None when `reference` is peft.
+        masks: per-example 0/1 masks of the tokens to score (response tokens); others get 0. Default: all.
 
     Returns:
         (ce_base, ce_ref): one fp32 array per example, length = its token count, entry 0 = 0.
@@ -73,12 +139,13 @@ def score_tokens(
     for batch in tqdm(length_grouped_batches([len(s) for s in input_ids], batch_size), desc="score", unit="batch"):
         ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
+        want = mask if masks is None else pad_batch([masks[i] for i in batch], 0)[0].to(dev)
         if base is None:
             with _adapter_off(reference):
-                b = forward_ce(reference, ids, mask, bf16)
+                b = forward_ce(reference, ids, mask, bf16, want)
         else:
-            b = forward_ce(base, ids, mask, bf16)
-        r = forward_ce(reference, ids, mask, bf16)
+            b = forward_ce(base, ids, mask, bf16, want)
+        r = forward_ce(reference, ids, mask, bf16, want)
         for row, i in enumerate(batch):
             n = len(input_ids[i])
             ce_base[i] = b[row, :n].cpu().numpy().astype(np.float32)

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from tokenforget.config import TrainingConfig, UserError
+from tokenforget.score import model_token_ce, supports_hidden_ce
 from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
 
 
@@ -47,6 +48,26 @@ class TokenClassCollator:
         return {"input_ids": ids, "attention_mask": mask, "token_class": cls}
 
 
+@dataclass
+class PackedTokenClassCollator:
+    """Padding-free batches: all examples of a batch in one row, no padding at all.
+
+    `position_ids` restart at 0 for each example; transformers turns them into a block-causal mask, so
+    attention never crosses examples. Classes are concatenated alongside, so each stays on its token;
+    an example's first token must have class 0 (it has no prediction), so no loss crosses a boundary.
+
+    Output: input_ids (1, N), position_ids (1, N), token_class (1, N), N = total tokens of the batch.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if any(f["token_class"][0] != 0 for f in features):
+            raise ValueError("packing needs class 0 on every example's first token")
+        ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        cls = torch.cat([torch.as_tensor(f["token_class"], dtype=torch.long) for f in features])
+        pos = torch.cat([torch.arange(len(f["input_ids"])) for f in features])
+        return {"input_ids": ids[None], "position_ids": pos[None], "token_class": cls[None]}
+
+
 class ForgettingTrainer(Trainer):
     """A Trainer whose loss is a tokenforget objective over per-token classes.
 
@@ -65,9 +86,12 @@ class ForgettingTrainer(Trainer):
         lambda_schedule: str = "linear",
         t_min: float = 0.0,
         t_max: float = 0.25,
+        chunked_ce: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
+        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
         self.objective_name = objective
         self.objective = get_objective(objective)
         self.schedule = get_schedule(lambda_schedule)
@@ -97,8 +121,14 @@ class ForgettingTrainer(Trainer):
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
         token_class = inputs["token_class"]  # (B, T)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        token_loss = token_cross_entropy(outputs.logits, inputs["input_ids"])  # (B, T) fp32
+        ids = inputs["input_ids"]
+        extra = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}  # padded or packed
+        outputs = None
+        if self.chunked_ce and not return_outputs:
+            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, no full logits
+        else:
+            outputs = model(input_ids=ids, use_cache=False, **extra)
+            token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         parts = self.objective(token_loss, token_class, lam, counts)
@@ -174,13 +204,15 @@ def make_trainer(
     lambda_schedule: str = "linear",
     t_min: float = 0.0,
     t_max: float = 0.25,
+    packing: bool = False,
 ) -> ForgettingTrainer:
     """A ForgettingTrainer over a data set with `input_ids` and `token_class` columns."""
+    collator = PackedTokenClassCollator() if packing else TokenClassCollator(pad_token_id=tokenizer.pad_token_id)
     return ForgettingTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=TokenClassCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
         lambda_schedule=lambda_schedule,
