@@ -67,6 +67,7 @@ def test_compare_two_seeds_end_to_end(config: Path, capsys):
     paired = res["paired_vs_sft"]["forget"]["gsm8k_nll"]["per_seed"]
     assert paired == pytest.approx({s: f - b for s, f, b in zip(("1", "2"), nll["forget"], nll["sft"])})
     assert set(res["paired_vs_sft"]) == {"ignore", "forget"} and "average" in res["paired_vs_sft"]["forget"]
+    assert set(res["paired_vs_sft"]["forget"]["gsm8k_nll"]["stderr_per_seed"]) == {"1", "2"}
     assert set(res["detection"]) == {"1", "2"} and res["detection"]["1"]["n_corrupt"] > 0
     assert res["versions"]["lm_eval"] and res["machine"] and res["wall_s"] > 0
 
@@ -125,3 +126,14 @@ def test_shipped_gsm8k_configs_parse(name: str):
     assert cfg.data.hub_fallback == "openai/gsm8k" and cfg.eval.gsm8k_fallback == "openai/gsm8k"
     assert cfg.compare.seeds == [1, 2, 3] and cfg.eval.limit and cfg.data.limit
     assert (cfg.data.corrupt_fraction > 0) == ("noisy" in name)
+
+
+def test_paired_nll_stderr_by_hand():
+    """Same tokens (1, 1) per example; NLL sums a = (2, 4), b = (1, 5): r = (1, -1), difference 0/2 = 0,
+    residuals (1, -1) -> se = sqrt(2/1 * 2) / 2 = 1. Without per-example numbers: None."""
+    from tokenforget.compare import paired_nll_stderr
+
+    a = {"per_example": {"nll_sum": [2.0, 4.0], "tokens": [1, 1]}}
+    b = {"per_example": {"nll_sum": [1.0, 5.0], "tokens": [1, 1]}}
+    assert paired_nll_stderr(a, b) == pytest.approx(1.0)
+    assert paired_nll_stderr(a, {"value": 1.0}) is None

@@ -198,7 +198,9 @@ def nll_benchmark(
     cols, _ = data_mod.tokenize_records(tokenizer, records, data_cfg)
     sums, counts = response_nll(model, cols["input_ids"], cols["response_mask"], batch_size, bf16, tokenizer.pad_token_id)
     mean = token_weighted_mean(sums, counts)
-    return {**_entry(mean.value, mean.stderr, mean.n, "nll_per_token", False, "nll"), "tokens": mean.tokens}
+    entry = _entry(mean.value, mean.stderr, mean.n, "nll_per_token", False, "nll")
+    # per example, so that two models can be compared question by question (compare's paired stderr)
+    return {**entry, "tokens": mean.tokens, "per_example": {"nll_sum": sums.tolist(), "tokens": counts.tolist()}}
 
 
 def eval_data_config(data_cfg: DataConfig, limit: Optional[int], hub_config: Optional[str] = None) -> DataConfig:

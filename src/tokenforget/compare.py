@@ -33,7 +33,10 @@ compare_results.json (a plain dict; float values may be NaN, written as `NaN`):
                                   # which then carry their one evaluation's standard error over examples);
                                   # "average": the mean over the accuracy-kind benchmarks, per seed first
       "paired_vs_sft": {model: {benchmark | "average": {"per_seed": {"<seed>": model - sft},
-                                                       "mean": float, "std": float | null}}},
+                                                       "mean": float, "std": float | null,
+                                                       "stderr_per_seed": {"<seed>": float}}}},
+                                  # stderr_per_seed: NLL benchmarks only, paired example by example
+                                  # (their per_seed entries carry "per_example": {"nll_sum", "tokens"})
       "detection": {"<seed>": {"auroc", "recall", "precision", "corrupt_share", "n_corrupt", "n_tokens"}},
                                   # only when the training data has known corrupted tokens
       "samples": {model: {task: [first outputs]}},   # from the first seed
@@ -149,6 +152,9 @@ def summarize(per_seed: dict[str, dict[str, dict[str, dict[str, Any]]]], models:
             diffs = [x - y for x, y in zip(values[m][b], values["sft"][b])]
             mean, std = mean_std(diffs)
             paired[m][b] = {"per_seed": dict(zip(seeds, diffs)), "mean": mean, "std": std}
+            se = {s: paired_nll_stderr(per_seed[s][m].get(b), per_seed[s]["sft"].get(b)) for s in seeds}
+            if all(v is not None for v in se.values()):
+                paired[m][b]["stderr_per_seed"] = se
     benchmarks = {
         b: {k: first["sft"][b].get(k) for k in ("metric", "higher_is_better", "kind", "n")} for b in names
     }
@@ -161,6 +167,23 @@ def summarize(per_seed: dict[str, dict[str, dict[str, dict[str, Any]]]], models:
         "table": table,
         "paired_vs_sft": paired,
     }
+
+
+def paired_nll_stderr(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> Optional[float]:
+    """Standard error of NLL(a) - NLL(b) on the same examples, paired example by example.
+
+    Both are token-weighted means over the same tokens, so the difference is sum_i r_i / sum_i c_i with
+    r_i = a's NLL sum - b's NLL sum on example i: a ratio estimator like each mean, with the same standard
+    error (`evaluate.token_weighted_mean`). What all models find hard cancels, so this is far smaller than
+    either model's own standard error. None when the entries carry no per-example numbers.
+    """
+    if not (a and b and "per_example" in a and "per_example" in b):
+        return None
+    from tokenforget.evaluate import token_weighted_mean
+
+    counts = np.asarray(a["per_example"]["tokens"], dtype=np.float64)
+    r = np.asarray(a["per_example"]["nll_sum"]) - np.asarray(b["per_example"]["nll_sum"])
+    return token_weighted_mean(r, counts).stderr
 
 
 def provenance() -> dict[str, Any]:
@@ -238,13 +261,16 @@ def format_compare(results: dict[str, Any]) -> str:
         "evaluation (the base model, or a single seed), its standard error over examples (se)",
         format_table(["model", *head], rows),
         "",
-        "Paired difference to sft, per seed (model - sft; for gold NLL lower is better)",
+        "Paired difference to sft, per seed (model - sft; for gold NLL lower is better, and se is the "
+        "standard error of the difference paired question by question)",
     ]
     prow = []
     for m, per_b in results["paired_vs_sft"].items():
         for b in cols:
             d = per_b[b]
-            prow.append([b, m, *[_signed(d["per_seed"][s]) for s in seeds], _cell(d, signed=True)])
+            se = d.get("stderr_per_seed", {})
+            cells = [_signed(d["per_seed"][s]) + (f" (se {se[s]:.4f})" if s in se else "") for s in seeds]
+            prow.append([b, m, *cells, _cell(d, signed=True)])
     out.append(format_table(["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], prow))
     det = results.get("detection") or {}
     if det:
