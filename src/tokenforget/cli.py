@@ -1,4 +1,4 @@
-"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `demo`.
+"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `demo`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). jsonargparse builds the parser from the
@@ -46,7 +46,26 @@ def _dry_run(command: str, cfg: RunConfig) -> None:
 
 
 # Commands that take --dry-run, and the training modes each one would run (a compare command lists several).
-DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {"run": lambda cfg: [cfg.train.mode]}
+DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {
+    "run": lambda cfg: [cfg.train.mode],
+    "compare": lambda cfg: ["sft", "ignore", "forget"],  # per seed; the plan shows the first run folder
+}
+
+
+def _eval(cfg: RunConfig) -> None:
+    from tokenforget.benchmarks import results_table
+    from tokenforget.pipeline import Run
+
+    run = Run(cfg)
+    results = run.evaluate(cfg.eval.checkpoint)
+    print(f"\nModel: {cfg.eval.checkpoint or 'base (' + cfg.model.name_or_path + ')'}")
+    print(results_table(results))
+
+
+def _compare(cfg: RunConfig) -> None:
+    from tokenforget.compare import run_compare
+
+    run_compare(cfg)
 
 
 def _demo(cfg: DemoConfig) -> None:
@@ -64,6 +83,8 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
         _run_stage("partition"),
     ),
     "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
+    "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).", _eval),
+    "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.", _compare),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
 }
 

@@ -106,10 +106,23 @@ class DataConfig:
     """System message added to every single-turn example."""
     limit: Optional[int] = None
     """Use only the first N records."""
+    hub_fallback: Optional[str] = None
+    """Hub data set read instead of `path` when `path` is a local file that does not exist (with
+    `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
+    corrupt_fraction: float = 0.0
+    """Share of the training answers in which one step's result is replaced by a wrong number (see
+    `tokenforget.noise`); the changed characters are marked as corrupted tokens."""
+    corrupt_seed: int = 0
+    """Seed of that corruption: which answers, which step, which wrong digit."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _check(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        _check(
+            0.0 <= self.corrupt_fraction <= 1.0,
+            "data.corrupt_fraction",
+            f"must be in [0, 1], got {self.corrupt_fraction}",
+        )
 
 
 @dataclass
@@ -246,6 +259,75 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `tokenforget eval` and `tokenforget compare` measure, through lm-evaluation-harness.
+
+    Local files are evaluated with the task definitions shipped in `tokenforget/tasks/`, offline;
+    `tasks` names standard lm-evaluation-harness tasks, which need the Hub for their data.
+    """
+
+    checkpoint: Optional[str] = None
+    """What `tokenforget eval` evaluates: unset = the base model; `sft`, `ignore` or `forget` = that
+    trained stage of `run_dir`; or a folder holding a merged model, a LoRA adapter, or a train stage."""
+    gsm8k: Optional[str] = None
+    """GSM8K-format JSONL (`question`, `answer` ending in `#### N`): greedy generation, exact match on
+    the final number. A Hub name is read with `gsm8k_hub_config` and split `test`."""
+    gsm8k_fallback: Optional[str] = None
+    """Hub data set read instead of `gsm8k` when that is a local file that does not exist."""
+    gsm8k_hub_config: Optional[str] = "main"
+    num_fewshot: int = 0
+    """Worked examples before each GSM8K question (as earlier chat turns)."""
+    fewshot_path: Optional[str] = None
+    """GSM8K-format file the few-shot examples are drawn from (needed when `num_fewshot` > 0 and `gsm8k`
+    is a local file; a Hub `gsm8k` uses its train split)."""
+    gsm8k_nll: bool = True
+    """Also report the held-out NLL of the gold GSM8K answers (the sensitive measure at small scale)."""
+    nll: list[str] = field(default_factory=list)
+    """More SFT-format files (any format `data` reads) whose gold responses' NLL is reported."""
+    multiple_choice: list[str] = field(default_factory=list)
+    """Multiple-choice JSONL files (`question`, `choices`, `label`): log-likelihood accuracy."""
+    tasks: list[str] = field(default_factory=list)
+    """Standard lm-evaluation-harness task names (e.g. `arc_easy`); their data comes from the Hub."""
+    limit: Optional[int] = None
+    """Evaluate only the first N examples of every benchmark (the GSM8K test subset size)."""
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (as `data.chat_template` renders training data)."""
+    diversity_prompts: int = 0
+    """Sample answers to the first N GSM8K questions and report their diversity (0: off)."""
+    diversity_samples: int = 4
+    """Answers sampled per question."""
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_fewshot >= 0, "eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
+        _check(self.limit is None or self.limit > 0, "eval.limit", f"must be > 0, got {self.limit}")
+        _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _check(self.diversity_prompts >= 0, "eval.diversity_prompts", f"must be >= 0, got {self.diversity_prompts}")
+        _check(self.diversity_samples >= 2, "eval.diversity_samples", f"must be >= 2, got {self.diversity_samples}")
+        _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class CompareConfig:
+    """`tokenforget compare`: the training modes and the seeds; each seed is a run folder of its own."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One complete run per seed (reference subset, reference, scores, partition, every mode's training)."""
+    modes: list[Mode] = field(default_factory=lambda: ["sft", "ignore", "forget"])
+    """Trained from one shared reference and set of scores per seed; `sft` is the paired baseline."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.seeds) > 0, "compare.seeds", "needs at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), "compare.seeds", f"repeats a seed: {self.seeds}")
+        _check("sft" in self.modes, "compare.modes", f"must include 'sft' (the baseline), got {self.modes}")
+
+
+@dataclass
 class RunConfig:
     """Everything one `tokenforget run` needs."""
 
@@ -261,6 +343,8 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         evals = lambda t: t.training_args.get("eval_strategy", "no") not in ("no", None)  # noqa: E731

@@ -65,6 +65,24 @@ def read_records(path: str, split: str = "train", hub_config: Optional[str] = No
     return _read_hub(path, split, hub_config)
 
 
+def resolve_source(path: str, fallback: Optional[str]) -> str:
+    """`path`, or the Hub data set `fallback` when `path` names a local file that does not exist.
+
+    A local file is one whose name has a data-file suffix or starts with `.`, `/` or `~`; anything else is
+    already a Hub name and is returned as it is.
+    """
+    p = Path(path).expanduser()
+    local = p.suffix in (".jsonl", ".json", ".parquet") or path.startswith((".", "/", "~"))
+    if fallback and local and not p.exists():
+        return fallback
+    return path
+
+
+def is_local_file(path: str) -> bool:
+    """True when `path` is an existing local file (not a Hub name)."""
+    return Path(path).expanduser().is_file()
+
+
 def _decode_lines(p: Path) -> list[str]:
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
@@ -230,6 +248,8 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
     path = path or cfg.path
     if not path:
         raise DataError("config field 'data.path' is required")
+    if path == cfg.path:
+        path = resolve_source(path, cfg.hub_fallback)
     raw = read_records(path, split or cfg.split, cfg.hub_config)
     if cfg.limit:
         raw = raw[: cfg.limit]

@@ -26,6 +26,16 @@ def extract_answer(text: str) -> Optional[str]:
     return found.replace(",", "").rstrip(".") if found else None
 
 
+def answers_match(predicted: Optional[str], gold: Optional[str]) -> bool:
+    """Two extracted answers are the same number ("18" = "18.0" = "18.00"); a missing one never matches."""
+    if predicted is None or gold is None:
+        return False
+    try:
+        return float(predicted) == float(gold)
+    except ValueError:
+        return predicted == gold
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -63,13 +73,34 @@ class Accuracy:
 
 def answer_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> Accuracy:
     """Exact match of extracted final answers, with the binomial standard error."""
-    hits = [extract_answer(p) == extract_answer(g) and extract_answer(g) is not None for p, g in zip(predictions, golds)]
+    hits = [answers_match(extract_answer(p), extract_answer(g)) for p, g in zip(predictions, golds)]
     n = len(hits)
     acc = sum(hits) / n if n else float("nan")
     return Accuracy(acc, n, math.sqrt(acc * (1 - acc) / n) if n else float("nan"))
 
 
 @torch.no_grad()
+def response_nll(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    response_masks: Sequence[Sequence[int]],
+    batch_size: int,
+    bf16: bool,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: (sum of the NLL in nats over its response tokens, how many response tokens)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    sums, counts = np.zeros(len(input_ids)), np.zeros(len(input_ids))
+    for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
+        ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
+        resp, _ = pad_batch([response_masks[i] for i in batch], 0)
+        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16, resp.to(dev)).cpu()  # (B, T), 0 off-response
+        sums[batch] = (ce * resp).sum(1).double().numpy()
+        counts[batch] = resp.sum(1).numpy()
+    return sums, counts
+
+
 def gold_nll(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -79,16 +110,30 @@ def gold_nll(
     pad_id: int = 0,
 ) -> float:
     """Mean per-token NLL (nats) of the gold response tokens, weighted by token."""
-    model.eval()
-    dev = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
-        ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
-        resp, _ = pad_batch([response_masks[i] for i in batch], 0)
-        ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16, resp.to(dev)).cpu()  # (B, T), 0 off-response
-        total += float((ce * resp).sum())
-        count += int(resp.sum())
-    return total / max(count, 1)
+    sums, counts = response_nll(model, input_ids, response_masks, batch_size, bf16, pad_id)
+    return float(sums.sum() / max(counts.sum(), 1))
+
+
+@dataclass
+class TokenMean:
+    """A token-weighted mean over examples, with the standard error that treats examples as the units."""
+
+    value: float
+    stderr: float
+    n: int  # examples
+    tokens: int
+
+
+def token_weighted_mean(sums: np.ndarray, counts: np.ndarray) -> TokenMean:
+    """m = sum_i s_i / sum_i c_i, and the standard error of this ratio estimator over n examples:
+    se = sqrt(n / (n - 1) * sum_i (s_i - m c_i)^2) / sum_i c_i. With one token per example this is the
+    usual standard error of a mean; tokens of one example are not independent, so they are not the units."""
+    n, total = len(sums), float(counts.sum())
+    m = float(sums.sum()) / total if total else float("nan")
+    if n < 2 or not total:
+        return TokenMean(m, float("nan"), n, int(total))
+    resid = sums - m * counts
+    return TokenMean(m, math.sqrt(n / (n - 1) * float((resid**2).sum())) / total, n, int(total))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@
       partition/    per-token token_class (Arrow) + stats.json
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
+      eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
 
 A stage is skipped when `stage.json` in its folder holds the fingerprint of its current inputs; a stale
 or half-written stage is redone. Outputs are built in a hidden temporary folder and renamed into place.
@@ -228,12 +229,25 @@ class Run:
             self._skip("data")
         elif self.ranks.is_main:
             records = data_mod.load_records(self.cfg.data)
+            records, n_corrupted = self._corrupt(records)
             cols, rep = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
             self.log(f"[data] {rep.kept} examples tokenized, {rep.skipped_no_response} skipped (no response token left)")
-            with self.writing("data", fp, {"kept": rep.kept, "skipped_no_response": rep.skipped_no_response}) as d:
+            record = {"kept": rep.kept, "skipped_no_response": rep.skipped_no_response, "corrupted": n_corrupted}
+            with self.writing("data", fp, record) as d:
                 datasets.Dataset.from_dict(cols).save_to_disk(str(d / "tokens"))
         self.ranks.barrier()
         return self._load("data", "tokens")
+
+    def _corrupt(self, records: list[data_mod.Record]) -> tuple[list[data_mod.Record], int]:
+        """The configured share of answers with one wrong step result (`data.corrupt_fraction`)."""
+        dc = self.cfg.data
+        if not dc.corrupt_fraction:
+            return records, 0
+        from tokenforget.noise import corrupt_records
+
+        records, n = corrupt_records(records, dc.corrupt_fraction, dc.corrupt_seed)
+        self.log(f"[data] corrupted one step result in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
+        return records, n
 
     # ------------------------------------------------------------ reference
 
@@ -502,11 +516,78 @@ class Run:
             shutil.rmtree(work, ignore_errors=True)
         return trainer
 
+    # ------------------------------------------------------------ evaluate
+
+    def evaluate(self, target: Optional[str] = None) -> dict[str, Any]:
+        """Evaluate a model with `cfg.eval` (see `tokenforget.benchmarks`); stage `eval-<name>`.
+
+        `target`: None or `base` = the base model; `sft`/`ignore`/`forget` = the finished stage
+        `train-<mode>`; anything else = a folder with a merged model, a LoRA adapter or a train stage.
+        The results are reused while the model (its stage fingerprint) and the eval settings are the same.
+        """
+        from tokenforget import benchmarks
+
+        name, model_fp, load = self._eval_target(target)
+        ec = {k: v for k, v in to_dict(self.cfg.eval).items() if k != "checkpoint"}
+        rendering = {k: getattr(self.cfg.data, k) for k in ("max_length", "chat_template", "system_prompt")}
+        sources = [file_digest(s) for s in (benchmarks.gsm8k_source(self.cfg.eval), self.cfg.eval.fewshot_path)]
+        extra = [file_digest(p) for p in (*self.cfg.eval.nll, *self.cfg.eval.multiple_choice)]
+        fp = fingerprint("eval", model_fp, ec, rendering, sources, extra, self.cfg.seed, self.bf16)
+        stage = f"eval-{name}"
+        if self.is_done(stage, fp):
+            self._skip(stage)
+            return json.loads((self.stage_dir(stage) / "results.json").read_text())
+        self.log(f"[{stage}] evaluating")
+        model = load().to(device())
+        results = benchmarks.evaluate_model(
+            model, self.base.tokenizer, self.cfg.eval, self.cfg.data, self.bf16, self.cfg.seed, self.log
+        )
+        del model
+        if self.ranks.is_main:
+            with self.writing(stage, fp, {"target": target or "base"}) as d:
+                (d / "results.json").write_text(json.dumps(results, indent=2))
+        self.ranks.barrier()
+        return results
+
+    def _eval_target(self, target: Optional[str]) -> tuple[str, str, Callable[[], torch.nn.Module]]:
+        """(stage suffix, fingerprint of the model, loader) for an eval target."""
+        if target in (None, "base"):
+            return "base", fingerprint("base", to_dict(self.cfg.model)), self.base.fresh
+        stage = self.stage_dir(f"train-{target}") if target in ("sft", "ignore", "forget") else Path(target).expanduser()
+        if not stage.is_dir():
+            hint = f"; train it first: tokenforget train --train.mode {target}" if target in ("sft", "ignore", "forget") else ""
+            raise RunFolderError(f"eval.checkpoint: '{stage}' does not exist{hint}")
+        record = stage / STAGE_FILE
+        model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", _folder_digest(stage))
+        name = target if target in ("sft", "ignore", "forget") else stage.resolve().name
+        return name, model_fp, lambda: self._load_model_folder(stage)
+
+    def _load_model_folder(self, folder: Path) -> torch.nn.Module:
+        """A merged model (`config.json`), a LoRA adapter on the base (`adapter_config.json`), or a train
+        stage folder (its `model/`, else its `adapter/`)."""
+        from transformers import AutoModelForCausalLM
+
+        for sub in ("model", "adapter"):
+            if (folder / sub).is_dir():
+                return self._load_model_folder(folder / sub)
+        if (folder / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(self.base.fresh(), str(folder)).merge_and_unload()
+        if (folder / "config.json").is_file():
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        raise RunFolderError(f"eval.checkpoint: '{folder}' holds no model (config.json) and no LoRA adapter")
+
     # ------------------------------------------------------------ all
 
     def run_all(self) -> Path:
         """Every stage the configured mode needs."""
         return self.train()
+
+
+def _folder_digest(folder: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a folder's files: a cheap identity for a model folder."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
 
 
 def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Path) -> None:
