@@ -122,7 +122,7 @@ def test_shipped_gsm8k_configs_parse(name: str):
     path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
     parser = build_parser()
     init = parser.instantiate(parser.parse_args(["compare", "--config", str(path)]))
-    cfg = RunConfig(**{k: v for k, v in vars(init["compare"]).items() if k != "config"})
+    cfg = RunConfig(**{k: v for k, v in vars(init["compare"]).items() if k not in ("config", "dry_run")})
     assert cfg.data.hub_fallback == "openai/gsm8k" and cfg.eval.gsm8k_fallback == "openai/gsm8k"
     assert cfg.compare.seeds == [1, 2, 3] and cfg.eval.limit and cfg.data.limit
     assert (cfg.data.corrupt_fraction > 0) == ("noisy" in name)
