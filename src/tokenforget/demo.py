@@ -100,6 +100,7 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
         train=TrainConfig(mode="forget", training=training, save_merged=True),
+        report_to=cfg.report_to,
     )
 
 

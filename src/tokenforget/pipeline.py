@@ -7,6 +7,8 @@
       scores/       per-token ce_base, ce_ref, score (Arrow)
       partition/    per-token token_class (Arrow) + stats.json
       train-<mode>/ adapter/, model/ (merged), log_history.json, summary.json
+      tensorboard/  <stage>/ TensorBoard events of each training (reference, train-<mode>)
+      report/       report.html and its PNG plots (`tokenforget report`)
 
 A stage is skipped when `stage.json` in its folder holds the fingerprint of its current inputs; a stale
 or half-written stage is redone. Outputs are built in a hidden temporary folder and renamed into place.
@@ -158,7 +160,7 @@ class Run:
         subset = self._reference_examples(tokens)
         self.log(f"[reference] SFT on {len(subset)} examples")
         with self.writing("reference", fp, {"examples": len(subset)}) as d:
-            model = self._fit(_sft_classes(subset), self.cfg.reference.training, "sft", self.root / ".reference.work", fp)
+            model = self._fit("reference", _sft_classes(subset), self.cfg.reference.training, "sft", fp)
             save_model(model, self.base.tokenizer, d, merged=False)
         return self.stage_dir("reference")
 
@@ -252,32 +254,42 @@ class Run:
         self.log(f"[{name}] training on {len(train_set)} examples")
         with self.writing(name, fp, {"mode": mode}) as d:
             tc = self.cfg.train
-            model, trainer = self._fit(train_set, tc.training, mode, self.root / f".{name}.work", fp, keep_trainer=True)
+            model, trainer = self._fit(name, train_set, tc.training, mode, fp, keep_trainer=True)
             (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
             save_model(model, self.base.tokenizer, d, merged=tc.save_merged)
         return self.stage_dir(name)
 
     def _fit(
         self,
+        stage: str,
         train_set: datasets.Dataset,
         tcfg: Any,
         mode: str,
-        work: Path,
         fp: str,
         keep_trainer: bool = False,
     ) -> Any:
-        """Train a fresh LoRA copy of the base; checkpoints go to `work` so a killed run resumes."""
+        """Train a fresh LoRA copy of the base; checkpoints go to `.<stage>.work` so a killed run resumes.
+
+        TensorBoard events (when `report_to` asks for them) go to `run_dir/tensorboard/<stage>/`.
+        """
+        work = self.root / f".{stage}.work"
         marker = work / "fingerprint"
         if work.exists() and (not marker.is_file() or marker.read_text() != fp):
             shutil.rmtree(work)  # checkpoints of different inputs: never resume from them
         work.mkdir(parents=True, exist_ok=True)
         marker.write_text(fp)
+        resume = last_checkpoint(work)
+        log_dir = self.root / "tensorboard" / stage
+        if resume is None:
+            shutil.rmtree(log_dir, ignore_errors=True)  # a fresh training: old curves would mix with the new
         set_seed(self.cfg.seed)
         model = add_lora(self.base.fresh(), self.cfg.lora)
-        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
+        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16, report_to=self.cfg.report_to)
         tc = self.cfg.train
-        trainer = make_trainer(model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max)
-        trainer.train(resume_from_checkpoint=last_checkpoint(work))
+        trainer = make_trainer(
+            model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, log_dir
+        )
+        trainer.train(resume_from_checkpoint=resume)
         model = trainer.model
         shutil.rmtree(work, ignore_errors=True)
         return (model, trainer) if keep_trainer else model
