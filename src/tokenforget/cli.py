@@ -1,7 +1,8 @@
-"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `demo`.
+"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `demo`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
-(`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). jsonargparse builds the parser from the
+(`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
+(`tokenforget report runs/demo`). jsonargparse builds the parser from the
 dataclasses in `config.py`, so type errors and unknown keys are reported for free.
 """
 
@@ -13,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tokenforget.config import ConfigError, DemoConfig, RunConfig
+from tokenforget.config import ConfigError, DemoConfig, ReportConfig, RunConfig
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
@@ -30,6 +31,10 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
             getattr(run, stage)()
         trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
+        if stage == "run":
+            from tokenforget.html_report import build_report
+
+            print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer)}")
 
     return command
 
@@ -40,6 +45,15 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _report(cfg: ReportConfig) -> None:
+    from pathlib import Path
+
+    from tokenforget.html_report import build_report
+
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples)}")
+
+
 COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
     "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
@@ -47,7 +61,9 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "partition": (RunConfig, "Split response tokens into positive and negative by global ranking.", _run_stage("partition")),
     "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }
+POSITIONAL = {"report": "--run_dir"}  # what a command's first positional argument is (default: --config)
 
 
 def build_parser() -> ArgumentParser:
@@ -62,17 +78,19 @@ def build_parser() -> ArgumentParser:
 
 
 def _positional_config(argv: list[str]) -> list[str]:
-    """`tokenforget run cfg.yaml ...` -> `tokenforget run --config cfg.yaml ...`."""
+    """`tokenforget run cfg.yaml ...` -> `tokenforget run --config cfg.yaml ...`;
+    `tokenforget report RUN_DIR` -> `tokenforget report --run_dir RUN_DIR`."""
     if len(argv) >= 2 and argv[0] in COMMANDS and not argv[1].startswith("-"):
-        return [argv[0], "--config", argv[1], *argv[2:]]
+        return [argv[0], POSITIONAL.get(argv[0], "--config"), argv[1], *argv[2:]]
     return argv
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from tokenforget.data import DataError
+    from tokenforget.html_report import ReportError
     from tokenforget.models import ModelLoadError
 
-    return (*USER_ERRORS, DataError, ModelLoadError)
+    return (*USER_ERRORS, DataError, ModelLoadError, ReportError)
 
 
 def _quiet_known_warnings() -> None:
