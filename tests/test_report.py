@@ -26,8 +26,10 @@ from tokenforget.html_report import (
     script_json,
     token_pieces,
     top_tokens,
+    training_table,
     visible,
 )
+from tokenforget.plots import clip_range, curve
 
 # Records the page must show as text: markup, and characters outside the tiny tokenizer's vocabulary
 # (byte-level BPE splits them into one token per UTF-8 byte).
@@ -81,6 +83,25 @@ def test_colour_scale_is_the_95th_percentile_distance_from_the_cut():
     scores = np.arange(21.0)
     assert colour_scale(scores, 1.0) == pytest.approx(18.0)
     assert colour_scale(np.zeros(4), 0.0) == 1.0  # no spread: no division by zero
+
+
+def test_curves_skip_nan_and_summary_entries():
+    """The Trainer's last entry (train_loss, no `loss`) is a summary, not a step; step 1 had no negative
+    token (loss_neg NaN), so the negative curve starts at step 2."""
+    history = [
+        {"step": 1, "loss": 3.0, "loss_pos": 3.0, "loss_neg": float("nan"), "lambda": 0.0},
+        {"step": 2, "loss": 2.0, "loss_pos": 2.5, "loss_neg": 4.0, "lambda": 0.125},
+        {"step": 2, "train_loss": 2.5},
+    ]
+    assert curve(history, "loss") == ([1, 2], [3.0, 2.0])
+    assert curve(history, "loss_neg") == ([2], [4.0])
+    assert training_table({"train-forget": history}).rows == [["train-forget", 2, 2.0, 2.5, 4.0, 0.125]]
+
+
+def test_clip_range_drops_half_a_percent_each_side():
+    """0..1000: numpy's linear quantiles at 0.005 and 0.995 are 5 and 995."""
+    assert clip_range(np.arange(1001.0)) == (5.0, 995.0)
+    assert clip_range(np.full(10, 2.0)) == (1.5, 2.5)  # one value: a unit-wide range around it
 
 
 def test_script_json_cannot_end_the_script_element():
@@ -169,7 +190,7 @@ def test_run_writes_the_report(run_dir: Path):
 def test_report_files(page: Path):
     out = page.parent
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "score_histogram.png", "training_curves.png"]
-    assert png_size(out / "score_histogram.png") == (990, 440)  # 9 x 4 inches at 110 dpi
+    assert png_size(out / "score_histogram.png") == (990, 715)  # 9 x 6.5 inches at 110 dpi (2 panels: corrupt data)
     assert png_size(out / "training_curves.png") == (1100, 660)  # 10 x 6 inches at 110 dpi
 
 

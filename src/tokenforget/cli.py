@@ -71,7 +71,8 @@ def build_parser() -> ArgumentParser:
     sub = root.add_subcommands(dest="command")
     for name, (cls, help_text, _) in COMMANDS.items():
         p = ArgumentParser(description=help_text)
-        p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
+        first = POSITIONAL.get(name, "--config").lstrip("-")
+        p.add_argument("--config", action=ActionConfigFile, help=f"YAML config file (the first argument is {first})")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
         sub.add_subcommand(name, p, help=help_text)
     return root

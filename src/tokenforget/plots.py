@@ -36,8 +36,8 @@ def score_histogram(
     corrupt: Optional[np.ndarray],
     path: Path,
 ) -> None:
-    """Histogram of response-token scores, stacked by class, the cut marked; known corrupted tokens on a
-    second axis (they are few) when the data marks any.
+    """Histogram of response-token scores, stacked by class, with the cut; below it, when the data marks
+    corrupted tokens, their score distribution against the other tokens'.
 
     Args:
         scores: (N,) score of every response token.
@@ -48,26 +48,42 @@ def score_histogram(
     lo, hi = clip_range(scores)
     bins = np.linspace(lo, hi, 61)
     clipped = np.clip(scores, lo, hi)
-    fig = Figure(figsize=(9, 4), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
+    with_corrupt = corrupt is not None and bool(corrupt.any())
+    fig = Figure(figsize=(9, 6.5 if with_corrupt else 4), dpi=110, layout="constrained")
+    axes = fig.subplots(2 if with_corrupt else 1, 1, sharex=True, squeeze=False).ravel()
+    _class_histogram(axes[0], clipped, positive, bins)
+    if with_corrupt:
+        _corrupt_histogram(axes[1], clipped, corrupt, bins)
+    for ax in axes:
+        if threshold is not None and math.isfinite(threshold):
+            ax.axvline(threshold, color="black", linestyle="--", label=f"cut: ρ = {rho} (score {threshold:.4g})")
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_title(f"Scores of {scores.size} response tokens (x clipped to the central 99%)")
+    axes[-1].set_xlabel("score = CE(base) − CE(reference), nats")
+    fig.savefig(path)
+
+
+def _class_histogram(ax: Any, clipped: np.ndarray, positive: Optional[np.ndarray], bins: np.ndarray) -> None:
+    """Token counts per score bin, stacked green (learned) over red (forgotten); log scale, because
+    most tokens sit near score 0 (the base already predicts them) and would flatten the rest."""
     if positive is None:
         ax.hist(clipped, bins=bins, color="#888888", label="response tokens")
     else:
         ax.hist([clipped[positive], clipped[~positive]], bins=bins, stacked=True, color=[LEARN_COLOR, FORGET_COLOR],
                 label=[f"positive: learned ({positive.sum()})", f"negative: forgotten ({(~positive).sum()})"])
-    if threshold is not None and math.isfinite(threshold):
-        ax.axvline(threshold, color="black", linestyle="--", label=f"cut: ρ = {rho} (score {threshold:.4g})")
-    ax.set(xlabel="score = CE(base) − CE(reference), nats", ylabel="tokens",
-           title=f"Scores of {scores.size} response tokens (x clipped to the central 99%)")
-    handles, labels = ax.get_legend_handles_labels()
-    if corrupt is not None and corrupt.any():
-        twin = ax.twinx()
-        twin.hist(clipped[corrupt], bins=bins, histtype="step", color="black", linewidth=1.5)
-        twin.set_ylabel("known corrupted tokens", color="black")
-        handles.append(twin.patches[0])
-        labels.append(f"known corrupted tokens ({corrupt.sum()}, right axis)")
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
-    fig.savefig(path)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens (log scale)")
+
+
+def _corrupt_histogram(ax: Any, clipped: np.ndarray, corrupt: np.ndarray, bins: np.ndarray) -> None:
+    """Share of each group (known corrupted, the rest) per score bin: the groups differ in size by far,
+    so shares, not counts, show whether corrupted tokens score lower."""
+    for mask, colour, name in ((corrupt, "black", "known corrupted"), (~corrupt, "#7a8794", "other response tokens")):
+        values = clipped[mask]
+        ax.hist(values, bins=bins, weights=np.full(values.size, 1 / values.size), histtype="step", linewidth=1.5,
+                color=colour, label=f"{name} ({values.size})")
+    ax.set_ylabel("share of the group")
+    ax.set_title("Do the known corrupted tokens score lower?", fontsize=10)
 
 
 def curve(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
