@@ -4,7 +4,8 @@
 
 The folder gets random token ids (SmolLM2's vocabulary, `model: smollm2`), scores, classes and a log
 history; no model is trained. Prints the build time (min / median / max over --reps builds after one
-warm-up) and the page's size.
+warm-up), the page's size and, with headless Chromium, the time from navigation to the page's load event
+(its script has rendered the first page of examples by then), same repetitions.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -51,6 +54,29 @@ def fake_run(root: Path, n: int, length: int, seed: int = 0) -> None:
     (root / "train-forget" / "log_history.json").write_text(json.dumps(history))
 
 
+def spread(times: list[float]) -> str:
+    return f"{min(times):.2f} / {statistics.median(times):.2f} / {max(times):.2f} s (min / median / max of {len(times)})"
+
+
+def repeat(fn: Callable[[], float], reps: int) -> list[float]:
+    """`reps` timings of `fn` after one warm-up call; `fn` returns its own duration."""
+    fn()
+    return [fn() for _ in range(reps)]
+
+
+def load_times(page: Path, reps: int) -> list[float]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from browser import chromium
+
+    with chromium() as driver:
+        def load() -> float:
+            driver.get(page.resolve().as_uri())
+            t = driver.execute_script("const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd;")
+            return t / 1000
+
+        return repeat(load, reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path)
@@ -60,14 +86,16 @@ def main() -> None:
     args = p.parse_args()
     fake_run(args.root, args.examples, args.tokens)
     tok = BaseModel(RunConfig().model).tokenizer
-    times = []
-    for rep in range(args.reps + 1):
+
+    def build() -> float:
         t0 = time.perf_counter()
-        page = build_report(args.root, tokenizer=tok)
-        if rep:  # the first build is the warm-up
-            times.append(time.perf_counter() - t0)
-    print(f"{args.examples} examples x {args.tokens} tokens: build {min(times):.1f} / {statistics.median(times):.1f} / "
-          f"{max(times):.1f} s (min / median / max of {args.reps}), page {page.stat().st_size / 1e6:.1f} MB")
+        build_report(args.root, tokenizer=tok)
+        return time.perf_counter() - t0
+
+    page = args.root / "report" / "report.html"
+    print(f"{args.examples} examples x {args.tokens} tokens: build {spread(repeat(build, args.reps))}, "
+          f"page {page.stat().st_size / 1e6:.1f} MB")
+    print(f"page load in headless Chromium: {spread(load_times(page, args.reps))}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Screenshot a tokenforget report page with headless Chromium (for docs/).
 
-    python scripts/screenshot_report.py runs/demo/report/report.html docs/report.png [--width 1280] [--height 2400]
+    python scripts/screenshot_report.py runs/demo/report/report.html docs/report.png \
+        [--width 1280] [--height 1400] [--hover '.sample[data-n="0"] .tok.corrupt']
 
 Needs the Debian packages `chromium` and `chromium-driver` (`make install` installs them) and selenium.
 """
@@ -21,8 +22,8 @@ def main() -> None:
     p.add_argument("page", type=Path)
     p.add_argument("png", type=Path)
     p.add_argument("--width", type=int, default=1280)
-    p.add_argument("--height", type=int, default=2400)
-    p.add_argument("--hover", type=int, default=None, help="hover the N-th highlighted token first (shows its tooltip)")
+    p.add_argument("--height", type=int, default=1400)
+    p.add_argument("--hover", default=None, help="CSS selector of a token to hover first (shows its tooltip)")
     args = p.parse_args()
     with chromium(args.width, args.height) as driver:
         driver.get(args.page.resolve().as_uri())
@@ -30,8 +31,8 @@ def main() -> None:
             from selenium.webdriver.common.action_chains import ActionChains
             from selenium.webdriver.common.by import By
 
-            token = driver.find_elements(By.CSS_SELECTOR, ".tok[data-j]")[args.hover]
-            ActionChains(driver).move_to_element(token).perform()
+            token = driver.find_element(By.CSS_SELECTOR, args.hover)
+            ActionChains(driver).move_to_element(token).perform()  # scrolls only if the token is out of view
         args.png.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(args.png))
     print(args.png)

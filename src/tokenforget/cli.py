@@ -34,7 +34,7 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
         if stage == "run":
             from tokenforget.html_report import build_report
 
-            print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer)}")
+            print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer).resolve()}")
 
     return command
 
@@ -51,7 +51,7 @@ def _report(cfg: ReportConfig) -> None:
     from tokenforget.html_report import build_report
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples)}")
+    print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples).resolve()}")
 
 
 COMMANDS: dict[str, tuple[type, str, Callable]] = {

@@ -124,6 +124,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
     log(report.run_summary(run, [f"train-{m}" for m in stages]))
-    log(f"Report: {build_report(root, tokenizer=run.base.tokenizer)}")
+    log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
 
