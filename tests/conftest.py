@@ -74,3 +74,42 @@ def tiny_tokenizer(tiny_model_dir: Path):
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# Records a report must show as text: markup, and characters outside the tiny tokenizer's vocabulary
+# (byte-level BPE splits them into one token per UTF-8 byte).
+ODD_RECORDS = [
+    {"prompt": "Show markup.", "completion": "</script><b>bold</b> & done"},
+    {"prompt": "Say cafe.", "completion": "The answer is café ✓"},
+]
+TINY_RUN_EXAMPLES = 20 + len(ODD_RECORDS)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A finished run folder, shared by the report and TensorBoard tests (do not modify it): `run` (forget)
+    and `train --train.mode sft` on 22 examples (20 demo examples with corrupt steps + ODD_RECORDS), batch 4,
+    one epoch, a log entry at every step; reference on 11 examples for 2 epochs; a demo_results.json
+    with hand-made numbers."""
+    import yaml
+
+    from tokenforget.cli import main
+    from tokenforget.demo import make_examples
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = write_jsonl(tmp / "train.jsonl", make_examples(20, seed=0, noise=0.3) + ODD_RECORDS)
+    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2, "warmup_ratio": 0.0}
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(data), "max_length": 128},
+        "reference": {"fraction": 0.5, "training": {**training, "epochs": 2}},
+        "train": {"training": training},
+    }
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp / "config.yaml")]) == 0
+    assert main(["train", str(tmp / "config.yaml"), "--train.mode", "sft"]) == 0
+    results = {"models": {"base": {"accuracy": 0.125, "stderr": 0.0477, "n": 48, "gold_nll": 1.5}}}
+    (tmp / "run" / "demo_results.json").write_text(json.dumps(results))
+    return tmp / "run"

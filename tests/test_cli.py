@@ -20,8 +20,11 @@ from tokenforget.demo import make_examples
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
 
+LOG_DIRS = {"tensorboard", "report"}  # what the commands write beside the stages
+
+
 def stage_dirs(run: Path) -> list[str]:
-    return sorted(p.name for p in run.iterdir() if p.is_dir())
+    return sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in LOG_DIRS)
 
 
 @pytest.fixture
@@ -48,6 +51,7 @@ def test_run_every_stage_then_reuse(config: Path, capsys):
     out = capsys.readouterr().out
     assert all((run / s / "stage.json").is_file() for s in STAGES)
     assert "Tokens scored:" in out and "train-forget: final loss=" in out
+    assert f"Report: {run / 'report' / 'report.html'}" in out and (run / "report" / "report.html").is_file()
     merged = AutoModelForCausalLM.from_pretrained(run / "train-forget" / "model", dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     stats = json.loads((run / "partition" / "stats.json").read_text())
@@ -77,6 +81,7 @@ def test_stage_commands_write_only_their_stages(config: Path):
     run = config.parent / "run"
     assert main(["reference", str(config)]) == 0
     assert stage_dirs(run) == ["data", "reference"]
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["reference"]
     assert main(["partition", str(config)]) == 0
     assert stage_dirs(run) == ["data", "labels", "partition", "reference", "scores"]
     assert main(["train", str(config), "--train.mode", "ignore"]) == 0
@@ -109,6 +114,8 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
+    assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
+    assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(res["models"]) == {"base", "sft", "forget"}
     assert res["detection"]["n_corrupt"] > 0 and 0.0 <= res["detection"]["auroc"] <= 1.0

@@ -45,8 +45,13 @@ def make_config(tmp_path: Path, model_dir: Path, run: str = "run", n: int = 24, 
     return path
 
 
+LOG_DIRS = {"tensorboard", "report"}  # what `run` writes beside the stages
+
+
 def stage_dirs(run: Path) -> list[str]:
-    return sorted(p.name for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")) if run.exists() else []
+    if not run.exists():
+        return []
+    return sorted(p.name for p in run.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in LOG_DIRS)
 
 
 def env() -> dict[str, str]:
@@ -263,5 +268,6 @@ def test_two_process_run_writes_every_stage_once(tmp_path, tiny_model_dir):
     out = torchrun("-m", "tokenforget", "run", str(cfg))
     assert stage_dirs(tmp_path / "ddp") == ["data", "labels", "partition", "reference", "scores", "train-forget"]
     assert out.stdout.count("[partition] ") == 1  # only rank 0 reports
+    assert out.stdout.count("Report: ") == 1 and (tmp_path / "ddp" / "report" / "report.html").is_file()
     history = json.loads((tmp_path / "ddp" / "train-forget" / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # 24 examples / (4 per rank x 2 ranks)

@@ -28,9 +28,9 @@ def test_lora_reference_scores_base_with_adapter_off(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)  # before get_peft_model: lora_A's random init must not depend on the tests run before
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    torch.manual_seed(1)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)  # B starts at 0; make the adapter change the model

@@ -1,7 +1,9 @@
-"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `demo`.
+"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `demo`,
+`report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
-(`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). jsonargparse builds the parser from the
+(`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
+(`tokenforget report runs/demo`). jsonargparse builds the parser from the
 dataclasses in `config.py`, so type errors and unknown keys are reported for free.
 """
 
@@ -16,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import DemoConfig, RunConfig, UserError
+from tokenforget.config import DemoConfig, ReportConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -33,6 +35,10 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
             getattr(run, stage)()
         trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
+        if stage == "run" and run.ranks.is_main:  # under torchrun, one rank writes the page
+            from tokenforget.html_report import build_report
+
+            print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer).resolve()}")
 
     return command
 
@@ -74,6 +80,15 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _report(cfg: ReportConfig) -> None:
+    from pathlib import Path
+
+    from tokenforget.html_report import build_report
+
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples).resolve()}")
+
+
 COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
     "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
@@ -86,7 +101,9 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).", _eval),
     "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.", _compare),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }
+POSITIONAL = {"report": "--run_dir"}  # what a command's first positional argument is (default: --config)
 
 
 def build_parser() -> ArgumentParser:
@@ -96,7 +113,8 @@ def build_parser() -> ArgumentParser:
     sub = root.add_subcommands(dest="command")
     for name, (cls, help_text, _) in COMMANDS.items():
         p = ArgumentParser(description=help_text, exit_on_error=False)
-        p.add_argument("--config", action=ActionConfigFile, help="YAML config file (also accepted as first argument)")
+        first = POSITIONAL.get(name, "--config").lstrip("-")
+        p.add_argument("--config", action=ActionConfigFile, help=f"YAML config file (the first argument is {first})")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
         if name in DRY_RUN_MODES:
             p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, token counts and "
@@ -106,9 +124,10 @@ def build_parser() -> ArgumentParser:
 
 
 def _positional_config(argv: list[str]) -> list[str]:
-    """`tokenforget run cfg.yaml ...` -> `tokenforget run --config cfg.yaml ...`."""
+    """`tokenforget run cfg.yaml ...` -> `tokenforget run --config cfg.yaml ...`;
+    `tokenforget report RUN_DIR` -> `tokenforget report --run_dir RUN_DIR`."""
     if len(argv) >= 2 and argv[0] in COMMANDS and not argv[1].startswith("-"):
-        return [argv[0], "--config", argv[1], *argv[2:]]
+        return [argv[0], POSITIONAL.get(argv[0], "--config"), argv[1], *argv[2:]]
     return argv
 
 

@@ -9,6 +9,7 @@ Layout of the comparison folder (`run_dir`):
                              train-<mode>/ and eval-<mode>/ for every mode, all with `seed: s`
       compare_results.json   every number (schema below)
       compare_table.txt      the tables printed at the end
+      report/                the HTML report: these tables, and the first seed's tokens and training curves
 
 Within a seed every mode trains from the same base model; `ignore` and `forget` share that seed's
 reference model, scores and partition (`sft` needs none). Across seeds everything random changes: the
@@ -102,6 +103,10 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     table = format_compare(results)
     (root / TABLE_FILE).write_text(table + "\n")
     log(table)
+    if top.ranks.is_main:
+        from tokenforget.html_report import build_report
+
+        log(f"Report: {build_report(root, tokenizer=base.tokenizer).resolve()}")
     return results
 
 
@@ -246,24 +251,20 @@ def _signed(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:+.4f}"
 
 
-def format_compare(results: dict[str, Any]) -> str:
-    """The mean ± std table over seeds, then the paired differences to sft per seed."""
-    from tokenforget.report import format_table
-
+def compare_tables(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparison as tables `{"title", "header", "rows"}`: the mean ± std table over seeds, the paired
+    differences to sft per seed, and the detection of corrupted tokens when there is one. The text table
+    (`format_compare`) and the HTML report (`tokenforget.html_report`) both show these."""
     bench = results["benchmarks"]
     seeds = [str(s) for s in results["seeds"]]
     cols = [*bench, *(["average"] if "average" in results["table"]["sft"] else [])]
     head = [_header(b, bench.get(b)) for b in cols]
     rows = [[m, *[_cell(results["table"][m][b]) if b in results["table"][m] else "-" for b in cols]] for m in results["models"]]
-    out = [
-        "",
-        f"Comparison over seeds {', '.join(seeds)}: mean ± sample std over seeds; where there is one "
-        "evaluation (the base model, or a single seed), its standard error over examples (se)",
-        format_table(["model", *head], rows),
-        "",
-        "Paired difference to sft, per seed (model - sft; for gold NLL lower is better, and se is the "
-        "standard error of the difference paired question by question)",
-    ]
+    tables = [{
+        "title": f"Comparison over seeds {', '.join(seeds)}: mean ± sample std over seeds; where there is one "
+                 "evaluation (the base model, or a single seed), its standard error over examples (se)",
+        "header": ["model", *head], "rows": rows,
+    }]
     prow = []
     for m, per_b in results["paired_vs_sft"].items():
         for b in cols:
@@ -271,14 +272,28 @@ def format_compare(results: dict[str, Any]) -> str:
             se = d.get("stderr_per_seed", {})
             cells = [_signed(d["per_seed"][s]) + (f" (se {se[s]:.4f})" if s in se else "") for s in seeds]
             prow.append([b, m, *cells, _cell(d, signed=True)])
-    out.append(format_table(["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], prow))
+    tables.append({
+        "title": "Paired difference to sft, per seed (model - sft; for gold NLL lower is better, and se is the "
+                 "standard error of the difference paired question by question)",
+        "header": ["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], "rows": prow,
+    })
     det = results.get("detection") or {}
     if det:
-        out += ["", "Finding the corrupted tokens (training data), per seed"]
-        out.append(format_table(
-            ["seed", "AUROC", "recall of negatives", "precision of negatives", "chance precision"],
-            [[s, d["auroc"], d["recall"], d["precision"], d["corrupt_share"]] for s, d in det.items()],
-        ))
+        tables.append({
+            "title": "Finding the corrupted tokens (training data), per seed",
+            "header": ["seed", "AUROC", "recall of negatives", "precision of negatives", "chance precision"],
+            "rows": [[s, d["auroc"], d["recall"], d["precision"], d["corrupt_share"]] for s, d in det.items()],
+        })
+    return tables
+
+
+def format_compare(results: dict[str, Any]) -> str:
+    """The tables of `compare_tables` as text, then versions, machine and wall time."""
+    from tokenforget.report import format_table
+
+    out = []
+    for t in compare_tables(results):
+        out += ["", t["title"], format_table(t["header"], t["rows"])]
     out.append("")
     out.append(f"versions: {results.get('versions')}  machine: {results.get('machine')}  wall: {results.get('wall_s', 0):.0f} s")
     return "\n".join(out)

@@ -6,8 +6,8 @@ command-line overrides (`--partition.rho 0.5`), so nothing here parses text by h
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional, Union
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
 
 Precision = Literal["auto", "fp32", "bf16"]
 Mode = Literal["forget", "sft", "ignore"]
@@ -345,6 +345,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
+    `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""
 
     def __post_init__(self) -> None:
         evals = lambda t: t.training_args.get("eval_strategy", "no") not in ("no", None)  # noqa: E731
@@ -380,6 +383,8 @@ class DemoConfig:
     learning_rate: float = 2e-4
     batch_size: int = 8
     max_new_tokens: int = 72
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """As `RunConfig.report_to`."""
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
@@ -388,6 +393,41 @@ class DemoConfig:
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
 
 
+@dataclass
+class ReportConfig:
+    """The HTML report of a run folder."""
+
+    run_dir: str = "runs/default"
+    """The run folder to report on (it must hold `config.json` and `data/`)."""
+    max_samples: int = 200
+    """Examples embedded in the page with their token highlights (the first ones of the data set); the
+    histogram and token counts always cover every example."""
+    out_dir: Optional[str] = None
+    """Where to write `report.html` and the PNG plots (default `run_dir/report`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_samples >= 0, "max_samples", f"must be >= 0, got {self.max_samples}")
+
+
 def to_dict(cfg: object) -> dict:
     """A plain, JSON-serialisable view of a config dataclass (for fingerprints and run records)."""
     return asdict(cfg)  # type: ignore[arg-type]
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Rebuild a config dataclass from `to_dict` output (e.g. a run folder's `config.json`).
+
+    Nested dataclass fields are rebuilt recursively; keys the dataclass does not have are ignored, so a
+    `config.json` written by an older or newer version still loads.
+    """
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        v, t = values[f.name], hints[f.name]
+        kwargs[f.name] = from_dict(t, v) if is_dataclass(t) and isinstance(v, dict) else v
+    return cls(**kwargs)

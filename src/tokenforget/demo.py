@@ -100,12 +100,15 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
         train=TrainConfig(mode="forget", training=training, save_merged=True),
+        report_to=cfg.report_to,
     )
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
-    """Generate the task, train `sft` and `forget`, evaluate both and the base; return every number."""
+    """Generate the task, train `sft` and `forget`, evaluate both and the base, write the HTML report;
+    return every number."""
     from tokenforget import report
+    from tokenforget.html_report import build_report
     from tokenforget.pipeline import Run
 
     t0 = time.time()
@@ -121,5 +124,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
     log(report.run_summary(run, [f"train-{m}" for m in stages]))
+    log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
 

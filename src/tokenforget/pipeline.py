@@ -9,6 +9,8 @@
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
       eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
+      tensorboard/  <stage>/ TensorBoard events of each training (reference, train-<mode>)
+      report/       report.html and its PNG plots (`tokenforget report`)
 
 A stage is skipped when `stage.json` in its folder holds the fingerprint of its current inputs; a stale
 or half-written stage is redone. Outputs are built in a hidden temporary folder and renamed into place.
@@ -197,6 +199,15 @@ class Run:
             marker.write_text(fp)
         self.ranks.barrier()
         return work
+
+    def tensorboard_dir(self, name: str, fresh: bool) -> Path:
+        """`run_dir/tensorboard/<name>/`, emptied for a fresh (not resumed) training so that old curves do not
+        mix with the new ones."""
+        log_dir = self.root / "tensorboard" / name
+        if fresh and self.ranks.is_main:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        self.ranks.barrier()
+        return log_dir
 
     def save_config(self) -> None:
         """Record the run's config in the run folder (for `report` and for people reading the folder)."""
@@ -497,17 +508,20 @@ class Run:
         fp: str,
         eval_set: Optional[datasets.Dataset] = None,
     ) -> Any:
-        """Train a fresh LoRA copy of the base; checkpoints go to `.<name>.work/` so a killed run resumes."""
+        """Train a fresh LoRA copy of the base; checkpoints go to `.<name>.work/` so a killed run resumes.
+
+        TensorBoard events (when `report_to` asks for them) go to `run_dir/tensorboard/<name>/`.
+        """
         work = self.work_dir(name, fp)
+        resume = last_checkpoint(work)
         set_seed(self.cfg.seed)
         model = add_lora(self.base.fresh(), self.cfg.lora)
-        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16)
+        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16, report_to=self.cfg.report_to)
         tc = self.cfg.train
         trainer = make_trainer(
             model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing,
-            eval_set,
+            eval_set, self.tensorboard_dir(name, fresh=resume is None),
         )
-        resume = last_checkpoint(work)
         if resume:
             self.log(f"[{name}] resuming from {resume}")
         trainer.train(resume_from_checkpoint=resume)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
@@ -207,12 +207,18 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
 
 
 def training_arguments(
-    cfg: TrainingConfig, output_dir: Path, seed: int, bf16: bool, **overrides: Any
+    cfg: TrainingConfig,
+    output_dir: Path,
+    seed: int,
+    bf16: bool,
+    report_to: Sequence[str] = ("none",),
+    **overrides: Any,
 ) -> TrainingArguments:
     """TrainingArguments for one training; bf16 means autocast (weights stay fp32).
 
-    Precedence, lowest first: our defaults and typed fields, then `cfg.training_args` (any TrainingArguments
-    field, passed through unchanged), then `overrides` from the calling code.
+    Precedence, lowest first: our defaults and typed fields (with `report_to`, the Trainer's logging
+    integrations such as `tensorboard`, see `send_tensorboard_to`), then `cfg.training_args` (any
+    TrainingArguments field, passed through unchanged), then `overrides` from the calling code.
     """
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
@@ -237,7 +243,7 @@ def training_arguments(
         data_seed=seed,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=list(report_to),
         remove_unused_columns=False,  # keep `token_class`, which the model's forward does not take
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -258,10 +264,14 @@ def make_trainer(
     t_max: float = 0.25,
     packing: bool = False,
     eval_dataset: Any = None,
+    log_dir: Optional[Path] = None,
 ) -> ForgettingTrainer:
-    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches)."""
+    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches).
+
+    `log_dir`: where TensorBoard events go when `args.report_to` includes `tensorboard`.
+    """
     collator = PackedTokenClassCollator() if packing else TokenClassCollator(pad_token_id=tokenizer.pad_token_id)
-    return ForgettingTrainer(
+    trainer = ForgettingTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -273,6 +283,23 @@ def make_trainer(
         t_min=t_min,
         t_max=t_max,
     )
+    if log_dir is not None:
+        send_tensorboard_to(trainer, log_dir)
+    return trainer
+
+
+def send_tensorboard_to(trainer: Trainer, log_dir: Path) -> None:
+    """Point the Trainer's own TensorBoard callback (added by `report_to`) at `log_dir`.
+
+    transformers 5 has no `logging_dir` argument: the callback writes under `output_dir`, which for us
+    is a work folder deleted when training ends. The callback reads `logging_dir` at train begin, and
+    logs every number in the logs dict, so loss_pos, loss_neg, lambda, n_pos, n_neg reach TensorBoard.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(log_dir)
 
 
 def last_checkpoint(output_dir: Path) -> Optional[str]:
