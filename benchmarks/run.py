@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -245,7 +244,7 @@ def bench_scoring(base, quick: bool, bf16: bool) -> list[Row]:
 # ------------------------------------------------------------------------------------------ 4. memory
 
 MEMORY_CHILD = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, sys.argv[1])
 from tokenforget.losses import linear_cross_entropy
 kind, train = sys.argv[2], sys.argv[3] == "train"
@@ -264,7 +263,11 @@ with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
         loss = linear_cross_entropy(h, w, t)
     if train:
         loss.mean().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+def peak():  # VmHWM: this process's own high-water mark. Not ru_maxrss, which Linux carries over from
+    # the parent through fork + exec, so a child of a big parent would report the parent's peak.
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+print(peak() - before)
 """
 
 
