@@ -46,6 +46,9 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
     Args:
         objective: `forget` (the paper), `ignore` or `sft`; see `tokenforget.losses.OBJECTIVES`.
         lambda_schedule, t_min, t_max: lambda(t) over optimizer steps; see `tokenforget.losses.SCHEDULES`.
+        forget_objective, beta: the term for negative tokens, see `tokenforget.losses.FORGET_TERMS` (`tnpo` needs a
+            per-token `ref_ce`, which this trainer does not carry: use `ga`, `unlikelihood` or `wga` here).
+        lambda_warmup: the ramp of the `warmup_constant` schedule, as a share of the steps.
         *args, **kwargs: everything `SFTTrainer` takes. `train_dataset` needs `input_ids` and `token_class`.
 
     The objective replaces TRL's `loss_type`, `compute_loss_func` and label smoothing, so those must be
@@ -59,9 +62,12 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
         lambda_schedule: str = "linear",
         t_min: float = 0.0,
         t_max: float = 0.25,
+        forget_objective: str = "ga",
+        beta: float = 1.0,
+        lambda_warmup: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        self.init_forgetting(objective, lambda_schedule, t_min, t_max)
+        self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
         _reject_other_losses(kwargs)
         super().__init__(*args, **kwargs)
         self.data_collator = TokenClassPadding(self.data_collator)
