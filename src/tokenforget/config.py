@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
 
 Precision = Literal["auto", "fp32", "bf16"]
 Mode = Literal["forget", "sft", "ignore"]
+ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
+Selection = Literal["global", "per_sample", "threshold", "soft"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 
 
@@ -188,10 +190,26 @@ class ReferenceConfig:
     path: Optional[str] = None
     """A separate data file (same format as `data`) to train the reference on."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    folds: int = 1
+    """Cross-fitting: with K > 1 the examples are dealt into K seeded folds and K references are trained,
+    reference k on `size` (or `fraction` x all) examples drawn from the other K - 1 folds (all of them when
+    fewer); every example is scored by the reference of its own fold, which never saw it. K times the
+    reference cost; use it when the reference would otherwise memorise the examples it scores."""
+    rounds: int = 1
+    """Self-evolving references (token-cleaning style): with R > 1, round r >= 2 trains a new reference from
+    the base on the same subset with `ignore` on round r - 1's positive tokens, then scores and partitions
+    again; training uses the last round's partition. Stages `reference-round<r>`, `scores-round<r>`,
+    `partition-round<r>`. Use it when the first reference learned the noise it should detect."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")
         _check(self.size is None or self.size > 0, "reference.size", f"must be > 0, got {self.size}")
+        _check(self.folds >= 1, "reference.folds", f"must be >= 1, got {self.folds}")
+        _check(self.rounds >= 1, "reference.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.folds == 1 or self.rounds == 1, "reference.rounds", "cross-fitting (folds > 1) and rounds > 1 "
+               "do not combine; choose one")
+        _check(self.path is None or (self.folds == 1 and self.rounds == 1), "reference.path",
+               "folds and rounds draw the reference's examples from the training data; unset path")
 
 
 @dataclass
@@ -210,10 +228,18 @@ class ScoreConfig:
 
 @dataclass
 class PartitionConfig:
-    """Global ranking of every response token of the data set by score."""
+    """Which response tokens are positive (learn) and which negative (forget), from their scores."""
 
     rho: float = 0.7
     """Share of response tokens that are positive (the top-scored ones); the rest are negative."""
+    selection: Selection = "global"
+    """`global`: the top rho of all tokens of the data set (the paper); `per_sample`: the top rho of each
+    example (every example keeps some tokens); `threshold`: score >= `threshold` (rho unused);
+    `soft`: the global ranking plus a weight per token in [-1, 1], 1 - r/k for the k positives and
+    -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut
+    count little (see `tokenforget.partition`)."""
+    threshold: float = 0.0
+    """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
     """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
     stream_rows: int = 100_000
@@ -222,6 +248,8 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
         _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
+        _check(not self.streaming or self.selection == "global", "partition.selection",
+               f"streaming supports the global selection only, got '{self.selection}'")
 
 
 @dataclass
@@ -231,9 +259,18 @@ class TrainConfig:
     mode: Mode = "forget"
     """`forget` (the paper), `sft` (every response token) or `ignore` (positive tokens only)."""
     lambda_schedule: str = "linear"
-    """How lambda moves over optimizer steps; see `tokenforget.losses.SCHEDULES`."""
+    """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
+    see `tokenforget.losses.SCHEDULES`."""
     t_min: float = 0.0
     t_max: float = 0.25
+    lambda_warmup: float = 0.1
+    """`warmup_constant` only: share of the optimizer steps over which lambda rises from t_min to t_max."""
+    forget_objective: ForgetObjective = "ga"
+    """What `forget` does to negative tokens (`tokenforget.losses.FORGET_TERMS`): `ga`, gradient ascent on
+    their CE (the paper, unbounded); `unlikelihood`, -log(1 - p); `wga`, gradient ascent weighted by p^beta;
+    `tnpo`, token-wise NPO, weighted by 2 p^beta / (p^beta + p_base^beta). The last three are bounded."""
+    beta: float = 1.0
+    """Temperature of `wga` and `tnpo`: larger beta stops pushing a token sooner once it is unlikely."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     save_merged: bool = True
     """Also save the LoRA-merged model, loadable with `AutoModelForCausalLM.from_pretrained`."""
@@ -256,6 +293,8 @@ class TrainConfig:
             f"unknown '{self.lambda_schedule}', choose from {sorted(SCHEDULES)}",
         )
         _check(self.t_min >= 0 and self.t_max >= 0, "train.t_max", "lambda bounds must be >= 0")
+        _check(0.0 < self.lambda_warmup <= 1.0, "train.lambda_warmup", f"must be in (0, 1], got {self.lambda_warmup}")
+        _check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
 
 
 @dataclass
