@@ -188,3 +188,20 @@ def test_bad_new_options_exit_2_naming_the_field(config: Path, capsys):
         assert main(["run", str(config), *args]) == 2, args
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and field in errors[0], errors  # one line (beside progress bars), no traceback
+
+
+def test_dry_run_lists_every_round_and_the_fold_count(config: Path):
+    """The plan names each round's stages (reused after they ran, by the same fingerprints the stages
+    write) and counts K reference trainings for cross-fitting."""
+    from tokenforget.plan import plan_run
+
+    rounds = load_cfg(config, reference={"rounds": 2})
+    names = [p.name for p in plan_run(Run(rounds), ["forget"], measure=False)[0]]
+    assert names == ["data", "reference", "scores", "partition", "reference-round2", "scores-round2",
+                     "partition-round2", "labels", "train-forget"]
+    assert main(["partition", str(config), "--reference.rounds", "2"]) == 0
+    plans = plan_run(Run(rounds), ["forget"], measure=False)[0]
+    assert [p.name for p in plans if not p.reuse] == ["train-forget"]
+    folds = load_cfg(config, reference={"folds": 3})
+    ref = next(p for p in plan_run(Run(folds), ["forget"], measure=False)[0] if p.name == "reference")
+    assert ref.work.startswith("3 references x")
