@@ -205,3 +205,44 @@ def test_dry_run_lists_every_round_and_the_fold_count(config: Path):
     folds = load_cfg(config, reference={"folds": 3})
     ref = next(p for p in plan_run(Run(folds), ["forget"], measure=False)[0] if p.name == "reference")
     assert ref.work.startswith("3 references x")
+
+
+def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """One seed, modes sft + forget, variants `wga` (forget_objective wga, beta 2) and `cos` (cosine schedule):
+    each trains as train-<name> on the seed's one partition, with the fingerprint a plain run with those
+    train fields gets, and appears in the tables and the paired differences. A rerun does nothing."""
+    from test_compare import gsm8k_rows
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=12)
+    cfg.update(run_dir=str(tmp_path / "cmp"), report_to=["none"])
+    cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4,
+                   "batch_size": 2, "gsm8k_nll": True}
+    cfg["compare"] = {"seeds": [1], "modes": ["sft", "forget"],
+                      "variants": {"wga": {"forget_objective": "wga", "beta": 2.0}, "cos": {"lambda_schedule": "cosine"}}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # variants in the order written
+    assert main(["compare", str(path)]) == 0
+    res = json.loads((tmp_path / "cmp" / "compare_results.json").read_text())
+    assert res["models"] == ["base", "sft", "forget", "wga", "cos"]
+    assert set(res["paired_vs_sft"]) == {"forget", "wga", "cos"}
+    seed = tmp_path / "cmp" / "seed-1"
+    fp = lambda stage: json.loads((seed / stage / "stage.json").read_text())["fingerprint"]  # noqa: E731
+    plain = from_dict(RunConfig, {**cfg, "run_dir": str(seed), "seed": 1, "train": {**cfg["train"], "forget_objective": "wga", "beta": 2.0}})
+    assert fp("train-wga") == Run(plain).train_fp("forget") != fp("train-forget")
+    lambdas = lambda stage: [h["lambda"] for h in json.loads((seed / stage / "log_history.json").read_text()) if "lambda" in h]  # noqa: E731
+    assert lambdas("train-cos") != lambdas("train-forget") and lambdas("train-cos")[0] == 0.0
+    capsys.readouterr()
+    assert main(["compare", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "training on" not in out and "[eval-wga] up to date" in out
+    assert main(["compare", str(path), "--compare.variants", "{bad: {beta: 0}}"]) == 2
+    assert "compare.variants.bad" in capsys.readouterr().err
+    assert main(["compare", str(path), "--compare.variants", "{sft: {beta: 2}}"]) == 2
+    assert main(["compare", str(path), "--compare.variants", "{x: {learning_rate: 2}}"]) == 2
+    assert "compare.variants.x.learning_rate" in capsys.readouterr().err
+
+
+def write_test_set(tmp_path: Path, rows: list[dict]) -> Path:
+    from conftest import write_jsonl
+
+    return write_jsonl(tmp_path / "test.jsonl", rows)

@@ -359,11 +359,42 @@ class CompareConfig:
     """One complete run per seed (reference subset, reference, scores, partition, every mode's training)."""
     modes: list[Mode] = field(default_factory=lambda: ["sft", "ignore", "forget"])
     """Trained from one shared reference and set of scores per seed; `sft` is the paired baseline."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """More trainings beside `modes`, by name: overrides of `train` fields (not `training`), e.g.
+    `{wga: {forget_objective: wga, beta: 2.0}, cosine: {lambda_schedule: cosine}}`. Each trains `forget`
+    (unless it sets `mode`) on the seed's shared partition as stage `train-<name>` and is evaluated and
+    tabled like a mode; `tokenforget eval --eval.checkpoint NAME` evaluates it alone."""
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "compare.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "compare.seeds", f"repeats a seed: {self.seeds}")
         _check("sft" in self.modes, "compare.modes", f"must include 'sft' (the baseline), got {self.modes}")
+        for name, overrides in self.variants.items():
+            _check_variant(name, overrides)
+
+
+# TrainConfig fields a compare variant may not override: they change what is trained on, or how
+VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split")
+
+
+def _check_variant(name: str, overrides: dict[str, Any]) -> None:
+    """A variant's name is a new stage name, and its overrides make a valid `TrainConfig`."""
+    import re
+
+    where = f"compare.variants.{name}"
+    _check(re.fullmatch(r"[A-Za-z0-9_.]+", name) is not None, where, "a name of letters, digits, '_' and '.'")
+    _check(name not in ("base", "sft", "ignore", "forget"), where, "a variant needs a name of its own, not a mode's")
+    _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in overrides:
+        _check(key in known and key not in VARIANT_FIXED, f"{where}.{key}",
+               f"not a train field a variant may set (choose from {sorted(known - set(VARIANT_FIXED))})")
+    try:
+        TrainConfig(**overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check(overrides.get("mode", "forget") in ("forget", "sft", "ignore"), f"{where}.mode",
+           f"must be forget, sft or ignore, got {overrides.get('mode')!r}")
 
 
 @dataclass

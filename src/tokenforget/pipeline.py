@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -588,6 +588,9 @@ class Run:
     # ------------------------------------------------------------ train
 
     def train_fp(self, mode: str) -> str:
+        if mode in self.cfg.compare.variants:
+            sub, sub_mode = self.variant(mode)
+            return sub.train_fp(sub_mode)
         c = self.cfg
         if c.train.labels_path:
             upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
@@ -634,10 +637,19 @@ class Run:
         cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
         return _sft_classes(datasets.Dataset.from_dict(cols))
 
-    def train(self, mode: Optional[str] = None) -> Path:
-        """Train from the base model with `mode` (default `train.mode`). Returns the stage folder."""
+    def variant(self, name: str) -> tuple["Run", str]:
+        """A `compare.variants` entry: this run with its `train` fields overridden, and the mode it trains."""
+        train = replace(self.cfg.train, **self.cfg.compare.variants[name])
+        return Run(replace(self.cfg, train=train), base=self.base, log=self.log, ranks=self.ranks), train.mode
+
+    def train(self, mode: Optional[str] = None, stage: Optional[str] = None) -> Path:
+        """Train from the base model with `mode` (default `train.mode`), or a `compare.variants` name.
+        Returns the stage folder (`stage`, default `train-<mode>`)."""
         mode = mode or self.cfg.train.mode
-        name = f"train-{mode}"
+        if mode in self.cfg.compare.variants:
+            sub, sub_mode = self.variant(mode)
+            return sub.train(sub_mode, stage=f"train-{mode}")
+        name = stage or f"train-{mode}"
         train_set = self.train_set(mode)
         fp = self.train_fp(mode)
         if self.is_done(name, fp):
@@ -724,13 +736,14 @@ class Run:
         """(stage suffix, fingerprint of the model, loader) for an eval target."""
         if target in (None, "base"):
             return "base", fingerprint("base", to_dict(self.cfg.model)), self.base.fresh
-        stage = self.stage_dir(f"train-{target}") if target in ("sft", "ignore", "forget") else Path(target).expanduser()
+        trained = ("sft", "ignore", "forget", *self.cfg.compare.variants)  # names of train stages
+        stage = self.stage_dir(f"train-{target}") if target in trained else Path(target).expanduser()
         if not stage.is_dir():
-            hint = f"; train it first: tokenforget train --train.mode {target}" if target in ("sft", "ignore", "forget") else ""
+            hint = f"; train it first: tokenforget train --train.mode {target}" if target in trained else ""
             raise RunFolderError(f"eval.checkpoint: '{stage}' does not exist{hint}")
         record = stage / STAGE_FILE
         model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", _folder_digest(stage))
-        name = target if target in ("sft", "ignore", "forget") else stage.resolve().name
+        name = target if target in trained else stage.resolve().name
         return name, model_fp, lambda: self._load_model_folder(stage)
 
     def _load_model_folder(self, folder: Path) -> torch.nn.Module:
