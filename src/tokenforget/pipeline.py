@@ -3,9 +3,10 @@
     run_dir/
       config.json   the RunConfig of the last stage written here
       data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
-      reference/    the reference model's LoRA adapter (or full model)
-      scores/       per-token ce_base, ce_ref, score (Arrow, float32)
-      partition/    per-token token_class (Arrow) + stats.json
+      reference/    the reference model's LoRA adapter (or full model); cross-fitted: fold-<k>/, folds.json
+      scores/       per-token ce_base, ce_ref, score (Arrow, float32); cross-fitted: scored_by per example
+      partition/    per-token token_class (and token_weight, soft selection) (Arrow) + stats.json
+      reference-round<r>/, scores-round<r>/, partition-round<r>/   self-evolving rounds r >= 2
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
       eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
