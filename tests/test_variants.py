@@ -160,6 +160,9 @@ def test_self_evolving_rounds_are_stages_that_resume(config: Path, capsys):
         for stage in (name, f"{name}-round2", f"{name}-round3"):
             assert (run / stage / "stage.json").is_file(), stage
     assert json.loads((run / "reference-round3" / "stage.json").read_text())["round"] == 3
+    from tokenforget.html_report import read_run
+
+    assert read_run(run).stats == json.loads((run / "partition-round3" / "stats.json").read_text())  # the report's
     labels = datasets.Dataset.from_parquet(str(run / "labels" / "labels.parquet"))
     last = datasets.load_from_disk(str(run / "partition-round3" / "classes"))
     assert labels["token_class"] == last["token_class"]
@@ -183,6 +186,7 @@ def test_bad_new_options_exit_2_naming_the_field(config: Path, capsys):
         (["--train.lambda_warmup", "0"], "train.lambda_warmup"),
         (["--partition.selection", "soft", "--partition.streaming", "true"], "partition.selection"),
         (["--train.forget_objective", "npo"], "train.forget_objective"),
+        (["--reference.folds", "2", "--lora.enabled", "false"], "reference.folds"),
         (["--reference.folds", "40"], "reference.folds"),  # more folds than examples: found after the data stage
     ]:
         assert main(["run", str(config), *args]) == 2, args

@@ -431,6 +431,8 @@ class RunConfig:
             "train.training.training_args.eval_strategy",
             "evaluation needs a held-out file: set train.eval_path",
         )
+        _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
+               "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
 
 
 @dataclass
