@@ -84,6 +84,9 @@ def test_tnpo_train_set_carries_the_base_models_ce(config: Path):
     train_set = run.train_set("forget")
     assert train_set["ref_ce"] == run.score()["ce_base"]
     assert "ref_ce" not in Run(load_cfg(config)).train_set("forget").column_names
+    labels = str(config.parent / "run" / "labels")  # the exported file: its ce_base is the ref_ce
+    from_labels = Run(load_cfg(config, train={"forget_objective": "tnpo", "labels_path": labels})).train_set("forget")
+    np.testing.assert_allclose(np.concatenate(from_labels["ref_ce"]), np.concatenate(train_set["ref_ce"]))
 
 
 def test_soft_selection_weights_reach_the_labels_and_the_trainer(config: Path):
