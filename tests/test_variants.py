@@ -249,6 +249,38 @@ def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir
     assert "compare.variants.x.learning_rate" in capsys.readouterr().err
 
 
+def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`soft` (partition.selection soft) and `cf` (reference.folds 2) run in seed-1/variant-<name>/: `soft`
+    starts from copies of the seed's data, reference and scores (same fingerprints, nothing retrained),
+    `cf` from its data only and trains 2 fold references. Both are tabled; a rerun does nothing."""
+    from test_compare import gsm8k_rows
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=12)
+    cfg.update(run_dir=str(tmp_path / "cmp"), report_to=["none"])
+    cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4, "batch_size": 2}
+    cfg["compare"] = {"seeds": [1], "modes": ["sft", "forget"],
+                      "variants": {"soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}}}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["compare", str(path)]) == 0
+    out = capsys.readouterr().out
+    seed = tmp_path / "cmp" / "seed-1"
+    fp = lambda folder, stage: json.loads((folder / stage / "stage.json").read_text())["fingerprint"]  # noqa: E731
+    soft, cf = seed / "variant-soft", seed / "variant-cf"
+    assert fp(soft, "reference") == fp(seed, "reference") and fp(soft, "scores") == fp(seed, "scores")
+    assert f"[reference] copied from {seed / 'reference'}" in out and fp(soft, "partition") != fp(seed, "partition")
+    assert "token_weight" in datasets.load_from_disk(str(soft / "partition" / "classes")).column_names
+    assert (cf / "reference" / "folds.json").is_file() and fp(cf, "data") == fp(seed, "data")
+    assert (soft / "train-soft" / "stage.json").is_file() and (cf / "eval-cf" / "results.json").is_file()
+    res = json.loads((tmp_path / "cmp" / "compare_results.json").read_text())
+    assert res["models"] == ["base", "sft", "forget", "soft", "cf"] and set(res["paired_vs_sft"]) == {"forget", "soft", "cf"}
+    assert main(["compare", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "training on" not in out and "copied" not in out and "[eval-cf] up to date" in out
+    assert main(["compare", str(path), "--compare.variants", "{x: {partition: {streaming: true}}}"]) == 2
+    assert "compare.variants.x.partition" in capsys.readouterr().err
+
+
 def write_test_set(tmp_path: Path, rows: list[dict]) -> Path:
     from conftest import write_jsonl
 

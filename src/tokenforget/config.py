@@ -363,7 +363,11 @@ class CompareConfig:
     """More trainings beside `modes`, by name: overrides of `train` fields (not `training`), e.g.
     `{wga: {forget_objective: wga, beta: 2.0}, cosine: {lambda_schedule: cosine}}`. Each trains `forget`
     (unless it sets `mode`) on the seed's shared partition as stage `train-<name>` and is evaluated and
-    tabled like a mode; `tokenforget eval --eval.checkpoint NAME` evaluates it alone."""
+    tabled like a mode; `tokenforget eval --eval.checkpoint NAME` evaluates it alone. A variant may also
+    override `partition` (rho, selection, threshold) or `reference` (folds, rounds, fraction, size), e.g.
+    `{soft: {partition: {selection: soft}}}`: it then runs in `run_dir/variant-<name>/`, which starts
+    from copies of the seed's finished stages that it shares (data, and reference and scores when only
+    the partition changes)."""
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "compare.seeds", "needs at least one seed")
@@ -375,6 +379,8 @@ class CompareConfig:
 
 # TrainConfig fields a compare variant may not override: they change what is trained on, or how
 VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split")
+# Other sections a compare variant may override (a mapping each), and their fields it may set
+VARIANT_SECTIONS = {"partition": ("rho", "selection", "threshold"), "reference": ("folds", "rounds", "fraction", "size")}
 
 
 def _check_variant(name: str, overrides: dict[str, Any]) -> None:
@@ -386,11 +392,19 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
     _check(name not in ("base", "sft", "ignore", "forget"), where, "a variant needs a name of its own, not a mode's")
     _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
     known = {f.name for f in fields(TrainConfig)}
-    for key in overrides:
+    sections = {"partition": PartitionConfig, "reference": ReferenceConfig}
+    for key, value in overrides.items():
+        if key in VARIANT_SECTIONS:
+            _check(isinstance(value, dict) and set(value) <= set(VARIANT_SECTIONS[key]), f"{where}.{key}",
+                   f"a mapping of {list(VARIANT_SECTIONS[key])}, got {value!r}")
+            continue
         _check(key in known and key not in VARIANT_FIXED, f"{where}.{key}",
-               f"not a train field a variant may set (choose from {sorted(known - set(VARIANT_FIXED))})")
+               f"not a train field a variant may set (choose from {sorted(known - set(VARIANT_FIXED))} "
+               f"or the sections {list(VARIANT_SECTIONS)})")
     try:
-        TrainConfig(**overrides)
+        TrainConfig(**{k: v for k, v in overrides.items() if k not in VARIANT_SECTIONS})
+        for sec, cls in sections.items():
+            cls(**overrides.get(sec, {}))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     _check(overrides.get("mode", "forget") in ("forget", "sft", "ignore"), f"{where}.mode",

@@ -39,7 +39,7 @@ from transformers import set_seed
 
 from tokenforget import data as data_mod
 from tokenforget import labels as labels_mod
-from tokenforget.config import ConfigError, RunConfig, TrainingConfig, UserError, to_dict
+from tokenforget.config import VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict
 from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS
 from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
 from tokenforget.partition import flat_list_column, flat_token_classes, select_tokens, streaming_threshold
@@ -639,9 +639,36 @@ class Run:
         return _sft_classes(datasets.Dataset.from_dict(cols))
 
     def variant(self, name: str) -> tuple["Run", str]:
-        """A `compare.variants` entry: this run with its `train` fields overridden, and the mode it trains."""
-        train = replace(self.cfg.train, **self.cfg.compare.variants[name])
-        return Run(replace(self.cfg, train=train), base=self.base, log=self.log, ranks=self.ranks), train.mode
+        """A `compare.variants` entry: this run with its `train` fields overridden, and the mode it trains.
+
+        A variant that also overrides `partition` or `reference` gets a run folder of its own,
+        `run_dir/variant-<name>/`, seeded with copies of this folder's finished stages it shares.
+        """
+        overrides = dict(self.cfg.compare.variants[name])
+        sections = {sec: replace(getattr(self.cfg, sec), **overrides.pop(sec)) for sec in VARIANT_SECTIONS if sec in overrides}
+        train = replace(self.cfg.train, **overrides)
+        if not sections:
+            return Run(replace(self.cfg, train=train), base=self.base, log=self.log, ranks=self.ranks), train.mode
+        compare = replace(self.cfg.compare, variants={**self.cfg.compare.variants, name: overrides})  # no recursion
+        cfg = replace(self.cfg, run_dir=str(self.root / f"variant-{name}"), train=train, compare=compare, **sections)
+        sub = Run(cfg, base=self.base, log=self.log, ranks=self.ranks)
+        sub.adopt_stages(self)
+        return sub, train.mode
+
+    def adopt_stages(self, parent: "Run") -> None:
+        """Copy `parent`'s finished data, reference and scores stages that this run's fingerprints match, so
+        a variant that changes only the partition does not train the reference again."""
+        for stage, fp in (("data", self.data_fp), ("reference", self.reference_fp), ("scores", self.score_fp)):
+            mine = fp()
+            if self.ranks.is_main and not self.is_done(stage, mine) and parent.is_done(stage, mine):
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = self.root / f".{stage}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(parent.stage_dir(stage), tmp)
+                shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+                os.replace(tmp, self.stage_dir(stage))
+                self.log(f"[{stage}] copied from {parent.stage_dir(stage)}")
+        self.ranks.barrier()
 
     def train(self, mode: Optional[str] = None, stage: Optional[str] = None) -> Path:
         """Train from the base model with `mode` (default `train.mode`), or a `compare.variants` name.
@@ -711,6 +738,10 @@ class Run:
         """
         from tokenforget import benchmarks
 
+        if target in self.cfg.compare.variants:
+            sub, _ = self.variant(target)
+            if sub.root != self.root:  # a variant with a partition of its own: its folder holds its stages
+                return sub.evaluate(target)
         name, model_fp, load = self._eval_target(target)
         ec = {k: v for k, v in to_dict(self.cfg.eval).items() if k != "checkpoint"}
         rendering = {k: getattr(self.cfg.data, k) for k in ("max_length", "chat_template", "system_prompt")}
