@@ -76,6 +76,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_run_config(tmp_path: Path, model_dir: Path, n_examples: int = 24) -> dict:
+    """A run config (as a dict, for YAML) on the tiny model: `n_examples` demo examples in `train.jsonl`,
+    batch 4, a log entry at every step, a reference on a quarter of the examples."""
+    from tokenforget.demo import make_examples
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_examples(n_examples, seed=0, noise=0.25))
+    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(model_dir), "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(data), "max_length": 128},
+        "reference": {"fraction": 0.25, "training": training},
+        "score": {"batch_size": 8},
+        "train": {"training": training},
+    }
+
+
 # Records a report must show as text: markup, and characters outside the tiny tokenizer's vocabulary
 # (byte-level BPE splits them into one token per UTF-8 byte).
 ODD_RECORDS = [

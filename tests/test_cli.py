@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import write_jsonl
+from conftest import tiny_run_config, write_jsonl
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
 
@@ -29,17 +29,7 @@ def stage_dirs(run: Path) -> list[str]:
 
 @pytest.fixture
 def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    data = write_jsonl(tmp_path / "train.jsonl", make_examples(24, seed=0, noise=0.25))
-    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(data), "max_length": 128},
-        "reference": {"fraction": 0.25, "training": training},
-        "score": {"batch_size": 8},
-        "train": {"training": training},
-    }
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -65,3 +65,60 @@ def test_streaming_cut_counts_exactly_and_reports_achieved_rho():
     assert exact.sum() <= cut.n_positive <= exact.sum() + 10_000 / 64 + 1
     assert np.all(scores[exact] >= cut.threshold)
     assert 0.7 <= cut.achieved_rho <= 0.7 + 1 / 64 + 1e-4
+
+
+# ---------------------------------------------------------------- other selections (partition.selection)
+
+
+def test_per_sample_ranks_within_each_example_with_ties_to_the_earlier_token():
+    """ex0 scores [0.8, 0.2, 0.8], ex1 [0.5, -1.0, 0.3, 0.3], rho 0.4.
+    ex0: round(0.4 * 3) = 1 positive: the first 0.8 (tie with the third goes to the earlier) -> [T, F, F].
+    ex1: round(0.4 * 4) = round(1.6) = 2: 0.5, then the first 0.3 -> [T, F, T, F].
+    Global ranking at rho 0.4 of 7 = 3 would instead take 0.8, 0.8, 0.5 (and nothing else from ex1)."""
+    from tokenforget.partition import per_sample_partition
+
+    scores = np.array([0.8, 0.2, 0.8, 0.5, -1.0, 0.3, 0.3])
+    example = np.array([0, 0, 0, 1, 1, 1, 1])
+    assert per_sample_partition(scores, example, 0.4).tolist() == [True, False, False, True, False, True, False]
+    assert global_partition(scores, 0.4).tolist() == [True, False, True, True, False, False, False]
+
+
+def test_threshold_keeps_scores_at_or_above_it():
+    """SCORES [0.5, 0.1, 0.5, 0.9, 0.1], threshold 0.5: both tied 0.5s and the 0.9 are positive."""
+    from tokenforget.partition import threshold_partition
+
+    assert threshold_partition(SCORES, 0.5).tolist() == [True, False, True, True, False]
+
+
+def test_soft_weights_by_rank_from_the_cut():
+    """SCORES [0.5, 0.1, 0.5, 0.9, 0.1], rho 0.6: N 5, k 3. Ranks (ties to the earlier token):
+    i3 r0, i0 r1, i2 r2, i1 r3, i4 r4. Positives 1 - r/3: i3 1, i0 2/3, i2 1/3;
+    negatives -(r - 3 + 1)/2: i1 -1/2, i4 -1. Signs equal the global partition."""
+    from tokenforget.partition import soft_weights
+
+    w = soft_weights(SCORES, 0.6)
+    assert w.tolist() == pytest.approx([2 / 3, -0.5, 1 / 3, 1.0, -1.0])
+    assert ((w > 0) == global_partition(SCORES, 0.6)).all()
+
+
+def test_select_tokens_flat_classes_and_weights():
+    """Two examples, prompt positions (response 0) get class 0 and weight 0 whatever their score.
+    Response scores: ex0 0.2, 0.8 ; ex1 0.5, -1.0, 0.3 (N 5). soft, rho 0.4: k 2; ranks 0.8 r0, 0.5 r1,
+    0.3 r2, 0.2 r3, -1.0 r4 -> |w|: 0.8 1, 0.5 1/2, 0.3 1/3, 0.2 2/3, -1.0 1.
+    per_sample, rho 0.5: ex0 round(1.0) = 1 -> 0.8; ex1 round(1.5) = 2 -> 0.5, 0.3.
+    threshold 0.25: 0.8, 0.5, 0.3."""
+    from tokenforget.partition import select_tokens
+
+    scores = np.array([9.0, 0.2, 0.8, 9.0, 9.0, 0.5, -1.0, 0.3], dtype=np.float32)
+    resp = np.array([0, 1, 1, 0, 0, 1, 1, 1])
+    offsets = np.array([0, 3, 8])
+    cls, w, stats = select_tokens(scores, resp, offsets, "soft", 0.4)
+    assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, -1]
+    assert w.tolist() == pytest.approx([0, 2 / 3, 1, 0, 0, 1 / 2, 1, 1 / 3])
+    assert (stats.n_positive, stats.n_negative) == (2, 3)
+    cls, w, _ = select_tokens(scores, resp, offsets, "per_sample", 0.5)
+    assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, 1] and w is None
+    cls, _, _ = select_tokens(scores, resp, offsets, "threshold", 0.9, threshold=0.25)
+    assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, 1]
+    cls, _, _ = select_tokens(scores, resp, offsets, "global", 0.4)
+    assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, -1]

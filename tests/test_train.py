@@ -32,11 +32,16 @@ class GradCapture(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
 
 
-def first_step_grads(model_dir, tmp_path, batch_size: int, grad_accum: int, tokenizer) -> dict[str, torch.Tensor]:
+def first_step_grads(
+    model_dir, tmp_path, batch_size: int, grad_accum: int, tokenizer, data=None, **trainer_kw
+) -> dict[str, torch.Tensor]:
+    """Gradients of one `forget` step at lambda 0.2 (`data` default: the toy data set; `trainer_kw` to
+    `make_trainer`, e.g. forget_objective)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = TrainingConfig(learning_rate=1e-3, batch_size=batch_size, grad_accum=grad_accum, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0)
     args = training_arguments(cfg, tmp_path / f"b{batch_size}", seed=0, bf16=False, disable_tqdm=True)
-    trainer = make_trainer(model, tokenizer, toy_dataset(), args, "forget", "linear", t_min=0.2, t_max=0.2)
+    data = toy_dataset() if data is None else data
+    trainer = make_trainer(model, tokenizer, data, args, "forget", "linear", t_min=0.2, t_max=0.2, **trainer_kw)
     cap = GradCapture(model)
     trainer.add_callback(cap)
     trainer.train()
@@ -134,3 +139,31 @@ def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model_dir, tiny_t
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-5)
+
+
+def weighted_dataset() -> tuple[datasets.Dataset, list[list[float]], list[list[float]]]:
+    """The toy examples with seeded `token_weight` in [0, 1) and `ref_ce` in [0, 3) on every token."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.rand(len(ids), generator=gen).tolist() for ids in IDS]
+    ref_ce = [(3 * torch.rand(len(ids), generator=gen)).tolist() for ids in IDS]
+    data = datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS, "token_weight": weights, "ref_ce": ref_ce})
+    return data, weights, ref_ce
+
+
+def test_soft_weights_and_tnpo_keep_batch_split_invariance(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The per-token columns travel through the collator with their tokens: with `token_weight` and `ref_ce`
+    on every example and the `tnpo` term, one batch of 4 and 2 micro-batches of 2 give the same gradient,
+    which is also a direct full-batch backward of forgetting_loss(weight, ref_ce, tnpo, beta 2)."""
+    data, weights, ref_ce = weighted_dataset()
+    kw = dict(data=data, forget_objective="tnpo", beta=2.0)
+    grads = {bs: first_step_grads(tiny_model_dir, tmp_path, bs, 4 // bs, tiny_tokenizer, **kw) for bs in (4, 2)}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids, mask = pad_batch(IDS, tiny_tokenizer.pad_token_id)
+    cls, _ = pad_batch(CLS, 0)
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True)  # noqa: E731
+    ce = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, ids)
+    forgetting_loss(ce, cls, 0.2, weight=pad(weights), ref_ce=pad(ref_ce), forget_term="tnpo", beta=2.0).loss.backward()
+    for name, g in grads[4].items():
+        torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

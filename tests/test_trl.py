@@ -62,6 +62,30 @@ def test_trl_step_has_our_loss_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_
         torch.testing.assert_close(cap.grads[name], ours[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_carries_token_weights_and_ref_ce(tiny_model_dir, tiny_tokenizer, tmp_path, packing):
+    """`token_weight` and `ref_ce` go through TRL's truncation or packing with their tokens: with `tnpo` (beta 2)
+    and soft weights, TRL's 2 x 2 step (padded or packed) has the gradient of our trainer's batch of 4."""
+    from test_train import weighted_dataset
+
+    data, _, _ = weighted_dataset()
+    ours = first_step_grads(tiny_model_dir, tmp_path, 4, 1, tiny_tokenizer, data=data, forget_objective="tnpo", beta=2.0)
+    args = sft_config(tmp_path / "trl", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                      packing=packing, max_length=64, padding_free=packing)
+    trainer = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=data, forget_objective="tnpo", beta=2.0)
+    cap = GradCapture(trainer.model)
+    trainer.add_callback(cap)
+    trainer.train()
+    if packing:  # packing changes which examples share a micro-batch, not the optimizer batch: same gradient
+        assert "token_weight" in trainer.train_dataset.column_names
+    else:  # a labels file names the base model's CE `ce_base`: taken as ref_ce
+        labels_like = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=data.rename_column("ref_ce", "ce_base"),
+                                  forget_objective="tnpo", beta=2.0)
+        assert labels_like.train_dataset["ref_ce"] == trainer.train_dataset["ref_ce"]
+    for name in ours:
+        torch.testing.assert_close(cap.grads[name], ours[name], rtol=1e-4, atol=1e-6)
+
+
 def segments(row: dict) -> list[tuple[list[int], list[int]]]:
     """(input_ids, token_class) of each sequence packed into one row, split by `seq_lengths`."""
     out, start = [], 0

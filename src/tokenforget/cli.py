@@ -54,7 +54,7 @@ def _dry_run(command: str, cfg: RunConfig) -> None:
 # Commands that take --dry-run, and the training modes each one would run (a compare command lists several).
 DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {
     "run": lambda cfg: [cfg.train.mode],
-    "compare": lambda cfg: ["sft", "ignore", "forget"],  # per seed; the plan shows the first run folder
+    "compare": lambda cfg: [*cfg.compare.modes, *cfg.compare.variants],  # per seed; the plan shows the first run folder
 }
 
 

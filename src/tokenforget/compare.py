@@ -79,7 +79,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
 
     t0 = time.time()
     base = base or BaseModel(cfg.model)  # loaded once, copied for each training
-    modes = list(cfg.compare.modes)
+    modes = [*cfg.compare.modes, *cfg.compare.variants]  # variants train and table like modes
     top = Run(cfg, base=base, log=log)
     base_results = top.evaluate(None)
     per_seed: dict[str, dict[str, Any]] = {}
@@ -94,7 +94,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
             evals[mode] = run.evaluate(mode)
             samples.setdefault(mode, evals[mode]["samples"])
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
-        if set(modes) & {"ignore", "forget"} and _has_corrupt(run):
+        if any(m != "sft" for m in modes) and _has_corrupt(run):
             detection[str(seed)] = _plain_floats(report.detection_of(run).__dict__)
     results = summarize(per_seed, ["base", *modes])
     results.update(detection=detection, samples=samples, config=to_dict(cfg), **provenance(), wall_s=time.time() - t0)

@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
 
 Precision = Literal["auto", "fp32", "bf16"]
 Mode = Literal["forget", "sft", "ignore"]
+ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
+Selection = Literal["global", "per_sample", "threshold", "soft"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 
 
@@ -188,10 +190,26 @@ class ReferenceConfig:
     path: Optional[str] = None
     """A separate data file (same format as `data`) to train the reference on."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    folds: int = 1
+    """Cross-fitting: with K > 1 the examples are dealt into K seeded folds and K references are trained,
+    reference k on `size` (or `fraction` x all) examples drawn from the other K - 1 folds (all of them when
+    fewer); every example is scored by the reference of its own fold, which never saw it. K times the
+    reference cost; use it when the reference would otherwise memorise the examples it scores."""
+    rounds: int = 1
+    """Self-evolving references (token-cleaning style): with R > 1, round r >= 2 trains a new reference from
+    the base on the same subset with `ignore` on round r - 1's positive tokens, then scores and partitions
+    again; training uses the last round's partition. Stages `reference-round<r>`, `scores-round<r>`,
+    `partition-round<r>`. Use it when the first reference learned the noise it should detect."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")
         _check(self.size is None or self.size > 0, "reference.size", f"must be > 0, got {self.size}")
+        _check(self.folds >= 1, "reference.folds", f"must be >= 1, got {self.folds}")
+        _check(self.rounds >= 1, "reference.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.folds == 1 or self.rounds == 1, "reference.rounds", "cross-fitting (folds > 1) and rounds > 1 "
+               "do not combine; choose one")
+        _check(self.path is None or (self.folds == 1 and self.rounds == 1), "reference.path",
+               "folds and rounds draw the reference's examples from the training data; unset path")
 
 
 @dataclass
@@ -210,10 +228,18 @@ class ScoreConfig:
 
 @dataclass
 class PartitionConfig:
-    """Global ranking of every response token of the data set by score."""
+    """Which response tokens are positive (learn) and which negative (forget), from their scores."""
 
     rho: float = 0.7
     """Share of response tokens that are positive (the top-scored ones); the rest are negative."""
+    selection: Selection = "global"
+    """`global`: the top rho of all tokens of the data set (the paper); `per_sample`: the top rho of each
+    example (every example keeps some tokens); `threshold`: score >= `threshold` (rho unused);
+    `soft`: the global ranking plus a weight per token in [-1, 1], 1 - r/k for the k positives and
+    -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut
+    count little (see `tokenforget.partition`)."""
+    threshold: float = 0.0
+    """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
     """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
     stream_rows: int = 100_000
@@ -222,6 +248,8 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
         _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
+        _check(not self.streaming or self.selection == "global", "partition.selection",
+               f"streaming supports the global selection only, got '{self.selection}'")
 
 
 @dataclass
@@ -231,9 +259,18 @@ class TrainConfig:
     mode: Mode = "forget"
     """`forget` (the paper), `sft` (every response token) or `ignore` (positive tokens only)."""
     lambda_schedule: str = "linear"
-    """How lambda moves over optimizer steps; see `tokenforget.losses.SCHEDULES`."""
+    """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
+    see `tokenforget.losses.SCHEDULES`."""
     t_min: float = 0.0
     t_max: float = 0.25
+    lambda_warmup: float = 0.1
+    """`warmup_constant` only: share of the optimizer steps over which lambda rises from t_min to t_max."""
+    forget_objective: ForgetObjective = "ga"
+    """What `forget` does to negative tokens (`tokenforget.losses.FORGET_TERMS`): `ga`, gradient ascent on
+    their CE (the paper, unbounded); `unlikelihood`, -log(1 - p); `wga`, gradient ascent weighted by p^beta;
+    `tnpo`, token-wise NPO, weighted by 2 p^beta / (p^beta + p_base^beta). The last three are bounded."""
+    beta: float = 1.0
+    """Temperature of `wga` and `tnpo`: larger beta stops pushing a token sooner once it is unlikely."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     save_merged: bool = True
     """Also save the LoRA-merged model, loadable with `AutoModelForCausalLM.from_pretrained`."""
@@ -256,6 +293,8 @@ class TrainConfig:
             f"unknown '{self.lambda_schedule}', choose from {sorted(SCHEDULES)}",
         )
         _check(self.t_min >= 0 and self.t_max >= 0, "train.t_max", "lambda bounds must be >= 0")
+        _check(0.0 < self.lambda_warmup <= 1.0, "train.lambda_warmup", f"must be in (0, 1], got {self.lambda_warmup}")
+        _check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
 
 
 @dataclass
@@ -320,11 +359,56 @@ class CompareConfig:
     """One complete run per seed (reference subset, reference, scores, partition, every mode's training)."""
     modes: list[Mode] = field(default_factory=lambda: ["sft", "ignore", "forget"])
     """Trained from one shared reference and set of scores per seed; `sft` is the paired baseline."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """More trainings beside `modes`, by name: overrides of `train` fields (not `training`), e.g.
+    `{wga: {forget_objective: wga, beta: 2.0}, cosine: {lambda_schedule: cosine}}`. Each trains `forget`
+    (unless it sets `mode`) on the seed's shared partition as stage `train-<name>` and is evaluated and
+    tabled like a mode; `tokenforget eval --eval.checkpoint NAME` evaluates it alone. A variant may also
+    override `partition` (rho, selection, threshold) or `reference` (folds, rounds, fraction, size), e.g.
+    `{soft: {partition: {selection: soft}}}`: it then runs in `run_dir/variant-<name>/`, which starts
+    from copies of the seed's finished stages that it shares (data, and reference and scores when only
+    the partition changes)."""
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "compare.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "compare.seeds", f"repeats a seed: {self.seeds}")
         _check("sft" in self.modes, "compare.modes", f"must include 'sft' (the baseline), got {self.modes}")
+        for name, overrides in self.variants.items():
+            _check_variant(name, overrides)
+
+
+# TrainConfig fields a compare variant may not override: they change what is trained on, or how
+VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split")
+# Other sections a compare variant may override (a mapping each), and their fields it may set
+VARIANT_SECTIONS = {"partition": ("rho", "selection", "threshold"), "reference": ("folds", "rounds", "fraction", "size")}
+
+
+def _check_variant(name: str, overrides: dict[str, Any]) -> None:
+    """A variant's name is a new stage name, and its overrides make a valid `TrainConfig`."""
+    import re
+
+    where = f"compare.variants.{name}"
+    _check(re.fullmatch(r"[A-Za-z0-9_.]+", name) is not None, where, "a name of letters, digits, '_' and '.'")
+    _check(name not in ("base", "sft", "ignore", "forget"), where, "a variant needs a name of its own, not a mode's")
+    _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    sections = {"partition": PartitionConfig, "reference": ReferenceConfig}
+    for key, value in overrides.items():
+        if key in VARIANT_SECTIONS:
+            _check(isinstance(value, dict) and set(value) <= set(VARIANT_SECTIONS[key]), f"{where}.{key}",
+                   f"a mapping of {list(VARIANT_SECTIONS[key])}, got {value!r}")
+            continue
+        _check(key in known and key not in VARIANT_FIXED, f"{where}.{key}",
+               f"not a train field a variant may set (choose from {sorted(known - set(VARIANT_FIXED))} "
+               f"or the sections {list(VARIANT_SECTIONS)})")
+    try:
+        TrainConfig(**{k: v for k, v in overrides.items() if k not in VARIANT_SECTIONS})
+        for sec, cls in sections.items():
+            cls(**overrides.get(sec, {}))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check(overrides.get("mode", "forget") in ("forget", "sft", "ignore"), f"{where}.mode",
+           f"must be forget, sft or ignore, got {overrides.get('mode')!r}")
 
 
 @dataclass
@@ -361,6 +445,8 @@ class RunConfig:
             "train.training.training_args.eval_strategy",
             "evaluation needs a held-out file: set train.eval_path",
         )
+        _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
+               "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from tokenforget import __version__
 from tokenforget.compare import RESULTS_FILE as COMPARE_FILE
 from tokenforget.config import RunConfig, UserError, from_dict
 from tokenforget.losses import FORGET, LEARN
+from tokenforget.pipeline import round_stage
 from tokenforget.plots import score_histogram, training_curves
 
 RESULT_FILES = (COMPARE_FILE, "demo_results.json")  # shown in this order when present
@@ -102,14 +103,16 @@ def read_run(root: Path) -> RunFolder:
     if cfg_dict is None or tokens is None:
         raise ReportError(f"'{root}' is not a run folder with data: it needs config.json and data/ (run a stage first)")
     histories = {p.parent.name: json.loads(p.read_text()) for p in sorted(source.glob("train-*/log_history.json"))}
+    cfg = from_dict(RunConfig, cfg_dict)
+    scores, partition = (round_stage(s, cfg.reference.rounds) for s in ("scores", "partition"))  # the last round's
     return RunFolder(
         root=root,
         source=source,
-        cfg=from_dict(RunConfig, cfg_dict),
+        cfg=cfg,
         tokens=tokens,
-        scores=_dataset(source / "scores" / "scores"),
-        classes=_dataset(source / "partition" / "classes"),
-        stats=_json(source / "partition" / "stats.json"),
+        scores=_dataset(source / scores / "scores"),
+        classes=_dataset(source / partition / "classes"),
+        stats=_json(source / partition / "stats.json"),
         histories=histories,
         results=read_results(root),
     )

@@ -7,6 +7,7 @@
       ce_base      list<float32>  CE under the base model
       ce_ref       list<float32>  CE under the reference model
       example      int64          row of the source data file
+      token_weight list<float32>  |weight| of each token (only with `partition.selection: soft`)
 
 Any trainer can read it (`datasets.load_dataset("parquet", ...)`, pandas, polars); `ForgettingSFTTrainer`
 (TRL) and `tokenforget train --train.labels_path` train on it without scoring again. The schema metadata
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 import numpy as np
@@ -52,9 +53,15 @@ def _column(values: Column, kind: pa.DataType) -> Union[pa.Array, pa.ChunkedArra
 
 
 def labels_table(
-    input_ids: Column, token_class: Column, scores: dict[str, Column], example: Column, meta: dict[str, Any]
+    input_ids: Column,
+    token_class: Column,
+    scores: dict[str, Column],
+    example: Column,
+    meta: dict[str, Any],
+    weights: Optional[Column] = None,
 ) -> pa.Table:
-    """The labels as an Arrow table; `scores` holds the `score`, `ce_base` and `ce_ref` columns.
+    """The labels as an Arrow table; `scores` holds the `score`, `ce_base` and `ce_ref` columns, `weights`
+    the soft selection's per-token |weight| (column `token_weight`, left out when None).
 
     Columns are Arrow arrays (a stage's `dataset.data.column(...)`) or Python lists, one entry per example.
     """
@@ -65,6 +72,8 @@ def labels_table(
         **{name: _column(scores[name], floats) for name in ("score", "ce_base", "ce_ref")},
         "example": _column(example, pa.int64()),
     }
+    if weights is not None:
+        columns["token_weight"] = _column(weights, floats)
     table = pa.table(columns)
     return table.replace_schema_metadata({META_KEY: json.dumps({"format": FORMAT, **meta}).encode()})
 

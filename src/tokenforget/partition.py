@@ -8,13 +8,17 @@ arrays read straight from Arrow, so 25 million scores take well under a second.
 
 For score sets that do not fit in memory, `streaming_threshold` finds the cut from per-shard
 histograms merged across shards, then counts exactly against it and reports the rho it achieves.
+
+Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_partition` (the top rho of
+each example), `threshold_partition` (an absolute score cut) and `soft_weights` (the global ranking with a
+weight per token that grows with its distance from the cut).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +50,92 @@ def global_partition(scores: np.ndarray, rho: float) -> np.ndarray:
     ties = np.flatnonzero(scores == cut)[: k - int(positive.sum())]  # earliest tied tokens fill the rest
     positive[ties] = True
     return positive
+
+
+def per_sample_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: within each example, its round(rho * n_i) highest scores, ties to the earlier token.
+
+    Every example keeps the same share of its tokens, however easy or hard it is as a whole (global
+    ranking can leave an example with no positive token at all).
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of positive tokens per example, in [0, 1].
+    """
+    n = scores.shape[0]
+    order = np.lexsort((np.arange(n), -scores, example))  # by example, then score descending, then position
+    starts = np.searchsorted(example[order], example[order], side="left")  # first slot of each token's example
+    rank = np.arange(n) - starts  # (N,) rank within its example, in `order`
+    n_tokens = np.bincount(example, minlength=int(example.max()) + 1 if n else 0)
+    k = np.floor(rho * n_tokens + 0.5).astype(np.int64)  # round half up, per example
+    positive = np.empty(n, dtype=bool)
+    positive[order] = rank < k[example[order]]
+    return positive
+
+
+def threshold_partition(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean (N,) mask: score >= threshold. The share of positives follows from the scores (rho unused).
+
+    Score = CE_base - CE_ref, in nats: a threshold of 0 keeps every token the reference predicts at least
+    as well as the base model.
+    """
+    return scores >= threshold
+
+
+def soft_weights(scores: np.ndarray, rho: float) -> np.ndarray:
+    """Signed (N,) float32 weights in [-1, 1] from the global ranking: sign = the global partition's class,
+    magnitude = how far the token ranks from the cut.
+
+    With r the rank (0 = highest score, ties to the earlier token, as in `global_partition`), N tokens and
+    k = round(rho * N) positives:
+        r <  k:  w = 1 - r / k              (1 for the best token, 1/k for the last positive)
+        r >= k:  w = -(r - k + 1) / (N - k)  (-1/(N - k) for the first negative, -1 for the worst)
+    Tokens near the cut, where the ranking is least sure, get little weight either way; the loss uses |w| as
+    the token's weight and the sign as its class.
+    """
+    n, k = scores.shape[0], n_positive(scores.shape[0], rho)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(n)
+    w = np.where(rank < k, 1.0 - rank / max(k, 1), -(rank - k + 1) / max(n - k, 1))
+    return w.astype(np.float32)
+
+
+SELECTIONS = ("global", "per_sample", "threshold", "soft")
+
+
+def select_tokens(
+    scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0
+) -> tuple[np.ndarray, Optional[np.ndarray], "PartitionStats"]:
+    """Flat classes (+1/-1/0, int8), flat |weights| (float32, soft selection only, else None) and stats.
+
+    Args:
+        scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
+        offsets: (E + 1,) example boundaries into the flat arrays.
+        selection: one of `SELECTIONS`.
+    """
+    resp = response.astype(bool)
+    chosen = scores[resp]
+    if not np.all(np.isfinite(chosen)):
+        raise ValueError("scores contain NaN or infinite values")
+    weights = None
+    if selection == "global":
+        positive = global_partition(chosen, rho)
+    elif selection == "per_sample":
+        example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
+        positive = per_sample_partition(chosen, example, rho)
+    elif selection == "threshold":
+        positive = threshold_partition(chosen, threshold)
+    elif selection == "soft":
+        signed = soft_weights(chosen, rho)
+        positive = signed > 0
+        weights = np.zeros(scores.shape[0], dtype=np.float32)
+        weights[resp] = np.abs(signed)
+    else:
+        raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
+    classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
+    classes[resp] = np.where(positive, LEARN, FORGET)
+    return classes, weights, _stats(chosen, positive)
 
 
 @dataclass

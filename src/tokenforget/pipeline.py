@@ -3,9 +3,10 @@
     run_dir/
       config.json   the RunConfig of the last stage written here
       data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
-      reference/    the reference model's LoRA adapter (or full model)
-      scores/       per-token ce_base, ce_ref, score (Arrow, float32)
-      partition/    per-token token_class (Arrow) + stats.json
+      reference/    the reference model's LoRA adapter (or full model); cross-fitted: fold-<k>/, folds.json
+      scores/       per-token ce_base, ce_ref, score (Arrow, float32); cross-fitted: scored_by per example
+      partition/    per-token token_class (and token_weight, soft selection) (Arrow) + stats.json
+      reference-round<r>/, scores-round<r>/, partition-round<r>/   self-evolving rounds r >= 2
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
       eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
@@ -28,7 +29,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -40,16 +41,19 @@ from transformers import set_seed
 
 from tokenforget import data as data_mod
 from tokenforget import labels as labels_mod
-from tokenforget.config import ConfigError, RunConfig, TrainingConfig, UserError, to_dict
-from tokenforget.losses import FORGET, LEARN, NO_LOSS
+from tokenforget.config import VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict
+from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS
 from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
-from tokenforget.partition import flat_list_column, flat_token_classes, streaming_threshold
+from tokenforget.partition import flat_list_column, flat_token_classes, select_tokens, streaming_threshold
 from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
+FOLDS_FILE = "folds.json"  # in a cross-fitted reference stage: each example's fold, each reference's examples
 SCORE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref", "score")})
+# cross-fitted scores also record which fold's reference scored each example
+FOLD_SCORE_FEATURES = datasets.Features({"scored_by": datasets.Value("int32"), **SCORE_FEATURES})
 
 
 class RunFolderError(UserError):
@@ -74,6 +78,26 @@ def file_digest(path: Optional[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+# Config fields added after runs were made, with their defaults: left out of a fingerprint while they hold
+# the default, so a stage finished by an older version is still reused.
+ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0},
+    "partition": {"selection": "global", "threshold": 0.0},
+    "reference": {"folds": 1, "rounds": 1},
+}
+
+
+def stable_view(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a config section as a dict) without the added fields that hold their default."""
+    added = ADDED_DEFAULTS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
+def round_stage(name: str, rnd: int) -> str:
+    """Stage folder of a self-evolving round: `name` for round 1, `name-round<r>` after."""
+    return name if rnd == 1 else f"{name}-round{rnd}"
 
 
 @dataclass
@@ -264,9 +288,16 @@ class Run:
 
     # ------------------------------------------------------------ reference
 
-    def reference_fp(self) -> str:
+    @property
+    def rounds(self) -> int:
+        return self.cfg.reference.rounds
+
+    def reference_fp(self, rnd: int = 1) -> str:
         c = self.cfg
-        ref = to_dict(c.reference)
+        if rnd > 1:  # round r's reference: trained on round r - 1's partition
+            training = to_dict(c.reference.training)
+            return fingerprint("reference-round", self.partition_fp(rnd - 1), training, to_dict(c.lora), c.seed)
+        ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
 
     def _reference_examples(self, tokens: datasets.Dataset) -> datasets.Dataset:
@@ -278,8 +309,16 @@ class Run:
         idx = data_mod.reference_subset(len(tokens), rc.fraction, rc.size, self.cfg.seed)
         return tokens.select(idx)
 
-    def reference(self) -> Path:
-        """Train (or reuse) the reference model: SFT of the base on a subset. Returns its folder."""
+    def reference(self, rnd: int = 1) -> Path:
+        """Train (or reuse) the reference model: SFT of the base on a subset. Returns its folder.
+
+        With `reference.folds` > 1 the folder holds one reference per fold (`_reference_folds`); round
+        `rnd` > 1 is a self-evolving round's reference (`_evolved_reference`).
+        """
+        if rnd > 1:
+            return self._evolved_reference(rnd)
+        if self.cfg.reference.folds > 1:
+            return self._reference_folds()
         tokens = self.data()
         fp = self.reference_fp()
         if self.is_done("reference", fp):
@@ -291,42 +330,104 @@ class Run:
         if self.ranks.is_main:
             with self.writing("reference", fp, {"examples": len(subset)}) as d:
                 save_model(trainer.model, self.base.tokenizer, d, merged=False)
+        del trainer
+        release_memory()
         self.ranks.barrier()
         return self.stage_dir("reference")
 
+    def _reference_folds(self) -> Path:
+        """Cross-fitted references: `reference/fold-<k>/` for k < K, and `folds.json` with each example's fold
+        (`fold_of`) and each reference's training examples (`trained_on`). A finished fold is kept in
+        `.reference.work/` until all are done, so a killed run retrains only the unfinished folds."""
+        tokens = self.data()
+        fp = self.reference_fp()
+        if self.is_done("reference", fp):
+            self._skip("reference")
+            return self.stage_dir("reference")
+        rc = self.cfg.reference
+        plan = cross_fit_folds(len(tokens), rc.folds, rc.fraction, rc.size, self.cfg.seed)
+        work = self.work_dir("reference", fp)
+        for k, trained_on in enumerate(plan["trained_on"]):
+            done = work / f"fold-{k}"
+            if done.is_dir():
+                self.log(f"[reference] fold {k} already trained, reusing it")
+                continue
+            self.log(f"[reference] fold {k} of {rc.folds}: SFT on {len(trained_on)} examples from the other folds")
+            trainer = self._fit(_sft_classes(tokens.select(trained_on)), rc.training, "sft", f"reference-fold{k}", fp)
+            if self.ranks.is_main:
+                tmp = work / f".fold-{k}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_model(trainer.model, self.base.tokenizer, tmp, merged=False)
+                os.replace(tmp, done)
+            del trainer
+            release_memory()
+            self.ranks.barrier()
+        if self.ranks.is_main:
+            with self.writing("reference", fp, {"examples": [len(t) for t in plan["trained_on"]], "folds": rc.folds}) as d:
+                for k in range(rc.folds):
+                    shutil.copytree(work / f"fold-{k}", d / f"fold-{k}")
+                (d / FOLDS_FILE).write_text(json.dumps(plan))
+            shutil.rmtree(work)
+        self.ranks.barrier()
+        return self.stage_dir("reference")
+
+    def _evolved_reference(self, rnd: int) -> Path:
+        """Round `rnd`'s reference: a fresh LoRA of the base trained with `ignore` on the reference subset,
+        learning only the tokens round `rnd - 1` marked positive (token cleaning, self-evolving)."""
+        name, fp = round_stage("reference", rnd), self.reference_fp(rnd)
+        tokens = self.data()
+        classes = self.partition(rnd - 1)
+        if self.is_done(name, fp):
+            self._skip(name)
+            return self.stage_dir(name)
+        rc = self.cfg.reference
+        idx = data_mod.reference_subset(len(tokens), rc.fraction, rc.size, self.cfg.seed)
+        subset = _with_classes(tokens, classes).select(idx)
+        self.log(f"[{name}] ignore-training on {len(subset)} examples, round {rnd - 1}'s positive tokens")
+        trainer = self._fit(subset, rc.training, "ignore", name, fp)
+        if self.ranks.is_main:
+            with self.writing(name, fp, {"examples": len(subset), "round": rnd}) as d:
+                save_model(trainer.model, self.base.tokenizer, d, merged=False)
+        del trainer
+        release_memory()
+        self.ranks.barrier()
+        return self.stage_dir(name)
+
     # ------------------------------------------------------------ score
 
-    def score_fp(self) -> str:
-        return fingerprint("score", self.reference_fp(), to_dict(self.cfg.score), self.bf16)
+    def score_fp(self, rnd: int = 1) -> str:
+        return fingerprint("score", self.reference_fp(rnd), to_dict(self.cfg.score), self.bf16)
 
-    def score(self) -> datasets.Dataset:
+    def score(self, rnd: Optional[int] = None) -> datasets.Dataset:
         """Per-token CE under base and reference, and their difference, for every training example.
 
         The examples are cut into shards of `score.shard_size`; rank r scores shards r, r + world, ...
         and writes each one as it finishes, so a killed run resumes at the first missing shard. Rank 0
-        joins the shards in example order.
+        joins the shards in example order. `rnd`: the self-evolving round (default: the last).
         """
-        if "scores" in self._loaded:
-            return self._loaded["scores"]
+        rnd = rnd or self.rounds
+        name = round_stage("scores", rnd)
+        if name in self._loaded:
+            return self._loaded[name]
         tokens = self.data()
-        ref_dir = self.reference()
-        fp = self.score_fp()
-        if self.is_done("scores", fp):
-            self._skip("scores")
+        ref_dir = self.reference(rnd)
+        fp = self.score_fp(rnd)
+        if self.is_done(name, fp):
+            self._skip(name)
         else:
-            work = self.work_dir("scores", fp)
+            work = self.work_dir(name, fp)
             shards = shard_ranges(len(tokens), self.cfg.score.shard_size)
             self._score_shards(tokens, ref_dir, work, shards)
             self.ranks.barrier()
             if self.ranks.is_main:
                 parts = [datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))]
                 n_tokens = int(sum(map(sum, tokens["response_mask"])))
-                with self.writing("scores", fp, {"tokens": n_tokens, "shards": len(shards)}) as d:
+                with self.writing(name, fp, {"tokens": n_tokens, "shards": len(shards)}) as d:
                     datasets.concatenate_datasets(parts).save_to_disk(str(d / "scores"))
                 shutil.rmtree(work)
             self.ranks.barrier()
-        scores = self._load("scores", "scores")
-        check_aligned(tokens, scores, self.stage_dir("scores"))
+        scores = self._load(name, "scores")
+        check_aligned(tokens, scores, self.stage_dir(name))
         return scores
 
     def _score_shards(
@@ -340,21 +441,54 @@ class Run:
         if not todo:
             return
         ref, base = self._load_reference(ref_dir)
+        fold_of = json.loads((ref_dir / FOLDS_FILE).read_text())["fold_of"] if (ref_dir / FOLDS_FILE).is_file() else None
         for s in todo:
             lo, hi = shards[s]
             shard = tokens.select(range(lo, hi))
-            ce_base, ce_ref = score_tokens(
-                ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
-                pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
-            )
-            cols = {"ce_base": ce_base, "ce_ref": ce_ref, "score": [b - r for b, r in zip(ce_base, ce_ref)]}
+            if fold_of is None:
+                ce_base, ce_ref = score_tokens(
+                    ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
+                    pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
+                )
+                cols, features = {}, SCORE_FEATURES
+            else:
+                ce_base, ce_ref, scored_by = self._score_cross_fitted(ref, shard, fold_of[lo:hi])
+                cols, features = {"scored_by": scored_by}, FOLD_SCORE_FEATURES
+            cols.update(ce_base=ce_base, ce_ref=ce_ref, score=[b - r for b, r in zip(ce_base, ce_ref)])
             tmp = work / f".shard-{s:05d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            datasets.Dataset.from_dict({k: [v.tolist() for v in vs] for k, vs in cols.items()}, features=SCORE_FEATURES).save_to_disk(str(tmp))
+            rows = {k: [v.tolist() if isinstance(v, np.ndarray) else v for v in vs] for k, vs in cols.items()}
+            datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
             os.replace(tmp, work / f"shard-{s:05d}")
 
+    def _score_cross_fitted(
+        self, ref: torch.nn.Module, shard: datasets.Dataset, fold_of: list[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        """(ce_base, ce_ref, fold) per example of `shard`: each scored with the adapter of its own fold."""
+        n = len(shard)
+        ce_base: list[np.ndarray] = [np.empty(0, np.float32)] * n
+        ce_ref: list[np.ndarray] = [np.empty(0, np.float32)] * n
+        for k in sorted(set(fold_of)):
+            rows = [i for i in range(n) if fold_of[i] == k]
+            part = shard.select(rows)
+            ref.set_adapter(f"fold-{k}")
+            b, r = score_tokens(ref, part["input_ids"], self.cfg.score.batch_size, self.bf16,
+                                pad_id=self.base.tokenizer.pad_token_id, masks=part["response_mask"], progress=False)
+            for j, i in enumerate(rows):
+                ce_base[i], ce_ref[i] = b[j], r[j]
+        return ce_base, ce_ref, list(fold_of)
+
     def _load_reference(self, ref_dir: Path) -> tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-        """(reference, separate base or None). A LoRA reference is the base plus its adapter."""
+        """(reference, separate base or None). A LoRA reference is the base plus its adapter; cross-fitted
+        references are one model with an adapter per fold, named `fold-<k>`."""
+        if (ref_dir / FOLDS_FILE).is_file():
+            from peft import PeftModel
+
+            folds = len(json.loads((ref_dir / FOLDS_FILE).read_text())["trained_on"])
+            model = PeftModel.from_pretrained(self.base.fresh(), str(ref_dir / "fold-0" / "adapter"), adapter_name="fold-0")
+            for k in range(1, folds):
+                model.load_adapter(str(ref_dir / f"fold-{k}" / "adapter"), adapter_name=f"fold-{k}")
+            return model.to(device()), None
         if (ref_dir / "adapter").is_dir():
             from peft import PeftModel
 
@@ -366,35 +500,49 @@ class Run:
 
     # ------------------------------------------------------------ partition
 
-    def partition_fp(self) -> str:
-        return fingerprint("partition", self.score_fp(), to_dict(self.cfg.partition))
+    def partition_fp(self, rnd: int = 1) -> str:
+        pc = stable_view("partition", to_dict(self.cfg.partition))
+        if self.cfg.partition.selection != "threshold":
+            pc.pop("threshold", None)
+        return fingerprint("partition", self.score_fp(rnd), pc)
 
-    def partition(self) -> datasets.Dataset:
-        """Token classes (+1/-1/0) for every training example, by global ranking of the scores."""
-        if "partition" in self._loaded:
-            return self._loaded["partition"]
+    def partition(self, rnd: Optional[int] = None) -> datasets.Dataset:
+        """Token classes (+1/-1/0) for every training example, by `partition.selection` over the scores
+        (and `token_weight`, the |weight| of each token, for the soft selection). `rnd`: the self-evolving
+        round (default: the last)."""
+        rnd = rnd or self.rounds
+        name = round_stage("partition", rnd)
+        if name in self._loaded:
+            return self._loaded[name]
         tokens = self.data()
-        scores = self.score()
-        fp = self.partition_fp()
-        if self.is_done("partition", fp):
-            self._skip("partition")
+        scores = self.score(rnd)
+        fp = self.partition_fp(rnd)
+        if self.is_done(name, fp):
+            self._skip(name)
         elif self.ranks.is_main:
             table, stats = (self._partition_streaming if self.cfg.partition.streaming else self._partition_exact)(
                 tokens, scores
             )
-            self.log(f"[partition] {stats['n_positive']} positive, {stats['n_negative']} negative of {stats['n_tokens']} tokens")
-            with self.writing("partition", fp, {}) as d:
+            self.log(f"[{name}] {stats['n_positive']} positive, {stats['n_negative']} negative of {stats['n_tokens']} tokens")
+            with self.writing(name, fp, {}) as d:
                 datasets.Dataset(table).save_to_disk(str(d / "classes"))
                 (d / "stats.json").write_text(json.dumps(stats, indent=2))
         self.ranks.barrier()
-        return self._load("partition", "classes")
+        return self._load(name, "classes")
 
     def _partition_exact(self, tokens: datasets.Dataset, scores: datasets.Dataset) -> tuple[pa.Table, dict[str, Any]]:
-        """All scores in memory as one flat array: exact round(rho * N) positives."""
+        """All scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft weights."""
         flat_scores, offsets = flat_list_column(scores.data.column("score"))
         flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
-        classes, stats = flat_token_classes(flat_scores, flat_resp, self.cfg.partition.rho)
-        return pa.table({"token_class": _list_column(offsets, classes)}), stats.__dict__
+        pc = self.cfg.partition
+        if pc.selection == "global":  # the paper's partition, as before
+            classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
+            return pa.table({"token_class": _list_column(offsets, classes)}), stats.__dict__
+        classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold)
+        columns = {"token_class": _list_column(offsets, classes)}
+        if weights is not None:
+            columns["token_weight"] = _list_column(offsets, weights)
+        return pa.table(columns), {**stats.__dict__, "selection": pc.selection}
 
     def _partition_streaming(self, tokens: datasets.Dataset, scores: datasets.Dataset) -> tuple[pa.Table, dict[str, Any]]:
         """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
@@ -418,12 +566,12 @@ class Run:
         return pa.concat_tables(parts), stats
 
     def partition_stats(self) -> dict[str, Any]:
-        return json.loads((self.stage_dir("partition") / "stats.json").read_text())
+        return json.loads((self.stage_dir(round_stage("partition", self.rounds)) / "stats.json").read_text())
 
     # ------------------------------------------------------------ labels
 
     def labels_fp(self) -> str:
-        return fingerprint("labels", labels_mod.FORMAT, self.partition_fp())
+        return fingerprint("labels", labels_mod.FORMAT, self.partition_fp(self.rounds))
 
     def labels(self) -> Path:
         """Export ids, scores and classes per example as one Parquet file any trainer can read."""
@@ -438,6 +586,7 @@ class Run:
             table = labels_mod.labels_table(
                 column(tokens, "input_ids"), column(classes, "token_class"),
                 {k: column(scores, k) for k in ("score", "ce_base", "ce_ref")}, column(tokens, "example"), meta,
+                weights=column(classes, "token_weight") if "token_weight" in classes.column_names else None,
             )
             with self.writing("labels", fp, {"examples": len(tokens)}) as d:
                 path = labels_mod.write_labels(table, d)
@@ -448,13 +597,16 @@ class Run:
     # ------------------------------------------------------------ train
 
     def train_fp(self, mode: str) -> str:
+        if mode in self.cfg.compare.variants:
+            sub, sub_mode = self.variant(mode)
+            return sub.train_fp(sub_mode)
         c = self.cfg
         if c.train.labels_path:
             upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
         else:
-            upstream = self.data_fp() if mode == "sft" else self.partition_fp()
+            upstream = self.data_fp() if mode == "sft" else self.partition_fp(self.rounds)
         held_out = file_digest(c.train.eval_path)
-        return fingerprint("train", mode, upstream, held_out, to_dict(c.train), to_dict(c.lora), c.seed, self.bf16)
+        return fingerprint("train", mode, upstream, held_out, train_view(c.train, mode), to_dict(c.lora), c.seed, self.bf16)
 
     def train_set(self, mode: str) -> datasets.Dataset:
         """`input_ids` and `token_class` to train `mode` on; ensures the stages they come from.
@@ -464,12 +616,26 @@ class Run:
         """
         if self.cfg.train.labels_path:
             exported = labels_mod.read_labels(self.cfg.train.labels_path, self.base.tokenizer)
-            return _sft_from_classes(exported) if mode == "sft" else exported
+            if mode == "sft":
+                return _sft_from_classes(exported)
+            if not self._needs_ref_ce(mode):
+                return exported
+            if "ce_base" not in exported.column_names:
+                raise labels_mod.DataError(f"train.labels_path: '{self.cfg.train.labels_path}' has no ce_base column, "
+                                           f"which train.forget_objective '{self.cfg.train.forget_objective}' needs")
+            return exported.rename_column("ce_base", "ref_ce")
         tokens = self.data()
         if mode == "sft":
             return _sft_classes(tokens)
         self.labels()
-        return _with_classes(tokens, self.partition())
+        train_set = _with_classes(tokens, self.partition())
+        if self._needs_ref_ce(mode):  # p_ref = exp(-CE under the base model), from the scores stage
+            ref_ce = self.score().select_columns(["ce_base"]).rename_column("ce_base", "ref_ce")
+            train_set = datasets.concatenate_datasets([train_set, ref_ce], axis=1)
+        return train_set
+
+    def _needs_ref_ce(self, mode: str) -> bool:
+        return mode == "forget" and self.cfg.train.forget_objective in NEEDS_REF_CE
 
     def eval_set(self) -> Optional[datasets.Dataset]:
         """The held-out `train.eval_path`, tokenized like the data, every response token a learn token."""
@@ -480,10 +646,46 @@ class Run:
         cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
         return _sft_classes(datasets.Dataset.from_dict(cols))
 
-    def train(self, mode: Optional[str] = None) -> Path:
-        """Train from the base model with `mode` (default `train.mode`). Returns the stage folder."""
+    def variant(self, name: str) -> tuple["Run", str]:
+        """A `compare.variants` entry: this run with its `train` fields overridden, and the mode it trains.
+
+        A variant that also overrides `partition` or `reference` gets a run folder of its own,
+        `run_dir/variant-<name>/`, seeded with copies of this folder's finished stages it shares.
+        """
+        overrides = dict(self.cfg.compare.variants[name])
+        sections = {sec: replace(getattr(self.cfg, sec), **overrides.pop(sec)) for sec in VARIANT_SECTIONS if sec in overrides}
+        train = replace(self.cfg.train, **overrides)
+        if not sections:
+            return Run(replace(self.cfg, train=train), base=self.base, log=self.log, ranks=self.ranks), train.mode
+        compare = replace(self.cfg.compare, variants={**self.cfg.compare.variants, name: overrides})  # no recursion
+        cfg = replace(self.cfg, run_dir=str(self.root / f"variant-{name}"), train=train, compare=compare, **sections)
+        sub = Run(cfg, base=self.base, log=self.log, ranks=self.ranks)
+        sub.adopt_stages(self)
+        return sub, train.mode
+
+    def adopt_stages(self, parent: "Run") -> None:
+        """Copy `parent`'s finished data, reference and scores stages that this run's fingerprints match, so
+        a variant that changes only the partition does not train the reference again."""
+        for stage, fp in (("data", self.data_fp), ("reference", self.reference_fp), ("scores", self.score_fp)):
+            mine = fp()
+            if self.ranks.is_main and not self.is_done(stage, mine) and parent.is_done(stage, mine):
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = self.root / f".{stage}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(parent.stage_dir(stage), tmp)
+                shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+                os.replace(tmp, self.stage_dir(stage))
+                self.log(f"[{stage}] copied from {parent.stage_dir(stage)}")
+        self.ranks.barrier()
+
+    def train(self, mode: Optional[str] = None, stage: Optional[str] = None) -> Path:
+        """Train from the base model with `mode` (default `train.mode`), or a `compare.variants` name.
+        Returns the stage folder (`stage`, default `train-<mode>`)."""
         mode = mode or self.cfg.train.mode
-        name = f"train-{mode}"
+        if mode in self.cfg.compare.variants:
+            sub, sub_mode = self.variant(mode)
+            return sub.train(sub_mode, stage=f"train-{mode}")
+        name = stage or f"train-{mode}"
         train_set = self.train_set(mode)
         fp = self.train_fp(mode)
         if self.is_done(name, fp):
@@ -525,6 +727,7 @@ class Run:
         trainer = make_trainer(
             model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing,
             eval_set, self.tensorboard_dir(name, fresh=resume is None),
+            forget_objective=tc.forget_objective, beta=tc.beta, lambda_warmup=tc.lambda_warmup,
         )
         if resume:
             self.log(f"[{name}] resuming from {resume}")
@@ -545,6 +748,10 @@ class Run:
         """
         from tokenforget import benchmarks
 
+        if target in self.cfg.compare.variants:
+            sub, _ = self.variant(target)
+            if sub.root != self.root:  # a variant with a partition of its own: its folder holds its stages
+                return sub.evaluate(target)
         name, model_fp, load = self._eval_target(target)
         ec = {k: v for k, v in to_dict(self.cfg.eval).items() if k != "checkpoint"}
         rendering = {k: getattr(self.cfg.data, k) for k in ("max_length", "chat_template", "system_prompt")}
@@ -572,13 +779,14 @@ class Run:
         """(stage suffix, fingerprint of the model, loader) for an eval target."""
         if target in (None, "base"):
             return "base", fingerprint("base", to_dict(self.cfg.model)), self.base.fresh
-        stage = self.stage_dir(f"train-{target}") if target in ("sft", "ignore", "forget") else Path(target).expanduser()
+        trained = ("sft", "ignore", "forget", *self.cfg.compare.variants)  # names of train stages
+        stage = self.stage_dir(f"train-{target}") if target in trained else Path(target).expanduser()
         if not stage.is_dir():
-            hint = f"; train it first: tokenforget train --train.mode {target}" if target in ("sft", "ignore", "forget") else ""
+            hint = f"; train it first: tokenforget train --train.mode {target}" if target in trained else ""
             raise RunFolderError(f"eval.checkpoint: '{stage}' does not exist{hint}")
         record = stage / STAGE_FILE
         model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", _folder_digest(stage))
-        name = target if target in ("sft", "ignore", "forget") else stage.resolve().name
+        name = target if target in trained else stage.resolve().name
         return name, model_fp, lambda: self._load_model_folder(stage)
 
     def _load_model_folder(self, folder: Path) -> torch.nn.Module:
@@ -618,6 +826,40 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+def train_view(tc: Any, mode: str) -> dict[str, Any]:
+    """The train settings a training of `mode` depends on, for its fingerprint: the added fields only where
+    they matter (the forgetting term for `forget`, the warm-up for `warmup_constant`) and not at default."""
+    view = stable_view("train", to_dict(tc))
+    if mode != "forget":
+        view.pop("forget_objective", None)
+        view.pop("beta", None)
+    if tc.lambda_schedule != "warmup_constant":
+        view.pop("lambda_warmup", None)
+    if tc.forget_objective in ("ga", "unlikelihood"):
+        view.pop("beta", None)
+    return view
+
+
+def cross_fit_folds(n: int, folds: int, fraction: float, size: Optional[int], seed: int) -> dict[str, list]:
+    """Seeded K-fold plan: `fold_of[i]` is example i's fold; `trained_on[k]` the sorted examples reference k
+    trains on, `size` (or round(fraction x n)) drawn from the examples of the other folds (all when fewer).
+
+    Raises:
+        ConfigError: fewer examples than folds.
+    """
+    if n < folds:
+        raise ConfigError(f"config field 'reference.folds': {folds} folds need at least {folds} examples, got {n}")
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds  # sizes differ by at most 1
+    want = size if size is not None else max(1, round(fraction * n))
+    trained_on = []
+    for k in range(folds):
+        others = np.flatnonzero(fold_of != k)
+        pick = np.random.default_rng([seed, k]).choice(others, min(want, len(others)), replace=False)
+        trained_on.append(sorted(int(i) for i in pick))
+    return {"fold_of": fold_of.tolist(), "trained_on": trained_on}
 
 
 def _folder_digest(folder: Path) -> list[tuple[str, int, int]]:

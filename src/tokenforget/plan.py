@@ -29,7 +29,7 @@ from tokenforget import data as data_mod
 from tokenforget.config import TrainingConfig
 from tokenforget.losses import LEARN, forgetting_loss, token_cross_entropy
 from tokenforget.models import add_lora, autocast, device
-from tokenforget.pipeline import Run
+from tokenforget.pipeline import Run, round_stage
 from tokenforget.report import format_table
 from tokenforget.score import forward_ce, length_grouped_batches, model_token_ce, pad_batch, supports_hidden_ce
 
@@ -54,16 +54,24 @@ def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
     if run.cfg.train.labels_path:
         return [f"train-{m}" for m in modes]
     needs_scores = any(m != "sft" for m in modes)
-    upstream = ["data", "reference", "scores", "partition", "labels"] if needs_scores else ["data"]
+    rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in ("reference", "scores", "partition")]
+    upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
     return upstream + [f"train-{m}" for m in modes]
 
 
+def _round_of(stage: str) -> tuple[str, int]:
+    """`scores-round3` -> ("scores", 3); `scores` -> ("scores", 1)."""
+    name, _, r = stage.partition("-round")
+    return name, int(r) if r else 1
+
+
 def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
-    fps: dict[str, Callable[[], str]] = {
-        "data": run.data_fp, "reference": run.reference_fp, "scores": run.score_fp,
-        "partition": run.partition_fp, "labels": run.labels_fp,
+    fps: dict[str, Callable[[int], str]] = {
+        "data": lambda _r: run.data_fp(), "reference": run.reference_fp, "scores": run.score_fp,
+        "partition": run.partition_fp, "labels": lambda _r: run.labels_fp(),
     }
-    return {s: run.train_fp(s.removeprefix("train-")) if s.startswith("train-") else fps[s]() for s in stages}
+    return {s: run.train_fp(s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
+            for s in stages}
 
 
 @dataclass
@@ -172,16 +180,21 @@ def _stage_plan(
     n_tok = sum(map(len, sets.all))
     if stage == "data":
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, "tokenize", 0.0 if reuse else tokenize_s)
-    if stage == "reference":
-        return _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
-    if stage == "scores":
+    kind = _round_of(stage)[0]
+    if kind == "reference":
+        plan = _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
+        folds = cfg.reference.folds
+        if folds > 1:  # K references, each on a subset of the same size
+            plan.work, plan.seconds = f"{folds} references x {plan.work}", plan.seconds * folds
+        return plan
+    if kind == "scores":
         bs = cfg.score.batch_size
         padded = score_padded_tokens(sets.all, bs)
         n_batches = math.ceil(len(sets.all) / bs)
         secs = 2 * padded * timing.forward.get(bs, 0.0)
         work = f"{n_batches} batches x 2 forwards (base, reference)"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
-    if stage in ("partition", "labels"):
+    if kind in ("partition", "labels"):
         what = f"rank {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
     return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
@@ -207,7 +220,7 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
     t0 = time.perf_counter()
     run.base.fresh()  # loads the base once (later copies are deep copies)
     timing.notes.append(f"model load {time.perf_counter() - t0:.1f} s")
-    trainings = [cfg.reference.training] if "reference" in todo else []
+    trainings = [cfg.reference.training] if any(s.startswith("reference") for s in todo) else []
     trainings += [cfg.train.training] if any(s.startswith("train-") for s in todo) else []
     for tcfg in trainings:
         key = (tcfg.batch_size, tcfg.gradient_checkpointing)
@@ -216,7 +229,7 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
             secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
             timing.train[key] = secs / ids.numel()
             timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
-    if "scores" in todo:
+    if any(s.startswith("scores") for s in todo):
         ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
         secs = _time_forward(run, ids, attn, resp)
         timing.forward[cfg.score.batch_size] = secs / ids.numel()

@@ -12,6 +12,7 @@ import torch
 
 from tokenforget import data as data_mod
 from tokenforget.evaluate import Detection, answer_accuracy, detection, generate, gold_nll
+from tokenforget.pipeline import round_stage
 from tokenforget.losses import FORGET
 from tokenforget.models import device
 
@@ -100,7 +101,7 @@ def _final_losses(stage: Path) -> dict[str, float]:
 def run_summary(run: Any, train_stages: Sequence[str]) -> str:
     """One screen: tokens scored, class counts, score quantiles, final losses, where the outputs are."""
     lines = ["", f"Run folder: {run.root.resolve()}"]
-    part = run.stage_dir("partition") / "stats.json"
+    part = run.stage_dir(round_stage("partition", run.rounds)) / "stats.json"  # the last round's
     if part.is_file():
         s = json.loads(part.read_text())
         lines.append(

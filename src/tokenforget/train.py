@@ -16,18 +16,34 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from tokenforget.config import TrainingConfig, UserError
 from tokenforget.score import model_token_ce, supports_hidden_ce
-from tokenforget.losses import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_objective, get_schedule, token_cross_entropy
+from tokenforget.losses import (
+    FORGET,
+    LEARN,
+    NEEDS_REF_CE,
+    USES_LAMBDA,
+    TokenCounts,
+    get_forget_term,
+    get_objective,
+    get_schedule,
+    token_cross_entropy,
+)
 
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; training stopped with the last good checkpoint kept."""
 
 
+# Optional per-token float columns that travel with `token_class` to the objective (padding gets 0):
+# `token_weight`, the |weight| of soft token selection; `ref_ce`, the base model's CE (for `tnpo`).
+EXTRA_COLUMNS = ("token_weight", "ref_ce")
+
+
 @dataclass
 class TokenClassCollator:
     """Right-pads `input_ids` and `token_class`; padding gets class 0 (no loss).
 
-    Output: input_ids (B, T) long, attention_mask (B, T) long, token_class (B, T) long.
+    Output: input_ids (B, T) long, attention_mask (B, T) long, token_class (B, T) long, and each of
+    `EXTRA_COLUMNS` the features carry as (B, T) float32.
     """
 
     pad_token_id: int
@@ -45,7 +61,12 @@ class TokenClassCollator:
             ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             mask[row, :n] = 1
             cls[row, :n] = torch.as_tensor(f["token_class"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "token_class": cls}
+        batch = {"input_ids": ids, "attention_mask": mask, "token_class": cls}
+        for name in (c for c in EXTRA_COLUMNS if c in features[0]):
+            batch[name] = torch.zeros((len(features), width), dtype=torch.float32)
+            for row, f in enumerate(features):
+                batch[name][row, : len(f[name])] = torch.as_tensor(f[name], dtype=torch.float32)
+        return batch
 
 
 @dataclass
@@ -56,7 +77,8 @@ class PackedTokenClassCollator:
     attention never crosses examples. Classes are concatenated alongside, so each stays on its token;
     an example's first token must have class 0 (it has no prediction), so no loss crosses a boundary.
 
-    Output: input_ids (1, N), position_ids (1, N), token_class (1, N), N = total tokens of the batch.
+    Output: input_ids (1, N), position_ids (1, N), token_class (1, N), N = total tokens of the batch, and
+    each of `EXTRA_COLUMNS` the features carry as (1, N) float32.
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -65,7 +87,10 @@ class PackedTokenClassCollator:
         ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
         cls = torch.cat([torch.as_tensor(f["token_class"], dtype=torch.long) for f in features])
         pos = torch.cat([torch.arange(len(f["input_ids"])) for f in features])
-        return {"input_ids": ids[None], "position_ids": pos[None], "token_class": cls[None]}
+        batch = {"input_ids": ids[None], "position_ids": pos[None], "token_class": cls[None]}
+        for name in (c for c in EXTRA_COLUMNS if c in features[0]):
+            batch[name] = torch.cat([torch.as_tensor(f[name], dtype=torch.float32) for f in features])[None]
+        return batch
 
 
 class ForgettingMixin:
@@ -87,11 +112,28 @@ class ForgettingMixin:
     accelerator: Any
     _signature_columns: Optional[list[str]]
 
-    def init_forgetting(self, objective: str, lambda_schedule: str, t_min: float, t_max: float) -> None:
-        """Set the objective and schedule; call before the Trainer's own `__init__`."""
+    def init_forgetting(
+        self,
+        objective: str,
+        lambda_schedule: str,
+        t_min: float,
+        t_max: float,
+        forget_objective: str = "ga",
+        beta: float = 1.0,
+        lambda_warmup: float = 0.1,
+    ) -> None:
+        """Set the objective and schedule; call before the Trainer's own `__init__`.
+
+        `forget_objective` and `beta` choose the `forget` objective's term for negative tokens (see
+        `tokenforget.losses.FORGET_TERMS`); `lambda_warmup` is the ramp of the `warmup_constant` schedule.
+        """
         self.objective_name = objective
         self.objective = get_objective(objective)
-        self.schedule = get_schedule(lambda_schedule)
+        get_forget_term(forget_objective)  # an unknown name fails here, not at the first step
+        # passed to the objective only when not the paper's (so a plain objective function still fits)
+        self._objective_kwargs = {"forget_term": forget_objective, "beta": beta} if forget_objective != "ga" else {}
+        self.needs_ref_ce = objective == "forget" and forget_objective in NEEDS_REF_CE
+        self.schedule = get_schedule(lambda_schedule, warmup=lambda_warmup)
         self.t_min, self.t_max = t_min, t_max
         self._sums = torch.zeros(4, dtype=torch.float64)  # pos loss sum, neg loss sum, n_pos, n_neg
         self._last_lambda = 0.0  # lambda of the last training micro-batch, for logging
@@ -101,10 +143,11 @@ class ForgettingMixin:
         return self.schedule(self.state.global_step, self.state.max_steps, self.t_min, self.t_max)
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep `token_class` even with `remove_unused_columns=True` (it is no forward argument)."""
+        """Keep `token_class` (and `EXTRA_COLUMNS`) even with `remove_unused_columns=True` (no forward arguments)."""
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        if self._signature_columns is not None and "token_class" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "token_class"]
+        if self._signature_columns is not None:
+            missing = [c for c in ("token_class", *EXTRA_COLUMNS) if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *missing]
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
@@ -117,7 +160,12 @@ class ForgettingMixin:
         return batch_samples, counts
 
     def objective_loss(
-        self, token_loss: torch.Tensor, token_class: torch.Tensor, num_items_in_batch: Any, training: bool
+        self,
+        token_loss: torch.Tensor,
+        token_class: torch.Tensor,
+        num_items_in_batch: Any,
+        training: bool,
+        extras: Optional[dict[str, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """The objective over one micro-batch, scaled so micro-batches and ranks add up to the batch mean.
 
@@ -126,13 +174,22 @@ class ForgettingMixin:
             token_class: (B, T) +1 learn / -1 forget / 0 no loss.
             num_items_in_batch: the (2,) optimizer-batch counts from `get_batch_samples`, or None (evaluation:
                 this batch's own counts).
+            extras: the batch's `EXTRA_COLUMNS` present, (B, T) each: `token_weight` -> the objective's
+                `weight`, `ref_ce` -> `ref_ce`.
 
         Raises:
             NonFiniteLossError: the loss is NaN or infinite (training stops; the last checkpoint is kept).
         """
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
-        parts = self.objective(token_loss, token_class, lam, counts)
+        extras = dict(extras or {})
+        if self.needs_ref_ce and "ref_ce" not in extras:
+            if training:
+                raise UserError(f"train.forget_objective: '{self._objective_kwargs['forget_term']}' needs the base "
+                                "model's per-token CE in the batch (a `ref_ce` column); the training set has none")
+            extras["ref_ce"] = token_loss.detach()  # an eval set has no negative tokens; any value will do
+        kwargs = {**self._objective_kwargs, **_objective_extras(extras)}
+        parts = self.objective(token_loss, token_class, lam, counts, **kwargs)
         if not torch.isfinite(parts.loss):
             self._stop_non_finite(parts.loss)
         if training:
@@ -163,6 +220,12 @@ class ForgettingMixin:
         super().log(logs, start_time)  # type: ignore[misc]
 
 
+def _objective_extras(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Batch columns -> the objective's keyword arguments (`token_weight` is its `weight`)."""
+    names = {"token_weight": "weight", "ref_ce": "ref_ce"}
+    return {names[k]: v for k, v in extras.items() if k in names}
+
+
 class ForgettingTrainer(ForgettingMixin, Trainer):
     """A Trainer whose loss is a tokenforget objective over per-token classes (see `ForgettingMixin`).
 
@@ -177,9 +240,12 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         t_min: float = 0.0,
         t_max: float = 0.25,
         chunked_ce: Optional[bool] = None,
+        forget_objective: str = "ga",
+        beta: float = 1.0,
+        lambda_warmup: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        self.init_forgetting(objective, lambda_schedule, t_min, t_max)
+        self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
         super().__init__(*args, **kwargs)
         # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
         self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
@@ -202,7 +268,8 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         else:
             outputs = model(input_ids=ids, use_cache=False, **extra)
             token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
-        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
+        extras = {k: inputs[k] for k in EXTRA_COLUMNS if k in inputs}  # (B, T) each
+        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training, extras)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -265,8 +332,12 @@ def make_trainer(
     packing: bool = False,
     eval_dataset: Any = None,
     log_dir: Optional[Path] = None,
+    forget_objective: str = "ga",
+    beta: float = 1.0,
+    lambda_warmup: float = 0.1,
 ) -> ForgettingTrainer:
-    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches).
+    """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches),
+    and optionally `token_weight` and `ref_ce` (see `EXTRA_COLUMNS`).
 
     `log_dir`: where TensorBoard events go when `args.report_to` includes `tensorboard`.
     """
@@ -282,6 +353,9 @@ def make_trainer(
         lambda_schedule=lambda_schedule,
         t_min=t_min,
         t_max=t_max,
+        forget_objective=forget_objective,
+        beta=beta,
+        lambda_warmup=lambda_warmup,
     )
     if log_dir is not None:
         send_tensorboard_to(trainer, log_dir)

@@ -35,7 +35,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
 
 from tokenforget.losses import LEARN, NO_LOSS
-from tokenforget.train import ForgettingMixin
+from tokenforget.train import EXTRA_COLUMNS, ForgettingMixin
 
 IGNORE = -100  # the label of a token with no loss, in transformers and TRL
 
@@ -46,6 +46,9 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
     Args:
         objective: `forget` (the paper), `ignore` or `sft`; see `tokenforget.losses.OBJECTIVES`.
         lambda_schedule, t_min, t_max: lambda(t) over optimizer steps; see `tokenforget.losses.SCHEDULES`.
+        forget_objective, beta: the term for negative tokens, see `tokenforget.losses.FORGET_TERMS` (`tnpo` needs a
+            per-token `ref_ce` column; the labels file's `ce_base` is taken as it when there is none).
+        lambda_warmup: the ramp of the `warmup_constant` schedule, as a share of the steps.
         *args, **kwargs: everything `SFTTrainer` takes. `train_dataset` needs `input_ids` and `token_class`.
 
     The objective replaces TRL's `loss_type`, `compute_loss_func` and label smoothing, so those must be
@@ -59,9 +62,12 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
         lambda_schedule: str = "linear",
         t_min: float = 0.0,
         t_max: float = 0.25,
+        forget_objective: str = "ga",
+        beta: float = 1.0,
+        lambda_warmup: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        self.init_forgetting(objective, lambda_schedule, t_min, t_max)
+        self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
         _reject_other_losses(kwargs)
         super().__init__(*args, **kwargs)
         self.data_collator = TokenClassPadding(self.data_collator)
@@ -89,6 +95,8 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
                 f"ForgettingSFTTrainer: the {dataset_name} set has 'token_class' but no 'input_ids'; classes belong "
                 "to tokens, so pass the tokenized labels file that tokenforget exports."
             )
+        if self.needs_ref_ce and "ref_ce" not in columns and "ce_base" in columns:
+            dataset = dataset.rename_column("ce_base", "ref_ce")  # the labels file's base-model CE gives p_ref
         dataset = dataset.map(_labels_from_classes)
         if packing:
             dataset = _pack(dataset, args)
@@ -106,11 +114,12 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
         num_items_in_batch: Optional[torch.Tensor] = None,
     ) -> Any:
         token_class = inputs.pop("token_class")  # (B, T)
+        extras = {k: inputs.pop(k) for k in EXTRA_COLUMNS if k in inputs}  # (B, T) each, laid out like the classes
         inputs["use_cache"] = False
         # TRL's fused LM head: log_probs (B, T-1), entry t = log p(labels[:, t+1]); 0 where the label is -100
         outputs = model(**inputs, fused_lm_head=True)
         token_loss = F.pad(-outputs.log_probs.float(), (1, 0))  # (B, T): our alignment, entry 0 = 0
-        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training)
+        loss = self.objective_loss(token_loss, token_class, num_items_in_batch, model.training, extras)
         self._record_trl_metrics(outputs, inputs)
         if return_outputs:  # evaluation asking for logits: TRL recomputes them the same way
             with torch.no_grad():
@@ -138,7 +147,8 @@ class TokenClassPadding:
     """Wraps TRL's collator: pads `token_class` like the labels, and gives class 0 wherever TRL gives no loss.
 
     TRL's collator returns rows right-padded to a common width, or, padding-free, all sequences of the batch
-    concatenated into one row; `token_class` gets the same layout. Output `token_class`: (B, T) long.
+    concatenated into one row; `token_class` gets the same layout. Output `token_class`: (B, T) long, and
+    each of `EXTRA_COLUMNS` the features carry (`token_weight`, `ref_ce`) as (B, T) float32, 0 on padding.
     """
 
     def __init__(self, inner: Any):
@@ -146,17 +156,26 @@ class TokenClassPadding:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         classes = [torch.as_tensor(f.pop("token_class"), dtype=torch.long) for f in features]
+        extras = {k: [torch.as_tensor(f.pop(k), dtype=torch.float32) for f in features] for k in EXTRA_COLUMNS if k in features[0]}
         batch = self.inner(features)
         ids = batch["input_ids"]  # (B, T), or (1, sum of lengths) padding-free
-        rows = classes if ids.shape[0] == len(classes) else [torch.cat(classes)]
-        token_class = torch.full(ids.shape, NO_LOSS, dtype=torch.long)
-        for r, cls in enumerate(rows):
-            token_class[r, : len(cls)] = cls
+        token_class = _same_layout(classes, ids.shape, torch.long)
+        for name, values in extras.items():
+            batch[name] = _same_layout(values, ids.shape, torch.float32)
         if "labels" in batch:
             token_class[batch["labels"] == IGNORE] = NO_LOSS
         token_class[:, 0] = NO_LOSS  # the first position is never predicted
         batch["token_class"] = token_class
         return batch
+
+
+def _same_layout(values: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Per-example 1-D tensors as rows right-padded with 0 to `shape`, or concatenated into its one row."""
+    rows = values if shape[0] == len(values) else [torch.cat(values)]
+    out = torch.zeros(shape, dtype=dtype)
+    for r, v in enumerate(rows):
+        out[r, : len(v)] = v
+    return out
 
 
 def _reject_other_losses(kwargs: dict[str, Any]) -> None:
@@ -181,18 +200,26 @@ def _learn_where_labelled(example: dict[str, Any]) -> dict[str, Any]:
 
 
 def _truncate_classes(dataset: Dataset | IterableDataset, max_length: Optional[int], mode: str) -> Any:
-    """Cut `token_class` (and nothing else) with the slice TRL will cut `input_ids` and `labels` with."""
+    """Cut `token_class` and the other per-token columns (and nothing else) with the slice TRL will cut
+    `input_ids` and `labels` with."""
     if max_length is None:
         return dataset
     cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
-    return dataset.map(lambda ex: {"token_class": ex["token_class"][cut]})
+    names = _per_token_columns(dataset)
+    return dataset.map(lambda ex: {k: ex[k][cut] for k in names})
+
+
+def _per_token_columns(dataset: Dataset | IterableDataset) -> list[str]:
+    """`token_class` and whichever of `EXTRA_COLUMNS` the data set has."""
+    columns = get_dataset_column_names(dataset)
+    return ["token_class", *(c for c in EXTRA_COLUMNS if c in columns)]
 
 
 def _pack(dataset: Dataset | IterableDataset, args: Any) -> Any:
     """TRL's packing with `token_class` as a third packed column; same order of shuffle and pack as TRL."""
     if args.max_length is None:
         raise ValueError("When packing is enabled, `max_length` can't be `None`.")
-    dataset = dataset.select_columns(["input_ids", "labels", "token_class"])
+    dataset = dataset.select_columns(["input_ids", "labels", *_per_token_columns(dataset)])
     if args.shuffle_dataset:
         dataset = dataset.shuffle(seed=args.seed)
     return pack_dataset(dataset, args.max_length, args.packing_strategy, {})
