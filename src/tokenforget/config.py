@@ -12,6 +12,10 @@ from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
 Precision = Literal["auto", "fp32", "bf16"]
 Mode = Literal["forget", "sft", "ignore"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
+NoiseKind = Literal["step_result", "number", "recurring", "wrong_prompt"]
+ReferenceKind = Literal["slice", "trusted", "checkpoint"]
+# Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
+RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
 
 class UserError(Exception):
@@ -110,10 +114,16 @@ class DataConfig:
     """Hub data set read instead of `path` when `path` is a local file that does not exist (with
     `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
     corrupt_fraction: float = 0.0
-    """Share of the training answers in which one step's result is replaced by a wrong number (see
-    `tokenforget.noise`); the changed characters are marked as corrupted tokens."""
+    """Share of the training answers corrupted with `noise` (see `tokenforget.noise`); the changed
+    characters are marked as corrupted tokens."""
     corrupt_seed: int = 0
-    """Seed of that corruption: which answers, which step, which wrong digit."""
+    """Seed of that corruption: which answers, and what changes in each."""
+    noise: NoiseKind = "step_result"
+    """What `corrupt_fraction` does to an answer: `step_result` (GSM8K: one digit of a worked step's result),
+    `number` (any number of the response set to a nearby wrong value), `recurring` (the same fluent sentence,
+    `noise_sentence`, inserted), `wrong_prompt` (the response moved to another example's prompt)."""
+    noise_sentence: str = RECURRING_SENTENCE
+    """The sentence `noise: recurring` inserts: fluent and plausible, so no token filter could catch it."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
@@ -186,12 +196,17 @@ class ReferenceConfig:
     size: Optional[int] = None
     """Exact number of training examples instead of `fraction`."""
     path: Optional[str] = None
-    """A separate data file (same format as `data`) to train the reference on."""
+    """A trusted data file (same format as `data`) to train the reference on instead of a slice of the data.
+    It must be disjoint from the scored data: an example whose prompt is also in `data.path` is refused."""
+    checkpoint: Optional[str] = None
+    """An existing model as the reference, no reference training: a LoRA adapter folder of this base model,
+    a full model folder (`config.json`), or a stage folder of a run (`reference/`, `train-<mode>/`)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")
         _check(self.size is None or self.size > 0, "reference.size", f"must be > 0, got {self.size}")
+        _check(not (self.path and self.checkpoint), "reference.checkpoint", "set either reference.path or reference.checkpoint")
 
 
 @dataclass
@@ -202,10 +217,25 @@ class ScoreConfig:
     """Examples per forward pass; batches are grouped by length to keep padding low."""
     shard_size: int = 1024
     """Examples per shard: the unit written to disk as scoring goes (resume) and dealt out to ranks."""
+    method: str = "paper"
+    """How CE_base and CE_ref become the score that is ranked (`tokenforget.score_methods.SCORE_METHODS`):
+    `paper` (CE_base - CE_ref), `relative`, `binned`, `token_z` (difficulty-corrected), `ref_loss` (-CE_ref),
+    `ref_loss_z`, `ref_loss_window`, `ref_loss_example`. Changing it reuses the scoring pass."""
+    precomputed_path: Optional[str] = None
+    """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
+    `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
+    is trained and nothing is scored; the scores are ranked as they are (leave `method` at `paper`)."""
 
     def __post_init__(self) -> None:
+        from tokenforget.score_methods import SCORE_METHODS
+
         _check(self.batch_size > 0, "score.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.shard_size > 0, "score.shard_size", f"must be > 0, got {self.shard_size}")
+        _check(self.method in SCORE_METHODS, "score.method", f"unknown '{self.method}', choose from {list(SCORE_METHODS)}")
+        _check(
+            self.precomputed_path is None or self.method == "paper",
+            "score.method", "precomputed scores are ranked as they are; leave score.method unset",
+        )
 
 
 @dataclass
@@ -328,6 +358,35 @@ class CompareConfig:
 
 
 @dataclass
+class DetectConfig:
+    """`tokenforget detect`: inject known noise into the data, score, partition, and measure how well each
+    score method finds the corrupted tokens. One run folder per (noise kind, reference): `run_dir/<kind>-<ref>/`."""
+
+    kinds: list[NoiseKind] = field(default_factory=lambda: ["number", "recurring", "wrong_prompt"])
+    """Noise kinds, each measured on its own noisy copy of the data (see `data.noise`)."""
+    fraction: float = 0.3
+    """Share of the examples corrupted, per kind (`data.corrupt_fraction`)."""
+    references: list[ReferenceKind] = field(default_factory=lambda: ["slice", "trusted"])
+    """`slice`: LoRA SFT on the seeded `reference.fraction` slice of the noisy data; `trusted`: LoRA SFT on a clean
+    set disjoint from the scored data (`reference.path`, else `trusted_size` records of `data.path` right after
+    the first `data.limit`); `checkpoint`: `reference.checkpoint`."""
+    trusted_size: int = 80
+    """Records of the clean trusted split when `reference.path` is unset (needs `data.limit`)."""
+    methods: list[str] = field(default_factory=list)
+    """Score methods reported side by side (all from one scoring pass); empty = every one."""
+
+    def __post_init__(self) -> None:
+        from tokenforget.score_methods import SCORE_METHODS
+
+        _check(len(self.kinds) > 0, "detect.kinds", "needs at least one noise kind")
+        _check(len(self.references) > 0, "detect.references", "needs at least one reference")
+        _check(0.0 < self.fraction <= 1.0, "detect.fraction", f"must be in (0, 1], got {self.fraction}")
+        _check(self.trusted_size > 0, "detect.trusted_size", f"must be > 0, got {self.trusted_size}")
+        for m in self.methods:
+            _check(m in SCORE_METHODS, "detect.methods", f"unknown '{m}', choose from {list(SCORE_METHODS)}")
+
+
+@dataclass
 class RunConfig:
     """Everything one `tokenforget run` needs."""
 
@@ -345,6 +404,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
     `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""

@@ -47,7 +47,7 @@ from tokenforget.train import last_checkpoint, make_trainer, save_model, trainin
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
-SCORE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref", "score")})
+CE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref")})
 
 
 class RunFolderError(UserError):
@@ -250,27 +250,36 @@ class Run:
         return self._load("data", "tokens")
 
     def _corrupt(self, records: list[data_mod.Record]) -> tuple[list[data_mod.Record], int]:
-        """The configured share of answers with one wrong step result (`data.corrupt_fraction`)."""
+        """The configured share of answers corrupted with `data.noise` (`data.corrupt_fraction`)."""
         dc = self.cfg.data
         if not dc.corrupt_fraction:
             return records, 0
-        from tokenforget.noise import corrupt_records
+        from tokenforget.noise import inject_noise
 
-        records, n = corrupt_records(records, dc.corrupt_fraction, dc.corrupt_seed)
-        self.log(f"[data] corrupted one step result in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
+        records, n = inject_noise(records, dc.noise, dc.corrupt_fraction, dc.corrupt_seed, dc.noise_sentence)
+        self.log(f"[data] noise '{dc.noise}' in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
         return records, n
 
     # ------------------------------------------------------------ reference
 
     def reference_fp(self) -> str:
         c = self.cfg
+        if c.reference.checkpoint:
+            return fingerprint("reference-checkpoint", _folder_digest(self._checkpoint_dir()), to_dict(c.model))
         ref = to_dict(c.reference)
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
+
+    def _checkpoint_dir(self) -> Path:
+        folder = Path(self.cfg.reference.checkpoint).expanduser()  # type: ignore[arg-type]
+        if not folder.is_dir():
+            raise RunFolderError(f"reference.checkpoint: '{folder}' does not exist")
+        return folder
 
     def _reference_examples(self, tokens: datasets.Dataset) -> datasets.Dataset:
         rc = self.cfg.reference
         if rc.path:
             records = data_mod.load_records(self.cfg.data, rc.path)
+            data_mod.check_disjoint(records, data_mod.load_records(self.cfg.data), "reference.path")
             cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
             return datasets.Dataset.from_dict(cols)
         idx = data_mod.reference_subset(len(tokens), rc.fraction, rc.size, self.cfg.seed)
@@ -279,6 +288,8 @@ class Run:
     def reference(self) -> Path:
         """Train (or reuse) the reference model: SFT of the base on a subset. Returns its folder."""
         tokens = self.data()
+        if self.cfg.reference.checkpoint:
+            return self._checkpoint_dir()
         fp = self.reference_fp()
         if self.is_done("reference", fp):
             self._skip("reference")
@@ -294,38 +305,61 @@ class Run:
 
     # ------------------------------------------------------------ score
 
+    def raw_score_fp(self) -> str:
+        """Fingerprint of the scoring pass (CE_base, CE_ref), which does not depend on `score.method`."""
+        sc = self.cfg.score
+        if sc.precomputed_path:
+            return fingerprint("precomputed", self.data_fp(), file_digest(sc.precomputed_path))
+        return fingerprint("score", self.reference_fp(), sc.batch_size, sc.shard_size, self.bf16)
+
     def score_fp(self) -> str:
-        return fingerprint("score", self.reference_fp(), to_dict(self.cfg.score), self.bf16)
+        return fingerprint("score", self.raw_score_fp(), self.cfg.score.method)
 
     def score(self) -> datasets.Dataset:
-        """Per-token CE under base and reference, and their difference, for every training example.
+        """Per-token CE under base and reference, and the `score.method` score, for every training example.
 
         The examples are cut into shards of `score.shard_size`; rank r scores shards r, r + world, ...
         and writes each one as it finishes, so a killed run resumes at the first missing shard. Rank 0
-        joins the shards in example order.
+        joins the shards in example order, then applies the method over the whole data set. A finished
+        stage of the same scoring pass with another method is rescored without a forward pass.
         """
         if "scores" in self._loaded:
             return self._loaded["scores"]
         tokens = self.data()
-        ref_dir = self.reference()
+        ref_dir = None if self.cfg.score.precomputed_path else self.reference()
         fp = self.score_fp()
         if self.is_done("scores", fp):
             self._skip("scores")
         else:
-            work = self.work_dir("scores", fp)
-            shards = shard_ranges(len(tokens), self.cfg.score.shard_size)
-            self._score_shards(tokens, ref_dir, work, shards)
-            self.ranks.barrier()
+            raw = self._raw_scores(tokens, ref_dir)
             if self.ranks.is_main:
-                parts = [datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))]
+                table = with_method_scores(tokens, raw, self.cfg.score.method)
                 n_tokens = int(sum(map(sum, tokens["response_mask"])))
-                with self.writing("scores", fp, {"tokens": n_tokens, "shards": len(shards)}) as d:
-                    datasets.concatenate_datasets(parts).save_to_disk(str(d / "scores"))
-                shutil.rmtree(work)
+                record = {"tokens": n_tokens, "raw_fingerprint": self.raw_score_fp(), "method": self.cfg.score.method}
+                with self.writing("scores", fp, record) as d:
+                    table.save_to_disk(str(d / "scores"))
+                shutil.rmtree(self.root / ".scores.work", ignore_errors=True)
             self.ranks.barrier()
         scores = self._load("scores", "scores")
         check_aligned(tokens, scores, self.stage_dir("scores"))
         return scores
+
+    def _raw_scores(self, tokens: datasets.Dataset, ref_dir: Optional[Path]) -> Optional[datasets.Dataset]:
+        """`ce_base`, `ce_ref` (and `score` for precomputed scores) per example; None on ranks other than 0."""
+        sc, raw_fp = self.cfg.score, self.raw_score_fp()
+        done = self.stage_dir("scores") / STAGE_FILE
+        if done.is_file() and json.loads(done.read_text()).get("raw_fingerprint") == raw_fp:
+            self.log("[scores] same scoring pass, new score.method: rescoring without a forward pass")
+            return datasets.load_from_disk(str(self.stage_dir("scores") / "scores"))
+        if sc.precomputed_path:
+            return read_precomputed(sc.precomputed_path, tokens) if self.ranks.is_main else None
+        work = self.work_dir("scores", raw_fp)
+        shards = shard_ranges(len(tokens), sc.shard_size)
+        self._score_shards(tokens, ref_dir, work, shards)  # type: ignore[arg-type]
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            return None
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))])
 
     def _score_shards(
         self, tokens: datasets.Dataset, ref_dir: Path, work: Path, shards: list[tuple[int, int]]
@@ -345,22 +379,27 @@ class Run:
                 ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
                 pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
             )
-            cols = {"ce_base": ce_base, "ce_ref": ce_ref, "score": [b - r for b, r in zip(ce_base, ce_ref)]}
+            cols = {"ce_base": ce_base, "ce_ref": ce_ref}
             tmp = work / f".shard-{s:05d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            datasets.Dataset.from_dict({k: [v.tolist() for v in vs] for k, vs in cols.items()}, features=SCORE_FEATURES).save_to_disk(str(tmp))
+            datasets.Dataset.from_dict({k: [v.tolist() for v in vs] for k, vs in cols.items()}, features=CE_FEATURES).save_to_disk(str(tmp))
             os.replace(tmp, work / f"shard-{s:05d}")
 
     def _load_reference(self, ref_dir: Path) -> tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-        """(reference, separate base or None). A LoRA reference is the base plus its adapter."""
-        if (ref_dir / "adapter").is_dir():
-            from peft import PeftModel
+        """(reference, separate base or None). A LoRA reference is the base plus its adapter.
 
-            return PeftModel.from_pretrained(self.base.fresh(), str(ref_dir / "adapter")).to(device()), None
+        `ref_dir` is a stage folder (`adapter/` preferred, else `model/`), an adapter folder or a model folder.
+        """
+        from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        full = AutoModelForCausalLM.from_pretrained(str(ref_dir / "model"), dtype=torch.float32)
-        return full.to(device()), self.base.fresh().to(device())
+        adapter = ref_dir / "adapter" if (ref_dir / "adapter").is_dir() else ref_dir
+        if (adapter / "adapter_config.json").is_file():
+            return PeftModel.from_pretrained(self.base.fresh(), str(adapter)).to(device()), None
+        full = ref_dir / "model" if (ref_dir / "model").is_dir() else ref_dir
+        if not (full / "config.json").is_file():
+            raise RunFolderError(f"reference: '{ref_dir}' holds no LoRA adapter (adapter_config.json) and no model (config.json)")
+        return AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32).to(device()), self.base.fresh().to(device())
 
     # ------------------------------------------------------------ partition
 
@@ -613,6 +652,64 @@ def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Pat
             f"{where}: scores do not match the tokenized data set ({len(scores)} examples scored, "
             f"{len(tokens)} tokenized, or token counts differ): fingerprint mismatch; delete the folder to rescore"
         )
+
+
+def response_arrays(tokens: datasets.Dataset, scores: datasets.Dataset) -> dict[str, np.ndarray]:
+    """Flat arrays over every response token: `ce_base`, `ce_ref`, `token_id`, `example` (row index), `corrupt`,
+    and `where` (the flat positions of these tokens among all tokens, to scatter scores back)."""
+    resp, offsets = flat_list_column(tokens.data.column("response_mask"))
+    where = np.flatnonzero(resp)
+    rows = np.repeat(np.arange(len(tokens)), np.diff(offsets))
+    out = {k: flat_list_column(scores.data.column(k))[0][where] for k in ("ce_base", "ce_ref")}
+    out["token_id"] = flat_list_column(tokens.data.column("input_ids"))[0][where]
+    out["corrupt"] = flat_list_column(tokens.data.column("corrupt"))[0][where].astype(bool)
+    return {**out, "example": rows[where], "where": where, "offsets": offsets}
+
+
+def with_method_scores(tokens: datasets.Dataset, raw: datasets.Dataset, method: str) -> datasets.Dataset:
+    """`ce_base`, `ce_ref` and `score` per example: the method's score on response tokens, 0 elsewhere.
+
+    Raw scores that already carry a `score` column (precomputed) keep it as it is."""
+    if "score" in raw.column_names:
+        return raw.select_columns(["ce_base", "ce_ref", "score"])
+    from tokenforget.score_methods import apply_method
+
+    a = response_arrays(tokens, raw)
+    flat = np.zeros(a["offsets"][-1], dtype=np.float32)
+    flat[a["where"]] = apply_method(method, a["ce_base"], a["ce_ref"], a["token_id"], a["example"])
+    table = raw.data.table.select(["ce_base", "ce_ref"]).append_column("score", _list_column(a["offsets"], flat))
+    return datasets.Dataset(table)
+
+
+def read_precomputed(path: str, tokens: datasets.Dataset) -> datasets.Dataset:
+    """User-supplied per-token scores (`score.precomputed_path`), checked row by row against the tokenized data:
+    same number of rows, same `input_ids`, one score per token. CE columns are left at 0."""
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise data_mod.DataError(f"score.precomputed_path: '{path}' does not exist")
+    table = pq.read_table(p)
+    missing = [c for c in ("input_ids", "score") if c not in table.column_names]
+    if missing:
+        raise data_mod.DataError(f"{p}: missing column(s) {missing}; precomputed scores need input_ids and score")
+    if table.num_rows != len(tokens):
+        raise data_mod.DataError(f"{p}: {table.num_rows} rows, but the data has {len(tokens)} tokenized examples")
+    ids, id_offsets = flat_list_column(table.column("input_ids"))
+    ours, our_offsets = flat_list_column(tokens.data.column("input_ids"))
+    sc, sc_offsets = flat_list_column(table.column("score"))
+    for name, offs in (("input_ids", id_offsets), ("score", sc_offsets)):
+        bad = np.flatnonzero(np.diff(offs) != np.diff(our_offsets))
+        if bad.size:
+            raise data_mod.DataError(f"{p} row {bad[0]}: {np.diff(offs)[bad[0]]} {name} entries, but the example has {np.diff(our_offsets)[bad[0]]} tokens")
+    differs = np.flatnonzero(ids != ours)
+    if differs.size:
+        row = int(np.searchsorted(our_offsets, differs[0], side="right") - 1)
+        raise data_mod.DataError(f"{p} row {row}: input_ids differ from the tokenized data (other data, order or tokenizer)")
+    if not np.all(np.isfinite(sc)):
+        raise data_mod.DataError(f"{p}: scores contain NaN or infinite values")
+    zeros = _list_column(our_offsets, np.zeros(len(ours), np.float32))
+    return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": _list_column(our_offsets, sc.astype(np.float32))}))
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
