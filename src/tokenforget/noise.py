@@ -126,14 +126,21 @@ def changed_span(old: str, new: str) -> Span:
 
 
 def change_number(text: str, rng: random.Random) -> Optional[tuple[str, list[Span]]]:
-    """One number of `text` replaced by a nearby wrong value, with every copy of it on the same line (GSM8K's
-    `<<48/2=24>>24` holds it twice). Returns (new text, changed spans in the new text), or None without a number."""
+    """A seeded number of `text` replaced by a nearby wrong value, with every copy of it on the same line
+    (GSM8K's `<<48/2=24>>24` holds it twice). Returns (new text, changed spans), or None without a number."""
     found = list(_ANY_NUMBER.finditer(text))
     if not found:
         return None
     pick = rng.choice(found)
-    wrong = nearby_number(pick.group(), rng)
-    line_start, line_end = text.rfind("\n", 0, pick.start()) + 1, (text.find("\n", pick.end()) + 1 or len(text) + 1) - 1
+    return set_number(text, pick.start(), nearby_number(pick.group(), rng))
+
+
+def set_number(text: str, at: int, wrong: str) -> tuple[str, list[Span]]:
+    """The number starting at character `at` set to `wrong`, with every copy of it on the same line.
+    Returns (new text, the changed character spans in the new text)."""
+    found = list(_ANY_NUMBER.finditer(text))
+    pick = next(m for m in found if m.start() == at)
+    line_start, line_end = text.rfind("\n", 0, at) + 1, (text.find("\n", pick.end()) + 1 or len(text) + 1) - 1
     copies = [m for m in found if m.group() == pick.group() and line_start <= m.start() < line_end]
     out, spans, shift = text, [], 0
     for m in copies:

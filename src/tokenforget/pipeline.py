@@ -350,7 +350,8 @@ class Run:
         done = self.stage_dir("scores") / STAGE_FILE
         if done.is_file() and json.loads(done.read_text()).get("raw_fingerprint") == raw_fp:
             self.log("[scores] same scoring pass, new score.method: rescoring without a forward pass")
-            return datasets.load_from_disk(str(self.stage_dir("scores") / "scores"))
+            done_scores = datasets.load_from_disk(str(self.stage_dir("scores") / "scores"))
+            return done_scores if sc.precomputed_path else done_scores.select_columns(["ce_base", "ce_ref"])
         if sc.precomputed_path:
             return read_precomputed(sc.precomputed_path, tokens) if self.ranks.is_main else None
         work = self.work_dir("scores", raw_fp)
