@@ -443,12 +443,16 @@ class DemoConfig:
     learning_rate: float = 2e-4
     batch_size: int = 8
     max_new_tokens: int = 72
+    n_trusted: int = 72
+    """Clean generated examples (other seed) for the recommended setting's trusted reference, whose detection
+    figures are printed beside the paper's."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """As `RunConfig.report_to`."""
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
+        _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
 
