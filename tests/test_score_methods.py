@@ -69,3 +69,14 @@ def test_average_ranks_and_apply_method_checks():
     assert apply_method("paper", np.array([1.0]), np.array([0.5]), np.zeros(1), np.zeros(1)).dtype == np.float32
     with pytest.raises(ValueError, match="NaN"):
         apply_method("paper", np.array([np.inf]), np.array([0.5]), np.zeros(1), np.zeros(1))
+
+
+def test_copies_inherit_the_lowest_score_of_the_earlier_occurrence():
+    """Ids [5, 7, 4, 9, 7, 4] in one example, CE_ref [0, 6, 3, 0, 0.1, 0.2]: `7 4` at 4-5 copies `7 4` at
+    1-2. Token 4 (id 7) shares its pair with the next token, (7, 4), with token 1: min(-0.1, -6) = -6; token 5
+    (id 4) shares (7, 4) with token 2: min(-0.2, -3) = -3. Token 3 (id 9) is new and keeps -0. In a second
+    example the same pair inherits nothing."""
+    ids, r = [5, 7, 4, 9, 7, 4], [0, 6, 3, 0, 0.1, 0.2]
+    assert method("ref_loss_copy", [0] * 6, r, ids=ids) == pytest.approx([0, -6, -3, 0, -6, -3])
+    split = method("ref_loss_copy", [0] * 6, r, ids=ids, ex=[0, 0, 0, 1, 1, 1])
+    assert split == pytest.approx([0, -6, -3, 0, -0.1, -0.2])

@@ -656,8 +656,9 @@ def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Pat
 
 
 def response_arrays(tokens: datasets.Dataset, scores: datasets.Dataset) -> dict[str, np.ndarray]:
-    """Flat arrays over every response token: `ce_base`, `ce_ref`, `token_id`, `example` (row index), `corrupt`,
-    and `where` (the flat positions of these tokens among all tokens, to scatter scores back)."""
+    """Flat arrays over every response token: `ce_base`, `ce_ref`, `token_id`, `example` (row index), `corrupt`;
+    `where` (the flat positions of these tokens among all tokens, to scatter scores back) and `offsets` (where
+    each example starts among all tokens)."""
     resp, offsets = flat_list_column(tokens.data.column("response_mask"))
     where = np.flatnonzero(resp)
     rows = np.repeat(np.arange(len(tokens)), np.diff(offsets))

@@ -93,6 +93,20 @@ def ref_loss_example(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarr
     return -(r + _example_mean(r, example))
 
 
+def ref_loss_copy(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = inherit_copies(-CE_ref): a token that repeats an earlier token pair of its response takes the
+    lowest score of those earlier occurrences.
+
+    A wrong value is surprising where it first appears and cheap to predict where it is copied (GSM8K writes
+    each result twice, `<<48/2=24>>24`, and later steps reuse it); the copy is as wrong as the original."""
+    return inherit_copies(ref_loss(ce_base, ce_ref, token_id, example), token_id, example)
+
+
+def ref_loss_z_copy(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = inherit_copies(ref_loss_z): the per-token-id standardised reference loss, copies inheriting."""
+    return inherit_copies(ref_loss_z(ce_base, ce_ref, token_id, example), token_id, example)
+
+
 SCORE_METHODS: dict[str, ScoreFn] = {
     "paper": paper,
     "relative": relative,
@@ -102,6 +116,8 @@ SCORE_METHODS: dict[str, ScoreFn] = {
     "ref_loss_z": ref_loss_z,
     "ref_loss_window": ref_loss_window,
     "ref_loss_example": ref_loss_example,
+    "ref_loss_copy": ref_loss_copy,
+    "ref_loss_z_copy": ref_loss_z_copy,
 }
 
 
@@ -158,3 +174,27 @@ def _window_mean(x: np.ndarray, example: np.ndarray, width: int) -> np.ndarray:
     idx = np.arange(len(x))
     lo, hi = np.maximum(idx - half, first), np.minimum(idx + half + 1, last)
     return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def inherit_copies(score: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """Each token's score lowered to the lowest score of the earlier tokens of its example that share its
+    pair with the previous token, or its pair with the next token (both within the example).
+
+    Pairs, not single ids: a digit matches another digit only in the same two-token context, so a copied number
+    (`7`,`4` ... `7`,`4`) is matched token by token while unrelated digits are not. One pass per example."""
+    out = score.astype(np.float64).copy()
+    bounds = np.flatnonzero(np.r_[True, example[1:] != example[:-1], True])
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        ids = token_id[a:e].tolist()
+        own = score[a:e].tolist()
+        back: dict[tuple[int, int], float] = {}  # (previous id, id) -> lowest score seen with it
+        fwd: dict[tuple[int, int], float] = {}  # (id, next id) -> lowest score seen with it
+        for t in range(e - a):
+            kb = (ids[t - 1], ids[t]) if t > 0 else None
+            kf = (ids[t], ids[t + 1]) if t + 1 < e - a else None
+            out[a + t] = min(out[a + t], back.get(kb, np.inf), fwd.get(kf, np.inf))
+            if kb is not None:
+                back[kb] = min(back.get(kb, np.inf), own[t])
+            if kf is not None:
+                fwd[kf] = min(fwd.get(kf, np.inf), own[t])
+    return out
