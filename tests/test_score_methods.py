@@ -80,3 +80,16 @@ def test_copies_inherit_the_lowest_score_of_the_earlier_occurrence():
     assert method("ref_loss_copy", [0] * 6, r, ids=ids) == pytest.approx([0, -6, -3, 0, -6, -3])
     split = method("ref_loss_copy", [0] * 6, r, ids=ids, ex=[0, 0, 0, 1, 1, 1])
     assert split == pytest.approx([0, -6, -3, 0, -0.1, -0.2])
+
+
+def test_example_ref_loss_and_min_rank():
+    """Examples [0, 0, 1, 1], ids all different, CE_ref [4, 0, 1, 1]. example_ref_loss = -[2, 2, 1, 1].
+    Ascending ranks of the three views (N = 4):
+      ref_loss_z_copy: every id is rare, so z = -(r - 1.5) / 1.5 = [-1.667, 1, 0.333, 0.333] -> [1, 4, 2.5, 2.5]
+      ref_loss_window: -max(r, example mean) = [-4, -2, -1, -1] -> [1, 2, 3.5, 3.5]
+      example_ref_loss: [-2, -2, -1, -1] -> [1.5, 1.5, 3.5, 3.5]
+    min per token = [1, 1.5, 2.5, 2.5], over 4 = [0.25, 0.375, 0.625, 0.625]."""
+    args = ([0] * 4, [4, 0, 1, 1])
+    kw = {"ids": [1, 2, 3, 4], "ex": [0, 0, 1, 1]}
+    assert method("example_ref_loss", *args, **kw) == pytest.approx([-2, -2, -1, -1])
+    assert method("ref_loss_min_rank", *args, **kw) == pytest.approx([0.25, 0.375, 0.625, 0.625])

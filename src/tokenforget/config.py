@@ -211,7 +211,7 @@ class ReferenceConfig:
 
 @dataclass
 class ScoreConfig:
-    """Per-token scoring: score = CE under the base model - CE under the reference model."""
+    """Per-token scoring: CE under the base and the reference model, made into a score by `method`."""
 
     batch_size: int = 8
     """Examples per forward pass; batches are grouped by length to keep padding low."""
@@ -220,7 +220,9 @@ class ScoreConfig:
     method: str = "paper"
     """How CE_base and CE_ref become the score that is ranked (`tokenforget.score_methods.SCORE_METHODS`):
     `paper` (CE_base - CE_ref), `relative`, `binned`, `token_z` (difficulty-corrected), `ref_loss` (-CE_ref),
-    `ref_loss_z`, `ref_loss_window`, `ref_loss_example`. Changing it reuses the scoring pass."""
+    `ref_loss_z`, `ref_loss_window`, `ref_loss_example`, `ref_loss_copy`, `ref_loss_z_copy` (copies of a token
+    pair inherit the earlier occurrence's score), `example_ref_loss`, `ref_loss_min_rank` (the recommended one,
+    docs/detection.md). Changing it reuses the scoring pass."""
     precomputed_path: Optional[str] = None
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
     `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference

@@ -107,6 +107,22 @@ def ref_loss_z_copy(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarra
     return inherit_copies(ref_loss_z(ce_base, ce_ref, token_id, example), token_id, example)
 
 
+def example_ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -(mean of CE_ref over the token's example): sample-level perplexity filtering (Marion et al., 2023,
+    arXiv 2309.04564) spread over the tokens; a response paired with the wrong prompt is surprising throughout."""
+    return -_example_mean(ce_ref.astype(np.float64), example)
+
+
+def ref_loss_min_rank(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = min(rank(ref_loss_z_copy), rank(ref_loss_window), rank(example_ref_loss)) / N, ranks 1..N ascending.
+
+    A token is as suspicious as the most suspicious of three views: its own loss with copies inheriting (a changed
+    number), the stretch around it (inserted text), its whole response (a wrong prompt). Ties share ranks."""
+    views = (ref_loss_z_copy, ref_loss_window, example_ref_loss)
+    ranks = [average_ranks(v(ce_base, ce_ref, token_id, example)) for v in views]
+    return np.minimum.reduce(ranks) / len(ce_ref)
+
+
 SCORE_METHODS: dict[str, ScoreFn] = {
     "paper": paper,
     "relative": relative,
@@ -118,11 +134,13 @@ SCORE_METHODS: dict[str, ScoreFn] = {
     "ref_loss_example": ref_loss_example,
     "ref_loss_copy": ref_loss_copy,
     "ref_loss_z_copy": ref_loss_z_copy,
+    "example_ref_loss": example_ref_loss,
+    "ref_loss_min_rank": ref_loss_min_rank,
 }
 
 
 # The recommended setting (docs/detection.md): this method, with a reference trained on a small trusted set.
-RECOMMENDED_METHOD = "ref_loss"
+RECOMMENDED_METHOD = "ref_loss_min_rank"
 
 
 def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
