@@ -109,6 +109,12 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(res["models"]) == {"base", "sft", "forget"}
     assert res["detection"]["n_corrupt"] > 0 and 0.0 <= res["detection"]["auroc"] <= 1.0
+    from tokenforget.score_methods import RECOMMENDED_METHOD
+
+    side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended setting
+    assert list(side_by_side) == ["paper", f"{RECOMMENDED_METHOD} + trusted reference (recommended)"]
+    assert side_by_side["paper"]["auroc"] == pytest.approx(res["detection"]["auroc"])
+    assert "the paper's score and the recommended setting" in out
 
 
 def test_python_m_entry_point():

@@ -34,3 +34,11 @@ def test_extract_answer_and_accuracy():
     acc = answer_accuracy(["The answer is 5.", "The answer is 6."], ["The answer is 5.", "The answer is 7."])
     assert (acc.accuracy, acc.n) == (0.5, 2)
     assert acc.stderr == pytest.approx((0.25 / 2) ** 0.5)
+
+
+def test_auroc_with_ties_hand_value():
+    """bad {0.2, 0.5}, good {0.2, 0.5, 0.9}. Bad 0.2: tie with 0.2 (1/2), below 0.5 and 0.9 (2) -> 2.5;
+    bad 0.5: above 0.2 (0), tie with 0.5 (1/2), below 0.9 (1) -> 1.5. (2.5 + 1.5) / 6 = 0.6667."""
+    scores = np.array([0.2, 0.5, 0.2, 0.5, 0.9])
+    assert auroc(scores, np.array([1, 1, 0, 0, 0])) == pytest.approx(4 / 6)
+    assert auroc(np.full(4, 1.0), np.array([1, 0, 1, 0])) == pytest.approx(0.5)  # all tied: chance

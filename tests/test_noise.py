@@ -5,7 +5,9 @@ import random
 import pytest
 
 from tokenforget.data import Record
-from tokenforget.noise import corrupt_answer, corrupt_records, step_results, wrong_number
+from tokenforget.noise import (
+    corrupt_answer, corrupt_records, inject_noise, insert_sentence, nearby_number, set_number, step_results, wrong_number,
+)
 
 ANSWER = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -72,3 +74,80 @@ def test_corrupted_tokens_reach_the_corrupt_mask(tiny_tokenizer):
     marked = tiny_tokenizer.decode([t for t, c in zip(ids, corrupt) if c])
     wrong = bad.messages[-1]["content"][slice(*bad.corrupt_spans[0])]
     assert wrong in marked and sum(corrupt) >= 2
+
+
+# ---------------------------------------------------------------- the detection benchmark's noise kinds
+
+
+def marked_tokens(tokenizer, record: Record) -> list[str]:
+    """The token strings the corrupt mask marks, in order."""
+    from tokenforget.config import DataConfig
+    from tokenforget.data import tokenize_records
+
+    cols, _ = tokenize_records(tokenizer, [record], DataConfig())
+    return [tokenizer.decode([t]) for t, c in zip(cols["input_ids"][0], cols["corrupt"][0]) if c]
+
+
+def qa(answer: str, spans=()) -> Record:
+    return Record([{"role": "user", "content": "How many?"}, {"role": "assistant", "content": answer}], "f:1", tuple(spans))
+
+
+def test_nearby_number_is_close_and_keeps_the_format():
+    rng = random.Random(0)
+    for right, lo, hi in [("24", 19, 29), ("1,200", 960, 1440), ("0.25", 0.20, 0.30), ("7", 6, 8), ("1", 0, 2)]:
+        for _ in range(30):
+            wrong = nearby_number(right, rng)
+            assert wrong != right and lo <= float(wrong.replace(",", "")) <= hi
+            value = float(wrong.replace(",", ""))
+            assert ("," in wrong) == ("," in right and value >= 1000) and wrong.count(".") == right.count(".")
+
+
+def test_set_number_changes_every_copy_on_its_line_and_marks_only_changed_characters():
+    """`<<48/2=24>>24` holds the result twice; 24 -> 25 changes only the second digit of each copy; the 24 on
+    the next line is another step and stays."""
+    text = "Half is 48/2 = <<48/2=24>>24.\nThen 24+1 = <<24+1=25>>25.\n#### 25"
+    new, spans = set_number(text, text.index("24"), "25")
+    assert new == "Half is 48/2 = <<48/2=25>>25.\nThen 24+1 = <<24+1=25>>25.\n#### 25"
+    assert [new[s:e] for s, e in spans] == ["5", "5"] and spans == [(23, 24), (27, 28)]
+    longer, spans = set_number("It costs 9 dollars.", 9, "11")
+    assert longer == "It costs 11 dollars." and spans == [(9, 11)]
+
+
+def test_number_change_marks_exactly_the_changed_tokens_even_when_it_splits_a_token(tiny_tokenizer):
+    """The tiny BPE has a token ` 12` (from its corpus) but no ` 13`: 12 -> 13 splits it into ` `, `1`, `3`.
+    Only `3` is marked: the space and the `1` did not change."""
+    text = "She then has 12 apples."
+    assert "12" in [tiny_tokenizer.decode([t]).strip() for t in tiny_tokenizer(text)["input_ids"]]
+    new, spans = set_number(text, text.index("12"), "13")
+    assert [tiny_tokenizer.decode([t]) for t in tiny_tokenizer(new)["input_ids"]][3:6] == [" ", "1", "3"]
+    assert marked_tokens(tiny_tokenizer, qa(new, spans)) == ["3"]
+
+
+def test_recurring_sentence_marks_the_sentence_and_nothing_else(tiny_tokenizer):
+    """One sentence, no line break and no `. ` inside: the only boundary is the start."""
+    new, spans = insert_sentence("She buys 12 apples.", "The answer is 5.", random.Random(0))
+    assert new == "The answer is 5.\nShe buys 12 apples." and spans == [(0, 16)]
+    assert "".join(marked_tokens(tiny_tokenizer, qa(new, spans))) == "The answer is 5."
+    two_lines, spans = insert_sentence("A.\nB.", "C.", random.Random(2))
+    assert two_lines in ("C.\nA.\nB.", "A.\nC.\nB.") and two_lines[slice(*spans[0])] == "C."
+
+
+def test_wrong_prompt_moves_responses_and_marks_every_response_token(tiny_tokenizer):
+    answers = ["She buys 12 apples.", "The change is 5 dollars.", "The answer is 24."]
+    records = [Record([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}], f"f:{i}") for i, a in enumerate(answers)]
+    out, n = inject_noise(records, "wrong_prompt", 1.0, seed=0)
+    assert n == 3 and [r.messages[-1]["content"] for r in out] == [answers[1], answers[2], answers[0]]
+    assert [r.messages[0]["content"] for r in out] == ["q0", "q1", "q2"]
+    for r in out:
+        assert "".join(marked_tokens(tiny_tokenizer, r)) == r.messages[-1]["content"]
+
+
+def test_inject_noise_is_seeded_and_counts():
+    records = [qa(f"Step {i}: 3 + {i} = {3 + i}.\nSo {3 + i}.") for i in range(10)] + [qa("No number here.")]
+    for kind in ("number", "recurring", "wrong_prompt"):
+        out, n = inject_noise(records, kind, 0.3, seed=4)
+        changed = [i for i, (a, b) in enumerate(zip(records, out)) if a != b]
+        assert n == 3 == len(changed) and all(out[i].corrupt_spans for i in changed)
+        assert inject_noise(records, kind, 0.3, seed=4)[0] == out
+    numbered, _ = inject_noise(records, "number", 1.0, seed=0)
+    assert numbered[10] == records[10]  # nothing to change

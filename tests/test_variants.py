@@ -42,10 +42,14 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     cfg = load_cfg(config)
     run = Run(cfg)
     drop = lambda d, *keys: {k: v for k, v in d.items() if k not in keys}  # noqa: E731
-    ref = drop(to_dict(cfg.reference), "folds", "rounds")
-    old_ref = fingerprint("reference", run.data_fp(), ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
+    old_data = fingerprint("data", drop(to_dict(cfg.data), "noise", "noise_sentence"), file_digest(cfg.data.path),
+                           to_dict(cfg.model))
+    assert run.data_fp() == old_data
+    ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint")
+    old_ref = fingerprint("reference", old_data, ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
     assert run.reference_fp() == old_ref
-    old_score = fingerprint("score", old_ref, to_dict(cfg.score), run.bf16)
+    old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path"), run.bf16)
+    assert run.score_fp() == old_score
     old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold"))
     assert run.partition_fp() == old_part
     train = drop(to_dict(cfg.train), "forget_objective", "beta", "lambda_warmup")
@@ -259,7 +263,8 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
     cfg.update(run_dir=str(tmp_path / "cmp"), report_to=["none"])
     cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4, "batch_size": 2}
     cfg["compare"] = {"seeds": [1], "modes": ["sft", "forget"],
-                      "variants": {"soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}}}}
+                      "variants": {"soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}},
+                                   "rl": {"mode": "ignore", "score": {"method": "ref_loss"}}}}
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["compare", str(path)]) == 0
@@ -272,8 +277,18 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
     assert "token_weight" in datasets.load_from_disk(str(soft / "partition" / "classes")).column_names
     assert (cf / "reference" / "folds.json").is_file() and fp(cf, "data") == fp(seed, "data")
     assert (soft / "train-soft" / "stage.json").is_file() and (cf / "eval-cf" / "results.json").is_file()
+    # `rl` (score.method ref_loss): the seed's scoring pass, rescored without a forward pass; score = -CE_ref
+    rl = seed / "variant-rl"
+    assert f"[scores] copied from {seed / 'scores'}" in out and "rescoring without a forward pass" in out
+    mine, theirs = (datasets.load_from_disk(str(d / "scores" / "scores")) for d in (rl, seed))
+    assert mine["ce_ref"] == theirs["ce_ref"] and fp(rl, "scores") != fp(seed, "scores")
+    tokens = datasets.load_from_disk(str(seed / "data" / "tokens"))
+    for m, r, ce in zip(tokens["response_mask"], mine["score"], mine["ce_ref"]):
+        assert [s for k, s in zip(m, r) if k] == pytest.approx([-c for k, c in zip(m, ce) if k])
+    assert (rl / "train-rl" / "stage.json").is_file()
     res = json.loads((tmp_path / "cmp" / "compare_results.json").read_text())
-    assert res["models"] == ["base", "sft", "forget", "soft", "cf"] and set(res["paired_vs_sft"]) == {"forget", "soft", "cf"}
+    assert res["models"] == ["base", "sft", "forget", "soft", "cf", "rl"]
+    assert set(res["paired_vs_sft"]) == {"forget", "soft", "cf", "rl"}
     assert main(["compare", str(path)]) == 0
     out = capsys.readouterr().out
     assert "training on" not in out and "copied" not in out and "[eval-cf] up to date" in out

@@ -1,5 +1,5 @@
-"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `demo`,
-`report`.
+"""The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `detect`,
+`demo`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
@@ -74,6 +74,12 @@ def _compare(cfg: RunConfig) -> None:
     run_compare(cfg)
 
 
+def _detect(cfg: RunConfig) -> None:
+    from tokenforget.detect import run_detect
+
+    run_detect(cfg)
+
+
 def _demo(cfg: DemoConfig) -> None:
     from tokenforget.demo import run_demo
 
@@ -100,6 +106,9 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
     "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).", _eval),
     "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.", _compare),
+    "detect": (
+        RunConfig, "Inject known noise (detect.kinds), score, and report how well every score method finds it.", _detect,
+    ),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
     "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }

@@ -14,6 +14,10 @@ Mode = Literal["forget", "sft", "ignore"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 Selection = Literal["global", "per_sample", "threshold", "soft"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
+NoiseKind = Literal["step_result", "number", "recurring", "wrong_prompt"]
+ReferenceKind = Literal["slice", "trusted", "checkpoint"]
+# Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
+RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
 
 class UserError(Exception):
@@ -112,10 +116,16 @@ class DataConfig:
     """Hub data set read instead of `path` when `path` is a local file that does not exist (with
     `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
     corrupt_fraction: float = 0.0
-    """Share of the training answers in which one step's result is replaced by a wrong number (see
-    `tokenforget.noise`); the changed characters are marked as corrupted tokens."""
+    """Share of the training answers corrupted with `noise` (see `tokenforget.noise`); the changed
+    characters are marked as corrupted tokens."""
     corrupt_seed: int = 0
-    """Seed of that corruption: which answers, which step, which wrong digit."""
+    """Seed of that corruption: which answers, and what changes in each."""
+    noise: NoiseKind = "step_result"
+    """What `corrupt_fraction` does to an answer: `step_result` (GSM8K: one digit of a worked step's result),
+    `number` (any number of the response set to a nearby wrong value), `recurring` (the same fluent sentence,
+    `noise_sentence`, inserted), `wrong_prompt` (the response moved to another example's prompt)."""
+    noise_sentence: str = RECURRING_SENTENCE
+    """The sentence `noise: recurring` inserts: fluent and plausible, so no token filter could catch it."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
@@ -188,7 +198,11 @@ class ReferenceConfig:
     size: Optional[int] = None
     """Exact number of training examples instead of `fraction`."""
     path: Optional[str] = None
-    """A separate data file (same format as `data`) to train the reference on."""
+    """A trusted data file (same format as `data`) to train the reference on instead of a slice of the data.
+    It must be disjoint from the scored data: an example whose prompt is also in `data.path` is refused."""
+    checkpoint: Optional[str] = None
+    """An existing model as the reference, no reference training: a LoRA adapter folder of this base model,
+    a full model folder (`config.json`), or a stage folder of a run (`reference/`, `train-<mode>/`)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     folds: int = 1
     """Cross-fitting: with K > 1 the examples are dealt into K seeded folds and K references are trained,
@@ -210,20 +224,40 @@ class ReferenceConfig:
                "do not combine; choose one")
         _check(self.path is None or (self.folds == 1 and self.rounds == 1), "reference.path",
                "folds and rounds draw the reference's examples from the training data; unset path")
+        _check(not (self.path and self.checkpoint), "reference.checkpoint", "set either reference.path or reference.checkpoint")
+        _check(self.checkpoint is None or (self.folds == 1 and self.rounds == 1), "reference.checkpoint",
+               "folds and rounds train their own references; unset checkpoint")
 
 
 @dataclass
 class ScoreConfig:
-    """Per-token scoring: score = CE under the base model - CE under the reference model."""
+    """Per-token scoring: CE under the base and the reference model, made into a score by `method`."""
 
     batch_size: int = 8
     """Examples per forward pass; batches are grouped by length to keep padding low."""
     shard_size: int = 1024
     """Examples per shard: the unit written to disk as scoring goes (resume) and dealt out to ranks."""
+    method: str = "paper"
+    """How CE_base and CE_ref become the score that is ranked (`tokenforget.score_methods.SCORE_METHODS`):
+    `paper` (CE_base - CE_ref), `relative`, `binned`, `token_z` (difficulty-corrected), `ref_loss` (-CE_ref),
+    `ref_loss_z`, `ref_loss_window`, `ref_loss_example`, `ref_loss_copy`, `ref_loss_z_copy` (copies of a token
+    pair inherit the earlier occurrence's score), `example_ref_loss`, `ref_loss_min_rank` (the recommended one,
+    docs/detection.md). Changing it reuses the scoring pass."""
+    precomputed_path: Optional[str] = None
+    """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
+    `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
+    is trained and nothing is scored; the scores are ranked as they are (leave `method` at `paper`)."""
 
     def __post_init__(self) -> None:
+        from tokenforget.score_methods import SCORE_METHODS
+
         _check(self.batch_size > 0, "score.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.shard_size > 0, "score.shard_size", f"must be > 0, got {self.shard_size}")
+        _check(self.method in SCORE_METHODS, "score.method", f"unknown '{self.method}', choose from {list(SCORE_METHODS)}")
+        _check(
+            self.precomputed_path is None or self.method == "paper",
+            "score.method", "precomputed scores are ranked as they are; leave score.method unset",
+        )
 
 
 @dataclass
@@ -364,10 +398,11 @@ class CompareConfig:
     `{wga: {forget_objective: wga, beta: 2.0}, cosine: {lambda_schedule: cosine}}`. Each trains `forget`
     (unless it sets `mode`) on the seed's shared partition as stage `train-<name>` and is evaluated and
     tabled like a mode; `tokenforget eval --eval.checkpoint NAME` evaluates it alone. A variant may also
-    override `partition` (rho, selection, threshold) or `reference` (folds, rounds, fraction, size), e.g.
-    `{soft: {partition: {selection: soft}}}`: it then runs in `run_dir/variant-<name>/`, which starts
-    from copies of the seed's finished stages that it shares (data, and reference and scores when only
-    the partition changes)."""
+    override `partition` (rho, selection, threshold), `reference` (folds, rounds, fraction, size) or `score`
+    (method), e.g. `{soft: {partition: {selection: soft}}}`: it then runs in `run_dir/variant-<name>/`, which
+    starts from copies of the seed's finished stages that it shares (data; the reference when only the
+    partition or the score method changes; the scoring pass, rescored without a forward pass, when only
+    the method changes)."""
 
     def __post_init__(self) -> None:
         _check(len(self.seeds) > 0, "compare.seeds", "needs at least one seed")
@@ -380,7 +415,11 @@ class CompareConfig:
 # TrainConfig fields a compare variant may not override: they change what is trained on, or how
 VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split")
 # Other sections a compare variant may override (a mapping each), and their fields it may set
-VARIANT_SECTIONS = {"partition": ("rho", "selection", "threshold"), "reference": ("folds", "rounds", "fraction", "size")}
+VARIANT_SECTIONS = {
+    "partition": ("rho", "selection", "threshold"),
+    "reference": ("folds", "rounds", "fraction", "size"),
+    "score": ("method",),
+}
 
 
 def _check_variant(name: str, overrides: dict[str, Any]) -> None:
@@ -392,7 +431,7 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
     _check(name not in ("base", "sft", "ignore", "forget"), where, "a variant needs a name of its own, not a mode's")
     _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
     known = {f.name for f in fields(TrainConfig)}
-    sections = {"partition": PartitionConfig, "reference": ReferenceConfig}
+    sections = {"partition": PartitionConfig, "reference": ReferenceConfig, "score": ScoreConfig}
     for key, value in overrides.items():
         if key in VARIANT_SECTIONS:
             _check(isinstance(value, dict) and set(value) <= set(VARIANT_SECTIONS[key]), f"{where}.{key}",
@@ -409,6 +448,35 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: {e}") from None
     _check(overrides.get("mode", "forget") in ("forget", "sft", "ignore"), f"{where}.mode",
            f"must be forget, sft or ignore, got {overrides.get('mode')!r}")
+
+
+@dataclass
+class DetectConfig:
+    """`tokenforget detect`: inject known noise into the data, score, partition, and measure how well each
+    score method finds the corrupted tokens. One run folder per (noise kind, reference): `run_dir/<kind>-<ref>/`."""
+
+    kinds: list[NoiseKind] = field(default_factory=lambda: ["number", "recurring", "wrong_prompt"])
+    """Noise kinds, each measured on its own noisy copy of the data (see `data.noise`)."""
+    fraction: float = 0.3
+    """Share of the examples corrupted, per kind (`data.corrupt_fraction`)."""
+    references: list[ReferenceKind] = field(default_factory=lambda: ["slice", "trusted"])
+    """`slice`: LoRA SFT on the seeded `reference.fraction` slice of the noisy data; `trusted`: LoRA SFT on a clean
+    set disjoint from the scored data (`reference.path`, else `trusted_size` records of `data.path` right after
+    the first `data.limit`); `checkpoint`: `reference.checkpoint`."""
+    trusted_size: int = 80
+    """Records of the clean trusted split when `reference.path` is unset (needs `data.limit`)."""
+    methods: list[str] = field(default_factory=list)
+    """Score methods reported side by side (all from one scoring pass); empty = every one."""
+
+    def __post_init__(self) -> None:
+        from tokenforget.score_methods import SCORE_METHODS
+
+        _check(len(self.kinds) > 0, "detect.kinds", "needs at least one noise kind")
+        _check(len(self.references) > 0, "detect.references", "needs at least one reference")
+        _check(0.0 < self.fraction <= 1.0, "detect.fraction", f"must be in (0, 1], got {self.fraction}")
+        _check(self.trusted_size > 0, "detect.trusted_size", f"must be > 0, got {self.trusted_size}")
+        for m in self.methods:
+            _check(m in SCORE_METHODS, "detect.methods", f"unknown '{m}', choose from {list(SCORE_METHODS)}")
 
 
 @dataclass
@@ -429,6 +497,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
     `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""
@@ -469,12 +538,16 @@ class DemoConfig:
     learning_rate: float = 2e-4
     batch_size: int = 8
     max_new_tokens: int = 72
+    n_trusted: int = 72
+    """Clean generated examples (other seed) for the recommended setting's trusted reference, whose detection
+    figures are printed beside the paper's."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """As `RunConfig.report_to`."""
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
+        _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
 

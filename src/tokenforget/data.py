@@ -343,6 +343,24 @@ def tokenize_records(
     return cols, TokenizeReport(kept=len(cols["input_ids"]), skipped_no_response=skipped)
 
 
+def _prompt_key(record: Record) -> str:
+    """The prompt of a record (every message before its last assistant message), whitespace-normalised."""
+    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    return " ".join(" ".join(m["content"].split()) for m in record.messages[:last])
+
+
+def check_disjoint(trusted: Sequence[Record], scored: Sequence[Record], field_name: str) -> None:
+    """Refuse a trusted set that shares a prompt with the scored data: a reference that saw a scored example
+    would find it easy by memory, and the scores would measure memorisation, not quality."""
+    seen = {_prompt_key(r): r.where for r in scored}
+    for r in trusted:
+        if _prompt_key(r) in seen:
+            raise DataError(
+                f"{field_name}: {r.where} has the same prompt as the scored example {seen[_prompt_key(r)]}; "
+                "the trusted set must be disjoint from data.path"
+            )
+
+
 def reference_subset(n: int, fraction: float, size: Optional[int], seed: int) -> list[int]:
     """Sorted indices of the seeded random subset the reference model trains on."""
     k = size if size is not None else max(1, round(fraction * n))

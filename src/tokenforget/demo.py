@@ -104,6 +104,24 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     )
 
 
+def recommended_detection(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Detection figures of `paper` (the run's own reference, a slice of the noisy data) and of the recommended
+    setting (`RECOMMENDED_METHOD` with a reference trained on `n_trusted` clean generated examples), side by side."""
+    from tokenforget.detect import detection_of_methods
+    from tokenforget.pipeline import Run
+    from tokenforget.score_methods import RECOMMENDED_METHOD
+
+    trusted_path = root / "task" / "trusted.jsonl"
+    scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
+    pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
+    write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
+    rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
+    trusted = Run(rc, base=run.base, log=log)
+    figures = {"paper": detection_of_methods(run.data(), run.score(), ["paper"], cfg.rho)["paper"]}
+    rec = detection_of_methods(trusted.data(), trusted.score(), [RECOMMENDED_METHOD], cfg.rho)[RECOMMENDED_METHOD]
+    return {**figures, f"{RECOMMENDED_METHOD} + trusted reference (recommended)": rec}
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
     """Generate the task, train `sft` and `forget`, evaluate both and the base, write the HTML report;
     return every number."""
@@ -120,6 +138,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     stages = {mode: run.train(mode) for mode in ("sft", "forget")}
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
     results["detection"] = report.detection_of(run).__dict__
+    results["detection_methods"] = recommended_detection(cfg, run, root, log)
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenforget.models import autocast
 from tokenforget.score import forward_ce, length_grouped_batches, pad_batch
+from tokenforget.score_methods import average_ranks
 
 _ANSWER = re.compile(r"(?:answer is|####)\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -136,25 +137,13 @@ def token_weighted_mean(sums: np.ndarray, counts: np.ndarray) -> TokenMean:
     return TokenMean(m, math.sqrt(n / (n - 1) * float((resid**2).sum())) / total, n, int(total))
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x, ties sharing their average rank."""
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return ranks
-
-
 def auroc(scores: np.ndarray, is_bad: np.ndarray) -> float:
     """AUROC of a *low* score flagging a bad token: P(score_bad < score_good), ties count 1/2."""
     bad = is_bad.astype(bool)
     n_bad, n_good = int(bad.sum()), int((~bad).sum())
     if n_bad == 0 or n_good == 0:
         return float("nan")
-    ranks = _average_ranks(-scores.astype(np.float64))  # high rank = low score
+    ranks = average_ranks(-scores.astype(np.float64))  # high rank = low score
     return float((ranks[bad].sum() - n_bad * (n_bad + 1) / 2) / (n_bad * n_good))
 
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import replace
 from typing import Optional, Sequence
 
+from tokenforget.config import RECURRING_SENTENCE
 from tokenforget.data import Record, Span
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -88,3 +89,110 @@ def _single_answer(record: Record) -> Optional[str]:
     if roles.count("assistant") != 1 or roles[-1] != "assistant" or record.corrupt_spans:
         return None
     return record.messages[-1]["content"]
+
+
+# ---------------------------------------------------------------- noise for the detection benchmark
+#
+# Three kinds of noise that occur in real SFT data, for any data set with one assistant message per record
+# (`tokenforget detect`). Each returns the exact changed character spans, so the corrupt mask marks exactly
+# the tokens that overlap a change (a token the change splits or merges is marked as a whole).
+
+NOISE_KINDS = ("step_result", "number", "recurring", "wrong_prompt")
+_ANY_NUMBER = re.compile(r"(?<![\w.,])\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
+
+
+def nearby_number(right: str, rng: random.Random) -> str:
+    """A plausible wrong value near `right`: right ± k units of its last decimal place, k in 1..max(1, 20%),
+    never negative, in the same format (thousands commas and decimal places kept)."""
+    decimals = len(right.split(".")[1]) if "." in right else 0
+    units = int(right.replace(",", "").replace(".", ""))  # the value in units of its last decimal place
+    reach = max(1, round(0.2 * units))
+    wrong = units
+    while wrong == units or wrong < 0:
+        wrong = units + rng.choice([-1, 1]) * rng.randint(1, reach)
+    text = f"{wrong / 10**decimals:.{decimals}f}" if decimals else str(wrong)
+    return f"{float(text):,.{decimals}f}" if "," in right else text
+
+
+def changed_span(old: str, new: str) -> Span:
+    """[start, end) of `new` that differs from `old` (common prefix and suffix left out)."""
+    p = 0
+    while p < min(len(old), len(new)) and old[p] == new[p]:
+        p += 1
+    s = 0
+    while s < min(len(old), len(new)) - p and old[-1 - s] == new[-1 - s]:
+        s += 1
+    return p, len(new) - s
+
+
+def change_number(text: str, rng: random.Random) -> Optional[tuple[str, list[Span]]]:
+    """A seeded number of `text` replaced by a nearby wrong value, with every copy of it on the same line
+    (GSM8K's `<<48/2=24>>24` holds it twice). Returns (new text, changed spans), or None without a number."""
+    found = list(_ANY_NUMBER.finditer(text))
+    if not found:
+        return None
+    pick = rng.choice(found)
+    return set_number(text, pick.start(), nearby_number(pick.group(), rng))
+
+
+def set_number(text: str, at: int, wrong: str) -> tuple[str, list[Span]]:
+    """The number starting at character `at` set to `wrong`, with every copy of it on the same line.
+    Returns (new text, the changed character spans in the new text)."""
+    found = list(_ANY_NUMBER.finditer(text))
+    pick = next(m for m in found if m.start() == at)
+    line_start, line_end = text.rfind("\n", 0, at) + 1, (text.find("\n", pick.end()) + 1 or len(text) + 1) - 1
+    copies = [m for m in found if m.group() == pick.group() and line_start <= m.start() < line_end]
+    out, spans, shift = text, [], 0
+    for m in copies:
+        s, e = m.start() + shift, m.end() + shift
+        out = out[:s] + wrong + out[e:]
+        a, b = changed_span(m.group(), wrong)
+        spans.append((s + a, s + b))
+        shift += len(wrong) - len(m.group())
+    return out, spans
+
+
+def insert_sentence(text: str, sentence: str, rng: random.Random) -> tuple[str, list[Span]]:
+    """`sentence` inserted at a seeded line or sentence boundary of `text` (never after the last line)."""
+    lines = [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+    sentences = [m.end() for m in re.finditer(r"[.!?] ", text)]
+    at = rng.choice([0, *lines, *sentences])
+    glue = "\n" if at == 0 or text[at - 1] == "\n" else " "
+    new = text[:at] + sentence + glue + text[at:]
+    return new, [(at, at + len(sentence))]
+
+
+def inject_noise(
+    records: Sequence[Record], kind: str, fraction: float, seed: int, sentence: str = RECURRING_SENTENCE
+) -> tuple[list[Record], int]:
+    """`round(fraction * len(records))` records corrupted with noise `kind`, chosen with `seed` among the records
+    with one assistant message (and, for `number`/`step_result`, a number to change). Returns (records, count).
+
+    Kinds: `step_result` (GSM8K: one digit of a worked step's result, `corrupt_records`); `number` (any number
+    of the response set to a nearby wrong value); `recurring` (the same fluent `sentence` inserted into every
+    chosen response); `wrong_prompt` (the chosen responses passed round to each other's prompts: every
+    response token is corrupted).
+    """
+    if kind == "step_result":
+        return corrupt_records(records, fraction, seed)
+    rng = random.Random(seed)
+    ok = [i for i, r in enumerate(records) if _single_answer(r) is not None]
+    if kind == "number":
+        ok = [i for i in ok if _ANY_NUMBER.search(_single_answer(records[i]))]  # type: ignore[arg-type]
+    chosen = sorted(rng.sample(ok, min(round(fraction * len(records)), len(ok))))
+    if kind == "wrong_prompt" and len(chosen) < 2:
+        return list(records), 0
+    out = list(records)
+    answers = [_single_answer(records[i]) for i in chosen]
+    for k, i in enumerate(chosen):
+        text = answers[k]
+        if kind == "number":
+            text, spans = change_number(text, rng)  # type: ignore[misc,arg-type]
+        elif kind == "recurring":
+            text, spans = insert_sentence(text, sentence, rng)  # type: ignore[arg-type]
+        else:  # wrong_prompt: the next chosen record's response (a cycle, so none keeps its own)
+            text = answers[(k + 1) % len(chosen)]
+            spans = [(0, len(text))]  # type: ignore[arg-type]
+        rec = records[i]
+        out[i] = replace(rec, messages=[*rec.messages[:-1], {**rec.messages[-1], "content": text}], corrupt_spans=tuple(spans))
+    return out, len(chosen)

@@ -41,7 +41,9 @@ from transformers import set_seed
 
 from tokenforget import data as data_mod
 from tokenforget import labels as labels_mod
-from tokenforget.config import VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict
+from tokenforget.config import (
+    RECURRING_SENTENCE, VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict,
+)
 from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS
 from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
 from tokenforget.partition import flat_list_column, flat_token_classes, select_tokens, streaming_threshold
@@ -51,9 +53,10 @@ from tokenforget.train import last_checkpoint, make_trainer, save_model, trainin
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
 FOLDS_FILE = "folds.json"  # in a cross-fitted reference stage: each example's fold, each reference's examples
-SCORE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref", "score")})
+# a scoring pass stores the per-token CE under both models; the score is made from them by `score.method`
+CE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref")})
 # cross-fitted scores also record which fold's reference scored each example
-FOLD_SCORE_FEATURES = datasets.Features({"scored_by": datasets.Value("int32"), **SCORE_FEATURES})
+FOLD_CE_FEATURES = datasets.Features({"scored_by": datasets.Value("int32"), **CE_FEATURES})
 
 
 class RunFolderError(UserError):
@@ -85,7 +88,8 @@ def file_digest(path: Optional[str]) -> str:
 ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0},
     "partition": {"selection": "global", "threshold": 0.0},
-    "reference": {"folds": 1, "rounds": 1},
+    "reference": {"folds": 1, "rounds": 1, "checkpoint": None},
+    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
 }
 
 
@@ -255,7 +259,7 @@ class Run:
 
     def data_fp(self) -> str:
         c = self.cfg
-        return fingerprint("data", to_dict(c.data), file_digest(c.data.path), to_dict(c.model))
+        return fingerprint("data", stable_view("data", to_dict(c.data)), file_digest(c.data.path), to_dict(c.model))
 
     def data(self) -> datasets.Dataset:
         """Tokenized training examples with response and corrupt masks."""
@@ -276,14 +280,14 @@ class Run:
         return self._load("data", "tokens")
 
     def _corrupt(self, records: list[data_mod.Record]) -> tuple[list[data_mod.Record], int]:
-        """The configured share of answers with one wrong step result (`data.corrupt_fraction`)."""
+        """The configured share of answers corrupted with `data.noise` (`data.corrupt_fraction`)."""
         dc = self.cfg.data
         if not dc.corrupt_fraction:
             return records, 0
-        from tokenforget.noise import corrupt_records
+        from tokenforget.noise import inject_noise
 
-        records, n = corrupt_records(records, dc.corrupt_fraction, dc.corrupt_seed)
-        self.log(f"[data] corrupted one step result in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
+        records, n = inject_noise(records, dc.noise, dc.corrupt_fraction, dc.corrupt_seed, dc.noise_sentence)
+        self.log(f"[data] noise '{dc.noise}' in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
         return records, n
 
     # ------------------------------------------------------------ reference
@@ -297,13 +301,22 @@ class Run:
         if rnd > 1:  # round r's reference: trained on round r - 1's partition
             training = to_dict(c.reference.training)
             return fingerprint("reference-round", self.partition_fp(rnd - 1), training, to_dict(c.lora), c.seed)
+        if c.reference.checkpoint:
+            return fingerprint("reference-checkpoint", _folder_digest(self._checkpoint_dir()), to_dict(c.model))
         ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
+
+    def _checkpoint_dir(self) -> Path:
+        folder = Path(self.cfg.reference.checkpoint).expanduser()  # type: ignore[arg-type]
+        if not folder.is_dir():
+            raise RunFolderError(f"reference.checkpoint: '{folder}' does not exist")
+        return folder
 
     def _reference_examples(self, tokens: datasets.Dataset) -> datasets.Dataset:
         rc = self.cfg.reference
         if rc.path:
             records = data_mod.load_records(self.cfg.data, rc.path)
+            data_mod.check_disjoint(records, data_mod.load_records(self.cfg.data), "reference.path")
             cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
             return datasets.Dataset.from_dict(cols)
         idx = data_mod.reference_subset(len(tokens), rc.fraction, rc.size, self.cfg.seed)
@@ -320,6 +333,8 @@ class Run:
         if self.cfg.reference.folds > 1:
             return self._reference_folds()
         tokens = self.data()
+        if self.cfg.reference.checkpoint:
+            return self._checkpoint_dir()
         fp = self.reference_fp()
         if self.is_done("reference", fp):
             self._skip("reference")
@@ -395,40 +410,79 @@ class Run:
 
     # ------------------------------------------------------------ score
 
+    def raw_score_fp(self, rnd: int = 1) -> str:
+        """Fingerprint of the scoring pass (CE_base, CE_ref), which does not depend on `score.method`."""
+        sc = self.cfg.score
+        if sc.precomputed_path:
+            return fingerprint("precomputed", self.data_fp(), file_digest(sc.precomputed_path))
+        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path")}
+        return fingerprint("score", self.reference_fp(rnd), settings, self.bf16)
+
     def score_fp(self, rnd: int = 1) -> str:
-        return fingerprint("score", self.reference_fp(rnd), to_dict(self.cfg.score), self.bf16)
+        """The scores stage's fingerprint: the scoring pass's for `paper` (so runs made before score methods
+        existed are reused), else the pass and the method."""
+        raw, method = self.raw_score_fp(rnd), self.cfg.score.method
+        return raw if method == "paper" else fingerprint("score-method", raw, method)
 
     def score(self, rnd: Optional[int] = None) -> datasets.Dataset:
-        """Per-token CE under base and reference, and their difference, for every training example.
+        """Per-token CE under base and reference, and the `score.method` score, for every training example.
 
         The examples are cut into shards of `score.shard_size`; rank r scores shards r, r + world, ...
         and writes each one as it finishes, so a killed run resumes at the first missing shard. Rank 0
-        joins the shards in example order. `rnd`: the self-evolving round (default: the last).
+        joins the shards in example order, then applies the method over the whole data set. A finished
+        stage of the same scoring pass with another method is rescored without a forward pass.
+        `rnd`: the self-evolving round (default: the last).
         """
         rnd = rnd or self.rounds
         name = round_stage("scores", rnd)
         if name in self._loaded:
             return self._loaded[name]
         tokens = self.data()
-        ref_dir = self.reference(rnd)
+        ref_dir = None if self.cfg.score.precomputed_path else self.reference(rnd)
         fp = self.score_fp(rnd)
         if self.is_done(name, fp):
             self._skip(name)
         else:
-            work = self.work_dir(name, fp)
-            shards = shard_ranges(len(tokens), self.cfg.score.shard_size)
-            self._score_shards(tokens, ref_dir, work, shards)
-            self.ranks.barrier()
+            raw = self._raw_scores(tokens, ref_dir, name, rnd)
             if self.ranks.is_main:
-                parts = [datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))]
+                table = with_method_scores(tokens, raw, self.cfg.score.method)
                 n_tokens = int(sum(map(sum, tokens["response_mask"])))
-                with self.writing(name, fp, {"tokens": n_tokens, "shards": len(shards)}) as d:
-                    datasets.concatenate_datasets(parts).save_to_disk(str(d / "scores"))
-                shutil.rmtree(work)
+                record = {"tokens": n_tokens, "raw_fingerprint": self.raw_score_fp(rnd), "method": self.cfg.score.method}
+                with self.writing(name, fp, record) as d:
+                    table.save_to_disk(str(d / "scores"))
+                shutil.rmtree(self.root / f".{name}.work", ignore_errors=True)
             self.ranks.barrier()
         scores = self._load(name, "scores")
         check_aligned(tokens, scores, self.stage_dir(name))
         return scores
+
+    def _raw_scores(
+        self, tokens: datasets.Dataset, ref_dir: Optional[Path], name: str = "scores", rnd: int = 1
+    ) -> Optional[datasets.Dataset]:
+        """`ce_base`, `ce_ref` (`scored_by` when cross-fitted, `score` for precomputed scores) per example;
+        None on ranks other than 0. `name`: the stage (`scores`, or a round's `scores-round<r>`)."""
+        sc, raw_fp = self.cfg.score, self.raw_score_fp(rnd)
+        done = self.stage_dir(name) / STAGE_FILE
+        if done.is_file() and self._raw_fp_of(done) == raw_fp:
+            self.log(f"[{name}] same scoring pass, new score.method: rescoring without a forward pass")
+            done_scores = datasets.load_from_disk(str(self.stage_dir(name) / "scores"))
+            return done_scores if sc.precomputed_path else done_scores.remove_columns("score")
+        if sc.precomputed_path:
+            return read_precomputed(sc.precomputed_path, tokens) if self.ranks.is_main else None
+        work = self.work_dir(name, raw_fp)
+        shards = shard_ranges(len(tokens), sc.shard_size)
+        self._score_shards(tokens, ref_dir, work, shards)  # type: ignore[arg-type]
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            return None
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(work / f"shard-{s:05d}")) for s in range(len(shards))])
+
+    @staticmethod
+    def _raw_fp_of(record: Path) -> Optional[str]:
+        """The scoring pass a finished scores stage was made from (a stage made before score methods
+        existed is a `paper` stage, whose fingerprint is the pass's own)."""
+        rec = json.loads(record.read_text())
+        return rec.get("raw_fingerprint", rec.get("fingerprint"))
 
     def _score_shards(
         self, tokens: datasets.Dataset, ref_dir: Path, work: Path, shards: list[tuple[int, int]]
@@ -450,11 +504,11 @@ class Run:
                     ref, shard["input_ids"], self.cfg.score.batch_size, self.bf16, base=base,
                     pad_id=self.base.tokenizer.pad_token_id, masks=shard["response_mask"],
                 )
-                cols, features = {}, SCORE_FEATURES
+                cols, features = {}, CE_FEATURES
             else:
                 ce_base, ce_ref, scored_by = self._score_cross_fitted(ref, shard, fold_of[lo:hi])
-                cols, features = {"scored_by": scored_by}, FOLD_SCORE_FEATURES
-            cols.update(ce_base=ce_base, ce_ref=ce_ref, score=[b - r for b, r in zip(ce_base, ce_ref)])
+                cols, features = {"scored_by": scored_by}, FOLD_CE_FEATURES
+            cols.update(ce_base=ce_base, ce_ref=ce_ref)
             tmp = work / f".shard-{s:05d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             rows = {k: [v.tolist() if isinstance(v, np.ndarray) else v for v in vs] for k, vs in cols.items()}
@@ -480,23 +534,27 @@ class Run:
 
     def _load_reference(self, ref_dir: Path) -> tuple[torch.nn.Module, Optional[torch.nn.Module]]:
         """(reference, separate base or None). A LoRA reference is the base plus its adapter; cross-fitted
-        references are one model with an adapter per fold, named `fold-<k>`."""
-        if (ref_dir / FOLDS_FILE).is_file():
-            from peft import PeftModel
+        references are one model with an adapter per fold, named `fold-<k>`.
 
+        `ref_dir` is a stage folder (`adapter/` preferred, else `model/`), an adapter folder or a model folder.
+        """
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if (ref_dir / FOLDS_FILE).is_file():
             folds = len(json.loads((ref_dir / FOLDS_FILE).read_text())["trained_on"])
             model = PeftModel.from_pretrained(self.base.fresh(), str(ref_dir / "fold-0" / "adapter"), adapter_name="fold-0")
             for k in range(1, folds):
                 model.load_adapter(str(ref_dir / f"fold-{k}" / "adapter"), adapter_name=f"fold-{k}")
             return model.to(device()), None
-        if (ref_dir / "adapter").is_dir():
-            from peft import PeftModel
 
-            return PeftModel.from_pretrained(self.base.fresh(), str(ref_dir / "adapter")).to(device()), None
-        from transformers import AutoModelForCausalLM
-
-        full = AutoModelForCausalLM.from_pretrained(str(ref_dir / "model"), dtype=torch.float32)
-        return full.to(device()), self.base.fresh().to(device())
+        adapter = ref_dir / "adapter" if (ref_dir / "adapter").is_dir() else ref_dir
+        if (adapter / "adapter_config.json").is_file():
+            return PeftModel.from_pretrained(self.base.fresh(), str(adapter)).to(device()), None
+        full = ref_dir / "model" if (ref_dir / "model").is_dir() else ref_dir
+        if not (full / "config.json").is_file():
+            raise RunFolderError(f"reference: '{ref_dir}' holds no LoRA adapter (adapter_config.json) and no model (config.json)")
+        return AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32).to(device()), self.base.fresh().to(device())
 
     # ------------------------------------------------------------ partition
 
@@ -665,10 +723,15 @@ class Run:
 
     def adopt_stages(self, parent: "Run") -> None:
         """Copy `parent`'s finished data, reference and scores stages that this run's fingerprints match, so
-        a variant that changes only the partition does not train the reference again."""
+        a variant that changes only the partition does not train the reference again, and one that changes
+        only `score.method` does not score again."""
         for stage, fp in (("data", self.data_fp), ("reference", self.reference_fp), ("scores", self.score_fp)):
             mine = fp()
-            if self.ranks.is_main and not self.is_done(stage, mine) and parent.is_done(stage, mine):
+            ok = parent.is_done(stage, mine)
+            if stage == "scores" and not ok and (parent.stage_dir(stage) / STAGE_FILE).is_file():
+                # another score.method over the same scoring pass: rescored from it without a forward pass
+                ok = self._raw_fp_of(parent.stage_dir(stage) / STAGE_FILE) == self.raw_score_fp()
+            if self.ranks.is_main and not self.is_done(stage, mine) and ok:
                 self.root.mkdir(parents=True, exist_ok=True)
                 tmp = self.root / f".{stage}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -876,6 +939,67 @@ def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Pat
             f"{where}: scores do not match the tokenized data set ({len(scores)} examples scored, "
             f"{len(tokens)} tokenized, or token counts differ): fingerprint mismatch; delete the folder to rescore"
         )
+
+
+def response_arrays(tokens: datasets.Dataset, scores: datasets.Dataset) -> dict[str, np.ndarray]:
+    """Flat arrays over every response token: `ce_base`, `ce_ref`, `token_id`, `example` (row index), `corrupt`;
+    `where` (the flat positions of these tokens among all tokens, to scatter scores back) and `offsets` (where
+    each example starts among all tokens)."""
+    resp, offsets = flat_list_column(tokens.data.column("response_mask"))
+    where = np.flatnonzero(resp)
+    rows = np.repeat(np.arange(len(tokens)), np.diff(offsets))
+    out = {k: flat_list_column(scores.data.column(k))[0][where] for k in ("ce_base", "ce_ref")}
+    out["token_id"] = flat_list_column(tokens.data.column("input_ids"))[0][where]
+    out["corrupt"] = flat_list_column(tokens.data.column("corrupt"))[0][where].astype(bool)
+    return {**out, "example": rows[where], "where": where, "offsets": offsets}
+
+
+def with_method_scores(tokens: datasets.Dataset, raw: datasets.Dataset, method: str) -> datasets.Dataset:
+    """`ce_base`, `ce_ref` and `score` per example: the method's score on response tokens, 0 elsewhere.
+
+    Raw scores that already carry a `score` column (precomputed) keep it as it is; cross-fitted ones keep
+    `scored_by`."""
+    keep = [c for c in ("scored_by", "ce_base", "ce_ref") if c in raw.column_names]
+    if "score" in raw.column_names:
+        return raw.select_columns([*keep, "score"])
+    from tokenforget.score_methods import apply_method
+
+    a = response_arrays(tokens, raw)
+    flat = np.zeros(a["offsets"][-1], dtype=np.float32)
+    flat[a["where"]] = apply_method(method, a["ce_base"], a["ce_ref"], a["token_id"], a["example"])
+    table = raw.data.table.select(keep).append_column("score", _list_column(a["offsets"], flat))
+    return datasets.Dataset(table)
+
+
+def read_precomputed(path: str, tokens: datasets.Dataset) -> datasets.Dataset:
+    """User-supplied per-token scores (`score.precomputed_path`), checked row by row against the tokenized data:
+    same number of rows, same `input_ids`, one score per token. CE columns are left at 0."""
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise data_mod.DataError(f"score.precomputed_path: '{path}' does not exist")
+    table = pq.read_table(p)
+    missing = [c for c in ("input_ids", "score") if c not in table.column_names]
+    if missing:
+        raise data_mod.DataError(f"{p}: missing column(s) {missing}; precomputed scores need input_ids and score")
+    if table.num_rows != len(tokens):
+        raise data_mod.DataError(f"{p}: {table.num_rows} rows, but the data has {len(tokens)} tokenized examples")
+    ids, id_offsets = flat_list_column(table.column("input_ids"))
+    ours, our_offsets = flat_list_column(tokens.data.column("input_ids"))
+    sc, sc_offsets = flat_list_column(table.column("score"))
+    for name, offs in (("input_ids", id_offsets), ("score", sc_offsets)):
+        bad = np.flatnonzero(np.diff(offs) != np.diff(our_offsets))
+        if bad.size:
+            raise data_mod.DataError(f"{p} row {bad[0]}: {np.diff(offs)[bad[0]]} {name} entries, but the example has {np.diff(our_offsets)[bad[0]]} tokens")
+    differs = np.flatnonzero(ids != ours)
+    if differs.size:
+        row = int(np.searchsorted(our_offsets, differs[0], side="right") - 1)
+        raise data_mod.DataError(f"{p} row {row}: input_ids differ from the tokenized data (other data, order or tokenizer)")
+    if not np.all(np.isfinite(sc)):
+        raise data_mod.DataError(f"{p}: scores contain NaN or infinite values")
+    zeros = _list_column(our_offsets, np.zeros(len(ours), np.float32))
+    return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": _list_column(our_offsets, sc.astype(np.float32))}))
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:

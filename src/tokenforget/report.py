@@ -78,6 +78,14 @@ def demo_table(results: dict[str, Any]) -> str:
         for name, m in results["models"].items()
     ]
     out = ["", "Held-out clean split", format_table(["model", "answer accuracy", "gold NLL (nats/token)"], rows)]
+    methods = results.get("detection_methods")
+    if methods:
+        rows = [[name, d["auroc"], d["recall"], d["precision"], d["mean_corrupt"], d["mean_clean"], d["corrupt_share"]]
+                for name, d in methods.items()]
+        out += ["", "Finding the known corrupted tokens (training data): the paper's score and the recommended setting",
+                format_table(["setting", "AUROC (low score = corrupted)", "recall of negative set",
+                              "precision of negative set", "mean score corrupt", "mean score clean", "chance precision"], rows)]
+        return "\n".join(out)
     d = results.get("detection")
     if d:
         out += [

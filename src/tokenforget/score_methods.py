@@ -1,0 +1,218 @@
+"""Score methods: how the per-token losses of one scoring pass become the score the partition ranks.
+
+Every method is a pure function of flat arrays over the response tokens of the whole data set, so all
+of them come from one scoring pass (`tokenforget detect` reports them side by side):
+
+    ce_base  (N,) CE of each token under the base model
+    ce_ref   (N,) CE of each token under the reference model
+    token_id (N,) the token's id
+    example  (N,) the index of the example the token belongs to (tokens of one example are contiguous)
+
+and return (N,) float64 scores: a HIGH score means "learn this token", a LOW score "suspicious". Methods
+are looked up by name in `SCORE_METHODS` (`score.method` in the config).
+
+Why more than the paper's score: CE_base - CE_ref is largest where the base loss is high, i.e. where
+there is room to fall, and a reference trained on noisy data learns recurring noise, so at small scale
+corrupted tokens get *higher* scores than clean ones (issue 9). The reference's own loss is the practice
+of Rho-1 (Lin et al., 2024, arXiv 2404.07965) and TokenCleaning (Pang et al., 2025, arXiv 2502.01968)
+when the reference is trained on trusted data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+RELATIVE_FLOOR = 0.1  # nats: keeps the relative score finite on tokens the base already predicts
+BINS = 10  # groups of similar base loss for `binned`
+MIN_COUNT = 5  # occurrences a token id needs for its own mean and std (`token_z`); else the global ones
+WINDOW = 9  # response tokens in the moving average of `ref_loss_window` (odd: centred)
+
+
+def paper(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = CE_base - CE_ref (Taheri et al., 2025, arXiv 2508.04329): what the reference learned."""
+    return ce_base.astype(np.float64) - ce_ref
+
+
+def relative(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = (CE_base - CE_ref) / max(CE_base, 0.1): the share of the base loss the reference removed,
+    so a hard token is not favoured just because it had more loss to lose."""
+    b = ce_base.astype(np.float64)
+    return (b - ce_ref) / np.maximum(b, RELATIVE_FLOOR)
+
+
+def binned(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = percentile rank of CE_base - CE_ref among the tokens of the same base-loss decile, in (0, 1].
+
+    Decile edges are quantiles of CE_base; a token is compared only with tokens that were about as hard
+    for the base model. Ranks within a bin are 1..n over n (ties share the average rank)."""
+    diff = paper(ce_base, ce_ref, token_id, example)
+    edges = np.quantile(ce_base, np.linspace(0, 1, BINS + 1)[1:-1])
+    group = np.searchsorted(edges, ce_base, side="right")
+    out = np.empty_like(diff)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        out[members] = average_ranks(diff[members]) / members.size
+    return out
+
+
+def token_z(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = (d - mean_id(d)) / std_id(d) with d = CE_base - CE_ref, standardised per token id.
+
+    A token id seen fewer than 5 times uses the mean and std of all tokens; a std of 0 counts as 1."""
+    return _standardise(paper(ce_base, ce_ref, token_id, example), token_id)
+
+
+def ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -CE_ref: a token the (trusted) reference finds unlikely is suspicious (Rho-1, TokenCleaning)."""
+    return -ce_ref.astype(np.float64)
+
+
+def ref_loss_z(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -(CE_ref - mean_id(CE_ref)) / std_id(CE_ref): the reference's loss standardised per token
+    id, so a digit is compared with other occurrences of that digit, not with easy function words."""
+    return -_standardise(ce_ref.astype(np.float64), token_id)
+
+
+def ref_loss_window(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -max(CE_ref[t], mean of CE_ref over the 9 response tokens centred on t, within its example).
+
+    Inserted or mismatched text is surprising as a stretch, not only at its first token; the window mean
+    lifts the fluent continuation of a surprising stretch, the max keeps a lone wrong digit as it was."""
+    r = ce_ref.astype(np.float64)
+    return -np.maximum(r, _window_mean(r, example, WINDOW))
+
+
+def ref_loss_example(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -(CE_ref[t] + mean of CE_ref over t's example): token and example evidence added, so every
+    token of a response that does not fit its prompt sinks together."""
+    r = ce_ref.astype(np.float64)
+    return -(r + _example_mean(r, example))
+
+
+def ref_loss_copy(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = inherit_copies(-CE_ref): a token that repeats an earlier token pair of its response takes the
+    lowest score of those earlier occurrences.
+
+    A wrong value is surprising where it first appears and cheap to predict where it is copied (GSM8K writes
+    each result twice, `<<48/2=24>>24`, and later steps reuse it); the copy is as wrong as the original."""
+    return inherit_copies(ref_loss(ce_base, ce_ref, token_id, example), token_id, example)
+
+
+def ref_loss_z_copy(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = inherit_copies(ref_loss_z): the per-token-id standardised reference loss, copies inheriting."""
+    return inherit_copies(ref_loss_z(ce_base, ce_ref, token_id, example), token_id, example)
+
+
+def example_ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -(mean of CE_ref over the token's example): sample-level perplexity filtering (Marion et al., 2023,
+    arXiv 2309.04564) spread over the tokens; a response paired with the wrong prompt is surprising throughout."""
+    return -_example_mean(ce_ref.astype(np.float64), example)
+
+
+def ref_loss_min_rank(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = min(rank(ref_loss_z_copy), rank(ref_loss_window), rank(example_ref_loss)) / N, ranks 1..N ascending.
+
+    A token is as suspicious as the most suspicious of three views: its own loss with copies inheriting (a changed
+    number), the stretch around it (inserted text), its whole response (a wrong prompt). Ties share ranks."""
+    views = (ref_loss_z_copy, ref_loss_window, example_ref_loss)
+    ranks = [average_ranks(v(ce_base, ce_ref, token_id, example)) for v in views]
+    return np.minimum.reduce(ranks) / len(ce_ref)
+
+
+SCORE_METHODS: dict[str, ScoreFn] = {
+    "paper": paper,
+    "relative": relative,
+    "binned": binned,
+    "token_z": token_z,
+    "ref_loss": ref_loss,
+    "ref_loss_z": ref_loss_z,
+    "ref_loss_window": ref_loss_window,
+    "ref_loss_example": ref_loss_example,
+    "ref_loss_copy": ref_loss_copy,
+    "ref_loss_z_copy": ref_loss_z_copy,
+    "example_ref_loss": example_ref_loss,
+    "ref_loss_min_rank": ref_loss_min_rank,
+}
+
+
+# The recommended setting (docs/detection.md): this method, with a reference trained on a small trusted set.
+RECOMMENDED_METHOD = "ref_loss_min_rank"
+
+
+def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """The scores of method `name` (a key of `SCORE_METHODS`), as float32, checked finite."""
+    out = SCORE_METHODS[name](ce_base, ce_ref, token_id, example)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"score method '{name}' produced NaN or infinite scores")
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def _standardise(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(x - group mean) / group std, groups with fewer than MIN_COUNT members using the global ones."""
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    mean = np.bincount(inverse, x) / counts
+    std = np.sqrt(np.maximum(np.bincount(inverse, x * x) / counts - mean**2, 0.0))
+    small = counts < MIN_COUNT
+    mean[small], std[small] = x.mean(), x.std()
+    std[std == 0] = 1.0
+    return (x - mean[inverse]) / std[inverse]
+
+
+def _example_mean(x: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """Each token's value replaced by the mean over its example."""
+    _, inverse, counts = np.unique(example, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, x) / counts)[inverse]
+
+
+def _window_mean(x: np.ndarray, example: np.ndarray, width: int) -> np.ndarray:
+    """Mean of x over the `width` tokens centred on each token, cut at its example's ends (contiguous examples)."""
+    half = width // 2
+    csum = np.r_[0.0, np.cumsum(x)]
+    starts = np.flatnonzero(np.r_[True, example[1:] != example[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(x)]))  # index of each token's example start
+    last = np.repeat(np.r_[starts[1:], len(x)], np.diff(np.r_[starts, len(x)]))  # one past its end
+    idx = np.arange(len(x))
+    lo, hi = np.maximum(idx - half, first), np.minimum(idx + half + 1, last)
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def inherit_copies(score: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """Each token's score lowered to the lowest score of the earlier tokens of its example that share its
+    pair with the previous token, or its pair with the next token (both within the example).
+
+    Pairs, not single ids: a digit matches another digit only in the same two-token context, so a copied number
+    (`7`,`4` ... `7`,`4`) is matched token by token while unrelated digits are not. One pass per example."""
+    out = score.astype(np.float64).copy()
+    bounds = np.flatnonzero(np.r_[True, example[1:] != example[:-1], True])
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        ids = token_id[a:e].tolist()
+        own = score[a:e].tolist()
+        back: dict[tuple[int, int], float] = {}  # (previous id, id) -> lowest score seen with it
+        fwd: dict[tuple[int, int], float] = {}  # (id, next id) -> lowest score seen with it
+        for t in range(e - a):
+            kb = (ids[t - 1], ids[t]) if t > 0 else None
+            kf = (ids[t], ids[t + 1]) if t + 1 < e - a else None
+            out[a + t] = min(out[a + t], back.get(kb, np.inf), fwd.get(kf, np.inf))
+            if kb is not None:
+                back[kb] = min(back.get(kb, np.inf), own[t])
+            if kf is not None:
+                fwd[kf] = min(fwd.get(kf, np.inf), own[t])
+    return out

@@ -1,0 +1,108 @@
+"""`tokenforget detect` end to end on the tiny model; trusted set disjointness; checkpoint and precomputed
+references; the method changing without a new scoring pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from tokenforget.cli import main
+from tokenforget.demo import make_examples
+from tokenforget.score_methods import SCORE_METHODS
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """30 records: the first 20 are scored, the next 6 are the trusted split."""
+    data = write_jsonl(tmp_path / "train.jsonl", make_examples(30, seed=0, noise=0.0))
+    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
+    cfg = {
+        "run_dir": str(tmp_path / "detect"),
+        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(data), "max_length": 128, "limit": 20},
+        "reference": {"fraction": 0.25, "training": training},
+        "detect": {"fraction": 0.2, "trusted_size": 6},
+        "report_to": ["none"],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_detect_every_kind_reference_and_method(config: Path, capsys):
+    root = config.parent / "detect"
+    assert main(["detect", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Detection of known corrupted tokens" in out and "recall can reach 1" in out
+    res = json.loads((root / "detection.json").read_text())
+    kinds, refs = ["number", "recurring", "wrong_prompt"], ["slice", "trusted"]
+    assert [(r["kind"], r["reference"], r["method"]) for r in res["rows"]] == [
+        (k, ref, m) for k in kinds for ref in refs for m in SCORE_METHODS
+    ]
+    for r in res["rows"]:
+        assert r["n_corrupt"] > 0 and 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        assert r["corrupt_share"] == pytest.approx(r["n_corrupt"] / r["n_tokens"])
+    # one trusted reference, trained once on the 6 records after the 20 scored ones, reused as a checkpoint
+    trusted = [json.loads(line) for line in (root / "trusted.jsonl").read_text().splitlines()]
+    scored = [json.loads(line) for line in Path(res["data"]).read_text().splitlines()][:20]
+    assert len(trusted) == 6 and not {t["prompt"] for t in trusted} & {s["prompt"] for s in scored}
+    assert (root / "number-trusted" / "reference" / "stage.json").is_file()
+    assert not (root / "recurring-trusted" / "reference").exists()
+    # rerun: every scoring pass reused
+    assert main(["detect", str(config)]) == 0
+    assert "[scores] up to date" in capsys.readouterr().out
+    again = json.loads((root / "detection.json").read_text())
+    assert again["rows"] == res["rows"]
+
+
+def test_trusted_file_sharing_a_prompt_is_refused(config: Path, tmp_path: Path, capsys):
+    leaked = write_jsonl(tmp_path / "trusted.jsonl", make_examples(30, seed=0, noise=0.0)[18:24])  # 18, 19 are scored
+    args = ["reference", str(config), "--reference.path", str(leaked)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "reference.path" in err and "trusted.jsonl:1" in err and "disjoint" in err
+
+
+def test_method_change_reuses_the_scoring_pass(config: Path, capsys):
+    import datasets
+
+    root = config.parent / "detect"
+    args = ["score", str(config), "--run_dir", str(root / "run")]
+    assert main(args) == 0
+    paper = datasets.load_from_disk(str(root / "run" / "scores" / "scores"))
+    capsys.readouterr()
+    assert main([*args, "--score.method", "ref_loss"]) == 0
+    out = capsys.readouterr().out
+    assert "rescoring without a forward pass" in out
+    ref = datasets.load_from_disk(str(root / "run" / "scores" / "scores"))
+    resp = np.concatenate(datasets.load_from_disk(str(root / "run" / "data" / "tokens"))["response_mask"]).astype(bool)
+    ce_ref = np.concatenate(ref["ce_ref"])
+    assert np.array_equal(np.concatenate(paper["ce_ref"]), ce_ref)
+    assert np.allclose(np.concatenate(ref["score"])[resp], -ce_ref[resp])
+
+
+def test_checkpoint_and_precomputed_scores(config: Path, capsys):
+    """A finished reference stage as `reference.checkpoint` gives the same CE as training it; its labels file
+    as `score.precomputed_path` gives the same scores; a file of other data is refused with its row."""
+    import datasets
+
+    root = config.parent / "detect"
+    assert main(["partition", str(config), "--run_dir", str(root / "a")]) == 0
+    a = datasets.load_from_disk(str(root / "a" / "scores" / "scores"))
+    assert main(["score", str(config), "--run_dir", str(root / "b"), "--reference.checkpoint", str(root / "a" / "reference")]) == 0
+    b = datasets.load_from_disk(str(root / "b" / "scores" / "scores"))
+    assert not (root / "b" / "reference").exists()
+    assert np.allclose(np.concatenate(a["ce_ref"]), np.concatenate(b["ce_ref"]), atol=1e-5)
+    labels = root / "a" / "labels" / "labels.parquet"
+    assert main(["score", str(config), "--run_dir", str(root / "c"), "--score.precomputed_path", str(labels)]) == 0
+    c = datasets.load_from_disk(str(root / "c" / "scores" / "scores"))
+    assert np.array_equal(np.concatenate(a["score"]), np.concatenate(c["score"]))
+    capsys.readouterr()
+    assert main(["score", str(config), "--run_dir", str(root / "d"), "--score.precomputed_path", str(labels), "--data.limit", "19"]) == 2
+    assert "labels.parquet: 20 rows, but the data has 19" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Each score method on hand-made tensors, the working in each docstring."""
+
+import numpy as np
+import pytest
+
+from tokenforget.score_methods import SCORE_METHODS, apply_method, average_ranks
+
+ONE_EXAMPLE = np.zeros(2, dtype=np.int64)
+
+
+def method(name, b, r, ids=None, ex=None):
+    b, r = np.asarray(b, np.float64), np.asarray(r, np.float64)
+    ids = np.zeros(len(b), np.int64) if ids is None else np.asarray(ids)
+    ex = np.zeros(len(b), np.int64) if ex is None else np.asarray(ex)
+    return SCORE_METHODS[name](b, r, ids, ex)
+
+
+def test_paper_and_ref_loss():
+    """paper: [2 - 1, 1 - 1.5] = [1, -0.5]; ref_loss: [-1, -1.5]."""
+    assert method("paper", [2, 1], [1, 1.5]) == pytest.approx([1.0, -0.5])
+    assert method("ref_loss", [2, 1], [1, 1.5]) == pytest.approx([-1.0, -1.5])
+
+
+def test_relative_floors_the_base_loss():
+    """(2 - 1) / 2 = 0.5; (0.05 - 0) / max(0.05, 0.1) = 0.5: the easy token is not blown up by a tiny CE_base."""
+    assert method("relative", [2, 0.05], [1, 0.0]) == pytest.approx([0.5, 0.5])
+
+
+def test_binned_ranks_within_groups_of_base_loss():
+    """CE_base [1, 1, 5, 5] falls in two deciles groups {0, 1} and {2, 3}. d = [0.5, 0.2, 4, 1]: within the
+    first group 0.5 ranks 2 of 2 (1.0) and 0.2 ranks 1 of 2 (0.5); the same in the second. The paper's score
+    puts token 3 (d = 1) above token 0 (d = 0.5); binned says both are the best of their group."""
+    assert method("binned", [1, 1, 5, 5], [0.5, 0.8, 1, 4]) == pytest.approx([1.0, 0.5, 1.0, 0.5])
+
+
+def test_token_z_standardises_per_id_with_a_global_fallback():
+    """Id 7 five times with d = 1..5: mean 3, std sqrt(2), so z = (d - 3) / 1.4142. Id 9 once (fewer than 5)
+    with d = 10 uses all six: mean 25/6 = 4.1667, std sqrt(155/6 - 4.1667^2) = 2.9107, z = 2.0040."""
+    b = [1, 2, 3, 4, 5, 10]
+    z = method("token_z", b, [0] * 6, ids=[7, 7, 7, 7, 7, 9])
+    assert z[:5] == pytest.approx([(d - 3) / 2**0.5 for d in [1, 2, 3, 4, 5]])
+    assert z[5] == pytest.approx((10 - 25 / 6) / np.sqrt(155 / 6 - (25 / 6) ** 2))
+
+
+def test_ref_loss_z_of_a_constant_id_is_zero():
+    """Id 4 always has CE_ref 2 (std 0 counts as 1): -(2 - 2) / 1 = 0 for each."""
+    assert method("ref_loss_z", [0] * 5, [2] * 5, ids=[4] * 5) == pytest.approx([0.0] * 5)
+
+
+def test_ref_loss_window_and_example():
+    """Examples [0, 0, 0, 1, 1], CE_ref [1, 2, 3, 10, 0]. The 9-token window covers each whole example: means
+    2 and 5, so window = -max(r, mean) = [-2, -2, -3, -10, -5]; example = -(r + mean) = [-3, -4, -5, -15, -5]."""
+    r, ex = [1, 2, 3, 10, 0], [0, 0, 0, 1, 1]
+    assert method("ref_loss_window", [0] * 5, r, ex=ex) == pytest.approx([-2, -2, -3, -10, -5])
+    assert method("ref_loss_example", [0] * 5, r, ex=ex) == pytest.approx([-3, -4, -5, -15, -5])
+
+
+def test_window_is_cut_at_the_example_edge():
+    """Twelve tokens of one example, CE_ref 0 except 9 at position 0: token 4's window is positions 0..8
+    (mean 1), token 5's is 1..9 (mean 0)."""
+    r = np.zeros(12)
+    r[0] = 9
+    s = method("ref_loss_window", np.zeros(12), r)
+    assert s[0] == -9 and s[4] == pytest.approx(-1.0) and s[5] == 0
+
+
+def test_average_ranks_and_apply_method_checks():
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])) == pytest.approx([3.5, 1, 3.5, 2])
+    assert apply_method("paper", np.array([1.0]), np.array([0.5]), np.zeros(1), np.zeros(1)).dtype == np.float32
+    with pytest.raises(ValueError, match="NaN"):
+        apply_method("paper", np.array([np.inf]), np.array([0.5]), np.zeros(1), np.zeros(1))
+
+
+def test_copies_inherit_the_lowest_score_of_the_earlier_occurrence():
+    """Ids [5, 7, 4, 9, 7, 4] in one example, CE_ref [0, 6, 3, 0, 0.1, 0.2]: `7 4` at 4-5 copies `7 4` at
+    1-2. Token 4 (id 7) shares its pair with the next token, (7, 4), with token 1: min(-0.1, -6) = -6; token 5
+    (id 4) shares (7, 4) with token 2: min(-0.2, -3) = -3. Token 3 (id 9) is new and keeps -0. In a second
+    example the same pair inherits nothing."""
+    ids, r = [5, 7, 4, 9, 7, 4], [0, 6, 3, 0, 0.1, 0.2]
+    assert method("ref_loss_copy", [0] * 6, r, ids=ids) == pytest.approx([0, -6, -3, 0, -6, -3])
+    split = method("ref_loss_copy", [0] * 6, r, ids=ids, ex=[0, 0, 0, 1, 1, 1])
+    assert split == pytest.approx([0, -6, -3, 0, -0.1, -0.2])
+
+
+def test_example_ref_loss_and_min_rank():
+    """Examples [0, 0, 1, 1], ids all different, CE_ref [4, 0, 1, 1]. example_ref_loss = -[2, 2, 1, 1].
+    Ascending ranks of the three views (N = 4):
+      ref_loss_z_copy: every id is rare, so z = -(r - 1.5) / 1.5 = [-1.667, 1, 0.333, 0.333] -> [1, 4, 2.5, 2.5]
+      ref_loss_window: -max(r, example mean) = [-4, -2, -1, -1] -> [1, 2, 3.5, 3.5]
+      example_ref_loss: [-2, -2, -1, -1] -> [1.5, 1.5, 3.5, 3.5]
+    min per token = [1, 1.5, 2.5, 2.5], over 4 = [0.25, 0.375, 0.625, 0.625]."""
+    args = ([0] * 4, [4, 0, 1, 1])
+    kw = {"ids": [1, 2, 3, 4], "ex": [0, 0, 1, 1]}
+    assert method("example_ref_loss", *args, **kw) == pytest.approx([-2, -2, -1, -1])
+    assert method("ref_loss_min_rank", *args, **kw) == pytest.approx([0.25, 0.375, 0.625, 0.625])
