@@ -289,6 +289,16 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
     res = json.loads((tmp_path / "cmp" / "compare_results.json").read_text())
     assert res["models"] == ["base", "sft", "forget", "soft", "cf", "rl"]
     assert set(res["paired_vs_sft"]) == {"forget", "soft", "cf", "rl"}
+    # detection per partition: `rl` ranks -CE_ref, so its AUROC is that of the reference's CE (high CE = corrupt),
+    # recomputed here from the files; the seed's own entry ranks the paper's score
+    from tokenforget.evaluate import auroc
+
+    flat = lambda col: np.concatenate([np.asarray(v)[np.asarray(m, bool)] for v, m in zip(col, tokens["response_mask"])])  # noqa: E731
+    corrupt = flat(tokens["corrupt"]).astype(bool)
+    assert set(res["detection_by_variant"]) == {"soft", "cf", "rl"} and set(res["detection_by_variant"]["rl"]) == {"1"}
+    assert res["detection_by_variant"]["rl"]["1"]["auroc"] == pytest.approx(auroc(-flat(mine["ce_ref"]), corrupt))
+    assert res["detection"]["1"]["auroc"] == pytest.approx(auroc(flat(theirs["score"]), corrupt))
+    assert "partition of" in out and any(line.split()[:2] == ["rl", "1"] for line in out.splitlines())
     assert main(["compare", str(path)]) == 0
     out = capsys.readouterr().out
     assert "training on" not in out and "copied" not in out and "[eval-cf] up to date" in out

@@ -40,6 +40,8 @@ compare_results.json (a plain dict; float values may be NaN, written as `NaN`):
                                   # (their per_seed entries carry "per_example": {"nll_sum", "tokens"})
       "detection": {"<seed>": {"auroc", "recall", "precision", "corrupt_share", "n_corrupt", "n_tokens"}},
                                   # only when the training data has known corrupted tokens
+      "detection_by_variant": {name: {"<seed>": {...as detection}}},
+                                  # variants with a partition of their own (score.method, partition, reference)
       "samples": {model: {task: [first outputs]}},   # from the first seed
       "config": RunConfig as a dict,
       "versions": {"python", "torch", "transformers", "peft", "lm_eval", "tokenforget"},
@@ -84,6 +86,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     base_results = top.evaluate(None)
     per_seed: dict[str, dict[str, Any]] = {}
     detection: dict[str, Any] = {}
+    by_variant: dict[str, dict[str, Any]] = {}  # variants with a partition of their own (score, rho, reference)
     samples: dict[str, Any] = {"base": base_results["samples"]}
     for seed in cfg.compare.seeds:
         log(f"[compare] seed {seed}")
@@ -96,8 +99,11 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
         if any(m != "sft" for m in modes) and _has_corrupt(run):
             detection[str(seed)] = _plain_floats(report.detection_of(run).__dict__)
+            for name, sub in _variant_runs(run).items():
+                by_variant.setdefault(name, {})[str(seed)] = _plain_floats(report.detection_of(sub).__dict__)
     results = summarize(per_seed, ["base", *modes])
-    results.update(detection=detection, samples=samples, config=to_dict(cfg), **provenance(), wall_s=time.time() - t0)
+    results.update(detection=detection, detection_by_variant=by_variant, samples=samples, config=to_dict(cfg),
+                   **provenance(), wall_s=time.time() - t0)
     root = Path(cfg.run_dir)
     (root / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     table = format_compare(results)
@@ -112,6 +118,13 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
 
 def _has_corrupt(run: Any) -> bool:
     return any(any(c) for c in run.data()["corrupt"])
+
+
+def _variant_runs(run: Any) -> dict[str, Any]:
+    """The seed's variants that partition on their own (another score method, rho, selection or reference),
+    as their run folders; variants that only change the training share the seed's partition."""
+    subs = {name: run.variant(name)[0] for name in run.cfg.compare.variants}
+    return {name: sub for name, sub in subs.items() if sub.root != run.root}
 
 
 # ---------------------------------------------------------------- numbers
@@ -277,12 +290,14 @@ def compare_tables(results: dict[str, Any]) -> list[dict[str, Any]]:
                  "standard error of the difference paired question by question)",
         "header": ["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], "rows": prow,
     })
-    det = results.get("detection") or {}
-    if det:
+    det = {"ignore/forget": results.get("detection") or {}, **(results.get("detection_by_variant") or {})}
+    if det["ignore/forget"]:
         tables.append({
-            "title": "Finding the corrupted tokens (training data), per seed",
-            "header": ["seed", "AUROC", "recall of negatives", "precision of negatives", "chance precision"],
-            "rows": [[s, d["auroc"], d["recall"], d["precision"], d["corrupt_share"]] for s, d in det.items()],
+            "title": "Finding the corrupted tokens (training data), per seed and partition (the modes' own, and "
+                     "each variant that partitions on its own)",
+            "header": ["partition of", "seed", "AUROC", "recall of negatives", "precision of negatives", "chance precision"],
+            "rows": [[name, s, d["auroc"], d["recall"], d["precision"], d["corrupt_share"]]
+                     for name, per_seed in det.items() for s, d in per_seed.items()],
         })
     return tables
 
