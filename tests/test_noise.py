@@ -6,7 +6,8 @@ import pytest
 
 from tokenforget.data import Record
 from tokenforget.noise import (
-    corrupt_answer, corrupt_records, inject_noise, insert_sentence, nearby_number, set_number, step_results, wrong_number,
+    corrupt_answer, corrupt_records, inject_noise, insert_sentence, nearby_number, off_by_one, one_more, set_number,
+    step_results, wrong_number,
 )
 
 ANSWER = (
@@ -144,10 +145,81 @@ def test_wrong_prompt_moves_responses_and_marks_every_response_token(tiny_tokeni
 
 def test_inject_noise_is_seeded_and_counts():
     records = [qa(f"Step {i}: 3 + {i} = {3 + i}.\nSo {3 + i}.") for i in range(10)] + [qa("No number here.")]
-    for kind in ("number", "recurring", "wrong_prompt"):
+    for kind in ("number", "systematic", "recurring", "wrong_prompt"):
         out, n = inject_noise(records, kind, 0.3, seed=4)
         changed = [i for i, (a, b) in enumerate(zip(records, out)) if a != b]
         assert n == 3 == len(changed) and all(out[i].corrupt_spans for i in changed)
         assert inject_noise(records, kind, 0.3, seed=4)[0] == out
-    numbered, _ = inject_noise(records, "number", 1.0, seed=0)
-    assert numbered[10] == records[10]  # nothing to change
+    for kind in ("number", "systematic"):
+        numbered, n = inject_noise(records, kind, 1.0, seed=0)
+        assert n == 10 and numbered[10] == records[10]  # nothing to change
+    with pytest.raises(ValueError, match="unknown noise kind 'typo'"):
+        inject_noise(records, "typo", 0.3, seed=4)  # not silently another kind
+
+
+# ---------------------------------------------------------------- systematic: the same off-by-one final answer
+
+GSM8K_ANSWER = "She pays 12 * 8 = <<12*8=96>>96 dollars.\n#### 96"
+
+
+def test_one_more_adds_one_unit_of_the_last_place_and_keeps_the_format():
+    assert [one_more(n) for n in ["9", "96", "1,299", "9,999", "2.50", "0.99", "1,299.99", "07"]] == [
+        "10", "97", "1,300", "10,000", "2.51", "1.00", "1,300.00", "08",
+    ]
+
+
+def test_off_by_one_changes_the_final_answer_and_nothing_before_it():
+    """"She pays 12 * 8 = <<12*8=96>>96 dollars.\n" is 41 characters, "#### " 5 more: the final 96 is
+    [46, 48), and only its "6" -> "7" changes. +1 on the first number would give "13 * 8"; the step's 96s stay."""
+    new, spans = off_by_one(GSM8K_ANSWER)
+    assert new == "She pays 12 * 8 = <<12*8=96>>96 dollars.\n#### 97"
+    assert spans == [(47, 48)] and new[47:48] == "7"
+
+
+def test_off_by_one_carries_into_several_characters():
+    """"The total is 1,299 dollars.\n#### " is 33 characters: 1,299 -> 1,300 keeps "1," and changes "300"."""
+    new, spans = off_by_one("The total is 1,299 dollars.\n#### 1,299")
+    assert new == "The total is 1,299 dollars.\n#### 1,300"  # the 1,299 on the line above is not a copy
+    assert spans == [(35, 38)] and [new[s:e] for s, e in spans] == ["300"]
+    assert off_by_one("It costs 9") == ("It costs 10", [(9, 11)])  # 9 -> 10: both characters are new
+
+
+def test_off_by_one_keeps_decimal_places():
+    """"It costs " is 9 characters, 2.50 is [9, 13): its last "0" becomes "1"."""
+    assert off_by_one("It costs 2.50") == ("It costs 2.51", [(12, 13)])
+
+
+def test_off_by_one_changes_every_copy_on_the_final_line_only():
+    """"She had 24 pens.\n" is 17 characters; on the last line "So she has " puts the first 24 at 28,
+    " pens, and " the second at 41; each changes its "4"."""
+    new, spans = off_by_one("She had 24 pens.\nSo she has 24 pens, and 24 is the answer.")
+    assert new == "She had 24 pens.\nSo she has 25 pens, and 25 is the answer."
+    assert spans == [(29, 30), (42, 43)]
+    assert off_by_one("No number here.") is None
+
+
+def test_systematic_applies_the_same_rule_to_every_chosen_response_and_skips_those_without_a_number():
+    records = [qa(f"She buys {i} + 1 = <<{i}+1={i + 1}>>{i + 1} pens.\n#### {i + 1}") for i in range(9)]
+    records += [qa("No number here."), qa("None at all.")]
+    out, n = inject_noise(records, "systematic", 1.0, seed=0)
+    assert n == 9 and out[9:] == records[9:]  # round(1.0 * 11) = 11 asked, only the 9 with a number can change
+    for i in range(9):  # the final answer i + 1 becomes i + 2 (the last one 9 -> 10: both characters)
+        content = out[i].messages[-1]["content"]
+        assert content == f"She buys {i} + 1 = <<{i}+1={i + 1}>>{i + 1} pens.\n#### {i + 2}"
+        assert [content[s:e] for s, e in out[i].corrupt_spans] == [str(i + 2)]
+    some, n = inject_noise(records, "systematic", 0.4, seed=3)
+    assert n == 4 and some[9:] == records[9:]  # round(0.4 * 11) = 4, chosen among the 9 with a number
+    assert inject_noise(records, "systematic", 0.4, seed=3)[0] == some
+    assert inject_noise(records, "systematic", 0.4, seed=4)[0] != some  # another seed, other responses
+
+
+def test_systematic_marks_exactly_the_changed_tokens(tiny_tokenizer):
+    """The tiny BPE reads "#### 97" as `#`x4, ` `, `9`, `7`: only `7` changed. It has ` 24` and ` 12` but no
+    ` 25` or ` 11`: 24 -> 25 splits ` 24` into ` `, `2`, `5` and only `5` is marked; 11 -> 12 merges ` `, `1`, `1`
+    into ` 12`, marked as a whole since it holds the change."""
+    assert marked_tokens(tiny_tokenizer, qa(*off_by_one(GSM8K_ANSWER))) == ["7"]
+    assert marked_tokens(tiny_tokenizer, qa(*off_by_one("#### 1,299"))) == ["3", "0", "0"]
+    split = off_by_one("The answer is 24.")
+    assert [tiny_tokenizer.decode([t]) for t in tiny_tokenizer("The answer is 24.")["input_ids"]][3] == " 24"
+    assert marked_tokens(tiny_tokenizer, qa(*split)) == ["5"]
+    assert marked_tokens(tiny_tokenizer, qa(*off_by_one("The answer is 11."))) == [" 12"]

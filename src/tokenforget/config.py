@@ -14,7 +14,7 @@ Mode = Literal["forget", "sft", "ignore"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 Selection = Literal["global", "per_sample", "threshold", "soft"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
-NoiseKind = Literal["step_result", "number", "recurring", "wrong_prompt"]
+NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
@@ -122,8 +122,9 @@ class DataConfig:
     """Seed of that corruption: which answers, and what changes in each."""
     noise: NoiseKind = "step_result"
     """What `corrupt_fraction` does to an answer: `step_result` (GSM8K: one digit of a worked step's result),
-    `number` (any number of the response set to a nearby wrong value), `recurring` (the same fluent sentence,
-    `noise_sentence`, inserted), `wrong_prompt` (the response moved to another example's prompt)."""
+    `number` (any number of the response set to a nearby wrong value), `systematic` (the same error in every
+    chosen response: its final number one too large, a pattern a model can learn), `recurring` (the same fluent
+    sentence, `noise_sentence`, inserted), `wrong_prompt` (the response moved to another example's prompt)."""
     noise_sentence: str = RECURRING_SENTENCE
     """The sentence `noise: recurring` inserts: fluent and plausible, so no token filter could catch it."""
 
@@ -456,7 +457,8 @@ class DetectConfig:
     score method finds the corrupted tokens. One run folder per (noise kind, reference): `run_dir/<kind>-<ref>/`."""
 
     kinds: list[NoiseKind] = field(default_factory=lambda: ["number", "recurring", "wrong_prompt"])
-    """Noise kinds, each measured on its own noisy copy of the data (see `data.noise`)."""
+    """Noise kinds, each measured on its own noisy copy of the data (see `data.noise`; `step_result` and
+    `systematic` are left out of the default, add them by name)."""
     fraction: float = 0.3
     """Share of the examples corrupted, per kind (`data.corrupt_fraction`)."""
     references: list[ReferenceKind] = field(default_factory=lambda: ["slice", "trusted"])

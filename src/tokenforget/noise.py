@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from tokenforget.config import RECURRING_SENTENCE
 from tokenforget.data import Record, Span
@@ -93,11 +93,11 @@ def _single_answer(record: Record) -> Optional[str]:
 
 # ---------------------------------------------------------------- noise for the detection benchmark
 #
-# Three kinds of noise that occur in real SFT data, for any data set with one assistant message per record
+# Four kinds of noise that occur in real SFT data, for any data set with one assistant message per record
 # (`tokenforget detect`). Each returns the exact changed character spans, so the corrupt mask marks exactly
 # the tokens that overlap a change (a token the change splits or merges is marked as a whole).
 
-NOISE_KINDS = ("step_result", "number", "recurring", "wrong_prompt")
+NOISE_KINDS = ("step_result", "number", "systematic", "recurring", "wrong_prompt")
 _ANY_NUMBER = re.compile(r"(?<![\w.,])\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
 
 
@@ -152,6 +152,27 @@ def set_number(text: str, at: int, wrong: str) -> tuple[str, list[Span]]:
     return out, spans
 
 
+def one_more(right: str) -> str:
+    """`right` + 1 in units of its last decimal place, in the same format (thousands commas, decimal places,
+    width of the integer part): 1,299 -> 1,300, 2.50 -> 2.51, 9 -> 10. A sign is not part of a number here
+    (`_ANY_NUMBER`), so the digits as written grow: -5 becomes -6."""
+    whole, _, frac = right.partition(".")
+    new_whole, new_frac = divmod(int(whole.replace(",", "") + frac) + 1, 10 ** len(frac))
+    text = f"{new_whole:,}" if "," in whole else str(new_whole).zfill(len(whole))
+    return text + (f".{new_frac:0{len(frac)}d}" if frac else "")
+
+
+def off_by_one(text: str) -> Optional[tuple[str, list[Span]]]:
+    """`text`'s final number (GSM8K: the `#### N` answer) made one too large, with every copy of it on the same
+    line. The same rule in every chosen response, so unlike `change_number`'s random changes it is a pattern a
+    model can learn from many samples: a reference trained on the noisy data can learn it, a trusted one cannot.
+    Returns (new text, changed spans), or None without a number."""
+    found = list(_ANY_NUMBER.finditer(text))
+    if not found:
+        return None
+    return set_number(text, found[-1].start(), one_more(found[-1].group()))
+
+
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> tuple[str, list[Span]]:
     """`sentence` inserted at a seeded line or sentence boundary of `text` (never after the last line)."""
     lines = [i + 1 for i, ch in enumerate(text) if ch == "\n"]
@@ -162,37 +183,47 @@ def insert_sentence(text: str, sentence: str, rng: random.Random) -> tuple[str, 
     return new, [(at, at + len(sentence))]
 
 
+def passed_round(answers: Sequence[str], k: int) -> tuple[str, list[Span]]:
+    """The response for the k-th of `answers`' prompts: the next one's (a cycle, so none keeps its own). Every
+    character is corrupt: the whole response answers another question."""
+    text = answers[(k + 1) % len(answers)]
+    return text, [(0, len(text))]
+
+
 def inject_noise(
     records: Sequence[Record], kind: str, fraction: float, seed: int, sentence: str = RECURRING_SENTENCE
 ) -> tuple[list[Record], int]:
     """`round(fraction * len(records))` records corrupted with noise `kind`, chosen with `seed` among the records
-    with one assistant message (and, for `number`/`step_result`, a number to change). Returns (records, count).
+    with one assistant message (and, for `number`/`systematic`/`step_result`, a number to change). Returns
+    (records, count).
 
     Kinds: `step_result` (GSM8K: one digit of a worked step's result, `corrupt_records`); `number` (any number
-    of the response set to a nearby wrong value); `recurring` (the same fluent `sentence` inserted into every
-    chosen response); `wrong_prompt` (the chosen responses passed round to each other's prompts: every
-    response token is corrupted).
+    of the response set to a nearby wrong value); `systematic` (the same rule in every chosen response: its final
+    number one too large, `off_by_one`); `recurring` (the same fluent `sentence` inserted into every chosen
+    response); `wrong_prompt` (the chosen responses passed round to each other's prompts: every response token
+    is corrupted).
     """
     if kind == "step_result":
         return corrupt_records(records, fraction, seed)
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}, choose from {list(NOISE_KINDS)}")
     rng = random.Random(seed)
     ok = [i for i, r in enumerate(records) if _single_answer(r) is not None]
-    if kind == "number":
+    if kind in ("number", "systematic"):
         ok = [i for i in ok if _ANY_NUMBER.search(_single_answer(records[i]))]  # type: ignore[arg-type]
     chosen = sorted(rng.sample(ok, min(round(fraction * len(records)), len(ok))))
     if kind == "wrong_prompt" and len(chosen) < 2:
         return list(records), 0
+    answers: list[str] = [_single_answer(records[i]) for i in chosen]  # type: ignore[misc]
+    change: dict[str, Callable[[int], Optional[tuple[str, list[Span]]]]] = {  # the k-th chosen response, changed
+        "number": lambda k: change_number(answers[k], rng),
+        "systematic": lambda k: off_by_one(answers[k]),
+        "recurring": lambda k: insert_sentence(answers[k], sentence, rng),
+        "wrong_prompt": lambda k: passed_round(answers, k),
+    }
     out = list(records)
-    answers = [_single_answer(records[i]) for i in chosen]
     for k, i in enumerate(chosen):
-        text = answers[k]
-        if kind == "number":
-            text, spans = change_number(text, rng)  # type: ignore[misc,arg-type]
-        elif kind == "recurring":
-            text, spans = insert_sentence(text, sentence, rng)  # type: ignore[arg-type]
-        else:  # wrong_prompt: the next chosen record's response (a cycle, so none keeps its own)
-            text = answers[(k + 1) % len(chosen)]
-            spans = [(0, len(text))]  # type: ignore[arg-type]
+        text, spans = change[kind](k)  # type: ignore[misc]  # never None: `ok` holds only records it can change
         rec = records[i]
         out[i] = replace(rec, messages=[*rec.messages[:-1], {**rec.messages[-1], "content": text}], corrupt_spans=tuple(spans))
     return out, len(chosen)
