@@ -116,13 +116,10 @@ def test_summarize_average_and_differences_by_hand():
 @pytest.mark.parametrize("name", ["gsm8k-smollm2", "gsm8k-noisy-smollm2"])
 def test_shipped_gsm8k_configs_parse(name: str):
     """The two measured configs load into a RunConfig with the Hub fallbacks set (nothing is run)."""
-    from tokenforget.cli import build_parser
-    from tokenforget.config import RunConfig
+    from tokenforget.cli import parse_config
 
     path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
-    parser = build_parser()
-    init = parser.instantiate(parser.parse_args(["compare", "--config", str(path)]))
-    cfg = RunConfig(**{k: v for k, v in vars(init["compare"]).items() if k not in ("config", "dry_run")})
+    _, cfg, _ = parse_config(["compare", "--config", str(path)])
     assert cfg.data.hub_fallback == "openai/gsm8k" and cfg.eval.gsm8k_fallback == "openai/gsm8k"
     assert cfg.compare.seeds == [1, 2, 3] and cfg.eval.limit and cfg.data.limit
     assert (cfg.data.corrupt_fraction > 0) == ("noisy" in name)

@@ -52,12 +52,10 @@ def test_bad_knobs_are_config_errors_naming_the_field(make, message):
 def test_the_readme_knobs_example_is_a_valid_config(tmp_path):
     """The README's YAML of knobs parses through the CLI's parser into a RunConfig with those values."""
     from test_trl import readme_block
-    from tokenforget.cli import build_parser
+    from tokenforget.cli import parse_config
 
     (tmp_path / "knobs.yaml").write_text(readme_block("training_args:"))
-    parser = build_parser()
-    ns = parser.instantiate(parser.parse_args(["run", "--config", str(tmp_path / "knobs.yaml")]))
-    cfg = RunConfig(**{k: v for k, v in vars(ns["run"]).items() if k not in ("config", "dry_run")})
+    _, cfg, _ = parse_config(["run", "--config", str(tmp_path / "knobs.yaml")])
     assert cfg.lora.qlora and cfg.lora.peft_args == {"use_rslora": True} and cfg.train.training.gradient_checkpointing
     assert cfg.train.training.training_args["metric_for_best_model"] == "eval_loss"
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
-from tokenforget.cli import _positional_config, build_parser, main
-from tokenforget.config import RunConfig, TrainingConfig
+from tokenforget.cli import main, parse_config
+from tokenforget.config import TrainingConfig
 from tokenforget.pipeline import Run
 from tokenforget.plan import optimizer_steps, plan_run, score_padded_tokens, train_padded_tokens
 
@@ -41,9 +41,7 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys)
 def test_predicted_steps_and_tokens_match_the_real_run(config: Path):  # noqa: F811
     """The plan's example count is the data stage's, and its optimizer steps are what the Trainer then does
     (24 examples, batch 4, 1 epoch: 6 steps). The reference trains on round(0.25 x 24) = 6 examples: 2 steps."""
-    parser = build_parser()
-    ns = parser.instantiate(parser.parse_args(_positional_config(["run", str(config)])))
-    cfg = RunConfig(**{k: v for k, v in vars(ns["run"]).items() if k not in ("config", "dry_run")})
+    _, cfg, _ = parse_config(["run", str(config)])
     plans, _ = plan_run(Run(cfg), ["forget", "sft"], measure=False)
     by = {p.name: p for p in plans}
     assert list(by) == ["data", "reference", "scores", "partition", "labels", "train-forget", "train-sft"]

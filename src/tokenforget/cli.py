@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import DemoConfig, ReportConfig, RunConfig, UserError
+from tokenforget.config import PRESETS, DemoConfig, ReportConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -125,6 +125,9 @@ def build_parser() -> ArgumentParser:
         first = POSITIONAL.get(name, "--config").lstrip("-")
         p.add_argument("--config", action=ActionConfigFile, help=f"YAML config file (the first argument is {first})")
         p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
+        if cls is RunConfig:  # expanded by `_expand_preset` before parsing; declared here for --help
+            p.add_argument("--preset", choices=list(PRESETS), help="named method settings applied after the config "
+                           "file (paper: the paper's exact setting; recommended: the best we measured, docs/results.md)")
         if name in DRY_RUN_MODES:
             p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, token counts and "
                            "an estimated wall time from a short measured warm-up; write nothing")
@@ -138,6 +141,30 @@ def _positional_config(argv: list[str]) -> list[str]:
     if len(argv) >= 2 and argv[0] in COMMANDS and not argv[1].startswith("-"):
         return [argv[0], POSITIONAL.get(argv[0], "--config"), argv[1], *argv[2:]]
     return argv
+
+
+def _expand_preset(argv: list[str]) -> list[str]:
+    """`--preset NAME` -> `--config <the preset as YAML>`, placed after the last config file, so the preset's
+    values replace the file's and later command-line overrides replace both."""
+    import yaml
+
+    from tokenforget.config import preset
+
+    args = list(argv)
+    at = next((i for i, a in enumerate(args) if a == "--preset" or a.startswith("--preset=")), None)
+    if at is None:
+        return args
+    if "=" in args[at]:
+        name = args.pop(at).split("=", 1)[1]
+    else:
+        args.pop(at)
+        if at >= len(args):
+            raise UserError("--preset needs a name: " + ", ".join(PRESETS))
+        name = args.pop(at)
+    text = yaml.safe_dump(preset(name), default_flow_style=True, width=10**6).strip()
+    configs = [i + 2 for i, a in enumerate(args) if a == "--config"] + [i + 1 for i, a in enumerate(args) if a.startswith("--config=")]
+    where = max([1, *configs])
+    return [*args[:where], "--config", text, *args[where:]]
 
 
 def config_keys(cls: type, prefix: str = "") -> list[str]:
@@ -171,25 +198,33 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
+def parse_config(argv: Sequence[str]) -> tuple[str, object, bool]:
+    """(command, its config dataclass, --dry-run) from a command line; `ArgumentError` or `UserError` when bad."""
+    argv = _positional_config(list(argv))
+    name = argv[0] if argv and argv[0] in COMMANDS else ""
+    cls = COMMANDS[name][0] if name else RunConfig
+    parser = build_parser()
+    ns = parser.parse_args(_expand_preset(argv) if cls is RunConfig else argv)
+    init = vars(parser.instantiate(ns)[name])
+    fields = {k: v for k, v in init.items() if k not in ("config", "dry_run", "preset")}
+    return name, cls(**fields), bool(init.get("dry_run"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
-    argv = _positional_config(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv and argv[0] in COMMANDS else ""
     try:
-        ns = parser.parse_args(argv)
-    except ArgumentError as e:
-        cls = COMMANDS[name][0] if name in COMMANDS else RunConfig
-        print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
-        return 2
-    try:
-        init = parser.instantiate(ns)
-        cls, _, command = COMMANDS[name]
-        fields = {k: v for k, v in vars(init[name]).items() if k not in ("config", "dry_run")}
-        if vars(init[name]).get("dry_run"):
-            _dry_run(name, cls(**fields))
+        try:
+            name, cfg, dry = parse_config(argv)
+        except ArgumentError as e:
+            cls = COMMANDS[name][0] if name in COMMANDS else RunConfig
+            print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
+            return 2
+        if dry:
+            _dry_run(name, cfg)  # type: ignore[arg-type]
         else:
-            command(cls(**fields))
+            COMMANDS[name][2](cfg)
     except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
         return 2
