@@ -107,14 +107,24 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert set(res["models"]) == {"base", "sft", "forget"}
+    assert set(res["models"]) == {"base", "sft", "forget", "recommended"}
     assert res["detection"]["n_corrupt"] > 0 and 0.0 <= res["detection"]["auroc"] <= 1.0
-    from tokenforget.score_methods import RECOMMENDED_METHOD
+    from tokenforget.config import PRESETS
 
-    side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended setting
-    assert list(side_by_side) == ["paper", f"{RECOMMENDED_METHOD} + trusted reference (recommended)"]
+    side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended preset
+    assert list(side_by_side) == ["paper", "recommended"]
     assert side_by_side["paper"]["auroc"] == pytest.approx(res["detection"]["auroc"])
-    assert "the paper's score and the recommended setting" in out
+    assert "the paper's setting and the recommended preset" in out
+    # the recommended model trained with the preset: its score method, its rho, a trusted reference
+    rec = json.loads((tmp_path / "demo" / "recommended" / "config.json").read_text())
+    want = PRESETS["recommended"]
+    assert rec["score"]["method"] == want["score"]["method"] and rec["partition"]["rho"] == want["partition"]["rho"]
+    assert rec["train"]["forget_objective"] == want["train"]["forget_objective"]
+    assert rec["reference"]["path"].endswith("trusted.jsonl")
+    stats = json.loads((tmp_path / "demo" / "recommended" / "partition" / "stats.json").read_text())
+    assert stats["n_negative"] == round((1 - want["partition"]["rho"]) * stats["n_tokens"])
+    negatives = side_by_side["recommended"]["recall"] * side_by_side["recommended"]["n_corrupt"] / side_by_side["recommended"]["precision"]
+    assert negatives == pytest.approx(stats["n_negative"])  # its detection is measured on its own partition
 
 
 def test_python_m_entry_point():

@@ -15,7 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tokenforget.config import DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig, TrainingConfig
+from tokenforget.config import (
+    DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig, TrainingConfig, apply_preset,
+)
 from tokenforget.models import BaseModel
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
@@ -104,27 +106,34 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     )
 
 
-def recommended_detection(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Detection figures of `paper` (the run's own reference, a slice of the noisy data) and of the recommended
-    setting (`RECOMMENDED_METHOD` with a reference trained on `n_trusted` clean generated examples), side by side."""
-    from tokenforget.detect import detection_of_methods
+def recommended_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
+    """The demo's run with the `recommended` preset (`config.PRESETS`) and its reference trained on `n_trusted`
+    clean generated examples that share no prompt with the training data, in `run_dir/recommended/`."""
     from tokenforget.pipeline import Run
-    from tokenforget.score_methods import RECOMMENDED_METHOD
 
     trusted_path = root / "task" / "trusted.jsonl"
     scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
     pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
     write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
-    rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
-    trusted = Run(rc, base=run.base, log=log)
-    figures = {"paper": detection_of_methods(run.data(), run.score(), ["paper"], cfg.rho)["paper"]}
-    rec = detection_of_methods(trusted.data(), trusted.score(), [RECOMMENDED_METHOD], cfg.rho)[RECOMMENDED_METHOD]
-    return {**figures, f"{RECOMMENDED_METHOD} + trusted reference (recommended)": rec}
+    rc = replace(run.cfg, run_dir=str(root / "recommended"), reference=replace(run.cfg.reference, path=str(trusted_path)))
+    return Run(apply_preset(rc, "recommended"), base=run.base, log=log)
+
+
+def detection_side_by_side(paper: Any, rec: Any) -> dict[str, dict[str, Any]]:
+    """Detection figures of the paper's setting (its score, a slice of the noisy data as reference) and of the
+    recommended preset (its score method and rho, a trusted reference), each at its own rho."""
+    from tokenforget.detect import detection_of_methods
+
+    def of(run: Any) -> dict[str, Any]:
+        method = run.cfg.score.method
+        return detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
+
+    return {"paper": of(paper), "recommended": of(rec)}
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
-    """Generate the task, train `sft` and `forget`, evaluate both and the base, write the HTML report;
-    return every number."""
+    """Generate the task, train `sft`, `forget` (the paper's setting) and the `recommended` preset, evaluate
+    them and the base, write the HTML report; return every number."""
     from tokenforget import report
     from tokenforget.html_report import build_report
     from tokenforget.pipeline import Run
@@ -135,10 +144,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     write_jsonl(make_examples(cfg.n_train, cfg.seed, cfg.noise), train_path)
     write_jsonl(make_examples(cfg.n_test, cfg.seed + 10_000, 0.0), test_path)
     run = Run(demo_run_config(cfg, train_path), base=base, log=log)
+    rec = recommended_run(cfg, run, root, log)
     stages = {mode: run.train(mode) for mode in ("sft", "forget")}
+    stages["recommended"] = rec.train()
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
     results["detection"] = report.detection_of(run).__dict__
-    results["detection_methods"] = recommended_detection(cfg, run, root, log)
+    results["detection_methods"] = detection_side_by_side(run, rec)
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))

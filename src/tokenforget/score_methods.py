@@ -139,10 +139,6 @@ SCORE_METHODS: dict[str, ScoreFn] = {
 }
 
 
-# The recommended setting (docs/detection.md): this method, with a reference trained on a small trusted set.
-RECOMMENDED_METHOD = "ref_loss_min_rank"
-
-
 def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
     """The scores of method `name` (a key of `SCORE_METHODS`), as float32, checked finite."""
     out = SCORE_METHODS[name](ce_base, ce_ref, token_id, example)
