@@ -56,5 +56,7 @@ def test_unknown_or_missing_preset_exits_2_naming_the_choices(file_config: Path,
     assert "preset" in err and "'papr'" in err and "paper" in err
     assert main(["run", str(file_config), "--preset"]) == 2
     assert "--preset needs a name" in capsys.readouterr().err
+    assert main(["run", str(file_config), "--preset", "paper", "--preset=recommended"]) == 2
+    assert "more than once" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="preset"):
         apply_preset(RunConfig(), "nope")

@@ -151,9 +151,12 @@ def _expand_preset(argv: list[str]) -> list[str]:
     from tokenforget.config import preset
 
     args = list(argv)
-    at = next((i for i, a in enumerate(args) if a == "--preset" or a.startswith("--preset=")), None)
-    if at is None:
+    found = [i for i, a in enumerate(args) if a == "--preset" or a.startswith("--preset=")]
+    if not found:
         return args
+    if len(found) > 1:  # the parser would take the second silently, unexpanded
+        raise UserError("--preset given more than once; choose one of: " + ", ".join(PRESETS))
+    at = found[0]
     if "=" in args[at]:
         name = args.pop(at).split("=", 1)[1]
     else:
