@@ -32,12 +32,21 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, chunk_siz
     bsz, seq, vocab = logits.shape
     flat_logits = logits[:, :-1].reshape(-1, vocab)  # (B*(T-1), V), predicts tokens 1..T-1
     targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
-    chunks = [
-        F.cross_entropy(flat_logits[i : i + chunk_size].float(), targets[i : i + chunk_size], reduction="none")
-        for i in range(0, flat_logits.shape[0], chunk_size)
-    ]
-    shifted = torch.cat(chunks).view(bsz, seq - 1) if chunks else flat_logits.new_zeros(bsz, 0).float()
+    shifted = rows_cross_entropy(flat_logits, targets, chunk_size).view(bsz, seq - 1)
     return F.pad(shifted, (1, 0))  # (B, T): position 0 has no prediction
+
+
+def rows_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """(N,) fp32 cross-entropy of `targets` (N,) under `logits` (N, V), upcast `chunk_size` rows at a time.
+
+    With N = 0 the result is an empty tensor that is still part of the graph, so a batch without any
+    loss token still back-propagates (a zero gradient).
+    """
+    chunks = [
+        F.cross_entropy(logits[i : i + chunk_size].float(), targets[i : i + chunk_size], reduction="none")
+        for i in range(0, max(logits.shape[0], 1), chunk_size)
+    ]
+    return torch.cat(chunks)
 
 
 @dataclass
@@ -278,53 +287,113 @@ def get_schedule(name: str, warmup: float = 0.1) -> Schedule:
     return SCHEDULES[name]
 
 
+@dataclass(frozen=True)
+class LogitMap:
+    """What a causal LM does to its output head's z = hidden @ weight.T + bias before the softmax.
+
+    y = c * tanh(s * z / c) with a soft cap c, else y = s * z. Llama and most models: s = 1, no cap (y = z);
+    Cohere: s = logit_scale; Granite: s = 1 / logits_scaling; Gemma 2 and 3: c = final_logit_softcapping.
+    Applied in fp32 to (rows, V) chunks of z.
+    """
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale) or (self.softcap is not None and not self.softcap > 0):
+            raise ValueError(f"LogitMap needs a finite scale and a positive soft cap, got {self}")
+
+    def __str__(self) -> str:
+        u = "z" if self.scale == 1.0 else f"{self.scale:g} z"
+        return f"y = {u}" if self.softcap is None else f"y = {self.softcap:g} tanh({u} / {self.softcap:g})"
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """y (c, V) from z (c, V), with the model's own order of operations (z * s, / c, tanh, * c)."""
+        u = z * self.scale if self.scale != 1.0 else z
+        return u if self.softcap is None else torch.tanh(u / self.softcap) * self.softcap
+
+    def vjp(self, z: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """dL/dz = dL/dy * s * (1 - tanh(s z / c)^2) (without the tanh factor when uncapped); (c, V) each."""
+        if self.softcap is not None:
+            t = torch.tanh(z * self.scale / self.softcap)
+            grad_y = grad_y * (1.0 - t * t)
+        return grad_y * self.scale if self.scale != 1.0 else grad_y
+
+
+IDENTITY = LogitMap()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """CE of `targets` under logits = hidden @ weight.T, one chunk of rows at a time (see `linear_cross_entropy`)."""
+    """CE of `targets` under logits y = logit_map(hidden @ weight.T + bias), one chunk of rows at a time
+    (see `linear_cross_entropy`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, dtype: torch.dtype, logit_map: LogitMap):  # type: ignore[override]
         w = weight.to(dtype)
         loss = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(loss)
         for i in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[i : i + chunk_size].to(dtype) @ w.T).float()  # (c, V): the only logits alive
-            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[i : i + chunk_size, None]).squeeze(1)
-            loss[i : i + chunk_size] = lse[i : i + chunk_size] - picked
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+            rows = slice(i, i + chunk_size)
+            y = logit_map(_head_chunk(hidden[rows], w, bias, dtype))  # (c, V): the only logits alive
+            lse[rows] = torch.logsumexp(y, dim=-1)
+            loss[rows] = lse[rows] - y.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.dtype, ctx.logit_map = chunk_size, dtype, logit_map
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        hidden, weight, targets, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w, logit_map = weight.to(ctx.dtype), ctx.logit_map
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         for i in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[i : i + ctx.chunk_size].to(ctx.dtype)
-            probs = torch.exp((h @ w.T).float() - lse[i : i + ctx.chunk_size, None])  # softmax, (c, V)
-            probs[torch.arange(h.shape[0]), targets[i : i + ctx.chunk_size]] -= 1.0  # d CE / d logits
-            g = (probs * grad_loss[i : i + ctx.chunk_size, None]).to(ctx.dtype)
+            rows = slice(i, i + ctx.chunk_size)
+            h = hidden[rows].to(ctx.dtype)
+            z = _head_chunk(h, w, bias, ctx.dtype)  # (c, V), recomputed
+            grad_y = torch.exp(logit_map(z) - lse[rows, None])  # softmax, (c, V)
+            grad_y[torch.arange(h.shape[0]), targets[rows]] -= 1.0  # d CE / d logits
+            grad_z = logit_map.vjp(z, grad_y * grad_loss[rows, None])  # (c, V) fp32: through scale and cap
+            g = grad_z.to(ctx.dtype)
             if grad_h is not None:
-                grad_h[i : i + ctx.chunk_size] = (g @ w).to(hidden.dtype)
+                grad_h[rows] = (g @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w += (g.T @ h).float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+            if grad_b is not None:
+                grad_b += grad_z.sum(0)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _head_chunk(h: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """z = h @ w.T (+ bias): (c, H) x (V, H) -> (c, V) fp32; the matmul in `dtype`, the bias added in fp32."""
+    z = (h.to(dtype) @ w.T).float()
+    return z if bias is None else z + bias.float()
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 256,
+    bias: Optional[torch.Tensor] = None,
+    logit_map: LogitMap = IDENTITY,
 ) -> torch.Tensor:
-    """Per-row cross-entropy of `targets` under `hidden @ weight.T`, without the full logits.
+    """Per-row cross-entropy of `targets` under y = logit_map(hidden @ weight.T + bias), without the full logits.
 
-    The (N, V) logits exist one chunk of `chunk_size` rows at a time, in fp32 for the log-sum-exp; the
-    backward pass recomputes each chunk. Under autocast the matmuls run in the autocast dtype.
+    CE_n = logsumexp_v y[n, v] - y[n, targets[n]]. The (N, V) logits exist one chunk of `chunk_size` rows at
+    a time, in fp32 for the bias, the logit map and the log-sum-exp; the backward pass recomputes each
+    chunk and applies the chain rule through the map (`LogitMap.vjp`). Under autocast the matmuls run in the
+    autocast dtype. Gradients flow to hidden, weight and bias, wherever they require them.
 
     Args:
         hidden: (N, H) final hidden states of the positions that predict `targets`.
         weight: (V, H) output embedding (lm_head) weight.
         targets: (N,) token ids.
+        bias: (V,) lm_head bias (Phi), or None.
+        logit_map: the model's scale and soft cap of its logits (see `LogitMap`).
 
     Returns:
         (N,) fp32 cross-entropy per row.
@@ -332,4 +401,4 @@ def linear_cross_entropy(
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     with torch.autocast(device_type=dev, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype, logit_map)

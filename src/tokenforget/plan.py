@@ -27,11 +27,12 @@ import torch
 
 from tokenforget import data as data_mod
 from tokenforget.config import TrainingConfig
-from tokenforget.losses import LEARN, forgetting_loss, token_cross_entropy
+from tokenforget.losses import LEARN, forgetting_loss
+from tokenforget.model_ce import model_token_ce
 from tokenforget.models import add_lora, autocast, device
 from tokenforget.pipeline import Run, round_stage
 from tokenforget.report import format_table
-from tokenforget.score import forward_ce, length_grouped_batches, model_token_ce, pad_batch, supports_hidden_ce
+from tokenforget.score import forward_ce, length_grouped_batches, pad_batch
 
 TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
 
@@ -270,10 +271,7 @@ def _time_train_step(
 
     def step() -> None:
         with autocast(run.bf16):
-            if supports_hidden_ce(model):
-                token_loss = model_token_ce(model, ids, resp.bool(), attention_mask=attn)  # (B, T)
-            else:
-                token_loss = token_cross_entropy(model(input_ids=ids, attention_mask=attn, use_cache=False).logits, ids)
+            token_loss = model_token_ce(model, ids, resp.bool(), attention_mask=attn)  # (B, T)
         forgetting_loss(token_loss, cls, 0.0).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -6,17 +6,14 @@ memory and both losses come from one pass over the data. Batches are grouped by 
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenforget.losses import linear_cross_entropy, token_cross_entropy
+from tokenforget.model_ce import model_token_ce
 from tokenforget.models import autocast
-
-CE_CHUNK = 256  # rows of logits alive at a time: 256 x 49k vocab = 50 MB in fp32
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -36,73 +33,14 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tens
     return ids, mask
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / peft wrappers."""
-    while hasattr(model, "module"):  # DDP, FSDP
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def final_hidden_states(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the decoder's output (B, T, H), the input of the lm_head, during a forward of `model`."""
-    box: dict[str, torch.Tensor] = {}
-
-    def keep(_module: torch.nn.Module, _args: Any, out: Any) -> None:
-        box["hidden"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-    handle = _unwrap(model).get_decoder().register_forward_hook(keep)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
-def supports_hidden_ce(model: torch.nn.Module) -> bool:
-    """Whether `model_token_ce` can read final hidden states (decoder + output embeddings exposed)."""
-    inner = _unwrap(model)
-    return hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None
-
-
-def model_token_ce(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    chunk_size: int = CE_CHUNK,
-    **forward_kwargs: Any,
-) -> torch.Tensor:
-    """(B, T) fp32 CE of the tokens at `positions` (0 elsewhere), without full-vocabulary logits.
-
-    The model runs with `logits_to_keep=1`; the final hidden states of the positions that predict the
-    wanted tokens go through `linear_cross_entropy` chunk by chunk. Only wanted positions cost lm_head
-    work, so prompt and padding tokens are free. Differentiable (training) and usable under no_grad.
-
-    Args:
-        ids: (B, T) token ids; `forward_kwargs` carry attention_mask (padded) or position_ids (packed).
-        positions: (B, T) bool, which tokens to score; position 0 is never scored.
-    """
-    with final_hidden_states(model) as box:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
-    want = positions.bool().clone()
-    want[:, 0] = False
-    b, t = want.nonzero(as_tuple=True)
-    hidden = box["hidden"][b, t - 1]  # (N, H): the state before token t predicts token t
-    weight = _unwrap(model).get_output_embeddings().weight  # (V, H)
-    ce = linear_cross_entropy(hidden, weight, ids[b, t], chunk_size)  # (N,)
-    return ce.new_zeros(ids.shape).index_put((b, t), ce)
-
-
 @torch.no_grad()
 def forward_ce(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, bf16: bool, positions: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """(B, T) per-token CE of a right-padded batch under `model`: of every token, or of `positions` only."""
+    """(B, T) per-token CE of a right-padded batch under `model`: of every token, or of `positions` only
+    (0 elsewhere), equal to CE over the model's own logits (`model_token_ce` picks the way)."""
     with autocast(bf16):
-        if supports_hidden_ce(model):
-            return model_token_ce(model, ids, mask if positions is None else positions, attention_mask=mask)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    ce = token_cross_entropy(logits, ids)
-    return ce if positions is None else ce * positions
+        return model_token_ce(model, ids, mask if positions is None else positions, attention_mask=mask)
 
 
 def _adapter_off(model: torch.nn.Module):

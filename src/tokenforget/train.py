@@ -15,7 +15,6 @@ import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from tokenforget.config import TrainingConfig, UserError
-from tokenforget.score import model_token_ce, supports_hidden_ce
 from tokenforget.losses import (
     FORGET,
     LEARN,
@@ -27,6 +26,7 @@ from tokenforget.losses import (
     get_schedule,
     token_cross_entropy,
 )
+from tokenforget.model_ce import ce_path, model_token_ce
 
 
 class NonFiniteLossError(UserError):
@@ -229,7 +229,9 @@ def _objective_extras(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 class ForgettingTrainer(ForgettingMixin, Trainer):
     """A Trainer whose loss is a tokenforget objective over per-token classes (see `ForgettingMixin`).
 
-    Batches carry `input_ids`, `attention_mask` and `token_class` (see `TokenClassCollator`).
+    Batches carry `input_ids`, `attention_mask` and `token_class` (see `TokenClassCollator`). The per-token
+    CE comes from `model_token_ce` (loss positions only; no full logits where `model_ce.ce_path` allows),
+    or, with `chunked_ce=False`, from the model's full logits.
     """
 
     def __init__(
@@ -247,8 +249,11 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
     ) -> None:
         self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
         super().__init__(*args, **kwargs)
-        # Per-token CE from final hidden states, chunked and only at loss positions, where the model allows.
-        self.chunked_ce = supports_hidden_ce(self.model) if chunked_ce is None else chunked_ce
+        # Per-token CE at loss positions only, exact for every model (`model_ce.ce_path` says how); decided
+        # here, before accelerate wraps or shards the model, so the probe forward runs on the plain model.
+        self.chunked_ce = chunked_ce is not False
+        if self.chunked_ce:
+            ce_path(self.model)
         if self.args.label_names is None:
             self.label_names = ["token_class"]  # the batch's "labels": evaluation computes a loss only if present
 
@@ -264,7 +269,7 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
         extra = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}  # padded or packed
         outputs = None
         if self.chunked_ce and not return_outputs:
-            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, no full logits
+            token_loss = model_token_ce(model, ids, token_class != 0, **extra)  # (B, T) fp32, loss positions only
         else:
             outputs = model(input_ids=ids, use_cache=False, **extra)
             token_loss = token_cross_entropy(outputs.logits, ids)  # (B, T) fp32
