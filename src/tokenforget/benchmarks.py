@@ -36,7 +36,7 @@ import torch
 from tokenforget import data as data_mod
 from tokenforget.config import ConfigError, DataConfig, EvalConfig
 from tokenforget.diversity import MEASURES
-from tokenforget.evaluate import response_nll, token_weighted_mean
+from tokenforget.evaluate import response_nll, result_spans, token_weighted_mean
 
 TASK_DIR = Path(__file__).parent / "tasks"
 GSM8K_TASK, MC_TASK, DIVERSITY_TASK = "tokenforget_gsm8k", "tokenforget_multiple_choice", "tokenforget_diversity"
@@ -203,6 +203,20 @@ def nll_benchmark(
     return {**entry, "tokens": mean.tokens, "per_example": {"nll_sum": sums.tolist(), "tokens": counts.tolist()}}
 
 
+def result_nll_benchmark(
+    model: torch.nn.Module, tokenizer: Any, records: list[data_mod.Record], data_cfg: DataConfig, batch_size: int, bf16: bool
+) -> dict[str, Any]:
+    """As `nll_benchmark`, over the result tokens of each gold response only (`evaluate.result_spans`: the
+    numbers after `=` and `####`). The spans travel as the records' marked spans, which tokenization maps to
+    tokens exactly as it maps corrupted spans."""
+    marked = [replace(r, corrupt_spans=result_spans(r.messages[-1]["content"])) for r in records]
+    cols, _ = data_mod.tokenize_records(tokenizer, marked, data_cfg)
+    sums, counts = response_nll(model, cols["input_ids"], cols["corrupt"], batch_size, bf16, tokenizer.pad_token_id)
+    mean = token_weighted_mean(sums, counts)
+    entry = _entry(mean.value, mean.stderr, mean.n, "nll_per_result_token", False, "nll")
+    return {**entry, "tokens": mean.tokens, "per_example": {"nll_sum": sums.tolist(), "tokens": counts.tolist()}}
+
+
 def eval_data_config(data_cfg: DataConfig, limit: Optional[int], hub_config: Optional[str] = None) -> DataConfig:
     """How a held-out file is read: the training data's rendering (chat template, system prompt,
     max_length), but the file's own format and columns, its first `limit` records, split `test` on the Hub."""
@@ -264,6 +278,11 @@ def evaluate_model(
         rendering = eval_data_config(data_cfg, ecfg.limit, hub_config)
         records = data_mod.load_records(rendering, src)
         out["benchmarks"][name] = nll_benchmark(model, tokenizer, records, rendering, ecfg.batch_size, bf16)
+        if ecfg.result_nll:
+            log(f"[eval] result-token NLL: {name} ({src})")
+            out["benchmarks"][f"result_{name}"] = result_nll_benchmark(
+                model, tokenizer, records, rendering, ecfg.batch_size, bf16
+            )
     out["wall_s"] = time.time() - t0
     return out
 

@@ -1,5 +1,5 @@
 """The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `detect`,
-`demo`, `report`.
+`demo`, `prepare`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import PRESETS, DemoConfig, ReportConfig, RunConfig, UserError
+from tokenforget.config import PRESETS, DemoConfig, PrepareConfig, ReportConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -86,6 +86,15 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _prepare(cfg: PrepareConfig) -> None:
+    from tokenforget.natural import prepare_natural
+
+    out = prepare_natural(cfg)
+    print(f"{out.counts['noisy']} questions, {out.wrong_share:.1%} of the '{cfg.solution_source}' solutions wrong")
+    for name, path in out.files.items():
+        print(f"  {name:<13}{out.counts[name]:>6}  {path}")
+
+
 def _report(cfg: ReportConfig) -> None:
     from pathlib import Path
 
@@ -110,6 +119,10 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
         RunConfig, "Inject known noise (detect.kinds), score, and report how well every score method finds it.", _detect,
     ),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "prepare": (
+        PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) and "
+        "held-out splits from GSM8K train.", _prepare,
+    ),
     "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }
 POSITIONAL = {"report": "--run_dir"}  # what a command's first positional argument is (default: --config)

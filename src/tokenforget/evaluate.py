@@ -27,6 +27,19 @@ def extract_answer(text: str) -> Optional[str]:
     return found.replace(",", "").rstrip(".") if found else None
 
 
+_RESULT = re.compile(r"(?:=|####)\s*\$?\s*(-?[\d,]*\.?\d+)")  # a number right after `=` or `####`
+
+
+def result_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Character spans of the results in a worked solution: each number right after `=` (a step's result, in
+    GSM8K's `<<48/2=24>>` notes and in plain `48/2 = 24`) and after `####` (the final answer).
+
+    These are the tokens a wrong solution gets wrong; the NLL of a gold answer's result tokens measures what
+    learning wrong solutions damages, which the mean over all tokens (mostly wording) hides.
+    """
+    return tuple(m.span(1) for m in _RESULT.finditer(text))
+
+
 def answers_match(predicted: Optional[str], gold: Optional[str]) -> bool:
     """Two extracted answers are the same number ("18" = "18.0" = "18.00"); a missing one never matches."""
     if predicted is None or gold is None:
