@@ -459,6 +459,24 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
            f"must be one of {list(get_args(Mode))}, got {overrides.get('mode')!r}")
 
 
+AuditMeasure = Literal["ref_loss", "base_loss", "paper", "confidence", "worst_span"]
+
+
+@dataclass
+class AuditConfig:
+    """`tokenforget audit`: examples ranked by how suspicious the reference finds them (`tokenforget.audit`)."""
+
+    measure: AuditMeasure = "worst_span"
+    """What ranks the examples (high = suspicious): `ref_loss` (mean CE under the reference), `base_loss`, `paper`
+    (minus the mean paper score), `confidence` (1 - mean reference probability, DFT-style), `worst_span` (the
+    highest mean reference CE over 8 consecutive tokens)."""
+    top: int = 10
+    """Examples printed; every example is written to run_dir/audit/."""
+
+    def __post_init__(self) -> None:
+        _check(self.top >= 0, "audit.top", f"must be >= 0, got {self.top}")
+
+
 @dataclass
 class DetectConfig:
     """`tokenforget detect`: inject known noise into the data, score, partition, and measure how well each
@@ -508,6 +526,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
     `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""
