@@ -153,3 +153,45 @@ def test_dft_trains_on_the_data_alone(tmp_path: Path, tiny_model_dir: Path):
         "data", "train-dft"]
     log = json.loads((run / "train-dft" / "log_history.json").read_text())
     assert [e["n_neg"] for e in log if "n_neg" in e] and all(e["n_neg"] == 0 for e in log if "n_neg" in e)
+
+
+def test_result_nll_is_the_models_own_ce_over_the_result_tokens(tiny_model_dir: Path):
+    """nll_benchmarks' `result` entry = sum of F.cross_entropy over the model's own logits at the tokens that
+    overlap the result spans, over their count; `all` = the same over every response token (fp32; the two paths
+    reorder sums only, so 1e-5 relative)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tokenforget import data as data_mod
+    from tokenforget.benchmarks import nll_benchmarks
+    from tokenforget.config import DataConfig, ModelConfig
+    from tokenforget.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cfg = DataConfig(max_length=128)
+    answers = ["She buys 3 * 4 = 12 apples.\n#### 12", "The change is 40 - 35 = 5 dollars.\n#### 5"]
+    records = [data_mod.Record([{"role": "user", "content": "How many?"}, {"role": "assistant", "content": a}], f"r{i}")
+               for i, a in enumerate(answers)]
+    got = nll_benchmarks(model, tok, records, cfg, batch_size=2, bf16=False, results=True)
+    total = {"all": [0.0, 0], "result": [0.0, 0]}
+    for rec, answer in zip(records, answers):
+        text, spans, start = data_mod.render(tok, rec, True)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            ce = F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")  # token t+1's CE
+        results = [(start + a, start + b) for a, b in result_spans(answer)]
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            if t == 0 or not any(s <= a < e for s, e in spans) or b <= a:
+                continue
+            total["all"][0] += ce[t - 1].item()
+            total["all"][1] += 1
+            if any(a < e and b > s for s, e in results):
+                total["result"][0] += ce[t - 1].item()
+                total["result"][1] += 1
+    assert total["result"][1] >= 4  # 12, 12, 5, 5: at least one token each
+    for name in ("all", "result"):
+        assert got[name]["tokens"] == total[name][1]
+        assert got[name]["value"] == pytest.approx(total[name][0] / total[name][1], rel=1e-5)

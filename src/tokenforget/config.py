@@ -16,6 +16,8 @@ Selection = Literal["global", "per_sample", "threshold", "soft", "example", "ora
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
+DemoNoise = Literal["systematic", "step"]
+DemoSetting = Literal["sft", "dft", "paper", "recommended", "oracle_ignore", "oracle_forget", "clean"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
@@ -588,8 +590,16 @@ class DemoConfig:
     """Training examples generated."""
     n_test: int = 48
     """Clean held-out examples for accuracy and gold NLL."""
-    noise: float = 0.3
-    """Share of training responses with one corrupted step."""
+    noise: float = 0.4
+    """Share of training responses with a corrupted step."""
+    noise_kind: DemoNoise = "systematic"
+    """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
+    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "recommended", "clean"])
+    """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
+    preset, its reference on `n_trusted` clean examples), `oracle_ignore` / `oracle_forget` (the known corrupted
+    tokens as the negative set: the bound on any detector), `clean` (sft on the same problems, every answer right:
+    the ceiling)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
@@ -609,6 +619,8 @@ class DemoConfig:
         _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
+        _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",
+               f"a non-empty list without repeats, got {self.settings}")
 
 
 @dataclass
