@@ -195,3 +195,21 @@ def test_result_nll_is_the_models_own_ce_over_the_result_tokens(tiny_model_dir: 
     for name in ("all", "result"):
         assert got[name]["tokens"] == total[name][1]
         assert got[name]["value"] == pytest.approx(total[name][0] / total[name][1], rel=1e-5)
+
+
+def test_systematic_demo_noise_marks_the_two_wrong_numbers():
+    """make_task: the noisy copy differs from the clean twin only in corrupted examples, and there only in the
+    total and the answer, each exactly 10 larger; the spans cover exactly those two numbers. 0.4 x 40 = 16
+    examples are corrupted, all of them problems that end in a total (kinds 0 and 2: 'has' / 'In total')."""
+    from tokenforget.demo import make_task
+
+    noisy, clean = make_task(40, seed=3, noise=0.4)
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]
+    corrupted = [(n, c) for n, c in zip(noisy, clean) if n["corrupt_spans"]]
+    assert len(corrupted) == 16 and not any(c["corrupt_spans"] for c in clean)
+    for n, c in corrupted:
+        right = int(c["answer"])
+        assert [n["completion"][a:b] for a, b in n["corrupt_spans"]] == [str(right + 10)] * 2
+        assert n["completion"].replace(str(right + 10), "X") == c["completion"].replace(str(right), "X")
+        assert "In total" in c["completion"] or "then has" in c["completion"]
+    assert all(n is c or n == c for n, c in zip(noisy, clean) if not n["corrupt_spans"])
