@@ -99,22 +99,35 @@ def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys)
 
 
 def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """Every kind of setting the demo can train: sft, the paper, the preset, an oracle bound and the clean ceiling."""
+    import datasets
+
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
-            "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4"]
+            "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
+            "--settings", "[sft, paper, recommended, oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert set(res["models"]) == {"base", "sft", "forget", "recommended"}
-    assert res["detection"]["n_corrupt"] > 0 and 0.0 <= res["detection"]["auroc"] <= 1.0
+    assert list(res["models"]) == ["base", "sft", "paper", "recommended", "oracle_forget", "clean"]
     from tokenforget.config import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended preset
-    assert list(side_by_side) == ["paper", "recommended"]
-    assert side_by_side["paper"]["auroc"] == pytest.approx(res["detection"]["auroc"])
-    assert "the paper's setting and the recommended preset" in out
+    assert list(side_by_side) == ["paper", "recommended"] and side_by_side["paper"]["n_corrupt"] > 0
+    # the clean twin: the same prompts, nothing corrupted; the noisy copy: 0.4 x 24 = 10 (or fewer) corrupted
+    task = tmp_path / "demo" / "task"
+    noisy = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
+    clean = [json.loads(line) for line in (task / "clean.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean] and not any(r["corrupt_spans"] for r in clean)
+    assert 0 < sum(bool(r["corrupt_spans"]) for r in noisy) <= 10
+    # the oracle's negatives are exactly the corrupted tokens
+    oracle = tmp_path / "demo" / "variant-oracle_forget"
+    tokens = datasets.load_from_disk(str(oracle / "data" / "tokens"))
+    classes = datasets.load_from_disk(str(oracle / "partition" / "classes"))
+    for resp, bad, cls in zip(tokens["response_mask"], tokens["corrupt"], classes["token_class"]):
+        assert cls == [(-1 if b else 1) * r for r, b in zip(resp, bad)]
     # the recommended model trained with the preset: its score method, its rho, a trusted reference
     rec = json.loads((tmp_path / "demo" / "recommended" / "config.json").read_text())
     want = PRESETS["recommended"]
@@ -125,6 +138,15 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert stats["n_negative"] == round((1 - want["partition"]["rho"]) * stats["n_tokens"])
     negatives = side_by_side["recommended"]["recall"] * side_by_side["recommended"]["n_corrupt"] / side_by_side["recommended"]["precision"]
     assert negatives == pytest.approx(stats["n_negative"])  # its detection is measured on its own partition
+
+
+def test_demo_settings_are_the_config_choices():
+    from typing import get_args
+
+    from tokenforget.config import DemoSetting
+    from tokenforget.demo import DEMO_SETTINGS
+
+    assert list(DEMO_SETTINGS) == list(get_args(DemoSetting))
 
 
 def test_python_m_entry_point():

@@ -9,6 +9,7 @@ from tokenforget.losses import (
     FORGET_TERMS,
     OBJECTIVES,
     SCHEDULES,
+    dft_loss,
     log1mexp,
     TokenCounts,
     forgetting_loss,
@@ -61,8 +62,23 @@ def test_ignore_and_sft_hand_values():
     assert sft_loss(LOSS, CLS, 0.7).loss.item() == pytest.approx(2.1)
 
 
-def test_registry_has_the_three_modes():
-    assert set(OBJECTIVES) == {"forget", "ignore", "sft"}
+def test_dft_hand_value_and_gradient():
+    """DFT: sum over the five response tokens of e^-l * l, over 5 (classes only mark response tokens):
+    1 e^-1 + 2 e^-2 + 3 e^-3 + 4 e^-4 + 0.5 e^-0.5
+      = 0.367879 + 0.270671 + 0.149361 + 0.073263 + 0.303265 = 1.164439;  / 5 = 0.232888.
+    d loss / d l_t = sg(p_t) / 5 = e^-l_t / 5: e^-1 / 5 = 0.0735759 for l = 1; 0 for the class-0 tokens (0 and 9.9)."""
+    loss = LOSS.clone().requires_grad_(True)
+    out = dft_loss(loss, CLS, 0.7)
+    assert out.loss.item() == pytest.approx(0.232888, abs=1e-6)
+    out.loss.backward()
+    assert loss.grad[0, 1].item() == pytest.approx(0.0735759, abs=1e-7)
+    assert loss.grad[1, 2].item() == pytest.approx(math.exp(-0.5) / 5, abs=1e-7)
+    assert loss.grad[0, 0].item() == 0.0 and loss.grad[1, 3].item() == 0.0
+    assert out.pos_sum.item() == pytest.approx(4.5) and out.neg_sum.item() == pytest.approx(6.0)  # raw CE, logged
+
+
+def test_registry_has_the_four_modes():
+    assert set(OBJECTIVES) == {"forget", "ignore", "sft", "dft"}
     assert set(FORGET_TERMS) == {"ga", "unlikelihood", "wga", "tnpo"}
 
 

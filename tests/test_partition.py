@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokenforget.partition import global_partition, n_positive, token_classes
+from tokenforget.partition import example_partition, global_partition, n_positive, oracle_partition, select_tokens, token_classes
 
 SCORES = np.array([0.5, 0.1, 0.5, 0.9, 0.1])
 # descending, ties kept in data order: 0.9 (i3), 0.5 (i0), 0.5 (i2), 0.1 (i1), 0.1 (i4)
@@ -122,3 +122,32 @@ def test_select_tokens_flat_classes_and_weights():
     assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, 1]
     cls, _, _ = select_tokens(scores, resp, offsets, "global", 0.4)
     assert cls.tolist() == [0, -1, 1, 0, 0, 1, -1, -1]
+
+
+def test_example_selection_keeps_whole_examples_by_mean_score():
+    """Three examples: means (0.5 + 0.1)/2 = 0.3, (0.9)/1 = 0.9, (0.1 + 0.1 + 0.4)/3 = 0.2.
+    rho 2/3 of 3 examples = 2 kept: example 1 (0.9) and example 0 (0.3); example 2 dropped whole.
+    rho 0.5 -> round(1.5) = 2 as well; rho 0.3 -> round(0.9) = 1: example 1 only."""
+    scores = np.array([0.5, 0.1, 0.9, 0.1, 0.1, 0.4])
+    example = np.array([0, 0, 1, 2, 2, 2])
+    assert example_partition(scores, example, 2 / 3).tolist() == [True, True, True, False, False, False]
+    assert example_partition(scores, example, 0.5).tolist() == [True, True, True, False, False, False]
+    assert example_partition(scores, example, 0.3).tolist() == [False, False, True, False, False, False]
+
+
+def test_example_selection_tie_goes_to_the_earlier_example():
+    """Means (0.2 + 0.2)/2 = 0.2 and (0.1 + 0.3)/2 = 0.2: rho 0.5 keeps one example, the earlier."""
+    scores = np.array([0.2, 0.2, 0.1, 0.3])
+    assert example_partition(scores, np.array([0, 0, 1, 1]), 0.5).tolist() == [True, True, False, False]
+
+
+def test_oracle_negatives_are_exactly_the_known_bad_tokens():
+    """Flat tokens of two examples (offsets 0, 3, 6); response flags and bad flags by hand: the classes are
+    0 off-response, -1 on a bad response token, +1 on a good one, whatever the scores."""
+    scores = np.array([9.0, 9.0, -9.0, 0.0, 5.0, 1.0])
+    response = np.array([0, 1, 1, 0, 1, 1])
+    bad = np.array([0, 1, 0, 1, 0, 1])
+    classes, weights, stats = select_tokens(scores, response, np.array([0, 3, 6]), "oracle", 0.7, bad=bad)
+    assert classes.tolist() == [0, -1, 1, 0, 1, -1]
+    assert weights is None and (stats.n_positive, stats.n_negative) == (2, 2)
+    assert oracle_partition(np.array([1, 0])).tolist() == [False, True]

@@ -36,7 +36,7 @@ import torch
 from tokenforget import data as data_mod
 from tokenforget.config import ConfigError, DataConfig, EvalConfig
 from tokenforget.diversity import MEASURES
-from tokenforget.evaluate import response_nll, token_weighted_mean
+from tokenforget.evaluate import masked_nll, result_spans, token_weighted_mean
 
 TASK_DIR = Path(__file__).parent / "tasks"
 GSM8K_TASK, MC_TASK, DIVERSITY_TASK = "tokenforget_gsm8k", "tokenforget_multiple_choice", "tokenforget_diversity"
@@ -191,16 +191,27 @@ def generations(results: dict[str, Any], task: str, how_many: int = 3) -> list[A
 # ---------------------------------------------------------------- gold NLL
 
 
-def nll_benchmark(
-    model: torch.nn.Module, tokenizer: Any, records: list[data_mod.Record], data_cfg: DataConfig, batch_size: int, bf16: bool
-) -> dict[str, Any]:
-    """Token-weighted NLL (nats per response token) of the gold responses, with examples as the units."""
+def nll_benchmarks(
+    model: torch.nn.Module, tokenizer: Any, records: list[data_mod.Record], data_cfg: DataConfig, batch_size: int,
+    bf16: bool, results: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Token-weighted NLL (nats per response token) of the gold responses, with examples as the units: `all`
+    over every response token and, with `results`, `result` over the result tokens only (`evaluate.result_spans`:
+    the numbers after `=` and `####`), both from one forward pass. The result spans travel as the records'
+    marked spans, which tokenization maps to tokens exactly as it maps corrupted spans."""
+    if results:
+        records = [replace(r, corrupt_spans=result_spans(r.messages[-1]["content"])) for r in records]
     cols, _ = data_mod.tokenize_records(tokenizer, records, data_cfg)
-    sums, counts = response_nll(model, cols["input_ids"], cols["response_mask"], batch_size, bf16, tokenizer.pad_token_id)
-    mean = token_weighted_mean(sums, counts)
-    entry = _entry(mean.value, mean.stderr, mean.n, "nll_per_token", False, "nll")
-    # per example, so that two models can be compared question by question (compare's paired stderr)
-    return {**entry, "tokens": mean.tokens, "per_example": {"nll_sum": sums.tolist(), "tokens": counts.tolist()}}
+    masks = {"all": cols["response_mask"], **({"result": cols["corrupt"]} if results else {})}
+    sums = masked_nll(model, cols["input_ids"], list(masks.values()), batch_size, bf16, tokenizer.pad_token_id)
+    out = {}
+    for (name, _), (s, c) in zip(masks.items(), sums):
+        mean = token_weighted_mean(s, c)
+        metric = "nll_per_token" if name == "all" else "nll_per_result_token"
+        # per example, so that two models can be compared question by question (compare's paired stderr)
+        out[name] = {**_entry(mean.value, mean.stderr, mean.n, metric, False, "nll"), "tokens": mean.tokens,
+                     "per_example": {"nll_sum": s.tolist(), "tokens": c.tolist()}}
+    return out
 
 
 def eval_data_config(data_cfg: DataConfig, limit: Optional[int], hub_config: Optional[str] = None) -> DataConfig:
@@ -263,7 +274,10 @@ def evaluate_model(
         log(f"[eval] gold NLL: {name} ({src})")
         rendering = eval_data_config(data_cfg, ecfg.limit, hub_config)
         records = data_mod.load_records(rendering, src)
-        out["benchmarks"][name] = nll_benchmark(model, tokenizer, records, rendering, ecfg.batch_size, bf16)
+        entries = nll_benchmarks(model, tokenizer, records, rendering, ecfg.batch_size, bf16, ecfg.result_nll)
+        out["benchmarks"][name] = entries["all"]
+        if "result" in entries:
+            out["benchmarks"][f"result_{name}"] = entries["result"]
     out["wall_s"] = time.time() - t0
     return out
 

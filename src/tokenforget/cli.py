@@ -1,5 +1,5 @@
 """The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `detect`,
-`demo`, `report`.
+`audit`, `demo`, `prepare`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import PRESETS, DemoConfig, ReportConfig, RunConfig, UserError
+from tokenforget.config import PRESETS, DemoConfig, PrepareConfig, ReportConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -80,10 +80,37 @@ def _detect(cfg: RunConfig) -> None:
     run_detect(cfg)
 
 
+def _audit(cfg: RunConfig) -> None:
+    import numpy as np
+
+    from tokenforget.audit import AUDIT_DIR, audit_examples, audit_table, write_audit
+    from tokenforget.pipeline import Run, response_arrays
+
+    run = Run(cfg)
+    tokens, scores = run.data(), run.score()
+    labels = np.asarray(tokens["is_correct"]) if "is_correct" in tokens.column_names else None
+    result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
+                            tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
+    if run.ranks.is_main:
+        write_audit(result, run.root / AUDIT_DIR, {"measure": cfg.audit.measure, "data": cfg.data.path,
+                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice"})
+        print(audit_table(result, cfg.audit.measure, cfg.audit.top))
+        print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")
+
+
 def _demo(cfg: DemoConfig) -> None:
     from tokenforget.demo import run_demo
 
     run_demo(cfg)
+
+
+def _prepare(cfg: PrepareConfig) -> None:
+    from tokenforget.natural import prepare_natural
+
+    out = prepare_natural(cfg)
+    print(f"{out.counts['noisy']} questions, {out.wrong_share:.1%} of the '{cfg.solution_source}' solutions wrong")
+    for name, path in out.files.items():
+        print(f"  {name:<13}{out.counts[name]:>6}  {path}")
 
 
 def _report(cfg: ReportConfig) -> None:
@@ -109,7 +136,14 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "detect": (
         RunConfig, "Inject known noise (detect.kinds), score, and report how well every score method finds it.", _detect,
     ),
+    "audit": (
+        RunConfig, "Rank the examples by how suspicious the reference finds them; write a table to review.", _audit,
+    ),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "prepare": (
+        PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) and "
+        "held-out splits from GSM8K train.", _prepare,
+    ),
     "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }
 POSITIONAL = {"report": "--run_dir"}  # what a command's first positional argument is (default: --config)

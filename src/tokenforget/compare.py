@@ -63,6 +63,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tokenforget.config import RunConfig, to_dict
+from tokenforget.losses import PARTITION_FREE
 from tokenforget.models import BaseModel
 
 RESULTS_FILE = "compare_results.json"
@@ -97,7 +98,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
             evals[mode] = run.evaluate(mode)
             samples.setdefault(mode, evals[mode]["samples"])
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
-        if any(m != "sft" for m in modes) and _has_corrupt(run):
+        if any(m not in PARTITION_FREE for m in modes) and _has_corrupt(run):
             detection[str(seed)] = _plain_floats(report.detection_of(run).__dict__)
             for name, sub in _variant_runs(run).items():
                 by_variant.setdefault(name, {})[str(seed)] = _plain_floats(report.detection_of(sub).__dict__)

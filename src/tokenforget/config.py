@@ -7,15 +7,18 @@ command-line overrides (`--partition.rho 0.5`), so nothing here parses text by h
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Literal, Optional, TypeVar, Union, get_type_hints
+from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_type_hints
 
 Precision = Literal["auto", "fp32", "bf16"]
-Mode = Literal["forget", "sft", "ignore"]
+Mode = Literal["forget", "sft", "ignore", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
-Selection = Literal["global", "per_sample", "threshold", "soft"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "oracle"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
+DemoNoise = Literal["systematic", "step"]
+DemoSetting = Literal["sft", "dft", "paper", "recommended", "oracle_ignore", "oracle_forget", "clean"]
+SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
@@ -272,7 +275,10 @@ class PartitionConfig:
     example (every example keeps some tokens); `threshold`: score >= `threshold` (rho unused);
     `soft`: the global ranking plus a weight per token in [-1, 1], 1 - r/k for the k positives and
     -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut
-    count little (see `tokenforget.partition`)."""
+    count little (see `tokenforget.partition`); `example`: whole examples, the top rho of them by mean score
+    (with `score.method: ref_loss` and `ignore`, a sample filter dropping the highest reference loss);
+    `oracle`: the data's known noise is the negative set (injected `corrupt` tokens, or every token of an example
+    with `is_correct: false`), a bound on any detector (scores unused)."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
@@ -292,7 +298,8 @@ class TrainConfig:
     """The final training from the base model."""
 
     mode: Mode = "forget"
-    """`forget` (the paper), `sft` (every response token) or `ignore` (positive tokens only)."""
+    """`forget` (the paper), `sft` (every response token), `ignore` (positive tokens only) or `dft` (every response
+    token, its CE scaled by the model's detached probability of it: Dynamic Fine-Tuning, arXiv 2508.05629)."""
     lambda_schedule: str = "linear"
     """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
     see `tokenforget.losses.SCHEDULES`."""
@@ -358,6 +365,9 @@ class EvalConfig:
     """Also report the held-out NLL of the gold GSM8K answers (the sensitive measure at small scale)."""
     nll: list[str] = field(default_factory=list)
     """More SFT-format files (any format `data` reads) whose gold responses' NLL is reported."""
+    result_nll: bool = False
+    """Also report, for every gold NLL above, the NLL of the result tokens only (`result_<name>`: the numbers
+    after `=` and `####`), what wrong worked solutions damage; the mean over all tokens barely sees it."""
     multiple_choice: list[str] = field(default_factory=list)
     """Multiple-choice JSONL files (`question`, `choices`, `label`): log-likelihood accuracy."""
     tasks: list[str] = field(default_factory=list)
@@ -429,7 +439,7 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
 
     where = f"compare.variants.{name}"
     _check(re.fullmatch(r"[A-Za-z0-9_.]+", name) is not None, where, "a name of letters, digits, '_' and '.'")
-    _check(name not in ("base", "sft", "ignore", "forget"), where, "a variant needs a name of its own, not a mode's")
+    _check(name not in ("base", *get_args(Mode)), where, "a variant needs a name of its own, not a mode's")
     _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
     known = {f.name for f in fields(TrainConfig)}
     sections = {"partition": PartitionConfig, "reference": ReferenceConfig, "score": ScoreConfig}
@@ -447,8 +457,26 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
             cls(**overrides.get(sec, {}))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    _check(overrides.get("mode", "forget") in ("forget", "sft", "ignore"), f"{where}.mode",
-           f"must be forget, sft or ignore, got {overrides.get('mode')!r}")
+    _check(overrides.get("mode", "forget") in get_args(Mode), f"{where}.mode",
+           f"must be one of {list(get_args(Mode))}, got {overrides.get('mode')!r}")
+
+
+AuditMeasure = Literal["ref_loss", "base_loss", "paper", "confidence", "worst_span"]
+
+
+@dataclass
+class AuditConfig:
+    """`tokenforget audit`: examples ranked by how suspicious the reference finds them (`tokenforget.audit`)."""
+
+    measure: AuditMeasure = "worst_span"
+    """What ranks the examples (high = suspicious): `ref_loss` (mean CE under the reference), `base_loss`, `paper`
+    (minus the mean paper score), `confidence` (1 - mean reference probability, DFT-style), `worst_span` (the
+    highest mean reference CE over 8 consecutive tokens)."""
+    top: int = 10
+    """Examples printed; every example is written to run_dir/audit/."""
+
+    def __post_init__(self) -> None:
+        _check(self.top >= 0, "audit.top", f"must be >= 0, got {self.top}")
 
 
 @dataclass
@@ -500,6 +528,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
     `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""
@@ -521,6 +550,36 @@ class RunConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """`tokenforget prepare`: natural-noise SFT sets from model-written GSM8K solutions (`tokenforget.natural`)."""
+
+    out_dir: str = "data/gsm8k-natural"
+    """Folder for noisy/correct_only/gold (training) and trusted/val/test (held out) JSONL files, manifest.json."""
+    solutions: str = "../shared/data/gsm8k-model-solutions/example_model_solutions.jsonl"
+    """OpenAI grade-school-math `example_model_solutions.jsonl` (GSM8K test questions, four GPT-3 solutions each)."""
+    gsm8k_train: str = "../shared/data/gsm8k/train.jsonl"
+    """GSM8K train: the trusted set and the held-out splits come from here, never from the training questions."""
+    solution_source: SolutionSource = "175b_verification"
+    """Which solution each question gets in `noisy`: one of the four models (175b_verification: 44% wrong over
+    all 1,319 questions), `175b_random` (one of the two 175B solutions per question, seeded: about 54% wrong) or
+    `random` (one of the four, seeded: about 62% wrong)."""
+    n_questions: Optional[int] = None
+    """A seeded random sample of this many questions (kept in file order); unset: all 1,319."""
+    seed: int = 0
+    trusted_size: int = 128
+    """First GSM8K train problems as the trusted gold set (for `reference.path`)."""
+    val_size: int = 160
+    """Last GSM8K train problems: the validation split (choose settings here)."""
+    test_size: int = 160
+    """The GSM8K train problems before the validation split: the test split (report here)."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_questions is None or self.n_questions > 0, "n_questions", f"must be > 0, got {self.n_questions}")
+        for name in ("trusted_size", "val_size", "test_size"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class DemoConfig:
     """The offline demo: a generated arithmetic task with known corrupted steps."""
 
@@ -531,8 +590,16 @@ class DemoConfig:
     """Training examples generated."""
     n_test: int = 48
     """Clean held-out examples for accuracy and gold NLL."""
-    noise: float = 0.3
-    """Share of training responses with one corrupted step."""
+    noise: float = 0.4
+    """Share of training responses with a corrupted step."""
+    noise_kind: DemoNoise = "systematic"
+    """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
+    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "recommended", "clean"])
+    """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
+    preset, its reference on `n_trusted` clean examples), `oracle_ignore` / `oracle_forget` (the known corrupted
+    tokens as the negative set: the bound on any detector), `clean` (sft on the same problems, every answer right:
+    the ceiling)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
@@ -552,6 +619,8 @@ class DemoConfig:
         _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
+        _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",
+               f"a non-empty list without repeats, got {self.settings}")
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Record:
     messages: list[dict[str, str]]
     where: str  # "file.jsonl:12", for error messages
     corrupt_spans: tuple[Span, ...] = ()  # char spans inside the (single) assistant message
+    is_correct: Optional[bool] = None  # a per-example label (`is_correct` in the file), e.g. a graded model solution
 
 
 # ---------------------------------------------------------------- reading
@@ -219,7 +220,16 @@ def _prompt_completion(raw: dict, fm: dict[str, str], where: str) -> Optional[li
 
 
 def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
-    """Map one raw record to chat messages in our canonical shape."""
+    """Map one raw record to chat messages in our canonical shape, with its `is_correct` label if it has one."""
+    record = _to_messages(raw, where, cfg, fmt)
+    label = raw.get("is_correct")
+    if label is not None and not isinstance(label, bool):
+        raise DataError(f"{where}: field 'is_correct' must be true or false, got {label!r}")
+    record.is_correct = label
+    return record
+
+
+def _to_messages(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
     fm = cfg.field_map
     if fmt == "messages":
         return Record(_messages_field(raw, fm, where), where)
@@ -320,11 +330,15 @@ class TokenizeReport:
 def tokenize_records(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: DataConfig
 ) -> tuple[dict[str, list[Any]], TokenizeReport]:
-    """Columns `input_ids`, `response_mask`, `corrupt`, `example` for every record with a response left.
+    """Columns `input_ids`, `response_mask`, `corrupt`, `example` for every record with a response left, and
+    `is_correct` (1, 0, or -1 when unlabelled) when any record carries that label.
 
     Records whose prompt fills `max_length` are skipped and counted; if all are, that is an error.
     """
     cols: dict[str, list[Any]] = {"input_ids": [], "response_mask": [], "corrupt": [], "example": []}
+    labelled = any(r.is_correct is not None for r in records)
+    if labelled:
+        cols["is_correct"] = []
     skipped = 0
     for i, rec in enumerate(records):
         tok = tokenize_record(tokenizer, rec, cfg.max_length, cfg.chat_template)
@@ -335,6 +349,8 @@ def tokenize_records(
         cols["response_mask"].append(tok.response_mask)
         cols["corrupt"].append(tok.corrupt)
         cols["example"].append(i)
+        if labelled:
+            cols["is_correct"].append(-1 if rec.is_correct is None else int(rec.is_correct))
     if not cols["input_ids"]:
         raise DataError(
             f"data.max_length={cfg.max_length}: every one of the {len(records)} examples has no response "

@@ -1,9 +1,13 @@
 """The offline demo: a generated arithmetic task with known corrupted steps, end to end.
 
-The generator writes multi-step word problems with worked answers. In a seeded share of the training
-answers one step's result is replaced by a plausible wrong number (the steps after it are left as they
-were, as in a careless annotation); the character span of every wrong number is recorded, so we know
-exactly which response tokens are corrupted. The held-out split is clean.
+The generator writes two-step word problems with worked answers, which SmolLM2-135M learns in minutes. The
+training answers carry known noise, the character span of every wrong number recorded, so we know exactly which
+response tokens are corrupted; the held-out split is clean:
+- `systematic` (the default): the same wrong step in a share of the answers, every corrupted total 10 too large
+  (and the final answer with it). An error that recurs is learned, so it hurts SFT: the noise forgetting is for.
+- `step`: one step's result replaced by a nearby wrong number, a different error each time (a careless annotator).
+Each setting of `DemoConfig.settings` (`DEMO_SETTINGS`: sft, dft, the paper, the recommended preset, the oracle
+bounds, and sft on the clean twin of the data as the ceiling) is trained and evaluated on the held-out problems.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.config import (
-    DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig, TrainingConfig, apply_preset,
+    CompareConfig, DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig, TrainingConfig,
+    apply_preset,
 )
+from tokenforget.losses import PARTITION_FREE
 from tokenforget.models import BaseModel
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
@@ -27,9 +33,18 @@ ITEMS = ["apples", "stickers", "marbles", "cookies", "pencils", "cards"]
 
 def _problem(rng: random.Random) -> tuple[str, list[str], int]:
     """(question, two worked steps, answer). Small numbers: a 135M model can learn the task in one epoch."""
+    return _kind_problem(rng)[1:]
+
+
+def _kind_problem(rng: random.Random) -> tuple[int, str, list[str], int]:
+    """(kind 0-3, question, two worked steps, answer); kinds 0 and 2 end in a total (a sum)."""
     name, he = rng.choice(NAMES)
     He = he.capitalize()
     kind = rng.randrange(4)
+    return (kind, *_worded(rng, kind, name, he, He))
+
+
+def _worded(rng: random.Random, kind: int, name: str, he: str, He: str) -> tuple[str, list[str], int]:
     if kind == 0:
         item, a, b, c = rng.choice(ITEMS), rng.randint(2, 20), rng.randint(2, 5), rng.randint(2, 5)
         q = f"{name} has {a} {item}. {He} buys {b} bags with {c} {item} each. How many {item} does {name} have now?"
@@ -83,6 +98,46 @@ def make_examples(n: int, seed: int, noise: float) -> list[dict[str, Any]]:
     return out
 
 
+TOTAL_KINDS = (0, 2)  # problems whose last step is a total: where the systematic error goes
+SYSTEMATIC_OFFSET = 10  # the systematic error: every corrupted total is 10 too large
+
+
+def _add_to_total(steps: list[str], answer: int) -> tuple[list[str], int, list[list[int]]]:
+    """The systematic error: the last step's total and the final answer both SYSTEMATIC_OFFSET too large.
+    Returns (steps, wrong answer, char spans of the two wrong numbers in the completion)."""
+    line = steps[-1]
+    at = line.rindex("= ") + 2
+    end = at + len(line[at:].split(" ")[0].rstrip("."))
+    wrong = int(line[at:end]) + SYSTEMATIC_OFFSET
+    steps = [*steps[:-1], line[:at] + str(wrong) + line[end:]]
+    start = sum(len(s) + 1 for s in steps[:-1]) + at
+    answer_at = sum(len(s) + 1 for s in steps) + len("The answer is ")
+    return steps, wrong, [[start, start + len(str(wrong))], [answer_at, answer_at + len(str(wrong))]]
+
+
+def make_task(n: int, seed: int, noise: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(noisy, clean): `n` problems twice, the same questions and worked answers, except that in the noisy copy a
+    seeded `noise` share of all examples, drawn from the problems that end in a total (kinds 0 and 2, about half),
+    has the same wrong step: the total and the answer 10 too large, spans recorded. The same error recurring in a
+    large share of the answers is the noise that hurts SFT (it is learned); at most the total-ending problems
+    can be corrupted, so noise above their share is capped (the count is in each record's `corrupt_spans`)."""
+    rng = random.Random(seed)
+    problems = [_kind_problem(rng) for _ in range(n)]
+    eligible = [i for i, p in enumerate(problems) if p[0] in TOTAL_KINDS]
+    chosen = set(random.Random(seed + 1).sample(eligible, min(len(eligible), round(noise * n))))
+    noisy, clean = [], []
+    for i, (_kind, q, steps, ans) in enumerate(problems):
+        clean.append({"prompt": q, "completion": "\n".join(steps) + f"\nThe answer is {ans}.", "answer": str(ans),
+                      "corrupt_spans": []})
+        if i in chosen:
+            bad_steps, wrong, spans = _add_to_total(steps, ans)
+            noisy.append({"prompt": q, "completion": "\n".join(bad_steps) + f"\nThe answer is {wrong}.",
+                          "answer": str(wrong), "corrupt_spans": spans})
+        else:
+            noisy.append(clean[-1])
+    return noisy, clean
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -91,7 +146,8 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
-    """The RunConfig the demo trains with: paper settings, sized for a 2-core CPU."""
+    """The RunConfig the demo trains with: paper settings, sized for a 2-core CPU; the oracle settings are
+    `compare.variants` of it (the known corrupted tokens as the negative set)."""
     training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size, logging_steps=5)
     ref_training = replace(training, epochs=cfg.reference_epochs)
     return RunConfig(
@@ -102,13 +158,18 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
         train=TrainConfig(mode="forget", training=training, save_merged=True),
+        compare=CompareConfig(variants={
+            "oracle_ignore": {"mode": "ignore", "partition": {"selection": "oracle"}},
+            "oracle_forget": {"mode": "forget", "partition": {"selection": "oracle"}},
+        }),
         report_to=cfg.report_to,
     )
 
 
 def recommended_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
-    """The demo's run with the `recommended` preset (`config.PRESETS`) and its reference trained on `n_trusted`
-    clean generated examples that share no prompt with the training data, in `run_dir/recommended/`."""
+    """The demo's run with the `recommended` preset (`config.PRESETS`) and, when the preset partitions, its
+    reference trained on `n_trusted` clean generated examples that share no prompt with the training data, in
+    `run_dir/recommended/`."""
     from tokenforget.pipeline import Run
 
     trusted_path = root / "task" / "trusted.jsonl"
@@ -119,41 +180,96 @@ def recommended_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], 
     return Run(apply_preset(rc, "recommended"), base=run.base, log=log)
 
 
-def detection_side_by_side(paper: Any, rec: Any) -> dict[str, dict[str, Any]]:
-    """Detection figures of the paper's setting (its score, a slice of the noisy data as reference) and of the
-    recommended preset (its score method and rho, a trusted reference), each at its own rho."""
+@dataclass
+class DemoRuns:
+    """The run folders the demo's settings train in, made when a setting first needs one."""
+
+    cfg: DemoConfig
+    root: Path
+    run: Any  # the noisy data, the paper's reference (a slice of it): sft, dft, paper, the oracle variants
+    log: Callable[[str], None]
+    made: dict[str, Any] = field(default_factory=dict)
+
+    def recommended(self) -> Any:
+        if "recommended" not in self.made:
+            self.made["recommended"] = recommended_run(self.cfg, self.run, self.root, self.log)
+        return self.made["recommended"]
+
+    def clean(self) -> Any:
+        """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
+        from tokenforget.pipeline import Run
+
+        if "clean" not in self.made:
+            data = replace(self.run.cfg.data, path=str(self.root / "task" / "clean.jsonl"))
+            self.made["clean"] = Run(replace(self.run.cfg, run_dir=str(self.root / "clean"), data=data),
+                                     base=self.run.base, log=self.log)
+        return self.made["clean"]
+
+
+# Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
+DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
+    "sft": lambda r: (r.run, "sft"),
+    "dft": lambda r: (r.run, "dft"),
+    "paper": lambda r: (r.run, "forget"),
+    "recommended": lambda r: (r.recommended(), r.recommended().cfg.train.mode),
+    "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
+    "oracle_forget": lambda r: (r.run, "oracle_forget"),
+    "clean": lambda r: (r.clean(), "sft"),
+}
+PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
+                "recommended": "the recommended preset (its score method and rho, a trusted reference)"}
+
+
+def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
+    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right) and task/test.jsonl (clean held-out
+    problems, another seed). Returns (train, test)."""
+    task = root / "task"
+    if cfg.noise_kind == "systematic":
+        noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
+    else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
+        noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
+    write_jsonl(noisy, task / "train.jsonl")
+    write_jsonl(clean, task / "clean.jsonl")
+    write_jsonl(make_task(cfg.n_test, cfg.seed + 10_000, 0.0)[1], task / "test.jsonl")
+    return task / "train.jsonl", task / "test.jsonl"
+
+
+def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict[str, Any]]:
+    """Detection figures (AUROC, recall, precision of the negative set) of each partitioning setting trained,
+    each with its own score method, reference and rho."""
     from tokenforget.detect import detection_of_methods
 
-    def of(run: Any) -> dict[str, Any]:
-        method = run.cfg.score.method
-        return detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
-
-    return {"paper": of(paper), "recommended": of(rec)}
+    out = {}
+    for name in (s for s in settings if s in PARTITIONING):
+        run, stage = DEMO_SETTINGS[name](runs)
+        if stage not in PARTITION_FREE:  # the recommended preset may be a mode that ranks nothing
+            method = run.cfg.score.method
+            out[name] = detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
+    return out
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
-    """Generate the task, train `sft`, `forget` (the paper's setting) and the `recommended` preset, evaluate
-    them and the base, write the HTML report; return every number."""
+    """Generate the task, train every setting of `cfg.settings`, evaluate them and the base on clean held-out
+    problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
     from tokenforget import report
     from tokenforget.html_report import build_report
     from tokenforget.pipeline import Run
 
     t0 = time.time()
     root = Path(cfg.run_dir)
-    train_path, test_path = root / "task" / "train.jsonl", root / "task" / "test.jsonl"
-    write_jsonl(make_examples(cfg.n_train, cfg.seed, cfg.noise), train_path)
-    write_jsonl(make_examples(cfg.n_test, cfg.seed + 10_000, 0.0), test_path)
+    train_path, test_path = write_task(cfg, root)
     run = Run(demo_run_config(cfg, train_path), base=base, log=log)
-    rec = recommended_run(cfg, run, root, log)
-    stages = {mode: run.train(mode) for mode in ("sft", "forget")}
-    stages["recommended"] = rec.train()
+    runs = DemoRuns(cfg, root, run, log)
+    stages = {}
+    for name in cfg.settings:
+        sub, stage = DEMO_SETTINGS[name](runs)
+        stages[name] = sub.train(stage)
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
-    results["detection"] = report.detection_of(run).__dict__
-    results["detection_methods"] = detection_side_by_side(run, rec)
+    if any(c for c in run.data()["corrupt"] for c in c):
+        results["detection_methods"] = detection_of_settings(runs, cfg.settings)
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
-    log(report.run_summary(run, [f"train-{m}" for m in stages]))
+    log(report.run_summary(run, [f"train-{m}" for m in ("sft", "dft", "forget") if (run.root / f"train-{m}").is_dir()]))
     log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
-

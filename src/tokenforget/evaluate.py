@@ -27,6 +27,19 @@ def extract_answer(text: str) -> Optional[str]:
     return found.replace(",", "").rstrip(".") if found else None
 
 
+_RESULT = re.compile(r"(?:=|####)\s*\$?\s*(-?[\d,]*\.?\d+)")  # a number right after `=` or `####`
+
+
+def result_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Character spans of the results in a worked solution: each number right after `=` (a step's result, in
+    GSM8K's `<<48/2=24>>` notes and in plain `48/2 = 24`) and after `####` (the final answer).
+
+    These are the tokens a wrong solution gets wrong; the NLL of a gold answer's result tokens measures what
+    learning wrong solutions damages, which the mean over all tokens (mostly wording) hides.
+    """
+    return tuple(m.span(1) for m in _RESULT.finditer(text))
+
+
 def answers_match(predicted: Optional[str], gold: Optional[str]) -> bool:
     """Two extracted answers are the same number ("18" = "18.0" = "18.00"); a missing one never matches."""
     if predicted is None or gold is None:
@@ -80,7 +93,6 @@ def answer_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> Accurac
     return Accuracy(acc, n, math.sqrt(acc * (1 - acc) / n) if n else float("nan"))
 
 
-@torch.no_grad()
 def response_nll(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -90,16 +102,32 @@ def response_nll(
     pad_id: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per example: (sum of the NLL in nats over its response tokens, how many response tokens)."""
+    return masked_nll(model, input_ids, [response_masks], batch_size, bf16, pad_id)[0]
+
+
+@torch.no_grad()
+def masked_nll(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    mask_sets: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    bf16: bool,
+    pad_id: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each set of per-example 0/1 masks: per example (sum of the NLL in nats over its masked tokens, how
+    many), all from one forward pass (the first set's tokens are scored; every later mask must lie inside it)."""
     model.eval()
     dev = next(model.parameters()).device
-    sums, counts = np.zeros(len(input_ids)), np.zeros(len(input_ids))
+    out = [(np.zeros(len(input_ids)), np.zeros(len(input_ids))) for _ in mask_sets]
     for batch in length_grouped_batches([len(s) for s in input_ids], batch_size):
         ids, attn = pad_batch([input_ids[i] for i in batch], pad_id)
-        resp, _ = pad_batch([response_masks[i] for i in batch], 0)
+        resp, _ = pad_batch([mask_sets[0][i] for i in batch], 0)
         ce = forward_ce(model, ids.to(dev), attn.to(dev), bf16, resp.to(dev)).cpu()  # (B, T), 0 off-response
-        sums[batch] = (ce * resp).sum(1).double().numpy()
-        counts[batch] = resp.sum(1).numpy()
-    return sums, counts
+        for (sums, counts), masks in zip(out, mask_sets):
+            m, _ = pad_batch([masks[i] for i in batch], 0)
+            sums[batch] = (ce * m).sum(1).double().numpy()
+            counts[batch] = m.sum(1).numpy()
+    return out
 
 
 def gold_nll(

@@ -315,7 +315,16 @@ def results_tables(doc: dict[str, Any]) -> list[Table]:
 
         return [Table(**t) for t in compare_tables(doc)]
     out = [models_table(doc["models"])] if doc.get("models") else []
+    if doc.get("detection_methods"):
+        return out + [settings_detection_table(doc["detection_methods"])]
     return out + ([detection_table(doc["detection"])] if doc.get("detection") else [])
+
+
+def settings_detection_table(by_setting: dict[str, dict[str, Any]]) -> Table:
+    """The demo's detection per partitioning setting, each with its own score, reference and rho."""
+    keys = ["auroc", "recall", "precision", "corrupt_share"]
+    rows = [[name, *(d.get(k) for k in keys)] for name, d in by_setting.items()]
+    return Table("Finding the known corrupted tokens (training data), per setting", ["setting", *map(_label, keys)], rows)
 
 
 def training_table(histories: dict[str, list[dict[str, Any]]]) -> Table:

@@ -232,12 +232,37 @@ def sft_loss(
     return LossParts((pos_sum + neg_sum) / max(counts.pos + counts.neg, 1.0), pos_sum.detach(), neg_sum.detach())
 
 
+def dft_loss(
+    token_loss: torch.Tensor,
+    token_class: torch.Tensor,
+    lam: float,
+    counts: Optional[TokenCounts] = None,
+    **_unused: Any,
+) -> LossParts:
+    """Dynamic Fine-Tuning (Wu et al., 2025, https://arxiv.org/abs/2508.05629): every response token's CE
+    scaled by the model's own, detached, probability of it.
+
+    loss = sum_{t: class!=0} sg(p_t) l_t / (N_pos + N_neg),   p_t = exp(-l_t)
+
+    So d loss / d l_t = p_t / N: tokens the model finds unlikely (possibly noise) pull little. The same
+    loss as TRL's `SFTConfig(loss_type="dft")` and LLaMA-Factory's `use_dft_loss` (token mean over the
+    optimizer batch). Token classes only mark which tokens are response tokens; no partition is needed.
+    """
+    counts = counts or TokenCounts.of(token_class)
+    scaled = torch.exp(-token_loss.detach()) * token_loss  # (B, T)
+    pos_sum, neg_sum = _sums(scaled, token_class)
+    raw_pos, raw_neg = _sums(token_loss, token_class)
+    return LossParts((pos_sum + neg_sum) / max(counts.pos + counts.neg, 1.0), raw_pos.detach(), raw_neg.detach())
+
+
 # (token_loss, token_class, lam, counts, **extras) -> LossParts; extras (keyword, only when set): weight,
 # ref_ce (per-token (B, T) tensors from the batch), forget_term, beta (the `forget` objective's settings).
 Objective = Callable[..., LossParts]
 
-OBJECTIVES: dict[str, Objective] = {"forget": forgetting_loss, "ignore": ignore_loss, "sft": sft_loss}
+OBJECTIVES: dict[str, Objective] = {"forget": forgetting_loss, "ignore": ignore_loss, "sft": sft_loss, "dft": dft_loss}
 USES_LAMBDA = frozenset({"forget"})  # objectives whose value depends on lambda (logged only for these)
+# Objectives that treat every response token alike: they train on the data alone, no reference or partition.
+PARTITION_FREE = frozenset({"sft", "dft"})
 
 
 def linear_schedule(step: int, total: int, t_min: float, t_max: float) -> float:

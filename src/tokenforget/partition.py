@@ -10,8 +10,9 @@ For score sets that do not fit in memory, `streaming_threshold` finds the cut fr
 histograms merged across shards, then counts exactly against it and reports the rho it achieves.
 
 Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_partition` (the top rho of
-each example), `threshold_partition` (an absolute score cut) and `soft_weights` (the global ranking with a
-weight per token that grows with its distance from the cut).
+each example), `threshold_partition` (an absolute score cut), `soft_weights` (the global ranking with a
+weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
+score: a sample filter) and `oracle_partition` (the known noise as the negative set: a bound, not a method).
 """
 
 from __future__ import annotations
@@ -101,11 +102,39 @@ def soft_weights(scores: np.ndarray, rho: float) -> np.ndarray:
     return w.astype(np.float32)
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft")
+def example_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: every token of the round(rho * E) examples with the highest mean score, none of the
+    others (a sample filter: with `ignore`, the lowest-scored examples are dropped whole). Ties go to the
+    earlier example.
+
+    With score `ref_loss` (-CE_ref) this drops the examples with the highest mean reference loss, the filter a
+    user would try first.
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of examples kept (that have response tokens), in [0, 1].
+    """
+    ids, first = np.unique(example, return_index=True)
+    sums = np.add.reduceat(scores.astype(np.float64), first) if len(first) else np.zeros(0)
+    means = sums / np.diff(np.append(first, scores.shape[0]))  # (E,) mean score of each example
+    kept = global_partition(means, rho)  # (E,) ties to the earlier example
+    return kept[np.searchsorted(ids, example)]
+
+
+def oracle_partition(bad: np.ndarray) -> np.ndarray:
+    """Boolean (N,) mask: True for every token not known to be bad. The negative set is exactly the known
+    noise (an injected `corrupt` mask, or every token of an example labelled `is_correct: false`): the bound
+    on what any detector could give, not something a user can run on unlabelled data."""
+    return ~bad.astype(bool)
+
+
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "oracle")
 
 
 def select_tokens(
-    scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0
+    scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0,
+    bad: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray], "PartitionStats"]:
     """Flat classes (+1/-1/0, int8), flat |weights| (float32, soft selection only, else None) and stats.
 
@@ -113,8 +142,10 @@ def select_tokens(
         scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
         offsets: (E + 1,) example boundaries into the flat arrays.
         selection: one of `SELECTIONS`.
+        bad: flat 0/1 flags of the tokens known to be noise (`oracle` only).
     """
     resp = response.astype(bool)
+    example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
     chosen = scores[resp]
     if not np.all(np.isfinite(chosen)):
         raise ValueError("scores contain NaN or infinite values")
@@ -122,8 +153,13 @@ def select_tokens(
     if selection == "global":
         positive = global_partition(chosen, rho)
     elif selection == "per_sample":
-        example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
         positive = per_sample_partition(chosen, example, rho)
+    elif selection == "example":
+        positive = example_partition(chosen, example, rho)
+    elif selection == "oracle":
+        if bad is None:
+            raise ValueError("the oracle selection needs the known bad tokens")
+        positive = oracle_partition(bad[resp])
     elif selection == "threshold":
         positive = threshold_partition(chosen, threshold)
     elif selection == "soft":

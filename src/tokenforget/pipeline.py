@@ -44,7 +44,7 @@ from tokenforget import labels as labels_mod
 from tokenforget.config import (
     RECURRING_SENTENCE, VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict,
 )
-from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS
+from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS, OBJECTIVES, PARTITION_FREE
 from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
 from tokenforget.partition import flat_list_column, flat_token_classes, select_tokens, streaming_threshold
 from tokenforget.score import score_tokens
@@ -596,7 +596,8 @@ class Run:
         if pc.selection == "global":  # the paper's partition, as before
             classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
             return pa.table({"token_class": _list_column(offsets, classes)}), stats.__dict__
-        classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold)
+        bad = known_bad_tokens(tokens) if pc.selection == "oracle" else None
+        classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad)
         columns = {"token_class": _list_column(offsets, classes)}
         if weights is not None:
             columns["token_weight"] = _list_column(offsets, weights)
@@ -662,7 +663,7 @@ class Run:
         if c.train.labels_path:
             upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
         else:
-            upstream = self.data_fp() if mode == "sft" else self.partition_fp(self.rounds)
+            upstream = self.data_fp() if mode in PARTITION_FREE else self.partition_fp(self.rounds)
         held_out = file_digest(c.train.eval_path)
         return fingerprint("train", mode, upstream, held_out, train_view(c.train, mode), to_dict(c.lora), c.seed, self.bf16)
 
@@ -674,7 +675,7 @@ class Run:
         """
         if self.cfg.train.labels_path:
             exported = labels_mod.read_labels(self.cfg.train.labels_path, self.base.tokenizer)
-            if mode == "sft":
+            if mode in PARTITION_FREE:
                 return _sft_from_classes(exported)
             if not self._needs_ref_ce(mode):
                 return exported
@@ -683,7 +684,7 @@ class Run:
                                            f"which train.forget_objective '{self.cfg.train.forget_objective}' needs")
             return exported.rename_column("ce_base", "ref_ce")
         tokens = self.data()
-        if mode == "sft":
+        if mode in PARTITION_FREE:
             return _sft_classes(tokens)
         self.labels()
         train_set = _with_classes(tokens, self.partition())
@@ -842,7 +843,7 @@ class Run:
         """(stage suffix, fingerprint of the model, loader) for an eval target."""
         if target in (None, "base"):
             return "base", fingerprint("base", to_dict(self.cfg.model)), self.base.fresh
-        trained = ("sft", "ignore", "forget", *self.cfg.compare.variants)  # names of train stages
+        trained = (*OBJECTIVES, *self.cfg.compare.variants)  # names of train stages
         stage = self.stage_dir(f"train-{target}") if target in trained else Path(target).expanduser()
         if not stage.is_dir():
             hint = f"; train it first: tokenforget train --train.mode {target}" if target in trained else ""
@@ -1000,6 +1001,20 @@ def read_precomputed(path: str, tokens: datasets.Dataset) -> datasets.Dataset:
         raise data_mod.DataError(f"{p}: scores contain NaN or infinite values")
     zeros = _list_column(our_offsets, np.zeros(len(ours), np.float32))
     return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": _list_column(our_offsets, sc.astype(np.float32))}))
+
+
+def known_bad_tokens(tokens: datasets.Dataset) -> np.ndarray:
+    """Flat 0/1 flags of the tokens known to be noise: the `corrupt` mask (injected noise), and every token of
+    an example labelled `is_correct: false` (natural noise, labelled per example). An error when there are none."""
+    corrupt, offsets = flat_list_column(tokens.data.column("corrupt"))
+    bad = corrupt.astype(bool)
+    if "is_correct" in tokens.column_names:
+        wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
+        bad |= np.repeat(wrong, np.diff(offsets))
+    if not bad.any():
+        raise ConfigError("config field 'partition.selection': 'oracle' needs data with known noise "
+                          "(data.corrupt_fraction > 0, or records labelled is_correct: false)")
+    return bad
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:

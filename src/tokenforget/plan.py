@@ -27,7 +27,7 @@ import torch
 
 from tokenforget import data as data_mod
 from tokenforget.config import TrainingConfig
-from tokenforget.losses import LEARN, forgetting_loss
+from tokenforget.losses import LEARN, PARTITION_FREE, forgetting_loss
 from tokenforget.model_ce import model_token_ce
 from tokenforget.models import add_lora, autocast, device
 from tokenforget.pipeline import Run, round_stage
@@ -54,7 +54,7 @@ def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
     """The stage folders training `modes` needs, in the order they would run."""
     if run.cfg.train.labels_path:
         return [f"train-{m}" for m in modes]
-    needs_scores = any(m != "sft" for m in modes)
+    needs_scores = any(m not in PARTITION_FREE for m in modes)
     rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in ("reference", "scores", "partition")]
     upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
     return upstream + [f"train-{m}" for m in modes]

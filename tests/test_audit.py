@@ -1,0 +1,58 @@
+"""`tokenforget audit`: suspicion measures and worst spans by hand; the command end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tokenforget.audit import sample_auroc, suspicion_measures, worst_spans
+from tokenforget.cli import main
+from test_natural import labelled_config
+
+
+def test_worst_span_is_the_highest_window_mean_within_each_example():
+    """ce_ref [1, 2, 3 | 5, 1]. Width 2: example 0 windows 1.5, 2.5 -> 2.5 starting at flat index 1; example 1
+    window 3.0 at index 3. Width 8 (longer than both): the whole response, 2.0 at 0 and 3.0 at 3."""
+    ce, ex = np.array([1.0, 2.0, 3.0, 5.0, 1.0]), np.array([0, 0, 0, 1, 1])
+    best, start = worst_spans(ce, ex, 2, width=2)
+    assert best.tolist() == [2.5, 3.0] and start.tolist() == [1, 3]
+    best, start = worst_spans(ce, ex, 2, width=8)
+    assert best.tolist() == [2.0, 3.0] and start.tolist() == [0, 3]
+
+
+def test_suspicion_measures_by_hand():
+    """Example 0: ce_base [2, 2], ce_ref [1, 3]; example 1: ce_base [1], ce_ref [0].
+    ref_loss 2.0, 0.0; base_loss 2.0, 1.0; paper -mean(base - ref) = -0.0, -1.0;
+    confidence 1 - (e^-1 + e^-3)/2 = 1 - (0.367879 + 0.049787)/2 = 0.791167, 1 - e^0 = 0."""
+    m = suspicion_measures(np.array([2.0, 2.0, 1.0]), np.array([1.0, 3.0, 0.0]), np.array([0, 0, 1]), 2)
+    assert m["ref_loss"].tolist() == [2.0, 0.0] and m["base_loss"].tolist() == [2.0, 1.0]
+    assert m["paper"].tolist() == [0.0, -1.0]
+    assert m["confidence"][0] == pytest.approx(0.791167, abs=1e-6) and m["confidence"][1] == 0.0
+
+
+def test_sample_auroc_against_labels_ignores_unlabelled():
+    """Labels [wrong, right, right, unlabelled]. 'up': the wrong one is the most suspicious -> 1.0; 'down': the
+    least -> 0.0; 'tie': tied with one right example, above the other -> (0.5 + 1) / 2 = 0.75."""
+    labels = np.array([0, 1, 1, -1])
+    measures = {"up": np.array([0.9, 0.1, 0.5, 9.0]), "down": np.array([0.1, 0.9, 0.5, -9.0]),
+                "tie": np.array([0.5, 0.5, 0.1, 0.0])}
+    assert sample_auroc(measures, labels) == {"up": 1.0, "down": 0.0, "tie": 0.75}
+
+
+def test_audit_command_writes_a_ranked_table(tmp_path: Path, tiny_model_dir: Path, capsys):
+    cfg = labelled_config(tmp_path, tiny_model_dir)
+    assert main(["audit", str(cfg), "--audit.measure", "ref_loss"]) == 0
+    out = tmp_path / "run" / "audit"
+    rows = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in rows] == list(range(8)) and sorted(r["example"] for r in rows) == list(range(8))
+    sus = [r["suspicion"] for r in rows]
+    assert sus == sorted(sus, reverse=True) and sus == [r["ref_loss"] for r in rows]
+    assert sorted(r["example"] for r in rows if r["is_correct"] == 0) == [1, 4, 6]
+    assert pq.read_table(out / "audit.parquet").num_rows == 8
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["n_labelled"] == 8 and set(summary["auroc"]) == {"ref_loss", "base_loss", "paper", "confidence", "worst_span"}
+    assert "Sample-level AUROC against is_correct (8 labelled examples" in capsys.readouterr().out
