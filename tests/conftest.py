@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,24 @@ def tiny_tokenizer(tiny_model_dir: Path):
     from tokenforget.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
+
+
+def readme_block(marker: str) -> str:
+    """The README's code block that contains `marker`."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```(?:\w+)\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def forbid_loading(monkeypatch: pytest.MonkeyPatch, *classes: type) -> None:
+    """Make `from_pretrained` of each class (AutoModelForCausalLM, AutoTokenizer, ...) fail the test."""
+
+    def loaded(*_args, **_kwargs):
+        raise AssertionError("loaded weights or a tokenizer where nothing may be loaded")
+
+    for cls in classes:
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,12 @@ def test_stage_commands_write_only_their_stages(config: Path):
     assert (run / "train-ignore" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_sft_needs_no_reference(config: Path):
+def test_sft_needs_no_reference(config: Path, capsys):
     run = config.parent / "run"
     assert main(["train", str(config), "--train.mode", "sft"]) == 0
     assert stage_dirs(run) == ["data", "train-sft"]
+    (final,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train-sft: final ")]
+    assert re.fullmatch(r"train-sft: final loss=\d+\.\d{4}  loss_pos=\d+\.\d{4}", final), final  # no loss_neg=nan
 
 
 def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys):

@@ -1,12 +1,13 @@
 """Formats, response masks, truncation, corrupt spans and clear errors on bad input."""
 
+import gzip
 from pathlib import Path
 
 import pytest
 
 from conftest import build_tiny, write_jsonl
 from tokenforget.config import DataConfig, ModelConfig
-from tokenforget.data import DataError, Record, load_records, tokenize_record, tokenize_records
+from tokenforget.data import DataError, Record, load_records, resolve_source, tokenize_record, tokenize_records
 from tokenforget.models import FALLBACK_CHAT_TEMPLATE, load_tokenizer
 
 
@@ -160,3 +161,56 @@ def test_json_and_parquet_files(tmp_path):
         assert [r.messages[1]["content"] for r in recs] == ["b", "d"]
     with pytest.raises(DataError, match="data file not found"):
         load_records(DataConfig(path=str(tmp_path / "missing.jsonl")))
+
+
+ROWS_JSONL = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("d.jsonl", b"\xef\xbb\xbf" + ROWS_JSONL),  # a byte-order mark, as some Windows editors write
+        ("d.json", b'\xef\xbb\xbf[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]'),
+        ("d.jsonl.gz", gzip.compress(ROWS_JSONL)),
+        ("d.jsonl.gz", gzip.compress(b"\xef\xbb\xbf" + ROWS_JSONL)),
+        ("d.json.gz", gzip.compress(b'{"data": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}')),
+    ],
+)
+def test_byte_order_mark_and_gzip_are_read(tmp_path, name, content):
+    """Two records, prompts a and c, answers b and d, located by file and line (JSONL) or index (JSON)."""
+    (tmp_path / name).write_bytes(content)
+    recs = load_records(DataConfig(path=str(tmp_path / name)))
+    assert [(r.messages[0]["content"], r.messages[1]["content"]) for r in recs] == [("a", "b"), ("c", "d")]
+    where = [f"{tmp_path / name}:1", f"{tmp_path / name}:2"] if ".jsonl" in name else [
+        f"{tmp_path / name}[0]", f"{tmp_path / name}[1]"]
+    assert [r.where for r in recs] == where
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n'),
+         "d.jsonl.gz:2: missing field 'completion'"),
+        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": \n'),
+         "d.jsonl.gz:2: malformed JSON (Expecting value at column 12)"),
+        ("d.jsonl.gz", ROWS_JSONL, "d.jsonl.gz: not a readable gzip file (Not a gzipped file (b'{\"'))"),
+        ("d.jsonl.gz", gzip.compress(ROWS_JSONL)[:-8], "d.jsonl.gz: not a readable gzip file (Compressed file ended "
+                                                       "before the end-of-stream marker was reached)"),
+        ("d.jsonl", b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n\xef\xbb\xbf{"prompt": "c"}\n',
+         "d.jsonl:2: malformed JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"),  # only the first
+        ("d.parquet.gz", b"", "d.parquet.gz: unsupported data file (use .jsonl, .json or .parquet; .jsonl.gz or "
+                              ".json.gz gzipped)"),
+    ],
+)
+def test_gzip_and_byte_order_mark_errors_name_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_records(DataConfig(path=str(tmp_path / name)))
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+def test_a_missing_gzipped_file_is_local_not_a_hub_name(tmp_path, monkeypatch):
+    """A relative name with a data-file suffix is a local file: missing, the fallback is used instead."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("missing.jsonl.gz", "org/fallback") == "org/fallback"
+    assert resolve_source("org/name", "org/fallback") == "org/name"

@@ -51,7 +51,7 @@ def test_bad_knobs_are_config_errors_naming_the_field(make, message):
 
 def test_the_readme_knobs_example_is_a_valid_config(tmp_path):
     """The README's YAML of knobs parses through the CLI's parser into a RunConfig with those values."""
-    from test_trl import readme_block
+    from conftest import readme_block
     from tokenforget.cli import parse_config
 
     (tmp_path / "knobs.yaml").write_text(readme_block("training_args:"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM
+
+from conftest import forbid_loading
 from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
 from tokenforget.cli import main, parse_config
 from tokenforget.config import TrainingConfig
@@ -17,14 +20,30 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in [root, *root.rglob("*")]}
 
 
-def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys):  # noqa: F811
+def statuses(out: str, stages: list[str]) -> dict[str, str]:
+    """stage -> run/reuse, from the plan's table."""
+    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in stages}
+
+
+STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
+
+
+def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys, monkeypatch):  # noqa: F811
     run = config.parent / "run"
-    assert main(["run", str(config), "--dry-run"]) == 0
+    with monkeypatch.context() as m:
+        forbid_loading(m, AutoModelForCausalLM)  # a plain dry run loads only the tokenizer
+        assert main(["run", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert not run.exists()
-    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in
-            ("data", "reference", "scores", "partition", "labels", "train-forget")}
-    assert rows == dict.fromkeys(["data", "reference", "scores", "partition", "labels", "train-forget"], "run")
+    assert statuses(out, STAGES) == dict.fromkeys(STAGES, "run")
+    assert "est. time" not in out and "Warm-up" not in out
+    assert out.splitlines()[-1] == ("Wall time not estimated: --dry-run-timing loads the model and times a few "
+                                    "training micro-batches and scoring forwards on this machine")
+
+    assert main(["run", str(config), "--dry-run-timing"]) == 0  # the measured estimate, on request
+    out = capsys.readouterr().out
+    assert not run.exists()
+    assert statuses(out, STAGES) == dict.fromkeys(STAGES, "run") and "est. time" in out.splitlines()[1]
     assert "Estimated wall time" in out and "training micro-batch (4, " in out and "scoring forward (8, " in out
 
     assert main(["reference", str(config)]) == 0
@@ -33,9 +52,32 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys)
     assert main(["run", str(config), "--dry-run", "--partition.rho", "0.5"]) == 0
     out = capsys.readouterr().out
     assert snapshot(run) == before
-    status = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] and line.split()[0] in
-              ("data", "reference", "scores", "train-forget")}
-    assert status == {"data": "reuse", "reference": "reuse", "scores": "run", "train-forget": "run"}
+    assert statuses(out, ["data", "reference", "scores", "train-forget"]) == {
+        "data": "reuse", "reference": "reuse", "scores": "run", "train-forget": "run"}
+
+
+def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, capsys, monkeypatch):  # noqa: F811
+    """A comparison fills `run_dir/seed-<s>/`; with the first seed's data, reference and scores finished, its
+    plan reuses them. The variant `rho5` has a partition of its own, so a real compare copies those stages
+    into `seed-1/variant-rho5/`; the dry run copies nothing, writes nothing, loads no model. Steps by hand:
+    24 examples in batches of 4 are 6 optimizer steps for each training."""
+    root = config.parent / "cmp"
+    args = ["--run_dir", str(root), "--compare.seeds", "[1, 2]", "--compare.modes", "[sft, forget]",
+            "--compare.variants", "{rho5: {partition: {rho: 0.5}}}"]
+    assert main(["score", str(config), "--run_dir", str(root / "seed-1"), "--seed", "1"]) == 0
+    before = snapshot(config.parent)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        forbid_loading(m, AutoModelForCausalLM)
+        assert main(["compare", str(config), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert snapshot(config.parent) == before
+    assert out.splitlines()[0] == f"Dry run of {root / 'seed-1'} (nothing is written)"
+    stages = ["data", "reference", "scores", "partition", "labels", "train-sft", "train-forget", "train-rho5"]
+    assert statuses(out, stages) == {"data": "reuse", "reference": "reuse", "scores": "reuse", "partition": "run",
+                                     "labels": "run", "train-sft": "run", "train-forget": "run", "train-rho5": "run"}
+    works = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in stages}
+    assert all("6 optimizer steps of 4 x 1" in works[s] for s in ["train-sft", "train-forget", "train-rho5"])
 
 
 def test_predicted_steps_and_tokens_match_the_real_run(config: Path):  # noqa: F811

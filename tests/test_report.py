@@ -124,6 +124,31 @@ def test_results_tables_pass_through():
     assert (t.title, t.header, t.rows, t.note) == ("Compare, 3 seeds", ["mode", "GSM8K"], [["forget", "0.31 ± 0.02"]], "n=3")
 
 
+def test_end_summary_prints_only_the_losses_a_mode_has(tmp_path: Path):
+    """The last log entry with a loss gives the final values, to 4 decimals. `sft` has no negative tokens, so
+    its loss_neg is logged as NaN and not printed (nor a lambda, which it does not log). `forget` at
+    lambda 0.25: loss = 2.0 - 0.25 x 3.0 = 1.25."""
+    from types import SimpleNamespace
+
+    from tokenforget.report import run_summary
+
+    histories = {
+        "train-sft": [{"loss": 9.0, "loss_pos": 9.0, "loss_neg": float("nan"), "step": 1},
+                      {"loss": 2.5, "loss_pos": 2.5, "loss_neg": float("nan"), "n_pos": 10, "n_neg": 0, "step": 2},
+                      {"train_runtime": 1.0, "step": 2}],
+        "train-forget": [{"loss": 1.25, "loss_pos": 2.0, "loss_neg": 3.0, "lambda": 0.25, "step": 2}],
+    }
+    for stage, history in histories.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "log_history.json").write_text(json.dumps(history))  # NaN written as NaN, as the Trainer's
+    run = SimpleNamespace(root=tmp_path, rounds=1, skipped=[], stage_dir=lambda name: tmp_path / name)
+    lines = run_summary(run, list(histories)).splitlines()
+    assert [line for line in lines if "final" in line] == [
+        "train-sft: final loss=2.5000  loss_pos=2.5000",
+        "train-forget: final loss=1.2500  loss_pos=2.0000  loss_neg=3.0000  lambda=0.2500",
+    ]
+
+
 def test_not_a_run_folder(tmp_path: Path, capsys):
     with pytest.raises(ReportError):
         read_run(tmp_path)

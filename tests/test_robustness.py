@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_jsonl
+from conftest import forbid_loading, write_jsonl
 from tokenforget import losses
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
@@ -106,6 +106,74 @@ def test_bad_config_one_line_exit_2(override, message, tmp_path, tiny_model_dir,
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenforget")]
     assert len(err) == 1 and message in err[0], err
     assert stage_dirs(tmp_path / "run") == []
+
+
+# every command that writes, with the arguments that point it at `out` (report: its own output folder)
+WRITING_COMMANDS = {
+    "run": ["--run_dir"], "reference": ["--run_dir"], "score": ["--run_dir"], "partition": ["--run_dir"],
+    "train": ["--run_dir"], "eval": ["--run_dir"], "compare": ["--run_dir"], "detect": ["--run_dir"],
+    "demo": ["--run_dir"], "report": ["--out_dir"], "audit": ["--run_dir"], "prepare": ["--out_dir"],
+}
+
+
+def unwritable_folder(kind: str, tmp_path: Path) -> tuple[str, str]:
+    """(folder, why it cannot be written) for a folder under a regular file, in /proc, or in a chmod 555
+    folder (the last only for a non-root user: root writes through permission bits)."""
+    if kind == "under_a_file":
+        (tmp_path / "a_file").write_text("x")
+        return str(tmp_path / "a_file" / "out"), f"'{tmp_path / 'a_file'}' is a file, not a folder"
+    if kind == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc on this system")
+        return "/proc/tokenforget-out", "creating a file in '/proc' fails ("
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a chmod 555 folder; the other cases probe for real")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    return str(locked / "out"), f"creating a file in '{locked}' fails (Permission denied)"
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "proc", "chmod_555"])
+@pytest.mark.parametrize("command", sorted(WRITING_COMMANDS))
+def test_unwritable_output_folder_one_line_exit_2_before_loading_the_model(
+    command, kind, tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """Every command that writes probes its output folder first: one line naming the field and the path,
+    exit status 2, no model or tokenizer loaded (loading one fails this test), nothing written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    forbid_loading(monkeypatch, AutoModelForCausalLM, AutoTokenizer)
+    folder, why = unwritable_folder(kind, tmp_path)
+    cfg = make_config(tmp_path, tiny_model_dir)
+    before = sorted(tmp_path.rglob("*"))
+    if command == "demo":
+        args = ["demo", "--model.name_or_path", str(tiny_model_dir), "--run_dir", folder]
+    elif command == "report":
+        args = ["report", str(tmp_path / "run"), "--out_dir", folder]
+    elif command == "prepare":
+        args = ["prepare", "--out_dir", folder]
+    else:
+        args = [command, str(cfg), "--run_dir", folder]
+    assert main(args) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    field = WRITING_COMMANDS[command][0].lstrip("-")
+    expected = f"tokenforget {command}: error: config field '{field}': cannot write to '{folder}': {why}"
+    if kind == "proc":  # the reason in brackets is the kernel's (ENOENT here; EACCES on some kernels)
+        assert line.startswith(expected) and line.endswith(")"), line
+    else:
+        assert line == expected
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not Path(folder).exists()
+
+
+def test_report_without_out_dir_probes_the_run_folders_report(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    run = tmp_path / "a_file" / "run"
+    assert main(["report", str(run)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tokenforget report: error: config field 'run_dir': cannot write to '{run / 'report'}': "
+        f"'{tmp_path / 'a_file'}' is a file, not a folder"
+    ]
 
 
 def test_folder_holding_a_different_run_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -3,20 +3,22 @@ TRL's truncation, packing and padding-free batches; the README snippet runs."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from trl import SFTConfig
 
-from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
-from test_train import CLS, IDS, GradCapture, first_step_grads, toy_dataset
-from tokenforget.cli import main
-from tokenforget.losses import forgetting_loss, token_cross_entropy
-from tokenforget.trl import ForgettingSFTTrainer
+pytest.importorskip("trl", reason="TRL is the optional extra tokenforget[trl]: pip install -e '.[trl]'")
+from trl import SFTConfig  # noqa: E402
+
+from conftest import readme_block  # noqa: E402
+from test_cli import config  # noqa: E402, F401  (fixture: a run config on the tiny model)
+from test_train import CLS, IDS, GradCapture, first_step_grads, toy_dataset  # noqa: E402
+from tokenforget.cli import main  # noqa: E402
+from tokenforget.losses import forgetting_loss, token_cross_entropy  # noqa: E402
+from tokenforget.trl import ForgettingSFTTrainer  # noqa: E402
 
 
 def sft_config(out: Path, **kw) -> SFTConfig:
@@ -168,14 +170,6 @@ def test_a_training_set_without_classes_is_refused(tiny_model_dir, tiny_tokenize
                     data=datasets.Dataset.from_dict({"input_ids": IDS}))
     with pytest.raises(ValueError, match="loss_type"):
         trl_trainer(tiny_model_dir, tiny_tokenizer, sft_config(tmp_path, max_steps=1, loss_type="dft"))
-
-
-def readme_block(marker: str) -> str:
-    """The README's code block that contains `marker`."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```(?:\w+)\n(.*?)```", text, flags=re.S)
-    (block,) = [b for b in blocks if marker in b]
-    return block
 
 
 def test_readme_trl_snippet_runs(config, tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811

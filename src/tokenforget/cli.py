@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import PRESETS, DemoConfig, PrepareConfig, ReportConfig, RunConfig, UserError
+from tokenforget.config import PRESETS, ConfigError, DemoConfig, PrepareConfig, ReportConfig, RunConfig, UserError
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
@@ -43,19 +46,30 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
     return command
 
 
-def _dry_run(command: str, cfg: RunConfig) -> None:
-    """`--dry-run`: print the stages `command` would run or reuse, token counts and a measured time estimate."""
+def _dry_run(command: str, cfg: RunConfig, timed: bool) -> None:
+    """`--dry-run`: print the stages `command` would run or reuse, their token counts and optimizer steps;
+    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model)."""
     from tokenforget.pipeline import Run
     from tokenforget.plan import dry_run
 
-    dry_run(Run(cfg), DRY_RUN_MODES[command](cfg))
+    planned, modes = DRY_RUN_PLANS[command](cfg)
+    dry_run(Run(planned), modes, measure=timed)
 
 
-# Commands that take --dry-run, and the training modes each one would run (a compare command lists several).
-DRY_RUN_MODES: dict[str, Callable[[RunConfig], list[str]]] = {
-    "run": lambda cfg: [cfg.train.mode],
-    "compare": lambda cfg: [*cfg.compare.modes, *cfg.compare.variants],  # per seed; the plan shows the first run folder
+def _compare_plan(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    from tokenforget.compare import seed_config
+
+    return seed_config(cfg, cfg.compare.seeds[0]), [*cfg.compare.modes, *cfg.compare.variants]
+
+
+# Commands that take --dry-run: the run folder each one would fill (a comparison: its first seed's) and the
+# training modes it would run there (a comparison lists several).
+DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
+    "run": lambda cfg: (cfg, [cfg.train.mode]),
+    "compare": _compare_plan,
 }
+# What --dry-run / --dry-run-timing set (parse_config's third value)
+NO_DRY_RUN, DRY_RUN, DRY_RUN_TIMED = "", "plan", "timed"
 
 
 def _eval(cfg: RunConfig) -> None:
@@ -114,8 +128,6 @@ def _prepare(cfg: PrepareConfig) -> None:
 
 
 def _report(cfg: ReportConfig) -> None:
-    from pathlib import Path
-
     from tokenforget.html_report import build_report
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -162,9 +174,11 @@ def build_parser() -> ArgumentParser:
         if cls is RunConfig:  # expanded by `_expand_preset` before parsing; declared here for --help
             p.add_argument("--preset", choices=list(PRESETS), help="named method settings applied after the config "
                            "file (paper: the paper's exact setting; recommended: the best we measured, docs/results.md)")
-        if name in DRY_RUN_MODES:
-            p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, token counts and "
-                           "an estimated wall time from a short measured warm-up; write nothing")
+        if name in DRY_RUN_PLANS:
+            p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, their token "
+                           "counts and optimizer steps, in seconds; load no model, write nothing")
+            p.add_argument("--dry-run-timing", action="store_true", help="--dry-run plus an estimated wall time: "
+                           "loads the model and times a few training micro-batches and scoring forwards here")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -235,16 +249,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
-def parse_config(argv: Sequence[str]) -> tuple[str, object, bool]:
-    """(command, its config dataclass, --dry-run) from a command line; `ArgumentError` or `UserError` when bad."""
+def parse_config(argv: Sequence[str]) -> tuple[str, object, str]:
+    """(command, its config dataclass, the dry run asked for: NO_DRY_RUN, DRY_RUN or DRY_RUN_TIMED) from a
+    command line; `ArgumentError` or `UserError` when bad."""
     argv = _positional_config(list(argv))
     name = argv[0] if argv and argv[0] in COMMANDS else ""
     cls = COMMANDS[name][0] if name else RunConfig
     parser = build_parser()
     ns = parser.parse_args(_expand_preset(argv) if cls is RunConfig else argv)
     init = vars(parser.instantiate(ns)[name])
-    fields = {k: v for k, v in init.items() if k not in ("config", "dry_run", "preset")}
-    return name, cls(**fields), bool(init.get("dry_run"))
+    fields = {k: v for k, v in init.items() if k not in ("config", "dry_run", "dry_run_timing", "preset")}
+    dry = DRY_RUN_TIMED if init.get("dry_run_timing") else DRY_RUN if init.get("dry_run") else NO_DRY_RUN
+    return name, cls(**fields), dry
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -259,8 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
             return 2
         if dry:
-            _dry_run(name, cfg)  # type: ignore[arg-type]
+            _dry_run(name, cfg, timed=dry == DRY_RUN_TIMED)  # type: ignore[arg-type]
         else:
+            check_writable(*output_folder(cfg))
             COMMANDS[name][2](cfg)
     except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)
@@ -268,6 +285,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         _end_process_group()
     return 0
+
+
+def output_folder(cfg: object) -> tuple[str, str]:
+    """(config field, folder) where a command writes: `report` its `out_dir` or `run_dir/report`, every other
+    command its `run_dir`."""
+    if isinstance(cfg, ReportConfig):
+        return ("out_dir", cfg.out_dir) if cfg.out_dir else ("run_dir", os.path.join(cfg.run_dir, "report"))
+    if isinstance(cfg, PrepareConfig):
+        return "out_dir", cfg.out_dir
+    return "run_dir", cfg.run_dir  # type: ignore[attr-defined]
+
+
+def check_writable(field_name: str, folder: str) -> None:
+    """Refuse, naming the field, a folder that cannot be created or written, before any model is loaded.
+
+    A real write probe: a temporary file in the deepest part of `folder` that exists, removed at once.
+    Permission bits alone say nothing under root, and /proc or a read-only mount refuse writes whatever
+    they say.
+    """
+    target = Path(folder).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if os.path.exists(p))
+    where = f"config field '{field_name}': cannot write to '{folder}'"
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: '{existing}' is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tokenforget-write-probe-", dir=existing)
+    except OSError as e:
+        raise ConfigError(f"{where}: creating a file in '{existing}' fails ({e.strerror})") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _end_process_group() -> None:

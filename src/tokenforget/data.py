@@ -10,8 +10,10 @@ corrupted (`corrupt_spans`, from the demo's generator) become a per-token `corru
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -52,17 +54,30 @@ class Record:
 # ---------------------------------------------------------------- reading
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # local data files; .jsonl and .json may also be gzipped (.gz)
+UTF8_BOM = b"\xef\xbb\xbf"  # some editors start a UTF-8 file with it; json.loads refuses it
+
+
+def data_suffix(path: str) -> tuple[str, bool]:
+    """(format suffix, gzipped): `a.jsonl` -> (".jsonl", False), `a.jsonl.gz` -> (".jsonl", True)."""
+    p = Path(path)
+    if p.suffix == ".gz":
+        return Path(p.stem).suffix, True
+    return p.suffix, False
+
+
 def read_records(path: str, split: str = "train", hub_config: Optional[str] = None) -> list[tuple[str, dict]]:
-    """(location, record) pairs from a .jsonl/.json/.parquet file or a Hub data set name."""
+    """(location, record) pairs from a .jsonl/.json(.gz)/.parquet file or a Hub data set name."""
     p = Path(path).expanduser()
-    if p.suffix == ".jsonl":
+    suffix, gzipped = data_suffix(path)
+    if suffix == ".jsonl":
         return _read_jsonl(p)
-    if p.suffix == ".json":
+    if suffix == ".json":
         return _read_json(p)
-    if p.suffix == ".parquet":
+    if suffix == ".parquet" and not gzipped:
         return _read_parquet(p)
     if p.exists() or path.startswith((".", "/", "~")):
-        raise DataError(f"{path}: unsupported data file (use .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: unsupported data file (use .jsonl, .json or .parquet; .jsonl.gz or .json.gz gzipped)")
     return _read_hub(path, split, hub_config)
 
 
@@ -73,7 +88,7 @@ def resolve_source(path: str, fallback: Optional[str]) -> str:
     already a Hub name and is returned as it is.
     """
     p = Path(path).expanduser()
-    local = p.suffix in (".jsonl", ".json", ".parquet") or path.startswith((".", "/", "~"))
+    local = data_suffix(path)[0] in DATA_SUFFIXES or path.startswith((".", "/", "~"))
     if fallback and local and not p.exists():
         return fallback
     return path
@@ -84,11 +99,21 @@ def is_local_file(path: str) -> bool:
     return Path(path).expanduser().is_file()
 
 
-def _decode_lines(p: Path) -> list[str]:
+def _read_bytes(p: Path) -> bytes:
+    """The file's bytes, gunzipped when its name ends in `.gz`, without a leading UTF-8 byte-order mark."""
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     raw = p.read_bytes()
-    lines = raw.split(b"\n")
+    if data_suffix(str(p))[1]:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut file is an EOFError
+            raise DataError(f"{p}: not a readable gzip file ({e})") from None
+    return raw.removeprefix(UTF8_BOM)
+
+
+def _decode_lines(p: Path) -> list[str]:
+    lines = _read_bytes(p).split(b"\n")
     out = []
     for n, line in enumerate(lines, 1):
         try:

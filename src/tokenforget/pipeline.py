@@ -657,7 +657,7 @@ class Run:
 
     def train_fp(self, mode: str) -> str:
         if mode in self.cfg.compare.variants:
-            sub, sub_mode = self.variant(mode)
+            sub, sub_mode = self.variant(mode, adopt=False)  # a fingerprint copies nothing (dry runs call it)
             return sub.train_fp(sub_mode)
         c = self.cfg
         if c.train.labels_path:
@@ -705,11 +705,11 @@ class Run:
         cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
         return _sft_classes(datasets.Dataset.from_dict(cols))
 
-    def variant(self, name: str) -> tuple["Run", str]:
+    def variant(self, name: str, adopt: bool = True) -> tuple["Run", str]:
         """A `compare.variants` entry: this run with its `train` fields overridden, and the mode it trains.
 
         A variant that also overrides `partition` or `reference` gets a run folder of its own,
-        `run_dir/variant-<name>/`, seeded with copies of this folder's finished stages it shares.
+        `run_dir/variant-<name>/`, seeded (with `adopt`) with copies of this folder's finished stages it shares.
         """
         overrides = dict(self.cfg.compare.variants[name])
         sections = {sec: replace(getattr(self.cfg, sec), **overrides.pop(sec)) for sec in VARIANT_SECTIONS if sec in overrides}
@@ -719,7 +719,8 @@ class Run:
         compare = replace(self.cfg.compare, variants={**self.cfg.compare.variants, name: overrides})  # no recursion
         cfg = replace(self.cfg, run_dir=str(self.root / f"variant-{name}"), train=train, compare=compare, **sections)
         sub = Run(cfg, base=self.base, log=self.log, ranks=self.ranks)
-        sub.adopt_stages(self)
+        if adopt:
+            sub.adopt_stages(self)
         return sub, train.mode
 
     def adopt_stages(self, parent: "Run") -> None:

@@ -1,9 +1,10 @@
-"""Dry run: which stages a command would run or reuse, what they would process, and how long they would take.
+"""Dry run: which stages a command would run or reuse, and what they would process; on request, how long.
 
-Nothing is written: stage fingerprints are compared with the `stage.json` files in the run folder, the
-data is tokenized in memory when its stage is not done yet, and the wall time comes from a short warm-up
-measured on this machine (a few training micro-batches and scoring forwards on real examples), scaled
-by the padded tokens each stage would process:
+Nothing is written: stage fingerprints are compared with the `stage.json` files in the run folder, and the
+data is tokenized in memory when its stage is not done yet. Only the tokenizer is loaded, so the plan
+(examples, tokens, optimizer steps) comes in seconds. With `measure` (`--dry-run-timing`) the base model is
+loaded too and the wall time comes from a short warm-up measured on this machine (a few training
+micro-batches and scoring forwards on real examples), scaled by the padded tokens each stage would process:
 
     estimate(stage) = seconds per padded token (measured) x padded tokens the stage processes
 
@@ -82,17 +83,19 @@ class Timing:
     train: dict[tuple[int, int], float]  # (batch size, gradient checkpointing) -> s/token of a training micro-batch
     forward: dict[int, float]  # batch size -> s/token of one scoring forward
     notes: list[str]
+    measured: bool = True  # False: no warm-up was asked for, the plan has no wall-time estimate
 
 
-def plan_run(run: Run, modes: Sequence[str], measure: bool = True) -> tuple[list[StagePlan], Timing]:
-    """Plan every stage training `modes` needs; measure the warm-up only for stages that would run."""
+def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[list[StagePlan], Timing]:
+    """Plan every stage training `modes` needs; with `measure`, time the warm-up (loading the model) for the
+    stages that would run."""
     stages = stages_for_modes(run, modes)
     fps = fingerprints(run, stages)
     todo = [s for s in stages if not run.is_done(s, fps[s])]
     t0 = time.perf_counter()
     sets = _token_sets(run)
     tokenize_s = time.perf_counter() - t0
-    timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [])
+    timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
     plans = [_stage_plan(run, s, fps[s], s not in todo, sets, timing, tokenize_s) for s in stages]
     return plans, timing
 
@@ -300,18 +303,22 @@ def _sync() -> None:
 
 
 def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
-    """The dry run as a table, the warm-up measurements, and the total."""
-    rows = [
-        [p.name, "reuse" if p.reuse else "run", p.fingerprint, p.examples, f"{p.tokens:,}", p.work,
-         "-" if p.reuse else _duration(p.seconds)]
-        for p in plans
-    ]
-    header = ["stage", "status", "fingerprint", "examples", "tokens", "work", "est. time"]
-    total = sum(p.seconds for p in plans if not p.reuse)
+    """The dry run as a table; when timed, each stage's estimate, the warm-up measurements and the total."""
+    header = ["stage", "status", "fingerprint", "examples", "tokens", "work"]
+    rows = [[p.name, "reuse" if p.reuse else "run", p.fingerprint, p.examples, f"{p.tokens:,}", p.work] for p in plans]
+    if timing.measured:
+        header.append("est. time")
+        for row, p in zip(rows, plans):
+            row.append("-" if p.reuse else _duration(p.seconds))
     lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows)]
+    nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
+    if not timing.measured:
+        lines.append(f"Wall time not estimated{nothing}: --dry-run-timing loads the model and times a few "
+                     "training micro-batches and scoring forwards on this machine")
+        return "\n".join(lines)
     if timing.notes:
         lines.append(f"Warm-up on this machine (median of {TIMED_REPEATS} after 1 untimed): " + "; ".join(timing.notes))
-    nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
+    total = sum(p.seconds for p in plans if not p.reuse)
     lines.append(f"Estimated wall time of the stages to run: {_duration(total)}{nothing}")
     return "\n".join(lines)
 
@@ -327,7 +334,7 @@ def _duration(seconds: float) -> str:
 
 
 def dry_run(
-    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = True
+    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = False
 ) -> list[StagePlan]:
     """Print the plan for training `modes` in `run` and return it."""
     plans, timing = plan_run(run, modes, measure)

@@ -101,10 +101,12 @@ def demo_table(results: dict[str, Any]) -> str:
 
 
 def _final_losses(stage: Path) -> dict[str, float]:
+    """The last logged loss, positive and negative CE and lambda of a train stage. A NaN is left out: it
+    means no token of that class was logged (`loss_neg` of `sft`, which has no negative tokens)."""
     history = json.loads((stage / "log_history.json").read_text())
     logged = [h for h in history if "loss" in h]
     last = logged[-1] if logged else {}
-    return {k: last[k] for k in ("loss", "loss_pos", "loss_neg", "lambda") if k in last}
+    return {k: last[k] for k in ("loss", "loss_pos", "loss_neg", "lambda") if k in last and not math.isnan(last[k])}
 
 
 def run_summary(run: Any, train_stages: Sequence[str]) -> str:

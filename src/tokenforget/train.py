@@ -106,7 +106,7 @@ class ForgettingMixin:
     to the batch loss, so the Trainer must not divide by the accumulation steps again.
     """
 
-    loss_is_scaled_for_ga = True
+    loss_is_scaled_for_ga = True  # transformers >= 5.19: `training_step` then uses the loss as it is
     state: Any
     args: Any
     accelerator: Any
