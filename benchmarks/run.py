@@ -91,7 +91,7 @@ class _Tok:  # the bits of a tokenizer the Trainer and collators use
     pad_token_id = 0
 
 
-def toy_examples(n: int, lo: int, hi: int, seed: int = 0) -> list[dict[str, list[int]]]:
+def toy_examples(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) -> list[dict[str, list[int]]]:
     """Random token sequences with a 40% prompt (class 0) and 70% / 30% learn / forget response tokens."""
     rng = np.random.default_rng(seed)
     out = []
@@ -99,7 +99,7 @@ def toy_examples(n: int, lo: int, hi: int, seed: int = 0) -> list[dict[str, list
         length = int(rng.integers(lo, hi + 1))
         cls = np.where(rng.random(length) < 0.7, 1, -1)
         cls[: int(0.4 * length)] = 0
-        out.append({"input_ids": rng.integers(1, 49152, length).tolist(), "token_class": cls.tolist()})
+        out.append({"input_ids": rng.integers(1, vocab, length).tolist(), "token_class": cls.tolist()})
     return out
 
 
@@ -129,11 +129,15 @@ def _trainer(model, examples, mode: str | None, bf16: bool, tmp: Path, packing: 
 
 
 def _step(trainer, batch) -> Callable[[], None]:
+    dev = trainer.args.device
+
     def run() -> None:
-        samples, n_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        samples, n_items = trainer.get_batch_samples(iter([batch]), 1, dev)
         trainer.training_step(trainer.model, samples[0], n_items)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # CUDA kernels run asynchronously: time the step, not its launch
 
     return run
 

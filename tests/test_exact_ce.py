@@ -42,17 +42,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (3, 12) right-padded, attention mask (3, 12), positions (3, 12): real tokens after the prompt."""
     ids, mask = pad_batch(SEQS, 0)
     positions = mask.clone()
     positions[:, :PROMPT] = 0
-    return ids, mask, positions.bool()
+    return ids.to(device), mask.to(device), positions.bool().to(device)
 
 
 def reference_ce(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B, T): F.cross_entropy over the model's own fp32 logits, token t from position t - 1; 0 off `positions`."""
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    return ce_of_logits(model(input_ids=ids, attention_mask=mask).logits, ids, positions)
+
+
+def ce_of_logits(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) F.cross_entropy of token t under logits (B, T, V) at t - 1; 0 off `positions`."""
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
     return torch.where(positions, F.pad(ce, (1, 0)), 0.0)
 
@@ -63,7 +67,7 @@ def ce_and_grads(loss_fn, params: dict[str, torch.nn.Parameter]) -> tuple[torch.
     for p in params.values():
         p.grad = None
     token_loss = loss_fn()
-    weights = torch.linspace(0.5, 1.5, token_loss.numel()).view_as(token_loss)
+    weights = torch.linspace(0.5, 1.5, token_loss.numel(), device=token_loss.device).view_as(token_loss)
     (token_loss * weights).sum().backward()
     return token_loss.detach(), {n: p.grad.clone() for n, p in params.items()}
 
@@ -74,9 +78,9 @@ def assert_grads_close(ours: dict[str, torch.Tensor], want: dict[str, torch.Tens
         torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def assert_exact(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> None:
+def assert_exact(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], device: str = "cpu") -> None:
     """`model_token_ce` (chunks of 4 rows) and its gradients w.r.t. `params` equal the reference's."""
-    ids, mask, positions = batch()
+    ids, mask, positions = batch(device)
     want, want_grads = ce_and_grads(lambda: reference_ce(model, ids, mask, positions), params)
     ours, grads = ce_and_grads(lambda: model_token_ce(model, ids, positions, chunk_size=4, attention_mask=mask), params)
     torch.testing.assert_close(ours, want, rtol=0, atol=CE_ATOL)
@@ -260,3 +264,41 @@ def test_logit_map_hand_values_and_gradients():
     (linear_cross_entropy(h, w, t, chunk_size=2, bias=b, logit_map=LogitMap(1.3, 0.7)) * g).sum().backward()
     for got, exp in zip((h.grad, w.grad, b.grad), want):
         torch.testing.assert_close(got, exp)  # default fp32 tolerances: only summation order differs
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_fp32_lora_training_ce_and_gradients_equal_model_logits_ce(arch):
+    """On the GPU in fp32, through the fused kernel when one is installed (`fused_ce`), else the chunked
+    head: per-token CE and LoRA gradients = the reference's, with the CPU tolerances (fp32, reordered sums;
+    TF32 is off by default for fp32 matmuls in torch)."""
+    model = lora(build(arch)).cuda()
+    assert ce_path(model).kind == "hidden", ce_path(model).reason
+    assert_exact(model, trainable(model), device="cuda")
+
+
+# bf16 rounds each logit to 8 significant bits, |y| 2^-8 <= 6 * 2^-8 = 0.023 for |y| <= 6 (asserted below);
+# the two sides round different matmuls, and CE moves by at most 2 max |logit difference| = 0.047; 0.1 leaves
+# 2x room. A smoke test that bf16 weights take the same path and agree, not an exactness test.
+BF16_ATOL = 0.1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi", "cohere"])
+def test_cuda_bf16_ce_close_to_model_logits_ce(arch):
+    """bf16 weights on the GPU, LoRA on: per-token CE within BF16_ATOL of CE over the model's own bf16
+    logits (upcast to fp32), finite gradients for every LoRA parameter."""
+    model = lora(build(arch)).to("cuda", torch.bfloat16)
+    ids, mask, positions = batch("cuda")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V) bf16 values, fp32 CE
+        assert float(logits.abs().max()) <= 6.0
+        want = ce_of_logits(logits, ids, positions)
+    ours = model_token_ce(model, ids, positions, attention_mask=mask)
+    torch.testing.assert_close(ours, want, rtol=0, atol=BF16_ATOL)
+    ours.sum().backward()
+    grads = [p.grad for p in trainable(model).values()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)

@@ -81,7 +81,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     from tokenforget.pipeline import Run
 
     t0 = time.time()
-    base = base or BaseModel(cfg.model)  # loaded once, copied for each training
+    base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)  # loaded once, copied (4-bit: reloaded) per training
     modes = [*cfg.compare.modes, *cfg.compare.variants]  # variants train and table like modes
     top = Run(cfg, base=base, log=log)
     base_results = top.evaluate(None)
@@ -106,14 +106,15 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     results.update(detection=detection, detection_by_variant=by_variant, samples=samples, config=to_dict(cfg),
                    **provenance(), wall_s=time.time() - t0)
     root = Path(cfg.run_dir)
-    (root / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     table = format_compare(results)
-    (root / TABLE_FILE).write_text(table + "\n")
-    log(table)
-    if top.ranks.is_main:
+    if top.ranks.is_main:  # under torchrun every rank has the same results; one writes them
         from tokenforget.html_report import build_report
 
+        (root / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        (root / TABLE_FILE).write_text(table + "\n")
+        log(table)
         log(f"Report: {build_report(root, tokenizer=base.tokenizer).resolve()}")
+    top.ranks.barrier()  # the other ranks return once the files exist
     return results
 
 

@@ -532,8 +532,13 @@ class RunConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the Trainer also sends its logs (transformers `report_to`): `tensorboard` writes
     `run_dir/tensorboard/<stage>/`; `[none]` turns it off. Not part of any stage's fingerprint."""
+    ddp_timeout: int = 1800
+    """Under `torchrun`: seconds a process waits at a barrier for the others (while rank 0 alone writes a stage:
+    the partition, the labels, a merged model) before the job fails; also the Trainer's `ddp_timeout`. Raise it
+    for large data sets or models. Not part of any stage's fingerprint."""
 
     def __post_init__(self) -> None:
+        _check(self.ddp_timeout > 0, "ddp_timeout", "must be a positive number of seconds")
         evals = lambda t: t.training_args.get("eval_strategy", "no") not in ("no", None)  # noqa: E731
         _check(
             not evals(self.reference.training),

@@ -2,8 +2,8 @@
 
 Three ways to get it, chosen once per model by `ce_path` (which says why, and logs it):
 
-- `hidden`: the final hidden states go through the output head chunk by chunk (`linear_cross_entropy`), so
-  the (B, T, V) logits never exist. The head is its weight, its bias and a `LogitMap` (scale, soft cap)
+- `hidden`: the final hidden states go through the output head chunk by chunk (`linear_cross_entropy`, or
+  a fused CUDA kernel when one is installed: `fused_ce`), so the (B, T, V) logits never exist. The head is its weight, its bias and a `LogitMap` (scale, soft cap)
   read from the model's config through `KNOWN_LOGIT_MAPS`, and it is used only after a probe forward has
   shown that the model's own logits equal that head applied to the captured hidden states.
 - `logits`: the model's own logits, at the wanted positions only (a boolean `logits_to_keep`), CE in fp32
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from tokenforget.losses import IDENTITY, LogitMap, linear_cross_entropy, rows_cross_entropy, token_cross_entropy
+from tokenforget.fused_ce import head_cross_entropy
+from tokenforget.losses import IDENTITY, LogitMap, rows_cross_entropy, token_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -269,4 +270,4 @@ def _hidden_ce(
     if not _materialised(head.weight):  # sharded since ce_path looked (FSDP, ZeRO-3): fail loudly, never silently
         raise RuntimeError("the lm_head weight is sharded after the forward; pass chunked_ce=False to ForgettingTrainer")
     hidden = box["hidden"][predicting].to(head.weight.device)  # (N, H)
-    return linear_cross_entropy(hidden, head.weight, targets, chunk_size, head.bias, logit_map)
+    return head_cross_entropy(hidden, head.weight, targets, chunk_size, head.bias, logit_map)  # fused on CUDA

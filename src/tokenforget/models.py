@@ -62,13 +62,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
     """The base causal LM in fp32 weights (bf16 is applied as autocast, see `autocast`).
 
-    With `qlora` the linear layers are loaded in 4-bit NF4 instead (bitsandbytes, on the GPU).
+    With `qlora` the linear layers are loaded in 4-bit NF4 instead (bitsandbytes), on this process's GPU
+    (`local_rank`: under torchrun each rank its own).
     """
     path, gguf = resolve_model(cfg)
     kwargs: dict = {}
     if qlora:
         check_qlora(cfg)
-        kwargs = {"quantization_config": qlora_config(use_bf16(cfg.precision)), "device_map": {"": 0}}
+        kwargs = {"quantization_config": qlora_config(use_bf16(cfg.precision)), "device_map": {"": local_rank()}}
     if gguf:
         from transformers import GgufConfig
 
@@ -79,6 +80,11 @@ def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
     if gguf:
         _forget_gguf_origin(model)
     return model
+
+
+def local_rank() -> int:
+    """This process's GPU index on its machine: torchrun's / accelerate's LOCAL_RANK, 0 when run alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def check_qlora(cfg: ModelConfig) -> None:

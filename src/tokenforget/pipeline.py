@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -112,12 +113,14 @@ class Ranks:
     world: int = 1
 
     @staticmethod
-    def detect() -> "Ranks":
+    def detect(timeout_s: int = 1800) -> "Ranks":
+        """This process's rank; under torchrun the process group is made here, its collectives (the barriers
+        around rank-0-only stages) failing after `timeout_s` seconds (`RunConfig.ddp_timeout`)."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return Ranks()
         from accelerate import PartialState  # initialises the process group (gloo on CPU)
 
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
         return Ranks(state.process_index, state.num_processes)
 
     @property
@@ -155,7 +158,7 @@ class Run:
         self.cfg = cfg
         self.root = Path(cfg.run_dir)
         self.base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)
-        self.ranks = ranks or Ranks.detect()
+        self.ranks = ranks or Ranks.detect(cfg.ddp_timeout)
         self.log = log if self.ranks.is_main else (lambda _msg: None)
         self.bf16 = use_bf16(cfg.model.precision)
         self.skipped: list[str] = []
@@ -787,7 +790,8 @@ class Run:
         resume = last_checkpoint(work)
         set_seed(self.cfg.seed)
         model = add_lora(self.base.fresh(), self.cfg.lora)
-        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16, report_to=self.cfg.report_to)
+        args = training_arguments(tcfg, work, self.cfg.seed, self.bf16, report_to=self.cfg.report_to,
+                                  ddp_timeout=self.cfg.ddp_timeout)
         tc = self.cfg.train
         trainer = make_trainer(
             model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing,
