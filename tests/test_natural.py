@@ -122,6 +122,8 @@ def test_oracle_negatives_are_every_token_of_the_wrong_examples(tmp_path: Path, 
     tokens = datasets.load_from_disk(str(run / "data" / "tokens"))
     classes = datasets.load_from_disk(str(run / "partition" / "classes"))
     assert tokens["is_correct"] == [1, 0, 1, 1, 0, 1, 0, 1]
+    assert not (run / "reference").exists()  # the oracle ranks nothing: no reference trained, zero scores
+    assert {v for row in datasets.load_from_disk(str(run / "scores" / "scores"))["score"] for v in row} == {0.0}
     for ok, resp, cls in zip(tokens["is_correct"], tokens["response_mask"], classes["token_class"]):
         expected = [(1 if ok else -1) * m for m in resp]
         assert cls == expected

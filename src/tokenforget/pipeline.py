@@ -421,9 +421,16 @@ class Run:
         settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path")}
         return fingerprint("score", self.reference_fp(rnd), settings, self.bf16)
 
+    def scores_unused(self) -> bool:
+        """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is
+        trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs the base model's CE."""
+        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_REF_CE
+
     def score_fp(self, rnd: int = 1) -> str:
         """The scores stage's fingerprint: the scoring pass's for `paper` (so runs made before score methods
-        existed are reused), else the pass and the method."""
+        existed are reused), else the pass and the method; the data's alone when the scores are unused."""
+        if self.scores_unused():
+            return fingerprint("scores-unused", self.data_fp())
         raw, method = self.raw_score_fp(rnd), self.cfg.score.method
         return raw if method == "paper" else fingerprint("score-method", raw, method)
 
@@ -441,8 +448,17 @@ class Run:
         if name in self._loaded:
             return self._loaded[name]
         tokens = self.data()
-        ref_dir = None if self.cfg.score.precomputed_path else self.reference(rnd)
         fp = self.score_fp(rnd)
+        if self.scores_unused():
+            if self.is_done(name, fp):
+                self._skip(name)
+            elif self.ranks.is_main:
+                self.log(f"[{name}] the oracle partition ranks nothing: no reference, zero scores")
+                with self.writing(name, fp, {"unused": True}) as d:
+                    zero_scores(tokens).save_to_disk(str(d / "scores"))
+            self.ranks.barrier()
+            return self._load(name, "scores")
+        ref_dir = None if self.cfg.score.precomputed_path else self.reference(rnd)
         if self.is_done(name, fp):
             self._skip(name)
         else:
@@ -1006,6 +1022,13 @@ def read_precomputed(path: str, tokens: datasets.Dataset) -> datasets.Dataset:
         raise data_mod.DataError(f"{p}: scores contain NaN or infinite values")
     zeros = _list_column(our_offsets, np.zeros(len(ours), np.float32))
     return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": _list_column(our_offsets, sc.astype(np.float32))}))
+
+
+def zero_scores(tokens: datasets.Dataset) -> datasets.Dataset:
+    """`ce_base`, `ce_ref` and `score` all 0, shaped like the tokens (for a partition that ranks nothing)."""
+    _, offsets = flat_list_column(tokens.data.column("input_ids"))
+    zeros = _list_column(offsets, np.zeros(int(offsets[-1]), np.float32))
+    return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": zeros}))
 
 
 def known_bad_tokens(tokens: datasets.Dataset) -> np.ndarray:
