@@ -1,6 +1,8 @@
 """Peak resident memory and CPU tokens/s of a LoRA training, two stages, today's way against the new one.
 
-    python benchmarks/memory.py            # a random Llama of SmolLM2-135M's shape, batch 8 x 512 (~10 min on 2 cores)
+    python benchmarks/memory.py --reps 1 --warmup 0 --stage2-steps 0   # SmolLM2-135M's shape, batch 8 x 512: the
+                                           # recorded run, ~11 min on 2 shared cores (the defaults, 5 timed steps
+                                           # after 1 warm-up per variant, take an hour there: for a faster machine)
     python benchmarks/memory.py --quick    # a 2-layer model, batch 2 x 64: checks the code paths, not the targets
 
 Each variant runs in a child process of its own, one after the other, so its peak resident memory (VmHWM of
@@ -13,10 +15,12 @@ fp32 here). Variants:
     new     each stage trains LoRA on the shared, frozen base (`BaseModel.for_training`: `share_weights`)
     new+gc  as new, with gradient checkpointing (training.gradient_checkpointing: true)
 
-tokens/s: the first stage's steps after one untimed warm-up step (--reps of them, min/median/max of the step
-times), tokens = batch x length (every sequence is full length: no padding). The second stage runs --stage2-steps
-steps, for its memory. With --profile the new variant's last timed step runs under torch.profiler, and the
-share of CPU time in matrix products is printed (where the time goes). See docs/performance.md.
+tokens/s: the first stage's steps after --warmup untimed ones (--reps of them, min/median/max of the step
+times), tokens = batch x length (every sequence is full length: no padding). The second stage builds its model
+and runs --stage2-steps steps. Resident memory is also read once each stage's model and Trainer exist (VmRSS).
+With --profile the new variant's last step of stage 1 runs under torch.profiler, and the share of CPU time in
+matrix products is printed (where the time goes). See docs/performance.md for the run and its settings: at
+8 x 512 a step takes minutes on a shared 2-core CPU, so the recorded run times one step per variant.
 """
 
 from __future__ import annotations
@@ -88,11 +92,20 @@ def _step(trainer, batch) -> None:
     trainer.optimizer.zero_grad()
 
 
-def vm_hwm_bytes() -> int:
+def _status_bytes(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    return _status_bytes("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def child(a: argparse.Namespace) -> dict:
@@ -103,23 +116,25 @@ def child(a: argparse.Namespace) -> dict:
     lora = LoraSettings()  # the paper's r=64, alpha 16, dropout 0.1 on every linear
     times: list[float] = []
     matmul_share = None
-    for stage, steps in ((1, 1 + a.reps), (2, a.stage2_steps)):
+    built: list[int] = []  # resident bytes once each stage's model and Trainer exist, before its first step
+    for stage, steps in ((1, a.warmup + a.reps), (2, a.stage2_steps)):
         torch.manual_seed(stage)
         model = add_lora(copy.deepcopy(base.load()), lora) if a.child == "old" else base.for_training(lora)
         with tempfile.TemporaryDirectory() as tmp:
             trainer, batch = _trainer(model, a.batch, a.length, a.child == "new+gc", Path(tmp))
+            built.append(vm_rss_bytes())
             for i in range(steps):
                 profile = a.profile and a.child == "new" and stage == 1 and i == steps - 1
                 t0 = time.perf_counter()
-                if profile:
+                if profile:  # timed too: the profiler's overhead is small next to a step's matmuls
                     matmul_share = _profiled(lambda: _step(trainer, batch))
                 else:
                     _step(trainer, batch)
-                if stage == 1 and i > 0 and not profile:
+                if stage == 1 and i >= a.warmup:
                     times.append(time.perf_counter() - t0)
             del trainer, model, batch
         release_memory()
-    return {"variant": a.child, "vm_hwm": vm_hwm_bytes(), "after_load": loaded, "times": times,
+    return {"variant": a.child, "vm_hwm": vm_hwm_bytes(), "after_load": loaded, "built": built, "times": times,
             "matmul_share": matmul_share}
 
 
@@ -144,27 +159,33 @@ def parent(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(Path(tmp), a.quick)
         rows = []
-        for v in VARIANTS:
+        for v in a.variants:
             cmd = [sys.executable, __file__, "--child", v, "--model-dir", tmp, "--batch", str(a.batch),
-                   "--length", str(a.length), "--reps", str(a.reps), "--stage2-steps", str(a.stage2_steps)]
+                   "--length", str(a.length), "--reps", str(a.reps), "--stage2-steps", str(a.stage2_steps),
+                   "--warmup", str(a.warmup)]
             cmd += ["--profile"] if a.profile else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     tokens = a.batch * a.length
-    old_tps = tokens / statistics.median(rows[0]["times"])
-    print(f"LoRA r=64 training, batch {a.batch} x {a.length}, two stages, fp32, {a.reps} timed steps after 1 warm-up")
-    print("| variant | peak RSS (VmHWM) | RSS after loading the base | step s min/median/max | tokens/s (median) | vs old |")
+    old_tps = tokens / statistics.median(rows[0]["times"])  # the first variant is the anchor
+    print(f"LoRA r=64 training, batch {a.batch} x {a.length}, two stages, fp32, {a.reps} timed step(s) after "
+          f"{a.warmup} warm-up, {a.stage2_steps} step(s) in stage 2")
+    print("| variant | peak RSS (VmHWM) | RSS: base loaded / stage 1 built / stage 2 built | step s min/median/max "
+          "(n) | tokens/s (median) | vs old |")
     print("|---|---|---|---|---|---|")
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     for r in rows:
         t = r["times"]
         tps = tokens / statistics.median(t)
-        print(f"| {r['variant']} | {r['vm_hwm'] / 2**30:.2f} GiB | {r['after_load'] / 2**30:.2f} GiB | "
-              f"{min(t):.2f}/{statistics.median(t):.2f}/{max(t):.2f} | {tps:.0f} | {tps / old_tps:.2f}x |")
-    new = rows[1]
+        print(f"| {r['variant']} | {gib(r['vm_hwm'])} GiB | {gib(r['after_load'])} / "
+              f"{' / '.join(gib(b) for b in r['built'])} GiB | {min(t):.2f}/{statistics.median(t):.2f}/{max(t):.2f}"
+              f" ({len(t)}) | {tps:.0f} | {tps / old_tps:.2f}x |")
+    by = {r["variant"]: r for r in rows}
+    new = by.get("new", rows[-1])
     if new["matmul_share"] is not None:
         print(f"Profile of one new step: {100 * new['matmul_share']:.0f}% of CPU time in matrix products "
               "(mm, addmm, bmm, SDPA)")
-    best = min(r["vm_hwm"] for r in rows[1:])
+    best = min(r["vm_hwm"] for r in rows if r["variant"] != "old")
     print(f"Targets: peak <= 3 GiB: {'met' if best <= 3 * 2**30 else 'not met'} (best new {best / 2**30:.2f} GiB); "
           f"tokens/s >= 1.5x old: {'met' if tokens / statistics.median(new['times']) >= 1.5 * old_tps else 'not met'}")
     print(f"Wall time {time.time() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f} at the end")
@@ -173,11 +194,14 @@ def parent(a: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="timed steps in stage 1")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     ap.add_argument("--stage2-steps", type=int, default=1)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--length", type=int, default=None)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile the new variant's last step (its memory and "
+                    "time then include the profiler's: measure without it for the figures)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--child", choices=VARIANTS)
     ap.add_argument("--model-dir")
     a = ap.parse_args()

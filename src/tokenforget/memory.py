@@ -19,7 +19,10 @@ k, v counted as h), the MLP's gate, up, activation and product (4f), and D = the
 linears (LoRA's dropout keeps a copy of each input; 0 without LoRA). The head's cross-entropy runs in chunks
 of 256 rows (`losses.linear_cross_entropy`): one chunk of fp32 logits and their softmax, 2 x 256 x V x 4 bytes.
 Not counted: the framework itself (the Python process, torch and transformers: about 0.5-1 GB resident on a
-CPU), allocator fragmentation, the data set, evaluation. A guide for batch size and max_length, not a bound.
+CPU), allocator fragmentation, the data set, evaluation. A guide for batch size and max_length, not a bound:
+for SmolLM2-135M's shape at 8 x 512 in fp32 it gives 7.6 GiB without and 1.4 GiB with gradient checkpointing,
+where benchmarks/memory.py measured peaks of 10.5 GiB and 6.7 GiB (docs/performance.md; the gap with
+checkpointing is not yet explained).
 """
 
 from __future__ import annotations
