@@ -32,3 +32,19 @@ def test_run_on_cuda_in_bf16(tmp_path: Path, tiny_model_dir: Path):
     history = json.loads((run / "train-forget" / "log_history.json").read_text())
     losses = [e["loss"] for e in history if "loss" in e]
     assert losses and all(math.isfinite(x) for x in losses), history
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", [{"precision": "fp16"}, {"precision": "bf16", "weights": "bf16"}],
+                         ids=["fp16-loss-scaling", "bf16-weights"])
+def test_train_on_cuda_in_fp16_and_with_bf16_weights(tmp_path: Path, tiny_model_dir: Path, model: dict):
+    """`train --train.mode sft` with fp16 autocast and the Trainer's loss scaling over fp32 weights, and with
+    the frozen base in bf16 weights (LoRA in fp32): the stage is written and every logged loss is finite."""
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg["model"].update(model)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--train.mode", "sft"]) == 0
+    history = json.loads((tmp_path / "run" / "train-sft" / "log_history.json").read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses and all(math.isfinite(x) for x in losses), history

@@ -42,3 +42,15 @@ def test_gpu_benchmark_quick_mode_on_cpu(tmp_path):
         assert r["tokens_per_step"] == 64 and set(r["steps"]) == {"plain", "forget (chunked head)"}
         assert all(len(s["seconds"]) == 5 for s in r["steps"].values())
         assert 0 < r["ratios"]["forget (chunked head)"] < float("inf")
+
+
+def test_memory_benchmark_quick_mode_prints_every_variant():
+    """benchmarks/memory.py --quick: each variant in a child process, its peak memory and step times printed
+    (no figure is asserted: the quick model is too small for the difference to show)."""
+    script = Path(__file__).parents[1] / "benchmarks" / "memory.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--reps", "1", "--warmup", "0",
+                          "--stage2-steps", "1", "--profile"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "GiB" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["old", "new", "new+gc"]
+    assert "of CPU time in matrix products" in out.stdout and "Targets: peak <= 3 GiB" in out.stdout

@@ -81,7 +81,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     from tokenforget.pipeline import Run
 
     t0 = time.time()
-    base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)  # loaded once, copied (4-bit: reloaded) per training
+    base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)  # loaded once, shared by every training (4-bit: reloaded)
     modes = [*cfg.compare.modes, *cfg.compare.variants]  # variants train and table like modes
     top = Run(cfg, base=base, log=log)
     base_results = top.evaluate(None)

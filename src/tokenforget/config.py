@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_type_hints
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+WeightsDtype = Literal["fp32", "bf16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Mode = Literal["forget", "sft", "ignore", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 Selection = Literal["global", "per_sample", "threshold", "soft", "example", "oracle"]
@@ -55,8 +57,29 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """GGUF file name inside `name_or_path` (dequantised on load)."""
     precision: Precision = "auto"
-    """`auto`: bf16 autocast where the hardware has bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32."""
+    """`auto`: bf16 autocast where the hardware has bf16 (CUDA, or a CPU with AVX512-BF16/AMX), else fp32.
+    `fp16` (CUDA only, for GPUs without bf16): training in fp16 autocast with the Trainer's loss scaling over
+    fp32 weights; scoring and evaluation then run in fp32."""
+    weights: WeightsDtype = "fp32"
+    """dtype the base weights are loaded in. `bf16` halves their memory: LoRA only (the frozen base in bf16, the
+    adapter in fp32), on hardware with native bf16 (a CUDA GPU that has it, or a CPU with AVX512-BF16/AMX)."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """transformers' attention kernel: `sdpa` (PyTorch's scaled_dot_product_attention), `eager`, or
+    `flash_attention_2` (needs the `flash-attn` package and a CUDA GPU)."""
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        choices = get_args(AttnImplementation)
+        _check(self.attn_implementation in choices, "model.attn_implementation",
+               f"unknown '{self.attn_implementation}', choose from {list(choices)}")
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            _check(importlib.util.find_spec("flash_attn") is not None, "model.attn_implementation",
+                   "flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa")
+        _check(self.weights in get_args(WeightsDtype), "model.weights", f"must be fp32 or bf16, got '{self.weights}'")
+        _check(self.weights == "fp32" or self.precision in ("auto", "bf16"), "model.weights",
+               f"bf16 weights train in bf16 autocast: set model.precision to auto or bf16, not {self.precision}")
 
 
 @dataclass
@@ -550,6 +573,8 @@ class RunConfig:
             "train.training.training_args.eval_strategy",
             "evaluation needs a held-out file: set train.eval_path",
         )
+        _check(self.model.weights == "fp32" or self.lora.enabled, "model.weights",
+               "bf16 weights are a frozen base for LoRA; full fine-tuning (lora.enabled: false) keeps fp32 weights")
         _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
                "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
 

@@ -60,12 +60,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
-    """The base causal LM in fp32 weights (bf16 is applied as autocast, see `autocast`).
+    """The base causal LM, in fp32 weights (bf16 is applied as autocast, see `autocast`) or, with
+    `model.weights: bf16`, in bf16 weights (see `check_weights`); attention by `model.attn_implementation`.
 
     With `qlora` the linear layers are loaded in 4-bit NF4 instead (bitsandbytes), on this process's GPU
     (`local_rank`: under torchrun each rank its own).
     """
     path, gguf = resolve_model(cfg)
+    check_weights(cfg)
     kwargs: dict = {}
     if qlora:
         check_qlora(cfg)
@@ -74,12 +76,26 @@ def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
         from transformers import GgufConfig
 
         kwargs = {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
+    dtype = torch.bfloat16 if cfg.weights == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, **kwargs
+        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+        **kwargs,
     )
     if gguf:
         _forget_gguf_origin(model)
     return model
+
+
+def check_weights(cfg: ModelConfig) -> None:
+    """Raise a ConfigError naming `model.weights` unless bf16 weights are safe here: native bf16 matmuls (a CUDA
+    GPU with bf16, or a CPU with AVX512-BF16/AMX) and bf16 autocast for the fp32 LoRA parameters on top."""
+    if cfg.weights == "fp32":
+        return
+    if not use_bf16(cfg.precision):
+        raise ConfigError(
+            "config field 'model.weights': bf16 weights need native bf16 (a CUDA GPU that has it, or a CPU with "
+            "AVX512-BF16/AMX), and this machine has none; set model.weights: fp32"
+        )
 
 
 def local_rank() -> int:
@@ -126,7 +142,12 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
 
 @dataclass
 class BaseModel:
-    """The base model loaded once per process; every stage gets its own fresh copy."""
+    """The base model, loaded once per process and never changed; each stage gets its own module tree on it.
+
+    A stage that only reads the base weights (scoring, evaluation, LoRA training, where the base is frozen)
+    gets `frozen()`: a new module tree over the same weight tensors, so no weight is copied. A stage that
+    writes them (full fine-tuning, merging an adapter in place) gets `fresh()`: a deep copy.
+    """
 
     cfg: ModelConfig
     _model: Optional[PreTrainedModel] = field(default=None, repr=False)
@@ -140,13 +161,41 @@ class BaseModel:
             self._tokenizer = load_tokenizer(self.cfg)
         return self._tokenizer
 
+    def load(self) -> PreTrainedModel:
+        """The base model itself (loaded on the first call): read it, never train or merge into it."""
+        if self._model is None:
+            self._model = load_model(self.cfg)
+        return self._model
+
     def fresh(self) -> PreTrainedModel:
         """A deep copy of the base weights, so training one copy never touches another."""
         if self.qlora:
             return load_model(self.cfg, qlora=True)  # quantised weights live on the GPU: no deep copies
-        if self._model is None:
-            self._model = load_model(self.cfg)
-        return copy.deepcopy(self._model)
+        return copy.deepcopy(self.load())
+
+    def frozen(self) -> PreTrainedModel:
+        """The base as a model of its own that shares the base's weight tensors (see `share_weights`)."""
+        if self.qlora:
+            return load_model(self.cfg, qlora=True)
+        return share_weights(self.load())
+
+    def for_training(self, lora: LoraSettings) -> torch.nn.Module:
+        """A fresh LoRA adapter on the frozen shared base, or a deep copy for full fine-tuning."""
+        return add_lora(self.frozen() if lora.enabled else self.fresh(), lora)
+
+
+def share_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of `model` whose parameters and buffers share storage with `model`'s: no weight is copied.
+
+    Everything else (modules, config, hooks, flags) is deep-copied as before. Each parameter becomes a new
+    `Parameter` over the same storage, so what is set on the copy's parameters (peft's `requires_grad=False`)
+    leaves `model` alone; tied weights stay tied (one memo entry per tensor). Only for weights nobody writes:
+    an in-place update of the copy's weights (an optimizer step on them, `merge_and_unload`) would change
+    `model` too, so full fine-tuning and merging use a deep copy (`BaseModel.fresh`).
+    """
+    memo: dict[int, object] = {id(b): b for b in model.buffers()}
+    memo.update({id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()})
+    return copy.deepcopy(model, memo)
 
 
 def cpu_has_bf16() -> bool:
@@ -159,12 +208,22 @@ def cpu_has_bf16() -> bool:
 
 
 def use_bf16(precision: str) -> bool:
-    """Resolve `auto` to bf16 when the device supports it natively."""
+    """Resolve `auto` to bf16 when the device supports it natively; refuse `fp16` without a CUDA GPU."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "config field 'model.precision': fp16 (autocast with loss scaling) is for CUDA GPUs, and none is "
+            "visible; use auto or fp32 on a CPU"
+        )
     if precision != "auto":
         return precision == "bf16"
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_has_bf16()
+
+
+def use_fp16(precision: str) -> bool:
+    """fp16 autocast with the Trainer's loss scaling (TrainingArguments `fp16`); weights stay fp32."""
+    return precision == "fp16"
 
 
 def device() -> torch.device:

@@ -46,7 +46,7 @@ from tokenforget.config import (
     RECURRING_SENTENCE, VARIANT_SECTIONS, ConfigError, RunConfig, TrainingConfig, UserError, to_dict,
 )
 from tokenforget.losses import FORGET, LEARN, NEEDS_REF_CE, NO_LOSS, OBJECTIVES, PARTITION_FREE
-from tokenforget.models import BaseModel, add_lora, check_qlora, device, load_model, use_bf16
+from tokenforget.models import BaseModel, check_qlora, device, load_model, use_bf16, use_fp16
 from tokenforget.partition import flat_list_column, flat_token_classes, select_tokens, streaming_threshold
 from tokenforget.score import score_tokens
 from tokenforget.train import last_checkpoint, make_trainer, save_model, training_arguments
@@ -91,6 +91,7 @@ ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "partition": {"selection": "global", "threshold": 0.0},
     "reference": {"folds": 1, "rounds": 1, "checkpoint": None},
     "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
+    "model": {"weights": "fp32", "attn_implementation": "sdpa"},
 }
 
 
@@ -262,7 +263,7 @@ class Run:
 
     def data_fp(self) -> str:
         c = self.cfg
-        return fingerprint("data", stable_view("data", to_dict(c.data)), file_digest(c.data.path), to_dict(c.model))
+        return fingerprint("data", stable_view("data", to_dict(c.data)), file_digest(c.data.path), stable_view("model", to_dict(c.model)))
 
     def data(self) -> datasets.Dataset:
         """Tokenized training examples with response and corrupt masks."""
@@ -305,7 +306,7 @@ class Run:
             training = to_dict(c.reference.training)
             return fingerprint("reference-round", self.partition_fp(rnd - 1), training, to_dict(c.lora), c.seed)
         if c.reference.checkpoint:
-            return fingerprint("reference-checkpoint", _folder_digest(self._checkpoint_dir()), to_dict(c.model))
+            return fingerprint("reference-checkpoint", _folder_digest(self._checkpoint_dir()), stable_view("model", to_dict(c.model)))
         ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
 
@@ -562,18 +563,18 @@ class Run:
 
         if (ref_dir / FOLDS_FILE).is_file():
             folds = len(json.loads((ref_dir / FOLDS_FILE).read_text())["trained_on"])
-            model = PeftModel.from_pretrained(self.base.fresh(), str(ref_dir / "fold-0" / "adapter"), adapter_name="fold-0")
+            model = PeftModel.from_pretrained(self.base.frozen(), str(ref_dir / "fold-0" / "adapter"), adapter_name="fold-0")
             for k in range(1, folds):
                 model.load_adapter(str(ref_dir / f"fold-{k}" / "adapter"), adapter_name=f"fold-{k}")
             return model.to(device()), None
 
         adapter = ref_dir / "adapter" if (ref_dir / "adapter").is_dir() else ref_dir
         if (adapter / "adapter_config.json").is_file():
-            return PeftModel.from_pretrained(self.base.fresh(), str(adapter)).to(device()), None
+            return PeftModel.from_pretrained(self.base.frozen(), str(adapter)).to(device()), None
         full = ref_dir / "model" if (ref_dir / "model").is_dir() else ref_dir
         if not (full / "config.json").is_file():
             raise RunFolderError(f"reference: '{ref_dir}' holds no LoRA adapter (adapter_config.json) and no model (config.json)")
-        return AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32).to(device()), self.base.fresh().to(device())
+        return AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32).to(device()), self.base.frozen().to(device())
 
     # ------------------------------------------------------------ partition
 
@@ -805,9 +806,9 @@ class Run:
         work = self.work_dir(name, fp)
         resume = last_checkpoint(work)
         set_seed(self.cfg.seed)
-        model = add_lora(self.base.fresh(), self.cfg.lora)
+        model = self.base.for_training(self.cfg.lora)
         args = training_arguments(tcfg, work, self.cfg.seed, self.bf16, report_to=self.cfg.report_to,
-                                  ddp_timeout=self.cfg.ddp_timeout)
+                                  ddp_timeout=self.cfg.ddp_timeout, fp16=use_fp16(self.cfg.model.precision))
         tc = self.cfg.train
         trainer = make_trainer(
             model, self.base.tokenizer, train_set, args, mode, tc.lambda_schedule, tc.t_min, tc.t_max, tcfg.packing,
@@ -863,7 +864,7 @@ class Run:
     def _eval_target(self, target: Optional[str]) -> tuple[str, str, Callable[[], torch.nn.Module]]:
         """(stage suffix, fingerprint of the model, loader) for an eval target."""
         if target in (None, "base"):
-            return "base", fingerprint("base", to_dict(self.cfg.model)), self.base.fresh
+            return "base", fingerprint("base", stable_view("model", to_dict(self.cfg.model))), self.base.frozen
         trained = (*OBJECTIVES, *self.cfg.compare.variants)  # names of train stages
         stage = self.stage_dir(f"train-{target}") if target in trained else Path(target).expanduser()
         if not stage.is_dir():

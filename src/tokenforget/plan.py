@@ -12,6 +12,7 @@ Training batches are drawn at random, so their padded tokens are those of a seed
 value, not the Trainer's exact order); scoring batches are the scorer's own length-grouped batches.
 `run --dry-run` plans one mode; a command that trains several modes passes them all to `plan_run`.
 The estimate is for one process (under torchrun each rank does a share of the steps).
+Both print a memory estimate of each training to run, from the model's config file alone (`tokenforget.memory`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 from tokenforget import data as data_mod
 from tokenforget.config import TrainingConfig
 from tokenforget.losses import LEARN, PARTITION_FREE, forgetting_loss
+from tokenforget.memory import run_estimate
 from tokenforget.model_ce import model_token_ce
-from tokenforget.models import add_lora, autocast, device
+from tokenforget.models import autocast, device
 from tokenforget.pipeline import Run, round_stage
 from tokenforget.report import format_table
 from tokenforget.score import forward_ce, length_grouped_batches, pad_batch
@@ -222,7 +224,7 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
     cfg = run.cfg
     timing = Timing({}, {}, [])
     t0 = time.perf_counter()
-    run.base.fresh()  # loads the base once (later copies are deep copies)
+    run.base.load()  # loads the base once (stages share its weights)
     timing.notes.append(f"model load {time.perf_counter() - t0:.1f} s")
     trainings = [cfg.reference.training] if any(s.startswith("reference") for s in todo) else []
     trainings += [cfg.train.training] if any(s.startswith("train-") for s in todo) else []
@@ -265,7 +267,7 @@ def _time_train_step(
 ) -> float:
     """Seconds of one training micro-batch on a fresh LoRA copy: forward and per-token CE the way
     `ForgettingTrainer` computes them, the objective, backward, an AdamW step."""
-    model = add_lora(run.base.fresh(), run.cfg.lora).to(device())
+    model = run.base.for_training(run.cfg.lora).to(device())
     if gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
@@ -285,7 +287,7 @@ def _time_train_step(
 
 def _time_forward(run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor) -> float:
     """Seconds of one scoring forward (the scorer's `forward_ce`, response tokens only)."""
-    model = run.base.fresh().to(device()).eval()
+    model = run.base.frozen().to(device()).eval()
 
     def step() -> None:
         forward_ce(model, ids, attn, run.bf16, resp)
@@ -310,7 +312,7 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
         header.append("est. time")
         for row, p in zip(rows, plans):
             row.append("-" if p.reuse else _duration(p.seconds))
-    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows)]
+    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows), *memory_lines(run, plans)]
     nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
     if not timing.measured:
         lines.append(f"Wall time not estimated{nothing}: --dry-run-timing loads the model and times a few "
@@ -321,6 +323,20 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
     total = sum(p.seconds for p in plans if not p.reuse)
     lines.append(f"Estimated wall time of the stages to run: {_duration(total)}{nothing}")
     return "\n".join(lines)
+
+
+def memory_lines(run: Run, plans: Sequence[StagePlan]) -> list[str]:
+    """The memory estimate (`tokenforget.memory`) of each training configuration a stage to run uses."""
+    cfg = run.cfg
+    kinds = {_round_of(p.name)[0] if not p.name.startswith("train-") else "train" for p in plans if not p.reuse}
+    trainings = [cfg.reference.training] if "reference" in kinds else []
+    trainings += [cfg.train.training] if "train" in kinds else []
+    seen: dict[tuple[int, bool], str] = {}
+    for t in trainings:
+        key = (t.batch_size, t.gradient_checkpointing)
+        if key not in seen:
+            seen[key] = run_estimate(cfg.model, cfg.lora, t, cfg.data.max_length, run.bf16)
+    return list(seen.values())
 
 
 def _duration(seconds: float) -> str:

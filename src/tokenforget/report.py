@@ -50,7 +50,7 @@ def evaluate_models(
     golds = [r.messages[-1]["content"] for r in records]
     models: dict[str, Any] = {}
     for name in ["base", *stages]:
-        model = run.base.fresh().to(device()) if name == "base" else load_trained(stages[name])
+        model = run.base.frozen().to(device()) if name == "base" else load_trained(stages[name])
         log(f"[evaluate] {name}: generating {len(prompts)} answers")
         preds = generate(model, tok, prompts, max_new_tokens, batch_size=16, bf16=run.bf16)
         acc = answer_accuracy(preds, golds)

@@ -7,6 +7,7 @@ adds only the per-token class tensor and the objective. One code path trains all
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -286,7 +287,8 @@ def training_arguments(
     report_to: Sequence[str] = ("none",),
     **overrides: Any,
 ) -> TrainingArguments:
-    """TrainingArguments for one training; bf16 means autocast (weights stay fp32).
+    """TrainingArguments for one training; bf16 means autocast (over fp32 weights, or bf16 ones with
+    `model.weights: bf16`); `fp16=True` in `overrides` is fp16 autocast with loss scaling (CUDA only).
 
     Precedence, lowest first: our defaults and typed fields (with `report_to`, the Trainer's logging
     integrations such as `tensorboard`, see `send_tensorboard_to`), then `cfg.training_args` (any
@@ -410,6 +412,7 @@ def save_model(
 
         full = PeftModel.from_pretrained(dense_base(), str(out / "adapter")).merge_and_unload()
     else:
-        full = model.merge_and_unload() if is_peft else model
+        # merged into a copy: a LoRA base shares its weights with the next stage's (`BaseModel.frozen`)
+        full = copy.deepcopy(model).merge_and_unload() if is_peft else model
     full.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
