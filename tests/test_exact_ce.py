@@ -287,7 +287,9 @@ BF16_ATOL = 0.1
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi", "cohere"])
+# Not Cohere: its tiny model's logit scale of 3 (exaggerated, for the fp32 tests) puts logits near 20 (an H200 run,
+# 2026-11-29), outside the |y| <= 6 this tolerance is derived for; Granite's scaled head stands in for it.
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi", "granite"])
 def test_cuda_bf16_ce_close_to_model_logits_ce(arch):
     """bf16 weights on the GPU, LoRA on: per-token CE within BF16_ATOL of CE over the model's own bf16
     logits (upcast to fp32), finite gradients for every LoRA parameter."""

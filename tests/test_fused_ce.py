@@ -34,7 +34,13 @@ def installed(monkeypatch: pytest.MonkeyPatch, **versions: tuple[int, ...]) -> N
 ])
 def test_backend_choice(monkeypatch, versions, device, want, bias):
     installed(monkeypatch, **versions)
-    assert fused_backend(device, bias) == want
+    assert fused_backend(device, bias) == want  # in bf16, the dtype fused kernels are for
+
+
+def test_cut_cross_entropy_only_in_half_precision(monkeypatch):
+    """Its backward asserts bf16/fp16 embeddings (an H200 run, 2026-11-29): fp32 stays on the chunked head."""
+    installed(monkeypatch, cut_cross_entropy=(25, 1, 1))
+    assert [fused_backend(CUDA, False, d) for d in (torch.bfloat16, torch.float16, torch.float32)] == ["cce", "cce", "chunked"]
 
 
 def test_installed_version_reads_leading_integers():
@@ -57,7 +63,7 @@ def test_kernel_gets_the_scale_folded_into_hidden_and_bias(monkeypatch):
     """Hand values (as in test_exact_ce): h = [1, 0], W rows [0, 0], [ln 3, 0], scale 2: y = [0, ln 9],
     CE(token 1) = ln(10/9). The kernel must see s h = [2, 0] (and s b) and no scale."""
     calls: list = []
-    monkeypatch.setattr(fused_ce, "fused_backend", lambda _device, _bias: "liger")
+    monkeypatch.setattr(fused_ce, "fused_backend", lambda *_: "liger")
     monkeypatch.setitem(fused_ce.KERNELS, "liger", fake_kernel(calls))
     h = torch.tensor([[1.0, 0.0]])
     w = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
@@ -71,7 +77,7 @@ def test_folded_scale_bias_and_cap_equal_the_chunked_path_with_gradients(monkeyp
     gradients of hidden, weight and bias (fp32: only the order of operations differs), and the kernel runs
     with autocast off."""
     calls: list = []
-    monkeypatch.setattr(fused_ce, "fused_backend", lambda _device, _bias: "liger")
+    monkeypatch.setattr(fused_ce, "fused_backend", lambda *_: "liger")
     monkeypatch.setitem(fused_ce.KERNELS, "liger", fake_kernel(calls))
     torch.manual_seed(0)
     h, w, b = (torch.randn(*s, requires_grad=True) for s in [(7, 5), (11, 5), (11,)])
@@ -88,7 +94,7 @@ def test_folded_scale_bias_and_cap_equal_the_chunked_path_with_gradients(monkeyp
 
 def test_no_rows_stays_on_the_chunked_path(monkeypatch):
     """Zero loss tokens in a batch: no kernel call (the chunked path returns an empty, differentiable CE)."""
-    monkeypatch.setattr(fused_ce, "fused_backend", lambda _device, _bias: "liger")
+    monkeypatch.setattr(fused_ce, "fused_backend", lambda *_: "liger")
     monkeypatch.setitem(fused_ce.KERNELS, "liger", lambda *a: pytest.fail("kernel called on no rows"))
     h = torch.zeros(0, 4, requires_grad=True)
     out = head_cross_entropy(h, torch.randn(6, 4), torch.zeros(0, dtype=torch.long))
@@ -112,9 +118,11 @@ def test_cuda_kernel_equals_cross_entropy_over_logits(monkeypatch, backend, logi
     test_exact_ce (same reasoning: fp32, only the order of sums differs) of F.cross_entropy over the logits."""
     if backend == "cce" and with_bias:
         pytest.skip("cut cross-entropy takes no bias (fused_backend never picks it for one)")
+    if backend == "cce":
+        pytest.skip("cut cross-entropy's backward refuses fp32 inputs (fused_backend picks it for bf16/fp16 only)")
     if backend not in installed_kernels():
         pytest.skip(f"{backend} is not installed (pip install 'tokenforget[{'cuda' if backend == 'liger' else 'cce'}]')")
-    monkeypatch.setattr(fused_ce, "fused_backend", lambda _device, _bias: backend)
+    monkeypatch.setattr(fused_ce, "fused_backend", lambda *_: backend)
     torch.manual_seed(0)
     n, hid, vocab = 37, 64, 1000
     h = torch.randn(n, hid, device="cuda", requires_grad=True)

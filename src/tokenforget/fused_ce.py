@@ -41,16 +41,17 @@ def installed_version(dist: str) -> Optional[tuple[int, ...]]:
     return tuple(int(n) for n in re.match(r"\d+(?:\.\d+)*", text).group().split("."))
 
 
-def fused_backend(device: torch.device, bias: bool = False) -> Backend:
-    """Which backend `head_cross_entropy` uses for tensors on `device` (and a head with a `bias`): on CUDA,
-    Liger (>= 0.8.2) when installed, else cut cross-entropy when installed and the head has no bias;
-    `chunked` otherwise and on every other device."""
+def fused_backend(device: torch.device, bias: bool = False, dtype: torch.dtype = torch.bfloat16) -> Backend:
+    """Which backend `head_cross_entropy` uses for tensors on `device` (and a head with a `bias`) computed in
+    `dtype`: on CUDA, Liger (>= 0.8.2) when installed, else cut cross-entropy when installed, the head has no
+    bias and `dtype` is bf16 or fp16 (its backward refuses fp32: seen on an H200, 2026-11-29); `chunked`
+    otherwise and on every other device."""
     if device.type != "cuda":
         return "chunked"
     liger = installed_version("liger-kernel")
     if liger is not None and liger >= LIGER_MIN:
         return "liger"
-    if installed_version("cut-cross-entropy") is not None and not bias:
+    if installed_version("cut-cross-entropy") is not None and not bias and dtype in (torch.bfloat16, torch.float16):
         return "cce"
     return "chunked"
 
@@ -69,11 +70,11 @@ def head_cross_entropy(
     The kernels run in the autocast dtype when autocast is on (as the chunked path's matmuls do), else in
     `hidden`'s dtype; `chunk_size` is the chunked path's only.
     """
-    backend = fused_backend(hidden.device, bias is not None)
-    if backend == "chunked" or hidden.shape[0] == 0:  # an empty batch: the chunked path keeps the graph
-        return linear_cross_entropy(hidden, weight, targets, chunk_size, bias, logit_map)
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    backend = fused_backend(hidden.device, bias is not None, dtype)
+    if backend == "chunked" or hidden.shape[0] == 0:  # an empty batch: the chunked path keeps the graph
+        return linear_cross_entropy(hidden, weight, targets, chunk_size, bias, logit_map)
     s = logit_map.scale  # y = c tanh(s z / c) = c tanh(z' / c) with z' = (s h) W^T + s b
     h = hidden.to(dtype) * s if s != 1.0 else hidden.to(dtype)
     b = None if bias is None else (bias.to(dtype) * s if s != 1.0 else bias.to(dtype))
