@@ -81,7 +81,7 @@ def peak_flops(override: Optional[float]) -> Optional[float]:
 def chunked_head() -> Iterator[None]:
     """Force `fused_ce`'s chunked path (ours, `losses.linear_cross_entropy`) inside the block."""
     chosen = fused_ce.fused_backend
-    fused_ce.fused_backend = lambda _device, _bias=False: "chunked"
+    fused_ce.fused_backend = lambda *_: "chunked"
     try:
         yield
     finally:
