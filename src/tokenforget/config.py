@@ -616,8 +616,8 @@ class DemoConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
-    n_train: int = 240
-    """Training examples generated."""
+    n_train: int = 160
+    """Training examples generated (160 at learning rate 1e-3: clean SFT reaches 0.46 held-out accuracy, docs/results.md)."""
     n_test: int = 48
     """Clean held-out examples for accuracy and gold NLL."""
     noise: float = 0.4
@@ -634,7 +634,7 @@ class DemoConfig:
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
     epochs: float = 1.0
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3  # 2e-4 left the task unlearned (accuracy 0.02 with 240 examples, docs/report.md)
     batch_size: int = 8
     max_new_tokens: int = 72
     n_trusted: int = 72
