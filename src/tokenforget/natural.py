@@ -61,18 +61,14 @@ def choose_solution(row: dict[str, Any], source: str, rng: random.Random) -> tup
 
 
 def read_solutions(path: Path) -> list[dict[str, Any]]:
-    """Rows of the model-solutions file; a malformed row is an error naming its line."""
+    """Rows of the model-solutions file; a row without the fields is an error naming its line."""
+    from tokenforget.data import _read_jsonl  # the project's one JSON-lines reader (errors name file and line)
+
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in _read_jsonl(path):
         missing = [k for k in ("question", "ground_truth", *SOLUTION_SOURCES) if k not in row]
         if missing:
-            raise UserError(f"{path}:{n}: missing field '{missing[0]}' (a model-solutions row needs question, "
+            raise UserError(f"{where}: missing field '{missing[0]}' (a model-solutions row needs question, "
                             f"ground_truth and {', '.join(SOLUTION_SOURCES)})")
         rows.append(row)
     return rows
@@ -80,13 +76,13 @@ def read_solutions(path: Path) -> list[dict[str, Any]]:
 
 def read_gsm8k(path: Path) -> list[dict[str, str]]:
     """GSM8K rows (`question`, `answer`); a row without them is an error naming its line."""
+    from tokenforget.data import _read_jsonl
+
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if "question" not in row or "answer" not in row:
-                raise UserError(f"{path}:{n}: a GSM8K row needs 'question' and 'answer'")
-            rows.append({"question": row["question"], "answer": row["answer"]})
+    for where, row in _read_jsonl(path):
+        if "question" not in row or "answer" not in row:
+            raise UserError(f"{where}: a GSM8K row needs 'question' and 'answer'")
+        rows.append({"question": row["question"], "answer": row["answer"]})
     return rows
 
 
