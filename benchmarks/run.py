@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from tokenforget.config import LoraSettings, ModelConfig, TrainingConfig  # noqa: E402
+from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
 from tokenforget.models import add_lora, cpu_has_bf16, load_model  # noqa: E402
 from tokenforget.partition import flat_token_classes, streaming_threshold  # noqa: E402
 from tokenforget.score import forward_ce, length_grouped_batches, pad_batch, score_tokens  # noqa: E402
@@ -123,7 +123,7 @@ def _trainer(model, examples, mode: str | None, bf16: bool, tmp: Path, packing: 
     if mode is None:  # plain SFT: transformers' own loss from `labels`
         t = Trainer(model=model, args=args, train_dataset=data, data_collator=_LabelCollator())
     else:
-        t = make_trainer(model, _Tok(), data, args, mode, t_min=0.1, t_max=0.25, packing=packing)
+        t = make_trainer(model, _Tok(), data, args, ObjectiveConfig(mode=mode, t_min=0.1, t_max=0.25), packing=packing)
     t.create_optimizer_and_scheduler(num_training_steps=1000)
     return t
 

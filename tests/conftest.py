@@ -7,7 +7,10 @@ import os
 import re
 from pathlib import Path
 
+import datasets
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -95,14 +98,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tiny_run_config(tmp_path: Path, model_dir: Path, n_examples: int = 24) -> dict:
-    """A run config (as a dict, for YAML) on the tiny model: `n_examples` demo examples in `train.jsonl`,
-    batch 4, a log entry at every step, a reference on a quarter of the examples."""
+def tiny_run_config(
+    tmp_path: Path, model_dir: Path, n_examples: int = 24, rows: list[dict] | None = None, noise: float = 0.25,
+    **sections: dict,
+) -> dict:
+    """The one run config (as a dict, for YAML) the tests build on: the tiny model, `n_examples` demo examples
+    with `noise` (or `rows`) in `train.jsonl`, batch 4, a log entry at every step, a reference on a quarter of the
+    examples. `sections`: fields that replace or extend these, section by section (`run_dir` as a string)."""
     from tokenforget.demo import make_examples
 
-    data = write_jsonl(tmp_path / "train.jsonl", make_examples(n_examples, seed=0, noise=0.25))
+    data = write_jsonl(tmp_path / "train.jsonl", rows if rows is not None else make_examples(n_examples, seed=0, noise=noise))
     training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
-    return {
+    cfg: dict = {
         "run_dir": str(tmp_path / "run"),
         "model": {"name_or_path": str(model_dir), "precision": "fp32"},
         "lora": {"r": 4, "alpha": 8},
@@ -111,6 +118,9 @@ def tiny_run_config(tmp_path: Path, model_dir: Path, n_examples: int = 24) -> di
         "score": {"batch_size": 8},
         "train": {"training": training},
     }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return cfg
 
 
 # Records a report must show as text: markup, and characters outside the tiny tokenizer's vocabulary
@@ -162,3 +172,99 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- run configs on the tiny model
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """`tiny_run_config` written to `config.yaml`: a run of every stage on 24 demo examples."""
+    return write_config(tmp_path, tiny_run_config(tmp_path, tiny_model_dir))
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "config.yaml") -> Path:
+    """`cfg` as a YAML file in `tmp_path`."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+LOG_DIRS = {"tensorboard", "report"}  # what the commands write beside the stages
+
+
+def stage_dirs(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in LOG_DIRS)
+
+
+def gsm8k_rows(n: int, seed: int) -> list[dict]:
+    """The demo's arithmetic task in GSM8K form (answer ends with '#### N')."""
+    from tokenforget.demo import make_examples
+
+    return [{"question": r["prompt"], "answer": r["completion"] + f"\n#### {r['answer']}"} for r in make_examples(n, seed, 0.0)]
+
+
+def labelled_config(tmp_path: Path, model_dir: Path) -> Path:
+    """The tiny run config on 8 examples, examples 1, 4 and 6 labelled wrong, the others right."""
+    cfg = tiny_run_config(tmp_path, model_dir, n_examples=8)
+    rows = [json.loads(line) for line in Path(cfg["data"]["path"]).read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r.pop("corrupt_spans", None)  # natural noise: a label per example, no token spans
+        r["is_correct"] = i not in (1, 4, 6)
+    write_jsonl(Path(cfg["data"]["path"]), rows)
+    return write_config(tmp_path, cfg)
+
+
+
+# ---------------------------------------------------------------- a toy training set with hand-set classes
+
+# Four examples of different lengths; classes mix learn (+1), forget (-1) and no-loss (0) tokens.
+IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
+CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]
+
+
+def toy_dataset() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS})
+
+
+class GradCapture(TrainerCallback):
+    """Keeps the gradients of the first optimizer step (before the optimizer touches them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def first_step_grads(
+    model_dir, tmp_path, batch_size: int, grad_accum: int, tokenizer, data=None, **objective_kw
+) -> dict[str, torch.Tensor]:
+    """Gradients of one `forget` step at lambda 0.2 (`data` default: the toy data set; `objective_kw`:
+    more `ObjectiveConfig` fields, e.g. forget_term)."""
+    from tokenforget.config import ObjectiveConfig, TrainingConfig
+    from tokenforget.train import make_trainer, training_arguments
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = TrainingConfig(learning_rate=1e-3, batch_size=batch_size, grad_accum=grad_accum, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0)
+    args = training_arguments(cfg, tmp_path / f"b{batch_size}", seed=0, bf16=False, disable_tqdm=True)
+    data = toy_dataset() if data is None else data
+    trainer = make_trainer(model, tokenizer, data, args, ObjectiveConfig(t_min=0.2, t_max=0.2, **objective_kw))
+    cap = GradCapture(model)
+    trainer.add_callback(cap)
+    trainer.train()
+    return cap.grads
+
+
+def weighted_dataset() -> tuple[datasets.Dataset, list[list[float]], list[list[float]]]:
+    """The toy examples with seeded `token_weight` in [0, 1) and `ce_base` in [0, 3) on every token."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.rand(len(ids), generator=gen).tolist() for ids in IDS]
+    ce_base = [(3 * torch.rand(len(ids), generator=gen)).tolist() for ids in IDS]
+    data = datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS, "token_weight": weights, "ce_base": ce_base})
+    return data, weights, ce_base
+
+

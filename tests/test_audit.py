@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import labelled_config
 from tokenforget.audit import sample_auroc, suspicion_measures, worst_spans
 from tokenforget.cli import main
-from test_natural import labelled_config
 
 
 def test_worst_span_is_the_highest_window_mean_within_each_example():

@@ -14,26 +14,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_run_config, write_jsonl
+from conftest import stage_dirs, write_jsonl
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
 
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
-
-
-LOG_DIRS = {"tensorboard", "report"}  # what the commands write beside the stages
-
-
-def stage_dirs(run: Path) -> list[str]:
-    return sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in LOG_DIRS)
-
-
-@pytest.fixture
-def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    cfg = tiny_run_config(tmp_path, tiny_model_dir)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_run_every_stage_then_reuse(config: Path, capsys):

@@ -3,47 +3,34 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import write_jsonl
+from conftest import gsm8k_rows, tiny_run_config, write_config, write_jsonl
 from tokenforget.cli import main
 from tokenforget.compare import RESULTS_FILE, TABLE_FILE, mean_std, summarize
-from tokenforget.demo import make_examples
 
 MODES = ["sft", "ignore", "forget"]
 
 
-def gsm8k_rows(n: int, seed: int) -> list[dict]:
-    """The demo's arithmetic task in GSM8K form (answer ends with '#### N')."""
-    return [{"question": r["prompt"], "answer": r["completion"] + f"\n#### {r['answer']}"} for r in make_examples(n, seed, 0.0)]
-
-
 @pytest.fixture
 def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    train = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(16, 0))
     test = write_jsonl(tmp_path / "test.jsonl", gsm8k_rows(4, 1))
-    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
-    cfg = {
-        "run_dir": str(tmp_path / "cmp"),
-        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(train), "max_length": 128, "corrupt_fraction": 0.5, "corrupt_seed": 3},
-        "reference": {"fraction": 0.5, "training": training},
-        "train": {"training": training},
-        "eval": {"gsm8k": str(test), "limit": 2, "max_new_tokens": 4, "batch_size": 4,
-                 "diversity_prompts": 2, "diversity_samples": 2},
-        "compare": {"seeds": [1, 2]},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = tiny_run_config(
+        tmp_path, tiny_model_dir, rows=gsm8k_rows(16, 0), run_dir=str(tmp_path / "cmp"),
+        data={"corrupt_fraction": 0.5, "corrupt_seed": 3}, reference={"fraction": 0.5}, score={"batch_size": 8},
+        eval={"gsm8k": str(test), "limit": 2, "max_new_tokens": 4, "batch_size": 4, "diversity_prompts": 2,
+              "diversity_samples": 2},
+        compare={"seeds": [1, 2]},
+    )
+    return write_config(tmp_path, cfg)
 
 
 def test_compare_two_seeds_end_to_end(config: Path, capsys):
     root = config.parent / "cmp"
+    started = time.time()
     assert main(["compare", str(config)]) == 0
     out = capsys.readouterr().out
     assert "Paired difference to sft" in out and "Comparison over seeds 1, 2" in out
@@ -69,7 +56,12 @@ def test_compare_two_seeds_end_to_end(config: Path, capsys):
     assert set(res["paired_vs_sft"]) == {"ignore", "forget"} and "average" in res["paired_vs_sft"]["forget"]
     assert set(res["paired_vs_sft"]["forget"]["gsm8k_nll"]["stderr_per_seed"]) == {"1", "2"}
     assert set(res["detection"]) == {"1", "2"} and res["detection"]["1"]["n_corrupt"] > 0
-    assert res["versions"]["lm_eval"] and res["machine"] and res["wall_s"] > 0
+    from importlib.metadata import version
+
+    from tokenforget.compare import machine
+
+    assert res["versions"]["lm_eval"] == version("lm_eval") and res["machine"] == machine()
+    assert 0 < res["wall_s"] < time.time() - started
 
     assert main(["compare", str(config)]) == 0  # a rerun trains and evaluates nothing
     out = capsys.readouterr().out

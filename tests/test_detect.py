@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import write_jsonl
+from conftest import tiny_run_config, write_config, write_jsonl
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
 from tokenforget.score_methods import SCORE_METHODS
@@ -19,20 +18,9 @@ from tokenforget.score_methods import SCORE_METHODS
 @pytest.fixture
 def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """30 records: the first 20 are scored, the next 6 are the trusted split."""
-    data = write_jsonl(tmp_path / "train.jsonl", make_examples(30, seed=0, noise=0.0))
-    training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
-    cfg = {
-        "run_dir": str(tmp_path / "detect"),
-        "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(data), "max_length": 128, "limit": 20},
-        "reference": {"fraction": 0.25, "training": training},
-        "detect": {"fraction": 0.2, "trusted_size": 6},
-        "report_to": ["none"],
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=30, noise=0.0, run_dir=str(tmp_path / "detect"),
+                          data={"limit": 20}, detect={"fraction": 0.2, "trusted_size": 6}, report_to=["none"])
+    return write_config(tmp_path, cfg)
 
 
 def test_detect_every_kind_reference_and_method(config: Path, capsys):
@@ -46,7 +34,12 @@ def test_detect_every_kind_reference_and_method(config: Path, capsys):
         (k, ref, m) for k in kinds for ref in refs for m in SCORE_METHODS
     ]
     for r in res["rows"]:
-        assert r["n_corrupt"] > 0 and 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        # counts behind the ratios: recall = found / n_corrupt; AUROC = (pairs ranked right + ties / 2) / pairs,
+        # so 2 x AUROC x n_corrupt x n_clean is a whole number of half-pairs
+        n_bad, n_good = r["n_corrupt"], r["n_tokens"] - r["n_corrupt"]
+        assert n_bad > 0 and n_good > 0
+        assert r["recall"] * n_bad == pytest.approx(round(r["recall"] * n_bad), abs=1e-6)
+        assert 2 * r["auroc"] * n_bad * n_good == pytest.approx(round(2 * r["auroc"] * n_bad * n_good), abs=1e-3)
         assert r["corrupt_share"] == pytest.approx(r["n_corrupt"] / r["n_tokens"])
     # one trusted reference, trained once on the 6 records after the 20 scored ones, reused as a checkpoint
     trusted = [json.loads(line) for line in (root / "trusted.jsonl").read_text().splitlines()]

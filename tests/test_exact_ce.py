@@ -202,6 +202,7 @@ def test_trainer_loss_equals_the_objective_over_model_logits(arch, tmp_path):
     from transformers import TrainingArguments
 
     from tokenforget.losses import forgetting_loss
+    from tokenforget.config import ObjectiveConfig
     from tokenforget.train import ForgettingTrainer
 
     model = lora(build(arch))
@@ -209,7 +210,7 @@ def test_trainer_loss_equals_the_objective_over_model_logits(arch, tmp_path):
     alternating = 1 - 2 * (torch.arange(ids.shape[1]) % 2)  # (T,): +1, -1, +1, ...
     cls = torch.where(positions, alternating, 0)  # (B, T): learn and forget tokens in turn
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = ForgettingTrainer(model=model, args=args, objective="forget", lambda_schedule="constant", t_max=0.2)
+    trainer = ForgettingTrainer(model=model, args=args, objective=ObjectiveConfig(schedule="constant", t_max=0.2))
     loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "token_class": cls})
     want = forgetting_loss(reference_ce(model, ids, mask, positions), cls, 0.2).loss
     assert abs(float(loss) - float(want)) < CE_ATOL

@@ -11,11 +11,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import write_jsonl
-from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
-from test_train import GradCapture, toy_dataset
+from conftest import GradCapture, toy_dataset, write_jsonl
 from tokenforget.cli import main
-from tokenforget.config import ConfigError, DataConfig, LoraSettings, RunConfig, TrainConfig, TrainingConfig
+from tokenforget.config import ConfigError, DataConfig, LoraSettings, ObjectiveConfig, RunConfig, TrainConfig, TrainingConfig
 from tokenforget.data import load_records, tokenize_records
 from tokenforget.models import add_lora, qlora_config
 from tokenforget.score import forward_ce, pad_batch
@@ -60,7 +58,7 @@ def test_the_readme_knobs_example_is_a_valid_config(tmp_path):
     assert cfg.train.training.training_args["metric_for_best_model"] == "eval_loss"
 
 
-def test_a_value_trainingarguments_rejects_stops_before_any_stage(config: Path, capsys):  # noqa: F811
+def test_a_value_trainingarguments_rejects_stops_before_any_stage(config: Path, capsys):
     assert main(["run", str(config), "--train.training.training_args", '{"optim": "no_such_optimizer"}']) == 2
     assert "config field 'train.training.training_args'" in capsys.readouterr().err
     assert not (config.parent / "run").exists()
@@ -73,7 +71,7 @@ def test_peft_args_reach_the_lora_config(tiny_model_dir):
     assert (peft_cfg.r, peft_cfg.use_rslora, set(peft_cfg.target_modules)) == (4, True, {"q_proj", "v_proj"})
 
 
-def test_eval_split_and_pass_through_eval_fields_reach_the_trainer(config: Path, tmp_path: Path, tiny_tokenizer, tiny_model_dir):  # noqa: F811
+def test_eval_split_and_pass_through_eval_fields_reach_the_trainer(config: Path, tmp_path: Path, tiny_tokenizer, tiny_model_dir):
     """`eval_on_start`, a field only the pass-through sets, makes the Trainer evaluate before step 1: that
     eval_loss must be the base model's mean NLL over the held-out response tokens (3 examples, one eval
     batch of 4), computed here by hand. Evaluation then runs after each of the 2 steps; the Trainer
@@ -113,7 +111,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir, tiny_tok
         torch.manual_seed(0)
         model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraSettings(r=4, alpha=8))
         cfg = TrainingConfig(batch_size=4, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0, gradient_checkpointing=gc)
-        trainer = make_trainer(model, tiny_tokenizer, toy_dataset(), training_arguments(cfg, tmp_path / str(gc), 0, False), "forget", t_max=0.2)
+        trainer = make_trainer(model, tiny_tokenizer, toy_dataset(), training_arguments(cfg, tmp_path / str(gc), 0, False), ObjectiveConfig(t_max=0.2))
         cap = GradCapture(model)
         trainer.add_callback(cap)
         trainer.train()
@@ -124,7 +122,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir, tiny_tok
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
 
 
-def test_qlora_without_a_gpu_stops_before_any_stage(config: Path, capsys):  # noqa: F811
+def test_qlora_without_a_gpu_stops_before_any_stage(config: Path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the CPU error does not apply")
     assert main(["run", str(config), "--lora.qlora", "true"]) == 2

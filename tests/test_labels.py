@@ -13,8 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny
-from test_cli import config, stage_dirs  # noqa: F401  (config: fixture, a run config on the tiny model)
+from conftest import build_tiny, stage_dirs
 from tokenforget.cli import main
 from tokenforget.config import ModelConfig
 from tokenforget.data import DataError
@@ -22,7 +21,7 @@ from tokenforget.labels import labels_table, read_labels, tokenizer_digest, writ
 from tokenforget.models import load_tokenizer
 
 
-def test_partition_exports_ids_scores_and_classes(config: Path, tiny_tokenizer):  # noqa: F811
+def test_partition_exports_ids_scores_and_classes(config: Path, tiny_tokenizer):
     """Every column equals the stage it comes from, row by row, in data order."""
     run = config.parent / "run"
     assert main(["partition", str(config)]) == 0
@@ -40,7 +39,7 @@ def test_partition_exports_ids_scores_and_classes(config: Path, tiny_tokenizer):
     assert meta["tokenizer"] == tokenizer_digest(tiny_tokenizer) and meta["rho"] == 0.7
 
 
-def test_training_from_exported_labels_needs_no_scoring_and_gives_the_same_model(config: Path, tmp_path: Path):  # noqa: F811
+def test_training_from_exported_labels_needs_no_scoring_and_gives_the_same_model(config: Path, tmp_path: Path):
     """Run A trains `forget` the usual way; run B trains on A's labels.parquet with a data path that does not
     exist. B writes only its train stage, and its adapter is bit-identical to A's: same seed, same token
     ids and classes in the same order, same code path."""

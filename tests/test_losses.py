@@ -152,25 +152,25 @@ def test_wga_gradient_is_sg_p_beta_times_the_ga_gradient():
 
 
 def test_tnpo_hand_value():
-    """ref_ce: 2.0 at (0, 2) (p = p_ref: w = 1) and 3.0 at (1, 1) (p = e^-4 < p_ref = e^-3):
+    """ce_base: 2.0 at (0, 2) (p = p_ref: w = 1) and 3.0 at (1, 1) (p = e^-4 < p_ref = e^-3):
     w = 2 e^-4 / (e^-4 + e^-3) = 2 / (1 + e) = 0.5378828. f sum = -2 - 0.5378828 * 4 = -4.1515313;
     loss = 1.5 + 0.2 * -4.1515313 / 2 = 1.0848469."""
     ref = torch.tensor([[0.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]])
-    out = forgetting_loss(LOSS, CLS, 0.2, ref_ce=ref, forget_term="tnpo", beta=1.0).loss
+    out = forgetting_loss(LOSS, CLS, 0.2, ce_base=ref, forget_term="tnpo", beta=1.0).loss
     assert out.item() == pytest.approx(1.0848469, abs=1e-6)
-    with pytest.raises(ValueError, match="ref_ce"):
+    with pytest.raises(ValueError, match="ce_base"):
         forgetting_loss(LOSS, CLS, 0.2, forget_term="tnpo")
 
 
 def test_tnpo_at_the_reference_equals_ga_in_value_and_gradient():
-    """p = p_ref everywhere (ref_ce = the model's own CE, as at step 0 of training): w = 1, so tnpo = ga."""
+    """p = p_ref everywhere (ce_base = the model's own CE, as at step 0 of training): w = 1, so tnpo = ga."""
     torch.manual_seed(2)
     logits = torch.randn(2, 5, 7, requires_grad=True)
     ids, cls = torch.randint(0, 7, (2, 5)), torch.tensor([[0, 1, -1, -1, 1], [0, -1, 1, 1, -1]])
     out = {}
     for term in ("ga", "tnpo"):
         ce = token_cross_entropy(logits, ids)
-        loss = forgetting_loss(ce, cls, 0.3, ref_ce=ce.detach(), forget_term=term, beta=2.0).loss
+        loss = forgetting_loss(ce, cls, 0.3, ce_base=ce.detach(), forget_term=term, beta=2.0).loss
         out[term] = (loss.detach(), torch.autograd.grad(loss, logits)[0])
     torch.testing.assert_close(out["tnpo"][0], out["ga"][0])
     torch.testing.assert_close(out["tnpo"][1], out["ga"][1])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tiny_run_config, write_jsonl
+from conftest import labelled_config, tiny_run_config, write_jsonl
 from tokenforget.cli import main
 from tokenforget.config import PrepareConfig, UserError
 from tokenforget.evaluate import result_spans
@@ -98,19 +98,6 @@ def test_result_spans_are_the_numbers_after_equals_and_hashes():
     text = "He sold 48/2 = <<48/2=24>>24 clips and 1,000 = $1,000.\n#### 72"
     # the `>>24` after the note is a copy of its result, not a prediction of it: not counted
     assert [text[a:b] for a, b in result_spans(text)] == ["24", "1,000", "72"]
-
-
-def labelled_config(tmp_path: Path, model_dir: Path) -> Path:
-    """The tiny run config on 8 examples, examples 1, 4 and 6 labelled wrong, the others right."""
-    cfg = tiny_run_config(tmp_path, model_dir, n_examples=8)
-    rows = [json.loads(line) for line in Path(cfg["data"]["path"]).read_text().splitlines()]
-    for i, r in enumerate(rows):
-        r.pop("corrupt_spans", None)  # natural noise: a label per example, no token spans
-        r["is_correct"] = i not in (1, 4, 6)
-    write_jsonl(Path(cfg["data"]["path"]), rows)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_oracle_negatives_are_every_token_of_the_wrong_examples(tmp_path: Path, tiny_model_dir: Path):

@@ -8,7 +8,6 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from conftest import forbid_loading
-from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
 from tokenforget.cli import main, parse_config
 from tokenforget.config import TrainingConfig
 from tokenforget.pipeline import Run
@@ -28,7 +27,7 @@ def statuses(out: str, stages: list[str]) -> dict[str, str]:
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
 
-def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys, monkeypatch):  # noqa: F811
+def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys, monkeypatch):
     run = config.parent / "run"
     with monkeypatch.context() as m:
         forbid_loading(m, AutoModelForCausalLM)  # a plain dry run loads only the tokenizer
@@ -56,7 +55,7 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys,
         "data": "reuse", "reference": "reuse", "scores": "run", "train-forget": "run"}
 
 
-def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, capsys, monkeypatch):  # noqa: F811
+def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, capsys, monkeypatch):
     """A comparison fills `run_dir/seed-<s>/`; with the first seed's data, reference and scores finished, its
     plan reuses them. The variant `rho5` has a partition of its own, so a real compare copies those stages
     into `seed-1/variant-rho5/`; the dry run copies nothing, writes nothing, loads no model. Steps by hand:
@@ -80,7 +79,7 @@ def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, c
     assert all("6 optimizer steps of 4 x 1" in works[s] for s in ["train-sft", "train-forget", "train-rho5"])
 
 
-def test_predicted_steps_and_tokens_match_the_real_run(config: Path):  # noqa: F811
+def test_predicted_steps_and_tokens_match_the_real_run(config: Path):
     """The plan's example count is the data stage's, and its optimizer steps are what the Trainer then does
     (24 examples, batch 4, 1 epoch: 6 steps). The reference trains on round(0.25 x 24) = 6 examples: 2 steps."""
     _, cfg, _ = parse_config(["run", str(config)])

@@ -5,48 +5,13 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer
 
-from tokenforget.config import TrainingConfig
+from tokenforget.config import ObjectiveConfig, TrainingConfig
 from tokenforget.losses import forgetting_loss, token_cross_entropy
 from tokenforget.score import pad_batch
+from conftest import CLS, IDS, GradCapture, first_step_grads, toy_dataset, weighted_dataset
 from tokenforget.train import TokenClassCollator, make_trainer, training_arguments
-
-# Four examples of different lengths; classes mix learn (+1), forget (-1) and no-loss (0) tokens.
-IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
-CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]
-
-
-def toy_dataset() -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS})
-
-
-class GradCapture(TrainerCallback):
-    """Keeps the gradients of the first optimizer step (before the optimizer touches them)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.grads = model, None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
-
-
-def first_step_grads(
-    model_dir, tmp_path, batch_size: int, grad_accum: int, tokenizer, data=None, **trainer_kw
-) -> dict[str, torch.Tensor]:
-    """Gradients of one `forget` step at lambda 0.2 (`data` default: the toy data set; `trainer_kw` to
-    `make_trainer`, e.g. forget_objective)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = TrainingConfig(learning_rate=1e-3, batch_size=batch_size, grad_accum=grad_accum, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0)
-    args = training_arguments(cfg, tmp_path / f"b{batch_size}", seed=0, bf16=False, disable_tqdm=True)
-    data = toy_dataset() if data is None else data
-    trainer = make_trainer(model, tokenizer, data, args, "forget", "linear", t_min=0.2, t_max=0.2, **trainer_kw)
-    cap = GradCapture(model)
-    trainer.add_callback(cap)
-    trainer.train()
-    return cap.grads
-
 
 def test_same_gradient_for_one_batch_of_4_and_two_micro_batches_of_2(tiny_model_dir, tiny_tokenizer, tmp_path):
     """Means over the whole optimizer batch: splitting it into micro-batches must not change the gradient.
@@ -91,7 +56,7 @@ def test_sft_mode_equals_a_plain_trainer_run(tiny_model_dir, tiny_tokenizer, tmp
                          training_args={"optim": "sgd"})
 
     ours_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    ours = make_trainer(ours_model, tiny_tokenizer, data, training_arguments(cfg, tmp_path / "ours", 0, False), "sft")
+    ours = make_trainer(ours_model, tiny_tokenizer, data, training_arguments(cfg, tmp_path / "ours", 0, False), ObjectiveConfig(mode="sft"))
     ours.train()
 
     plain_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -116,7 +81,7 @@ def test_lambda_is_logged_per_step(tiny_model_dir, tiny_tokenizer, tmp_path):
     Counts from CLS by hand: positives 3 + 1 + 3 + 1 = 8, negatives 1 + 2 + 1 + 1 = 5 per step (one batch)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = TrainingConfig(batch_size=4, max_steps=4, warmup_ratio=0.0, logging_steps=1)
-    t = make_trainer(model, tiny_tokenizer, toy_dataset(), training_arguments(cfg, tmp_path, 0, False), "forget", t_max=0.2)
+    t = make_trainer(model, tiny_tokenizer, toy_dataset(), training_arguments(cfg, tmp_path, 0, False), ObjectiveConfig(t_max=0.2))
     t.train()
     logged = [h for h in t.state.log_history if "lambda" in h]
     assert [h["lambda"] for h in logged] == pytest.approx([0.0, 0.05, 0.1, 0.15])
@@ -138,7 +103,7 @@ def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model_dir, tiny_t
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         cfg = TrainingConfig(batch_size=4, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0, logging_steps=1, packing=packing)
         args = training_arguments(cfg, tmp_path / str(packing), seed=0, bf16=False, disable_tqdm=True)
-        trainer = make_trainer(model, tiny_tokenizer, toy_dataset(), args, "forget", t_min=0.2, t_max=0.2, packing=packing)
+        trainer = make_trainer(model, tiny_tokenizer, toy_dataset(), args, ObjectiveConfig(t_min=0.2, t_max=0.2), packing=packing)
         cap = GradCapture(model)
         trainer.add_callback(cap)
         trainer.train()
@@ -148,21 +113,12 @@ def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model_dir, tiny_t
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-5)
 
 
-def weighted_dataset() -> tuple[datasets.Dataset, list[list[float]], list[list[float]]]:
-    """The toy examples with seeded `token_weight` in [0, 1) and `ref_ce` in [0, 3) on every token."""
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.rand(len(ids), generator=gen).tolist() for ids in IDS]
-    ref_ce = [(3 * torch.rand(len(ids), generator=gen)).tolist() for ids in IDS]
-    data = datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS, "token_weight": weights, "ref_ce": ref_ce})
-    return data, weights, ref_ce
-
-
 def test_soft_weights_and_tnpo_keep_batch_split_invariance(tiny_model_dir, tiny_tokenizer, tmp_path):
-    """The per-token columns travel through the collator with their tokens: with `token_weight` and `ref_ce`
+    """The per-token columns travel through the collator with their tokens: with `token_weight` and `ce_base`
     on every example and the `tnpo` term, one batch of 4 and 2 micro-batches of 2 give the same gradient,
-    which is also a direct full-batch backward of forgetting_loss(weight, ref_ce, tnpo, beta 2)."""
-    data, weights, ref_ce = weighted_dataset()
-    kw = dict(data=data, forget_objective="tnpo", beta=2.0)
+    which is also a direct full-batch backward of forgetting_loss(weight, ce_base, tnpo, beta 2)."""
+    data, weights, ce_base = weighted_dataset()
+    kw = dict(data=data, forget_term="tnpo", beta=2.0)
     grads = {bs: first_step_grads(tiny_model_dir, tmp_path, bs, 4 // bs, tiny_tokenizer, **kw) for bs in (4, 2)}
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -170,7 +126,7 @@ def test_soft_weights_and_tnpo_keep_batch_split_invariance(tiny_model_dir, tiny_
     cls, _ = pad_batch(CLS, 0)
     pad = lambda rows: torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True)  # noqa: E731
     ce = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, ids)
-    forgetting_loss(ce, cls, 0.2, weight=pad(weights), ref_ce=pad(ref_ce), forget_term="tnpo", beta=2.0).loss.backward()
+    forgetting_loss(ce, cls, 0.2, weight=pad(weights), ce_base=pad(ce_base), forget_term="tnpo", beta=2.0).loss.backward()
     for name, g in grads[4].items():
         torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

@@ -14,9 +14,9 @@ pytest.importorskip("trl", reason="TRL is the optional extra tokenforget[trl]: p
 from trl import SFTConfig  # noqa: E402
 
 from conftest import readme_block  # noqa: E402
-from test_cli import config  # noqa: E402, F401  (fixture: a run config on the tiny model)
-from test_train import CLS, IDS, GradCapture, first_step_grads, toy_dataset  # noqa: E402
+from conftest import CLS, IDS, GradCapture, first_step_grads, toy_dataset, weighted_dataset  # noqa: E402
 from tokenforget.cli import main  # noqa: E402
+from tokenforget.config import ObjectiveConfig  # noqa: E402
 from tokenforget.losses import forgetting_loss, token_cross_entropy  # noqa: E402
 from tokenforget.trl import ForgettingSFTTrainer  # noqa: E402
 
@@ -28,10 +28,13 @@ def sft_config(out: Path, **kw) -> SFTConfig:
     return SFTConfig(**{**base, **kw})
 
 
-def trl_trainer(model_dir, tokenizer, args: SFTConfig, data=None, **kw) -> ForgettingSFTTrainer:
+def trl_trainer(model_dir, tokenizer, args: SFTConfig, data=None, forget_term: str = "ga", beta: float = 1.0,
+                **kw) -> ForgettingSFTTrainer:
+    """`forget` at a constant lambda 0.2 (`forget_term`, `beta`: its term for negative tokens); `kw` to the trainer."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    objective = ObjectiveConfig(schedule="constant", t_max=0.2, forget_term=forget_term, beta=beta)
     return ForgettingSFTTrainer(model=model, args=args, train_dataset=data or toy_dataset(), processing_class=tokenizer,
-                                objective="forget", lambda_schedule="constant", t_max=0.2, **kw)
+                                objective=objective, **kw)
 
 
 def test_trl_step_has_our_loss_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -65,25 +68,19 @@ def test_trl_step_has_our_loss_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_trl_carries_token_weights_and_ref_ce(tiny_model_dir, tiny_tokenizer, tmp_path, packing):
-    """`token_weight` and `ref_ce` go through TRL's truncation or packing with their tokens: with `tnpo` (beta 2)
+def test_trl_carries_token_weights_and_base_ce(tiny_model_dir, tiny_tokenizer, tmp_path, packing):
+    """`token_weight` and `ce_base` go through TRL's truncation or packing with their tokens: with `tnpo` (beta 2)
     and soft weights, TRL's 2 x 2 step (padded or packed) has the gradient of our trainer's batch of 4."""
-    from test_train import weighted_dataset
-
     data, _, _ = weighted_dataset()
-    ours = first_step_grads(tiny_model_dir, tmp_path, 4, 1, tiny_tokenizer, data=data, forget_objective="tnpo", beta=2.0)
+    ours = first_step_grads(tiny_model_dir, tmp_path, 4, 1, tiny_tokenizer, data=data, forget_term="tnpo", beta=2.0)
     args = sft_config(tmp_path / "trl", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
                       packing=packing, max_length=64, padding_free=packing)
-    trainer = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=data, forget_objective="tnpo", beta=2.0)
+    trainer = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=data, forget_term="tnpo", beta=2.0)
     cap = GradCapture(trainer.model)
     trainer.add_callback(cap)
     trainer.train()
-    if packing:  # packing changes which examples share a micro-batch, not the optimizer batch: same gradient
-        assert "token_weight" in trainer.train_dataset.column_names
-    else:  # a labels file names the base model's CE `ce_base`: taken as ref_ce
-        labels_like = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=data.rename_column("ref_ce", "ce_base"),
-                                  forget_objective="tnpo", beta=2.0)
-        assert labels_like.train_dataset["ref_ce"] == trainer.train_dataset["ref_ce"]
+    # packing changes which examples share a micro-batch, not the optimizer batch: the same gradient either way
+    assert {"token_weight", "ce_base"} <= set(trainer.train_dataset.column_names)
     for name in ours:
         torch.testing.assert_close(cap.grads[name], ours[name], rtol=1e-4, atol=1e-6)
 
@@ -172,7 +169,7 @@ def test_a_training_set_without_classes_is_refused(tiny_model_dir, tiny_tokenize
         trl_trainer(tiny_model_dir, tiny_tokenizer, sft_config(tmp_path, max_steps=1, loss_type="dft"))
 
 
-def test_readme_trl_snippet_runs(config, tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_readme_trl_snippet_runs(config, tiny_model_dir, tmp_path, monkeypatch):
     """The README's two steps, in a fresh folder: `tokenforget partition` writes runs/my-run/labels, then
     the Python snippet trains on it with only the model name swapped for the tiny model. SFTConfig's
     defaults: 3 epochs of batches of 8 over the labelled examples; lambda at step t is 0.25 t / T."""

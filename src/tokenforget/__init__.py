@@ -2,16 +2,21 @@
 
 The data's journey: `data` (records -> tokens with response masks) -> `score` (CE_base - CE_ref per
 token) -> `partition` (global ranking into +1/-1 classes) -> `train` (`ForgettingTrainer`) ->
-`evaluate` -> `report`. `pipeline.Run` ties the stages to one run folder.
+`evaluate` -> `report`, one module each; `pipeline.Run` ties them to one run folder (docs/architecture.md).
 """
 
-from tokenforget.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig, TrainingConfig
-from tokenforget.losses import OBJECTIVES, SCHEDULES, TokenCounts, forgetting_loss, token_cross_entropy
+from tokenforget.config import (
+    DataConfig, ModelConfig, ObjectiveConfig, PartitionConfig, RunConfig, TrainConfig, TrainingConfig,
+)
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # heavy imports (transformers Trainer) only when asked for
+def __getattr__(name: str):  # heavy imports (torch, transformers Trainer) only when asked for
+    if name in ("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss", "token_cross_entropy"):
+        from tokenforget import losses
+
+        return getattr(losses, name)
     if name in ("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"):
         from tokenforget import train
 
@@ -29,6 +34,7 @@ __all__ = [
     "ForgettingTrainer",
     "ModelConfig",
     "OBJECTIVES",
+    "ObjectiveConfig",
     "PartitionConfig",
     "Run",
     "RunConfig",

@@ -89,7 +89,7 @@ def audit_examples(
     """Rank the examples by `measure` and describe each (see the module docstring).
 
     Args:
-        arrays: flat response-token arrays of one scoring pass (`pipeline.response_arrays`).
+        arrays: flat response-token arrays of one scoring pass (`score.response_arrays`).
         is_correct: (E,) 1 / 0 / -1 (unlabelled) per example, or None.
         decode: token ids -> text (the tokenizer's decode).
     """

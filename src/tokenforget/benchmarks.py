@@ -37,6 +37,7 @@ from tokenforget import data as data_mod
 from tokenforget.config import ConfigError, DataConfig, EvalConfig
 from tokenforget.diversity import MEASURES
 from tokenforget.evaluate import masked_nll, result_spans, token_weighted_mean
+from tokenforget.runfolder import RunFolderError
 
 TASK_DIR = Path(__file__).parent / "tasks"
 GSM8K_TASK, MC_TASK, DIVERSITY_TASK = "tokenforget_gsm8k", "tokenforget_multiple_choice", "tokenforget_diversity"
@@ -302,3 +303,20 @@ def results_table(results: dict[str, Any]) -> str:
         for name, e in results["benchmarks"].items()
     ]
     return format_table(["benchmark", "metric", "value ± stderr", "n"], rows)
+
+
+def load_model_folder(folder: Path, base: Any) -> torch.nn.Module:
+    """A merged model (`config.json`), a LoRA adapter on the base (`adapter_config.json`, `base` a
+    `models.BaseModel`), or a train stage folder (its `model/`, else its `adapter/`)."""
+    from transformers import AutoModelForCausalLM
+
+    for sub in ("model", "adapter"):
+        if (folder / sub).is_dir():
+            return load_model_folder(folder / sub, base)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base.fresh(), str(folder)).merge_and_unload()
+    if (folder / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    raise RunFolderError(f"eval.checkpoint: '{folder}' holds no model (config.json) and no LoRA adapter")

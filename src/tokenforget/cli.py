@@ -73,11 +73,11 @@ NO_DRY_RUN, DRY_RUN, DRY_RUN_TIMED = "", "plan", "timed"
 
 
 def _eval(cfg: RunConfig) -> None:
+    from tokenforget import compare
     from tokenforget.benchmarks import results_table
     from tokenforget.pipeline import Run
 
-    run = Run(cfg)
-    results = run.evaluate(cfg.eval.checkpoint)
+    results = compare.evaluate(Run(cfg), cfg.eval.checkpoint)
     print(f"\nModel: {cfg.eval.checkpoint or 'base (' + cfg.model.name_or_path + ')'}")
     print(results_table(results))
 
@@ -98,7 +98,8 @@ def _audit(cfg: RunConfig) -> None:
     import numpy as np
 
     from tokenforget.audit import AUDIT_DIR, audit_examples, audit_table, write_audit
-    from tokenforget.pipeline import Run, response_arrays
+    from tokenforget.pipeline import Run
+    from tokenforget.score import response_arrays
 
     run = Run(cfg)
     tokens, scores = run.data(), run.score()

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import platform
 import time
 from dataclasses import replace
@@ -62,12 +61,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from tokenforget.config import RunConfig, to_dict
+from tokenforget.compare_tables import RESULTS_FILE, TABLE_FILE, compare_tables, format_compare  # noqa: F401
+from tokenforget.config import VARIANT_SECTIONS, RunConfig, to_dict
 from tokenforget.losses import PARTITION_FREE
 from tokenforget.models import BaseModel
+from tokenforget.pipeline import Run
+from tokenforget.runfolder import STAGE_FILE
+from tokenforget.score import raw_fingerprint_of
 
-RESULTS_FILE = "compare_results.json"
-TABLE_FILE = "compare_table.txt"
 
 
 def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
@@ -78,7 +79,6 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
 def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
     """Train every mode for every seed, evaluate them and the base model; write and return every number."""
     from tokenforget import report
-    from tokenforget.pipeline import Run
 
     t0 = time.time()
     base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)  # loaded once, shared by every training (4-bit: reloaded)
@@ -94,8 +94,8 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
         run = Run(seed_config(cfg, seed), base=base, log=log)
         evals = {"base": base_results}
         for mode in modes:
-            run.train(mode)
-            evals[mode] = run.evaluate(mode)
+            train(run, mode)
+            evals[mode] = evaluate(run, mode)
             samples.setdefault(mode, evals[mode]["samples"])
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
         if any(m not in PARTITION_FREE for m in modes) and _has_corrupt(run):
@@ -125,7 +125,7 @@ def _has_corrupt(run: Any) -> bool:
 def _variant_runs(run: Any) -> dict[str, Any]:
     """The seed's variants that partition on their own (another score method, rho, selection or reference),
     as their run folders; variants that only change the training share the seed's partition."""
-    subs = {name: run.variant(name)[0] for name in run.cfg.compare.variants}
+    subs = {name: variant(run, name)[0] for name in run.cfg.compare.variants}
     return {name: sub for name, sub in subs.items() if sub.root != run.root}
 
 
@@ -248,76 +248,64 @@ def _plain_floats(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
 
 
-# ---------------------------------------------------------------- tables
+# ---------------------------------------------------------------- variants: one run with other settings
 
 
-def _cell(entry: dict[str, Any], signed: bool = False) -> str:
-    mean, std = entry["mean"], entry["std"]
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "nan"
-    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
-    if std is not None:
-        return f"{text} ± {std:.4f}"
-    se = entry.get("stderr")
-    return text if se is None or math.isnan(se) else f"{text} (se {se:.4f})"
+def variant(run: Run, name: str, adopt: bool = True) -> tuple[Run, str]:
+    """A `compare.variants` entry: `run` with its `train` fields overridden, and the mode it trains.
+
+    A variant that also overrides `partition`, `reference` or `score` gets a run folder of its own,
+    `run_dir/variant-<name>/`, seeded (with `adopt`) with copies of `run`'s finished stages it shares.
+    """
+    cfg = run.cfg
+    overrides = dict(cfg.compare.variants[name])
+    sections = {sec: replace(getattr(cfg, sec), **overrides.pop(sec)) for sec in VARIANT_SECTIONS if sec in overrides}
+    train_cfg = replace(cfg.train, **overrides)
+    if not sections:
+        return Run(replace(cfg, train=train_cfg), base=run.base, log=run.log, ranks=run.ranks), train_cfg.mode
+    no_recursion = replace(cfg.compare, variants={**cfg.compare.variants, name: overrides})
+    sub_cfg = replace(cfg, run_dir=str(run.root / f"variant-{name}"), train=train_cfg, compare=no_recursion, **sections)
+    sub = Run(sub_cfg, base=run.base, log=run.log, ranks=run.ranks)
+    if adopt:
+        adopt_stages(sub, run)
+    return sub, train_cfg.mode
 
 
-def _signed(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:+.4f}"
+def adopt_stages(child: Run, parent: Run) -> None:
+    """Copy `parent`'s finished data, reference and scores stages that `child`'s fingerprints match, so a
+    variant that changes only the partition does not train the reference again, and one that changes only
+    `score.method` does not score again."""
+    for stage, fp in (("data", child.data_fp), ("reference", child.reference_fp), ("scores", child.score_fp)):
+        mine = fp()
+        ok = parent.is_done(stage, mine)
+        if stage == "scores" and not ok and (parent.stage_dir(stage) / STAGE_FILE).is_file():
+            # another score.method over the same scoring pass: rescored from it without a forward pass
+            ok = raw_fingerprint_of(parent.stage_dir(stage) / STAGE_FILE) == child.raw_score_fp()
+        if child.ranks.is_main and not child.is_done(stage, mine) and ok:
+            child.folder.copy_stage(stage, parent.stage_dir(stage))
+    child.ranks.barrier()
 
 
-def compare_tables(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The comparison as tables `{"title", "header", "rows"}`: the mean ± std table over seeds, the paired
-    differences to sft per seed, and the detection of corrupted tokens when there is one. The text table
-    (`format_compare`) and the HTML report (`tokenforget.html_report`) both show these."""
-    bench = results["benchmarks"]
-    seeds = [str(s) for s in results["seeds"]]
-    cols = [*bench, *(["average"] if "average" in results["table"]["sft"] else [])]
-    head = [_header(b, bench.get(b)) for b in cols]
-    rows = [[m, *[_cell(results["table"][m][b]) if b in results["table"][m] else "-" for b in cols]] for m in results["models"]]
-    tables = [{
-        "title": f"Comparison over seeds {', '.join(seeds)}: mean ± sample std over seeds; where there is one "
-                 "evaluation (the base model, or a single seed), its standard error over examples (se)",
-        "header": ["model", *head], "rows": rows,
-    }]
-    prow = []
-    for m, per_b in results["paired_vs_sft"].items():
-        for b in cols:
-            d = per_b[b]
-            se = d.get("stderr_per_seed", {})
-            cells = [_signed(d["per_seed"][s]) + (f" (se {se[s]:.4f})" if s in se else "") for s in seeds]
-            prow.append([b, m, *cells, _cell(d, signed=True)])
-    tables.append({
-        "title": "Paired difference to sft, per seed (model - sft; for gold NLL lower is better, and se is the "
-                 "standard error of the difference paired question by question)",
-        "header": ["benchmark", "model", *[f"seed {s}" for s in seeds], "mean ± std"], "rows": prow,
-    })
-    det = {"ignore/forget": results.get("detection") or {}, **(results.get("detection_by_variant") or {})}
-    if det["ignore/forget"]:
-        tables.append({
-            "title": "Finding the corrupted tokens (training data), per seed and partition (the modes' own, and "
-                     "each variant that partitions on its own)",
-            "header": ["partition of", "seed", "AUROC", "recall of negatives", "precision of negatives", "chance precision"],
-            "rows": [[name, s, d["auroc"], d["recall"], d["precision"], d["corrupt_share"]]
-                     for name, per_seed in det.items() for s, d in per_seed.items()],
-        })
-    return tables
+def train(run: Run, mode: str) -> Path:
+    """`run.train(mode)`, where `mode` may also be a `compare.variants` name (its stage: `train-<name>`)."""
+    if mode not in run.cfg.compare.variants:
+        return run.train(mode)
+    sub, sub_mode = variant(run, mode)
+    return sub.train(sub_mode, stage=f"train-{mode}")
 
 
-def format_compare(results: dict[str, Any]) -> str:
-    """The tables of `compare_tables` as text, then versions, machine and wall time."""
-    from tokenforget.report import format_table
-
-    out = []
-    for t in compare_tables(results):
-        out += ["", t["title"], format_table(t["header"], t["rows"])]
-    out.append("")
-    out.append(f"versions: {results.get('versions')}  machine: {results.get('machine')}  wall: {results.get('wall_s', 0):.0f} s")
-    return "\n".join(out)
+def train_fp(run: Run, mode: str) -> str:
+    """`run.train_fp(mode)`, for a mode or a variant; a fingerprint copies nothing (dry runs call it)."""
+    if mode not in run.cfg.compare.variants:
+        return run.train_fp(mode)
+    sub, sub_mode = variant(run, mode, adopt=False)
+    return sub.train_fp(sub_mode)
 
 
-def _header(name: str, meta: Optional[dict[str, Any]]) -> str:
-    if meta is None:
-        return "average (acc)"
-    metric = "" if meta["metric"] == name else f"{meta['metric']}, "
-    return f"{name} ({metric}n={meta['n']})"
+def evaluate(run: Run, target: Optional[str]) -> dict[str, Any]:
+    """`run.evaluate(target)`; a variant with a folder of its own is evaluated there."""
+    if target in run.cfg.compare.variants:
+        sub, _ = variant(run, target)
+        if sub.root != run.root:
+            return sub.evaluate(target)
+    return run.evaluate(target)

@@ -14,6 +14,9 @@ WeightsDtype = Literal["fp32", "bf16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 Mode = Literal["forget", "sft", "ignore", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
+# lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
+LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
+NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
 Selection = Literal["global", "per_sample", "threshold", "soft", "example", "oracle"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
@@ -323,7 +326,7 @@ class TrainConfig:
     mode: Mode = "forget"
     """`forget` (the paper), `sft` (every response token), `ignore` (positive tokens only) or `dft` (every response
     token, its CE scaled by the model's detached probability of it: Dynamic Fine-Tuning, arXiv 2508.05629)."""
-    lambda_schedule: str = "linear"
+    lambda_schedule: LambdaSchedule = "linear"
     """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
     see `tokenforget.losses.SCHEDULES`."""
     t_min: float = 0.0
@@ -350,16 +353,56 @@ class TrainConfig:
     """Split of `eval_path` when it is a Hub data set."""
 
     def __post_init__(self) -> None:
-        from tokenforget.losses import SCHEDULES  # late import: losses pulls in torch
-
-        _check(
-            self.lambda_schedule in SCHEDULES,
-            "train.lambda_schedule",
-            f"unknown '{self.lambda_schedule}', choose from {sorted(SCHEDULES)}",
-        )
+        schedules = get_args(LambdaSchedule)
+        _check(self.lambda_schedule in schedules, "train.lambda_schedule",
+               f"unknown '{self.lambda_schedule}', choose from {sorted(schedules)}")
         _check(self.t_min >= 0 and self.t_max >= 0, "train.t_max", "lambda bounds must be >= 0")
         _check(0.0 < self.lambda_warmup <= 1.0, "train.lambda_warmup", f"must be in (0, 1], got {self.lambda_warmup}")
         _check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
+
+    def objective(self, mode: Optional[str] = None) -> "ObjectiveConfig":
+        """The objective settings of a training of `mode` (default `self.mode`)."""
+        return ObjectiveConfig(mode=mode or self.mode, forget_term=self.forget_objective, beta=self.beta,  # type: ignore[arg-type]
+                               schedule=self.lambda_schedule, t_min=self.t_min, t_max=self.t_max,
+                               warmup=self.lambda_warmup)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Everything the training objective needs, in one frozen value: what a `ForgettingTrainer` (or TRL's
+    `ForgettingSFTTrainer`) computes its loss with. `TrainConfig.objective()` makes one from a run's config.
+
+    The loss is `losses.OBJECTIVES[mode]`; for `forget`, the negative tokens' term is
+    `losses.FORGET_TERMS[forget_term]` weighted by lambda(t) = `losses.SCHEDULES[schedule]` from t_min to t_max.
+    """
+
+    mode: Mode = "forget"
+    """`forget`, `ignore`, `sft` or `dft` (see `TrainConfig.mode`)."""
+    forget_term: ForgetObjective = "ga"
+    """`forget` only: what is done to negative tokens (see `TrainConfig.forget_objective`)."""
+    beta: float = 1.0
+    """Temperature of the `wga` and `tnpo` terms."""
+    schedule: LambdaSchedule = "linear"
+    """How lambda moves over the optimizer steps."""
+    t_min: float = 0.0
+    t_max: float = 0.25
+    warmup: float = 0.1
+    """`warmup_constant` only: the share of the steps over which lambda rises."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in get_args(Mode), "train.mode", f"unknown '{self.mode}', choose from {list(get_args(Mode))}")
+        _check(self.forget_term in get_args(ForgetObjective), "train.forget_objective",
+               f"unknown '{self.forget_term}', choose from {list(get_args(ForgetObjective))}")
+        _check(self.schedule in get_args(LambdaSchedule), "train.lambda_schedule",
+               f"unknown '{self.schedule}', choose from {sorted(get_args(LambdaSchedule))}")
+        _check(self.t_min >= 0 and self.t_max >= 0, "train.t_max", "lambda bounds must be >= 0")
+        _check(0.0 < self.warmup <= 1.0, "train.lambda_warmup", f"must be in (0, 1], got {self.warmup}")
+        _check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
+
+    @property
+    def needs_base_ce(self) -> bool:
+        """The `tnpo` term compares with the base model's CE of each token (a `base_ce` column)."""
+        return self.mode == "forget" and self.forget_term in NEEDS_BASE_CE
 
 
 @dataclass

@@ -251,7 +251,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
     """Generate the task, train every setting of `cfg.settings`, evaluate them and the base on clean held-out
     problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
-    from tokenforget import report
+    from tokenforget import compare, report
     from tokenforget.html_report import build_report
     from tokenforget.pipeline import Run
 
@@ -263,7 +263,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     stages = {}
     for name in cfg.settings:
         sub, stage = DEMO_SETTINGS[name](runs)
-        stages[name] = sub.train(stage)
+        stages[name] = compare.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
     if any(c for c in run.data()["corrupt"] for c in c):
         results["detection_methods"] = detection_of_settings(runs, cfg.settings)

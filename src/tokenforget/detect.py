@@ -52,7 +52,7 @@ class DetectionRow:
 
 
 def measure(arrays: dict[str, np.ndarray], methods: Sequence[str], rho: float, kind: str, reference: str) -> list[DetectionRow]:
-    """One row per method from the flat response-token arrays of one scoring pass (`pipeline.response_arrays`)."""
+    """One row per method from the flat response-token arrays of one scoring pass (`score.response_arrays`)."""
     rows = []
     bad = arrays["corrupt"]
     for m in methods:
@@ -106,7 +106,8 @@ def run_detect(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, 
     """Every (noise kind, reference) pair: noisy data, one scoring pass, every method measured. Writes and
     returns the results; prints the table."""
     from tokenforget.models import BaseModel
-    from tokenforget.pipeline import Run, response_arrays
+    from tokenforget.pipeline import Run
+    from tokenforget.score import response_arrays
 
     if cfg.score.precomputed_path:
         raise ConfigError("config field 'score.precomputed_path': detect injects its own noise, so scores made "
@@ -154,7 +155,7 @@ def detection_table(results: dict[str, Any]) -> str:
 
 def detection_of_methods(tokens: datasets.Dataset, scores: datasets.Dataset, methods: Sequence[str], rho: float) -> dict[str, dict[str, Any]]:
     """{method: detection figures} for one run's data and scoring pass (the demo's side-by-side table)."""
-    from tokenforget.pipeline import response_arrays
+    from tokenforget.score import response_arrays
 
     rows = measure(response_arrays(tokens, scores), methods, rho, "", "")
     return {r.method: {k: v for k, v in asdict(r).items() if k not in ("kind", "reference", "method")} for r in rows}

@@ -13,7 +13,7 @@ inline; it opens offline), with the plots also as PNG files beside it:
 
 A results file is JSON. A `tables` list (`{"title", "header", "rows", "note"}`) is shown as it is, so any
 command can put a table on the page; `compare_results.json` gets the tables of `tokenforget compare`
-(`compare.compare_tables`); otherwise `models` ({name: {metric: value}}) and `detection` (the demo's
+(`compare_tables.compare_tables`); otherwise `models` ({name: {metric: value}}) and `detection` (the demo's
 corrupted-token detection) are laid out here.
 
 A `tokenforget compare` folder has no data of its own: its page shows the comparison and, for the tokens
@@ -40,10 +40,10 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from tokenforget import __version__
-from tokenforget.compare import RESULTS_FILE as COMPARE_FILE
+from tokenforget.compare_tables import RESULTS_FILE as COMPARE_FILE
 from tokenforget.config import RunConfig, UserError, from_dict
 from tokenforget.losses import FORGET, LEARN
-from tokenforget.pipeline import round_stage
+from tokenforget.runfolder import round_stage
 from tokenforget.plots import score_histogram, training_curves
 
 RESULT_FILES = (COMPARE_FILE, "demo_results.json")  # shown in this order when present
@@ -311,7 +311,7 @@ def results_tables(doc: dict[str, Any]) -> list[Table]:
     if "tables" in doc:
         return [Table(**t) for t in doc["tables"]]
     if "paired_vs_sft" in doc:  # compare_results.json
-        from tokenforget.compare import compare_tables
+        from tokenforget.compare_tables import compare_tables
 
         return [Table(**t) for t in compare_tables(doc)]
     out = [models_table(doc["models"])] if doc.get("models") else []

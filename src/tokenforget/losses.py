@@ -87,7 +87,7 @@ def forgetting_loss(
     lam: float,
     counts: Optional[TokenCounts] = None,
     weight: Optional[torch.Tensor] = None,
-    ref_ce: Optional[torch.Tensor] = None,
+    ce_base: Optional[torch.Tensor] = None,
     forget_term: str = "ga",
     beta: float = 1.0,
 ) -> LossParts:
@@ -109,7 +109,7 @@ def forgetting_loss(
         lam: weight of the forgetting term (lambda(t) from a schedule).
         counts: denominators; default: the counts in this batch.
         weight: (B, T) per-token weights in [0, 1] (soft token selection); default 1 everywhere.
-        ref_ce: (B, T) CE of each token under the base model (what `tnpo` compares with).
+        ce_base: (B, T) CE of each token under the base model (what `tnpo` compares with).
         forget_term: name in `FORGET_TERMS`.
         beta: the temperature of `wga` and `tnpo`.
     """
@@ -119,7 +119,7 @@ def forgetting_loss(
         loss = pos_sum / max(counts.pos, 1.0) - lam * neg_sum / max(counts.neg, 1.0)
         return LossParts(loss, pos_sum.detach(), neg_sum.detach())
     w = torch.ones_like(token_loss) if weight is None else weight.to(token_loss.dtype)
-    forget = get_forget_term(forget_term)(token_loss, ref_ce, beta)  # (B, T)
+    forget = get_forget_term(forget_term)(token_loss, ce_base, beta)  # (B, T)
     learn_sum, forget_sum = _sums(w * token_loss, token_class)[0], _sums(w * forget, token_class)[1]
     loss = learn_sum / max(counts.pos, 1.0) + lam * forget_sum / max(counts.neg, 1.0)
     return LossParts(loss, pos_sum.detach(), neg_sum.detach())
@@ -132,7 +132,7 @@ def forgetting_loss(
 UNLIKELIHOOD_MIN_CE = 1e-6  # p <= exp(-1e-6): the term stays <= ~13.8 and its gradient finite
 
 
-def ga_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
+def ga_term(ce: torch.Tensor, ce_base: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
     """Gradient ascent, the paper's term (https://arxiv.org/abs/2508.04329): f = -l = log p.
 
     Unbounded below: minimising it drives p to 0 without limit. d f / d l = -1.
@@ -146,7 +146,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, torch.log(-torch.expm1(-x.clamp(max=math.log(2.0)))), torch.log1p(-torch.exp(-x.clamp(min=math.log(2.0)))))
 
 
-def unlikelihood_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
+def unlikelihood_term(ce: torch.Tensor, ce_base: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
     """Unlikelihood (Welleck et al., 2019, https://arxiv.org/abs/1908.04319): f = -log(1 - p), p = exp(-l).
 
     Bounded below by 0 (reached at p = 0): the push stops once the token is unlikely.
@@ -157,7 +157,7 @@ def unlikelihood_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, b
     return -log1mexp(ce.clamp(min=UNLIKELIHOOD_MIN_CE))
 
 
-def wga_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
+def wga_term(ce: torch.Tensor, ce_base: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
     """Weighted gradient ascent (Wang et al., ICLR 2025, https://arxiv.org/abs/2502.19301):
     f = -sg(p)^beta * l.
 
@@ -167,17 +167,17 @@ def wga_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, beta: floa
     return -torch.exp(-beta * ce.detach()) * ce
 
 
-def tnpo_term(ce: torch.Tensor, ref_ce: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
+def tnpo_term(ce: torch.Tensor, ce_base: Optional[torch.Tensor] = None, beta: float = 1.0) -> torch.Tensor:
     """Token-wise NPO (Wang et al., ICLR 2025, https://arxiv.org/abs/2502.19301; NPO: Zhang et al.,
     https://arxiv.org/abs/2404.05868): f = -w * l with w = 2 sg(p)^beta / (sg(p)^beta + p_ref^beta).
 
-    p_ref is the base model's probability of the token (`ref_ce` = -log p_ref, from the scores stage). w = 1
+    p_ref is the base model's probability of the token (`ce_base` = -log p_ref, from the scores stage). w = 1
     while the model still agrees with the base (so it starts as `ga`), and falls to 0 as p drops below
     p_ref. Computed as w = 2 sigmoid(beta (l_ref - l)), which equals the ratio and cannot overflow.
     """
-    if ref_ce is None:
-        raise ValueError("the tnpo forgetting term needs ref_ce: the base model's CE of each token")
-    w = 2.0 * torch.sigmoid(beta * (ref_ce.to(ce.dtype) - ce.detach()))
+    if ce_base is None:
+        raise ValueError("the tnpo forgetting term needs ce_base: the base model's CE of each token")
+    w = 2.0 * torch.sigmoid(beta * (ce_base.to(ce.dtype) - ce.detach()))
     return -w * ce
 
 
@@ -189,7 +189,6 @@ FORGET_TERMS: dict[str, ForgetTerm] = {
     "wga": wga_term,
     "tnpo": tnpo_term,
 }
-NEEDS_REF_CE = frozenset({"tnpo"})  # terms that need the base model's per-token CE in the batch
 
 
 def get_forget_term(name: str) -> ForgetTerm:
@@ -256,7 +255,7 @@ def dft_loss(
 
 
 # (token_loss, token_class, lam, counts, **extras) -> LossParts; extras (keyword, only when set): weight,
-# ref_ce (per-token (B, T) tensors from the batch), forget_term, beta (the `forget` objective's settings).
+# ce_base (per-token (B, T) tensors from the batch), forget_term, beta (the `forget` objective's settings).
 Objective = Callable[..., LossParts]
 
 OBJECTIVES: dict[str, Objective] = {"forget": forgetting_loss, "ignore": ignore_loss, "sft": sft_loss, "dft": dft_loss}

@@ -19,7 +19,7 @@ import re
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
-from tokenforget.config import RECURRING_SENTENCE
+from tokenforget.config import RECURRING_SENTENCE, DataConfig
 from tokenforget.data import Record, Span
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -227,3 +227,12 @@ def inject_noise(
         rec = records[i]
         out[i] = replace(rec, messages=[*rec.messages[:-1], {**rec.messages[-1], "content": text}], corrupt_spans=tuple(spans))
     return out, len(chosen)
+
+
+def corrupt(records: list[Record], dc: DataConfig, log: Callable[[str], None] = print) -> tuple[list[Record], int]:
+    """The configured share of answers corrupted with `data.noise` (`data.corrupt_fraction`; none when 0)."""
+    if not dc.corrupt_fraction:
+        return records, 0
+    records, n = inject_noise(records, dc.noise, dc.corrupt_fraction, dc.corrupt_seed, dc.noise_sentence)
+    log(f"[data] noise '{dc.noise}' in {n} of {len(records)} answers (seed {dc.corrupt_seed})")
+    return records, n

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from tokenforget.config import ConfigError, PartitionConfig
 from tokenforget.losses import FORGET, LEARN, NO_LOSS
 
 
@@ -266,3 +267,69 @@ def streaming_threshold(shards: Callable[[], Iterable[np.ndarray]], rho: float, 
     threshold = float(edges[b])
     positive = sum(int((s >= threshold).sum()) for s in shards())
     return StreamingCut(threshold, n, positive, rho)
+
+
+# ---------------------------------------------------------------- the partition stage over Arrow columns
+# `tokens`: the data stage's examples (input_ids, response_mask, corrupt, ...); `scores`: the scores stage's
+# (score per token). Both are `datasets.Dataset`s; the classes come back as an Arrow table, one list per example.
+
+
+def list_column(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """A list-per-example Arrow column from flat `values` and where each example starts (`offsets`)."""
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def partition_table(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """(`token_class` (and `token_weight`, soft selection) per example, stats) by `pc.selection`."""
+    return (partition_streaming if pc.streaming else partition_exact)(tokens, scores, pc)
+
+
+def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """All scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft weights."""
+    flat_scores, offsets = flat_list_column(scores.data.column("score"))
+    flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
+    if pc.selection == "global":  # the paper's partition, as before
+        classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
+        return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
+    bad = known_bad_tokens(tokens) if pc.selection == "oracle" else None
+    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad)
+    columns = {"token_class": list_column(offsets, classes)}
+    if weights is not None:
+        columns["token_weight"] = list_column(offsets, weights)
+    return pa.table(columns), {**stats.__dict__, "selection": pc.selection}
+
+
+def partition_streaming(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
+    rows = pc.stream_rows
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for lo in range(0, len(scores), rows):
+            hi = min(lo + rows, len(scores))
+            sc, offsets = flat_list_column(scores.data.slice(lo, hi - lo).column("score"))
+            resp, _ = flat_list_column(tokens.data.slice(lo, hi - lo).column("response_mask"))
+            yield sc, resp.astype(bool), offsets
+
+    cut = streaming_threshold(lambda: (sc[resp] for sc, resp, _ in blocks()), pc.rho)
+    parts = []
+    for sc, resp, offsets in blocks():
+        cls = np.where(resp, np.where(sc >= cut.threshold, LEARN, FORGET), 0).astype(np.int8)
+        parts.append(pa.table({"token_class": list_column(offsets, cls)}))
+    stats = {"n_tokens": cut.n_tokens, "n_positive": cut.n_positive, "n_negative": cut.n_tokens - cut.n_positive,
+             "threshold": cut.threshold, "target_rho": cut.target_rho, "achieved_rho": cut.achieved_rho,
+             "quantiles": {}}
+    return pa.concat_tables(parts), stats
+
+
+def known_bad_tokens(tokens: Any) -> np.ndarray:
+    """Flat 0/1 flags of the tokens known to be noise: the `corrupt` mask (injected noise), and every token of
+    an example labelled `is_correct: false` (natural noise, labelled per example). An error when there are none."""
+    corrupt, offsets = flat_list_column(tokens.data.column("corrupt"))
+    bad = corrupt.astype(bool)
+    if "is_correct" in tokens.column_names:
+        wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
+        bad |= np.repeat(wrong, np.diff(offsets))
+    if not bad.any():
+        raise ConfigError("config field 'partition.selection': 'oracle' needs data with known noise "
+                          "(data.corrupt_fraction > 0, or records labelled is_correct: false)")
+    return bad

@@ -33,7 +33,10 @@ from tokenforget.losses import LEARN, PARTITION_FREE, forgetting_loss
 from tokenforget.memory import run_estimate
 from tokenforget.model_ce import model_token_ce
 from tokenforget.models import autocast, device
-from tokenforget.pipeline import Run, round_stage
+from tokenforget import compare
+from tokenforget.pipeline import Run
+from tokenforget.reference import reference_examples
+from tokenforget.runfolder import round_stage
 from tokenforget.report import format_table
 from tokenforget.score import forward_ce, length_grouped_batches, pad_batch
 
@@ -74,7 +77,7 @@ def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
         "data": lambda _r: run.data_fp(), "reference": run.reference_fp, "scores": run.score_fp,
         "partition": run.partition_fp, "labels": lambda _r: run.labels_fp(),
     }
-    return {s: run.train_fp(s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
+    return {s: compare.train_fp(run, s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
             for s in stages}
 
 
@@ -124,7 +127,8 @@ def _token_sets(run: Run) -> TokenSets:
         return TokenSets(ids, masks, sum(map(sum, masks)), [])
     tokens = _tokens(run)
     ids, masks = tokens["input_ids"], tokens["response_mask"]
-    reference = run._reference_examples(tokens)["input_ids"]
+    c = run.cfg
+    reference = reference_examples(tokens, c.reference, c.data, run.base.tokenizer, c.seed)["input_ids"]
     return TokenSets(ids, masks, sum(map(sum, masks)), reference)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tokenforget import data as data_mod
 from tokenforget.evaluate import Detection, answer_accuracy, detection, generate, gold_nll
-from tokenforget.pipeline import round_stage
+from tokenforget.runfolder import round_stage
 from tokenforget.losses import FORGET
 from tokenforget.models import device
 

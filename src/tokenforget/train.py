@@ -8,18 +8,21 @@ adds only the per-token class tensor and the objective. One code path trains all
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import datasets
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
-from tokenforget.config import TrainingConfig, UserError
+from tokenforget.config import LoraSettings, ObjectiveConfig, TrainConfig, TrainingConfig, UserError
 from tokenforget.losses import (
     FORGET,
     LEARN,
-    NEEDS_REF_CE,
+    NO_LOSS,
+    PARTITION_FREE,
     USES_LAMBDA,
     TokenCounts,
     get_forget_term,
@@ -27,7 +30,10 @@ from tokenforget.losses import (
     get_schedule,
     token_cross_entropy,
 )
+from tokenforget.data import DataError
 from tokenforget.model_ce import ce_path, model_token_ce
+from tokenforget.models import BaseModel, add_lora, use_fp16
+from tokenforget.runfolder import RunFolder
 
 
 class NonFiniteLossError(UserError):
@@ -35,8 +41,9 @@ class NonFiniteLossError(UserError):
 
 
 # Optional per-token float columns that travel with `token_class` to the objective (padding gets 0):
-# `token_weight`, the |weight| of soft token selection; `ref_ce`, the base model's CE (for `tnpo`).
-EXTRA_COLUMNS = ("token_weight", "ref_ce")
+# `token_weight`, the |weight| of soft token selection; `ce_base`, the base model's CE from the scores stage
+# (for `tnpo`, which compares the model's probability of a token with the base model's).
+EXTRA_COLUMNS = ("token_weight", "ce_base")
 
 
 @dataclass
@@ -113,29 +120,17 @@ class ForgettingMixin:
     accelerator: Any
     _signature_columns: Optional[list[str]]
 
-    def init_forgetting(
-        self,
-        objective: str,
-        lambda_schedule: str,
-        t_min: float,
-        t_max: float,
-        forget_objective: str = "ga",
-        beta: float = 1.0,
-        lambda_warmup: float = 0.1,
-    ) -> None:
-        """Set the objective and schedule; call before the Trainer's own `__init__`.
-
-        `forget_objective` and `beta` choose the `forget` objective's term for negative tokens (see
-        `tokenforget.losses.FORGET_TERMS`); `lambda_warmup` is the ramp of the `warmup_constant` schedule.
-        """
-        self.objective_name = objective
-        self.objective = get_objective(objective)
-        get_forget_term(forget_objective)  # an unknown name fails here, not at the first step
+    def init_forgetting(self, objective: ObjectiveConfig) -> None:
+        """Set the objective and schedule (see `ObjectiveConfig`); call before the Trainer's own `__init__`."""
+        self.objective_name = objective.mode
+        self.objective = get_objective(objective.mode)
+        get_forget_term(objective.forget_term)  # an unknown name fails here, not at the first step
         # passed to the objective only when not the paper's (so a plain objective function still fits)
-        self._objective_kwargs = {"forget_term": forget_objective, "beta": beta} if forget_objective != "ga" else {}
-        self.needs_ref_ce = objective == "forget" and forget_objective in NEEDS_REF_CE
-        self.schedule = get_schedule(lambda_schedule, warmup=lambda_warmup)
-        self.t_min, self.t_max = t_min, t_max
+        ga = objective.forget_term == "ga"
+        self._objective_kwargs = {} if ga else {"forget_term": objective.forget_term, "beta": objective.beta}
+        self.needs_base_ce = objective.needs_base_ce
+        self.schedule = get_schedule(objective.schedule, warmup=objective.warmup)
+        self.t_min, self.t_max = objective.t_min, objective.t_max
         self._sums = torch.zeros(4, dtype=torch.float64)  # pos loss sum, neg loss sum, n_pos, n_neg
         self._last_lambda = 0.0  # lambda of the last training micro-batch, for logging
 
@@ -176,7 +171,7 @@ class ForgettingMixin:
             num_items_in_batch: the (2,) optimizer-batch counts from `get_batch_samples`, or None (evaluation:
                 this batch's own counts).
             extras: the batch's `EXTRA_COLUMNS` present, (B, T) each: `token_weight` -> the objective's
-                `weight`, `ref_ce` -> `ref_ce`.
+                `weight`, `ce_base` -> `ce_base` (read by `tnpo` only).
 
         Raises:
             NonFiniteLossError: the loss is NaN or infinite (training stops; the last checkpoint is kept).
@@ -184,11 +179,13 @@ class ForgettingMixin:
         counts = TokenCounts(*num_items_in_batch.tolist()) if torch.is_tensor(num_items_in_batch) else None
         lam = self.current_lambda()
         extras = dict(extras or {})
-        if self.needs_ref_ce and "ref_ce" not in extras:
+        if not self.needs_base_ce:
+            extras.pop("ce_base", None)  # a labels file carries it for every mode; only `tnpo` reads it
+        elif "ce_base" not in extras:
             if training:
                 raise UserError(f"train.forget_objective: '{self._objective_kwargs['forget_term']}' needs the base "
-                                "model's per-token CE in the batch (a `ref_ce` column); the training set has none")
-            extras["ref_ce"] = token_loss.detach()  # an eval set has no negative tokens; any value will do
+                                "model's per-token CE in the batch (a `ce_base` column); the training set has none")
+            extras["ce_base"] = token_loss.detach()  # an eval set has no negative tokens; any value will do
         kwargs = {**self._objective_kwargs, **_objective_extras(extras)}
         parts = self.objective(token_loss, token_class, lam, counts, **kwargs)
         if not torch.isfinite(parts.loss):
@@ -223,7 +220,7 @@ class ForgettingMixin:
 
 def _objective_extras(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Batch columns -> the objective's keyword arguments (`token_weight` is its `weight`)."""
-    names = {"token_weight": "weight", "ref_ce": "ref_ce"}
+    names = {"token_weight": "weight", "ce_base": "ce_base"}
     return {names[k]: v for k, v in extras.items() if k in names}
 
 
@@ -238,17 +235,11 @@ class ForgettingTrainer(ForgettingMixin, Trainer):
     def __init__(
         self,
         *args: Any,
-        objective: str = "forget",
-        lambda_schedule: str = "linear",
-        t_min: float = 0.0,
-        t_max: float = 0.25,
+        objective: ObjectiveConfig = ObjectiveConfig(),
         chunked_ce: Optional[bool] = None,
-        forget_objective: str = "ga",
-        beta: float = 1.0,
-        lambda_warmup: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
+        self.init_forgetting(objective)
         super().__init__(*args, **kwargs)
         # Per-token CE at loss positions only, exact for every model (`model_ce.ce_path` says how); decided
         # here, before accelerate wraps or shards the model, so the probe forward runs on the plain model.
@@ -332,19 +323,13 @@ def make_trainer(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: Any,
     args: TrainingArguments,
-    objective: str = "forget",
-    lambda_schedule: str = "linear",
-    t_min: float = 0.0,
-    t_max: float = 0.25,
+    objective: ObjectiveConfig = ObjectiveConfig(),
     packing: bool = False,
     eval_dataset: Any = None,
     log_dir: Optional[Path] = None,
-    forget_objective: str = "ga",
-    beta: float = 1.0,
-    lambda_warmup: float = 0.1,
 ) -> ForgettingTrainer:
     """A ForgettingTrainer over data sets with `input_ids` and `token_class` columns (padded or packed batches),
-    and optionally `token_weight` and `ref_ce` (see `EXTRA_COLUMNS`).
+    and optionally `token_weight` and `ce_base` (see `EXTRA_COLUMNS`).
 
     `log_dir`: where TensorBoard events go when `args.report_to` includes `tensorboard`.
     """
@@ -357,16 +342,91 @@ def make_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
-        lambda_schedule=lambda_schedule,
-        t_min=t_min,
-        t_max=t_max,
-        forget_objective=forget_objective,
-        beta=beta,
-        lambda_warmup=lambda_warmup,
     )
     if log_dir is not None:
         send_tensorboard_to(trainer, log_dir)
     return trainer
+
+
+@dataclass
+class FitSetup:
+    """What every training of one run shares: the base model, LoRA, the objective's settings (`train`), seed,
+    precision, logging integrations, and the run folder its checkpoints and TensorBoard events go to."""
+
+    base: BaseModel
+    lora: LoraSettings
+    train: TrainConfig
+    seed: int
+    bf16: bool
+    folder: RunFolder
+    report_to: Sequence[str] = field(default_factory=lambda: ["none"])
+    ddp_timeout: int = 1800
+
+    def objective(self, mode: str) -> ObjectiveConfig:
+        return self.train.objective(mode)
+
+
+def fit(
+    setup: FitSetup,
+    train_set: datasets.Dataset,
+    tcfg: TrainingConfig,
+    objective: ObjectiveConfig,
+    name: str,
+    fp: str,
+    eval_set: Optional[datasets.Dataset] = None,
+) -> ForgettingTrainer:
+    """Train a fresh LoRA copy of the base on `train_set` (`input_ids`, `token_class`, optional `EXTRA_COLUMNS`).
+
+    Checkpoints go to the run folder's `.<name>.work/` (of inputs `fp`), so a killed run resumes; the folder is
+    removed when training ends. TensorBoard events (when `report_to` asks for them) go to `run_dir/tensorboard/<name>/`.
+    Every rank trains (DDP); returns the finished Trainer.
+    """
+    folder = setup.folder
+    work = folder.work_dir(name, fp)
+    resume = last_checkpoint(work)
+    set_seed(setup.seed)
+    model = setup.base.for_training(setup.lora)
+    args = training_arguments(tcfg, work, setup.seed, setup.bf16, report_to=setup.report_to,
+                              ddp_timeout=setup.ddp_timeout, fp16=use_fp16(setup.base.cfg.precision))
+    trainer = make_trainer(model, setup.base.tokenizer, train_set, args, objective, tcfg.packing, eval_set,
+                           folder.tensorboard_dir(name, fresh=resume is None))
+    if resume:
+        folder.log(f"[{name}] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    folder.ranks.barrier()
+    if folder.ranks.is_main:
+        shutil.rmtree(work, ignore_errors=True)
+    return trainer
+
+
+# ---------------------------------------------------------------- training sets: token classes per mode
+
+
+def sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
+    """`tokens` with `token_class`: every response token a learn token (what `sft`, `dft` and the reference train on)."""
+    return tokens.map(lambda ex: {"token_class": [LEARN * m for m in ex["response_mask"]]}, desc="classes")
+
+
+def with_classes(tokens: datasets.Dataset, classes: datasets.Dataset) -> datasets.Dataset:
+    """The partition's columns (`token_class`, `token_weight`) next to the tokens, column-wise, no copy through Python."""
+    return datasets.concatenate_datasets([tokens, classes], axis=1)
+
+
+def sft_from_classes(exported: datasets.Dataset) -> datasets.Dataset:
+    """Every token that has a class (+1 or -1) becomes a learn token: plain SFT on the same tokens."""
+    return exported.map(
+        lambda ex: {"token_class": [LEARN if c != NO_LOSS else NO_LOSS for c in ex["token_class"]]}, desc="classes"
+    )
+
+
+def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: str) -> datasets.Dataset:
+    """The training set of `objective.mode` from an exported labels file (`labels.read_labels`)."""
+    if objective.mode in PARTITION_FREE:
+        return sft_from_classes(exported)
+    if objective.needs_base_ce and "ce_base" not in exported.column_names:
+        raise DataError(f"train.labels_path: '{path}' has no ce_base column, "
+                        f"which train.forget_objective '{objective.forget_term}' needs")
+    return exported
 
 
 def send_tensorboard_to(trainer: Trainer, log_dir: Path) -> None:

@@ -5,7 +5,7 @@ A TRL script changes in two places: the class name, and a training set that carr
 
     train_dataset = load_dataset("parquet", data_files="runs/my-run/labels/labels.parquet", split="train")
     trainer = ForgettingSFTTrainer(model=..., args=SFTConfig(...), train_dataset=train_dataset,
-                                   objective="forget", t_max=0.25)
+                                   objective=ObjectiveConfig(mode="forget", t_max=0.25))
 
 What TRL keeps doing: loading the model and tokenizer, peft, truncation to `max_length`, dropping examples
 with no loss token left, packing (`bfd`, `bfd_split`, `wrapped`) and padding-free batches, its fused LM head
@@ -34,6 +34,7 @@ try:
 except ImportError as e:  # an optional extra
     raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
 
+from tokenforget.config import ObjectiveConfig
 from tokenforget.losses import LEARN, NO_LOSS
 from tokenforget.train import EXTRA_COLUMNS, ForgettingMixin
 
@@ -44,11 +45,9 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
     """`trl.SFTTrainer` with the loss replaced by a tokenforget objective over per-token classes.
 
     Args:
-        objective: `forget` (the paper), `ignore` or `sft`; see `tokenforget.losses.OBJECTIVES`.
-        lambda_schedule, t_min, t_max: lambda(t) over optimizer steps; see `tokenforget.losses.SCHEDULES`.
-        forget_objective, beta: the term for negative tokens, see `tokenforget.losses.FORGET_TERMS` (`tnpo` needs a
-            per-token `ref_ce` column; the labels file's `ce_base` is taken as it when there is none).
-        lambda_warmup: the ramp of the `warmup_constant` schedule, as a share of the steps.
+        objective: the objective's settings (`tokenforget.config.ObjectiveConfig`): the mode (`forget`, the paper;
+            `ignore`, `sft`, `dft`), lambda(t)'s schedule and bounds, the term for negative tokens and its beta
+            (`tnpo` reads the labels file's per-token `ce_base`, the base model's CE).
         *args, **kwargs: everything `SFTTrainer` takes. `train_dataset` needs `input_ids` and `token_class`.
 
     The objective replaces TRL's `loss_type`, `compute_loss_func` and label smoothing, so those must be
@@ -58,16 +57,10 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
     def __init__(
         self,
         *args: Any,
-        objective: str = "forget",
-        lambda_schedule: str = "linear",
-        t_min: float = 0.0,
-        t_max: float = 0.25,
-        forget_objective: str = "ga",
-        beta: float = 1.0,
-        lambda_warmup: float = 0.1,
+        objective: ObjectiveConfig = ObjectiveConfig(),
         **kwargs: Any,
     ) -> None:
-        self.init_forgetting(objective, lambda_schedule, t_min, t_max, forget_objective, beta, lambda_warmup)
+        self.init_forgetting(objective)
         _reject_other_losses(kwargs)
         super().__init__(*args, **kwargs)
         self.data_collator = TokenClassPadding(self.data_collator)
@@ -95,8 +88,6 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
                 f"ForgettingSFTTrainer: the {dataset_name} set has 'token_class' but no 'input_ids'; classes belong "
                 "to tokens, so pass the tokenized labels file that tokenforget exports."
             )
-        if self.needs_ref_ce and "ref_ce" not in columns and "ce_base" in columns:
-            dataset = dataset.rename_column("ce_base", "ref_ce")  # the labels file's base-model CE gives p_ref
         dataset = dataset.map(_labels_from_classes)
         if packing:
             dataset = _pack(dataset, args)
@@ -148,7 +139,7 @@ class TokenClassPadding:
 
     TRL's collator returns rows right-padded to a common width, or, padding-free, all sequences of the batch
     concatenated into one row; `token_class` gets the same layout. Output `token_class`: (B, T) long, and
-    each of `EXTRA_COLUMNS` the features carry (`token_weight`, `ref_ce`) as (B, T) float32, 0 on padding.
+    each of `EXTRA_COLUMNS` the features carry (`token_weight`, `ce_base`) as (B, T) float32, 0 on padding.
     """
 
     def __init__(self, inner: Any):

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from tokenforget.config import ModelConfig, TrainingConfig
 from tokenforget.models import load_tokenizer
+from tokenforget.config import ObjectiveConfig
 from tokenforget.train import make_trainer, training_arguments
 
 IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
@@ -34,7 +35,7 @@ def main(model_dir: str, out: str, per_device: int) -> None:
     cfg = TrainingConfig(batch_size=per_device, max_steps=1, warmup_ratio=0.0, max_grad_norm=0.0, logging_steps=1)
     args = training_arguments(cfg, Path(out).parent / f"work-{per_device}", seed=0, bf16=False, disable_tqdm=True)
     data = datasets.Dataset.from_dict({"input_ids": IDS, "token_class": CLS})
-    trainer = make_trainer(model, tok, data, args, "forget", "linear", t_min=0.2, t_max=0.2)
+    trainer = make_trainer(model, tok, data, args, ObjectiveConfig(t_min=0.2, t_max=0.2))
     cap = Capture(model)
     trainer.add_callback(cap)
     trainer.train()

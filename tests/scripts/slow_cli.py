@@ -6,11 +6,11 @@ Usage: python slow_cli.py SECONDS_PER_CALL tokenforget-args...
 import sys
 import time
 
-import tokenforget.pipeline as pipeline
+import tokenforget.score as score
 import tokenforget.train as train
 
 delay = float(sys.argv[1])
-_score = pipeline.score_tokens
+_score = score.score_tokens
 
 
 def slow_score(*args, **kwargs):
@@ -18,7 +18,7 @@ def slow_score(*args, **kwargs):
     return _score(*args, **kwargs)
 
 
-pipeline.score_tokens = slow_score
+score.score_tokens = slow_score
 _step = train.ForgettingTrainer.training_step
 
 

@@ -1,0 +1,288 @@
+"""The run folder: each stage's output written atomically with a fingerprint of its inputs.
+
+    run_dir/
+      config.json   the RunConfig of the last stage written here
+      data/         tokenized examples (Arrow): input_ids, response_mask, corrupt, example
+      reference/    the reference model's LoRA adapter (or full model); cross-fitted: fold-<k>/, folds.json
+      scores/       per-token ce_base, ce_ref, score (Arrow, float32); cross-fitted: scored_by per example
+      partition/    per-token token_class (and token_weight, soft selection) (Arrow) + stats.json
+      reference-round<r>/, scores-round<r>/, partition-round<r>/   self-evolving rounds r >= 2
+      labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
+      train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
+      eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
+      tensorboard/  <stage>/ TensorBoard events of each training (reference, train-<mode>)
+      report/       report.html and its PNG plots (`tokenforget report`)
+
+A stage is reused when `stage.json` in its folder holds the fingerprint of its current inputs; a stale or
+half-written stage is redone (`RunFolder.ensure`: reuse or build, then commit). Outputs are built in a hidden
+temporary folder and renamed into place. Work in progress that survives a crash lives in `.<stage>.work/`:
+training checkpoints, and finished scoring shards. Under `torchrun` every rank trains (DDP through the
+Trainer) and scores its own shards; rank 0 alone writes stages.
+
+Nothing here knows what a stage computes: the stage modules (data, reference, score, partition, train,
+benchmarks) do, and `pipeline` says which stage feeds which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+from tokenforget.config import RECURRING_SENTENCE, UserError
+
+STAGE_FILE = "stage.json"
+CONFIG_FILE = "config.json"
+
+T = TypeVar("T")
+
+
+class RunFolderError(UserError):
+    """The run folder holds a different run, or a stage's files do not match its inputs."""
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(path: Optional[str]) -> str:
+    """Content hash of a local data file; the name itself for Hub data sets."""
+    if path is None:
+        return "none"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def folder_digest(folder: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a folder's files: a cheap identity for a model folder."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+
+
+# Config fields added after runs were made, with their defaults: left out of a fingerprint while they hold
+# the default, so a stage finished by an older version is still reused.
+ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0},
+    "partition": {"selection": "global", "threshold": 0.0},
+    "reference": {"folds": 1, "rounds": 1, "checkpoint": None},
+    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
+    "model": {"weights": "fp32", "attn_implementation": "sdpa"},
+}
+
+
+def stable_view(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a config section as a dict) without the added fields that hold their default."""
+    added = ADDED_DEFAULTS.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
+def round_stage(name: str, rnd: int) -> str:
+    """Stage folder of a self-evolving round: `name` for round 1, `name-round<r>` after."""
+    return name if rnd == 1 else f"{name}-round{rnd}"
+
+
+@dataclass
+class Ranks:
+    """This process's place among the processes of a `torchrun` / `accelerate launch` job."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def detect(timeout_s: int = 1800) -> "Ranks":
+        """This process's rank; under torchrun the process group is made here, its collectives (the barriers
+        around rank-0-only stages) failing after `timeout_s` seconds (`RunConfig.ddp_timeout`)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Ranks()
+        from datetime import timedelta
+
+        import torch
+        from accelerate import PartialState  # initialises the process group (gloo on CPU)
+
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
+        return Ranks(state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch
+
+            torch.distributed.barrier()
+
+
+def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) example ranges of at most `size` examples."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+IDENTITY = {"model": ("name_or_path", "gguf_file"), "data": ("path", "hub_config", "split")}
+
+
+def same_run_keys(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What makes a run folder one run: the base model and the training data (other fields may change)."""
+    return {sec: {k: cfg.get(sec, {}).get(k) for k in keys} for sec, keys in IDENTITY.items()}
+
+
+def release_memory() -> None:
+    """Free what a finished stage left behind before the next one starts.
+
+    A Trainer holds reference cycles (callbacks, accelerator), so its model and optimizer wait for the cycle
+    collector; and glibc keeps freed heap pages, so a `compare` process's resident memory stayed at the peak
+    of its first training through every later stage (12 GB for SmolLM2-135M). `malloc_trim` hands them back.
+    """
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+@dataclass
+class RunFolder:
+    """One run folder: which stages are done, atomic stage writes, work folders, and the ranks that share it.
+
+    `config`: the run's config as a dict (`config.to_dict`), recorded as `config.json` with each stage.
+    """
+
+    root: Path
+    config: dict[str, Any]
+    ranks: Ranks = field(default_factory=Ranks)
+    log: Callable[[str], None] = print
+    reused: list[str] = field(default_factory=list)  # stages reused in this process, in order
+
+    def check_same_run(self, overwrite: bool) -> None:
+        """Refuse a run folder that holds a run of another model or data set (unless `overwrite`)."""
+        recorded = self.root / CONFIG_FILE
+        if overwrite or not recorded.is_file():
+            return
+        before = same_run_keys(json.loads(recorded.read_text()))
+        now = same_run_keys(self.config)
+        changed = [f"{sec}.{k}" for sec in now for k in now[sec] if before.get(sec, {}).get(k) != now[sec][k]]
+        if changed:
+            raise RunFolderError(
+                f"run_dir '{self.root}' holds a different run ({', '.join(changed)} differ from {recorded}); "
+                "choose another run_dir or pass --overwrite true"
+            )
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def is_done(self, name: str, fp: str) -> bool:
+        f = self.stage_dir(name) / STAGE_FILE
+        return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fp
+
+    def record(self, name: str) -> dict[str, Any]:
+        """The `stage.json` of a finished stage."""
+        return json.loads((self.stage_dir(name) / STAGE_FILE).read_text())
+
+    def ensure(
+        self,
+        name: str,
+        fp: str,
+        build: Callable[[], T],
+        commit: Callable[[T, Path], Optional[dict[str, Any]]],
+        every_rank: bool = False,
+    ) -> Path:
+        """Reuse or build, then commit: the one loop every stage goes through.
+
+        When `name`'s `stage.json` holds `fp` the stage is reused. Otherwise `build()` computes it (on rank 0
+        only, or with `every_rank` on every rank: trainings and scoring share the work), and rank 0 `commit`s the
+        result into a temporary folder, returning what to record in `stage.json`; the folder then replaces
+        `run_dir/name`. Every rank waits for the stage before going on. Returns the stage's folder.
+        """
+        if self.is_done(name, fp):
+            self.skip(name)
+        else:
+            result = build() if every_rank or self.ranks.is_main else None
+            if self.ranks.is_main:
+                record: dict[str, Any] = {}
+                with self.writing(name, fp, record) as d:
+                    record.update(commit(result, d) or {})  # type: ignore[arg-type]
+            self.ranks.barrier()
+        return self.stage_dir(name)
+
+    @contextlib.contextmanager
+    def writing(self, name: str, fp: str, record: dict[str, Any]) -> Iterator[Path]:
+        """Yield a temporary folder; on success it replaces `run_dir/name`, with `stage.json` (`record`, read
+        when the body has finished) last."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / STAGE_FILE).write_text(json.dumps({"stage": name, "fingerprint": fp, **record}, indent=2))
+        final, old = self.stage_dir(name), self.root / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.save_config()
+
+    def copy_stage(self, name: str, source: Path) -> None:
+        """Put a copy of a finished stage folder of another run folder in place as `name` (rank 0)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(self.stage_dir(name), ignore_errors=True)
+        os.replace(tmp, self.stage_dir(name))
+        self.log(f"[{name}] copied from {source}")
+
+    def work_dir(self, name: str, fp: str) -> Path:
+        """`.<name>.work/` for crash-surviving work of inputs `fp`; emptied when the inputs changed."""
+        work = self.root / f".{name}.work"
+        marker = work / "fingerprint"
+        if self.ranks.is_main:
+            if work.exists() and (not marker.is_file() or marker.read_text() != fp):
+                shutil.rmtree(work)  # work of different inputs: never resume from it
+            work.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fp)
+        self.ranks.barrier()
+        return work
+
+    def tensorboard_dir(self, name: str, fresh: bool) -> Path:
+        """`run_dir/tensorboard/<name>/`, emptied for a fresh (not resumed) training so that old curves do not
+        mix with the new ones."""
+        log_dir = self.root / "tensorboard" / name
+        if fresh and self.ranks.is_main:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        self.ranks.barrier()
+        return log_dir
+
+    def save_config(self) -> None:
+        """Record the run's config in the run folder (for `report` and for people reading the folder)."""
+        tmp = self.root / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(self.config, indent=2))
+        os.replace(tmp, self.root / CONFIG_FILE)
+
+    def skip(self, name: str) -> None:
+        if name in self.reused:
+            return
+        self.reused.append(name)
+        self.log(f"[{name}] up to date, reusing {self.stage_dir(name)}")
