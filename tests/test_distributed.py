@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_exact_ce import batch, ce_of_logits
+from tiny_archs import batch, ce_of_logits
 from tiny_archs import build
 from tokenforget import models
 from tokenforget.config import LoraSettings, ModelConfig, RunConfig

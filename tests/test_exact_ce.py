@@ -22,13 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_archs import ARCHS, build, with_unknown_transform
+from tiny_archs import ARCHS, PROMPT, SEQS, batch, build, ce_of_logits, with_unknown_transform
 from tokenforget.losses import LogitMap, linear_cross_entropy
 from tokenforget.model_ce import ce_path, model_token_ce
 from tokenforget.score import forward_ce, pad_batch
 
-SEQS = [[5, 17, 23, 42, 8, 9, 10, 11, 130, 99, 3, 150], [7, 30, 31, 60, 61, 62, 158], [11, 12, 13, 14, 15, 16]]
-PROMPT = 3  # the first 3 tokens of each sequence are not scored
 CE_ATOL = 1e-5
 
 
@@ -42,23 +40,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids (3, 12) right-padded, attention mask (3, 12), positions (3, 12): real tokens after the prompt."""
-    ids, mask = pad_batch(SEQS, 0)
-    positions = mask.clone()
-    positions[:, :PROMPT] = 0
-    return ids.to(device), mask.to(device), positions.bool().to(device)
-
-
 def reference_ce(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B, T): F.cross_entropy over the model's own fp32 logits, token t from position t - 1; 0 off `positions`."""
     return ce_of_logits(model(input_ids=ids, attention_mask=mask).logits, ids, positions)
-
-
-def ce_of_logits(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, T) F.cross_entropy of token t under logits (B, T, V) at t - 1; 0 off `positions`."""
-    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    return torch.where(positions, F.pad(ce, (1, 0)), 0.0)
 
 
 def ce_and_grads(loss_fn, params: dict[str, torch.nn.Parameter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

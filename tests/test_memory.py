@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import forbid_loading
-from test_cli import config  # noqa: F401  (fixture: a run config on the tiny model)
 from tokenforget import models
 from tokenforget.cli import main, parse_config
 from tokenforget.config import ConfigError, LoraSettings, ModelConfig, RunConfig

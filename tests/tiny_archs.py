@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 VOCAB = 160
@@ -67,3 +68,25 @@ def with_unknown_transform(name: str = "llama") -> transformers.PreTrainedModel:
 
     base.__class__ = Rescaled
     return base
+
+
+# ---------------------------------------------------------------- one batch and the reference CE, shared by tests
+
+SEQS = [[5, 17, 23, 42, 8, 9, 10, 11, 130, 99, 3, 150], [7, 30, 31, 60, 61, 62, 158], [11, 12, 13, 14, 15, 16]]
+PROMPT = 3  # the first 3 tokens of each sequence are not scored
+
+
+def batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (3, 12) right-padded, attention mask (3, 12), positions (3, 12): real tokens after the prompt."""
+    from tokenforget.score import pad_batch
+
+    ids, mask = pad_batch(SEQS, 0)
+    positions = mask.clone()
+    positions[:, :PROMPT] = 0
+    return ids.to(device), mask.to(device), positions.bool().to(device)
+
+
+def ce_of_logits(logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) F.cross_entropy of token t under logits (B, T, V) at t - 1; 0 off `positions`."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    return torch.where(positions, F.pad(ce, (1, 0)), 0.0)

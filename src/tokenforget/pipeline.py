@@ -29,7 +29,7 @@ import torch
 
 from tokenforget import benchmarks, data as data_mod, labels as labels_mod, noise, partition as part_mod
 from tokenforget import reference as ref_mod, score as score_mod, train as train_mod
-from tokenforget.config import ConfigError, RunConfig, to_dict
+from tokenforget.config import NEEDS_BASE_CE, ConfigError, RunConfig, to_dict
 from tokenforget.losses import OBJECTIVES, PARTITION_FREE
 from tokenforget.models import BaseModel, check_qlora, device, load_model, use_bf16
 from tokenforget.runfolder import (
@@ -118,7 +118,7 @@ class Run:
     def scores_unused(self) -> bool:
         """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is
         trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs the base model's CE."""
-        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_REF_CE
+        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:
         """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
