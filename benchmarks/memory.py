@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
-from tokenforget.config import LoraSettings, ModelConfig, TrainingConfig  # noqa: E402
+from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
 from tokenforget.models import BaseModel, add_lora  # noqa: E402
-from tokenforget.pipeline import release_memory  # noqa: E402
+from tokenforget.runfolder import release_memory  # noqa: E402
 from tokenforget.train import make_trainer, training_arguments  # noqa: E402
 
 VARIANTS = ("old", "new", "new+gc")
@@ -77,7 +77,7 @@ def _trainer(model: torch.nn.Module, batch: int, length: int, gc: bool, tmp: Pat
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "token_class": cls.tolist()})
     tcfg = TrainingConfig(max_steps=1000, warmup_ratio=0.0, batch_size=batch, gradient_checkpointing=gc)
     args = training_arguments(tcfg, tmp, seed=0, bf16=False, disable_tqdm=True)
-    t = make_trainer(model, _Tok(), data, args, "forget", t_min=0.1, t_max=0.25)
+    t = make_trainer(model, _Tok(), data, args, ObjectiveConfig(mode="forget", t_min=0.1, t_max=0.25))
     t.create_optimizer_and_scheduler(num_training_steps=1000)
     if gc:  # what Trainer.train() does first; steps are driven by hand here
         model.gradient_checkpointing_enable({"use_reentrant": False})
