@@ -55,14 +55,17 @@ def worst_spans(ce_ref: np.ndarray, example: np.ndarray, n: int, width: int = SP
     return best, start
 
 
-def suspicion_measures(ce_base: np.ndarray, ce_ref: np.ndarray, example: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """{measure: (n,) suspicion per example, high = more suspicious} from flat response-token arrays."""
+def suspicion_measures(
+    ce_base: np.ndarray, ce_ref: np.ndarray, example: np.ndarray, n: int, worst: Optional[np.ndarray] = None
+) -> dict[str, np.ndarray]:
+    """{measure: (n,) suspicion per example, high = more suspicious} from flat response-token arrays; `worst`:
+    the worst-span means when the caller already has them (`worst_spans`)."""
     return {
         "ref_loss": _mean(ce_ref, example, n),
         "base_loss": _mean(ce_base, example, n),
         "paper": -_mean(ce_base - ce_ref, example, n),
         "confidence": 1.0 - _mean(np.exp(-ce_ref), example, n),
-        "worst_span": worst_spans(ce_ref, example, n)[0],
+        "worst_span": worst_spans(ce_ref, example, n)[0] if worst is None else worst,
     }
 
 
@@ -94,8 +97,8 @@ def audit_examples(
         decode: token ids -> text (the tokenizer's decode).
     """
     n = len(input_ids)
-    measures = suspicion_measures(arrays["ce_base"], arrays["ce_ref"], arrays["example"], n)
-    _, span_start = worst_spans(arrays["ce_ref"], arrays["example"], n)
+    worst, span_start = worst_spans(arrays["ce_ref"], arrays["example"], n)  # once: a measure and the spans to show
+    measures = suspicion_measures(arrays["ce_base"], arrays["ce_ref"], arrays["example"], n, worst)
     positions = arrays["where"] - arrays["offsets"][arrays["example"]]  # each response token's position in its example
     order = np.argsort(-measures[measure], kind="stable")
     rows = []
