@@ -15,9 +15,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import forbid_loading, write_jsonl
+from conftest import forbid_loading, tiny_run_config, write_config, write_jsonl
 from tokenforget import losses
 from tokenforget.cli import main
 from tokenforget.demo import make_examples
@@ -27,22 +26,13 @@ SRC = Path(__file__).parents[1] / "src"
 
 
 def make_config(tmp_path: Path, model_dir: Path, run: str = "run", n: int = 24, **train) -> Path:
-    data = tmp_path / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, make_examples(n, seed=0, noise=0.25))
+    """conftest's tiny run config as `<run>.yaml`, run folder `<run>`: no dropout or warm-up (runs that must repeat
+    exactly), scoring in shards of 4 (kill points), `train` fields added to both trainings."""
     training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0, **train}
-    cfg = {
-        "run_dir": str(tmp_path / run),
-        "model": {"name_or_path": str(model_dir), "precision": "fp32"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"path": str(data), "max_length": 128},
-        "reference": {"fraction": 0.25, "training": training},
-        "score": {"batch_size": 4, "shard_size": 4},
-        "train": {"training": training},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = tiny_run_config(tmp_path, model_dir, n_examples=n, run_dir=str(tmp_path / run), lora={"dropout": 0.0},
+                          reference={"training": training}, score={"batch_size": 4, "shard_size": 4},
+                          train={"training": training})
+    return write_config(tmp_path, cfg, f"{run}.yaml")
 
 
 LOG_DIRS = {"tensorboard", "report"}  # what `run` writes beside the stages

@@ -31,7 +31,7 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
 
         run = Run(cfg)
         if stage == "run":
-            run.run_all()
+            run.train()
         elif stage == "partition":
             run.labels()  # the partition, and the labels file it makes possible
         else:

@@ -98,7 +98,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
             evals[mode] = evaluate(run, mode)
             samples.setdefault(mode, evals[mode]["samples"])
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
-        if any(m not in PARTITION_FREE for m in modes) and _has_corrupt(run):
+        if any(m not in PARTITION_FREE for m in modes) and has_corrupt(run):
             detection[str(seed)] = _plain_floats(report.detection_of(run).__dict__)
             for name, sub in _variant_runs(run).items():
                 by_variant.setdefault(name, {})[str(seed)] = _plain_floats(report.detection_of(sub).__dict__)
@@ -118,7 +118,8 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     return results
 
 
-def _has_corrupt(run: Any) -> bool:
+def has_corrupt(run: Any) -> bool:
+    """Whether the run's data has known noise (a `corrupt` mask with a set token)."""
     return any(any(c) for c in run.data()["corrupt"])
 
 

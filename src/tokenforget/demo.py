@@ -265,7 +265,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         sub, stage = DEMO_SETTINGS[name](runs)
         stages[name] = compare.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
-    if any(c for c in run.data()["corrupt"] for c in c):
+    if compare.has_corrupt(run):  # injected noise: how well each detector found it
         results["detection_methods"] = detection_of_settings(runs, cfg.settings)
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))

@@ -52,6 +52,15 @@ def _column(values: Column, kind: pa.DataType) -> Union[pa.Array, pa.ChunkedArra
     return values.cast(kind) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, kind)
 
 
+def table_of_stages(tokens: Any, scores: Any, classes: Any, meta: dict[str, Any]) -> Any:
+    """`labels_table` from the data, scores and partition stages' datasets (their Arrow columns: no Python lists)."""
+    column = lambda ds, name: ds.data.column(name)  # noqa: E731
+    weights = column(classes, "token_weight") if "token_weight" in classes.column_names else None
+    return labels_table(column(tokens, "input_ids"), column(classes, "token_class"),
+                        {k: column(scores, k) for k in ("score", "ce_base", "ce_ref")}, column(tokens, "example"), meta,
+                        weights=weights)
+
+
 def labels_table(
     input_ids: Column,
     token_class: Column,

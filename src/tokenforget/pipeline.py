@@ -29,25 +29,21 @@ import torch
 
 from tokenforget import benchmarks, data as data_mod, labels as labels_mod, noise, partition as part_mod
 from tokenforget import reference as ref_mod, score as score_mod, train as train_mod
-from tokenforget.config import NEEDS_BASE_CE, ConfigError, RunConfig, to_dict
+from tokenforget.config import RunConfig, to_dict
+from tokenforget.fingerprints import StageFingerprints
 from tokenforget.losses import OBJECTIVES, PARTITION_FREE
 from tokenforget.models import BaseModel, check_qlora, device, load_model, use_bf16
 from tokenforget.runfolder import (
-    STAGE_FILE, Ranks, RunFolder, RunFolderError, file_digest, fingerprint, folder_digest, release_memory,
+    STAGE_FILE, Ranks, RunFolder, RunFolderError, fingerprint, folder_digest, release_memory,
     round_stage, shard_ranges, stable_view,
 )
 
 
-class Run:
+class Run(StageFingerprints):
     """One run folder and the stages that fill it. Stages call their inputs' stages first."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        base: Optional[BaseModel] = None,
-        log: Callable[[str], None] = print,
-        ranks: Optional[Ranks] = None,
-    ):
+    def __init__(self, cfg: RunConfig, base: Optional[BaseModel] = None, log: Callable[[str], None] = print,
+                 ranks: Optional[Ranks] = None):
         self.cfg = cfg
         self.base = base or BaseModel(cfg.model, qlora=cfg.lora.qlora)
         ranks = ranks or Ranks.detect(cfg.ddp_timeout)
@@ -58,24 +54,14 @@ class Run:
                                         cfg.ddp_timeout)
         self._loaded: dict[str, datasets.Dataset] = {}  # stage outputs already read in this process
         self.folder.check_same_run(cfg.overwrite)
-        self._check_before_any_stage()
-
-    def _check_before_any_stage(self) -> None:
-        """Settings that would fail only when their stage starts fail now, before anything is written."""
-        if self.cfg.lora.qlora:
-            check_qlora(self.cfg.model)
-        trainings = {"reference.training": self.cfg.reference.training, "train.training": self.cfg.train.training}
-        for name, tcfg in trainings.items():
-            try:
-                train_mod.training_arguments(tcfg, self.root / ".check", self.cfg.seed, self.bf16)
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"config field '{name}.training_args': TrainingArguments rejects them: {e}") from None
+        if cfg.lora.qlora:  # settings that would fail only when their stage starts fail now, before any write
+            check_qlora(cfg.model)
+        train_mod.check_training_args(cfg, self.root / ".check", self.bf16)
 
     # the run folder's bookkeeping, for callers that hold a Run
     root = property(lambda self: self.folder.root)
     ranks = property(lambda self: self.folder.ranks)
     skipped = property(lambda self: self.folder.reused)
-    rounds = property(lambda self: self.cfg.reference.rounds)
 
     def stage_dir(self, name: str) -> Path:
         return self.folder.stage_dir(name)
@@ -90,61 +76,6 @@ class Run:
     def _load(self, stage: str, sub: str) -> datasets.Dataset:
         self._loaded[stage] = datasets.load_from_disk(str(self.stage_dir(stage) / sub))
         return self._loaded[stage]
-
-    # ------------------------------------------------------------ fingerprints: what each stage's output depends on
-
-    def data_fp(self) -> str:
-        c = self.cfg
-        return fingerprint("data", stable_view("data", to_dict(c.data)), file_digest(c.data.path), stable_view("model", to_dict(c.model)))
-
-    def reference_fp(self, rnd: int = 1) -> str:
-        c = self.cfg
-        if rnd > 1:  # round r's reference: trained on round r - 1's partition
-            training = to_dict(c.reference.training)
-            return fingerprint("reference-round", self.partition_fp(rnd - 1), training, to_dict(c.lora), c.seed)
-        if c.reference.checkpoint:
-            return fingerprint("reference-checkpoint", folder_digest(ref_mod.checkpoint_dir(c.reference)), stable_view("model", to_dict(c.model)))
-        ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
-        return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
-
-    def raw_score_fp(self, rnd: int = 1) -> str:
-        """Fingerprint of the scoring pass (CE_base, CE_ref), which does not depend on `score.method`."""
-        sc = self.cfg.score
-        if sc.precomputed_path:
-            return fingerprint("precomputed", self.data_fp(), file_digest(sc.precomputed_path))
-        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path")}
-        return fingerprint("score", self.reference_fp(rnd), settings, self.bf16)
-
-    def scores_unused(self) -> bool:
-        """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is
-        trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs the base model's CE."""
-        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_BASE_CE
-
-    def score_fp(self, rnd: int = 1) -> str:
-        """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
-        and the method; the data's alone when the scores are unused."""
-        if self.scores_unused():
-            return fingerprint("scores-unused", self.data_fp())
-        raw, method = self.raw_score_fp(rnd), self.cfg.score.method
-        return raw if method == "paper" else fingerprint("score-method", raw, method)
-
-    def partition_fp(self, rnd: int = 1) -> str:
-        pc = stable_view("partition", to_dict(self.cfg.partition))
-        if self.cfg.partition.selection != "threshold":
-            pc.pop("threshold", None)
-        return fingerprint("partition", self.score_fp(rnd), pc)
-
-    def labels_fp(self) -> str:
-        return fingerprint("labels", labels_mod.FORMAT, self.partition_fp(self.rounds))
-
-    def train_fp(self, mode: str) -> str:
-        c = self.cfg
-        if c.train.labels_path:
-            upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
-        else:
-            upstream = self.data_fp() if mode in PARTITION_FREE else self.partition_fp(self.rounds)
-        held_out = file_digest(c.train.eval_path)
-        return fingerprint("train", mode, upstream, held_out, train_view(c.train, mode), to_dict(c.lora), c.seed, self.bf16)
 
     # ------------------------------------------------------------ the stages, in the order of the data's journey
 
@@ -180,7 +111,7 @@ class Run:
             build = lambda: ref_mod.train_folds(self.setup, tokens, rc, fp, self.folder.work_dir(name, fp), self.log)  # noqa: E731
             commit = lambda plan, d: ref_mod.write_folds(plan, self.root / f".{name}.work", d)  # noqa: E731
             out = self.folder.ensure(name, fp, build, commit, every_rank=True)
-            release_work(self.root / f".{name}.work", self.ranks.is_main)
+            self.folder.release_work(name)
             return out
         if self.is_done(name, fp):  # (reference_examples may tokenize a whole file)
             return self.reused(name)
@@ -228,7 +159,7 @@ class Run:
             return {"tokens": n_tokens, "raw_fingerprint": raw_fp, "method": sc.method}
 
         self.folder.ensure(name, self.score_fp(rnd), build, commit, every_rank=True)
-        release_work(self.root / f".{name}.work", self.ranks.is_main)
+        self.folder.release_work(name)
         scores = self._load(name, "scores")
         score_mod.check_aligned(tokens, scores, self.stage_dir(name))
         return scores
@@ -252,9 +183,6 @@ class Run:
         self.folder.ensure(name, self.partition_fp(rnd), build, commit)
         return self._load(name, "classes")
 
-    def partition_stats(self) -> dict[str, Any]:
-        return json.loads((self.stage_dir(round_stage("partition", self.rounds)) / "stats.json").read_text())
-
     def labels(self) -> Path:
         """Export ids, scores and classes per example as one Parquet file any trainer can read."""
         tokens, scores, classes = self.data(), self.score(), self.partition()
@@ -262,12 +190,7 @@ class Run:
         def build() -> Any:
             meta = {"model": self.cfg.model.name_or_path, "tokenizer": labels_mod.tokenizer_digest(self.base.tokenizer),
                     "rho": self.cfg.partition.rho, "data": self.cfg.data.path}
-            column = lambda ds, name: ds.data.column(name)  # noqa: E731  (Arrow, no Python lists)
-            return labels_mod.labels_table(
-                column(tokens, "input_ids"), column(classes, "token_class"),
-                {k: column(scores, k) for k in ("score", "ce_base", "ce_ref")}, column(tokens, "example"), meta,
-                weights=column(classes, "token_weight") if "token_weight" in classes.column_names else None,
-            )
+            return labels_mod.table_of_stages(tokens, scores, classes, meta)
 
         def commit(table: Any, d: Path) -> dict[str, Any]:
             path = labels_mod.write_labels(table, d)
@@ -293,15 +216,6 @@ class Run:
             train_set = train_mod.with_classes(train_set, self.score().select_columns(["ce_base"]))
         return train_set
 
-    def eval_set(self) -> Optional[datasets.Dataset]:
-        """The held-out `train.eval_path`, tokenized like the data, every response token a learn token."""
-        tc = self.cfg.train
-        if tc.eval_path is None:
-            return None
-        records = data_mod.load_records(self.cfg.data, tc.eval_path, tc.eval_split)
-        cols, _ = data_mod.tokenize_records(self.base.tokenizer, records, self.cfg.data)
-        return train_mod.sft_classes(datasets.Dataset.from_dict(cols))
-
     def train(self, mode: Optional[str] = None, stage: Optional[str] = None) -> Path:
         """Train from the base model with `mode` (default `train.mode`). Returns the stage folder (`stage`, default
         `train-<mode>`). A `compare.variants` name is trained by `compare.train`."""
@@ -320,7 +234,7 @@ class Run:
             self.log(f"[{name}] ignore-training on {len(train_set)} examples, round {record['round'] - 1}'s positive tokens")
         elif not final:
             self.log(f"[{name}] SFT on {len(train_set)} examples")
-        eval_set = self.eval_set() if final else None
+        eval_set = train_mod.held_out_set(self.cfg.train, self.cfg.data, self.base.tokenizer) if final else None
         trainer: Any = None
 
         def build() -> None:
@@ -351,12 +265,7 @@ class Run:
         of its own is evaluated by `compare.evaluate`.
         """
         name, model_fp, load = self._eval_target(target)
-        ec = {k: v for k, v in to_dict(self.cfg.eval).items() if k != "checkpoint"}
-        rendering = {k: getattr(self.cfg.data, k) for k in ("max_length", "chat_template", "system_prompt")}
-        sources = [file_digest(s) for s in (benchmarks.gsm8k_source(self.cfg.eval), self.cfg.eval.fewshot_path)]
-        extra = [file_digest(p) for p in (*self.cfg.eval.nll, *self.cfg.eval.multiple_choice)]
-        fp = fingerprint("eval", model_fp, ec, rendering, sources, extra, self.cfg.seed, self.bf16)
-        stage = f"eval-{name}"
+        fp, stage = self.eval_fp(model_fp), f"eval-{name}"
 
         def build() -> dict[str, Any]:  # every rank evaluates (lm-eval shares the work out)
             self.log(f"[{stage}] evaluating")
@@ -386,29 +295,3 @@ class Run:
         model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", folder_digest(stage))
         name = target if target in trained else stage.resolve().name
         return name, model_fp, lambda: benchmarks.load_model_folder(stage, self.base)
-
-    def run_all(self) -> Path:
-        """Every stage the configured mode needs."""
-        return self.train()
-
-
-def release_work(work: Path, is_main: bool) -> None:
-    """Remove a finished stage's crash-surviving work folder (rank 0)."""
-    import shutil
-
-    if is_main:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def train_view(tc: Any, mode: str) -> dict[str, Any]:
-    """The train settings a training of `mode` depends on, for its fingerprint: the added fields only where
-    they matter (the forgetting term for `forget`, the warm-up for `warmup_constant`) and not at default."""
-    view = stable_view("train", to_dict(tc))
-    if mode != "forget":
-        view.pop("forget_objective", None)
-        view.pop("beta", None)
-    if tc.lambda_schedule != "warmup_constant":
-        view.pop("lambda_warmup", None)
-    if tc.forget_objective in ("ga", "unlikelihood"):
-        view.pop("beta", None)
-    return view

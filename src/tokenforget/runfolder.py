@@ -266,6 +266,11 @@ class RunFolder:
         self.ranks.barrier()
         return work
 
+    def release_work(self, name: str) -> None:
+        """Remove the finished stage `name`'s work folder (rank 0)."""
+        if self.ranks.is_main:
+            shutil.rmtree(self.root / f".{name}.work", ignore_errors=True)
+
     def tensorboard_dir(self, name: str, fresh: bool) -> Path:
         """`run_dir/tensorboard/<name>/`, emptied for a fresh (not resumed) training so that old curves do not
         mix with the new ones."""

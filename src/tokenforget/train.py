@@ -17,7 +17,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
-from tokenforget.config import LoraSettings, ObjectiveConfig, TrainConfig, TrainingConfig, UserError
+from tokenforget.config import ConfigError, LoraSettings, ObjectiveConfig, TrainConfig, TrainingConfig, UserError
 from tokenforget.losses import (
     FORGET,
     LEARN,
@@ -400,6 +400,29 @@ def fit(
 
 
 # ---------------------------------------------------------------- training sets: token classes per mode
+
+
+def check_training_args(cfg: Any, scratch: Path, bf16: bool) -> None:
+    """Both trainings' `training_args` (of a RunConfig `cfg`) as TrainingArguments accepts them, checked before
+    any stage writes: else a ConfigError naming the field."""
+    trainings = {"reference.training": cfg.reference.training, "train.training": cfg.train.training}
+    for name, tcfg in trainings.items():
+        try:
+            training_arguments(tcfg, scratch, cfg.seed, bf16)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config field '{name}.training_args': TrainingArguments rejects them: {e}") from None
+
+
+def held_out_set(tc: TrainConfig, dc: Any, tokenizer: PreTrainedTokenizerBase) -> Optional[datasets.Dataset]:
+    """The held-out `train.eval_path` (None when unset), tokenized like the data (`dc`: its DataConfig), every
+    response token a learn token."""
+    from tokenforget import data as data_mod
+
+    if tc.eval_path is None:
+        return None
+    records = data_mod.load_records(dc, tc.eval_path, tc.eval_split)
+    cols, _ = data_mod.tokenize_records(tokenizer, records, dc)
+    return sft_classes(datasets.Dataset.from_dict(cols))
 
 
 def sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
