@@ -12,6 +12,7 @@ import pytest
 from conftest import labelled_config
 from tokenforget.audit import sample_auroc, suspicion_measures, worst_spans
 from tokenforget.cli import main
+from tokenforget.html_report import build_report, marked
 
 
 def test_worst_span_is_the_highest_window_mean_within_each_example():
@@ -56,3 +57,15 @@ def test_audit_command_writes_a_ranked_table(tmp_path: Path, tiny_model_dir: Pat
     summary = json.loads((out / "audit.json").read_text())
     assert summary["n_labelled"] == 8 and set(summary["auroc"]) == {"ref_loss", "base_loss", "paper", "confidence", "worst_span"}
     assert "Sample-level AUROC against is_correct (8 labelled examples" in capsys.readouterr().out
+    page = build_report(tmp_path / "run").read_text()  # the report's audit section: the same ranking
+    section = page[page.index('<section id="audit">'):]
+    section = section[:section.index("</section>")]
+    assert "Sample-level AUROC against is_correct" in section and section.count("<li>") == 8
+    assert f"#1 · example {rows[0]['example']} · " in section and "#2 · example " + str(rows[1]["example"]) in section
+    assert section.count("<mark>") == 8  # every example's worst span found in its response and marked
+
+
+def test_marked_escapes_and_marks_the_first_occurrence():
+    assert marked("a < 5 = 7, 5 = 7", " 5 = 7 ") == "a &lt; <mark>5 = 7</mark>, 5 = 7"
+    assert marked("no span here", "absent") == "no span here"
+    assert marked("x", "  ") == "x"

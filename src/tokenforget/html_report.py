@@ -457,6 +457,43 @@ def results_html(run: RunFolder) -> str:
     return "".join(parts)
 
 
+AUDIT_SHOWN = 10  # examples the report's audit section shows (the whole ranking is in audit.jsonl)
+
+
+def audit_html(root: Path) -> Optional[str]:
+    """The `tokenforget audit` section: the AUROC of every measure against the labels, and the most suspicious
+    examples with the worst span marked. None when the run folder has no audit."""
+    from tokenforget.audit import AUDIT_DIR, ROWS_FILE, SUMMARY_FILE
+
+    summary, rows_file = _json(root / AUDIT_DIR / SUMMARY_FILE), root / AUDIT_DIR / ROWS_FILE
+    if summary is None or not rows_file.is_file():
+        return None
+    parts = []
+    if summary.get("auroc"):
+        note = f"{summary['n_labelled']} labelled examples; 0.5 = chance, 1 = every wrong example ranked first"
+        parts.append(html_table(Table("Sample-level AUROC against is_correct", ["measure", "AUROC"],
+                                      [[m, a] for m, a in summary["auroc"].items()], note)))
+    items = []
+    for line in rows_file.read_text(encoding="utf-8").splitlines()[:AUDIT_SHOWN]:
+        r = json.loads(line)
+        label = {1: "correct", 0: "wrong"}.get(r.get("is_correct", -1), "unlabelled")
+        items.append(f"<li><p>#{r['rank'] + 1} · example {r['example']} · suspicion {esc(r['suspicion'])} · {label}</p>"
+                     f"<pre>{marked(r['response'], r['worst_span'])}</pre></li>")
+    parts.append(f"<h3>Most suspicious examples (by {esc(summary.get('measure'))}; worst span marked)</h3>"
+                 f'<ol class="audit">{"".join(items)}</ol>'
+                 f'<p class="note">The whole ranking: {html.escape(str(rows_file))} (and audit.parquet)</p>')
+    return "".join(parts)
+
+
+def marked(text: str, span: str) -> str:
+    """`text` escaped, with the first occurrence of `span` (stripped) in <mark>; unmarked when it is not found."""
+    at = text.find(span.strip()) if span.strip() else -1
+    if at < 0:
+        return html.escape(text)
+    end = at + len(span.strip())
+    return html.escape(text[:at]) + f"<mark>{html.escape(text[at:end])}</mark>" + html.escape(text[end:])
+
+
 def provenance_note(name: str, doc: dict[str, Any]) -> str:
     """`from compare_results.json, 93.8 min wall time, <machine>, <date>`: what the file says of itself."""
     note = f"from {name}"
@@ -499,6 +536,7 @@ def page_html(run: RunFolder, flat: FlatTokens, tok: PreTrainedTokenizerBase, ou
         ("samples", "What is learned and what is forgotten", samples_html(data["meta"], bool(flat.corrupt.any()))),
         ("scores", "Token scores", scores_html(run, flat, tok, out)),
         ("training", "Training", training_html(run, out)),
+        *([("audit", "Audit: the examples to review first", audit)] if (audit := audit_html(run.root)) else []),
         ("config", "Config", f"<details><summary>config.json</summary><pre>{html.escape(json.dumps(_config(run), indent=2))}</pre></details>"),
     ]
     nav = " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
