@@ -158,3 +158,24 @@ def test_streaming_partition_in_the_pipeline(config: Path):
     assert 0.7 <= stats["achieved_rho"] < 0.72
     e, s = np.concatenate(exact), np.concatenate(streamed)
     assert np.all(s[e == 1] == 1) and np.array_equal(e == 0, s == 0)
+
+
+def test_the_readme_quickstart_runs_as_written(tmp_path: Path, tiny_model_dir: Path, monkeypatch, capsys):
+    """Every line of the README's quickstart, in order, in an empty folder; only the model is the tiny one."""
+    import shlex
+
+    from conftest import readme_block
+
+    monkeypatch.chdir(tmp_path)
+    src = Path(__file__).parents[1] / "src"
+    for line in readme_block("make_examples(40").strip().splitlines():
+        if line.startswith("python "):  # writes my.jsonl
+            env = {**os.environ, "PYTHONPATH": str(src)}
+            subprocess.run(line.replace("python ", f"{sys.executable} ", 1), shell=True, check=True, env=env)
+            continue
+        args = [str(tiny_model_dir) if a == "smollm2" else a for a in shlex.split(line, comments=True)]
+        assert args[0] == "tokenforget" and main(args[1:]) == 0, line
+    assert len(Path("my.jsonl").read_text().splitlines()) == 40
+    run = Path("runs/my-run")
+    assert (run / "train-forget" / "stage.json").is_file() and (run / "train-sft" / "stage.json").is_file()
+    assert (run / "report" / "report.html").is_file()
