@@ -52,6 +52,21 @@ def recovered(floor: float, model: float, ceiling: float) -> float:
     return (floor - model) / gap if gap else math.nan
 
 
+def damaged(sft: dict[str, Any], ceiling: dict[str, Any]) -> bool:
+    """Whether the ceiling beats sft by more than 2 paired standard errors (a gap R can be a share of)."""
+    se = paired_nll_stderr(ceiling, sft)
+    return sft["value"] - ceiling["value"] > 2 * (se or 0.0)
+
+
+def r_cell(seeds: list[dict[str, dict[str, Any]]], model: str, ceiling: str, bench: str) -> str:
+    """R per seed ('–' in a seed without damage), and its mean ± std when every seed has one."""
+    r = [recovered(s["sft"][bench]["value"], s[model][bench]["value"], s[ceiling][bench]["value"])
+         if damaged(s["sft"][bench], s[ceiling][bench]) else None for s in seeds]
+    cell = ", ".join("–" if x is None else f"{x:.2f}" for x in r)
+    known = [x for x in r if x is not None]
+    return cell + (f" (mean {fmt(*mean_std(known), 2)})" if len(known) == len(r) > 1 else "")
+
+
 def fmt(mean: float, std: Optional[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
@@ -79,13 +94,11 @@ def tables(per_seed: dict[int, dict[str, dict[str, Any]]], ceiling: Optional[str
                 ses = [paired_nll_stderr(per_seed[s][m][b], per_seed[s]["sft"][b]) for s in seeds]
                 row.append(", ".join(f"{d:+.4f} ({se:.4f})" if se is not None else f"{d:+.4f}" for d, se in zip(diffs, ses)))
                 row.append(fmt(*mean_std(diffs)))
-                if ceil and m != "base" and m != ceil:
-                    r = [recovered(per_seed[s]["sft"][b]["value"], per_seed[s][m][b]["value"], per_seed[s][ceil][b]["value"])
-                         for s in seeds]
-                    row.append(", ".join(f"{x:.2f}" for x in r) + (f" (mean {fmt(*mean_std(r), 2)})" if len(r) > 1 else ""))
-                else:
-                    row.append("")
+                row.append(r_cell([per_seed[s] for s in seeds], m, ceil, b) if ceil and m not in ("base", ceil) else "")
             lines.append("| " + " | ".join(row) + " |")
+        if ceil:
+            lines.append(f"\nR where {ceil} beats sft by more than 2 paired se in that seed; – where it does not "
+                         "(no damage to recover: R would divide by noise).")
     return "\n".join(lines)
 
 

@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, children too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 CORPUS = [
     "Mia has 12 apples. She buys 3 bags with 4 apples each. How many apples does Mia have now?",

@@ -44,3 +44,18 @@ def test_recovered_share_and_paired_differences_by_hand(tmp_path: Path):
     assert "| x | 1.1000 | +0.1000 (0.1000) | 0.1000 | -0.50 |" == rows["x"]
     assert rows["ceiling:gold"].startswith("| ceiling:gold | 0.8000 | -0.2000 (0.0000) |")
     assert bt.recovered(1.0, 1.0, 1.0) != bt.recovered(1.0, 1.0, 1.0)  # a zero gap gives NaN, not a number
+
+
+def test_no_recovered_share_where_the_ceiling_does_not_beat_sft(tmp_path: Path):
+    """Seed 1 as above (gap 0.2, se 0: R shown); seed 2's ceiling is worse than sft (sums 2.2, 2.2 -> 1.1 vs
+    1.0): no damage, so R is '–' there and no mean is given."""
+    bt = load_script()
+    root, gold = tmp_path / "cmp", tmp_path / "gold"
+    for s, ceiling in ((1, [1.6, 1.6]), (2, [2.2, 2.2])):
+        write(root / f"seed-{s}" / "eval-sft", 1.0, [2.0, 2.0])
+        write(root / f"seed-{s}" / "eval-dft", 0.9, [1.8, 1.8])
+        write(gold / f"seed-{s}" / "eval-sft", sum(ceiling) / 4, ceiling)
+    text = bt.tables(bt.collect(root, {"gold": gold}, [1, 2]), "gold")
+    (dft,) = [line for line in text.splitlines() if line.startswith("| dft |")]
+    assert dft.endswith("| 0.50, – |")
+    assert "– where it does not" in text
