@@ -35,4 +35,4 @@ demo: install
 	$(PY) -m tokenforget demo
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto   # one worker per core (pytest-xdist), one torch thread each: tests/conftest.py

@@ -171,9 +171,9 @@ ROWS_JSONL = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion":
     [
         ("d.jsonl", b"\xef\xbb\xbf" + ROWS_JSONL),  # a byte-order mark, as some Windows editors write
         ("d.json", b'\xef\xbb\xbf[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]'),
-        ("d.jsonl.gz", gzip.compress(ROWS_JSONL)),
-        ("d.jsonl.gz", gzip.compress(b"\xef\xbb\xbf" + ROWS_JSONL)),
-        ("d.json.gz", gzip.compress(b'{"data": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}')),
+        ("d.jsonl.gz", gzip.compress(ROWS_JSONL, mtime=0)),
+        ("d.jsonl.gz", gzip.compress(b"\xef\xbb\xbf" + ROWS_JSONL, mtime=0)),
+        ("d.json.gz", gzip.compress(b'{"data": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}', mtime=0)),
     ],
 )
 def test_byte_order_mark_and_gzip_are_read(tmp_path, name, content):
@@ -189,12 +189,12 @@ def test_byte_order_mark_and_gzip_are_read(tmp_path, name, content):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n'),
+        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', mtime=0),
          "d.jsonl.gz:2: missing field 'completion'"),
-        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": \n'),
+        ("d.jsonl.gz", gzip.compress(b'{"prompt": "a", "completion": "b"}\n{"prompt": \n', mtime=0),
          "d.jsonl.gz:2: malformed JSON (Expecting value at column 12)"),
         ("d.jsonl.gz", ROWS_JSONL, "d.jsonl.gz: not a readable gzip file (Not a gzipped file (b'{\"'))"),
-        ("d.jsonl.gz", gzip.compress(ROWS_JSONL)[:-8], "d.jsonl.gz: not a readable gzip file (Compressed file ended "
+        ("d.jsonl.gz", gzip.compress(ROWS_JSONL, mtime=0)[:-8], "d.jsonl.gz: not a readable gzip file (Compressed file ended "
                                                        "before the end-of-stream marker was reached)"),
         ("d.jsonl", b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n\xef\xbb\xbf{"prompt": "c"}\n',
          "d.jsonl:2: malformed JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"),  # only the first
