@@ -87,19 +87,21 @@ def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys)
 
 
 def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
-    """Every kind of setting the demo can train: sft, the paper, the preset, an oracle bound and the clean ceiling."""
+    """Every kind of setting the demo can train: sft, the paper, the preset, the sample filter, an oracle bound and
+    the clean ceiling."""
     import datasets
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
-            "--settings", "[sft, paper, recommended, oracle_forget, clean]"]
+            "--settings", "[sft, paper, recommended, filter, oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "paper", "recommended", "oracle_forget", "clean"]
+    assert list(res["models"]) == ["base", "sft", "paper", "recommended", "filter", "oracle_forget", "clean"]
+    assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.config import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended preset
@@ -126,6 +128,13 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert stats["n_negative"] == round((1 - want["partition"]["rho"]) * stats["n_tokens"])
     negatives = side_by_side["recommended"]["recall"] * side_by_side["recommended"]["n_corrupt"] / side_by_side["recommended"]["precision"]
     assert negatives == pytest.approx(stats["n_negative"])  # its detection is measured on its own partition
+    # the filter: round(0.3 x 24) = 7 whole examples dropped, on the recommended run's reference (copied, not retrained)
+    filt = tmp_path / "demo" / "filter"
+    classes = datasets.load_from_disk(str(filt / "partition" / "classes"))["token_class"]
+    dropped = [c for c in classes if -1 in c]
+    assert len(dropped) == 7 and all(set(c) <= {0, -1} for c in dropped)
+    assert json.loads((filt / "reference" / "stage.json").read_text()) == json.loads(
+        (tmp_path / "demo" / "recommended" / "reference" / "stage.json").read_text())
 
 
 def test_demo_settings_are_the_config_choices():

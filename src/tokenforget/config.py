@@ -22,7 +22,7 @@ DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instr
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
-DemoSetting = Literal["sft", "dft", "paper", "recommended", "oracle_ignore", "oracle_forget", "clean"]
+DemoSetting = Literal["sft", "dft", "paper", "recommended", "ignore", "filter", "oracle_ignore", "oracle_forget", "clean"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
@@ -670,7 +670,9 @@ class DemoConfig:
     total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
     settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "recommended", "clean"])
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
-    preset, its reference on `n_trusted` clean examples), `oracle_ignore` / `oracle_forget` (the known corrupted
+    preset, its reference on `n_trusted` clean examples), `ignore` (the preset's negative tokens ignored, not
+    forgotten), `filter` (the 30% of examples the trusted reference finds least likely dropped),
+    `oracle_ignore` / `oracle_forget` (the known corrupted
     tokens as the negative set: the bound on any detector), `clean` (sft on the same problems, every answer right:
     the ceiling)."""
     rho: float = 0.7

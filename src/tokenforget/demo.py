@@ -195,6 +195,22 @@ class DemoRuns:
             self.made["recommended"] = recommended_run(self.cfg, self.run, self.root, self.log)
         return self.made["recommended"]
 
+    def filter(self) -> Any:
+        """The sample filter on the recommended run's trusted reference and scoring pass: the 30% of examples
+        with the highest mean reference loss dropped (`ignore` over a per-example selection), in
+        `run_dir/filter/`."""
+        from tokenforget.compare import adopt_stages
+        from tokenforget.pipeline import Run
+
+        if "filter" not in self.made:
+            rec = self.recommended()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / "filter"), score=replace(c.score, method="ref_loss"),
+                          partition=replace(c.partition, selection="example", rho=0.7))
+            self.made["filter"] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made["filter"], rec)  # the same reference and scoring pass: rescored, not rerun
+        return self.made["filter"]
+
     def clean(self) -> Any:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
         from tokenforget.pipeline import Run
@@ -212,6 +228,8 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "dft": lambda r: (r.run, "dft"),
     "paper": lambda r: (r.run, "forget"),
     "recommended": lambda r: (r.recommended(), r.recommended().cfg.train.mode),
+    "ignore": lambda r: (r.recommended(), "ignore"),
+    "filter": lambda r: (r.filter(), "ignore"),
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
