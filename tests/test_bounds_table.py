@@ -59,3 +59,18 @@ def test_no_recovered_share_where_the_ceiling_does_not_beat_sft(tmp_path: Path):
     (dft,) = [line for line in text.splitlines() if line.startswith("| dft |")]
     assert dft.endswith("| 0.50, – |")
     assert "– where it does not" in text
+
+
+def test_learnable_table_by_hand():
+    """4 problems. sft right on 1 (0.25), clean on all 4 (1.0), x on 3 (0.75): x - sft = d (0, 1, 1, 0), mean 0.5,
+    sd sqrt(1/3), se sqrt(1/3)/2 = 0.289; clean - sft = (0, 1, 1, 1), mean 0.75, sd 0.5, se 0.25,
+    gap 0.75 > 2 x 0.25, so R(x) = 0.5 / 0.75 = 0.67."""
+    spec = importlib.util.spec_from_file_location("learnable_table", ROOT / "scripts" / "learnable_table.py")
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    m = lambda c: {"accuracy": sum(c) / 4, "gold_nll": 0.1, "n": 4, "correct": c}  # noqa: E731
+    text = lt.table({1: {"base": m([0, 0, 0, 0]), "sft": m([1, 0, 0, 0]), "clean": m([1, 1, 1, 1]), "x": m([1, 1, 1, 0])}})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["x"] == "| x | 0.750 | +0.500 (0.289) | 0.67 | 0.100 |"
+    assert rows["clean"] == "| clean | 1.000 | +0.750 (0.250) |  | 0.100 |"
+    assert lt.recovered([1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 1]) is None  # gap 0.25 = its se x 1: no damage shown
