@@ -93,19 +93,19 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
-            "--settings", "[sft, paper, recommended, filter, oracle_forget, clean]"]
+            "--settings", "[sft, paper, ref_loss_wga, filter, oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "paper", "recommended", "filter", "oracle_forget", "clean"]
+    assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.config import PRESETS
 
-    side_by_side = res["detection_methods"]  # paper (slice reference) beside the recommended preset
-    assert list(side_by_side) == ["paper", "recommended"] and side_by_side["paper"]["n_corrupt"] > 0
+    side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
+    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter"] and side_by_side["paper"]["n_corrupt"] > 0
     # the clean twin: the same prompts, nothing corrupted; the noisy copy: 0.4 x 24 = 10 (or fewer) corrupted
     task = tmp_path / "demo" / "task"
     noisy = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
@@ -118,23 +118,27 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     classes = datasets.load_from_disk(str(oracle / "partition" / "classes"))
     for resp, bad, cls in zip(tokens["response_mask"], tokens["corrupt"], classes["token_class"]):
         assert cls == [(-1 if b else 1) * r for r, b in zip(resp, bad)]
-    # the recommended model trained with the preset: its score method, its rho, a trusted reference
-    rec = json.loads((tmp_path / "demo" / "recommended" / "config.json").read_text())
-    want = PRESETS["recommended"]
+    # the ref_loss_wga model trained with the preset: its score method, its rho, a trusted reference
+    rec = json.loads((tmp_path / "demo" / "trusted" / "config.json").read_text())
+    want = PRESETS["ref_loss_wga"]
     assert rec["score"]["method"] == want["score"]["method"] and rec["partition"]["rho"] == want["partition"]["rho"]
     assert rec["train"]["forget_objective"] == want["train"]["forget_objective"]
     assert rec["reference"]["path"].endswith("trusted.jsonl")
-    stats = json.loads((tmp_path / "demo" / "recommended" / "partition" / "stats.json").read_text())
+    stats = json.loads((tmp_path / "demo" / "trusted" / "partition" / "stats.json").read_text())
     assert stats["n_negative"] == round((1 - want["partition"]["rho"]) * stats["n_tokens"])
-    negatives = side_by_side["recommended"]["recall"] * side_by_side["recommended"]["n_corrupt"] / side_by_side["recommended"]["precision"]
+    wga = side_by_side["ref_loss_wga"]
+    negatives = wga["recall"] * wga["n_corrupt"] / wga["precision"]
     assert negatives == pytest.approx(stats["n_negative"])  # its detection is measured on its own partition
-    # the filter: round(0.3 x 24) = 7 whole examples dropped, on the recommended run's reference (copied, not retrained)
+    # the filter: round(0.3 x 24) = 7 whole examples dropped, on the trusted run's reference (copied, not retrained);
+    # its detection counts examples: 7 dropped, recall x wrong examples / precision = 7
+    f = side_by_side["filter"]
+    assert f["n_tokens"] == 24 and f["recall"] * f["n_corrupt"] / f["precision"] == pytest.approx(7)
     filt = tmp_path / "demo" / "filter"
     classes = datasets.load_from_disk(str(filt / "partition" / "classes"))["token_class"]
     dropped = [c for c in classes if -1 in c]
     assert len(dropped) == 7 and all(set(c) <= {0, -1} for c in dropped)
     assert json.loads((filt / "reference" / "stage.json").read_text()) == json.loads(
-        (tmp_path / "demo" / "recommended" / "reference" / "stage.json").read_text())
+        (tmp_path / "demo" / "trusted" / "reference" / "stage.json").read_text())
 
 
 def test_demo_settings_are_the_config_choices():

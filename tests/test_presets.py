@@ -60,3 +60,9 @@ def test_unknown_or_missing_preset_exits_2_naming_the_choices(file_config: Path,
     assert "more than once" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="preset"):
         apply_preset(RunConfig(), "nope")
+
+
+def test_the_recommended_preset_is_a_mode_that_needs_no_reference():
+    """What measured best (docs/results.md): plain sft. The demo trains it as a mode of its noisy run."""
+    assert PRESETS["recommended"] == {"train": {"mode": "sft"}}
+    assert apply_preset(RunConfig(), "recommended").train.mode == "sft"

@@ -22,7 +22,8 @@ DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instr
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
-DemoSetting = Literal["sft", "dft", "paper", "recommended", "ignore", "filter", "oracle_ignore", "oracle_forget", "clean"]
+DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "oracle_ignore",
+                      "oracle_forget", "clean"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
@@ -668,13 +669,12 @@ class DemoConfig:
     noise_kind: DemoNoise = "systematic"
     """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
     total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "recommended", "clean"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "filter", "clean"])
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
-    preset, its reference on `n_trusted` clean examples), `ignore` (the preset's negative tokens ignored, not
-    forgotten), `filter` (the 30% of examples the trusted reference finds least likely dropped),
-    `oracle_ignore` / `oracle_forget` (the known corrupted
-    tokens as the negative set: the bound on any detector), `clean` (sft on the same problems, every answer right:
-    the ceiling)."""
+    preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
+    tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
+    dropped), `oracle_ignore` / `oracle_forget` (the known corrupted tokens as the negative set: the bound on any
+    detector), `clean` (sft on the same problems, every answer right: the ceiling)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
@@ -734,12 +734,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"mode": "forget", "forget_objective": "ga", "lambda_schedule": "linear", "t_min": 0.0,
                   "t_max": 0.25, "training": PAPER_TRAINING},
     },
-    # The best we measured (docs/results.md, docs/detection.md): forgetting costs held-out likelihood in
-    # proportion to the clean tokens it takes from learning, so it takes few (rho 0.95) and picks them with the
-    # reference-loss detector instead of CE_base - CE_ref (which ranks corrupted tokens at chance); the bounded
-    # wga term stops pushing a token once it is unlikely. Best validation NLL of every forgetting setting on
-    # noisy GSM8K, yet still behind plain SFT there. Method fields only: data, model and training are yours.
-    "recommended": {
+    # What measured best (docs/results.md, 2026-11-30): plain SFT. On natural noise (GPT-3's GSM8K solutions,
+    # 53% wrong) the wrong solutions did not hurt SFT, and ignoring exactly them (the oracle, the bound on every
+    # detector) cost held-out likelihood; no forgetting setting beat SFT on any data we measured. A preset that
+    # is a mode only, so it needs no reference: `--preset recommended` trains `sft`.
+    "recommended": {"train": {"mode": "sft"}},
+    # The best forgetting setting we measured (the `recommended` preset until 2026-11-30): forgetting costs
+    # held-out likelihood in proportion to the clean tokens it takes from learning, so it takes few (rho 0.95)
+    # and picks them with the reference-loss detector instead of CE_base - CE_ref; the bounded wga term stops
+    # pushing a token once it is unlikely. Behind plain SFT on noisy GSM8K and on the demo's task.
+    "ref_loss_wga": {
         "score": {"method": "ref_loss_min_rank"},
         "partition": {"rho": 0.95, "selection": "global"},
         "train": {"mode": "forget", "forget_objective": "wga", "beta": 1.0, "lambda_schedule": "linear",

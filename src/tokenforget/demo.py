@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.config import (
-    CompareConfig, DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig, TrainingConfig,
-    apply_preset,
+    PRESETS, CompareConfig, DataConfig, DemoConfig, PartitionConfig, ReferenceConfig, RunConfig, TrainConfig,
+    TrainingConfig, apply_preset,
 )
-from tokenforget.losses import PARTITION_FREE
 from tokenforget.models import BaseModel
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
@@ -166,18 +165,21 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     )
 
 
-def recommended_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
-    """The demo's run with the `recommended` preset (`config.PRESETS`) and, when the preset partitions, its
-    reference trained on `n_trusted` clean generated examples that share no prompt with the training data, in
-    `run_dir/recommended/`."""
+TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
+
+
+def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
+    """The demo's noisy data with a reference trained on `n_trusted` clean generated examples that share no
+    prompt with the training data, and the `ref_loss_wga` preset, in `run_dir/trusted/`: the settings that
+    need a trusted reference (forgetting, ignoring, the sample filter) train here or start from here."""
     from tokenforget.pipeline import Run
 
     trusted_path = root / "task" / "trusted.jsonl"
     scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
     pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
     write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
-    rc = replace(run.cfg, run_dir=str(root / "recommended"), reference=replace(run.cfg.reference, path=str(trusted_path)))
-    return Run(apply_preset(rc, "recommended"), base=run.base, log=log)
+    rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
+    return Run(apply_preset(rc, TRUSTED_PRESET), base=run.base, log=log)
 
 
 @dataclass
@@ -190,20 +192,20 @@ class DemoRuns:
     log: Callable[[str], None]
     made: dict[str, Any] = field(default_factory=dict)
 
-    def recommended(self) -> Any:
-        if "recommended" not in self.made:
-            self.made["recommended"] = recommended_run(self.cfg, self.run, self.root, self.log)
-        return self.made["recommended"]
+    def trusted(self) -> Any:
+        if "trusted" not in self.made:
+            self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
+        return self.made["trusted"]
 
     def filter(self) -> Any:
-        """The sample filter on the recommended run's trusted reference and scoring pass: the 30% of examples
+        """The sample filter on the trusted run's reference and scoring pass: the 30% of examples
         with the highest mean reference loss dropped (`ignore` over a per-example selection), in
         `run_dir/filter/`."""
         from tokenforget.compare import adopt_stages
         from tokenforget.pipeline import Run
 
         if "filter" not in self.made:
-            rec = self.recommended()
+            rec = self.trusted()
             c = rec.cfg
             cfg = replace(c, run_dir=str(self.root / "filter"), score=replace(c.score, method="ref_loss"),
                           partition=replace(c.partition, selection="example", rho=0.7))
@@ -227,15 +229,17 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "sft": lambda r: (r.run, "sft"),
     "dft": lambda r: (r.run, "dft"),
     "paper": lambda r: (r.run, "forget"),
-    "recommended": lambda r: (r.recommended(), r.recommended().cfg.train.mode),
-    "ignore": lambda r: (r.recommended(), "ignore"),
+    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["mode"]),  # a mode only (test_presets)
+    "ref_loss_wga": lambda r: (r.trusted(), "forget"),
+    "ignore": lambda r: (r.trusted(), "ignore"),
     "filter": lambda r: (r.filter(), "ignore"),
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
-                "recommended": "the recommended preset (its score method and rho, a trusted reference)"}
+                "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
+                "filter": "the sample filter, whole examples (its reference trusted)"}
 
 
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
@@ -259,11 +263,30 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
 
     out = {}
     for name in (s for s in settings if s in PARTITIONING):
-        run, stage = DEMO_SETTINGS[name](runs)
-        if stage not in PARTITION_FREE:  # the recommended preset may be a mode that ranks nothing
+        run, _stage = DEMO_SETTINGS[name](runs)
+        if run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
+            out[name] = example_detection(run.data(), run.score(), run.partition())
+        else:
             method = run.cfg.score.method
             out[name] = detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
     return out
+
+
+def example_detection(tokens: Any, scores: Any, classes: Any) -> dict[str, Any]:
+    """Detection of the examples with a known corrupted token: each example's mean response-token score (low =
+    suspicious), and the examples a per-example partition dropped as the negative set; the figures of
+    `evaluate.detection` over examples, with the mean score of wrong and right examples."""
+    import numpy as np
+
+    from tokenforget.evaluate import detection
+
+    masks = [np.asarray(m, bool) for m in tokens["response_mask"]]
+    mean = np.array([np.asarray(s)[m].mean() for s, m in zip(scores["score"], masks)])
+    bad = np.array([bool(np.asarray(c)[m].any()) for c, m in zip(tokens["corrupt"], masks)])
+    dropped = np.array([bool((np.asarray(c)[m] == -1).any()) for c, m in zip(classes["token_class"], masks)])
+    nan = float("nan")
+    return {**detection(mean, bad, dropped).__dict__, "mean_corrupt": float(mean[bad].mean()) if bad.any() else nan,
+            "mean_clean": float(mean[~bad].mean()) if (~bad).any() else nan}
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
