@@ -85,7 +85,8 @@ def demo_table(results: dict[str, Any]) -> str:
         rows = [[name, d["auroc"], d["recall"], d["precision"], d["mean_corrupt"], d["mean_clean"], d["corrupt_share"]]
                 for name, d in methods.items()]
         out += ["", "Finding the known corrupted tokens (training data), each setting with its own score method, "
-                "reference and rho (the recommended preset's reference is trained on a small trusted set)",
+                "reference and rho; `paper` on a slice of the noisy data, the others on a small trusted set; `filter` "
+                "counts whole examples (a wrong one has a corrupted token)",
                 format_table(["setting", "AUROC (low score = corrupted)", "recall of negative set",
                               "precision of negative set", "mean score corrupt", "mean score clean", "chance precision"], rows)]
         return "\n".join(out)
