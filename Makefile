@@ -35,4 +35,4 @@ demo: install
 	$(PY) -m tokenforget demo
 
 test: install
-	$(PY) -m pytest -n auto   # one worker per core (pytest-xdist), one torch thread each: tests/conftest.py
+	$(PY) -m pytest -n auto --dist loadgroup   # a worker per core (pytest-xdist), one torch thread each (tests/conftest.py); the torchrun tests on one worker
