@@ -128,3 +128,32 @@ def test_ddp_timeout_must_be_positive(tmp_path, capsys):
     assert main(["run", "--run_dir", str(tmp_path), "--ddp_timeout", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ddp_timeout" in err[0], err
+
+
+class LateRank1:
+    """Rank 1 of 2 that looks at the run folder after rank 0, which found a stage not done, has written it."""
+
+    rank, world, is_main = 1, 2, False
+
+    def __init__(self) -> None:
+        self.barriers = 0
+
+    def barrier(self) -> None:
+        self.barriers += 1
+
+    def from_main(self, value: bool) -> bool:
+        return False  # rank 0's answer when it looked
+
+
+def test_a_late_rank_takes_rank_0s_decision_and_waits_at_the_same_barrier(tmp_path):
+    """The hang of `test_two_process_run_writes_every_stage_once`: rank 1 saw the rank-0-only stage done on disk,
+    skipped its barrier, and every later barrier paired with the wrong one until DDP's first collective hung."""
+    from tokenforget.runfolder import STAGE_FILE, RunFolder
+
+    ranks = LateRank1()
+    folder = RunFolder(tmp_path, {}, ranks=ranks, log=lambda _msg: None)  # type: ignore[arg-type]
+    (tmp_path / "partition").mkdir()
+    (tmp_path / "partition" / STAGE_FILE).write_text('{"fingerprint": "fp"}')  # rank 0's write
+    built: list[int] = []
+    folder.ensure("partition", "fp", lambda: built.append(1), lambda _r, _d: {})
+    assert (ranks.barriers, built, folder.reused) == (1, [], [])  # rank-0-only build; one barrier, as rank 0

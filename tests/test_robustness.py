@@ -329,6 +329,7 @@ def test_two_process_run_writes_every_stage_once(tmp_path, tiny_model_dir):
     out = torchrun("-m", "tokenforget", "run", str(cfg))
     assert stage_dirs(tmp_path / "ddp") == ["data", "labels", "partition", "reference", "scores", "train-forget"]
     assert out.stdout.count("[partition] ") == 1  # only rank 0 reports
+    assert out.stdout.count("train-forget: final loss=") == 1
     assert out.stdout.count("Report: ") == 1 and (tmp_path / "ddp" / "report" / "report.html").is_file()
     history = json.loads((tmp_path / "ddp" / "train-forget" / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # 24 examples / (4 per rank x 2 ranks)

@@ -36,9 +36,11 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
             run.labels()  # the partition, and the labels file it makes possible
         else:
             getattr(run, stage)()
+        if not run.ranks.is_main:  # under torchrun, one rank reports and writes the page
+            return
         trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
-        if stage == "run" and run.ranks.is_main:  # under torchrun, one rank writes the page
+        if stage == "run":
             from tokenforget.html_report import build_report
 
             print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer).resolve()}")

@@ -113,7 +113,7 @@ class Run(StageFingerprints):
             out = self.folder.ensure(name, fp, build, commit, every_rank=True)
             self.folder.release_work(name)
             return out
-        if self.is_done(name, fp):  # (reference_examples may tokenize a whole file)
+        if self.folder.done_on_main(name, fp):  # (reference_examples may tokenize a whole file)
             return self.reused(name)
         subset = ref_mod.reference_examples(tokens, rc, self.cfg.data, self.base.tokenizer, self.cfg.seed)
         return self._trained(name, fp, train_mod.sft_classes(subset), rc.training, "sft", {"examples": len(subset)})
@@ -222,7 +222,7 @@ class Run(StageFingerprints):
         mode = mode or self.cfg.train.mode
         name = stage or f"train-{mode}"
         train_set, fp = self.train_set(mode), self.train_fp(mode)
-        if self.is_done(name, fp):  # (eval_set may tokenize a whole file)
+        if self.folder.done_on_main(name, fp):  # (eval_set may tokenize a whole file)
             return self.reused(name)
         self.log(f"[{name}] training on {len(train_set)} examples")
         return self._trained(name, fp, train_set, self.cfg.train.training, mode, {"mode": mode}, final=True)

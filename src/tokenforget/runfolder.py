@@ -126,6 +126,18 @@ class Ranks:
 
             torch.distributed.barrier()
 
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value`, on every rank: for a decision every rank must take alike. Whether a stage is done is
+        one: a rank that looked at the disk after rank 0 had written the stage skipped the barrier the others
+        waited at, and the run hung at its next collective."""
+        if self.world == 1:
+            return value
+        import torch
+
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) example ranges of at most `size` examples."""
@@ -189,8 +201,13 @@ class RunFolder:
         return self.root / name
 
     def is_done(self, name: str, fp: str) -> bool:
+        """Whether `name`'s `stage.json` holds `fp`, as this process sees the disk now."""
         f = self.stage_dir(name) / STAGE_FILE
         return f.is_file() and json.loads(f.read_text()).get("fingerprint") == fp
+
+    def done_on_main(self, name: str, fp: str) -> bool:
+        """`is_done` as rank 0 sees it, on every rank (a collective: every rank calls it, or none)."""
+        return self.ranks.from_main(self.is_done(name, fp))
 
     def record(self, name: str) -> dict[str, Any]:
         """The `stage.json` of a finished stage."""
@@ -211,7 +228,7 @@ class RunFolder:
         result into a temporary folder, returning what to record in `stage.json`; the folder then replaces
         `run_dir/name`. Every rank waits for the stage before going on. Returns the stage's folder.
         """
-        if self.is_done(name, fp):
+        if self.done_on_main(name, fp):
             self.skip(name)
         else:
             result = build() if every_rank or self.ranks.is_main else None
