@@ -32,7 +32,7 @@ def test_extract_answer_and_accuracy():
     assert extract_answer("first 3 then 7") == "7"
     assert extract_answer("no numbers") is None
     acc = answer_accuracy(["The answer is 5.", "The answer is 6."], ["The answer is 5.", "The answer is 7."])
-    assert (acc.accuracy, acc.n) == (0.5, 2)
+    assert (acc.accuracy, acc.n, acc.correct) == (0.5, 2, [1, 0])
     assert acc.stderr == pytest.approx((0.25 / 2) ** 0.5)
 
 

@@ -22,8 +22,8 @@ DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instr
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
-DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "oracle_ignore",
-                      "oracle_forget", "clean"]
+DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
+                      "oracle_ignore", "oracle_forget", "clean"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
@@ -272,7 +272,8 @@ class ScoreConfig:
     """How CE_base and CE_ref become the score that is ranked (`tokenforget.score_methods.SCORE_METHODS`):
     `paper` (CE_base - CE_ref), `relative`, `binned`, `token_z` (difficulty-corrected), `ref_loss` (-CE_ref),
     `ref_loss_z`, `ref_loss_window`, `ref_loss_example`, `ref_loss_copy`, `ref_loss_z_copy` (copies of a token
-    pair inherit the earlier occurrence's score), `example_ref_loss`, `ref_loss_min_rank` (the `recommended`
+    pair inherit the earlier occurrence's score), `example_ref_loss`, `example_max_ref_loss` (an example's
+    worst token), `ref_loss_min_rank` (the `recommended`
     preset's, docs/detection.md). Changing it reuses the scoring pass."""
     precomputed_path: Optional[str] = None
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
@@ -673,7 +674,7 @@ class DemoConfig:
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
-    dropped), `oracle_ignore` / `oracle_forget` (the known corrupted tokens as the negative set: the bound on any
+    dropped), `filter_max` (the 30% whose least likely token is least likely), `oracle_ignore` / `oracle_forget` (the known corrupted tokens as the negative set: the bound on any
     detector), `clean` (sft on the same problems, every answer right: the ceiling). The default shows the measured
     answer in under 10 minutes on 2 cores: the noise hurts `sft` (the recommended preset), knowing it recovers the
     damage, and no detector we ship does (docs/results.md; add `filter` or `ref_loss_wga` to see one try)."""

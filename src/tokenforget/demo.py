@@ -197,21 +197,21 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filter(self) -> Any:
-        """The sample filter on the trusted run's reference and scoring pass: the 30% of examples
-        with the highest mean reference loss dropped (`ignore` over a per-example selection), in
-        `run_dir/filter/`."""
+    def filtered(self, name: str, method: str) -> Any:
+        """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
+        examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
+        (`ignore` over a per-example selection)."""
         from tokenforget.compare import adopt_stages
         from tokenforget.pipeline import Run
 
-        if "filter" not in self.made:
+        if name not in self.made:
             rec = self.trusted()
             c = rec.cfg
-            cfg = replace(c, run_dir=str(self.root / "filter"), score=replace(c.score, method="ref_loss"),
+            cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method),
                           partition=replace(c.partition, selection="example", rho=0.7))
-            self.made["filter"] = Run(cfg, base=rec.base, log=self.log)
-            adopt_stages(self.made["filter"], rec)  # the same reference and scoring pass: rescored, not rerun
-        return self.made["filter"]
+            self.made[name] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
+        return self.made[name]
 
     def clean(self) -> Any:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
@@ -232,14 +232,16 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["mode"]),  # a mode only (test_presets)
     "ref_loss_wga": lambda r: (r.trusted(), "forget"),
     "ignore": lambda r: (r.trusted(), "ignore"),
-    "filter": lambda r: (r.filter(), "ignore"),
+    "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
+    "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
-                "filter": "the sample filter, whole examples (its reference trusted)"}
+                "filter": "the sample filter, whole examples (its reference trusted)",
+                "filter_max": "the sample filter by each example's worst token (its reference trusted)"}
 
 
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:

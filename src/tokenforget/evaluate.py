@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -83,6 +83,7 @@ class Accuracy:
     accuracy: float
     n: int
     stderr: float
+    correct: list[int] = field(default_factory=list)  # per problem, 1 or 0: paired differences between models
 
 
 def answer_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> Accuracy:
@@ -90,7 +91,7 @@ def answer_accuracy(predictions: Sequence[str], golds: Sequence[str]) -> Accurac
     hits = [answers_match(extract_answer(p), extract_answer(g)) for p, g in zip(predictions, golds)]
     n = len(hits)
     acc = sum(hits) / n if n else float("nan")
-    return Accuracy(acc, n, math.sqrt(acc * (1 - acc) / n) if n else float("nan"))
+    return Accuracy(acc, n, math.sqrt(acc * (1 - acc) / n) if n else float("nan"), [int(h) for h in hits])
 
 
 def response_nll(

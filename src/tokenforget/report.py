@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tokenforget import data as data_mod
-from tokenforget.evaluate import Detection, answer_accuracy, answers_match, detection, extract_answer, generate, gold_nll
+from tokenforget.evaluate import Detection, answer_accuracy, detection, generate, gold_nll
 from tokenforget.runfolder import round_stage
 from tokenforget.losses import FORGET
 from tokenforget.models import device
@@ -55,9 +55,8 @@ def evaluate_models(
         preds = generate(model, tok, prompts, max_new_tokens, batch_size=16, bf16=run.bf16)
         acc = answer_accuracy(preds, golds)
         nll = gold_nll(model, cols["input_ids"], cols["response_mask"], 16, run.bf16, tok.pad_token_id)
-        correct = [int(answers_match(extract_answer(p), extract_answer(g))) for p, g in zip(preds, golds)]
         models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "sample": preds[0],
-                        "correct": correct}  # per problem: paired differences between models
+                        "correct": acc.correct}
         del model
     return {"models": models}
 

@@ -113,6 +113,18 @@ def example_ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarr
     return -_example_mean(ce_ref.astype(np.float64), example)
 
 
+def example_max_ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -(max of CE_ref over the token's example): an example is as suspicious as its least likely token.
+
+    One wrong number in a long right answer barely moves the mean loss; it is the example's worst token. On the
+    demo's learnable task (trusted reference, 2 seeds) the max ranked the wrong answers at example AUROC 0.85 and
+    0.81, the mean at 0.71 and 0.63 (docs/results.md). With `partition.selection: example` it is the max filter."""
+    _, inverse = np.unique(example, return_inverse=True)
+    worst = np.full(inverse.max() + 1 if inverse.size else 0, -np.inf)
+    np.maximum.at(worst, inverse, ce_ref.astype(np.float64))
+    return -worst[inverse]
+
+
 def ref_loss_min_rank(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
     """score = min(rank(ref_loss_z_copy), rank(ref_loss_window), rank(example_ref_loss)) / N, ranks 1..N ascending.
 
@@ -135,6 +147,7 @@ SCORE_METHODS: dict[str, ScoreFn] = {
     "ref_loss_copy": ref_loss_copy,
     "ref_loss_z_copy": ref_loss_z_copy,
     "example_ref_loss": example_ref_loss,
+    "example_max_ref_loss": example_max_ref_loss,
     "ref_loss_min_rank": ref_loss_min_rank,
 }
 
