@@ -273,8 +273,8 @@ class ScoreConfig:
     `paper` (CE_base - CE_ref), `relative`, `binned`, `token_z` (difficulty-corrected), `ref_loss` (-CE_ref),
     `ref_loss_z`, `ref_loss_window`, `ref_loss_example`, `ref_loss_copy`, `ref_loss_z_copy` (copies of a token
     pair inherit the earlier occurrence's score), `example_ref_loss`, `example_max_ref_loss` (an example's
-    worst token), `ref_loss_min_rank` (the `recommended`
-    preset's, docs/detection.md). Changing it reuses the scoring pass."""
+    worst token), `ref_loss_min_rank` (the `ref_loss_wga` preset's, docs/detection.md). Changing it reuses the
+    scoring pass."""
     precomputed_path: Optional[str] = None
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
     `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
