@@ -14,6 +14,8 @@ fp32 here). Variants:
     old     each stage trains a deep copy of the base (`copy.deepcopy`, what `BaseModel.fresh` gave every stage)
     new     each stage trains LoRA on the shared, frozen base (`BaseModel.for_training`: `share_weights`)
     new+gc  as new, with gradient checkpointing (training.gradient_checkpointing: true)
+    +lean   the child first calls `memory.lean_allocator()` (what the command line does): glibc hands freed
+            buffers of 4 MiB and more back at once instead of keeping them resident on its heap
 
 tokens/s: the first stage's steps after --warmup untimed ones (--reps of them, min/median/max of the step
 times), tokens = batch x length (every sequence is full length: no padding). The second stage builds its model
@@ -42,11 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
+from tokenforget.memory import lean_allocator  # noqa: E402
 from tokenforget.models import BaseModel, add_lora  # noqa: E402
 from tokenforget.runfolder import release_memory  # noqa: E402
 from tokenforget.train import make_trainer, training_arguments  # noqa: E402
 
-VARIANTS = ("old", "new", "new+gc")
+VARIANTS = ("old", "new", "new+gc", "new+lean", "new+gc+lean")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
@@ -110,6 +113,8 @@ def vm_rss_bytes() -> int:
 
 def child(a: argparse.Namespace) -> dict:
     """One variant: load the base, train two stages in a row; peak memory and the timed step times."""
+    if a.child.endswith("+lean"):
+        assert lean_allocator(), "lean_allocator: not glibc, or MALLOC_MMAP_THRESHOLD_ set"
     base = BaseModel(ModelConfig(name_or_path=a.model_dir, precision="fp32"))
     base.load()
     loaded = vm_hwm_bytes()
@@ -121,7 +126,7 @@ def child(a: argparse.Namespace) -> dict:
         torch.manual_seed(stage)
         model = add_lora(copy.deepcopy(base.load()), lora) if a.child == "old" else base.for_training(lora)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, batch = _trainer(model, a.batch, a.length, a.child == "new+gc", Path(tmp))
+            trainer, batch = _trainer(model, a.batch, a.length, "+gc" in a.child, Path(tmp))
             built.append(vm_rss_bytes())
             for i in range(steps):
                 profile = a.profile and a.child == "new" and stage == 1 and i == steps - 1

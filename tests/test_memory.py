@@ -4,6 +4,7 @@ settings; the dry run's memory estimate, worked out by hand."""
 from __future__ import annotations
 
 import hashlib
+import platform
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,59 @@ def test_dry_run_prints_the_estimate_without_loading_weights(config: Path, capsy
     assert len(lines) == 1  # reference and final training have the same batch size
     assert "micro-batch 4 x 128 tokens: weights 0.13 MB + trainable weights, gradients, AdamW 0.07 MB" in lines[0]
     assert "activations 3.70 MB = 3.89 MB" in lines[0]
+
+
+# A fresh interpreter frees a 16 MiB buffer, allocates and frees another, and prints how much of it is still
+# resident. glibc's default raises its mmap threshold to 16 MiB at the first free, so the second buffer comes
+# from the heap and its pages stay (the trim threshold rose with it, to 32 MiB): +16 MiB. With lean_allocator
+# both buffers are mmapped and unmapped when freed: +0 (a page or two of the allocator's own).
+_RESIDENT_AFTER_FREE = """
+import sys, torch
+from tokenforget.memory import lean_allocator
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+print("lean" if sys.argv[1] == "lean" and lean_allocator() else "default")
+n = 16 << 20
+x = torch.ones(n // 4); del x
+before = rss()
+y = torch.ones(n // 4); del y
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
+                    reason="glibc's allocator on Linux")
+def test_lean_allocator_returns_a_freed_16_mib_buffer_that_glibcs_default_keeps_resident(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    kept = {}
+    for mode in ("default", "lean"):
+        out = subprocess.run([sys.executable, "-c", _RESIDENT_AFTER_FREE, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[0] == mode  # lean_allocator made the setting
+        kept[mode] = int(out[1])
+    assert kept["default"] >= 15 << 20  # the control: without the setting the freed buffer stays
+    assert kept["lean"] < 1 << 20
+
+
+def test_lean_allocator_leaves_a_users_own_threshold_alone(monkeypatch):
+    from tokenforget.memory import lean_allocator
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert lean_allocator() is False
+
+
+def test_every_command_sets_the_lean_allocator_before_its_work(tmp_path, monkeypatch):
+    """The command line makes the process-wide setting before a command runs (and not for a bad config)."""
+    import tokenforget.cli as cli
+    import tokenforget.memory as memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(memory, "lean_allocator", lambda: calls.append("lean") or True)
+    monkeypatch.setitem(cli.COMMANDS, "report", (*cli.COMMANDS["report"][:2], lambda cfg: calls.append("report")))
+    assert main(["report", "--run_dir", str(tmp_path / "nowhere"), "--max_samples", "-1"]) == 2
+    assert calls == []
+    assert main(["report", "--run_dir", str(tmp_path)]) == 0
+    assert calls == ["lean", "report"]

@@ -52,5 +52,15 @@ def test_memory_benchmark_quick_mode_prints_every_variant():
                           "--stage2-steps", "1", "--profile"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "GiB" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["old", "new", "new+gc"]
+    assert [r.split("|")[1].strip() for r in rows] == ["old", "new", "new+gc", "new+lean", "new+gc+lean"]
     assert "of CPU time in matrix products" in out.stdout and "Targets: peak <= 3 GiB" in out.stdout
+
+
+def test_cpu_step_benchmark_quick_mode_times_both_dropouts():
+    """benchmarks/cpu_step.py --quick: peft's dropout and ours, interleaved, a row each and their ratio."""
+    script = Path(__file__).parents[1] / "benchmarks" / "cpu_step.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| dropout")]
+    assert rows == ["peft", "ours"]
+    assert float(out.stdout.split("ratio ours / peft (median step time):")[1]) > 0

@@ -281,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _dry_run(name, cfg, timed=dry == DRY_RUN_TIMED)  # type: ignore[arg-type]
         else:
             check_writable(*output_folder(cfg))
+            from tokenforget.memory import lean_allocator
+
+            lean_allocator()  # freed activations leave resident memory at once (process-wide: set here, first)
             COMMANDS[name][2](cfg)
     except UserError as e:
         print(f"tokenforget {name}: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Memory estimate of one training process, from the model's config alone (no weights are loaded).
+"""Memory of one training process: its estimate from the model's config alone (no weights are loaded), and
+the allocator setting that keeps the resident peak near it on Linux (`lean_allocator`).
 
 For a decoder of L layers, hidden size h, MLP size f, vocabulary V, with P base parameters, a micro-batch of
 B sequences of T tokens, weights in w bytes (4 fp32, 2 bf16) and activations in a bytes (2 under bf16
@@ -20,13 +21,15 @@ linears (LoRA's dropout keeps a copy of each input; 0 without LoRA). The head's 
 of 256 rows (`losses.linear_cross_entropy`): one chunk of fp32 logits and their softmax, 2 x 256 x V x 4 bytes.
 Not counted: the framework itself (the Python process, torch and transformers: about 0.5-1 GB resident on a
 CPU), allocator fragmentation, the data set, evaluation. A guide for batch size and max_length, not a bound:
-for SmolLM2-135M's shape at 8 x 512 in fp32 it gives 7.6 GiB without and 1.4 GiB with gradient checkpointing,
-where benchmarks/memory.py measured peaks of 10.5 GiB and 6.7 GiB (docs/performance.md; the gap with
-checkpointing is not yet explained).
+for SmolLM2-135M's shape at 8 x 512 in fp32 it gives 7.6 GiB without and 1.4 GiB with gradient checkpointing.
+benchmarks/memory.py measured peaks of 10.5 GiB and 6.7 GiB with glibc's default allocator settings: the gap
+was freed activation buffers that glibc kept resident, which `lean_allocator` hands back (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -35,6 +38,30 @@ import torch
 from tokenforget.config import LoraSettings, ModelConfig, TrainingConfig
 
 CE_CHUNK_ROWS = 256  # rows of logits at a time in losses.linear_cross_entropy
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+LEAN_MMAP_THRESHOLD = 4 << 20  # bytes: activation-sized buffers and up; smaller ones stay on the (faster) heap
+
+
+def lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of `threshold` bytes or more with its own mmap, unmapped when freed,
+    so a freed activation buffer leaves the resident memory at once. Returns whether the setting was made.
+
+    Why: glibc starts at a 128 KiB mmap threshold and raises it to the size of each mmapped buffer freed (up to
+    32 MiB); from then on activation-sized tensors come from the heap, whose freed pages stay resident. A LoRA
+    training of SmolLM2-135M's shape at 8 x 512 with gradient checkpointing peaked at 6.7 GiB resident for about
+    1.5 GiB of live tensors (docs/performance.md). Setting the threshold switches that adjustment off.
+
+    Process-wide, so it belongs at the start of a program: the command line calls it first (`tokenforget.cli`);
+    call it at the top of your own script. A no-op returning False where the C library is not glibc (macOS,
+    musl) and when `MALLOC_MMAP_THRESHOLD_` is set in the environment (the user's own choice wins).
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return mallopt(M_MMAP_THRESHOLD, threshold) == 1  # glibc's mallopt returns 1 on success
 
 
 @dataclass
