@@ -8,7 +8,9 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from conftest import forbid_loading
+from tokenforget import compare
 from tokenforget.cli import main, parse_config
+from tokenforget.compare import seed_config
 from tokenforget.config import TrainingConfig
 from tokenforget.pipeline import Run
 from tokenforget.plan import optimizer_steps, plan_run, score_padded_tokens, train_padded_tokens
@@ -58,7 +60,8 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys,
 def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, capsys, monkeypatch):
     """A comparison fills `run_dir/seed-<s>/`; with the first seed's data, reference and scores finished, its
     plan reuses them. The variant `rho5` has a partition of its own, so a real compare copies those stages
-    into `seed-1/variant-rho5/`; the dry run copies nothing, writes nothing, loads no model. Steps by hand:
+    into `seed-1/variant-rho5/` and partitions and trains there: the plan lists its stages under that folder,
+    the copied ones as reused; the dry run copies nothing, writes nothing, loads no model. Steps by hand:
     24 examples in batches of 4 are 6 optimizer steps for each training."""
     root = config.parent / "cmp"
     args = ["--run_dir", str(root), "--compare.seeds", "[1, 2]", "--compare.modes", "[sft, forget]",
@@ -72,11 +75,36 @@ def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, c
     out = capsys.readouterr().out
     assert snapshot(config.parent) == before
     assert out.splitlines()[0] == f"Dry run of {root / 'seed-1'} (nothing is written)"
-    stages = ["data", "reference", "scores", "partition", "labels", "train-sft", "train-forget", "train-rho5"]
+    v = "variant-rho5/"
+    stages = ["data", "reference", "scores", "partition", "labels", "train-sft", "train-forget",
+              *(v + s for s in ["data", "reference", "scores", "partition", "labels", "train-rho5"])]
     assert statuses(out, stages) == {"data": "reuse", "reference": "reuse", "scores": "reuse", "partition": "run",
-                                     "labels": "run", "train-sft": "run", "train-forget": "run", "train-rho5": "run"}
+                                     "labels": "run", "train-sft": "run", "train-forget": "run",
+                                     v + "data": "reuse", v + "reference": "reuse", v + "scores": "reuse",
+                                     v + "partition": "run", v + "labels": "run", v + "train-rho5": "run"}
     works = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in stages}
-    assert all("6 optimizer steps of 4 x 1" in works[s] for s in ["train-sft", "train-forget", "train-rho5"])
+    assert all("6 optimizer steps of 4 x 1" in works[s] for s in ["train-sft", "train-forget", v + "train-rho5"])
+
+
+def test_compare_dry_run_after_the_comparison_reuses_every_stage_and_the_oracle_needs_no_reference(config: Path, capsys):
+    """After a real comparison with a variant in a folder of its own, the dry run finds every stage done,
+    the variant's training in `variant-<name>/train-<name>` too; an oracle variant's plan has no reference."""
+    root = config.parent / "cmp"
+    args = ["--run_dir", str(root), "--compare.seeds", "[1]", "--compare.modes", "[sft]",
+            "--compare.variants", "{rho5: {partition: {rho: 0.5}}, orc: {mode: ignore, partition: {selection: oracle}}}"]
+    _, cfg, _ = parse_config(["compare", str(config), *args])
+    run = Run(seed_config(cfg, 1))
+    for mode in ("sft", "rho5"):  # what `compare` trains for seed 1 (its evaluation left out)
+        compare.train(run, mode)
+    assert (root / "seed-1" / "variant-rho5" / "train-rho5" / "stage.json").is_file()
+    capsys.readouterr()
+    assert main(["compare", str(config), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = statuses(out, [line.split()[0] for line in out.splitlines()[2:] if line.split()[:1]])
+    assert rows["data"] == rows["variant-rho5/partition"] == rows["variant-rho5/train-rho5"] == "reuse"
+    assert rows["train-sft"] == "reuse" and rows["variant-orc/train-orc"] == "run"
+    assert [r for r in rows if r.startswith("variant-orc/")] == [
+        "variant-orc/data", "variant-orc/scores", "variant-orc/partition", "variant-orc/labels", "variant-orc/train-orc"]
 
 
 def test_predicted_steps_and_tokens_match_the_real_run(config: Path):

@@ -676,7 +676,7 @@ class DemoConfig:
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
     dropped), `filter_max` (the 30% whose least likely token is least likely), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling). The default shows the measured answer in about 11 minutes on 2 cores: the
+    every answer right: the ceiling). The default shows the measured answer in about 9 minutes on 2 cores: the
     noise hurts `sft` (the recommended preset), knowing it recovers the damage, and no detector we ship does
     (docs/results.md; add `filter_max` or `ref_loss_wga` to see one try)."""
     rho: float = 0.7

@@ -61,7 +61,8 @@ def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
     if run.cfg.train.labels_path:
         return [f"train-{m}" for m in modes]
     needs_scores = any(m not in PARTITION_FREE for m in modes)
-    rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in ("reference", "scores", "partition")]
+    per_round = ("scores", "partition") if run.scores_unused() else ("reference", "scores", "partition")
+    rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in per_round]
     upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
     return upstream + [f"train-{m}" for m in modes]
 
@@ -93,15 +94,34 @@ class Timing:
 
 def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[list[StagePlan], Timing]:
     """Plan every stage training `modes` needs; with `measure`, time the warm-up (loading the model) for the
-    stages that would run."""
-    stages = stages_for_modes(run, modes)
-    fps = fingerprints(run, stages)
-    todo = [s for s in stages if not run.is_done(s, fps[s])]
+    stages that would run.
+
+    A `compare.variants` name among `modes` that overrides partition, reference or score trains in a folder of
+    its own (`compare.variant`): its stages are planned there, named `variant-<name>/<stage>`, and one counts as
+    reused when done there or when the parent holds it with the same fingerprint (`compare` copies it over)."""
+    own = {m: compare.variant(run, m, adopt=False) for m in modes if m in run.cfg.compare.variants}
+    own = {m: v for m, v in own.items() if v[0].root != run.root}
+    groups = [(run, "", stages_for_modes(run, [m for m in modes if m not in own]), None)]
+    for name, (sub, sub_mode) in own.items():
+        stages = [*stages_for_modes(sub, [sub_mode])[:-1], f"train-{name}"]
+        groups.append((sub, f"variant-{name}/", stages, run))
     t0 = time.perf_counter()
     sets = _token_sets(run)
     tokenize_s = time.perf_counter() - t0
+    planned = []  # (run, shown name, stage, fingerprint, reused)
+    for r, prefix, stages, parent in groups:
+        fps = fingerprints(r, stages)
+        for st in stages:
+            adopted = parent is not None and _round_of(st)[0] in ("data", "reference", "scores") and parent.is_done(st, fps[st])
+            planned.append((r, prefix + st, st, fps[st], r.is_done(st, fps[st]) or adopted))
+    todo = [st for _r, _shown, st, _fp, reused in planned if not reused]
     timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
-    plans = [_stage_plan(run, s, fps[s], s not in todo, sets, timing, tokenize_s) for s in stages]
+    group_sets = {id(r): sets if r is run else _token_sets(r) for r, *_ in groups}  # a variant may subset anew
+    plans = []
+    for r, shown, st, fp, reused in planned:
+        plan = _stage_plan(r, st, fp, reused, group_sets[id(r)], timing, tokenize_s)
+        plan.name = shown
+        plans.append(plan)
     return plans, timing
 
 
@@ -332,7 +352,8 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
 def memory_lines(run: Run, plans: Sequence[StagePlan]) -> list[str]:
     """The memory estimate (`tokenforget.memory`) of each training configuration a stage to run uses."""
     cfg = run.cfg
-    kinds = {_round_of(p.name)[0] if not p.name.startswith("train-") else "train" for p in plans if not p.reuse}
+    stages = [(p.name.rsplit("/", 1)[-1], p.reuse) for p in plans]  # a variant's: variant-<name>/<stage>
+    kinds = {_round_of(s)[0] if not s.startswith("train-") else "train" for s, reuse in stages if not reuse}
     trainings = [cfg.reference.training] if "reference" in kinds else []
     trainings += [cfg.train.training] if "train" in kinds else []
     seen: dict[tuple[int, bool], str] = {}
