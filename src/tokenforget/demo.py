@@ -308,8 +308,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         sub, stage = DEMO_SETTINGS[name](runs)
         stages[name] = compare.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
     results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
-    if compare.has_corrupt(run):  # injected noise: how well each detector found it
-        results["detection_methods"] = detection_of_settings(runs, cfg.settings)
+    if compare.has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
+        untrained = [d for d in cfg.detectors if d not in cfg.settings]
+        results["detection_methods"] = detection_of_settings(runs, [*cfg.settings, *untrained])
+        results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))

@@ -84,8 +84,9 @@ def demo_table(results: dict[str, Any]) -> str:
     out = ["", "Held-out clean split", format_table(["model", "answer accuracy", "gold NLL (nats/token)"], rows)]
     methods = results.get("detection_methods")
     if methods:
-        rows = [[name, d["auroc"], d["recall"], d["precision"], d["mean_corrupt"], d["mean_clean"], d["corrupt_share"]]
-                for name, d in methods.items()]
+        untrained = set(results.get("detected_only", []))
+        rows = [[name + (" (no model trained)" if name in untrained else ""), d["auroc"], d["recall"], d["precision"],
+                 d["mean_corrupt"], d["mean_clean"], d["corrupt_share"]] for name, d in methods.items()]
         out += ["", "Finding the known corrupted tokens (training data), each setting with its own score method, "
                 "reference and rho; `paper` on a slice of the noisy data, the others on a small trusted set; `filter` "
                 "counts whole examples (a wrong one has a corrupted token)",
