@@ -149,13 +149,13 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert sorted(dropped) == sorted(sorted(range(24), key=lambda i: (-worst[i], -i))[:7])
 
 
-def test_demo_defaults_train_sft_and_the_ceiling_and_measure_the_detector_without_training_on_it(
-        tmp_path: Path, tiny_model_dir: Path, capsys):
-    """The default demo: sft and clean trained and evaluated; `ref_loss_wga`'s detection measured on its own
-    partition (a trusted reference and a scoring pass), no model trained on it."""
+def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`--detectors [ref_loss_wga]` beside `--settings [sft, clean]`: sft and clean trained and evaluated;
+    `ref_loss_wga`'s detection measured (a trusted reference and a scoring pass), no model trained on it."""
     root = tmp_path / "demo"
     assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision",
-                 "fp32", "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4"]) == 0
+                 "fp32", "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4",
+                 "--settings", "[sft, clean]", "--detectors", "[ref_loss_wga]"]) == 0
     out = capsys.readouterr().out
     res = json.loads((root / "demo_results.json").read_text())
     assert list(res["models"]) == ["base", "sft", "clean"]

@@ -671,20 +671,20 @@ class DemoConfig:
     noise_kind: DemoNoise = "systematic"
     """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
     total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "oracle_ignore", "clean"])
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
     dropped), `filter_max` (the 30% whose least likely token is least likely), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling). The default shows the measured answer in about 9 minutes on 2 cores: the
-    noise hurts `sft` (the recommended preset) and how well our best detector finds it (`detectors`); add
-    `oracle_ignore` to see that knowing the noise recovers the damage (about 2.5 minutes more), `filter_max` or
-    `ref_loss_wga` to see a detector trained on (docs/results.md: neither beats `sft`)."""
-    detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
+    every answer right: the ceiling). The default shows the measured answer in 9 minutes on 2 cores (544 s from a
+    fresh clone, docs/results.md): the noise hurts `sft` (the recommended preset) and knowing it recovers the
+    damage; add `filter_max` or `ref_loss_wga` to see a detector trained on (neither beats `sft`)."""
+    detectors: list[DemoDetector] = field(default_factory=list)
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
-    only their reference and scoring pass run, no model is trained on them. `ref_loss_wga`: the reference-loss
-    score with a reference trained on `n_trusted` clean examples (token AUROC 0.82-0.83, docs/results.md)."""
+    only their reference and scoring pass run, no model is trained on them. `[ref_loss_wga]`: the reference-loss
+    score with a reference trained on `n_trusted` clean examples (token AUROC 0.82, about 3.5 minutes more here:
+    18 reference steps and two forward passes over the 160 answers; with it the default demo took 602 s)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
