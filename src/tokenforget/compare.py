@@ -276,15 +276,25 @@ def adopt_stages(child: Run, parent: Run) -> None:
     """Copy `parent`'s finished data, reference and scores stages that `child`'s fingerprints match, so a
     variant that changes only the partition does not train the reference again, and one that changes only
     `score.method` does not score again."""
-    for stage, fp in (("data", child.data_fp), ("reference", child.reference_fp), ("scores", child.score_fp)):
+    for stage, fp in zip(ADOPTED_STAGES, (child.data_fp, child.reference_fp, child.score_fp)):
         mine = fp()
-        ok = parent.is_done(stage, mine)
-        if stage == "scores" and not ok and (parent.stage_dir(stage) / STAGE_FILE).is_file():
-            # another score.method over the same scoring pass: rescored from it without a forward pass
-            ok = raw_fingerprint_of(parent.stage_dir(stage) / STAGE_FILE) == child.raw_score_fp()
-        if child.ranks.is_main and not child.is_done(stage, mine) and ok:
+        if child.ranks.is_main and not child.is_done(stage, mine) and adoptable(child, parent, stage, mine):
             child.folder.copy_stage(stage, parent.stage_dir(stage))
     child.ranks.barrier()
+
+
+ADOPTED_STAGES = ("data", "reference", "scores")
+
+
+def adoptable(child: Run, parent: Run, stage: str, fp: str) -> bool:
+    """Whether `adopt_stages` copies `parent`'s `stage` (of fingerprint `fp` in `child`) instead of running it."""
+    if stage not in ADOPTED_STAGES:
+        return False
+    if parent.is_done(stage, fp):
+        return True
+    # another score.method over the same scoring pass: rescored from it without a forward pass
+    done = parent.stage_dir(stage) / STAGE_FILE
+    return stage == "scores" and done.is_file() and raw_fingerprint_of(done) == child.raw_score_fp()
 
 
 def train(run: Run, mode: str) -> Path:

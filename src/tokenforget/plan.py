@@ -112,7 +112,7 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[lis
     for r, prefix, stages, parent in groups:
         fps = fingerprints(r, stages)
         for st in stages:
-            adopted = parent is not None and _round_of(st)[0] in ("data", "reference", "scores") and parent.is_done(st, fps[st])
+            adopted = parent is not None and compare.adoptable(r, parent, st, fps[st])
             planned.append((r, prefix + st, st, fps[st], r.is_done(st, fps[st]) or adopted))
     todo = [st for _r, _shown, st, _fp, reused in planned if not reused]
     timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
