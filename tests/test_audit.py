@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -63,6 +64,10 @@ def test_audit_command_writes_a_ranked_table(tmp_path: Path, tiny_model_dir: Pat
     assert "Sample-level AUROC against is_correct" in section and section.count("<li>") == 8
     assert f"#1 · example {rows[0]['example']} · " in section and "#2 · example " + str(rows[1]["example"]) in section
     assert section.count("<mark>") == 8  # every example's worst span found in its response and marked
+    # a score method that reads CE_ref only still gets the base model's measures: the audit asks for CE_base
+    assert main(["audit", str(cfg), "--score.method", "ref_loss", "--run_dir", str(tmp_path / "rl")]) == 0
+    ce_base = datasets.load_from_disk(str(tmp_path / "rl" / "scores" / "scores"))["ce_base"]
+    assert np.isfinite(np.concatenate(ce_base)).all()
 
 
 def test_marked_escapes_and_marks_the_first_occurrence():

@@ -83,6 +83,12 @@ def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys)
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", str(config), "--partition.rhoo", "0.5"]) == 2
     assert "did you mean 'partition.rho'" in capsys.readouterr().err
+    assert main(["run", str(config), "--score.base_pass", "false"]) == 2  # score.method paper reads CE_base
+    assert "score.base_pass" in capsys.readouterr().err
+    assert main(["run", str(config), "--score.base_pass", "false", "--score.method", "ref_loss",
+                 "--train.forget_objective", "tnpo"]) == 2
+    err = capsys.readouterr().err
+    assert "score.base_pass" in err and "tnpo" in err
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 

@@ -80,6 +80,32 @@ def test_method_change_reuses_the_scoring_pass(config: Path, capsys):
     assert np.allclose(np.concatenate(ref["score"])[resp], -ce_ref[resp])
 
 
+def test_a_reference_loss_method_scores_without_the_base_model(config: Path, capsys):
+    """`ref_loss` reads CE_ref only: its pass skips the base model (CE_base NaN); `paper` then needs a pass of
+    its own (the same CE_ref), and `ref_loss` again is rescored from that full pass without a forward pass."""
+    import datasets
+
+    run = config.parent / "detect" / "run"
+    args = ["score", str(config), "--run_dir", str(run), "--score.method", "ref_loss"]
+    assert main(args) == 0
+    alone = datasets.load_from_disk(str(run / "scores" / "scores"))
+    assert np.isnan(np.concatenate(alone["ce_base"])).all()
+    ref_only_pass = json.loads((run / "scores" / "stage.json").read_text())["raw_fingerprint"]
+    capsys.readouterr()
+    assert main([*args[:-1], "paper"]) == 0
+    assert "rescoring without a forward pass" not in capsys.readouterr().out
+    full = datasets.load_from_disk(str(run / "scores" / "scores"))
+    assert np.isfinite(np.concatenate(full["ce_base"])).all()
+    assert np.array_equal(np.concatenate(full["ce_ref"]), np.concatenate(alone["ce_ref"]))
+    assert json.loads((run / "scores" / "stage.json").read_text())["raw_fingerprint"] != ref_only_pass
+    assert main(args) == 0
+    assert "rescoring without a forward pass" in capsys.readouterr().out
+    again = datasets.load_from_disk(str(run / "scores" / "scores"))
+    assert np.array_equal(np.concatenate(again["ce_base"]), np.concatenate(full["ce_base"]))
+    assert main([*args, "--score.base_pass", "true"]) == 0  # asked for: the full pass is there already
+    assert "rescoring without a forward pass" in capsys.readouterr().out
+
+
 def test_checkpoint_and_precomputed_scores(config: Path, capsys):
     """A finished reference stage as `reference.checkpoint` gives the same CE as training it; its labels file
     as `score.precomputed_path` gives the same scores; a file of other data is refused with its row."""

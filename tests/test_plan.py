@@ -46,6 +46,9 @@ def test_dry_run_writes_nothing_and_reports_what_would_run(config: Path, capsys,
     assert not run.exists()
     assert statuses(out, STAGES) == dict.fromkeys(STAGES, "run") and "est. time" in out.splitlines()[1]
     assert "Estimated wall time" in out and "training micro-batch (4, " in out and "scoring forward (8, " in out
+    assert " x 2 forwards (base, reference)" in out
+    assert main(["run", str(config), "--dry-run", "--score.method", "ref_loss"]) == 0  # reads CE_ref only
+    assert " x 1 forward (reference; the method reads no base CE)" in capsys.readouterr().out
 
     assert main(["reference", str(config)]) == 0
     before = snapshot(run)

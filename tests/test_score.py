@@ -1,5 +1,6 @@
 """The scorer: per-token losses agree with the model's own loss; adapter off = base, on = reference."""
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -40,6 +41,27 @@ def test_lora_reference_scores_base_with_adapter_off(tiny_model_dir):
         assert abs(float(b[1:].mean()) - model_loss(base, seq)) < 1e-5
         assert abs(float(r[1:].mean()) - model_loss(merged, seq)) < 1e-4  # merged weights round differently
         assert abs(float(r[1:].mean()) - float(b[1:].mean())) > 1e-3  # the adapter did change something
+
+
+def test_a_pass_without_the_base_model_runs_half_the_forward_passes(tiny_model_dir):
+    """`with_base=False` (score methods that read CE_ref only): the reference's CE exactly as in a full pass,
+    CE_base NaN, and the adapter never switched off (the base model's forward passes are skipped)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    full_base, full_ref = score_tokens(peft, SEQS, batch_size=2, bf16=False, pad_id=0)
+    switched_off = []
+    real = peft.disable_adapter
+    peft.disable_adapter = lambda: switched_off.append(1) or real()
+    no_base, ref = score_tokens(peft, SEQS, batch_size=2, bf16=False, pad_id=0, with_base=False)
+    assert switched_off == []
+    for seq, b, r, fr in zip(SEQS, no_base, ref, full_ref):
+        assert np.isnan(b).all() and b.shape == (len(seq),)
+        assert np.array_equal(r, fr)
+    score_tokens(peft, SEQS, batch_size=2, bf16=False, pad_id=0)
+    assert len(switched_off) == 2  # the control: a full pass switches the adapter off once a batch (2 batches)
 
 
 def test_length_grouping():

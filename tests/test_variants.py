@@ -50,7 +50,7 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint")
     old_ref = fingerprint("reference", old_data, ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
     assert run.reference_fp() == old_ref
-    old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path"), run.bf16)
+    old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path", "base_pass"), run.bf16)
     assert run.score_fp() == old_score
     old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold"))
     assert run.partition_fp() == old_part
@@ -94,6 +94,19 @@ def test_tnpo_train_set_carries_the_base_models_ce(config: Path):
     labels = str(config.parent / "run" / "labels")  # the exported file carries the same ce_base
     from_labels = Run(load_cfg(config, train={"forget_objective": "tnpo", "labels_path": labels})).train_set("forget")
     np.testing.assert_allclose(np.concatenate(from_labels["ce_base"]), np.concatenate(train_set["ce_base"]))
+
+
+def test_tnpo_refuses_labels_scored_without_the_base_model(config: Path):
+    """`ref_loss` reads CE_ref only, so its labels carry CE_base as NaN; `tnpo` from them is refused, naming the file."""
+    from dataclasses import replace
+
+    from tokenforget.data import DataError
+
+    folder = config.parent / "rl"
+    Run(replace(load_cfg(config, score={"method": "ref_loss"}), run_dir=str(folder))).labels()
+    tnpo = load_cfg(config, train={"forget_objective": "tnpo", "labels_path": str(folder / "labels")})
+    with pytest.raises(DataError, match=r"train.labels_path: .*rl/labels' has ce_base NaN"):
+        Run(tnpo).train_set("forget")
 
 
 def test_soft_selection_weights_reach_the_labels_and_the_trainer(config: Path):

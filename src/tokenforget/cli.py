@@ -103,6 +103,8 @@ def _audit(cfg: RunConfig) -> None:
     from tokenforget.pipeline import Run
     from tokenforget.score import response_arrays
 
+    if cfg.score.base_pass is None:  # the audit's `base_loss` and `paper` measures read CE_base
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, base_pass=True))
     run = Run(cfg)
     tokens, scores = run.data(), run.score()
     labels = np.asarray(tokens["is_correct"]) if "is_correct" in tokens.column_names else None

@@ -294,7 +294,7 @@ def adoptable(child: Run, parent: Run, stage: str, fp: str) -> bool:
         return True
     # another score.method over the same scoring pass: rescored from it without a forward pass
     done = parent.stage_dir(stage) / STAGE_FILE
-    return stage == "scores" and done.is_file() and raw_fingerprint_of(done) == child.raw_score_fp()
+    return stage == "scores" and done.is_file() and raw_fingerprint_of(done) in child.reusable_score_fps()
 
 
 def train(run: Run, mode: str) -> Path:

@@ -280,9 +280,13 @@ class ScoreConfig:
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
     `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
     is trained and nothing is scored; the scores are ranked as they are (leave `method` at `paper`)."""
+    base_pass: Optional[bool] = None
+    """Whether the scoring pass also runs the base model (CE_base). None: when something reads it, that is `method`
+    (the `ref_loss*` and `example_*` methods read CE_ref only), the `tnpo` forgetting term and `tokenforget audit`.
+    Without it the pass costs half as much and CE_base is stored as NaN (not measured)."""
 
     def __post_init__(self) -> None:
-        from tokenforget.score_methods import SCORE_METHODS
+        from tokenforget.score_methods import SCORE_METHODS, reads_base
 
         _check(self.batch_size > 0, "score.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.shard_size > 0, "score.shard_size", f"must be > 0, got {self.shard_size}")
@@ -291,6 +295,8 @@ class ScoreConfig:
             self.precomputed_path is None or self.method == "paper",
             "score.method", "precomputed scores are ranked as they are; leave score.method unset",
         )
+        _check(self.base_pass is not False or not reads_base(self.method), "score.base_pass",
+               f"false, but score.method '{self.method}' reads the base model's CE")
 
 
 @dataclass
@@ -623,6 +629,8 @@ class RunConfig:
                "bf16 weights are a frozen base for LoRA; full fine-tuning (lora.enabled: false) keeps fp32 weights")
         _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
                "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
+        _check(self.score.base_pass is not False or self.train.forget_objective not in NEEDS_BASE_CE, "score.base_pass",
+               f"false, but train.forget_objective '{self.train.forget_objective}' reads the base model's CE")
 
 
 @dataclass

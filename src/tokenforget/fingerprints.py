@@ -5,12 +5,13 @@ fingerprints. A stage is reused while its `stage.json` holds the fingerprint of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from tokenforget import benchmarks, labels as labels_mod, reference as ref_mod
 from tokenforget.config import NEEDS_BASE_CE, RunConfig, to_dict
 from tokenforget.losses import PARTITION_FREE
 from tokenforget.runfolder import file_digest, fingerprint, folder_digest, stable_view
+from tokenforget.score_methods import reads_base
 
 
 class StageFingerprints:
@@ -38,13 +39,27 @@ class StageFingerprints:
         ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
 
-    def raw_score_fp(self, rnd: int = 1) -> str:
-        """Fingerprint of the scoring pass (CE_base, CE_ref), which does not depend on `score.method`."""
+    def base_pass(self) -> bool:
+        """Whether the scoring pass runs the base model too: `score.base_pass`, by default when CE_base is read."""
+        sc = self.cfg.score
+        if sc.base_pass is not None:
+            return sc.base_pass
+        return reads_base(sc.method) or self.cfg.train.forget_objective in NEEDS_BASE_CE
+
+    def raw_score_fp(self, rnd: int = 1, base_pass: Optional[bool] = None) -> str:
+        """Fingerprint of the scoring pass (CE_base, CE_ref; CE_ref alone without `base_pass`, by default
+        `self.base_pass()`), which does not depend on `score.method`."""
         sc = self.cfg.score
         if sc.precomputed_path:
             return fingerprint("precomputed", self.data_fp(), file_digest(sc.precomputed_path))
-        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path")}
-        return fingerprint("score", self.reference_fp(rnd), settings, self.bf16)
+        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path", "base_pass")}
+        kind = "score" if (self.base_pass() if base_pass is None else base_pass) else "score-ref-only"
+        return fingerprint(kind, self.reference_fp(rnd), settings, self.bf16)
+
+    def reusable_score_fps(self, rnd: int = 1) -> list[str]:
+        """The scoring passes whose raw scores serve this run's method: its own, and a pass with CE_base where
+        CE_ref alone would do."""
+        return list(dict.fromkeys([self.raw_score_fp(rnd), self.raw_score_fp(rnd, base_pass=True)]))
 
     def scores_unused(self) -> bool:
         """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is

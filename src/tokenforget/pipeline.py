@@ -142,21 +142,23 @@ class Run(StageFingerprints):
         raw_fp = self.raw_score_fp(rnd)
 
         def build() -> Optional[datasets.Dataset]:  # every rank: each scores its own shards
-            same_pass = score_mod.same_pass_scores(self.stage_dir(name), raw_fp, bool(sc.precomputed_path))
+            same_pass = score_mod.same_pass_scores(self.stage_dir(name), self.reusable_score_fps(rnd), bool(sc.precomputed_path))
             if same_pass is not None:
                 self.log(f"[{name}] same scoring pass, new score.method: rescoring without a forward pass")
                 return same_pass
             if sc.precomputed_path:
                 return score_mod.read_precomputed(sc.precomputed_path, tokens) if self.ranks.is_main else None
             work, shards = self.folder.work_dir(name, raw_fp), shard_ranges(len(tokens), sc.shard_size)
-            score_mod.score_shards(tokens, ref_dir, self.base, work, shards, self.ranks, sc.batch_size, self.bf16, self.log)  # type: ignore[arg-type]
+            score_mod.score_shards(tokens, ref_dir, self.base, work, shards, self.ranks, sc.batch_size, self.bf16,  # type: ignore[arg-type]
+                                   self.log, with_base=self.base_pass())
             self.ranks.barrier()
             return score_mod.joined_shards(work, len(shards)) if self.ranks.is_main else None
 
         def commit(raw: datasets.Dataset, d: Path) -> dict[str, Any]:
             score_mod.with_method_scores(tokens, raw, sc.method).save_to_disk(str(d / "scores"))
             n_tokens = int(sum(map(sum, tokens["response_mask"])))
-            return {"tokens": n_tokens, "raw_fingerprint": raw_fp, "method": sc.method}
+            made_by = self.raw_score_fp(rnd, base_pass=True) if score_mod.has_base_ce(raw) else raw_fp
+            return {"tokens": n_tokens, "raw_fingerprint": made_by, "method": sc.method}
 
         self.folder.ensure(name, self.score_fp(rnd), build, commit, every_rank=True)
         self.folder.release_work(name)

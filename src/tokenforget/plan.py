@@ -198,7 +198,8 @@ def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, 
 
 
 def score_padded_tokens(examples: Sequence[Sequence[int]], batch_size: int) -> int:
-    """Padded tokens of the scorer's length-grouped batches (one forward; scoring runs two)."""
+    """Padded tokens of the scorer's length-grouped batches (one forward; a scoring pass runs two, or one without
+    the base model)."""
     lengths = [len(e) for e in examples]
     return sum(len(b) * max(lengths[i] for i in b) for b in length_grouped_batches(lengths, batch_size))
 
@@ -221,8 +222,9 @@ def _stage_plan(
         bs = cfg.score.batch_size
         padded = score_padded_tokens(sets.all, bs)
         n_batches = math.ceil(len(sets.all) / bs)
-        secs = 2 * padded * timing.forward.get(bs, 0.0)
-        work = f"{n_batches} batches x 2 forwards (base, reference)"
+        forwards = (2, "base, reference") if run.base_pass() else (1, "reference; the method reads no base CE")
+        secs = forwards[0] * padded * timing.forward.get(bs, 0.0)
+        work = f"{n_batches} batches x {forwards[0]} forward{'s' * (forwards[0] > 1)} ({forwards[1]})"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
     if kind in ("partition", "labels"):
         what = f"rank {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"

@@ -74,6 +74,7 @@ def score_tokens(
     pad_id: int = 0,
     masks: Optional[Sequence[Sequence[int]]] = None,
     progress: bool = True,
+    with_base: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-token CE of every sequence under the base and the reference model.
 
@@ -82,6 +83,7 @@ def score_tokens(
         input_ids: token ids per example.
         base: a separate base model (for a fully fine-tuned reference); None when `reference` is peft.
         masks: per-example 0/1 masks of the tokens to score (response tokens); others get 0. Default: all.
+        with_base: run the base model; False skips its forward passes and returns CE_base as NaN (not measured).
 
     Returns:
         (ce_base, ce_ref): one fp32 array per example, length = its token count, entry 0 = 0.
@@ -97,12 +99,14 @@ def score_tokens(
         ids, mask = pad_batch([input_ids[i] for i in batch], pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         want = mask if masks is None else pad_batch([masks[i] for i in batch], 0)[0].to(dev)
-        if base is None:
+        r = forward_ce(reference, ids, mask, bf16, want)
+        if not with_base:
+            b = torch.full_like(r, float("nan"))
+        elif base is None:
             with _adapter_off(reference):
                 b = forward_ce(reference, ids, mask, bf16, want)
         else:
             b = forward_ce(base, ids, mask, bf16, want)
-        r = forward_ce(reference, ids, mask, bf16, want)
         for row, i in enumerate(batch):
             n = len(input_ids[i])
             ce_base[i] = b[row, :n].cpu().numpy().astype(np.float32)
@@ -120,9 +124,11 @@ def score_shards(
     batch_size: int,
     bf16: bool,
     log: Callable[[str], None] = print,
+    with_base: bool = True,
 ) -> None:
     """Score this rank's unfinished shards (rank r takes shards r, r + world, ...), writing each atomically to
-    `work/shard-NNNNN`: `ce_base`, `ce_ref` per example (and `scored_by`, the fold, when cross-fitted)."""
+    `work/shard-NNNNN`: `ce_base`, `ce_ref` per example (and `scored_by`, the fold, when cross-fitted);
+    without `with_base`, `ce_base` is NaN and the base model is not run."""
     mine = [s for s in range(len(shards)) if s % ranks.world == ranks.rank]
     todo = [s for s in mine if not (work / f"shard-{s:05d}").is_dir()]
     if len(todo) < len(mine):
@@ -137,10 +143,11 @@ def score_shards(
         shard = tokens.select(range(lo, hi))
         if folds is None:
             ce_base, ce_ref = score_tokens(ref, shard["input_ids"], batch_size, bf16, base=separate_base,
-                                           pad_id=pad_id, masks=shard["response_mask"])
+                                           pad_id=pad_id, masks=shard["response_mask"], with_base=with_base)
             cols, features = {}, CE_FEATURES
         else:
-            ce_base, ce_ref, scored_by = score_cross_fitted(ref, shard, folds[lo:hi], batch_size, bf16, pad_id)
+            ce_base, ce_ref, scored_by = score_cross_fitted(ref, shard, folds[lo:hi], batch_size, bf16, pad_id,
+                                                            with_base)
             cols, features = {"scored_by": scored_by}, FOLD_CE_FEATURES
         cols.update(ce_base=ce_base, ce_ref=ce_ref)
         tmp = work / f".shard-{s:05d}.tmp"
@@ -156,7 +163,8 @@ def joined_shards(work: Path, n_shards: int) -> datasets.Dataset:
 
 
 def score_cross_fitted(
-    ref: torch.nn.Module, shard: datasets.Dataset, folds: list[int], batch_size: int, bf16: bool, pad_id: int
+    ref: torch.nn.Module, shard: datasets.Dataset, folds: list[int], batch_size: int, bf16: bool, pad_id: int,
+    with_base: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """(ce_base, ce_ref, fold) per example of `shard`: each scored with the adapter of its own fold."""
     n = len(shard)
@@ -167,7 +175,7 @@ def score_cross_fitted(
         part = shard.select(rows)
         ref.set_adapter(f"fold-{k}")
         b, r = score_tokens(ref, part["input_ids"], batch_size, bf16, pad_id=pad_id, masks=part["response_mask"],
-                            progress=False)
+                            progress=False, with_base=with_base)
         for j, i in enumerate(rows):
             ce_base[i], ce_ref[i] = b[j], r[j]
     return ce_base, ce_ref, list(folds)
@@ -180,14 +188,20 @@ def raw_fingerprint_of(record: Path) -> Optional[str]:
     return rec.get("raw_fingerprint", rec.get("fingerprint"))
 
 
-def same_pass_scores(stage: Path, raw_fp: str, precomputed: bool) -> Optional[datasets.Dataset]:
-    """The raw scores of a finished scores stage made by the scoring pass `raw_fp` (another `score.method`),
-    so they are rescored without a forward pass; None when there is none."""
+def same_pass_scores(stage: Path, raw_fps: Sequence[str], precomputed: bool) -> Optional[datasets.Dataset]:
+    """The raw scores of a finished scores stage made by one of the scoring passes `raw_fps` (another
+    `score.method`), so they are rescored without a forward pass; None when there is none."""
     done = stage / STAGE_FILE
-    if not (done.is_file() and raw_fingerprint_of(done) == raw_fp):
+    if not (done.is_file() and raw_fingerprint_of(done) in raw_fps):
         return None
     scores = datasets.load_from_disk(str(stage / "scores"))
     return scores if precomputed else scores.remove_columns("score")
+
+
+def has_base_ce(raw: datasets.Dataset) -> bool:
+    """Whether a scoring pass measured CE_base (a pass without the base model stores it as NaN)."""
+    values = flat_list_column(raw.data.column("ce_base"))[0]
+    return not (values.size and np.isnan(values).all())
 
 
 def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Path) -> None:

@@ -152,6 +152,18 @@ SCORE_METHODS: dict[str, ScoreFn] = {
 }
 
 
+# Methods that read CE_ref only: their scoring pass skips the base model's forward passes (half the work).
+REF_ONLY = frozenset({
+    "ref_loss", "ref_loss_z", "ref_loss_window", "ref_loss_example", "ref_loss_copy", "ref_loss_z_copy",
+    "example_ref_loss", "example_max_ref_loss", "ref_loss_min_rank",
+})
+
+
+def reads_base(name: str) -> bool:
+    """Whether score method `name` reads CE_base (its scoring pass must run the base model too)."""
+    return name not in REF_ONLY
+
+
 def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
     """The scores of method `name` (a key of `SCORE_METHODS`), as float32, checked finite."""
     out = SCORE_METHODS[name](ce_base, ce_ref, token_id, example)
