@@ -679,7 +679,7 @@ class DemoConfig:
     noise_kind: DemoNoise = "systematic"
     """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
     total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "oracle_ignore", "clean"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
@@ -688,7 +688,7 @@ class DemoConfig:
     every answer right: the ceiling). The default shows the measured answer in 9 minutes on 2 cores (544 s from a
     fresh clone, docs/results.md): the noise hurts `sft` (the recommended preset) and knowing it recovers the
     damage; add `filter_max` or `ref_loss_wga` to see a detector trained on (neither beats `sft`)."""
-    detectors: list[DemoDetector] = field(default_factory=list)
+    detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `[ref_loss_wga]`: the reference-loss
     score with a reference trained on `n_trusted` clean examples (token AUROC 0.82, about 3.5 minutes more here:
