@@ -685,14 +685,15 @@ class DemoConfig:
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
     dropped), `filter_max` (the 30% whose least likely token is least likely), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling). The default shows the measured answer in 9 minutes on 2 cores (544 s from a
-    fresh clone, docs/results.md): the noise hurts `sft` (the recommended preset) and knowing it recovers the
-    damage; add `filter_max` or `ref_loss_wga` to see a detector trained on (neither beats `sft`)."""
+    every answer right: the ceiling). The default trains `sft` (the recommended preset) and the ceiling, and measures
+    the trusted detector (`detectors`): 526 s from a fresh clone on 2 cores (docs/results.md). Add `oracle_ignore`
+    to see that knowing the noise recovers the damage, `ref_loss_wga` or `filter_max` to see a model trained on the
+    detector (neither beats `sft`)."""
     detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
-    only their reference and scoring pass run, no model is trained on them. `[ref_loss_wga]`: the reference-loss
-    score with a reference trained on `n_trusted` clean examples (token AUROC 0.82, about 3.5 minutes more here:
-    18 reference steps and two forward passes over the 160 answers; with it the default demo took 602 s)."""
+    only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
+    reference-loss score with a reference trained on `n_trusted` clean examples (token AUROC 0.82; 18 reference
+    steps and one forward pass over the 160 answers, its score reading no base CE). `[]` skips it (~2.5 min less)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0

@@ -184,6 +184,13 @@ class PartitionStats:
     quantiles: dict[str, float]
 
 
+def has_base_ce(scores: Any) -> bool:
+    """Whether per-token scores (a Dataset with `ce_base`) hold a measured CE_base; a scoring pass without the
+    base model (`score.base_pass`) stores it as NaN."""
+    values = flat_list_column(scores.data.column("ce_base"))[0]
+    return not (values.size and np.isnan(values).all())
+
+
 def flat_list_column(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of an Arrow list column: row i is values[offsets[i]:offsets[i + 1]]."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

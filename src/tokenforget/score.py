@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tokenforget.data import DataError
 from tokenforget.model_ce import model_token_ce
 from tokenforget.models import BaseModel, autocast
-from tokenforget.partition import flat_list_column, list_column
+from tokenforget.partition import flat_list_column, has_base_ce, list_column
 from tokenforget.reference import fold_of, load_reference
 from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError
 
@@ -196,12 +196,6 @@ def same_pass_scores(stage: Path, raw_fps: Sequence[str], precomputed: bool) -> 
         return None
     scores = datasets.load_from_disk(str(stage / "scores"))
     return scores if precomputed else scores.remove_columns("score")
-
-
-def has_base_ce(raw: datasets.Dataset) -> bool:
-    """Whether a scoring pass measured CE_base (a pass without the base model stores it as NaN)."""
-    values = flat_list_column(raw.data.column("ce_base"))[0]
-    return not (values.size and np.isnan(values).all())
 
 
 def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Path) -> None:

@@ -33,6 +33,7 @@ from tokenforget.losses import (
 from tokenforget.data import DataError
 from tokenforget.model_ce import ce_path, model_token_ce
 from tokenforget.models import BaseModel, add_lora, use_fp16
+from tokenforget.partition import has_base_ce
 from tokenforget.runfolder import RunFolder
 
 
@@ -449,8 +450,6 @@ def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: st
     if objective.needs_base_ce and "ce_base" not in exported.column_names:
         raise DataError(f"train.labels_path: '{path}' has no ce_base column, "
                         f"which train.forget_objective '{objective.forget_term}' needs")
-    from tokenforget.score import has_base_ce  # score imports this module (through reference)
-
     if objective.needs_base_ce and not has_base_ce(exported):
         raise DataError(f"train.labels_path: '{path}' has ce_base NaN (scored without the base model, "
                         f"score.base_pass), which train.forget_objective '{objective.forget_term}' needs")
