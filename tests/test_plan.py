@@ -88,6 +88,17 @@ def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, c
     works = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in stages}
     assert all("6 optimizer steps of 4 x 1" in works[s] for s in ["train-sft", "train-forget", v + "train-rho5"])
 
+    # a fresh folder: the seed's own stages all run, and a variant copies what they make first (the same
+    # reference; the scoring pass, rescored for `rl`'s method, which would need no base CE on its own)
+    fresh = ["--run_dir", str(config.parent / "fresh"), "--compare.seeds", "[1]", "--compare.modes", "[sft, forget]",
+             "--compare.variants", "{rho5: {partition: {rho: 0.5}}, rl: {mode: ignore, score: {method: ref_loss}}}"]
+    assert main(["compare", str(config), *fresh, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = statuses(out, [line.split()[0] for line in out.splitlines()[2:] if line.split()[:1]])
+    assert {rows[s] for s in ["data", "reference", "scores", "train-forget"]} == {"run"}
+    for variant in ("variant-rho5/", "variant-rl/"):
+        assert [rows[variant + s] for s in ("data", "reference", "scores", "partition")] == ["reuse"] * 3 + ["run"]
+
 
 def test_compare_dry_run_after_the_comparison_reuses_every_stage_and_the_oracle_needs_no_reference(config: Path, capsys):
     """After a real comparison with a variant in a folder of its own, the dry run finds every stage done,

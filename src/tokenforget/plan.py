@@ -109,10 +109,14 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[lis
     sets = _token_sets(run)
     tokenize_s = time.perf_counter() - t0
     planned = []  # (run, shown name, stage, fingerprint, reused)
+    parent_fps: dict[str, str] = {}  # the parent's stages this plan makes: a variant copies them after
     for r, prefix, stages, parent in groups:
         fps = fingerprints(r, stages)
+        if parent is None:
+            parent_fps = fps
         for st in stages:
-            adopted = parent is not None and compare.adoptable(r, parent, st, fps[st])
+            adopted = parent is not None and (compare.adoptable(r, parent, st, fps[st])
+                                              or _made_for_adoption(r, parent, st, fps[st], parent_fps))
             planned.append((r, prefix + st, st, fps[st], r.is_done(st, fps[st]) or adopted))
     todo = [st for _r, _shown, st, _fp, reused in planned if not reused]
     timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
@@ -123,6 +127,16 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[lis
         plan.name = shown
         plans.append(plan)
     return plans, timing
+
+
+def _made_for_adoption(child: Run, parent: Run, stage: str, fp: str, parent_fps: dict[str, str]) -> bool:
+    """Whether the parent's stages planned before the variant (`parent_fps`) give `compare` the child's `stage` to
+    copy: the same fingerprint, or a scoring pass the child's method can be rescored from."""
+    if stage not in compare.ADOPTED_STAGES or stage not in parent_fps:
+        return False
+    if parent_fps[stage] == fp:
+        return True
+    return stage == "scores" and parent.raw_score_fp() in child.reusable_score_fps()
 
 
 @dataclass
