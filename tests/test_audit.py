@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import labelled_config
-from tokenforget.audit import sample_auroc, suspicion_measures, worst_spans
+from tokenforget.audit import disagreement, sample_auroc, suspicion_measures, worst_spans
 from tokenforget.cli import main
 from tokenforget.html_report import build_report, marked
 
@@ -36,6 +36,14 @@ def test_suspicion_measures_by_hand():
     assert m["confidence"][0] == pytest.approx(0.791167, abs=1e-6) and m["confidence"][1] == 0.0
 
 
+def test_disagreement_by_hand():
+    """Prompt a: answers 5, 5, 7 -> the 5s disagree with 1 of 2 others (0.5), the 7 with 2 of 2 (1.0); prompt b:
+    '1000' and '1000.0' are the same number (0, 0); prompt c has one response (0); a missing answer matches
+    nothing (prompt d: 1.0 each)."""
+    got = disagreement(["a", "a", "a", "b", "b", "c", "d", "d"], ["5", "5", "7", "1000", "1000.0", "3", None, "4"])
+    assert got.tolist() == [0.5, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+
+
 def test_sample_auroc_against_labels_ignores_unlabelled():
     """Labels [wrong, right, right, unlabelled]. 'up': the wrong one is the most suspicious -> 1.0; 'down': the
     least -> 0.0; 'tie': tied with one right example, above the other -> (0.5 + 1) / 2 = 0.75."""
@@ -56,7 +64,7 @@ def test_audit_command_writes_a_ranked_table(tmp_path: Path, tiny_model_dir: Pat
     assert sorted(r["example"] for r in rows if r["is_correct"] == 0) == [1, 4, 6]
     assert pq.read_table(out / "audit.parquet").num_rows == 8
     summary = json.loads((out / "audit.json").read_text())
-    assert summary["n_labelled"] == 8 and set(summary["auroc"]) == {"ref_loss", "base_loss", "paper", "confidence", "worst_span"}
+    assert summary["n_labelled"] == 8 and set(summary["auroc"]) == {"ref_loss", "base_loss", "paper", "confidence", "worst_span", "agreement"}
     assert "Sample-level AUROC against is_correct (8 labelled examples" in capsys.readouterr().out
     page = build_report(tmp_path / "run").read_text()  # the report's audit section: the same ranking
     section = page[page.index('<section id="audit">'):]

@@ -10,6 +10,8 @@ least likely. The examples are written ranked by the chosen measure, for a perso
     paper         -mean(CE_base - CE_ref): the paper's score, averaged (low score = forget)
     confidence    1 - mean p_ref, p = exp(-CE_ref): a DFT-style confidence (arXiv 2508.05629), inverted
     worst_span    max over windows of `SPAN` tokens of the mean CE_ref: one bad step in a long, fluent answer
+    agreement     the share of the other responses to the same prompt whose final answer differs (no model:
+                  self-consistency, Wang et al., 2022, arXiv 2203.11171); 0 where a prompt has one response
 
 Files in `run_dir/audit/`: `audit.parquet` and `audit.jsonl` (rank, example, suspicion, every measure, the
 worst span's text and token range, prompt and response, and `is_correct` when the data has it), and
@@ -25,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from tokenforget.evaluate import auroc
+from tokenforget.evaluate import answers_match, auroc, extract_answer
 
 SPAN = 8  # tokens in the worst-span window: about one worked step of a GSM8K answer
 AUDIT_DIR, TABLE_FILE, ROWS_FILE, SUMMARY_FILE = "audit", "audit.parquet", "audit.jsonl", "audit.json"
@@ -69,7 +71,27 @@ def suspicion_measures(
     }
 
 
-MEASURES = ("ref_loss", "base_loss", "paper", "confidence", "worst_span")
+def disagreement(prompts: list[Any], answers: list[Optional[str]]) -> np.ndarray:
+    """(E,) per example: the share of the other examples with the same prompt whose answer differs (`answers_match`;
+    a missing answer matches nothing); 0 for a prompt with one example.
+
+    Args:
+        prompts: a hashable key per example (equal for responses to the same prompt).
+        answers: the final answer of each response, or None where it has none.
+    """
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(prompts):
+        groups.setdefault(key, []).append(i)
+    out = np.zeros(len(prompts))
+    for members in groups.values():
+        for i in members:
+            others = [j for j in members if j != i]
+            if others:
+                out[i] = sum(not answers_match(answers[i], answers[j]) for j in others) / len(others)
+    return out
+
+
+MEASURES = ("ref_loss", "base_loss", "paper", "confidence", "worst_span", "agreement")
 
 
 @dataclass
@@ -99,6 +121,10 @@ def audit_examples(
     n = len(input_ids)
     worst, span_start = worst_spans(arrays["ce_ref"], arrays["example"], n)  # once: a measure and the spans to show
     measures = suspicion_measures(arrays["ce_base"], arrays["ce_ref"], arrays["example"], n, worst)
+    firsts = [int(np.argmax(m)) for m in response_masks]
+    responses = [decode([t for t, r in zip(ids, m) if r]) for ids, m in zip(input_ids, response_masks)]
+    measures["agreement"] = disagreement([tuple(ids[:f]) for ids, f in zip(input_ids, firsts)],
+                                         [extract_answer(text) for text in responses])
     positions = arrays["where"] - arrays["offsets"][arrays["example"]]  # each response token's position in its example
     order = np.argsort(-measures[measure], kind="stable")
     rows = []
@@ -111,7 +137,7 @@ def audit_examples(
             "rank": rank, "example": int(i), "suspicion": float(measures[measure][i]),
             **{m: float(measures[m][i]) for m in MEASURES},
             "worst_span": decode(ids[a:b]), "span_tokens": [a, b],
-            "prompt": decode(ids[:first]), "response": decode([t for t, r in zip(ids, resp) if r]),
+            "prompt": decode(ids[:first]), "response": responses[i],
             **({"is_correct": int(is_correct[i])} if is_correct is not None else {}),
         })
     labelled = is_correct is not None and bool((is_correct >= 0).any())

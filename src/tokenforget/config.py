@@ -25,7 +25,8 @@ DemoNoise = Literal["systematic", "step"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
                       "oracle_ignore", "oracle_forget", "clean"]
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max"]  # the settings that detect (demo.PARTITIONING)
-SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random"]
+SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
+                         "all"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
@@ -536,7 +537,7 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
            f"must be one of {list(get_args(Mode))}, got {overrides.get('mode')!r}")
 
 
-AuditMeasure = Literal["ref_loss", "base_loss", "paper", "confidence", "worst_span"]
+AuditMeasure = Literal["ref_loss", "base_loss", "paper", "confidence", "worst_span", "agreement"]
 
 
 @dataclass
@@ -546,7 +547,8 @@ class AuditConfig:
     measure: AuditMeasure = "worst_span"
     """What ranks the examples (high = suspicious): `ref_loss` (mean CE under the reference), `base_loss`, `paper`
     (minus the mean paper score), `confidence` (1 - mean reference probability, DFT-style), `worst_span` (the
-    highest mean reference CE over 8 consecutive tokens)."""
+    highest mean reference CE over 8 consecutive tokens), `agreement` (the share of the other responses to the same
+    prompt with another final answer: for data with several responses a prompt)."""
     top: int = 10
     """Examples printed; every example is written to run_dir/audit/."""
 
@@ -645,8 +647,9 @@ class PrepareConfig:
     """GSM8K train: the trusted set and the held-out splits come from here, never from the training questions."""
     solution_source: SolutionSource = "175b_verification"
     """Which solution each question gets in `noisy`: one of the four models (175b_verification: 44% wrong over
-    all 1,319 questions), `175b_random` (one of the two 175B solutions per question, seeded: about 54% wrong) or
-    `random` (one of the four, seeded: about 62% wrong)."""
+    all 1,319 questions), `175b_random` (one of the two 175B solutions per question, seeded: about 54% wrong),
+    `random` (one of the four, seeded: about 62% wrong) or `all` (all four, one row each: several responses a prompt,
+    as best-of-n data has; about 62% wrong)."""
     n_questions: Optional[int] = None
     """A seeded random sample of this many questions (kept in file order); unset: all 1,319."""
     seed: int = 0

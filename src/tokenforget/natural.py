@@ -6,7 +6,7 @@ Source: `example_model_solutions.jsonl` of OpenAI's grade-school-math repository
 fluent, with self-consistent arithmetic: the noise our users have (model-written data, some of it wrong).
 
 `prepare_natural` writes, for the same questions:
-- `noisy.jsonl`: one model solution per question (`solution_source`), with its `is_correct` label;
+- `noisy.jsonl`: one model solution per question (`solution_source`; `all`: every one), with its `is_correct` label;
 - `correct_only.jsonl`: the questions whose chosen solution is correct (what a perfect verifier keeps);
 - `gold.jsonl`: the ground-truth solution of every question (the ceiling);
 and, from GSM8K *train* (never the questions above, so no training set meets an evaluation split):
@@ -99,9 +99,9 @@ def natural_sets(
     picked = sorted(rng.sample(range(len(rows)), n_questions)) if n_questions and n_questions < len(rows) else range(len(rows))
     noisy, gold = [], []
     for i in picked:
-        name, sol = choose_solution(rows[i], source, rng)
-        noisy.append({"question": rows[i]["question"], "answer": to_gsm8k_answer(sol["solution"]),
-                      "is_correct": bool(sol["is_correct"]), "source": name, "id": i})
+        chosen = [(name, rows[i][name]) for name in SOLUTION_SOURCES] if source == "all" else [choose_solution(rows[i], source, rng)]
+        noisy += [{"question": rows[i]["question"], "answer": to_gsm8k_answer(sol["solution"]),
+                   "is_correct": bool(sol["is_correct"]), "source": name, "id": i} for name, sol in chosen]
         gold.append({"question": rows[i]["question"], "answer": to_gsm8k_answer(rows[i]["ground_truth"]), "id": i})
     return {"noisy": noisy, "correct_only": [r for r in noisy if r["is_correct"]], "gold": gold}
 
@@ -155,7 +155,7 @@ def prepare_natural(cfg: "PrepareConfig") -> NaturalSplits:
         write_jsonl(Path(files[name]), rows_out)
     counts = {name: len(r) for name, r in sets.items()}
     wrong = 1.0 - counts["correct_only"] / max(counts["noisy"], 1)
-    manifest = {"solution_source": cfg.solution_source, "seed": cfg.seed, "n_questions": counts["noisy"],
+    manifest = {"solution_source": cfg.solution_source, "seed": cfg.seed, "n_questions": counts["gold"],
                 "wrong_share": round(wrong, 4), "counts": counts, "solutions": cfg.solutions,
                 "gsm8k_train": cfg.gsm8k_train, "held_out": "GSM8K train: trusted = first rows, val = last rows, "
                 "test = the rows before val; the training sets are GSM8K test questions"}
