@@ -66,7 +66,7 @@ def test_prepare_writes_the_three_sets_and_disjoint_splits(small_sources: tuple[
     assert json.loads((tmp_path / "nat" / "manifest.json").read_text())["wrong_share"] == 0.5
 
 
-def test_prepare_all_solutions_gives_four_rows_a_question(small_sources: tuple[Path, Path], tmp_path: Path):
+def test_prepare_all_solutions_gives_four_rows_a_question(small_sources: tuple[Path, Path], tmp_path: Path, capsys):
     """`all`: every question's four solutions in source order, one row each; only Q0's and Q2's 175b_verification
     ones are right, so 2 of 16 are (wrong share 0.875); gold keeps one row a question."""
     sol, train = small_sources
@@ -77,6 +77,9 @@ def test_prepare_all_solutions_gives_four_rows_a_question(small_sources: tuple[P
     assert [r["is_correct"] for r in noisy] == [s == "175b_verification" and i % 2 == 0 for i in range(4) for s in SOURCES]
     assert out.wrong_share == 0.875 and len(read(out.files["gold"])) == 4
     assert json.loads((tmp_path / "nat" / "manifest.json").read_text())["n_questions"] == 4
+    assert main(["prepare", "--out_dir", str(tmp_path / "cli"), "--solutions", str(sol), "--gsm8k_train", str(train),
+                 "--solution_source", "all", "--trusted_size", "2", "--val_size", "3", "--test_size", "3"]) == 0
+    assert capsys.readouterr().out.startswith("4 questions, 16 solutions, 87.5% of the 'all' solutions wrong\n")
 
 
 def test_a_question_in_training_and_evaluation_is_refused():

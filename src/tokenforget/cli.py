@@ -127,7 +127,8 @@ def _prepare(cfg: PrepareConfig) -> None:
     from tokenforget.natural import prepare_natural
 
     out = prepare_natural(cfg)
-    print(f"{out.counts['noisy']} questions, {out.wrong_share:.1%} of the '{cfg.solution_source}' solutions wrong")
+    print(f"{out.counts['gold']} questions, {out.counts['noisy']} solutions, {out.wrong_share:.1%} of the "
+          f"'{cfg.solution_source}' solutions wrong")
     for name, path in out.files.items():
         print(f"  {name:<13}{out.counts[name]:>6}  {path}")
 
