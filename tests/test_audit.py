@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import labelled_config
-from tokenforget.audit import disagreement, sample_auroc, suspicion_measures, worst_spans
+from tokenforget.audit import audit_examples, disagreement, sample_auroc, suspicion_measures, worst_spans
 from tokenforget.cli import main
 from tokenforget.html_report import build_report, marked
 
@@ -42,6 +42,22 @@ def test_disagreement_by_hand():
     nothing (prompt d: 1.0 each)."""
     got = disagreement(["a", "a", "a", "b", "b", "c", "d", "d"], ["5", "5", "7", "1000", "1000.0", "3", None, "4"])
     assert got.tolist() == [0.5, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_auto_ranks_by_agreement_where_prompts_repeat_else_by_reference_loss():
+    """Three examples of 4 tokens, the last 2 the response; the response's last token is its answer. Mean CE_ref
+    1.0, 0.5, 2.0. Prompts (1, 2), (1, 2), (9, 9): answers 4 and 5 disagree, so `auto` ranks by agreement (1, 1, 0:
+    examples 0, 1, 2); with every prompt different it ranks by ref_loss (examples 2, 0, 1)."""
+    ce_ref = np.array([1.0, 1.0, 0.5, 0.5, 2.0, 2.0])
+    arrays = {"ce_ref": ce_ref, "ce_base": ce_ref + 1, "example": np.repeat(np.arange(3), 2),
+              "where": np.array([2, 3, 6, 7, 10, 11]), "offsets": np.array([0, 4, 8, 12])}
+    masks = [[0, 0, 1, 1]] * 3
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    repeated = audit_examples(arrays, None, decode, [[1, 2, 3, 4], [1, 2, 3, 5], [9, 9, 3, 4]], masks)
+    assert repeated.measure == "agreement" and [r["example"] for r in repeated.rows] == [0, 1, 2]
+    assert [r["agreement"] for r in repeated.rows] == [1.0, 1.0, 0.0]
+    distinct = audit_examples(arrays, None, decode, [[1, 2, 3, 4], [7, 7, 3, 5], [9, 9, 3, 4]], masks)
+    assert distinct.measure == "ref_loss" and [r["example"] for r in distinct.rows] == [2, 0, 1]
 
 
 def test_sample_auroc_against_labels_ignores_unlabelled():

@@ -97,6 +97,7 @@ MEASURES = ("ref_loss", "base_loss", "paper", "confidence", "worst_span", "agree
 @dataclass
 class AuditResult:
     rows: list[dict[str, Any]]  # ranked, most suspicious first
+    measure: str  # the measure that ranked them (`auto` resolved)
     auroc: dict[str, float]  # measure -> sample-level AUROC against is_correct == false (empty without labels)
     n_labelled: int
 
@@ -109,7 +110,7 @@ def sample_auroc(measures: dict[str, np.ndarray], is_correct: np.ndarray) -> dic
 
 def audit_examples(
     arrays: dict[str, np.ndarray], is_correct: Optional[np.ndarray], decode: Callable[[list[int]], str],
-    input_ids: list[list[int]], response_masks: list[list[int]], measure: str = "worst_span",
+    input_ids: list[list[int]], response_masks: list[list[int]], measure: str = "auto",
 ) -> AuditResult:
     """Rank the examples by `measure` and describe each (see the module docstring).
 
@@ -123,9 +124,11 @@ def audit_examples(
     measures = suspicion_measures(arrays["ce_base"], arrays["ce_ref"], arrays["example"], n, worst)
     firsts = [int(np.argmax(m)) for m in response_masks]
     responses = [decode([t for t, r in zip(ids, m) if r]) for ids, m in zip(input_ids, response_masks)]
-    measures["agreement"] = disagreement([tuple(ids[:f]) for ids, f in zip(input_ids, firsts)],
-                                         [extract_answer(text) for text in responses])
+    prompts = [tuple(ids[:f]) for ids, f in zip(input_ids, firsts)]
+    measures["agreement"] = disagreement(prompts, [extract_answer(text) for text in responses])
     positions = arrays["where"] - arrays["offsets"][arrays["example"]]  # each response token's position in its example
+    if measure == "auto":  # the best measured ranking (docs/results.md): agreement where there is any to measure
+        measure = "agreement" if len(set(prompts)) < len(prompts) else "ref_loss"
     order = np.argsort(-measures[measure], kind="stable")
     rows = []
     for rank, i in enumerate(order):
@@ -142,7 +145,7 @@ def audit_examples(
         })
     labelled = is_correct is not None and bool((is_correct >= 0).any())
     scores = sample_auroc(measures, is_correct) if labelled else {}
-    return AuditResult(rows, scores, int((is_correct >= 0).sum()) if labelled else 0)
+    return AuditResult(rows, measure, scores, int((is_correct >= 0).sum()) if labelled else 0)
 
 
 def write_audit(result: AuditResult, out: Path, meta: dict[str, Any]) -> None:

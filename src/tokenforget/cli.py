@@ -111,9 +111,9 @@ def _audit(cfg: RunConfig) -> None:
     result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
                             tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
     if run.ranks.is_main:
-        write_audit(result, run.root / AUDIT_DIR, {"measure": cfg.audit.measure, "data": cfg.data.path,
+        write_audit(result, run.root / AUDIT_DIR, {"measure": result.measure, "data": cfg.data.path,
                                                     "reference": cfg.reference.path or cfg.reference.checkpoint or "slice"})
-        print(audit_table(result, cfg.audit.measure, cfg.audit.top))
+        print(audit_table(result, result.measure, cfg.audit.top))
         print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")
 
 

@@ -537,15 +537,16 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
            f"must be one of {list(get_args(Mode))}, got {overrides.get('mode')!r}")
 
 
-AuditMeasure = Literal["ref_loss", "base_loss", "paper", "confidence", "worst_span", "agreement"]
+AuditMeasure = Literal["auto", "ref_loss", "base_loss", "paper", "confidence", "worst_span", "agreement"]
 
 
 @dataclass
 class AuditConfig:
     """`tokenforget audit`: examples ranked by how suspicious the reference finds them (`tokenforget.audit`)."""
 
-    measure: AuditMeasure = "worst_span"
-    """What ranks the examples (high = suspicious): `ref_loss` (mean CE under the reference), `base_loss`, `paper`
+    measure: AuditMeasure = "auto"
+    """What ranks the examples (high = suspicious): `auto` (the best measured on natural noise, docs/results.md:
+    `agreement` when some prompt has several responses, else `ref_loss`), `ref_loss` (mean CE under the reference), `base_loss`, `paper`
     (minus the mean paper score), `confidence` (1 - mean reference probability, DFT-style), `worst_span` (the
     highest mean reference CE over 8 consecutive tokens), `agreement` (the share of the other responses to the same
     prompt with another final answer: for data with several responses a prompt)."""
