@@ -18,6 +18,8 @@ def test_auroc_ties_count_half():
     """One bad and one good token with equal scores: 1/2."""
     assert auroc(np.array([0.3, 0.3]), np.array([1, 0])) == pytest.approx(0.5)
     assert np.isnan(auroc(np.array([0.3, 0.3]), np.array([0, 0])))
+    # a score that was not measured (NaN) makes the AUROC unmeasured, not a number from NaN's rank
+    assert np.isnan(auroc(np.array([0.1, np.nan, 0.3]), np.array([1, 0, 0])))
 
 
 def test_detection_recall_precision():

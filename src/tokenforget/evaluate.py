@@ -167,10 +167,11 @@ def token_weighted_mean(sums: np.ndarray, counts: np.ndarray) -> TokenMean:
 
 
 def auroc(scores: np.ndarray, is_bad: np.ndarray) -> float:
-    """AUROC of a *low* score flagging a bad token: P(score_bad < score_good), ties count 1/2."""
+    """AUROC of a *low* score flagging a bad token: P(score_bad < score_good), ties count 1/2. NaN when there is
+    nothing to rank against or a score is NaN (not measured: CE_base of a pass without the base model)."""
     bad = is_bad.astype(bool)
     n_bad, n_good = int(bad.sum()), int((~bad).sum())
-    if n_bad == 0 or n_good == 0:
+    if n_bad == 0 or n_good == 0 or np.isnan(scores).any():
         return float("nan")
     ranks = average_ranks(-scores.astype(np.float64))  # high rank = low score
     return float((ranks[bad].sum() - n_bad * (n_bad + 1) / 2) / (n_bad * n_good))
