@@ -132,15 +132,14 @@ def audit_examples(
     order = np.argsort(-measures[measure], kind="stable")
     rows = []
     for rank, i in enumerate(order):
-        ids, resp = input_ids[i], response_masks[i]
-        first = int(np.argmax(resp))
+        ids = input_ids[i]
         a = int(positions[span_start[i]])
         b = min(a + SPAN, len(ids))
         rows.append({
             "rank": rank, "example": int(i), "suspicion": float(measures[measure][i]),
             **{m: float(measures[m][i]) for m in MEASURES},
             "worst_span": decode(ids[a:b]), "span_tokens": [a, b],
-            "prompt": decode(ids[:first]), "response": responses[i],
+            "prompt": decode(ids[:firsts[i]]), "response": responses[i],
             **({"is_correct": int(is_correct[i])} if is_correct is not None else {}),
         })
     labelled = is_correct is not None and bool((is_correct >= 0).any())
