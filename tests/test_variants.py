@@ -270,13 +270,16 @@ def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir
 def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`soft` (partition.selection soft) and `cf` (reference.folds 2) run in seed-1/variant-<name>/: `soft`
     starts from copies of the seed's data, reference and scores (same fingerprints, nothing retrained),
-    `cf` from its data only and trains 2 fold references. Both are tabled; a rerun does nothing."""
+    `cf` from its data only and trains 2 fold references. Both are tabled; a rerun does nothing. `rl` comes
+    before `paper`, the seed's own forgetting: the seed's reference and scores are made first and copied, not
+    made twice (the seed's mode list, `sft`, needs none of them)."""
     cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=12)
     cfg.update(run_dir=str(tmp_path / "cmp"), report_to=["none"])
     cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4, "batch_size": 2}
-    cfg["compare"] = {"seeds": [1], "modes": ["sft", "forget"],
-                      "variants": {"soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}},
-                                   "rl": {"mode": "ignore", "score": {"method": "ref_loss"}}}}
+    cfg["compare"] = {"seeds": [1], "modes": ["sft"],
+                      "variants": {"rl": {"mode": "ignore", "score": {"method": "ref_loss"}},
+                                   "soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}},
+                                   "paper": {"mode": "forget"}}}
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["compare", str(path)]) == 0
@@ -299,8 +302,9 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
         assert [s for k, s in zip(m, r) if k] == pytest.approx([-c for k, c in zip(m, ce) if k])
     assert (rl / "train-rl" / "stage.json").is_file()
     res = json.loads((tmp_path / "cmp" / "compare_results.json").read_text())
-    assert res["models"] == ["base", "sft", "forget", "soft", "cf", "rl"]
-    assert set(res["paired_vs_sft"]) == {"forget", "soft", "cf", "rl"}
+    assert res["models"] == ["base", "sft", "rl", "soft", "cf", "paper"]
+    assert set(res["paired_vs_sft"]) == {"paper", "soft", "cf", "rl"}
+    assert out.count("[reference] SFT on") == 1 and out.count("[reference] fold") == 2  # the seed's; cf's folds
     # detection per partition: `rl` ranks -CE_ref, so its AUROC is that of the reference's CE (high CE = corrupt),
     # recomputed here from the files; the seed's own entry ranks the paper's score
     from tokenforget.evaluate import auroc

@@ -275,7 +275,10 @@ def variant(run: Run, name: str, adopt: bool = True) -> tuple[Run, str]:
 def adopt_stages(child: Run, parent: Run) -> None:
     """Copy `parent`'s finished data, reference and scores stages that `child`'s fingerprints match, so a
     variant that changes only the partition does not train the reference again, and one that changes only
-    `score.method` does not score again."""
+    `score.method` does not score again. Where `parent` needs a partition anyway, its matching stages are made
+    first, so a variant listed before the mode that needs them does not make a copy of its own."""
+    if needs_partition(parent):
+        make_shared_first(child, parent)
     for stage, fp in zip(ADOPTED_STAGES, (child.data_fp, child.reference_fp, child.score_fp)):
         mine = fp()
         if child.ranks.is_main and not child.is_done(stage, mine) and adoptable(child, parent, stage, mine):
@@ -284,6 +287,23 @@ def adopt_stages(child: Run, parent: Run) -> None:
 
 
 ADOPTED_STAGES = ("data", "reference", "scores")
+
+
+def needs_partition(run: Run) -> bool:
+    """Whether a mode `compare` trains in `run`'s own folder (a mode, or a variant that changes only training)
+    needs the partition, and so the reference and the scores, whatever the variants before it do."""
+    variants = run.cfg.compare.variants
+    own = [mode for sub, mode in (variant(run, name, adopt=False) for name in variants) if sub.root == run.root]
+    return any(m not in PARTITION_FREE for m in [*run.cfg.compare.modes, *own])
+
+
+def make_shared_first(child: Run, parent: Run) -> None:
+    """Make `parent`'s reference and scores now where `child` would copy them (the same reference; the same
+    scoring pass or one its method is rescored from), instead of `child` training and scoring its own."""
+    if child.reference_fp() == parent.reference_fp():
+        parent.reference()
+    if child.score_fp() == parent.score_fp() or parent.raw_score_fp() in child.reusable_score_fps():
+        parent.score(1)
 
 
 def adoptable(child: Run, parent: Run, stage: str, fp: str) -> bool:
