@@ -100,19 +100,21 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
-            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, oracle_forget, clean]"]
+            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "oracle_forget", "clean"]
+    assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
+                                   "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.config import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
-    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max"] and side_by_side["paper"]["n_corrupt"] > 0
+    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]
+    assert side_by_side["paper"]["n_corrupt"] > 0
     # the clean twin: the same prompts, nothing corrupted; the noisy copy: 0.4 x 24 = 10 (or fewer) corrupted
     task = tmp_path / "demo" / "task"
     noisy = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
@@ -154,6 +156,11 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     classes = datasets.load_from_disk(str(tmp_path / "demo" / "filter_max" / "partition" / "classes"))["token_class"]
     dropped = [i for i, c in enumerate(classes) if -1 in c]
     assert sorted(dropped) == sorted(sorted(range(24), key=lambda i: (-worst[i], -i))[:7])
+    # the tail: the same 7 examples kept, each from its first worst response token to its end ignored
+    classes = datasets.load_from_disk(str(tmp_path / "demo" / "ignore_tail" / "partition" / "classes"))["token_class"]
+    for i, (ce, mask, cls) in enumerate(zip(scores, masks, classes)):
+        cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if i in dropped else len(mask)
+        assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
 
 
 def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_model_dir: Path, capsys):

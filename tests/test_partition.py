@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tokenforget.partition import example_partition, global_partition, n_positive, oracle_partition, select_tokens, token_classes
+from tokenforget.partition import (example_partition, global_partition, n_positive, oracle_partition, select_tokens,
+                                   tail_partition, token_classes)
 
 SCORES = np.array([0.5, 0.1, 0.5, 0.9, 0.1])
 # descending, ties kept in data order: 0.9 (i3), 0.5 (i0), 0.5 (i2), 0.1 (i1), 0.1 (i4)
@@ -139,6 +140,27 @@ def test_example_selection_tie_goes_to_the_earlier_example():
     """Means (0.2 + 0.2)/2 = 0.2 and (0.1 + 0.3)/2 = 0.2: rho 0.5 keeps one example, the earlier."""
     scores = np.array([0.2, 0.2, 0.1, 0.3])
     assert example_partition(scores, np.array([0, 0, 1, 1]), 0.5).tolist() == [True, True, False, False]
+
+
+def test_tail_cuts_the_most_suspicious_examples_at_their_worst_token():
+    """Three examples (flat offsets 0, 4, 8, 11; the first token of each a prompt token). Response scores and
+    their minima by hand: example 0 (-1, -5, -2): -5 at its 2nd response token; example 1 (-0.5, -0.4, -0.9):
+    -0.9; example 2 (-3, -6): -6 at its 2nd. rho 0.34 keeps round(1.02) = 1 example whole, the highest minimum
+    (example 1); examples 0 and 2 lose the tokens from their minimum to their end: 3 negatives."""
+    scores = np.array([0.0, -1.0, -5.0, -2.0, 0.0, -0.5, -0.4, -0.9, 0.0, -3.0, -6.0])
+    response = np.array([0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1])
+    classes, weights, stats = select_tokens(scores, response, np.array([0, 4, 8, 11]), "tail", 0.34)
+    assert classes.tolist() == [0, 1, -1, -1, 0, 1, 1, 1, 0, 1, -1]
+    assert weights is None and (stats.n_positive, stats.n_negative) == (5, 3)
+    # ties: equal minima keep the earlier example whole; within an example the earlier tied token starts the tail
+    tied = tail_partition(np.array([-2.0, -1.0, -2.0, -3.0, -1.0, -3.0]), np.array([0, 0, 0, 1, 1, 1]), 0.5)
+    assert tied.tolist() == [True, True, True, False, False, False]  # 1 kept: example 0 (min -2); 1 cut at its 1st -3
+    tied = tail_partition(np.array([-2.0, -1.0, -2.0, -2.0, -1.0, -3.0]), np.array([0, 0, 0, 1, 1, 1]), 0.5)
+    assert tied.tolist() == [True, True, True, True, True, False]  # example 1 (min -3) loses its last token only
+    twin = tail_partition(np.array([-1.0, -2.0, -2.0, -1.0, -2.0, -2.0]), np.array([0, 0, 0, 1, 1, 1]), 0.5)
+    assert twin.tolist() == [True, True, True, True, False, False]  # tied minima: example 0 whole; 1 cut at its 1st -2
+    assert tail_partition(np.array([-1.0, -2.0]), np.array([0, 1]), 1.0).all()
+    assert tail_partition(np.array([-1.0, -2.0]), np.array([0, 1]), 0.0).tolist() == [False, False]
 
 
 def test_oracle_negatives_are_exactly_the_known_bad_tokens():

@@ -17,14 +17,14 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "oracle"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "oracle_ignore", "oracle_forget", "clean"]
-DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max"]  # the settings that detect (demo.PARTITIONING)
+                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean"]
+DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
@@ -313,7 +313,8 @@ class PartitionConfig:
     -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut
     count little (see `tokenforget.partition`); `example`: whole examples, the top rho of them by mean score
     (with `score.method: ref_loss` and `ignore`, a sample filter dropping the highest reference loss);
-    `oracle`: the data's known noise is the negative set (injected `corrupt` tokens, or every token of an example
+    `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
+    negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the data's known noise is the negative set (injected `corrupt` tokens, or every token of an example
     with `is_correct: false`), a bound on any detector (scores unused)."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
@@ -687,7 +688,8 @@ class DemoConfig:
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
-    dropped), `filter_max` (the 30% whose least likely token is least likely), `oracle_ignore` / `oracle_forget`
+    dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
+    from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
     every answer right: the ceiling). The default trains `sft` (the recommended preset) and the ceiling, and measures
     the trusted detector (`detectors`): 526 s from a fresh clone on 2 cores (docs/results.md). Add `oracle_ignore`

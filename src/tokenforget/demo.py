@@ -197,10 +197,10 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str) -> Any:
+    def filtered(self, name: str, method: str, selection: str = "example") -> Any:
         """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
-        (`ignore` over a per-example selection)."""
+        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on."""
         from tokenforget.compare import adopt_stages
         from tokenforget.pipeline import Run
 
@@ -208,7 +208,7 @@ class DemoRuns:
             rec = self.trusted()
             c = rec.cfg
             cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method),
-                          partition=replace(c.partition, selection="example", rho=0.7))
+                          partition=replace(c.partition, selection=selection, rho=0.7))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
         return self.made[name]
@@ -234,6 +234,7 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "ignore": lambda r: (r.trusted(), "ignore"),
     "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
     "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
+    "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
@@ -241,7 +242,8 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
                 "filter": "the sample filter, whole examples (its reference trusted)",
-                "filter_max": "the sample filter by each example's worst token (its reference trusted)"}
+                "filter_max": "the sample filter by each example's worst token (its reference trusted)",
+                "ignore_tail": "the same examples cut at their worst token (its reference trusted)"}
 
 
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:

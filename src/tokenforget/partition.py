@@ -12,7 +12,8 @@ histograms merged across shards, then counts exactly against it and reports the 
 Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_partition` (the top rho of
 each example), `threshold_partition` (an absolute score cut), `soft_weights` (the global ranking with a
 weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
-score: a sample filter) and `oracle_partition` (the known noise as the negative set: a bound, not a method).
+score: a sample filter), `tail_partition` (in the examples whose worst score is lowest, the tokens from it to the
+end) and `oracle_partition` (the known noise as the negative set: a bound, not a method).
 """
 
 from __future__ import annotations
@@ -123,6 +124,31 @@ def example_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np
     return kept[np.searchsorted(ids, example)]
 
 
+def tail_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: in the round((1 - rho) * E) examples whose lowest score is lowest, every token from that
+    lowest-scored one to the example's end is negative; every other token is positive. Among tied minima the
+    earlier example stays whole; within an example the earlier of tied tokens starts the tail.
+
+    Why the tail: an answer that goes wrong stays wrong after the error (later steps build on the wrong value and
+    the final answer repeats it, where a loss-based detector finds it consistent), while what comes before it is
+    right and still worth learning: the first-error view of process supervision (Lightman et al., 2023, arXiv
+    2305.20050). With score `ref_loss` (-CE_ref) the examples are ranked as `example_max_ref_loss` ranks them, but
+    only their tails are dropped instead of the whole answers.
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of examples left whole (that have response tokens), in [0, 1].
+    """
+    n = scores.shape[0]
+    ids, first = np.unique(example, return_index=True)
+    order = np.lexsort((np.arange(n), scores, example))  # by example, then score ascending, then position
+    worst = order[first]  # (E,) flat index of each example's lowest score (groups keep their places in `order`)
+    whole = global_partition(scores[worst], rho) if len(ids) else np.zeros(0, dtype=bool)  # (E,) highest minima kept
+    of = np.searchsorted(ids, example)  # (N,) each token's example, 0..E-1
+    return whole[of] | (np.arange(n) < worst[of])
+
+
 def oracle_partition(bad: np.ndarray) -> np.ndarray:
     """Boolean (N,) mask: True for every token not known to be bad. The negative set is exactly the known
     noise (an injected `corrupt` mask, or every token of an example labelled `is_correct: false`): the bound
@@ -130,7 +156,7 @@ def oracle_partition(bad: np.ndarray) -> np.ndarray:
     return ~bad.astype(bool)
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "oracle")
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle")
 
 
 def select_tokens(
@@ -157,6 +183,8 @@ def select_tokens(
         positive = per_sample_partition(chosen, example, rho)
     elif selection == "example":
         positive = example_partition(chosen, example, rho)
+    elif selection == "tail":
+        positive = tail_partition(chosen, example, rho)
     elif selection == "oracle":
         if bad is None:
             raise ValueError("the oracle selection needs the known bad tokens")
