@@ -314,8 +314,9 @@ class PartitionConfig:
     count little (see `tokenforget.partition`); `example`: whole examples, the top rho of them by mean score
     (with `score.method: ref_loss` and `ignore`, a sample filter dropping the highest reference loss);
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
-    negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the data's known noise is the negative set (injected `corrupt` tokens, or every token of an example
-    with `is_correct: false`), a bound on any detector (scores unused)."""
+    negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
+    data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
+    `is_correct: false`), a bound on any detector (scores unused)."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
@@ -692,9 +693,9 @@ class DemoConfig:
     from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
     every answer right: the ceiling). The default trains `sft` (the recommended preset) and the ceiling, and measures
-    the trusted detector (`detectors`): 526 s from a fresh clone on 2 cores (docs/results.md). Add `oracle_ignore`
-    to see that knowing the noise recovers the damage, `ref_loss_wga` or `filter_max` to see a model trained on the
-    detector (neither beats `sft`)."""
+    the trusted detector (`detectors`): 526-564 s from a fresh clone on 2 cores (docs/results.md). Add
+    `oracle_ignore` to see that knowing the noise recovers the damage, `ref_loss_wga`, `filter_max` or `ignore_tail`
+    to see a model trained on the detector (none beats `sft`)."""
     detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
