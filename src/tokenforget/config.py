@@ -144,6 +144,13 @@ class DataConfig:
     """System message added to every single-turn example."""
     limit: Optional[int] = None
     """Use only the first N records."""
+    sample: Optional[int] = None
+    """Use a seeded random N of the training records (after `limit`), kept in file order: the paper's 50,000
+    of the Tulu mixture (`configs/paper-tulu.yaml`). Other files (reference.path, eval files) are read whole."""
+    sample_seed: int = 0
+    """Seed of that sample (fixed apart from `seed`, so that every seed of a comparison trains on the same data)."""
+    num_proc: int = 1
+    """Processes that tokenize the data (`datasets.map(num_proc=...)`); 1 tokenizes in this process."""
     hub_fallback: Optional[str] = None
     """Hub data set read instead of `path` when `path` is a local file that does not exist (with
     `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
@@ -163,6 +170,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _check(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        _check(self.sample is None or self.sample > 0, "data.sample", f"must be > 0, got {self.sample}")
+        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _check(
             0.0 <= self.corrupt_fraction <= 1.0,
             "data.corrupt_fraction",
@@ -450,6 +459,9 @@ class EvalConfig:
     """Multiple-choice JSONL files (`question`, `choices`, `label`): log-likelihood accuracy."""
     tasks: list[str] = field(default_factory=list)
     """Standard lm-evaluation-harness task names (e.g. `arc_easy`); their data comes from the Hub."""
+    task_shots: dict[str, int] = field(default_factory=dict)
+    """Few-shot examples per task of `tasks` (the rest use the task's own default): the paper's TyDiQA 1-shot is
+    `{tydiqa_goldp: 1}`."""
     limit: Optional[int] = None
     """Evaluate only the first N examples of every benchmark (the GSM8K test subset size)."""
     max_new_tokens: int = 256
@@ -467,6 +479,9 @@ class EvalConfig:
         _check(self.num_fewshot >= 0, "eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         _check(self.limit is None or self.limit > 0, "eval.limit", f"must be > 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        for task, shots in self.task_shots.items():
+            _check(task in self.tasks, f"eval.task_shots.{task}", f"not one of eval.tasks {self.tasks}")
+            _check(shots >= 0, f"eval.task_shots.{task}", f"must be >= 0, got {shots}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.diversity_prompts >= 0, "eval.diversity_prompts", f"must be >= 0, got {self.diversity_prompts}")
         _check(self.diversity_samples >= 2, "eval.diversity_samples", f"must be >= 2, got {self.diversity_samples}")
