@@ -27,6 +27,8 @@ DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ign
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
+GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.memory.GPUS`
+Sharding = Literal["ddp", "zero2", "zero3", "fsdp"]  # `tokenforget.memory.SHARDINGS`
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
@@ -487,6 +489,24 @@ class EvalConfig:
         _check(self.diversity_samples >= 2, "eval.diversity_samples", f"must be >= 2, got {self.diversity_samples}")
         _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PlanConfig:
+    """The dry run's cost plan (`--dry-run --plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
+    GPU under `sharding` and wall time at `mfu` of the GPUs' peak (formulas: `tokenforget.memory`)."""
+
+    gpus: int = 1
+    gpu: GpuName = "h100"
+    sharding: Sharding = "fsdp"
+    """How training shards over the GPUs: `ddp` (none), `zero2` (gradients and optimizer states), `zero3` or
+    `fsdp` (parameters too); one GPU is never sharded."""
+    mfu: float = 0.4
+    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation); 0.3-0.5 is usual for LLM training."""
+
+    def __post_init__(self) -> None:
+        _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")
+        _check(0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
 
 
 @dataclass
