@@ -60,7 +60,7 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert not (config.parent / "run").exists()
-    assert "Cost plan: 2 x NVIDIA H100 SXM 80GB (989 TFLOP/s bf16 dense), MFU 40%" in out
+    assert "Cost plan: 2 x NVIDIA H100 SXM 80GB (989 TFLOP/s bf16 dense), MFU 17% (measured" in out  # LoRA's default
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in
             ("reference", "scores", "train-forget", "eval")}
     assert set(rows) == {"reference", "scores", "train-forget", "eval"}
@@ -81,7 +81,9 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     train = costs["train-forget"]
     assert train.tokens == padded
     assert train.flops == pytest.approx(2 * padded * (2 * shape.params + 4 * shape.layers * shape.hidden * seq))
-    assert train.seconds == pytest.approx(train.flops / (2 * 989e12 * 0.4))
+    assert train.seconds == pytest.approx(train.flops / (2 * 989e12 * 0.17))
+    dry.cost.mfu = 0.5  # --plan-mfu 0.5
+    assert cost_plan(run, plans, sets, dry.cost)[-2].seconds == pytest.approx(train.flops / (2 * 989e12 * 0.5))
 
 
 def test_bad_plan_settings_are_one_line_errors(config: Path, capsys):

@@ -201,7 +201,8 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--gpu", choices=list(get_args(GpuName)), default="h100", help="GPU of the cost plan")
             p.add_argument("--plan-sharding", choices=list(get_args(Sharding)), default="fsdp",
                            help="sharding of the cost plan's trainings over the GPUs")
-            p.add_argument("--plan-mfu", type=float, default=0.4, help="share of the GPUs' peak the cost plan assumes")
+            p.add_argument("--plan-mfu", type=float, help="share of the GPUs' peak the cost plan assumes (default: "
+                           "the measured 0.17 with LoRA, 0.34 fully fine-tuned; docs/paper-scale.md)")
         sub.add_subcommand(name, p, help=help_text)
     return root
 

@@ -501,12 +501,22 @@ class PlanConfig:
     sharding: Sharding = "fsdp"
     """How training shards over the GPUs: `ddp` (none), `zero2` (gradients and optimizer states), `zero3` or
     `fsdp` (parameters too); one GPU is never sharded."""
-    mfu: float = 0.4
-    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation); 0.3-0.5 is usual for LLM training."""
+    mfu: Optional[float] = None
+    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation). Default: what benchmarks/gpu.py
+    measured on one H200 for a Llama-3.2-1B-shaped model at 8 x 1,024 tokens (docs/performance.md): 0.17 with
+    LoRA r 64, 0.34 fully fine-tuned (`MEASURED_MFU`)."""
 
     def __post_init__(self) -> None:
         _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")
-        _check(0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
+        _check(self.mfu is None or 0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
+
+    def utilisation(self, lora: bool) -> float:
+        return self.mfu if self.mfu is not None else MEASURED_MFU["lora" if lora else "full"]
+
+
+# benchmarks/gpu.py on one H200, 2026-11-29: the forget step's MFU (PaLM's count) for a random Llama-3.2-1B-shaped
+# model, bf16 weights, 8 x 1,024 tokens (docs/performance.md, "GPU: forget step vs plain SFT step")
+MEASURED_MFU = {"lora": 0.17, "full": 0.34}
 
 
 @dataclass

@@ -406,7 +406,7 @@ def dry_run(
         data.seconds = tokenize_s  # the tokenizing was done here, before plan_run
     log(format_plan(run, plans, timing))
     if cost is not None:
-        log(format_cost(cost_plan(run, plans, sets, cost), cost))
+        log(format_cost(cost_plan(run, plans, sets, cost), cost, run.cfg.lora.enabled))
     return plans
 
 
@@ -456,7 +456,7 @@ def cost_plan(run: Run, plans: Sequence[StagePlan], sets: TokenSets, pc: PlanCon
             c = _score_cost(run, shape, p.name, sets.all)
         else:
             continue
-        c.seconds = mem.wall_seconds(c.flops, gpu, pc.gpus, pc.mfu)
+        c.seconds = mem.wall_seconds(c.flops, gpu, pc.gpus, pc.utilisation(cfg.lora.enabled))
         c.note = "reuse" if p.reuse else c.note
         costs.append(c)
     costs += _eval_costs(run, shape, pc)
@@ -503,20 +503,20 @@ def _eval_costs(run: Run, shape: mem.Shape, pc: PlanConfig) -> list[StageCost]:
     est = mem.forward_estimate(shape, run.cfg.eval.batch_size, EVAL_SEQ_LEN, mem.weight_bytes(run.cfg.model),
                                2 if run.bf16 else 4)
     note = f"{len(known)} tasks, rough sizes" + (f"; not costed: {', '.join(unknown)}" if unknown else "")
-    seconds = mem.wall_seconds(flops, mem.GPUS[pc.gpu], pc.gpus, pc.mfu)
+    seconds = mem.wall_seconds(flops, mem.GPUS[pc.gpu], pc.gpus, pc.utilisation(run.cfg.lora.enabled))
     return [StageCost("eval (one model)", tokens, flops, est, seconds, note)]
 
 
-def format_cost(costs: Sequence[StageCost], pc: PlanConfig) -> str:
-    gpu = mem.GPUS[pc.gpu]
+def format_cost(costs: Sequence[StageCost], pc: PlanConfig, lora: bool) -> str:
+    gpu, mfu = mem.GPUS[pc.gpu], pc.utilisation(lora)
     header = ["stage", "tokens", "model FLOPs", "memory/GPU", "wall", "note"]
     rows = [[c.name, f"{c.tokens / 1e6:,.1f} M" if c.tokens >= 1e6 else f"{c.tokens:,.0f}", f"{c.flops:.3g}", mem.size(c.memory.total) if c.memory else "-",
              _duration(c.seconds), c.note] for c in costs]
     todo = [c for c in costs if c.note != "reuse"]
     total = sum(c.seconds for c in todo)
     over = [c.name for c in todo if c.memory and c.memory.total > gpu.memory]
-    lines = [f"Cost plan: {pc.gpus} x {gpu.name} ({gpu.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), MFU {pc.mfu:.0%} "
-             "(formulas: tokenforget.memory)", format_table(header, rows),
+    lines = [f"Cost plan: {pc.gpus} x {gpu.name} ({gpu.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), MFU {mfu:.0%}"
+             f"{'' if pc.mfu else ' (measured, docs/paper-scale.md)'} (formulas: tokenforget.memory)", format_table(header, rows),
              f"Estimated GPU wall time of the stages to run: {_duration(total)} ({total * pc.gpus / 3600:.2f} GPU-hours)"]
     if over:
         lines.append(f"Over the {mem.size(int(gpu.memory))} of one GPU: {', '.join(over)} (lower the batch size, "
