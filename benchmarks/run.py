@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
-from tokenforget.models import add_lora, cpu_has_bf16, load_model  # noqa: E402
-from tokenforget.partition import flat_token_classes, streaming_threshold  # noqa: E402
-from tokenforget.score import forward_ce, length_grouped_batches, pad_batch, score_tokens  # noqa: E402
-from tokenforget.train import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
+from tokenforget.model.loading import add_lora, cpu_has_bf16, load_model  # noqa: E402
+from tokenforget.stages.partition import flat_token_classes, streaming_threshold  # noqa: E402
+from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch  # noqa: E402
+from tokenforget.stages.score import score_tokens  # noqa: E402
+from tokenforget.trainer import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
 
 
 @dataclass
@@ -250,7 +251,7 @@ def bench_scoring(base, quick: bool, bf16: bool) -> list[Row]:
 MEMORY_CHILD = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from tokenforget.losses import linear_cross_entropy
+from tokenforget.model.head_ce import linear_cross_entropy
 kind, train, bf16, B = sys.argv[2], sys.argv[3] == "train", sys.argv[4] == "bf16", int(sys.argv[5])
 T, H, V = 512, 576, 49152
 torch.manual_seed(0)

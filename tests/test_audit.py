@@ -9,11 +9,11 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import labelled_config
-from tokenforget.audit import audit_examples, disagreement, sample_auroc, suspicion_measures, worst_spans
+
 from tokenforget.cli import main
-from tokenforget.html_report import build_report, marked
+from tokenforget.commands.audit import audit_examples, disagreement, sample_auroc, suspicion_measures, worst_spans
+from tokenforget.report.html import build_report, marked
 
 
 def test_worst_span_is_the_highest_window_mean_within_each_example():

@@ -1,4 +1,4 @@
-"""LoRA's CPU dropout (tokenforget.cpu_dropout): its rate, its scale and gradient by hand, its seed, the same
+"""LoRA's CPU dropout (tokenforget.model.cpu_dropout): its rate, its scale and gradient by hand, its seed, the same
 mask when gradient checkpointing recomputes a layer, and that add_lora puts it in place of peft's."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tokenforget.config import LoraSettings
-from tokenforget.cpu_dropout import CPUDropout, keep_mask, use_cpu_dropout
-from tokenforget.models import add_lora
+from tokenforget.model.cpu_dropout import CPUDropout, keep_mask, use_cpu_dropout
+from tokenforget.model.loading import add_lora
 
 
 def test_the_drop_rate_is_p_rounded_to_16_bits():

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from tiny_archs import ARCHS, PROMPT, SEQS, batch, build, ce_of_logits, with_unknown_transform
-from tokenforget.losses import LogitMap, linear_cross_entropy
-from tokenforget.model_ce import ce_path, model_token_ce
-from tokenforget.score import forward_ce, pad_batch
+from tokenforget.model.head_ce import LogitMap, linear_cross_entropy
+from tokenforget.model.model_ce import ce_path, model_token_ce
+from tokenforget.model.batching import forward_ce, pad_batch
 
 CE_ATOL = 1e-5
 
@@ -185,9 +185,9 @@ def test_trainer_loss_equals_the_objective_over_model_logits(arch, tmp_path):
     """`ForgettingTrainer.compute_loss` (the training path) = the forget objective over the reference CE."""
     from transformers import TrainingArguments
 
-    from tokenforget.losses import forgetting_loss
+    from tokenforget.objectives import forgetting_loss
     from tokenforget.config import ObjectiveConfig
-    from tokenforget.train import ForgettingTrainer
+    from tokenforget.trainer import ForgettingTrainer
 
     model = lora(build(arch))
     ids, mask, positions = batch()

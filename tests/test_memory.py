@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import forbid_loading
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import forbid_loading
-from tokenforget import models
 from tokenforget.cli import main, parse_config
 from tokenforget.config import ConfigError, LoraSettings, ModelConfig, RunConfig
-from tokenforget.memory import Shape, estimate, model_shape
-from tokenforget.models import BaseModel, add_lora, share_weights
-from tokenforget.pipeline import Run
+from tokenforget.model import loading as models
+from tokenforget.model.loading import BaseModel, add_lora, share_weights
+from tokenforget.model.memory import Shape, estimate, model_shape
+from tokenforget.run.pipeline import Run
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -188,7 +188,7 @@ def test_dry_run_prints_the_estimate_without_loading_weights(config: Path, capsy
 # both buffers are mmapped and unmapped when freed: +0 (a page or two of the allocator's own).
 _RESIDENT_AFTER_FREE = """
 import sys, torch
-from tokenforget.memory import lean_allocator
+from tokenforget.model.memory import lean_allocator
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
 print("lean" if sys.argv[1] == "lean" and lean_allocator() else "default")
@@ -203,14 +203,17 @@ print(rss() - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
                     reason="glibc's allocator on Linux")
 def test_lean_allocator_returns_a_freed_16_mib_buffer_that_glibcs_default_keeps_resident(monkeypatch):
+    import os
     import subprocess
     import sys
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's code, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     kept = {}
     for mode in ("default", "lean"):
         out = subprocess.run([sys.executable, "-c", _RESIDENT_AFTER_FREE, mode], capture_output=True, text=True,
-                             check=True).stdout.split()
+                             check=True, env=env).stdout.split()
         assert out[0] == mode  # lean_allocator made the setting
         kept[mode] = int(out[1])
     assert kept["default"] >= 15 << 20  # the control: without the setting the freed buffer stays
@@ -218,7 +221,7 @@ def test_lean_allocator_returns_a_freed_16_mib_buffer_that_glibcs_default_keeps_
 
 
 def test_lean_allocator_leaves_a_users_own_threshold_alone(monkeypatch):
-    from tokenforget.memory import lean_allocator
+    from tokenforget.model.memory import lean_allocator
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert lean_allocator() is False
@@ -227,7 +230,7 @@ def test_lean_allocator_leaves_a_users_own_threshold_alone(monkeypatch):
 def test_every_command_sets_the_lean_allocator_before_its_work(tmp_path, monkeypatch):
     """The command line makes the process-wide setting before a command runs (and not for a bad config)."""
     import tokenforget.cli as cli
-    import tokenforget.memory as memory
+    import tokenforget.model.memory as memory
 
     calls: list[str] = []
     monkeypatch.setattr(memory, "lean_allocator", lambda: calls.append("lean") or True)

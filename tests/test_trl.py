@@ -11,13 +11,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("trl", reason="TRL is the optional extra tokenforget[trl]: pip install -e '.[trl]'")
+from conftest import (  # noqa: E402
+    CLS,
+    IDS,
+    GradCapture,
+    first_step_grads,
+    readme_block,  # noqa: E402
+    toy_dataset,
+    weighted_dataset,
+)
 from trl import SFTConfig  # noqa: E402
 
-from conftest import readme_block  # noqa: E402
-from conftest import CLS, IDS, GradCapture, first_step_grads, toy_dataset, weighted_dataset  # noqa: E402
 from tokenforget.cli import main  # noqa: E402
 from tokenforget.config import ObjectiveConfig  # noqa: E402
-from tokenforget.losses import forgetting_loss, token_cross_entropy  # noqa: E402
+from tokenforget.model.head_ce import token_cross_entropy  # noqa: E402
+from tokenforget.objectives import forgetting_loss  # noqa: E402
 from tokenforget.trl import ForgettingSFTTrainer  # noqa: E402
 
 
@@ -51,7 +59,7 @@ def test_trl_step_has_our_loss_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_
     trainer.train()
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    from tokenforget.score import pad_batch
+    from tokenforget.model.batching import pad_batch
 
     ids, mask = pad_batch(IDS, tiny_tokenizer.pad_token_id)
     cls, _ = pad_batch(CLS, 0)

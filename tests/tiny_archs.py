@@ -78,7 +78,7 @@ PROMPT = 3  # the first 3 tokens of each sequence are not scored
 
 def batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (3, 12) right-padded, attention mask (3, 12), positions (3, 12): real tokens after the prompt."""
-    from tokenforget.score import pad_batch
+    from tokenforget.model.batching import pad_batch
 
     ids, mask = pad_batch(SEQS, 0)
     positions = mask.clone()

@@ -40,6 +40,8 @@ from tokenforget.config import RECURRING_SENTENCE, UserError
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
+# `tokenforget audit`'s folder and files in a run folder (read by the report too)
+AUDIT_DIR, TABLE_FILE, ROWS_FILE, SUMMARY_FILE = "audit", "audit.parquet", "audit.jsonl", "audit.json"
 
 T = TypeVar("T")
 

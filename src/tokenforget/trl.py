@@ -35,8 +35,8 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
 
 from tokenforget.config import ObjectiveConfig
-from tokenforget.losses import LEARN, NO_LOSS
-from tokenforget.train import EXTRA_COLUMNS, ForgettingMixin
+from tokenforget.objectives import LEARN, NO_LOSS
+from tokenforget.trainer import EXTRA_COLUMNS, ForgettingMixin
 
 IGNORE = -100  # the label of a token with no loss, in transformers and TRL
 
