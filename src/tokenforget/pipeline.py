@@ -32,7 +32,7 @@ from tokenforget import reference as ref_mod, score as score_mod, train as train
 from tokenforget.config import RunConfig, to_dict
 from tokenforget.fingerprints import StageFingerprints
 from tokenforget.losses import OBJECTIVES, PARTITION_FREE
-from tokenforget.models import BaseModel, check_qlora, device, load_model, use_bf16
+from tokenforget.models import BaseModel, check_attention, check_qlora, device, load_model, use_bf16
 from tokenforget.runfolder import (
     STAGE_FILE, Ranks, RunFolder, RunFolderError, fingerprint, folder_digest, release_memory,
     round_stage, shard_ranges, stable_view,
@@ -56,6 +56,7 @@ class Run(StageFingerprints):
         self.folder.check_same_run(cfg.overwrite)
         if cfg.lora.qlora:  # settings that would fail only when their stage starts fail now, before any write
             check_qlora(cfg.model)
+        check_attention(cfg.model)
         train_mod.check_training_args(cfg, self.root / ".check", self.bf16)
 
     # the run folder's bookkeeping, for callers that hold a Run
