@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_type_hi
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 WeightsDtype = Literal["fp32", "bf16"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Mode = Literal["forget", "sft", "ignore", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.objectives.SCHEDULES` (kept here so that config needs no torch)
@@ -63,9 +63,11 @@ class ModelConfig:
     weights: WeightsDtype = "fp32"
     """dtype the base weights are loaded in. `bf16` halves their memory: LoRA only (the frozen base in bf16, the
     adapter in fp32), on hardware with native bf16 (a CUDA GPU that has it, or a CPU with AVX512-BF16/AMX)."""
-    attn_implementation: AttnImplementation = "sdpa"
-    """transformers' attention kernel: `sdpa` (PyTorch's scaled_dot_product_attention), `eager`, or
-    `flash_attention_2` (needs the `flash-attn` package and a CUDA GPU)."""
+    attn_implementation: AttnImplementation = "auto"
+    """transformers' attention kernel. `auto`: transformers chooses (`sdpa` where the architecture supports it,
+    else `eager`: GPT-Neo and Gemma-2 have no sdpa). Or one named: `sdpa` (PyTorch's
+    scaled_dot_product_attention), `eager`, `flash_attention_2` (the `flash-attn` package and a CUDA GPU); one
+    the model's architecture refuses is an error before any stage runs."""
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -76,7 +78,7 @@ class ModelConfig:
             import importlib.util
 
             _check(importlib.util.find_spec("flash_attn") is not None, "model.attn_implementation",
-                   "flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa")
+                   "flash_attention_2 needs the flash-attn package (pip install flash-attn); use auto")
         _check(self.weights in get_args(WeightsDtype), "model.weights", f"must be fp32 or bf16, got '{self.weights}'")
         _check(self.weights == "fp32" or self.precision in ("auto", "bf16"), "model.weights",
                f"bf16 weights train in bf16 autocast: set model.precision to auto or bf16, not {self.precision}")

@@ -82,7 +82,8 @@ ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "partition": {"selection": "global", "threshold": 0.0},
     "reference": {"folds": 1, "rounds": 1, "checkpoint": None},
     "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
-    "model": {"weights": "fp32", "attn_implementation": "sdpa"},
+    # attn_implementation: `sdpa` was the default until `auto` (which is sdpa wherever sdpa was accepted)
+    "model": {"weights": "fp32", "attn_implementation": "auto"},
 }
 
 

@@ -81,12 +81,46 @@ def load_model(cfg: ModelConfig, qlora: bool = False) -> PreTrainedModel:
         kwargs = {"gguf_file": gguf, "quantization_config": GgufConfig(dequantize=True)}
     dtype = torch.bfloat16 if cfg.weights == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-        **kwargs,
+        path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=check_attention(cfg), **kwargs,
     )
     if gguf:
         _forget_gguf_origin(model)
     return model
+
+
+# attn_implementation -> the class attribute by which a transformers architecture says it supports it
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def check_attention(cfg: ModelConfig) -> Optional[str]:
+    """The `attn_implementation` to load the model with: None for `auto` (transformers picks sdpa where the
+    architecture has it, else eager). A named one the architecture's class does not support raises a
+    ConfigError naming `model.attn_implementation`, read from the model's config alone (no weights loaded).
+    Remote code and unknown architectures are not checked here: transformers' own error stands for them."""
+    if cfg.attn_implementation == "auto":
+        return None
+    flag = ATTENTION_SUPPORT.get(cfg.attn_implementation)
+    cls = None if flag is None or cfg.trust_remote_code else causal_lm_class(cfg)
+    if cls is not None and not getattr(cls, flag, True):
+        raise ConfigError(
+            f"config field 'model.attn_implementation': {cls.__name__} does not support "
+            f"{cfg.attn_implementation}; use auto (transformers chooses) or eager"
+        )
+    return cfg.attn_implementation
+
+
+def causal_lm_class(cfg: ModelConfig) -> Optional[type]:
+    """The transformers *ForCausalLM class `load_model` would build for `cfg`, from its config file; None when
+    the config cannot be read here or maps to no built-in class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path, gguf = resolve_model(cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def check_weights(cfg: ModelConfig) -> None:
@@ -201,13 +235,26 @@ def share_weights(model: PreTrainedModel) -> PreTrainedModel:
     return copy.deepcopy(model, memo)
 
 
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where autocast pays off."""
+CPU_BF16_ENV = "TOKENFORGET_CPU_BF16"  # "0": act as on a CPU without native bf16 (tests, benchmarks, a slow bf16)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags from /proc/cpuinfo ([] where it cannot be read)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return line.split(":", 1)[-1].split()
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX), where autocast pays off; False where the
+    environment sets TOKENFORGET_CPU_BF16=0 (what `precision: auto` then does is what a CPU without it gets)."""
+    if os.environ.get(CPU_BF16_ENV) == "0":
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(f in cpu_flags() for f in CPU_BF16_FLAGS)
 
 
 def use_bf16(precision: str) -> bool:

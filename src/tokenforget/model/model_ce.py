@@ -159,20 +159,36 @@ def probe_ce_path(inner: torch.nn.Module) -> CEPath:
     ids = (torch.arange(PROBE_TOKENS, device=dev) * 7919 % vocab)[None]  # (1, n), spread over the vocabulary
     keep = (torch.arange(PROBE_TOKENS, device=dev) % 2 == 1)[None]  # (1, n) bool
     head = _plain_head(inner)
-    with _eval_mode(inner), torch.autocast(dev.type, enabled=False), contextlib.ExitStack() as stack:
-        box = stack.enter_context(final_hidden_states(inner)) if head is not None else {}
-        try:
-            logits = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-        except Exception as e:  # e.g. a TypeError from remote code: then use no logits_to_keep at all; should the
-            # model fail for another reason, the full-logits forward of `model_token_ce` raises it again, unmasked
-            return CEPath("full_logits", f"the forward does not take a boolean logits_to_keep ({type(e).__name__}: {e})")
-    if logits.shape[:-1] != (int(keep.sum()),):
-        return CEPath("full_logits", f"the forward ignores a boolean logits_to_keep (logits {tuple(logits.shape)})")
-    if head is None:
-        return CEPath("logits", "the lm_head is not a plain nn.Linear (a LoRA on it, a quantized or custom head)")
-    if "hidden" not in box or not _materialised(head.weight):
-        return CEPath("logits", "the decoder's output or the whole lm_head weight cannot be read here")
-    return _compare_head(inner, head, box["hidden"][keep].to(head.weight.device), logits.to(head.weight.device))
+    # Autocast off for the forward *and* our head: the probe is often first called inside a caller's bf16
+    # autocast (scoring, evaluation), and our fp32 reference product computed there would be a bf16 one.
+    with torch.autocast(dev.type, enabled=False):
+        with _eval_mode(inner), contextlib.ExitStack() as stack:
+            box = stack.enter_context(final_hidden_states(inner)) if head is not None else {}
+            try:
+                logits = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            except Exception as e:  # e.g. a TypeError from remote code: then use no logits_to_keep at all; should
+                # the model fail for another reason, the full-logits forward of `model_token_ce` raises it again
+                return CEPath("full_logits",
+                              f"the forward does not take a boolean logits_to_keep ({type(e).__name__}: {e})")
+        if logits.shape[:-1] != (int(keep.sum()),):
+            return CEPath("full_logits", f"the forward ignores a boolean logits_to_keep (logits {tuple(logits.shape)})")
+        if head is None:
+            return CEPath("logits", "the lm_head is not a plain nn.Linear (a LoRA on it, a quantized or custom head)")
+        if "hidden" not in box or not _materialised(head.weight):
+            return CEPath("logits", "the decoder's output or the whole lm_head weight cannot be read here")
+        return _compare_head(inner, head, box["hidden"][keep].to(head.weight.device), logits.to(head.weight.device))
+
+
+def probe_tolerance(*dtypes: torch.dtype) -> float:
+    """The probe's relative bound for a model whose head works in `dtypes` (its logits', weight's, hidden's).
+
+    The model's logits are rounded in the least precise of them (fp32 logits upcast from a bf16 head are
+    bf16 numbers), ours are fp32: they differ by half an ulp of that dtype per rounding step, and a known
+    transform after the head (scale, soft cap) adds a step or two. 4 ulps (bf16: 4 x 2^-7 = 0.031, fp16:
+    0.0039) bound that; an unknown transform (a scale of 1.1, an offset) moves logits by far more. In fp32
+    the bound is `PROBE_RTOL` (1e-5, 20x the 4 ulps of 4.8e-7): one product computed twice, in another order.
+    """
+    return max(PROBE_RTOL, max(4 * torch.finfo(d).eps for d in dtypes))
 
 
 def _compare_head(inner: torch.nn.Module, head: torch.nn.Linear, hidden: torch.Tensor, logits: torch.Tensor) -> CEPath:
@@ -182,7 +198,7 @@ def _compare_head(inner: torch.nn.Module, head: torch.nn.Linear, hidden: torch.T
     ours = logit_map(F.linear(hidden.float(), head.weight.float(), bias))  # (k, V) fp32
     if ours.shape != logits.shape:
         return CEPath("logits", f"the model's logits {tuple(logits.shape)} are not the lm_head's {tuple(ours.shape)}")
-    tol = max(PROBE_RTOL, 4 * torch.finfo(logits.dtype).eps) * max(1.0, float(ours.abs().max()))
+    tol = probe_tolerance(logits.dtype, head.weight.dtype, hidden.dtype) * max(1.0, float(ours.abs().max()))
     diff = float((logits.float() - ours).abs().max())
     described = f"{logit_map}, z = h W^T{' + b' if bias is not None else ''}"
     if not diff <= tol:  # NaN counts as a mismatch

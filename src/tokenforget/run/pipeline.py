@@ -30,7 +30,9 @@ import torch
 from tokenforget import trainer as train_mod
 from tokenforget.columns import has_base_ce
 from tokenforget.config import RunConfig, to_dict
-from tokenforget.model.loading import BaseModel, check_qlora, checkpoint_dir, device, load_model, use_bf16
+from tokenforget.model.loading import (
+    BaseModel, check_attention, check_qlora, checkpoint_dir, device, load_model, use_bf16,
+)
 from tokenforget.objectives import OBJECTIVES, PARTITION_FREE
 from tokenforget.run.fingerprints import StageFingerprints
 from tokenforget.runfolder import (
@@ -74,6 +76,7 @@ class Run(StageFingerprints):
         self.folder.check_same_run(cfg.overwrite)
         if cfg.lora.qlora:  # settings that would fail only when their stage starts fail now, before any write
             check_qlora(cfg.model)
+        check_attention(cfg.model)
         train_mod.check_training_args(cfg, self.root / ".check", self.bf16)
 
     # the run folder's bookkeeping, for callers that hold a Run
