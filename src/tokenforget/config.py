@@ -17,8 +17,8 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle"]
-DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data"]
+DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer", "tokens"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
@@ -133,7 +133,8 @@ class DataConfig:
     hub_config: Optional[str] = None
     """Hub data set configuration name (e.g. `main` for `openai/gsm8k`)."""
     format: DataFormat = "auto"
-    """Record layout; `auto` looks at the first record's keys."""
+    """Record layout; `auto` looks at the first record's keys. `tokens`: records already tokenized, `input_ids` and a
+    `token_weight` per token (see `tokenforget.stages.labels_in_data`)."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Our field name -> the file's column, e.g. `{prompt: question, completion: answer}`."""
     max_length: int = 512
@@ -316,7 +317,10 @@ class PartitionConfig:
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
     negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
-    `is_correct: false`), a bound on any detector (scores unused)."""
+    `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
+    `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
+    no reference and no scores; a token they say nothing about is learned. With any other selection the data's
+    weights, where it has them, override the detector's classes."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
