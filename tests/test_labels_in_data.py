@@ -167,3 +167,73 @@ def test_bad_weights_name_file_line_and_field(tmp_path, row, message):
     with pytest.raises(DataError) as e:
         load_records(DataConfig(path=str(path)))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- end to end on the tiny model
+
+
+def spans_from_corrupt(rows: list[dict], weight: float) -> list[dict]:
+    """The demo's records with their known corrupt spans written as `spans` of `weight` (and no corrupt_spans)."""
+    out = []
+    for r in rows:
+        spans = [{"start": s, "end": e, "weight": weight} for s, e in r["corrupt_spans"]]
+        out.append({k: v for k, v in r.items() if k != "corrupt_spans"} | ({"spans": spans} if spans else {}))
+    return out
+
+
+def test_training_on_the_data_s_labels_skips_reference_and_scoring(tmp_path, tiny_model_dir, capsys):
+    """The demo's corrupt spans written as spans of weight -1, `partition.selection: data`: the dry run shows no
+    reference and the scores stage as not needed; `train` then trains no reference, and its classes are the
+    oracle's on the same records exactly (the same overlap rule). Changing one weight changes the data's and the
+    partition's fingerprints."""
+    from conftest import tiny_run_config, write_config
+    from tokenforget.cli import main, parse_config
+    from tokenforget.demo import make_examples
+    from tokenforget.pipeline import Run
+    from test_plan import statuses
+
+    rows = make_examples(12, seed=0, noise=0.5)
+    labelled = spans_from_corrupt(rows, -1)
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, rows=labelled, partition={"selection": "data"})
+    config = write_config(tmp_path, cfg)
+    assert main(["run", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows_shown = statuses(out, ["data", "reference", "scores", "partition", "labels", "train-forget"])
+    assert list(rows_shown) == ["data", "scores", "partition", "labels", "train-forget"]
+    assert "not needed: partition.selection 'data'" in out
+    assert main(["train", str(config)]) == 0
+    run = Path(cfg["run_dir"])
+    assert not (run / "reference").exists()
+    ours = Run(parse_config(["train", str(config)])[1]).partition()["token_class"]
+    oracle_dir = tmp_path / "oracle"
+    oracle_dir.mkdir()
+    oracle_cfg = tiny_run_config(oracle_dir, tiny_model_dir, rows=rows, partition={"selection": "oracle"})
+    oracle = Run(parse_config(["train", str(write_config(oracle_dir, oracle_cfg))])[1]).partition()["token_class"]
+    assert ours == oracle and sum(c == FORGET for cls in ours for c in cls) > 0
+    before = Run(parse_config(["train", str(config)])[1])
+    fps = before.data_fp(), before.partition_fp()
+    labelled[0 if labelled[0].get("spans") else 1]["weight"] = 0.5
+    write_jsonl(Path(cfg["data"]["path"]), labelled)
+    after = Run(parse_config(["train", str(config)])[1])
+    assert after.data_fp() != fps[0] and after.partition_fp() != fps[1]
+
+
+def test_bad_weights_exit_2_with_one_line_before_any_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import forbid_loading, tiny_run_config, write_config
+    from tokenforget.cli import main
+
+    rows = [{"prompt": "Q", "completion": "A b", "spans": [{"start": 0, "end": 7, "weight": -1}]}]
+    config = write_config(tmp_path, tiny_run_config(tmp_path, tiny_model_dir, rows=rows, partition={"selection": "data"}))
+    forbid_loading(monkeypatch, AutoModelForCausalLM)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.jsonl:1: field 'spans'[0]: 0-7 is not a span of its text" in err
+
+
+def test_the_data_selection_without_weights_is_a_config_error(config, capsys):
+    from tokenforget.cli import main
+
+    assert main(["train", str(config), "--partition.selection", "data"]) == 2
+    assert "'data' needs data that carries weights" in capsys.readouterr().err
