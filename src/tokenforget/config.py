@@ -558,9 +558,17 @@ class AuditConfig:
     prompt with another final answer: for data with several responses a prompt)."""
     top: int = 10
     """Examples printed; every example is written to run_dir/audit/."""
+    mark: float = 0.1
+    """Share of the examples, most suspicious first, whose worst span is marked in run_dir/audit/marked.jsonl (the
+    input records in their own format, the span as `spans: [{start, end, weight}]`), to review and train on with
+    `partition.selection: data`."""
+    mark_weight: float = 0.0
+    """The marked spans' weight: 0 (no loss, what ignoring the known wrong tokens does) or -1 (forget them)."""
 
     def __post_init__(self) -> None:
         _check(self.top >= 0, "audit.top", f"must be >= 0, got {self.top}")
+        _check(0.0 <= self.mark <= 1.0, "audit.mark", f"must be in [0, 1], got {self.mark}")
+        _check(self.mark_weight in (0.0, -1.0), "audit.mark_weight", f"must be 0 or -1, got {self.mark_weight}")
 
 
 @dataclass
