@@ -105,7 +105,7 @@ def _span(value: Any, text: str, where: str) -> WeightSpan:
 def message_labels(raw: Any, message: dict[str, str], where: str, text_key: str) -> Optional[MessageLabels]:
     """The `weight` and `spans` of one message of a conversation (None when it has neither). A message that gets no
     loss (system, user) may say weight 0 (axolotl's files do) but nothing else: there is no loss to weigh."""
-    if not isinstance(raw, dict) or (WEIGHT_KEY not in raw and SPANS_KEY not in raw):
+    if not isinstance(raw, dict) or (raw.get(WEIGHT_KEY) is None and raw.get(SPANS_KEY) is None):
         return None
     found = _labels(raw, message["content"], where, f"{where}.{text_key}")
     if message["role"] != "assistant" and (found.spans or found.weight not in (None, 0.0)):
@@ -116,10 +116,10 @@ def message_labels(raw: Any, message: dict[str, str], where: str, text_key: str)
 
 def record_labels(raw: dict, answer: str, where: str) -> Optional[MessageLabels]:
     """The record-level `weight` and `spans` of a single-turn record: both belong to its answer (None: neither)."""
-    if TOKEN_WEIGHT_KEY in raw:
+    if raw.get(TOKEN_WEIGHT_KEY) is not None:  # (None: a data set's column, unset in this row)
         raise _error(f"{where}: field '{TOKEN_WEIGHT_KEY}' needs the record's tokens ('input_ids'); "
                      f"for text, mark characters with '{SPANS_KEY}'")
-    if WEIGHT_KEY not in raw and SPANS_KEY not in raw:
+    if raw.get(WEIGHT_KEY) is None and raw.get(SPANS_KEY) is None:
         return None
     return _labels(raw, answer, where, f"{where}: answer")
 
@@ -133,7 +133,7 @@ def _labels(raw: dict, text: str, where: str, text_where: str) -> MessageLabels:
 def check_unlabelled(raw: dict, where: str, kind: str) -> None:
     """A record whose weights belong on its messages carries none at its top level."""
     for key in (WEIGHT_KEY, SPANS_KEY, TOKEN_WEIGHT_KEY):
-        if key in raw:
+        if raw.get(key) is not None:
             raise _error(f"{where}: field '{key}' at the top level of {kind}")
 
 
@@ -175,3 +175,12 @@ def token_weights(labels: dict[int, MessageLabels], turns: Sequence[Any], offset
             touched = [w for s, e, w in spans if a < e and b > s]
             out[t] = min(touched) if touched else (math.nan if lab.weight is None else lab.weight)
     return out
+
+
+def carries_weights(row: dict) -> bool:
+    """Whether a record (a JSON object, or a data set's row) gives any weight: at its top level or on a message."""
+    def said(d: Any) -> bool:
+        return isinstance(d, dict) and any(d.get(k) is not None for k in (WEIGHT_KEY, SPANS_KEY, TOKEN_WEIGHT_KEY))
+
+    turns = [t for v in row.values() if isinstance(v, list) for t in v]
+    return said(row) or any(said(t) for t in turns)
