@@ -237,3 +237,23 @@ def test_the_data_selection_without_weights_is_a_config_error(config, capsys):
 
     assert main(["train", str(config), "--partition.selection", "data"]) == 2
     assert "'data' needs data that carries weights" in capsys.readouterr().err
+
+
+def test_the_partition_stage_lets_the_data_win_over_the_global_ranking():
+    """Two examples, 3 response tokens each (position 0 is never one); scores 5 4 3 | 2 1 0 at rho 0.5 make the
+    top three positive: + + + | - - -. The data says -1 at the first response token and 0.5 at the last: those
+    two change (the second becomes a learn token weighted 0.5), the others keep the ranking's class and weight 1."""
+    import datasets
+
+    from tokenforget.config import PartitionConfig
+    from tokenforget.partition import partition_exact
+
+    tokens = datasets.Dataset.from_dict({
+        "response_mask": [[0, 1, 1, 1], [0, 1, 1, 1]],
+        "data_weight": [[nan, -1.0, nan, nan], [nan, nan, nan, 0.5]],
+    })
+    scores = datasets.Dataset.from_dict({"score": [[0.0, 5, 4, 3], [0.0, 2, 1, 0]]})
+    table, stats = partition_exact(tokens, scores, PartitionConfig(rho=0.5))
+    assert table.column("token_class").to_pylist() == [[0, -1, 1, 1], [0, -1, -1, 1]]
+    assert table.column("token_weight").to_pylist() == [[0, 1, 1, 1], [0, 1, 1, 0.5]]
+    assert (stats["n_positive"], stats["n_negative"], stats["data_labels"]) == (3, 3, True)
