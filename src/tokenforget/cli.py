@@ -101,7 +101,7 @@ def _detect(cfg: RunConfig) -> None:
 def _audit(cfg: RunConfig) -> None:
     import numpy as np
 
-    from tokenforget.commands.audit import audit_examples, audit_table, write_audit
+    from tokenforget.commands.audit import audit_examples, audit_table, marked_records, write_audit, write_marked
     from tokenforget.run.pipeline import Run
     from tokenforget.runfolder import AUDIT_DIR
     from tokenforget.stages.score import response_arrays
@@ -114,9 +114,17 @@ def _audit(cfg: RunConfig) -> None:
     result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
                             tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
     if run.ranks.is_main:
+        ac = cfg.audit
+        marked, n_marked = ([], 0) if cfg.data.corrupt_fraction else marked_records(
+            result, tokens, cfg, run.base.tokenizer, ac.mark, ac.mark_weight)  # (injected noise is not in the file)
         write_audit(result, run.root / AUDIT_DIR, {"measure": result.measure, "data": cfg.data.path,
-                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice"})
+                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice",
+                                                    "marked": n_marked, "mark_weight": ac.mark_weight})
         print(audit_table(result, result.measure, cfg.audit.top))
+        if marked:
+            path = write_marked(marked, run.root / AUDIT_DIR)
+            print(f"Marked: {n_marked} examples' worst spans as weight {ac.mark_weight:g} in {path.resolve()}; review, "
+                  f"then: tokenforget train --data.path {path} --partition.selection data")
         print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")
 
 

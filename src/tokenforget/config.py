@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_type_hints
 
+from tokenforget.errors import UserError  # noqa: F401  (re-exported: `from tokenforget.config import UserError`)
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 WeightsDtype = Literal["fp32", "bf16"]
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -17,17 +19,12 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.objectives.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle"]
-DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data"]
+DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer", "tokens"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
-
-
-class UserError(Exception):
-    """Bad input from the user (config, data, model path, run folder). The CLI prints the message on one
-    line and exits with status 2; every subclass names the file, line or field at fault."""
 
 
 class ConfigError(UserError, ValueError):
@@ -129,7 +126,8 @@ class DataConfig:
     hub_config: Optional[str] = None
     """Hub data set configuration name (e.g. `main` for `openai/gsm8k`)."""
     format: DataFormat = "auto"
-    """Record layout; `auto` looks at the first record's keys."""
+    """Record layout; `auto` looks at the first record's keys. `tokens`: records already tokenized, `input_ids` and a
+    `token_weight` per token (see `tokenforget.stages.labels_in_data`)."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Our field name -> the file's column, e.g. `{prompt: question, completion: answer}`."""
     max_length: int = 512
@@ -312,7 +310,10 @@ class PartitionConfig:
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
     negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
-    `is_correct: false`), a bound on any detector (scores unused)."""
+    `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
+    `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
+    no reference and no scores; a token they say nothing about is learned. With any other selection the data's
+    weights, where it has them, override the detector's classes."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
@@ -550,9 +551,17 @@ class AuditConfig:
     prompt with another final answer: for data with several responses a prompt)."""
     top: int = 10
     """Examples printed; every example is written to run_dir/audit/."""
+    mark: float = 0.1
+    """Share of the examples, most suspicious first, whose worst span is marked in run_dir/audit/marked.jsonl (the
+    input records in their own format, the span as `spans: [{start, end, weight}]`), to review and train on with
+    `partition.selection: data`."""
+    mark_weight: float = 0.0
+    """The marked spans' weight: 0 (no loss, what ignoring the known wrong tokens does) or -1 (forget them)."""
 
     def __post_init__(self) -> None:
         _check(self.top >= 0, "audit.top", f"must be >= 0, got {self.top}")
+        _check(0.0 <= self.mark <= 1.0, "audit.mark", f"must be in [0, 1], got {self.mark}")
+        _check(self.mark_weight in (0.0, -1.0), "audit.mark_weight", f"must be 0 or -1, got {self.mark_weight}")
 
 
 @dataclass

@@ -14,8 +14,11 @@ least likely. The examples are written ranked by the chosen measure, for a perso
                   self-consistency, Wang et al., 2022, arXiv 2203.11171); 0 where a prompt has one response
 
 Files in `run_dir/audit/`: `audit.parquet` and `audit.jsonl` (rank, example, suspicion, every measure, the
-worst span's text and token range, prompt and response, and `is_correct` when the data has it), and
-`audit.json` with the sample-level AUROC of every measure against the labels when there are any.
+worst span's text and token range, prompt and response, and `is_correct` when the data has it),
+`audit.json` with the sample-level AUROC of every measure against the labels when there are any, and
+`marked.jsonl`: the input records in their own format, the worst span of the `audit.mark` most suspicious ones
+marked as a span of weight `audit.mark_weight` (`tokenforget.stages.labels_in_data`), for a person to review, edit
+and train on as written: `tokenforget train --data.path run_dir/audit/marked.jsonl --partition.selection data`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tokenforget.metrics import answers_match, auroc, extract_answer
 from tokenforget.runfolder import AUDIT_DIR, ROWS_FILE, SUMMARY_FILE, TABLE_FILE  # noqa: F401  (AUDIT_DIR: the CLI's)
 
 SPAN = 8  # tokens in the worst-span window: about one worked step of a GSM8K answer
+MARKED_FILE = "marked.jsonl"
 
 
 def _mean(x: np.ndarray, example: np.ndarray, n: int) -> np.ndarray:
@@ -179,3 +183,77 @@ def audit_table(result: AuditResult, measure: str, top: int = 10) -> str:
         lines += ["", f"Sample-level AUROC against is_correct ({result.n_labelled} labelled examples; 0.5 = chance)",
                   format_table(["measure", "AUROC"], [[m, a] for m, a in result.auroc.items()])]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the marked file: audit -> review -> train
+
+
+def span_characters(tokenizer: Any, record: Any, chat: bool, tokens: tuple[int, int]) -> Optional[tuple[int, int, int]]:
+    """(message index, start, end) in that message's content of the characters of tokens [a, b), cut to the
+    assistant turn the first of them is in; None when they cover none of its content.
+
+    The tokens are the data stage's (the record rendered and tokenized the same way, so positions agree)."""
+    from tokenforget.stages.data import render_turns
+
+    text, turns = render_turns(tokenizer, record, chat)
+    offsets = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)["offset_mapping"]
+    a, b = tokens
+    lo, hi = offsets[a][0], offsets[min(b, len(offsets)) - 1][1]
+    turn = next((t for t in turns if t.span[0] <= lo < t.span[1]), None)
+    if turn is None or turn.content_start < 0:
+        return None
+    content = record.messages[turn.message]["content"]
+    start, end = max(lo - turn.content_start, 0), min(hi - turn.content_start, len(content))
+    return (turn.message, start, end) if start < end else None
+
+
+def with_span(raw: dict[str, Any], message: int, span: dict[str, Any], fmt: str, field_map: dict[str, str]) -> dict[str, Any]:
+    """A copy of the raw record with `span` added where its format keeps spans: on message `message` of a
+    conversation, at the top level of a single-turn record (its answer)."""
+    out = json.loads(json.dumps(raw, default=str))
+    key = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
+    if key is not None:
+        out[field_map.get(key, key)][message].setdefault("spans", []).append(span)
+        return out
+    prompt, completion = (field_map.get(k, k) for k in ("prompt", "completion"))
+    if fmt == "prompt_completion" and isinstance(out.get(prompt), list) and isinstance(out.get(completion), list):
+        turns = out[prompt] + out[completion]  # the same dicts: marking the turn marks the record
+        turns[message].setdefault("spans", []).append(span)
+        return out
+    out.setdefault("spans", []).append(span)
+    return out
+
+
+def marked_records(result: AuditResult, tokens: Any, cfg: Any, tokenizer: Any, share: float, weight: float) -> tuple[list[dict], int]:
+    """(every input record in order, the number marked): the worst span of the round(share * E) most suspicious
+    examples added as a span of `weight`. An example whose record already carries weights is left as it is (the
+    data's labels win)."""
+    from tokenforget.stages import data as data_mod
+
+    dc = cfg.data
+    raw = data_mod.read_records(data_mod.resolve_source(dc.path, dc.hub_fallback), dc.split, dc.hub_config)
+    raw = raw[: dc.limit] if dc.limit else raw
+    fmt = dc.format if dc.format != "auto" else data_mod.detect_format(raw[0][1], dc.field_map)
+    records = data_mod.load_records(dc)
+    out = [r for _where, r in raw]
+    examples = tokens["example"]  # data stage row -> record index (records with no response token are not rows)
+    n_marked = 0
+    for row in result.rows[: round(share * len(result.rows))]:
+        i = examples[row["example"]]
+        rec = records[i]
+        if rec.labels or rec.tokens is not None:
+            continue
+        found = span_characters(tokenizer, rec, dc.chat_template, tuple(row["span_tokens"]))
+        if found is None:
+            continue
+        message, start, end = found
+        out[i] = with_span(out[i], message, {"start": start, "end": end, "weight": weight}, fmt, dc.field_map)
+        n_marked += 1
+    return out, n_marked
+
+
+def write_marked(rows: list[dict], out: Path) -> Path:
+    """`marked.jsonl` in `out`, written to a temporary name and renamed."""
+    tmp = out / f".{MARKED_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
+    return tmp.replace(out / MARKED_FILE)

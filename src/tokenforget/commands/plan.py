@@ -232,6 +232,9 @@ def _stage_plan(
         if folds > 1:  # K references, each on a subset of the same size
             plan.work, plan.seconds = f"{folds} references x {plan.work}", plan.seconds * folds
         return plan
+    if kind == "scores" and run.scores_unused():  # the stage only writes zeros for the partition to read
+        work = f"not needed: partition.selection '{cfg.partition.selection}' ranks nothing (no reference, no forward)"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0)
     if kind == "scores":
         bs = cfg.score.batch_size
         padded = score_padded_tokens(sets.all, bs)
@@ -241,7 +244,8 @@ def _stage_plan(
         work = f"{n_batches} batches x {forwards[0]} forward{'s' * (forwards[0] > 1)} ({forwards[1]})"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
     if kind in ("partition", "labels"):
-        what = f"rank {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
+        ranked = "read the data's weights of" if cfg.partition.selection == "data" else "rank"
+        what = f"{ranked} {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
     return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
 
@@ -275,7 +279,7 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
             secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
             timing.train[key] = secs / ids.numel()
             timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
-    if any(s.startswith("scores") for s in todo):
+    if any(s.startswith("scores") for s in todo) and not run.scores_unused():
         ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
         secs = _time_forward(run, ids, attn, resp)
         timing.forward[cfg.score.batch_size] = secs / ids.numel()

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from tokenforget.config import NEEDS_BASE_CE, RunConfig, to_dict
 from tokenforget.model.loading import checkpoint_dir
 from tokenforget.objectives import PARTITION_FREE
+from tokenforget.stages.partition import SCORELESS
 from tokenforget.runfolder import file_digest, fingerprint, folder_digest, stable_view
 from tokenforget.score_methods import reads_base
 from tokenforget.stages import labels as labels_mod
@@ -64,9 +65,10 @@ class StageFingerprints:
         return list(dict.fromkeys([self.raw_score_fp(rnd), self.raw_score_fp(rnd, base_pass=True)]))
 
     def scores_unused(self) -> bool:
-        """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is
-        trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs the base model's CE."""
-        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_BASE_CE
+        """The oracle and data partitions rank nothing (their classes are the data's known noise, or the weights it
+        carries), so no reference is trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs
+        the base model's CE."""
+        return self.cfg.partition.selection in SCORELESS and self.cfg.train.forget_objective not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:
         """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass

@@ -105,7 +105,9 @@ class Run(StageFingerprints):
         dc = self.cfg.data
 
         def build() -> dict[str, Any]:
-            records, n_corrupted = noise.corrupt(data_mod.load_records(dc), dc, self.log)
+            records = data_mod.load_records(dc)
+            data_mod.check_noise_keeps_labels(records, dc)
+            records, n_corrupted = noise.corrupt(records, dc, self.log)
             cols, rep = data_mod.tokenize_records(self.base.tokenizer, records, dc)
             self.log(f"[data] {rep.kept} examples tokenized, {rep.skipped_no_response} skipped (no response token left)")
             return {"cols": cols, "kept": rep.kept, "skipped_no_response": rep.skipped_no_response, "corrupted": n_corrupted}
@@ -154,7 +156,7 @@ class Run(StageFingerprints):
         tokens = self.data()
         if self.scores_unused():
             def zeros() -> datasets.Dataset:
-                self.log(f"[{name}] the oracle partition ranks nothing: no reference, zero scores")
+                self.log(f"[{name}] partition.selection '{self.cfg.partition.selection}' ranks nothing: no reference, zero scores")
                 return score_mod.zero_scores(tokens)
 
             self.folder.ensure(name, self.score_fp(rnd), zeros, lambda t, d: t.save_to_disk(str(d / "scores")) or {"unused": True})

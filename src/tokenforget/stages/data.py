@@ -6,21 +6,29 @@ Formats: `prompt`/`completion` (strings, or TRL's conversational lists of messag
 are rendered to text (chat template, or plain `prompt + completion + eos`), and the text is tokenized once with character offsets. A token is a response
 token when it starts inside an assistant message's content; character spans that a record marks as
 corrupted (`corrupt_spans`, from the demo's generator) become a per-token `corrupt` mask the same way.
+
+Labels the data already has (`tokenforget.labels_in_data`: a message's `weight`, `spans` of
+`{start, end, weight}` in a message's or completion's characters, a tokenized record's `token_weight`) become a
+per-token `data_weight` column the same way (NaN where the data says nothing), read by `partition.selection: data`.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from tokenforget.config import DataConfig, EvalConfig, UserError
+from tokenforget.stages.labels_in_data import (
+    DataError, MessageLabels, TokenLabels, check_unlabelled, message_labels, record_labels, token_record, token_weights,
+)
 
 Span = tuple[int, int]
 ROLES = ("system", "user", "assistant")
@@ -34,11 +42,8 @@ FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
     "question_answer": ("question", "answer"),
+    "tokens": ("input_ids", "token_weight"),  # already tokenized, a weight per token (`labels_in_data`)
 }
-
-
-class DataError(UserError, ValueError):
-    """Bad input data; the message names the file and line or field."""
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Record:
     where: str  # "file.jsonl:12", for error messages
     corrupt_spans: tuple[Span, ...] = ()  # char spans inside the (single) assistant message
     is_correct: Optional[bool] = None  # a per-example label (`is_correct` in the file), e.g. a graded model solution
+    labels: dict[int, MessageLabels] = field(default_factory=dict)  # message index -> its weight and spans
+    tokens: Optional[TokenLabels] = None  # an already tokenized record (format `tokens`): ids and weights
 
 
 # ---------------------------------------------------------------- reading
@@ -206,6 +213,12 @@ def _messages_field(record: dict, field_map: dict[str, str], where: str) -> list
     return _with_assistant(out, where, "")
 
 
+def _turn_labels(turns: list[Any], messages: list[dict[str, str]], where: str, key: str, text_key: str) -> dict[int, MessageLabels]:
+    """Each message's `weight` and `spans` (in its `text_key`'s characters), checked; messages without either left out."""
+    found = {i: message_labels(t, m, f"{where}: {key}[{i}]", text_key) for i, (t, m) in enumerate(zip(turns, messages))}
+    return {i: lab for i, lab in found.items() if lab is not None}
+
+
 def _sharegpt_field(record: dict, field_map: dict[str, str], where: str) -> list[dict[str, str]]:
     """ShareGPT `conversations` (`from`/`value`, speakers human/gpt/system) as OpenAI messages."""
     key = field_map.get("conversations", "conversations")
@@ -245,8 +258,12 @@ def _prompt_completion(raw: dict, fm: dict[str, str], where: str) -> Optional[li
 
 
 def to_record(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
-    """Map one raw record to chat messages in our canonical shape, with its `is_correct` label if it has one."""
+    """Map one raw record to chat messages in our canonical shape, with its `is_correct` label if it has one
+    and the weights it carries (`labels_in_data`)."""
+    if fmt == "tokens":
+        return Record([], where, tokens=token_record(raw, where))
     record = _to_messages(raw, where, cfg, fmt)
+    record.labels = _labels(raw, record.messages, where, cfg, fmt)
     label = raw.get("is_correct")
     if label is not None and not isinstance(label, bool):
         raise DataError(f"{where}: field 'is_correct' must be true or false, got {label!r}")
@@ -278,6 +295,22 @@ def _to_messages(raw: dict, where: str, cfg: DataConfig, fmt: str) -> Record:
     return Record(messages, where, spans)
 
 
+def _labels(raw: dict, messages: list[dict[str, str]], where: str, cfg: DataConfig, fmt: str) -> dict[int, MessageLabels]:
+    """The record's weights by message: on each turn of a conversation, or on the one answer of a single-turn record."""
+    fm = cfg.field_map
+    if fmt in ("messages", "sharegpt"):
+        key = fm.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])
+        check_unlabelled(raw, where, f"a '{fmt}' record (put them on the message they mark)")
+        return _turn_labels(raw[key], messages, where, key, "content" if fmt == "messages" else "value")
+    prompt, completion = raw.get(fm.get("prompt", "prompt")), raw.get(fm.get("completion", "completion"))
+    if fmt == "prompt_completion" and isinstance(prompt, list) and isinstance(completion, list):
+        check_unlabelled(raw, where, "a conversational prompt/completion record (put them on the message they mark)")
+        return _turn_labels(prompt + completion, messages, where, "prompt+completion", "content")
+    answer = len(messages) - 1  # single-turn: the record's weight and spans belong to its answer
+    found = record_labels(raw, messages[answer]["content"], where)
+    return {answer: found} if found is not None else {}
+
+
 def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[str] = None) -> list[Record]:
     """Read and normalise every record of `path` (default `cfg.path`; `split`, default `cfg.split`, for Hub data)."""
     path = path or cfg.path
@@ -297,8 +330,24 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
 # ---------------------------------------------------------------- rendering and tokenization
 
 
+@dataclass
+class Turn:
+    """Where one assistant message sits in the rendered text."""
+
+    message: int  # its index in `Record.messages`
+    span: Span  # the turn: from the end of the generation prompt to the end of its rendered text
+    content_start: int  # where its content starts (-1: the template changed the content, so it is not found)
+
+
 def render(tokenizer: PreTrainedTokenizerBase, record: Record, chat: bool) -> tuple[str, list[Span], int]:
-    """(text, assistant content spans, offset of the first assistant content) for one record.
+    """(text, assistant content spans, offset of the first assistant content) for one record."""
+    text, turns = render_turns(tokenizer, record, chat)
+    first = turns[0].content_start
+    return text, [t.span for t in turns], first if first >= 0 else turns[0].span[0]
+
+
+def render_turns(tokenizer: PreTrainedTokenizerBase, record: Record, chat: bool) -> tuple[str, list[Turn]]:
+    """(text, every assistant turn) for one record.
 
     Chat rendering relies on the template rendering a prefix of the conversation as a prefix of the
     whole text (true of ChatML, Llama, Gemma templates); a template that rewrites history is an error.
@@ -310,9 +359,9 @@ def render(tokenizer: PreTrainedTokenizerBase, record: Record, chat: bool) -> tu
         prompt = "\n".join(m["content"] for m in msgs[:-1])
         start = len(prompt)
         text = prompt + msgs[-1]["content"] + (tokenizer.eos_token or "")
-        return text, [(start, len(text))], start
+        return text, [Turn(len(msgs) - 1, (start, len(text)), start)]
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    spans: list[Span] = []
+    turns: list[Turn] = []
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
@@ -320,9 +369,8 @@ def render(tokenizer: PreTrainedTokenizerBase, record: Record, chat: bool) -> tu
         upto = tokenizer.apply_chat_template(msgs[: k + 1], tokenize=False)
         if not full.startswith(before) or not full.startswith(upto):
             raise DataError(f"{record.where}: the chat template does not render turns as prefixes")
-        spans.append((len(before), len(upto.rstrip())))
-    first = full.find(msgs[[m["role"] for m in msgs].index("assistant")]["content"], spans[0][0])
-    return full, spans, first if first >= 0 else spans[0][0]
+        turns.append(Turn(k, (len(before), len(upto.rstrip())), full.find(m["content"], len(before))))
+    return full, turns
 
 
 @dataclass
@@ -330,20 +378,33 @@ class Tokenized:
     input_ids: list[int]
     response_mask: list[int]  # 1 where the token is a response token (and so gets a loss)
     corrupt: list[int]  # 1 where the token overlaps a span the record marks as corrupted
+    data_weight: Optional[list[float]] = None  # the data's weight of each token, NaN where it gives none
 
 
 def tokenize_record(
     tokenizer: PreTrainedTokenizerBase, record: Record, max_length: int, chat: bool
 ) -> Tokenized:
-    """Tokens, response mask and corrupt mask of one record, cut to `max_length` tokens."""
-    text, spans, content_start = render(tokenizer, record, chat)
+    """Tokens, response mask, corrupt mask and (for a record with labels) data weights of one record, cut to
+    `max_length` tokens."""
+    if record.tokens is not None:
+        return _tokenized_record(record.tokens, max_length)
+    text, turns = render_turns(tokenizer, record, chat)
     enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
-    response = [int(any(s <= a < e for s, e in spans) and b > a) for a, b in offsets]
+    response = [int(any(t.span[0] <= a < t.span[1] for t in turns) and b > a) for a, b in offsets]
     response[0] = 0  # the first token is never predicted
+    content_start = turns[0].content_start if turns[0].content_start >= 0 else turns[0].span[0]
     bad = [(content_start + s, content_start + e) for s, e in record.corrupt_spans]
     corrupt = [int(r and any(a < e and b > s for s, e in bad)) for (a, b), r in zip(offsets, response)]
-    return Tokenized(ids, response, corrupt)
+    weights = token_weights(record.labels, turns, offsets, response, record.where) if record.labels else None
+    return Tokenized(ids, response, corrupt, weights)
+
+
+def _tokenized_record(tokens: TokenLabels, max_length: int) -> Tokenized:
+    """A record that came tokenized: a token is a response token where its weight is not 0 (never the first)."""
+    ids, weights = tokens.input_ids[:max_length], tokens.weights[:max_length]
+    response = [int(w != 0 and i > 0) for i, w in enumerate(weights)]
+    return Tokenized(ids, response, [0] * len(ids), [w if r else math.nan for w, r in zip(weights, response)])
 
 
 @dataclass
@@ -355,8 +416,9 @@ class TokenizeReport:
 def tokenize_records(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: DataConfig
 ) -> tuple[dict[str, list[Any]], TokenizeReport]:
-    """Columns `input_ids`, `response_mask`, `corrupt`, `example` for every record with a response left, and
-    `is_correct` (1, 0, or -1 when unlabelled) when any record carries that label.
+    """Columns `input_ids`, `response_mask`, `corrupt`, `example` for every record with a response left,
+    `is_correct` (1, 0, or -1 when unlabelled) when any record carries that label, and `data_weight` (float per
+    token, NaN where the data gives none) when any record carries weights.
 
     Records whose prompt fills `max_length` are skipped and counted; if all are, that is an error.
     """
@@ -364,6 +426,9 @@ def tokenize_records(
     labelled = any(r.is_correct is not None for r in records)
     if labelled:
         cols["is_correct"] = []
+    weighted = any(r.labels or r.tokens is not None for r in records)
+    if weighted:
+        cols["data_weight"] = []
     skipped = 0
     for i, rec in enumerate(records):
         tok = tokenize_record(tokenizer, rec, cfg.max_length, cfg.chat_template)
@@ -376,6 +441,8 @@ def tokenize_records(
         cols["example"].append(i)
         if labelled:
             cols["is_correct"].append(-1 if rec.is_correct is None else int(rec.is_correct))
+        if weighted:
+            cols["data_weight"].append(tok.data_weight or [math.nan] * len(tok.input_ids))
     if not cols["input_ids"]:
         raise DataError(
             f"data.max_length={cfg.max_length}: every one of the {len(records)} examples has no response "
@@ -384,8 +451,20 @@ def tokenize_records(
     return cols, TokenizeReport(kept=len(cols["input_ids"]), skipped_no_response=skipped)
 
 
+def check_noise_keeps_labels(records: Sequence[Record], cfg: DataConfig) -> None:
+    """Injected noise rewrites answers, which would move the characters a record's spans mark: refuse both."""
+    labelled = next((r for r in records if r.labels or r.tokens is not None), None)
+    if cfg.corrupt_fraction and labelled is not None:
+        raise DataError(f"{labelled.where}: carries weights, which data.corrupt_fraction's noise would misplace; "
+                        "set data.corrupt_fraction: 0 or drop the weights")
+
+
 def _prompt_key(record: Record) -> str:
-    """The prompt of a record (every message before its last assistant message), whitespace-normalised."""
+    """The prompt of a record (every message before its last assistant message), whitespace-normalised; a
+    tokenized record's: its tokens before the first one with a weight."""
+    if record.tokens is not None:
+        first = next((i for i, w in enumerate(record.tokens.weights) if w != 0), len(record.tokens.weights))
+        return "tokens:" + ",".join(map(str, record.tokens.input_ids[:first]))
     last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
     return " ".join(" ".join(m["content"].split()) for m in record.messages[:last])
 

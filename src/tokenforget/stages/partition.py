@@ -13,7 +13,9 @@ Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_pa
 each example), `threshold_partition` (an absolute score cut), `soft_weights` (the global ranking with a
 weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
 score: a sample filter), `tail_partition` (in the examples whose worst score is lowest, the tokens from it to the
-end) and `oracle_partition` (the known noise as the negative set: a bound, not a method).
+end), `oracle_partition` (the known noise as the negative set: a bound, not a method) and `data_classes` (the
+weights the data carries, `tokenforget.stages.labels_in_data`: no scores at all). Whatever the selection, where the
+data carries weights they win (`with_data_labels`): a detector decides only the tokens the data says nothing about.
 """
 
 from __future__ import annotations
@@ -157,7 +159,47 @@ def oracle_partition(bad: np.ndarray) -> np.ndarray:
     return ~bad.astype(bool)
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle")
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data")
+SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
+
+
+def with_data_labels(
+    classes: np.ndarray, weights: Optional[np.ndarray], data_weight: np.ndarray, response: np.ndarray
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Flat classes and |weights| with the data's weight w in force wherever it gives one (not NaN) on a response
+    token: w > 0 learn, w = 0 no loss, w < 0 forget, |w| the token's weight.
+
+    The |weights| stay None while every weight the data gives is -1, 0 or 1 (the plain objective, computed exactly
+    as without weights); a fractional one makes them |w| where labelled and 1 (or the soft selection's) elsewhere.
+
+    Args:
+        classes: (N,) int8 classes from a selection; weights: (N,) float32 |weights| of the soft selection or None.
+        data_weight: (N,) float32 weights from the data, NaN where it says nothing; response: (N,) 0/1 flags.
+    """
+    said = response.astype(bool) & ~np.isnan(data_weight)  # (N,)
+    w = data_weight[said]
+    classes = classes.copy()
+    classes[said] = np.where(w > 0, LEARN, np.where(w < 0, FORGET, NO_LOSS))
+    if weights is None and np.isin(np.abs(w), (0.0, 1.0)).all():
+        return classes, None
+    weights = np.where(response.astype(bool), 1.0, 0.0).astype(np.float32) if weights is None else weights.copy()
+    weights[said] = np.abs(w)
+    return classes, weights
+
+
+def data_classes(data_weight: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Flat classes (and |weights|, where some are fractional) from the data's weights alone: a response token
+    the data says nothing about is learned, as in SFT (`with_data_labels` over all-learn classes)."""
+    classes = np.where(response.astype(bool), LEARN, NO_LOSS).astype(np.int8)
+    return with_data_labels(classes, None, data_weight, response)
+
+
+def class_counts(classes: np.ndarray, response: np.ndarray) -> dict[str, Any]:
+    """The partition stats of classes that no score ranked (threshold NaN, no quantiles)."""
+    resp = response.astype(bool)
+    return {"n_tokens": int(resp.sum()), "n_positive": int((classes == LEARN).sum()),
+            "n_negative": int((classes == FORGET).sum()), "n_no_loss": int((resp & (classes == NO_LOSS)).sum()),
+            "threshold": float("nan"), "quantiles": {}}
 
 
 def select_tokens(
@@ -190,6 +232,8 @@ def select_tokens(
         if bad is None:
             raise ValueError("the oracle selection needs the known bad tokens")
         positive = oracle_partition(bad[resp])
+    elif selection == "data":
+        raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
     elif selection == "threshold":
         positive = threshold_partition(chosen, threshold)
     elif selection == "soft":
@@ -305,20 +349,38 @@ def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.T
     """All scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft weights."""
     flat_scores, offsets = flat_list_column(scores.data.column("score"))
     flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
-    if pc.selection == "global":  # the paper's partition, as before
+    data_weight = flat_list_column(tokens.data.column("data_weight"))[0] if "data_weight" in tokens.column_names else None
+    if pc.selection == "data":
+        if data_weight is None:
+            raise ConfigError("config field 'partition.selection': 'data' needs data that carries weights (a message's "
+                              "'weight', 'spans', or 'token_weight'; see docs/methods-and-options.md)")
+        classes, weights = data_classes(data_weight, flat_resp)
+        return _classes_table(offsets, classes, weights), {**class_counts(classes, flat_resp), "selection": "data"}
+    if pc.selection == "global" and data_weight is None:  # the paper's partition, as before
         classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
         return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
     bad = known_bad_tokens(tokens) if pc.selection == "oracle" else None
     classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad)
+    if data_weight is not None:  # the data's labels win where both speak
+        classes, weights = with_data_labels(classes, weights, data_weight, flat_resp)
+        return _classes_table(offsets, classes, weights), {**stats.__dict__, **class_counts(classes, flat_resp),
+                                                           "selection": pc.selection, "data_labels": True}
+    return _classes_table(offsets, classes, weights), {**stats.__dict__, "selection": pc.selection}
+
+
+def _classes_table(offsets: np.ndarray, classes: np.ndarray, weights: Optional[np.ndarray]) -> pa.Table:
     columns = {"token_class": list_column(offsets, classes)}
     if weights is not None:
         columns["token_weight"] = list_column(offsets, weights)
-    return pa.table(columns), {**stats.__dict__, "selection": pc.selection}
+    return pa.table(columns)
 
 
 def partition_streaming(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
     """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
     rows = pc.stream_rows
+    if "data_weight" in tokens.column_names:
+        raise ConfigError("config field 'partition.streaming': the streaming cut does not read the data's weights; "
+                          "set partition.streaming: false")
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for lo in range(0, len(scores), rows):
