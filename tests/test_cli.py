@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import stage_dirs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import stage_dirs, write_jsonl
 from tokenforget.cli import main
-from tokenforget.demo import make_examples
+from tokenforget.commands.demo import make_examples
 
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
@@ -110,7 +110,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
                                    "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
-    from tokenforget.config import PRESETS
+    from tokenforget.presets import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
     assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]
@@ -185,8 +185,8 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
 def test_demo_settings_are_the_config_choices():
     from typing import get_args
 
-    from tokenforget.config import DemoDetector, DemoSetting
-    from tokenforget.demo import DEMO_SETTINGS, PARTITIONING
+    from tokenforget.command_config import DemoDetector, DemoSetting
+    from tokenforget.commands.demo import DEMO_SETTINGS, PARTITIONING
 
     assert list(DEMO_SETTINGS) == list(get_args(DemoSetting))
     assert list(PARTITIONING) == list(get_args(DemoDetector))

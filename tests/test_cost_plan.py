@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from conftest import forbid_loading
-from tokenforget import memory as mem
+from tokenforget.model import memory as mem
 from tokenforget.cli import main, parse_config
-from tokenforget.pipeline import Run
-from tokenforget.plan import cost_plan, plan_run, train_padded_tokens
+from tokenforget.run.pipeline import Run
+from tokenforget.commands.plan import cost_plan, plan_run, train_padded_tokens
 
 # 2 layers, hidden 4, MLP 8, vocabulary 10, 200 parameters (the head tied to the embedding), LoRA: 32 adapter
 # parameters over linears with 16 input features in all.
@@ -71,7 +71,7 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     _, cfg, dry = parse_config(argv)
     run = Run(cfg)
     plans, _ = plan_run(run, ["forget"])
-    from tokenforget.plan import _token_sets
+    from tokenforget.commands.plan import _token_sets
 
     sets = _token_sets(run)
     costs = {c.name: c for c in cost_plan(run, plans, sets, dry.cost)}

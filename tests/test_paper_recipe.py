@@ -12,7 +12,7 @@ import pytest
 from conftest import write_jsonl
 from tokenforget.cli import main, parse_config
 from tokenforget.config import DataConfig
-from tokenforget.data import DataError, Record, load_records, sample_indices, tokenize_records
+from tokenforget.stages.data import DataError, Record, load_records, sample_indices, tokenize_records
 
 RECIPE = Path(__file__).parents[1] / "configs" / "paper-tulu.yaml"
 
@@ -50,7 +50,7 @@ def test_the_recipe_holds_the_papers_values():
 def test_the_recipes_evaluation_tasks_resolve_offline():
     """Each task name is a task or a tag of the installed lm-eval (its YAML index; no data set is read), and the
     harness is handed TyDiQA with 1 shot, the others with 0."""
-    from tokenforget.benchmarks import standard_tasks, unknown_tasks
+    from tokenforget.stages.evaluate import standard_tasks, unknown_tasks
 
     _, cfg, _ = parse_config(["run", str(RECIPE)])
     assert unknown_tasks(cfg.eval.tasks) == []

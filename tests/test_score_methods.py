@@ -99,7 +99,7 @@ def test_example_max_ref_loss_ranks_an_example_by_its_worst_token():
     """Examples [0, 0, 1, 1, 1], CE_ref [4, 0, 1, 3, 2]: example 0's worst token costs 4 (mean 2), example 1's 3
     (mean 2), so the max says example 0 is the more suspicious one where the mean cannot tell them apart. The
     example filter keeping round(0.5 x 2) = 1 example keeps example 1's three tokens."""
-    from tokenforget.partition import example_partition
+    from tokenforget.stages.partition import example_partition
 
     args, kw = ([0] * 5, [4, 0, 1, 3, 2]), {"ids": [1, 2, 3, 4, 5], "ex": [0, 0, 1, 1, 1]}
     scores = method("example_max_ref_loss", *args, **kw)

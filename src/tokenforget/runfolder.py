@@ -40,6 +40,8 @@ from tokenforget.config import RECURRING_SENTENCE, UserError
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
+# `tokenforget audit`'s folder and files in a run folder (read by the report too)
+AUDIT_DIR, TABLE_FILE, ROWS_FILE, SUMMARY_FILE = "audit", "audit.parquet", "audit.jsonl", "audit.json"
 
 T = TypeVar("T")
 
@@ -82,7 +84,8 @@ ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE, "sample": None, "sample_seed": 0,
              "num_proc": 1},
     "eval": {"task_shots": {}},
-    "model": {"weights": "fp32", "attn_implementation": "sdpa"},
+    # attn_implementation: `sdpa` was the default until `auto` (which is sdpa wherever sdpa was accepted)
+    "model": {"weights": "fp32", "attn_implementation": "auto"},
 }
 
 

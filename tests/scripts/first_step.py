@@ -13,10 +13,9 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tokenforget.config import ModelConfig, TrainingConfig
-from tokenforget.models import load_tokenizer
-from tokenforget.config import ObjectiveConfig
-from tokenforget.train import make_trainer, training_arguments
+from tokenforget.config import ModelConfig, ObjectiveConfig, TrainingConfig
+from tokenforget.model.loading import load_tokenizer
+from tokenforget.trainer import make_trainer, training_arguments
 
 IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
 CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]

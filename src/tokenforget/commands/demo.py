@@ -1,0 +1,331 @@
+"""The offline demo: a generated arithmetic task with known corrupted steps, end to end.
+
+The generator writes two-step word problems with worked answers, which SmolLM2-135M learns in minutes. The
+training answers carry known noise, the character span of every wrong number recorded, so we know exactly which
+response tokens are corrupted; the held-out split is clean:
+- `systematic` (the default): the same wrong step in a share of the answers, every corrupted total 10 too large
+  (and the final answer with it). An error that recurs is learned, so it hurts SFT: the noise forgetting is for.
+- `step`: one step's result replaced by a nearby wrong number, a different error each time (a careless annotator).
+Each setting of `DemoConfig.settings` (`DEMO_SETTINGS`: sft, dft, the paper, the recommended preset, the oracle
+bounds, and sft on the clean twin of the data as the ceiling) is trained and evaluated on the held-out problems.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tokenforget.command_config import DemoConfig
+from tokenforget.config import (
+    CompareConfig,
+    DataConfig,
+    PartitionConfig,
+    ReferenceConfig,
+    RunConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from tokenforget.model.loading import BaseModel
+from tokenforget.presets import PRESETS, apply_preset
+
+NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
+SYSTEM_PROMPT = "Solve the problem step by step."  # shorter than SmolLM2's default one: fewer tokens to train on
+ITEMS = ["apples", "stickers", "marbles", "cookies", "pencils", "cards"]
+
+
+def _problem(rng: random.Random) -> tuple[str, list[str], int]:
+    """(question, two worked steps, answer). Small numbers: a 135M model can learn the task in one epoch."""
+    return _kind_problem(rng)[1:]
+
+
+def _kind_problem(rng: random.Random) -> tuple[int, str, list[str], int]:
+    """(kind 0-3, question, two worked steps, answer); kinds 0 and 2 end in a total (a sum)."""
+    name, he = rng.choice(NAMES)
+    He = he.capitalize()
+    kind = rng.randrange(4)
+    return (kind, *_worded(rng, kind, name, he, He))
+
+
+def _worded(rng: random.Random, kind: int, name: str, he: str, He: str) -> tuple[str, list[str], int]:
+    if kind == 0:
+        item, a, b, c = rng.choice(ITEMS), rng.randint(2, 20), rng.randint(2, 5), rng.randint(2, 5)
+        q = f"{name} has {a} {item}. {He} buys {b} bags with {c} {item} each. How many {item} does {name} have now?"
+        steps = [f"{He} buys {b} * {c} = {b * c} {item}.", f"{He} then has {a} + {b * c} = {a + b * c} {item}."]
+        return q, steps, a + b * c
+    if kind == 1:
+        item, p, n = rng.choice(ITEMS), rng.randint(2, 5), rng.randint(2, 5)
+        m = 10 * (p * n // 10 + 1)
+        q = f"A shop sells {item} for {p} dollars each. {name} buys {n} {item} and pays with {m} dollars. How much change does {name} get?"
+        steps = [f"The {item} cost {n} * {p} = {n * p} dollars.", f"The change is {m} - {n * p} = {m - n * p} dollars."]
+        return q, steps, m - n * p
+    if kind == 2:
+        a, b = rng.randint(2, 15), rng.randint(2, 15)
+        q = f"{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {he} reads twice as many pages as on Monday. How many pages does {name} read in total?"
+        steps = [f"On Wednesday {he} reads 2 * {a} = {2 * a} pages.", f"In total {he} reads {a} + {b} + {2 * a} = {3 * a + b} pages."]
+        return q, steps, 3 * a + b
+    rows, per, cut = rng.randint(2, 5), rng.randint(2, 5), rng.randint(1, 4)
+    q = f"A farm has {rows} rows of {per} trees. The farmer cuts down {cut} trees. How many trees are left?"
+    steps = [f"There are {rows} * {per} = {rows * per} trees.", f"After cutting, {rows * per} - {cut} = {rows * per - cut} trees are left."]
+    return q, steps, rows * per - cut
+
+
+def _corrupt(rng: random.Random, steps: list[str]) -> tuple[list[str], int, int]:
+    """Replace one step's result by a nearby wrong number. Returns (steps, step index, char offset in step)."""
+    k = rng.randrange(len(steps))
+    line = steps[k]
+    at = line.rindex("= ") + 2
+    end = at + len(line[at:].split(" ")[0].rstrip("."))
+    right = int(line[at:end])
+    wrong = right + rng.choice([-1, 1]) * rng.choice([1, 2, 3, 10])
+    wrong = wrong if wrong >= 0 else right + 2
+    steps = steps.copy()
+    steps[k] = line[:at] + str(wrong) + line[end:]
+    return steps, k, at
+
+
+def make_examples(n: int, seed: int, noise: float) -> list[dict[str, Any]]:
+    """`n` records {prompt, completion, answer, corrupt_spans}; a `noise` share has one wrong step."""
+    rng = random.Random(seed)
+    corrupt_ids = set(rng.sample(range(n), round(noise * n)))
+    out = []
+    for i in range(n):
+        q, steps, ans = _problem(rng)
+        spans: list[list[int]] = []
+        if i in corrupt_ids:
+            steps, k, at = _corrupt(rng, steps)
+            start = sum(len(s) + 1 for s in steps[:k]) + at
+            spans.append([start, start + len(steps[k][at:].split(" ")[0].rstrip("."))])
+        completion = "\n".join(steps) + f"\nThe answer is {ans}."
+        out.append({"prompt": q, "completion": completion, "answer": str(ans), "corrupt_spans": spans})
+    return out
+
+
+TOTAL_KINDS = (0, 2)  # problems whose last step is a total: where the systematic error goes
+SYSTEMATIC_OFFSET = 10  # the systematic error: every corrupted total is 10 too large
+
+
+def _add_to_total(steps: list[str], answer: int) -> tuple[list[str], int, list[list[int]]]:
+    """The systematic error: the last step's total and the final answer both SYSTEMATIC_OFFSET too large.
+    Returns (steps, wrong answer, char spans of the two wrong numbers in the completion)."""
+    line = steps[-1]
+    at = line.rindex("= ") + 2
+    end = at + len(line[at:].split(" ")[0].rstrip("."))
+    wrong = int(line[at:end]) + SYSTEMATIC_OFFSET
+    steps = [*steps[:-1], line[:at] + str(wrong) + line[end:]]
+    start = sum(len(s) + 1 for s in steps[:-1]) + at
+    answer_at = sum(len(s) + 1 for s in steps) + len("The answer is ")
+    return steps, wrong, [[start, start + len(str(wrong))], [answer_at, answer_at + len(str(wrong))]]
+
+
+def make_task(n: int, seed: int, noise: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(noisy, clean): `n` problems twice, the same questions and worked answers, except that in the noisy copy a
+    seeded `noise` share of all examples, drawn from the problems that end in a total (kinds 0 and 2, about half),
+    has the same wrong step: the total and the answer 10 too large, spans recorded. The same error recurring in a
+    large share of the answers is the noise that hurts SFT (it is learned); at most the total-ending problems
+    can be corrupted, so noise above their share is capped (the count is in each record's `corrupt_spans`)."""
+    rng = random.Random(seed)
+    problems = [_kind_problem(rng) for _ in range(n)]
+    eligible = [i for i, p in enumerate(problems) if p[0] in TOTAL_KINDS]
+    chosen = set(random.Random(seed + 1).sample(eligible, min(len(eligible), round(noise * n))))
+    noisy, clean = [], []
+    for i, (_kind, q, steps, ans) in enumerate(problems):
+        clean.append({"prompt": q, "completion": "\n".join(steps) + f"\nThe answer is {ans}.", "answer": str(ans),
+                      "corrupt_spans": []})
+        if i in chosen:
+            bad_steps, wrong, spans = _add_to_total(steps, ans)
+            noisy.append({"prompt": q, "completion": "\n".join(bad_steps) + f"\nThe answer is {wrong}.",
+                          "answer": str(wrong), "corrupt_spans": spans})
+        else:
+            noisy.append(clean[-1])
+    return noisy, clean
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
+    """The RunConfig the demo trains with: paper settings, sized for a 2-core CPU; the oracle settings are
+    `compare.variants` of it (the known corrupted tokens as the negative set)."""
+    training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size, logging_steps=5)
+    ref_training = replace(training, epochs=cfg.reference_epochs)
+    return RunConfig(
+        run_dir=cfg.run_dir,
+        seed=cfg.seed,
+        model=cfg.model,
+        data=DataConfig(path=str(train_path), max_length=256, system_prompt=SYSTEM_PROMPT),
+        reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
+        partition=PartitionConfig(rho=cfg.rho),
+        train=TrainConfig(mode="forget", training=training, save_merged=True),
+        compare=CompareConfig(variants={
+            "oracle_ignore": {"mode": "ignore", "partition": {"selection": "oracle"}},
+            "oracle_forget": {"mode": "forget", "partition": {"selection": "oracle"}},
+        }),
+        report_to=cfg.report_to,
+    )
+
+
+TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
+
+
+def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
+    """The demo's noisy data with a reference trained on `n_trusted` clean generated examples that share no
+    prompt with the training data, and the `ref_loss_wga` preset, in `run_dir/trusted/`: the settings that
+    need a trusted reference (forgetting, ignoring, the sample filter) train here or start from here."""
+    from tokenforget.run.pipeline import Run
+
+    trusted_path = root / "task" / "trusted.jsonl"
+    scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
+    pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
+    write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
+    rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
+    return Run(apply_preset(rc, TRUSTED_PRESET), base=run.base, log=log)
+
+
+@dataclass
+class DemoRuns:
+    """The run folders the demo's settings train in, made when a setting first needs one."""
+
+    cfg: DemoConfig
+    root: Path
+    run: Any  # the noisy data, the paper's reference (a slice of it): sft, dft, paper, the oracle variants
+    log: Callable[[str], None]
+    made: dict[str, Any] = field(default_factory=dict)
+
+    def trusted(self) -> Any:
+        if "trusted" not in self.made:
+            self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
+        return self.made["trusted"]
+
+    def filtered(self, name: str, method: str, selection: str = "example") -> Any:
+        """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
+        examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
+        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if name not in self.made:
+            rec = self.trusted()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method),
+                          partition=replace(c.partition, selection=selection, rho=0.7))
+            self.made[name] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
+        return self.made[name]
+
+    def clean(self) -> Any:
+        """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
+        from tokenforget.run.pipeline import Run
+
+        if "clean" not in self.made:
+            data = replace(self.run.cfg.data, path=str(self.root / "task" / "clean.jsonl"))
+            self.made["clean"] = Run(replace(self.run.cfg, run_dir=str(self.root / "clean"), data=data),
+                                     base=self.run.base, log=self.log)
+        return self.made["clean"]
+
+
+# Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
+DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
+    "sft": lambda r: (r.run, "sft"),
+    "dft": lambda r: (r.run, "dft"),
+    "paper": lambda r: (r.run, "forget"),
+    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["mode"]),  # a mode only (test_presets)
+    "ref_loss_wga": lambda r: (r.trusted(), "forget"),
+    "ignore": lambda r: (r.trusted(), "ignore"),
+    "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
+    "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
+    "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
+    "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
+    "oracle_forget": lambda r: (r.run, "oracle_forget"),
+    "clean": lambda r: (r.clean(), "sft"),
+}
+PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
+                "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
+                "filter": "the sample filter, whole examples (its reference trusted)",
+                "filter_max": "the sample filter by each example's worst token (its reference trusted)",
+                "ignore_tail": "the same examples cut at their worst token (its reference trusted)"}
+
+
+def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
+    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right) and task/test.jsonl (clean held-out
+    problems, another seed). Returns (train, test)."""
+    task = root / "task"
+    if cfg.noise_kind == "systematic":
+        noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
+    else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
+        noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
+    write_jsonl(noisy, task / "train.jsonl")
+    write_jsonl(clean, task / "clean.jsonl")
+    write_jsonl(make_task(cfg.n_test, cfg.seed + 10_000, 0.0)[1], task / "test.jsonl")
+    return task / "train.jsonl", task / "test.jsonl"
+
+
+def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict[str, Any]]:
+    """Detection figures (AUROC, recall, precision of the negative set) of each partitioning setting trained,
+    each with its own score method, reference and rho."""
+    from tokenforget.commands.detect import detection_of_methods
+
+    out = {}
+    for name in (s for s in settings if s in PARTITIONING):
+        run, _stage = DEMO_SETTINGS[name](runs)
+        if run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
+            out[name] = example_detection(run.data(), run.score(), run.partition())
+        else:
+            method = run.cfg.score.method
+            out[name] = detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
+    return out
+
+
+def example_detection(tokens: Any, scores: Any, classes: Any) -> dict[str, Any]:
+    """Detection of the examples with a known corrupted token: each example's mean response-token score (low =
+    suspicious), and the examples a per-example partition dropped as the negative set; the figures of
+    `evaluate.detection` over examples, with the mean score of wrong and right examples."""
+    import numpy as np
+
+    from tokenforget.metrics import detection
+
+    masks = [np.asarray(m, bool) for m in tokens["response_mask"]]
+    mean = np.array([np.asarray(s)[m].mean() for s, m in zip(scores["score"], masks)])
+    bad = np.array([bool(np.asarray(c)[m].any()) for c, m in zip(tokens["corrupt"], masks)])
+    dropped = np.array([bool((np.asarray(c)[m] == -1).any()) for c, m in zip(classes["token_class"], masks)])
+    nan = float("nan")
+    return {**detection(mean, bad, dropped).__dict__, "mean_corrupt": float(mean[bad].mean()) if bad.any() else nan,
+            "mean_clean": float(mean[~bad].mean()) if (~bad).any() else nan}
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
+    """Generate the task, train every setting of `cfg.settings`, evaluate them and the base on clean held-out
+    problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
+    from tokenforget.report import summary as report
+    from tokenforget.report.html import build_report
+    from tokenforget.run import variants
+    from tokenforget.run.pipeline import Run, has_corrupt
+    from tokenforget.stages.evaluate import evaluate_models
+
+    t0 = time.time()
+    root = Path(cfg.run_dir)
+    train_path, test_path = write_task(cfg, root)
+    run = Run(demo_run_config(cfg, train_path), base=base, log=log)
+    runs = DemoRuns(cfg, root, run, log)
+    stages = {}
+    for name in cfg.settings:
+        sub, stage = DEMO_SETTINGS[name](runs)
+        stages[name] = variants.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
+    if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
+        untrained = [d for d in cfg.detectors if d not in cfg.settings]
+        results["detection_methods"] = detection_of_settings(runs, [*cfg.settings, *untrained])
+        results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
+    results["wall_s"] = time.time() - t0
+    (root / "demo_results.json").write_text(json.dumps(results, indent=2))
+    log(report.demo_table(results))
+    log(report.run_summary(run, [f"train-{m}" for m in ("sft", "dft", "forget") if (run.root / f"train-{m}").is_dir()]))
+    log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
+    return results
