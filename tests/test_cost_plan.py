@@ -12,7 +12,8 @@ from conftest import forbid_loading
 from tokenforget.model import memory as mem
 from tokenforget.cli import main, parse_config
 from tokenforget.run.pipeline import Run
-from tokenforget.commands.plan import cost_plan, plan_run, train_padded_tokens
+from tokenforget.commands.cost import cost_plan
+from tokenforget.commands.plan import plan_run, train_padded_tokens
 
 # 2 layers, hidden 4, MLP 8, vocabulary 10, 200 parameters (the head tied to the embedding), LoRA: 32 adapter
 # parameters over linears with 16 input features in all.

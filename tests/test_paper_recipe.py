@@ -12,7 +12,9 @@ import pytest
 from conftest import write_jsonl
 from tokenforget.cli import main, parse_config
 from tokenforget.config import DataConfig
-from tokenforget.stages.data import DataError, Record, load_records, sample_indices, tokenize_records
+from tokenforget.errors import UserError
+from tokenforget.sampling import sample_indices
+from tokenforget.stages.data import Record, load_records, tokenize_records
 
 RECIPE = Path(__file__).parents[1] / "configs" / "paper-tulu.yaml"
 
@@ -96,7 +98,7 @@ def test_a_seeded_sample_is_the_same_records_in_file_order(tmp_path):
     lines = [int(w.rsplit(":", 1)[1]) for w in first]
     assert lines == sorted(lines) and len(set(lines)) == 5
     assert sample_indices(4, 4, 0, "x") == [0, 1, 2, 3]  # all of them: every index once, in order
-    with pytest.raises(DataError, match=r"data.sample=31 is larger than .*\(30 records\)"):
+    with pytest.raises(UserError, match=r"data.sample=31 is larger than .*\(30 records\)"):
         load_records(DataConfig(path=str(path), sample=31))
 
 

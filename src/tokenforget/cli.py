@@ -21,8 +21,8 @@ from typing import Callable, Optional, Sequence, get_args
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.command_config import DemoConfig, PrepareConfig, ReportConfig
-from tokenforget.config import ConfigError, GpuName, PlanConfig, RunConfig, Sharding, UserError
+from tokenforget.command_config import DemoConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding
+from tokenforget.config import ConfigError, RunConfig, UserError
 from tokenforget.presets import PRESETS
 
 

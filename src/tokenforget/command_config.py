@@ -1,4 +1,5 @@
-"""The configs of the commands that are not a run: `prepare`, `demo` and `report` (no torch, like `config`)."""
+"""The configs of the commands that are not a run: `prepare`, `demo` and `report`, and the dry run's cost plan
+(`--plan-gpus`; no torch, like `config`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ign
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
+GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
+Sharding = Literal["ddp", "zero2", "zero3", "fsdp"]  # `tokenforget.model.memory.SHARDINGS`
 
 
 @dataclass
@@ -117,3 +120,31 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_samples >= 0, "max_samples", f"must be >= 0, got {self.max_samples}")
+
+
+@dataclass
+class PlanConfig:
+    """The dry run's cost plan (`--dry-run --plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
+    GPU under `sharding` and wall time at `mfu` of the GPUs' peak (formulas: `tokenforget.model.memory`)."""
+
+    gpus: int = 1
+    gpu: GpuName = "h100"
+    sharding: Sharding = "fsdp"
+    """How training shards over the GPUs: `ddp` (none), `zero2` (gradients and optimizer states), `zero3` or
+    `fsdp` (parameters too); one GPU is never sharded."""
+    mfu: Optional[float] = None
+    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation). Default: what benchmarks/gpu.py
+    measured on one H200 for a Llama-3.2-1B-shaped model at 8 x 1,024 tokens (docs/performance.md): 0.17 with
+    LoRA r 64, 0.34 fully fine-tuned (`MEASURED_MFU`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")
+        _check(self.mfu is None or 0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
+
+    def utilisation(self, lora: bool) -> float:
+        return self.mfu if self.mfu is not None else MEASURED_MFU["lora" if lora else "full"]
+
+
+# benchmarks/gpu.py on one H200, 2026-11-29: the forget step's MFU (PaLM's count) for a random Llama-3.2-1B-shaped
+# model, bf16 weights, 8 x 1,024 tokens (docs/performance.md, "GPU: forget step vs plain SFT step")
+MEASURED_MFU = {"lora": 0.17, "full": 0.34}

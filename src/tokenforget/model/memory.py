@@ -133,7 +133,7 @@ def estimate(shape: Shape, lora: bool, batch: int, length: int, weight_bytes: in
 # Wall time = FLOPs / (N x peak bf16 dense FLOP/s x MFU), MFU the stated share of the peak a run reaches.
 # An estimate for planning: no padding waste beyond the tokens given, no communication time, no data loading.
 
-SHARDINGS = ("ddp", "zero2", "zero3", "fsdp")  # the names config.PlanConfig accepts
+SHARDINGS = ("ddp", "zero2", "zero3", "fsdp")  # the names command_config.PlanConfig accepts
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class GPU:
     memory: float  # bytes
 
 
-GPUS = {  # the names config.PlanConfig accepts
+GPUS = {  # the names command_config.PlanConfig accepts
     "h100": GPU("NVIDIA H100 SXM 80GB", 989e12, 80e9),
     "h200": GPU("NVIDIA H200 SXM 141GB", 989e12, 141e9),
     "a100": GPU("NVIDIA A100 SXM 80GB", 312e12, 80e9),

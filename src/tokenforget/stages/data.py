@@ -19,13 +19,14 @@ import json
 import math
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from tokenforget.config import DataConfig, EvalConfig, UserError
+from tokenforget.sampling import in_processes, sample_indices
 from tokenforget.stages.labels_in_data import (
     DataError, MessageLabels, TokenLabels, check_unlabelled, message_labels, record_labels, token_record, token_weights,
 )
@@ -316,26 +317,17 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
     path = path or cfg.path
     if not path:
         raise DataError("config field 'data.path' is required")
-    training = path == cfg.path
-    if training:
+    if training := path == cfg.path:
         path = resolve_source(path, cfg.hub_fallback)
     raw = read_records(path, split or cfg.split, cfg.hub_config)
     if cfg.limit:
         raw = raw[: cfg.limit]
-    if training and cfg.sample is not None:
+    if training and cfg.sample is not None:  # the training data only, not a trusted or evaluation file
         raw = [raw[i] for i in sample_indices(len(raw), cfg.sample, cfg.sample_seed, path)]
     if not raw:
         raise DataError(f"{path}: no records")
     fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0][1], cfg.field_map)
     return [to_record(r, where, cfg, fmt) for where, r in raw]
-
-
-def sample_indices(n: int, k: int, seed: int, where: str) -> list[int]:
-    """Sorted indices of a seeded random `k` of `n` records (`data.sample`): the same `k` for the same file,
-    `k` and seed, whatever reads it."""
-    if k > n:
-        raise DataError(f"data.sample={k} is larger than {where} ({n} records)")
-    return sorted(random.Random(seed).sample(range(n), k))
 
 
 # ---------------------------------------------------------------- rendering and tokenization
@@ -441,7 +433,9 @@ def tokenize_records(
     if weighted:
         cols["data_weight"] = []
     skipped = 0
-    for i, (rec, tok) in enumerate(zip(records, _tokenized(tokenizer, records, cfg))):
+    one = lambda i: vars(tokenize_record(tokenizer, records[i], cfg.max_length, cfg.chat_template))  # noqa: E731
+    done = in_processes(one, len(records), cfg.num_proc, "tokenizing")  # data.num_proc processes
+    for i, (rec, tok) in enumerate(zip(records, map(Tokenized, *(done[f.name] for f in dataclass_fields(Tokenized))))):
         if not any(tok.response_mask):
             skipped += 1
             continue
@@ -459,26 +453,6 @@ def tokenize_records(
             "token left after truncation; raise data.max_length"
         )
     return cols, TokenizeReport(kept=len(cols["input_ids"]), skipped_no_response=skipped)
-
-
-def _tokenized(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: DataConfig) -> Sequence[Tokenized]:
-    """`tokenize_record` of every record, in order: in this process, or in `data.num_proc` worker processes
-    through `datasets.map` over the record indices (each worker a contiguous slice; the records and the tokenizer
-    are pickled to it, so every field of a `Record` travels as it is)."""
-    if cfg.num_proc <= 1 or len(records) < 2 * cfg.num_proc:  # a pool costs ~1 s to start: not for a few records
-        return [tokenize_record(tokenizer, r, cfg.max_length, cfg.chat_template) for r in records]
-    import datasets
-
-    def some(batch: dict[str, list[int]]) -> dict[str, list[Any]]:
-        toks = [tokenize_record(tokenizer, records[i], cfg.max_length, cfg.chat_template) for i in batch["i"]]
-        return {"input_ids": [t.input_ids for t in toks], "response_mask": [t.response_mask for t in toks],
-                "corrupt": [t.corrupt for t in toks], "data_weight": [t.data_weight for t in toks]}
-
-    index = datasets.Dataset.from_dict({"i": list(range(len(records)))})
-    # new_fingerprint: datasets would otherwise hash the records and the tokenizer to name a cache it never writes
-    out = index.map(some, batched=True, batch_size=256, num_proc=cfg.num_proc, remove_columns=["i"],
-                    new_fingerprint="tokenforget", keep_in_memory=True, desc="tokenizing")
-    return [Tokenized(*row) for row in zip(out["input_ids"], out["response_mask"], out["corrupt"], out["data_weight"])]
 
 
 def check_noise_keeps_labels(records: Sequence[Record], cfg: DataConfig) -> None:
