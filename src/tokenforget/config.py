@@ -17,7 +17,8 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated"]
+FalsePositives = Literal["random", "detector"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
@@ -316,17 +317,30 @@ class PartitionConfig:
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
     negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
-    `is_correct: false`), a bound on any detector (scores unused)."""
+    `is_correct: false`), a bound on any detector (scores unused); `simulated`: a detector of chosen `recall` and
+    `precision` made from that known noise (`tokenforget.partition.simulated_partition`), to measure how good a
+    detector must be."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
     """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
     stream_rows: int = 100_000
     """Examples per block in streaming mode."""
+    recall: float = 1.0
+    """`selection: simulated` only: the share of the known wrong tokens in the negative set (drawn at random)."""
+    precision: float = 1.0
+    """`selection: simulated` only: the share of wrong tokens among the negatives (right ones added to reach it)."""
+    false_positives: FalsePositives = "random"
+    """`selection: simulated` only: the right tokens added, `random` ones or those the `score.method` finds most
+    suspicious (`detector`: a real detector's false positives, the hardest right tokens)."""
+    seed: int = 0
+    """`selection: simulated` only: the seed of its random draws."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
         _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
+        _check(0.0 <= self.recall <= 1.0, "partition.recall", f"must be in [0, 1], got {self.recall}")
+        _check(0.0 < self.precision <= 1.0, "partition.precision", f"must be in (0, 1], got {self.precision}")
         _check(not self.streaming or self.selection == "global", "partition.selection",
                f"streaming supports the global selection only, got '{self.selection}'")
 

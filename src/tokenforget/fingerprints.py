@@ -64,7 +64,9 @@ class StageFingerprints:
     def scores_unused(self) -> bool:
         """The oracle partition ranks nothing (its negatives are the data's known noise), so no reference is
         trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs the base model's CE."""
-        return self.cfg.partition.selection == "oracle" and self.cfg.train.forget_objective not in NEEDS_BASE_CE
+        pc = self.cfg.partition
+        known_only = pc.selection == "oracle" or (pc.selection == "simulated" and pc.false_positives == "random")
+        return known_only and self.cfg.train.forget_objective not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:
         """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
@@ -78,6 +80,9 @@ class StageFingerprints:
         pc = stable_view("partition", to_dict(self.cfg.partition))
         if self.cfg.partition.selection != "threshold":
             pc.pop("threshold", None)
+        if self.cfg.partition.selection != "simulated":  # its knobs move nothing else
+            for k in ("recall", "precision", "false_positives", "seed"):
+                pc.pop(k, None)
         return fingerprint("partition", self.score_fp(rnd), pc)
 
     def labels_fp(self) -> str:
