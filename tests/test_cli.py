@@ -182,13 +182,53 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
     assert not [d for d in (root / "trusted").iterdir() if d.name.startswith("train-")]
 
 
+def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
+    as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun
+    with one setting more evaluates only the new model (the others are read from `eval-cache/`)."""
+    import datasets
+
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "4", "--n_val", "3", "--n_trusted", "8", "--max_new_tokens", "4",
+            "--detectors", "[]", "--sim_recall", "[1.0]", "--sim_precision", "[0.5]", "--settings", "[sft, sim_ignore]"]
+    assert main(args) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    assert list(res["models"]) == ["base", "sft", "sim_ignore_r1_p0.5"]
+    assert list(res["validation"]) == list(res["models"]) and res["validation"]["sft"]["n"] == 3
+    det = res["detection_methods"]["sim_ignore_r1_p0.5"]
+    assert det["recall"] == 1.0 and det["precision"] == pytest.approx(0.5, abs=0.05)
+    tokens = datasets.load_from_disk(str(root / "sim_r1_p0.5" / "data" / "tokens"))
+    classes = datasets.load_from_disk(str(root / "sim_r1_p0.5" / "partition" / "classes"))["token_class"]
+    bad = sum(sum(c) for c in tokens["corrupt"])
+    negatives = sum(c.count(-1) for c in classes)
+    assert negatives == bad + bad  # round(bad / 0.5) - bad right tokens beside the bad ones
+    assert not (root / "trusted" / "reference").exists()  # random false positives: no reference trained
+    capsys.readouterr()
+    assert main([*args[:-1], "[sft, sim_ignore, sim_forget]"]) == 0
+    out = capsys.readouterr().out
+    assert "[evaluate] sft: reusing" in out and "[evaluate] sim_forget_r1_p0.5: generating" in out
+    assert (root / "sim_r1_p0.5" / "train-forget" / "stage.json").is_file()
+
+
+def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
+    """The small number ranges repeat problems; test and validation hold distinct problems, none a training one."""
+    from tokenforget.config import DemoConfig
+    from tokenforget.demo import write_task
+
+    write_task(DemoConfig(run_dir=str(tmp_path), seed=1, n_test=240, n_val=240), tmp_path)
+    read = lambda n: [json.loads(x)["prompt"] for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    train, test, val = read("train"), set(read("test")), set(read("val"))
+    assert len(test) == 240 and len(val) == 240 and not (test & val) and not (set(train) & (test | val))
+
+
 def test_demo_settings_are_the_config_choices():
     from typing import get_args
 
     from tokenforget.config import DemoDetector, DemoSetting
-    from tokenforget.demo import DEMO_SETTINGS, PARTITIONING
+    from tokenforget.demo import DEMO_SETTINGS, PARTITIONING, SIM_MODES
 
-    assert list(DEMO_SETTINGS) == list(get_args(DemoSetting))
+    assert [*DEMO_SETTINGS, *SIM_MODES] == list(get_args(DemoSetting))
     assert list(PARTITIONING) == list(get_args(DemoDetector))
 
 

@@ -24,7 +24,7 @@ NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_p
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean"]
+                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "sim_ignore", "sim_forget"]
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
@@ -693,7 +693,11 @@ class DemoConfig:
     n_train: int = 160
     """Training examples generated (160 at learning rate 1e-3: clean SFT reaches 0.46 held-out accuracy, docs/results.md)."""
     n_test: int = 48
-    """Clean held-out examples for accuracy and gold NLL."""
+    """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
+    48 give about ±0.07 a model; 240 (issue 25) about ±0.03, at five times the evaluation time."""
+    n_val: int = 0
+    """Clean held-out validation problems (a third seed, disjoint from the training, trusted and test problems),
+    evaluated beside the test split (`demo_results.json`: `validation`) for choosing settings without the test."""
     noise: float = 0.4
     """Share of training responses with a corrupted step."""
     noise_kind: DemoNoise = "systematic"
@@ -715,6 +719,14 @@ class DemoConfig:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
     reference-loss score with a reference trained on `n_trusted` clean examples (token AUROC 0.82; 18 reference
     steps and one forward pass over the 160 answers, its score reading no base CE). `[]` skips it (~2.5 min less)."""
+    sim_recall: list[float] = field(default_factory=lambda: [1.0, 0.6])
+    """`sim_ignore` / `sim_forget`: the recalls of the simulated detectors (partition.selection `simulated`)."""
+    sim_precision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])
+    """`sim_ignore` / `sim_forget`: their precisions; every recall x precision pair is one model,
+    `sim_<mode>_r<recall>_p<precision>` (with `_det` when `sim_false_positives` is `detector`)."""
+    sim_false_positives: FalsePositives = "random"
+    """Where the simulated detectors' right tokens come from: `random`, or the trusted reference's most suspicious
+    right tokens (`detector`, by the `ref_loss_wga` preset's score: a real detector's false positives)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
@@ -731,6 +743,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
+        _check(self.n_val >= 0, "n_val", f"must be >= 0, got {self.n_val}")
+        _check(all(0.0 <= r <= 1.0 for r in self.sim_recall), "sim_recall", f"each in [0, 1], got {self.sim_recall}")
+        _check(all(0.0 < p <= 1.0 for p in self.sim_precision), "sim_precision",
+               f"each in (0, 1], got {self.sim_precision}")
         _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")

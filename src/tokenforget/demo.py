@@ -175,11 +175,17 @@ def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None
     from tokenforget.pipeline import Run
 
     trusted_path = root / "task" / "trusted.jsonl"
-    scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
+    taken = task_prompts(root / "task")  # training and held-out problems: the trusted ones share none
     pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
-    write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
+    write_jsonl([r for r in pool if r["prompt"] not in taken][: cfg.n_trusted], trusted_path)  # disjoint
     rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
     return Run(apply_preset(rc, TRUSTED_PRESET), base=run.base, log=log)
+
+
+def task_prompts(task: Path) -> set[str]:
+    """The prompts of the task's training and held-out files (train, test, val), as far as they exist."""
+    files = [task / f"{n}.jsonl" for n in ("train", "test", "val")]
+    return {json.loads(line)["prompt"] for f in files if f.is_file() for line in f.read_text().splitlines()}
 
 
 @dataclass
@@ -211,6 +217,25 @@ class DemoRuns:
                           partition=replace(c.partition, selection=selection, rho=0.7))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
+        return self.made[name]
+
+    def simulated(self, name: str, recall: float, precision: float) -> Any:
+        """A simulated detector (`partition.selection: simulated`, `tokenforget.partition.simulated_partition`) of
+        `recall` and `precision` made from the known noise, in `run_dir/<name>/`, with the trusted run's training
+        settings (its forgetting term for `sim_forget`). Its right tokens are random ones, or with
+        `sim_false_positives: detector` the ones the trusted run's score finds most suspicious (that reference and
+        scoring pass reused, not rerun)."""
+        from tokenforget.compare import adopt_stages
+        from tokenforget.pipeline import Run
+
+        if name not in self.made:
+            rec = self.trusted()
+            fps = self.cfg.sim_false_positives
+            pc = replace(rec.cfg.partition, selection="simulated", recall=recall, precision=precision,
+                         false_positives=fps, seed=self.cfg.seed)
+            self.made[name] = Run(replace(rec.cfg, run_dir=str(self.root / name), partition=pc), base=rec.base, log=self.log)
+            if fps == "detector":
+                adopt_stages(self.made[name], rec)
         return self.made[name]
 
     def clean(self) -> Any:
@@ -246,9 +271,53 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "ignore_tail": "the same examples cut at their worst token (its reference trusted)"}
 
 
+SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
+
+
+def sim_name(setting: str, recall: float, precision: float, fps: str) -> str:
+    """`sim_ignore_r0.6_p0.5` (`_det` appended for the detector's false positives): one simulated model's name."""
+    return f"{setting}_r{recall:g}_p{precision:g}" + ("_det" if fps == "detector" else "")
+
+
+def expand_settings(cfg: DemoConfig) -> list[str]:
+    """`cfg.settings` with `sim_ignore` / `sim_forget` replaced by one name per `sim_recall` x `sim_precision`."""
+    out: list[str] = []
+    for s in cfg.settings:
+        if s in SIM_MODES:
+            out += [sim_name(s, r, p, cfg.sim_false_positives) for r in cfg.sim_recall for p in cfg.sim_precision]
+        else:
+            out.append(s)
+    return out
+
+
+def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
+    """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
+    if name in DEMO_SETTINGS:
+        return DEMO_SETTINGS[name](runs)
+    setting, r, p = name.removesuffix("_det").rsplit("_", 2)
+    folder = name.replace(setting, "sim", 1)  # sim_ignore_r1_p0.5 and sim_forget_r1_p0.5 share their partition
+    return runs.simulated(folder, float(r[1:]), float(p[1:])), SIM_MODES[setting]
+
+
+def held_out(n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:
+    """The first `n` distinct clean problems of generator seed `seed` whose prompts are not in `taken`. The numbers
+    are small, so a draw repeats problems: before issue 25 the demo's 48 test problems held 5-9 training problems
+    (seeds 0-3) and 240 would hold 31-45 and 21-30 repeats."""
+    out, seen = [], set(taken)
+    for r in make_task(4 * n + 64, seed, 0.0)[1]:
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            out.append(r)
+    out = out[:n]
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} held-out problems of seed {seed} are not training problems; lower n_test/n_val")
+    return out
+
+
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
-    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right) and task/test.jsonl (clean held-out
-    problems, another seed). Returns (train, test)."""
+    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right), task/test.jsonl (clean held-out
+    problems, another seed, none of them a training problem) and with `n_val` task/val.jsonl (a third seed, none
+    a training or test problem). Returns (train, test)."""
     task = root / "task"
     if cfg.noise_kind == "systematic":
         noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
@@ -256,7 +325,11 @@ def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
         noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
     write_jsonl(noisy, task / "train.jsonl")
     write_jsonl(clean, task / "clean.jsonl")
-    write_jsonl(make_task(cfg.n_test, cfg.seed + 10_000, 0.0)[1], task / "test.jsonl")
+    taken = {r["prompt"] for r in noisy}
+    test = held_out(cfg.n_test, cfg.seed + 10_000, taken)
+    write_jsonl(test, task / "test.jsonl")
+    if cfg.n_val:
+        write_jsonl(held_out(cfg.n_val, cfg.seed + 30_000, taken | {r["prompt"] for r in test}), task / "val.jsonl")
     return task / "train.jsonl", task / "test.jsonl"
 
 
@@ -265,10 +338,14 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     each with its own score method, reference and rho."""
     from tokenforget.detect import detection_of_methods
 
+    from tokenforget.report import detection_of
+
     out = {}
-    for name in (s for s in settings if s in PARTITIONING):
-        run, _stage = DEMO_SETTINGS[name](runs)
-        if run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
+    for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
+        run, _stage = setting_stage(runs, name)
+        if run.cfg.partition.selection == "simulated":  # its negative set's recall and precision, as achieved
+            out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
+        elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())
         else:
             method = run.cfg.score.method
@@ -305,14 +382,18 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     train_path, test_path = write_task(cfg, root)
     run = Run(demo_run_config(cfg, train_path), base=base, log=log)
     runs = DemoRuns(cfg, root, run, log)
-    stages = {}
-    for name in cfg.settings:
-        sub, stage = DEMO_SETTINGS[name](runs)
+    stages, settings = {}, expand_settings(cfg)
+    for name in settings:
+        sub, stage = setting_stage(runs, name)
         stages[name] = compare.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
-    results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
+    cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
+    results = report.evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
+    if cfg.n_val:
+        results["validation"] = report.evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens,
+                                                       log, cache)["models"]
     if compare.has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
-        untrained = [d for d in cfg.detectors if d not in cfg.settings]
-        results["detection_methods"] = detection_of_settings(runs, [*cfg.settings, *untrained])
+        untrained = [d for d in cfg.detectors if d not in settings]
+        results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
