@@ -211,6 +211,41 @@ def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_mo
     assert (root / "sim_r1_p0.5" / "train-forget" / "stage.json").is_file()
 
 
+def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_model_dir: Path):
+    """`contrastive`: the trusted reference copied from the trusted run, two noisy references cross-fitted on the
+    training answers; the scoring pass stores both CEs, the score is CE_noisy - CE_trusted pooled over numbers
+    (every digit of a number shares one score, at most its tokens' own), and the mixture's share is recorded."""
+    import datasets
+
+    from tokenforget.score import token_kinds
+
+    root = tmp_path / "demo"
+    assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+                 "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4", "--detectors", "[]",
+                 "--settings", "[contrastive]"]) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    assert list(res["models"]) == ["base", "contrastive"] and "contrastive" in res["detection_methods"]
+    run = root / "contrastive"
+    assert json.loads((run / "reference" / "stage.json").read_text()) == json.loads(
+        (root / "trusted" / "reference" / "stage.json").read_text())
+    assert json.loads((run / "reference-noisy" / "folds.json").read_text())["trained_on"][0]  # 2 folds, trained
+    scores = datasets.load_from_disk(str(run / "scores" / "scores"))
+    tokens = datasets.load_from_disk(str(run / "data" / "tokens"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for ids, mask, ref, noisy, score in zip(tokens["input_ids"], tokens["response_mask"], scores["ce_ref"],
+                                            scores["ce_noisy"], scores["score"]):
+        resp = np.flatnonzero(mask)
+        own = np.asarray(noisy)[resp] - np.asarray(ref)[resp]
+        got = np.asarray(score)[resp]
+        digit, _ = token_kinds(tok, np.asarray(ids)[resp])
+        assert np.allclose(got[~digit], own[~digit], atol=1e-5) and np.all(got[digit] <= own[digit] + 1e-5)
+    stats = json.loads((run / "partition" / "stats.json").read_text())
+    assert 0.0 <= stats["estimated_negative_share"] <= 1.0
+    assert stats["n_negative"] == int(np.floor(stats["estimated_negative_share"] * stats["n_tokens"] + 0.5))
+
+
 def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
     """The small number ranges repeat problems; test and validation hold distinct problems, none a training one."""
     from tokenforget.config import DemoConfig

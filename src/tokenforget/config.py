@@ -17,15 +17,16 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated", "mixture"]
+SpanUnit = Literal["token", "number", "step"]
 FalsePositives = Literal["random", "detector"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
 DemoNoise = Literal["systematic", "step"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "sim_ignore", "sim_forget"]
-DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
+                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "contrastive", "sim_ignore", "sim_forget"]
+DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "contrastive"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
@@ -248,12 +249,23 @@ class ReferenceConfig:
     the base on the same subset with `ignore` on round r - 1's positive tokens, then scores and partitions
     again; training uses the last round's partition. Stages `reference-round<r>`, `scores-round<r>`,
     `partition-round<r>`. Use it when the first reference learned the noise it should detect."""
+    noisy_folds: int = 0
+    """A second, noisy reference for the two-reference scores (`score.method: contrastive`): with K >= 2, K
+    references cross-fitted on the training data itself (as `folds`: each example's CE_noisy from the one that did
+    not see it, trained on `noisy_fraction` x all examples drawn from the other folds), stage `reference-noisy/`;
+    the scoring pass stores their CE as `ce_noisy` beside the first reference's `ce_ref` (the trusted one: set
+    `path`). 0: none."""
+    noisy_fraction: float = 1.0
+    """`noisy_folds` only: the share of all examples each noisy reference trains on (all of the other folds at most)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")
         _check(self.size is None or self.size > 0, "reference.size", f"must be > 0, got {self.size}")
         _check(self.folds >= 1, "reference.folds", f"must be >= 1, got {self.folds}")
         _check(self.rounds >= 1, "reference.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.noisy_folds == 0 or self.noisy_folds >= 2, "reference.noisy_folds",
+               f"0 (none) or >= 2 cross-fitted noisy references, got {self.noisy_folds}")
+        _check(0.0 < self.noisy_fraction <= 1.0, "reference.noisy_fraction", f"must be in (0, 1], got {self.noisy_fraction}")
         _check(self.folds == 1 or self.rounds == 1, "reference.rounds", "cross-fitting (folds > 1) and rounds > 1 "
                "do not combine; choose one")
         _check(self.path is None or (self.folds == 1 and self.rounds == 1), "reference.path",
@@ -278,6 +290,10 @@ class ScoreConfig:
     pair inherit the earlier occurrence's score), `example_ref_loss`, `example_max_ref_loss` (an example's
     worst token), `ref_loss_min_rank` (the `ref_loss_wga` preset's, docs/detection.md). Changing it reuses the
     scoring pass."""
+    spans: SpanUnit = "token"
+    """What is decided as one unit (`tokenforget.score_methods.span_decisions`): `token`; `number`, every token of a
+    number takes the number's lowest score, and a number repeating an earlier one of its answer inherits that one's
+    (a copied wrong value goes with its source); `step`, numbers first, then a whole line. Reuses the scoring pass."""
     precomputed_path: Optional[str] = None
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
     `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
@@ -319,7 +335,8 @@ class PartitionConfig:
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
     `is_correct: false`), a bound on any detector (scores unused); `simulated`: a detector of chosen `recall` and
     `precision` made from that known noise (`tokenforget.partition.simulated_partition`), to measure how good a
-    detector must be."""
+    detector must be; `mixture`: the negative share estimated from the scores (a two-component Gaussian mixture's
+    low component, `tokenforget.partition.mixture_partition`) instead of a fixed rho (rho unused)."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
@@ -648,8 +665,47 @@ class RunConfig:
                "bf16 weights are a frozen base for LoRA; full fine-tuning (lora.enabled: false) keeps fp32 weights")
         _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
                "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
+        from tokenforget.score_methods import NEEDS_NOISY
+
+        _check(self.score.method not in NEEDS_NOISY or self.reference.noisy_folds >= 2, "score.method",
+               f"'{self.score.method}' reads a noisy reference's CE: set reference.noisy_folds >= 2")
         _check(self.score.base_pass is not False or self.train.forget_objective not in NEEDS_BASE_CE, "score.base_pass",
                f"false, but train.forget_objective '{self.train.forget_objective}' reads the base model's CE")
+
+
+@dataclass
+class WeakConfig:
+    """`tokenforget weak`: training sets whose noise a weaker model wrote (`tokenforget.commands.weak`, issue 25)."""
+
+    out_dir: str = "data/weak"
+    """Folder for noisy/correct_only/gold JSONL files (the demo's record format), samples.jsonl and manifest.json."""
+    seed: int = 0
+    """Makes the problems (the demo's generator, `demo.make_task`), the weak model's SFT and every sample."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    n_train: int = 160
+    """Problems the weak model answers (the demo's training problems of `seed`)."""
+    n_sft: int = 40
+    """Clean generated problems (another seed, none a training problem) of the weak model's short SFT."""
+    sft_epochs: float = 1.0
+    learning_rate: float = 1e-3
+    samples: int = 2
+    """Answers sampled per problem; the mix is chosen among them (`stages.weak.choose_mix`)."""
+    temperature: float = 0.8
+    """Sampling temperature (a seed per sample: `stages.weak.sample_seed`)."""
+    target_wrong: float = 0.5
+    """Share of wrong answers in `noisy` (40-60% is the issue's range; reached where the samples allow)."""
+    max_new_tokens: int = 72
+    generate_batch: int = 64
+    """Prompts per batched `generate` call."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+
+    def __post_init__(self) -> None:
+        _check(self.n_train >= 1, "n_train", f"must be >= 1, got {self.n_train}")
+        _check(self.n_sft >= 1, "n_sft", f"must be >= 1, got {self.n_sft}")
+        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        _check(0.0 < self.temperature <= 2.0, "temperature", f"must be in (0, 2], got {self.temperature}")
+        _check(0.0 < self.target_wrong < 1.0, "target_wrong", f"must be in (0, 1), got {self.target_wrong}")
+        _check(self.generate_batch >= 1, "generate_batch", f"must be >= 1, got {self.generate_batch}")
 
 
 @dataclass
@@ -710,7 +766,10 @@ class DemoConfig:
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
     from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling). The default trains `sft` (the recommended preset) and the ceiling, and measures
+    every answer right: the ceiling), `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers
+    decided whole and copies inheriting, the negative share from a two-component mixture, ignored; its noisy
+    references cross-fitted on the training answers, 2 folds), `sim_ignore` / `sim_forget` (simulated detectors of
+    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and the ceiling, and measures
     the trusted detector (`detectors`): 526-564 s from a fresh clone on 2 cores (docs/results.md). Add
     `oracle_ignore` to see that knowing the noise recovers the damage, `ref_loss_wga`, `filter_max` or `ignore_tail`
     to see a model trained on the detector (none beats `sft`)."""

@@ -165,6 +165,7 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     )
 
 
+NOISY_FOLDS = 2  # the contrastive detector's noisy references: each trained on the other half of the answers
 TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
 
 
@@ -238,6 +239,25 @@ class DemoRuns:
                 adopt_stages(self.made[name], rec)
         return self.made[name]
 
+    def contrastive(self) -> Any:
+        """The two-reference detector in `run_dir/contrastive/`: the trusted run's reference (copied, not retrained)
+        and `NOISY_FOLDS` references cross-fitted on the noisy training answers; score `contrastive`
+        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`), the negative
+        share estimated by a two-component mixture (`partition.selection: mixture`)."""
+        from tokenforget.compare import adopt_stages
+        from tokenforget.pipeline import Run
+
+        if "contrastive" not in self.made:
+            rec = self.trusted()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / "contrastive"),
+                          reference=replace(c.reference, noisy_folds=NOISY_FOLDS),
+                          score=replace(c.score, method="contrastive", spans="number"),
+                          partition=replace(c.partition, selection="mixture"))
+            self.made["contrastive"] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made["contrastive"], rec)  # the data and the trusted reference
+        return self.made["contrastive"]
+
     def clean(self) -> Any:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
         from tokenforget.pipeline import Run
@@ -263,12 +283,14 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
+    "contrastive": lambda r: (r.contrastive(), "ignore"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
                 "filter": "the sample filter, whole examples (its reference trusted)",
                 "filter_max": "the sample filter by each example's worst token (its reference trusted)",
-                "ignore_tail": "the same examples cut at their worst token (its reference trusted)"}
+                "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
+                "contrastive": "CE_noisy - CE_trusted, numbers whole, the share from a mixture (trusted + noisy refs)"}
 
 
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
@@ -343,7 +365,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     out = {}
     for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
         run, _stage = setting_stage(runs, name)
-        if run.cfg.partition.selection == "simulated":  # its negative set's recall and precision, as achieved
+        if run.cfg.partition.selection in ("simulated", "mixture"):  # its stored scores and its own partition
             out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
         elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())

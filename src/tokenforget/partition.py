@@ -194,7 +194,52 @@ def simulated_partition(
     return ~negative
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated")
+def two_gaussians(x: np.ndarray, iters: int = 200, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, means, stds) of a two-component 1-D Gaussian mixture fitted to `x` by EM, the lower-mean
+    component first.
+
+    Started from the lowest 10% and the rest (their shares, means and stds), so the low component begins on the
+    tail a suspicious set lives in; each std is floored at 1e-3 of x's (a component on tied values stays finite).
+    E step: r_ik = w_k N(x_i; m_k, s_k) / sum_j w_j N(x_i; m_j, s_j); M step: w_k = mean_i r_ik,
+    m_k = sum_i r_ik x_i / sum_i r_ik, s_k^2 = sum_i r_ik (x_i - m_k)^2 / sum_i r_ik. Stops when the
+    log-likelihood gains less than `tol` per point.
+    """
+    x = x.astype(np.float64)
+    floor = 1e-3 * max(float(x.std()), 1e-12)
+    low = x <= np.quantile(x, 0.1)
+    if low.all() or not low.any():  # all values equal: one component
+        return np.array([0.0, 1.0]), np.array([x.mean()] * 2), np.array([floor] * 2)
+    w = np.array([low.mean(), 1 - low.mean()])
+    m = np.array([x[low].mean(), x[~low].mean()])
+    sd = np.maximum(np.array([x[low].std(), x[~low].std()]), floor)
+    last = -np.inf
+    for _ in range(iters):
+        logp = np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - m) / sd) ** 2  # (N, 2), up to -log sqrt(2 pi)
+        top = logp.max(axis=1, keepdims=True)
+        ll = float((top[:, 0] + np.log(np.exp(logp - top).sum(axis=1))).mean())
+        r = np.exp(logp - top)
+        r /= r.sum(axis=1, keepdims=True)
+        n_k = np.maximum(r.sum(axis=0), 1e-12)
+        w, m = n_k / len(x), (r * x[:, None]).sum(axis=0) / n_k
+        sd = np.maximum(np.sqrt((r * (x[:, None] - m) ** 2).sum(axis=0) / n_k), floor)
+        if ll - last < tol:
+            break
+        last = ll
+    order = np.argsort(m)
+    return w[order], m[order], sd[order]
+
+
+def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """(Boolean (N,) mask, estimated negative share): the share of the data that is noise estimated from the scores
+    themselves instead of a fixed rho. A two-component Gaussian mixture (`two_gaussians`) is fitted to the scores;
+    the low component's weight w_low is the negative share, and the round(w_low x N) lowest scores are negative
+    (the global partition at rho = 1 - w_low). Meant for a score whose noise forms a cluster of its own, as the
+    contrastive score's recurring error does (a learned wrong value: low; a hard right one: near 0)."""
+    w, _, _ = two_gaussians(scores)
+    return global_partition(scores, 1.0 - float(w[0])), float(w[0])
+
+
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated", "mixture")
 
 
 def select_tokens(
@@ -232,6 +277,8 @@ def select_tokens(
         if bad is None or pc is None:
             raise ValueError("the simulated selection needs the known bad tokens and its settings")
         positive = simulated_partition(bad[resp], chosen, pc.recall, pc.precision, pc.false_positives, pc.seed)
+    elif selection == "mixture":
+        positive, share = mixture_partition(chosen)
     elif selection == "threshold":
         positive = threshold_partition(chosen, threshold)
     elif selection == "soft":
@@ -243,7 +290,10 @@ def select_tokens(
         raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
     classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
     classes[resp] = np.where(positive, LEARN, FORGET)
-    return classes, weights, _stats(chosen, positive)
+    stats = _stats(chosen, positive)
+    if selection == "mixture":
+        stats.estimated_negative_share = share
+    return classes, weights, stats
 
 
 @dataclass
@@ -253,6 +303,7 @@ class PartitionStats:
     n_negative: int
     threshold: float  # lowest positive score (nan when no token is positive)
     quantiles: dict[str, float]
+    estimated_negative_share: Optional[float] = None  # the mixture selection's estimate (else None)
 
 
 def has_base_ce(scores: Any) -> bool:

@@ -1,0 +1,1 @@
+"""One module per command (issue 29's layout): new commands live here."""
