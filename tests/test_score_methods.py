@@ -166,3 +166,14 @@ def test_two_gaussians_recover_a_known_negative_share():
         assert share == w[0] and (~positive).sum() == int(np.floor(share * 5000 + 0.5))
     w, _, _ = two_gaussians(np.ones(10))  # all equal: no second component
     assert w.tolist() == [0.0, 1.0]
+
+
+def test_contrastive_without_a_noisy_reference_is_refused_at_the_edge():
+    """One clear line naming the field, before any work (the CLI exits with status 2 on a ConfigError)."""
+    from tokenforget.config import ConfigError, ReferenceConfig, RunConfig, ScoreConfig
+
+    with pytest.raises(ConfigError, match="score.method.*reference.noisy_folds >= 2"):
+        RunConfig(score=ScoreConfig(method="contrastive"))
+    with pytest.raises(ConfigError, match="reference.noisy_folds"):
+        ReferenceConfig(noisy_folds=1)
+    RunConfig(score=ScoreConfig(method="contrastive"), reference=ReferenceConfig(noisy_folds=2))
