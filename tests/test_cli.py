@@ -309,3 +309,25 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path, tiny_model_dir: P
     run = Path("runs/my-run")
     assert (run / "train-forget" / "stage.json").is_file() and (run / "train-sft" / "stage.json").is_file()
     assert (run / "report" / "report.html").is_file()
+
+
+def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
+    """`noise_kind: weak`: the weak folder's noisy answers are the training set, its gold answers the clean twin, its
+    right answers `correct_only`; the held-out problems exclude its problems. A missing folder is one clear error."""
+    from tokenforget.config import ConfigError, DemoConfig
+    from tokenforget.data import DataError
+    from tokenforget.demo import make_task, write_jsonl, write_task
+
+    noisy, gold = make_task(12, seed=2, noise=0.4)
+    weak = tmp_path / "weak"
+    write_jsonl(noisy, weak / "noisy.jsonl")
+    write_jsonl(gold, weak / "gold.jsonl")
+    write_task(DemoConfig(run_dir=str(tmp_path), noise_kind="weak", weak_dir=str(weak), n_test=20), tmp_path)
+    read = lambda n: [json.loads(x) for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read("train") == noisy and read("clean") == gold
+    assert read("correct_only") == [r for r in noisy if not r["corrupt_spans"]] and len(read("correct_only")) < 12
+    assert not {r["prompt"] for r in read("test")} & {r["prompt"] for r in noisy}
+    with pytest.raises(ConfigError, match="weak_dir"):
+        DemoConfig(noise_kind="weak")
+    with pytest.raises(DataError, match="tokenforget weak"):
+        write_task(DemoConfig(run_dir=str(tmp_path), noise_kind="weak", weak_dir=str(tmp_path / "none")), tmp_path)

@@ -23,9 +23,9 @@ FalsePositives = Literal["random", "detector"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
-DemoNoise = Literal["systematic", "step"]
+DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "contrastive", "sim_ignore", "sim_forget"]
+                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "correct_only", "contrastive", "sim_ignore", "sim_forget"]
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "contrastive"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
@@ -758,7 +758,11 @@ class DemoConfig:
     """Share of training responses with a corrupted step."""
     noise_kind: DemoNoise = "systematic"
     """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
-    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
+    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number;
+    `weak`: the answers a weaker model wrote (`weak_dir`, made by `tokenforget weak`; `noise` and `n_train` unused),
+    the generator's own answers to the same problems as the clean twin."""
+    weak_dir: Optional[str] = None
+    """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
     settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
     """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
@@ -766,7 +770,8 @@ class DemoConfig:
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
     from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling), `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers
+    every answer right: the ceiling), `correct_only` (sft on the right answers of the noisy set only),
+    `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers
     decided whole and copies inheriting, the negative share from a two-component mixture, ignored; its noisy
     references cross-fitted on the training answers, 2 folds), `sim_ignore` / `sim_forget` (simulated detectors of
     chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and the ceiling, and measures
@@ -803,6 +808,8 @@ class DemoConfig:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
         _check(self.n_val >= 0, "n_val", f"must be >= 0, got {self.n_val}")
+        _check(self.noise_kind != "weak" or self.weak_dir is not None, "weak_dir",
+               "noise_kind 'weak' trains on a folder made by `tokenforget weak`: set weak_dir")
         _check(all(0.0 <= r <= 1.0 for r in self.sim_recall), "sim_recall", f"each in [0, 1], got {self.sim_recall}")
         _check(all(0.0 < p <= 1.0 for p in self.sim_precision), "sim_precision",
                f"each in (0, 1], got {self.sim_precision}")

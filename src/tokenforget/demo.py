@@ -137,6 +137,15 @@ def make_task(n: int, seed: int, noise: float) -> tuple[list[dict[str, Any]], li
     return noisy, clean
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a missing one is a user error naming it."""
+    from tokenforget.data import DataError
+
+    if not path.is_file():
+        raise DataError(f"weak_dir: '{path}' does not exist (make it with `tokenforget weak --out_dir {path.parent}`)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -258,15 +267,16 @@ class DemoRuns:
             adopt_stages(self.made["contrastive"], rec)  # the data and the trusted reference
         return self.made["contrastive"]
 
-    def clean(self) -> Any:
-        """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
+    def clean(self, name: str = "clean") -> Any:
+        """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
+        `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`)."""
         from tokenforget.pipeline import Run
 
-        if "clean" not in self.made:
-            data = replace(self.run.cfg.data, path=str(self.root / "task" / "clean.jsonl"))
-            self.made["clean"] = Run(replace(self.run.cfg, run_dir=str(self.root / "clean"), data=data),
-                                     base=self.run.base, log=self.log)
-        return self.made["clean"]
+        if name not in self.made:
+            data = replace(self.run.cfg.data, path=str(self.root / "task" / f"{name}.jsonl"))
+            self.made[name] = Run(replace(self.run.cfg, run_dir=str(self.root / name), data=data),
+                                  base=self.run.base, log=self.log)
+        return self.made[name]
 
 
 # Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
@@ -283,6 +293,7 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
+    "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
     "contrastive": lambda r: (r.contrastive(), "ignore"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
@@ -339,14 +350,17 @@ def held_out(n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
     """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right), task/test.jsonl (clean held-out
     problems, another seed, none of them a training problem) and with `n_val` task/val.jsonl (a third seed, none
-    a training or test problem). Returns (train, test)."""
+    a training or test problem), and task/correct_only.jsonl (the noisy set's right answers). Returns (train, test)."""
     task = root / "task"
-    if cfg.noise_kind == "systematic":
+    if cfg.noise_kind == "weak":  # a weaker model's answers and the generator's own (`tokenforget weak`)
+        noisy, clean = read_jsonl(Path(cfg.weak_dir) / "noisy.jsonl"), read_jsonl(Path(cfg.weak_dir) / "gold.jsonl")  # type: ignore[arg-type]
+    elif cfg.noise_kind == "systematic":
         noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
     else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
         noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
     write_jsonl(noisy, task / "train.jsonl")
     write_jsonl(clean, task / "clean.jsonl")
+    write_jsonl([r for r in noisy if not r["corrupt_spans"]], task / "correct_only.jsonl")
     taken = {r["prompt"] for r in noisy}
     test = held_out(cfg.n_test, cfg.seed + 10_000, taken)
     write_jsonl(test, task / "test.jsonl")
