@@ -28,7 +28,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
 JOURNEY = ("labels_in_data", "data", "noise", "natural", "reference", "score", "partition", "labels", "train_sets", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500
-OVER_FOR_NOW = {"config": 670}  # issue 29 item 3 (one objective config) brings it under MAX_LINES; then this goes
+# over MAX_LINES until issue 29's split lands: config (item 3, one objective config), and the cost plan
+# (issue 26) and the map-based tokenization that it added to plan and data
+OVER_FOR_NOW = {"config": 712, "commands.plan": 530, "stages.data": 528}
 LIGHT = ("errors", "config", "command_config", "presets", "version")  # imported by the CLI's parser: no torch
 
 

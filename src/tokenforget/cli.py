@@ -17,12 +17,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, get_args
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from tokenforget.command_config import DemoConfig, PrepareConfig, ReportConfig
-from tokenforget.config import ConfigError, RunConfig, UserError
+from tokenforget.config import ConfigError, GpuName, PlanConfig, RunConfig, Sharding, UserError
 from tokenforget.presets import PRESETS
 
 
@@ -50,14 +50,24 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
     return command
 
 
-def _dry_run(command: str, cfg: RunConfig, timed: bool) -> None:
+@dataclasses.dataclass
+class DryRun:
+    """What a dry run was asked for: the wall time measured here (`--dry-run-timing`), a GPU cost plan
+    (`--plan-gpus N`)."""
+
+    timed: bool = False
+    cost: Optional[PlanConfig] = None
+
+
+def _dry_run(command: str, cfg: RunConfig, dry: DryRun) -> None:
     """`--dry-run`: print the stages `command` would run or reuse, their token counts and optimizer steps;
-    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model)."""
+    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model); `--plan-gpus N`
+    a cost plan on N GPUs (from the model's config file and the token counts: no model is loaded)."""
     from tokenforget.commands.plan import dry_run
     from tokenforget.run.pipeline import Run
 
     planned, modes = DRY_RUN_PLANS[command](cfg)
-    dry_run(Run(planned), modes, measure=timed)
+    dry_run(Run(planned), modes, measure=dry.timed, cost=dry.cost)
 
 
 def _compare_plan(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
@@ -72,8 +82,7 @@ DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
     "run": lambda cfg: (cfg, [cfg.train.mode]),
     "compare": _compare_plan,
 }
-# What --dry-run / --dry-run-timing set (parse_config's third value)
-NO_DRY_RUN, DRY_RUN, DRY_RUN_TIMED = "", "plan", "timed"
+DRY_RUN_FLAGS = ("dry_run", "dry_run_timing", "plan_gpus", "gpu", "plan_sharding", "plan_mfu")
 
 
 def _eval(cfg: RunConfig) -> None:
@@ -196,6 +205,13 @@ def build_parser() -> ArgumentParser:
                            "counts and optimizer steps, in seconds; load no model, write nothing")
             p.add_argument("--dry-run-timing", action="store_true", help="--dry-run plus an estimated wall time: "
                            "loads the model and times a few training micro-batches and scoring forwards here")
+            p.add_argument("--plan-gpus", type=int, help="--dry-run plus a cost plan on this many GPUs: per stage "
+                           "tokens, model FLOPs, memory per GPU and wall time (formulas: tokenforget.memory)")
+            p.add_argument("--gpu", choices=list(get_args(GpuName)), default="h100", help="GPU of the cost plan")
+            p.add_argument("--plan-sharding", choices=list(get_args(Sharding)), default="fsdp",
+                           help="sharding of the cost plan's trainings over the GPUs")
+            p.add_argument("--plan-mfu", type=float, help="share of the GPUs' peak the cost plan assumes (default: "
+                           "the measured 0.17 with LoRA, 0.34 fully fine-tuned; docs/paper-scale.md)")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -266,18 +282,27 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
-def parse_config(argv: Sequence[str]) -> tuple[str, object, str]:
-    """(command, its config dataclass, the dry run asked for: NO_DRY_RUN, DRY_RUN or DRY_RUN_TIMED) from a
-    command line; `ArgumentError` or `UserError` when bad."""
+def parse_config(argv: Sequence[str]) -> tuple[str, object, Optional[DryRun]]:
+    """(command, its config dataclass, the dry run asked for or None) from a command line; `ArgumentError` or
+    `UserError` when bad."""
     argv = _positional_config(list(argv))
     name = argv[0] if argv and argv[0] in COMMANDS else ""
     cls = COMMANDS[name][0] if name else RunConfig
     parser = build_parser()
     ns = parser.parse_args(_expand_preset(argv) if cls is RunConfig else argv)
     init = vars(parser.instantiate(ns)[name])
-    fields = {k: v for k, v in init.items() if k not in ("config", "dry_run", "dry_run_timing", "preset")}
-    dry = DRY_RUN_TIMED if init.get("dry_run_timing") else DRY_RUN if init.get("dry_run") else NO_DRY_RUN
-    return name, cls(**fields), dry
+    fields = {k: v for k, v in init.items() if k not in ("config", "preset", *DRY_RUN_FLAGS)}
+    return name, cls(**fields), _dry_run_asked(init)
+
+
+def _dry_run_asked(init: dict) -> Optional[DryRun]:
+    """The dry run the flags ask for: `--plan-gpus` is a dry run of its own (with or without --dry-run)."""
+    cost = None
+    if init.get("plan_gpus") is not None:
+        cost = PlanConfig(gpus=init["plan_gpus"], gpu=init["gpu"], sharding=init["plan_sharding"], mfu=init["plan_mfu"])
+    if not (init.get("dry_run") or init.get("dry_run_timing") or cost):
+        return None
+    return DryRun(timed=bool(init.get("dry_run_timing")), cost=cost)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -292,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
             return 2
         if dry:
-            _dry_run(name, cfg, timed=dry == DRY_RUN_TIMED)  # type: ignore[arg-type]
+            _dry_run(name, cfg, dry)  # type: ignore[arg-type]
         else:
             check_writable(*output_folder(cfg))
             from tokenforget.model.memory import lean_allocator

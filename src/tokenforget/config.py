@@ -23,6 +23,8 @@ Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tai
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer", "tokens"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
+GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
+Sharding = Literal["ddp", "zero2", "zero3", "fsdp"]  # `tokenforget.model.memory.SHARDINGS`
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
 
@@ -138,6 +140,13 @@ class DataConfig:
     """System message added to every single-turn example."""
     limit: Optional[int] = None
     """Use only the first N records."""
+    sample: Optional[int] = None
+    """Use a seeded random N of the training records (after `limit`), kept in file order: the paper's 50,000
+    of the Tulu mixture (`configs/paper-tulu.yaml`). Other files (reference.path, eval files) are read whole."""
+    sample_seed: int = 0
+    """Seed of that sample (fixed apart from `seed`, so that every seed of a comparison trains on the same data)."""
+    num_proc: int = 1
+    """Processes that tokenize the data (`datasets.map(num_proc=...)`); 1 tokenizes in this process."""
     hub_fallback: Optional[str] = None
     """Hub data set read instead of `path` when `path` is a local file that does not exist (with
     `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
@@ -157,6 +166,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _check(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        _check(self.sample is None or self.sample > 0, "data.sample", f"must be > 0, got {self.sample}")
+        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _check(
             0.0 <= self.corrupt_fraction <= 1.0,
             "data.corrupt_fraction",
@@ -447,6 +458,9 @@ class EvalConfig:
     """Multiple-choice JSONL files (`question`, `choices`, `label`): log-likelihood accuracy."""
     tasks: list[str] = field(default_factory=list)
     """Standard lm-evaluation-harness task names (e.g. `arc_easy`); their data comes from the Hub."""
+    task_shots: dict[str, int] = field(default_factory=dict)
+    """Few-shot examples per task of `tasks` (the rest use the task's own default): the paper's TyDiQA 1-shot is
+    `{tydiqa_goldp: 1}`."""
     limit: Optional[int] = None
     """Evaluate only the first N examples of every benchmark (the GSM8K test subset size)."""
     max_new_tokens: int = 256
@@ -464,11 +478,42 @@ class EvalConfig:
         _check(self.num_fewshot >= 0, "eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         _check(self.limit is None or self.limit > 0, "eval.limit", f"must be > 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        for task, shots in self.task_shots.items():
+            _check(task in self.tasks, f"eval.task_shots.{task}", f"not one of eval.tasks {self.tasks}")
+            _check(shots >= 0, f"eval.task_shots.{task}", f"must be >= 0, got {shots}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.diversity_prompts >= 0, "eval.diversity_prompts", f"must be >= 0, got {self.diversity_prompts}")
         _check(self.diversity_samples >= 2, "eval.diversity_samples", f"must be >= 2, got {self.diversity_samples}")
         _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PlanConfig:
+    """The dry run's cost plan (`--dry-run --plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
+    GPU under `sharding` and wall time at `mfu` of the GPUs' peak (formulas: `tokenforget.memory`)."""
+
+    gpus: int = 1
+    gpu: GpuName = "h100"
+    sharding: Sharding = "fsdp"
+    """How training shards over the GPUs: `ddp` (none), `zero2` (gradients and optimizer states), `zero3` or
+    `fsdp` (parameters too); one GPU is never sharded."""
+    mfu: Optional[float] = None
+    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation). Default: what benchmarks/gpu.py
+    measured on one H200 for a Llama-3.2-1B-shaped model at 8 x 1,024 tokens (docs/performance.md): 0.17 with
+    LoRA r 64, 0.34 fully fine-tuned (`MEASURED_MFU`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")
+        _check(self.mfu is None or 0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
+
+    def utilisation(self, lora: bool) -> float:
+        return self.mfu if self.mfu is not None else MEASURED_MFU["lora" if lora else "full"]
+
+
+# benchmarks/gpu.py on one H200, 2026-11-29: the forget step's MFU (PaLM's count) for a random Llama-3.2-1B-shaped
+# model, bf16 weights, 8 x 1,024 tokens (docs/performance.md, "GPU: forget step vs plain SFT step")
+MEASURED_MFU = {"lora": 0.17, "full": 0.34}
 
 
 @dataclass

@@ -81,7 +81,9 @@ ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0},
     "partition": {"selection": "global", "threshold": 0.0},
     "reference": {"folds": 1, "rounds": 1, "checkpoint": None},
-    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
+    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE, "sample": None, "sample_seed": 0,
+             "num_proc": 1},
+    "eval": {"task_shots": {}},
     # attn_implementation: `sdpa` was the default until `auto` (which is sdpa wherever sdpa was accepted)
     "model": {"weights": "fp32", "attn_implementation": "auto"},
 }

@@ -22,19 +22,22 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import datasets
 import torch
 
-from tokenforget.config import TrainingConfig
+from tokenforget.config import PlanConfig, TrainingConfig
+from tokenforget.model import memory as mem
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import autocast, device
-from tokenforget.model.memory import run_estimate
+from tokenforget.model.memory import MemoryEstimate, run_estimate
 from tokenforget.model.model_ce import model_token_ce
 from tokenforget.objectives import LEARN, PARTITION_FREE, forgetting_loss
 from tokenforget.run import variants
 from tokenforget.run.pipeline import Run
+from tokenforget.stages import data as data_mod
+from tokenforget.stages.reference import reference_examples
 from tokenforget.runfolder import round_stage
 from tokenforget.stages import data as data_mod
 from tokenforget.stages.reference import reference_examples
@@ -92,7 +95,8 @@ class Timing:
     measured: bool = True  # False: no warm-up was asked for, the plan has no wall-time estimate
 
 
-def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[list[StagePlan], Timing]:
+def plan_run(run: Run, modes: Sequence[str], measure: bool = False, sets: Optional["TokenSets"] = None
+             ) -> tuple[list[StagePlan], Timing]:
     """Plan every stage training `modes` needs; with `measure`, time the warm-up (loading the model) for the
     stages that would run.
 
@@ -106,7 +110,7 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = False) -> tuple[lis
         stages = [*stages_for_modes(sub, [sub_mode])[:-1], f"train-{name}"]
         groups.append((sub, f"variant-{name}/", stages, run))
     t0 = time.perf_counter()
-    sets = _token_sets(run)
+    sets = sets or _token_sets(run)  # `sets`: the caller's, of this run
     tokenize_s = time.perf_counter() - t0
     planned = []  # (run, shown name, stage, fingerprint, reused)
     parent_fps: dict[str, str] = {}  # the parent's stages this plan makes: a variant copies them after
@@ -395,10 +399,132 @@ def _duration(seconds: float) -> str:
 
 
 def dry_run(
-    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = False
+    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = False,
+    cost: Optional[PlanConfig] = None,
 ) -> list[StagePlan]:
-    """Print the plan for training `modes` in `run` and return it."""
-    plans, timing = plan_run(run, modes, measure)
+    """Print the plan for training `modes` in `run` and return it; with `cost`, the GPU cost plan after it."""
+    t0 = time.perf_counter()
+    sets = _token_sets(run)
+    tokenize_s = time.perf_counter() - t0
+    plans, timing = plan_run(run, modes, measure, sets)
+    data = next((p for p in plans if p.name == "data"), None)
+    if data is not None and not data.reuse:
+        data.seconds = tokenize_s  # the tokenizing was done here, before plan_run
     log(format_plan(run, plans, timing))
+    if cost is not None:
+        log(format_cost(cost_plan(run, plans, sets, cost), cost, run.cfg.lora.enabled))
     return plans
 
+
+
+# ---------------------------------------------------------------- cost plan (--plan-gpus)
+
+# Forward tokens of one evaluation of the standard tasks the paper used: examples x requests per example x mean
+# tokens per request, rough (not measured: lm-eval scores each answer choice as its own request; TyDiQA's 1-shot
+# prompt holds two passages and its generated tokens, decoded one at a time, are not counted).
+EVAL_TASK_TOKENS: dict[str, tuple[int, float]] = {  # task -> (examples, forward tokens)
+    "truthfulqa_mc2": (817, 817 * 7.2 * 330),
+    "boolq": (3270, 3270 * 2 * 170),
+    "logiqa": (651, 651 * 4 * 300),
+    "asdiv": (2305, 2305 * 1 * 70),
+    "tydiqa_goldp": (5077, 5077 * 1 * 600),
+}
+EVAL_SEQ_LEN = 512  # a typical request's length, for the attention term of the evaluation's FLOPs
+
+
+@dataclass
+class StageCost:
+    """One GPU stage of the cost plan."""
+
+    name: str
+    tokens: float  # tokens the stage's forwards go over (padded; training: all epochs)
+    flops: float
+    memory: Optional[MemoryEstimate]  # per GPU; None when not estimated
+    seconds: float
+    note: str = ""
+
+
+def cost_plan(run: Run, plans: Sequence[StagePlan], sets: TokenSets, pc: PlanConfig) -> list[StageCost]:
+    """The GPU stages of `plans` (reference, scoring, training) and one evaluation of the base model, costed with
+    the formulas of `tokenforget.memory` for `pc.gpus` GPUs of type `pc.gpu`."""
+    cfg, gpu = run.cfg, mem.GPUS[pc.gpu]
+    shape = mem.config_shape(cfg.model, cfg.lora)
+    costs = []
+    for p in plans:
+        kind = p.name.rsplit("/", 1)[-1]
+        kind = "train" if kind.startswith("train-") else _round_of(kind)[0]
+        if kind == "reference":
+            c = _train_cost(run, shape, p.name, sets.reference, cfg.reference.training, pc)
+            c.tokens, c.flops = c.tokens * cfg.reference.folds, c.flops * cfg.reference.folds
+        elif kind == "train":
+            c = _train_cost(run, shape, p.name, sets.all, cfg.train.training, pc)
+        elif kind == "scores":
+            c = _score_cost(run, shape, p.name, sets.all)
+        else:
+            continue
+        c.seconds = mem.wall_seconds(c.flops, gpu, pc.gpus, pc.utilisation(cfg.lora.enabled))
+        c.note = "reuse" if p.reuse else c.note
+        costs.append(c)
+    costs += _eval_costs(run, shape, pc)
+    return costs
+
+
+def _seq_len(padded: float, sequences: float) -> float:
+    return padded / max(1.0, sequences)
+
+
+def _train_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]], tcfg: TrainingConfig,
+                pc: PlanConfig) -> StageCost:
+    """Training: passes x padded tokens x F; memory of one micro-batch of max_length under the sharding."""
+    cfg = run.cfg
+    padded = train_padded_tokens(examples, tcfg, cfg.seed)
+    seq = _seq_len(padded, micro_batches(len(examples), tcfg) * min(tcfg.batch_size, len(examples)))
+    flops = mem.stage_flops(shape, padded, seq, mem.training_passes(cfg.lora.enabled, tcfg.gradient_checkpointing))
+    est = mem.training_estimate(shape, cfg.model, cfg.lora, tcfg, cfg.data.max_length, run.bf16)
+    sharding = pc.sharding if pc.gpus > 1 else "ddp"
+    per_gpu = mem.sharded(est, shape, sharding, pc.gpus, mem.weight_bytes(cfg.model))
+    return StageCost(name, padded, flops, per_gpu, 0.0, f"{sharding}, micro-batch {tcfg.batch_size} x {cfg.data.max_length}")
+
+
+def _score_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]]) -> StageCost:
+    """Scoring: 1 or 2 forwards (base, reference) over the scorer's padded batches; every rank holds the whole model
+    (scoring shares out the examples, not the weights)."""
+    cfg = run.cfg
+    forwards = 2 if run.base_pass() else 1
+    padded = score_padded_tokens(examples, cfg.score.batch_size)
+    flops = mem.stage_flops(shape, padded, _seq_len(padded, len(examples)), forwards)
+    est = mem.forward_estimate(shape, cfg.score.batch_size, cfg.data.max_length, mem.weight_bytes(cfg.model),
+                               2 if run.bf16 else 4)
+    return StageCost(name, padded * forwards, flops, est, 0.0, f"{forwards} forward{'s' * (forwards > 1)}, whole model per GPU")
+
+
+def _eval_costs(run: Run, shape: mem.Shape, pc: PlanConfig) -> list[StageCost]:
+    """One evaluation (one model) of the standard tasks in `eval.tasks` whose size `EVAL_TASK_TOKENS` holds."""
+    known = [t for t in run.cfg.eval.tasks if t in EVAL_TASK_TOKENS]
+    unknown = [t for t in run.cfg.eval.tasks if t not in EVAL_TASK_TOKENS]
+    if not known:
+        return []
+    tokens = sum(EVAL_TASK_TOKENS[t][1] for t in known)
+    flops = mem.stage_flops(shape, tokens, EVAL_SEQ_LEN, 1)
+    est = mem.forward_estimate(shape, run.cfg.eval.batch_size, EVAL_SEQ_LEN, mem.weight_bytes(run.cfg.model),
+                               2 if run.bf16 else 4)
+    note = f"{len(known)} tasks, rough sizes" + (f"; not costed: {', '.join(unknown)}" if unknown else "")
+    seconds = mem.wall_seconds(flops, mem.GPUS[pc.gpu], pc.gpus, pc.utilisation(run.cfg.lora.enabled))
+    return [StageCost("eval (one model)", tokens, flops, est, seconds, note)]
+
+
+def format_cost(costs: Sequence[StageCost], pc: PlanConfig, lora: bool) -> str:
+    gpu, mfu = mem.GPUS[pc.gpu], pc.utilisation(lora)
+    header = ["stage", "tokens", "model FLOPs", "memory/GPU", "wall", "note"]
+    rows = [[c.name, f"{c.tokens / 1e6:,.1f} M" if c.tokens >= 1e6 else f"{c.tokens:,.0f}", f"{c.flops:.3g}", mem.size(c.memory.total) if c.memory else "-",
+             _duration(c.seconds), c.note] for c in costs]
+    todo = [c for c in costs if c.note != "reuse"]
+    total = sum(c.seconds for c in todo)
+    over = [c.name for c in todo if c.memory and c.memory.total > gpu.memory]
+    lines = [f"Cost plan: {pc.gpus} x {gpu.name} ({gpu.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), MFU {mfu:.0%}"
+             f"{'' if pc.mfu else ' (measured, docs/paper-scale.md)'} (formulas: tokenforget.memory)", format_table(header, rows),
+             f"Estimated GPU wall time of the stages to run: {_duration(total)} ({total * pc.gpus / 3600:.2f} GPU-hours)"]
+    if over:
+        lines.append(f"Over the {mem.size(int(gpu.memory))} of one GPU: {', '.join(over)} (lower the batch size, "
+                     "turn on gradient checkpointing, or shard over more GPUs)")
+    return "\n".join(lines)

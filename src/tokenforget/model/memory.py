@@ -75,6 +75,7 @@ class Shape:
     params: int
     lora_params: int  # r x (in + out) summed over the targeted linears (0 without LoRA)
     lora_inputs: int  # in-features summed over the targeted linears (0 without LoRA)
+    tied: bool = True  # the output head is the input embedding (counted once in `params`)
 
 
 @dataclass
@@ -113,6 +114,88 @@ def estimate(shape: Shape, lora: bool, batch: int, length: int, weight_bytes: in
     return MemoryEstimate(shape.params * weight_bytes, training, act + head)
 
 
+# ---------------------------------------------------------------- sharding and cost (the dry run's --plan-gpus)
+#
+# Memory per GPU under a sharding of N GPUs (`sharded`), from the one-process estimate above:
+#     ddp          weights + training + activations                       (every GPU holds everything)
+#     zero2        weights + training / N + activations                   (gradients, optimizer states sharded)
+#     zero3, fsdp  weights / N + training / N + activations + gathered    (parameters sharded too)
+#     gathered   = 2 x max(one layer's parameters, V x h) x w             (the unit being used and the next one,
+#                                                                          prefetched; the head's unit is V x h)
+# Model FLOPs of a stage (`stage_flops`), per token of a sequence of T tokens (PaLM, Chowdhery et al. 2022, app. B):
+#     forward  F = 2 x P_matmul + 4 x L x h x T     P_matmul = P, less the input embedding when the head is untied
+#                                                   (a lookup costs no FLOPs); 4 L h T: the attention scores and
+#                                                   their product with the values, no saving for the causal mask
+#     scoring      F per forward (2 forwards: the base and the reference)
+#     training     3F full fine-tuning (forward, gradients of activations and of weights)
+#                  2F LoRA (the frozen weights get no gradient; the adapters' are ~r/h of it and not counted)
+#                  + F with gradient checkpointing (each layer's forward again in the backward)
+# Wall time = FLOPs / (N x peak bf16 dense FLOP/s x MFU), MFU the stated share of the peak a run reaches.
+# An estimate for planning: no padding waste beyond the tokens given, no communication time, no data loading.
+
+SHARDINGS = ("ddp", "zero2", "zero3", "fsdp")  # the names config.PlanConfig accepts
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What the cost plan needs of a GPU: its name, the dense bf16 peak and its memory (vendor data sheets)."""
+
+    name: str
+    peak_flops: float  # FLOP/s, dense bf16 tensor cores (no sparsity)
+    memory: float  # bytes
+
+
+GPUS = {  # the names config.PlanConfig accepts
+    "h100": GPU("NVIDIA H100 SXM 80GB", 989e12, 80e9),
+    "h200": GPU("NVIDIA H200 SXM 141GB", 989e12, 141e9),
+    "a100": GPU("NVIDIA A100 SXM 80GB", 312e12, 80e9),
+    "l40s": GPU("NVIDIA L40S 48GB", 362e12, 48e9),
+    "a10g": GPU("NVIDIA A10G 24GB", 70e12, 24e9),
+}
+
+
+def matmul_params(shape: Shape) -> int:
+    """Parameters that take part in a matrix product per token: every one, less the input embedding when the head
+    is a separate matrix (a tied head is the embedding, used once as a matrix)."""
+    return shape.params - (0 if shape.tied else shape.vocab * shape.hidden)
+
+
+def forward_flops_per_token(shape: Shape, seq_len: float) -> float:
+    """F = 2 x P_matmul + 4 x L x h x T (see the block comment above)."""
+    return 2 * matmul_params(shape) + 4 * shape.layers * shape.hidden * seq_len
+
+
+def training_passes(lora: bool, checkpointing: bool) -> int:
+    """Forward-equivalents per token of a training step: 3 full, 2 LoRA, one more with gradient checkpointing."""
+    return (2 if lora else 3) + int(checkpointing)
+
+
+def stage_flops(shape: Shape, tokens: float, seq_len: float, passes: float) -> float:
+    """Model FLOPs of a stage that runs `passes` forward-equivalents over `tokens` tokens of mean length `seq_len`."""
+    return passes * tokens * forward_flops_per_token(shape, seq_len)
+
+
+def wall_seconds(flops: float, gpu: GPU, gpus: int, mfu: float) -> float:
+    return flops / (gpus * gpu.peak_flops * mfu)
+
+
+def forward_estimate(shape: Shape, batch: int, length: int, weight_bytes: int, act_bytes: int) -> MemoryEstimate:
+    """A scoring forward under no_grad: the weights, one layer's activations at a time, one CE chunk."""
+    act = batch * length * (6 * shape.hidden + 4 * shape.mlp) * act_bytes + 2 * CE_CHUNK_ROWS * shape.vocab * 4
+    return MemoryEstimate(shape.params * weight_bytes, 0, act)
+
+
+def sharded(est: MemoryEstimate, shape: Shape, sharding: str, gpus: int, weight_bytes: int) -> MemoryEstimate:
+    """Bytes per GPU of the one-process estimate `est` under `sharding` over `gpus` GPUs (block comment above)."""
+    if sharding == "ddp":
+        return est
+    if sharding == "zero2":
+        return MemoryEstimate(est.weights, est.training // gpus, est.activations)
+    layer = (shape.params - shape.vocab * shape.hidden) // shape.layers  # a decoder layer's parameters
+    gathered = 2 * max(layer, shape.vocab * shape.hidden) * weight_bytes
+    return MemoryEstimate(est.weights // gpus + gathered, est.training // gpus, est.activations)
+
+
 def model_shape(config: Any, lora: LoraSettings) -> Shape:
     """The `Shape` of a transformers config: an instance on the meta device (no memory) is counted."""
     from transformers import AutoModelForCausalLM
@@ -127,6 +210,8 @@ def model_shape(config: Any, lora: LoraSettings) -> Shape:
         vocab=config.vocab_size, params=params,
         lora_params=sum(lora.r * (m.in_features + m.out_features) for m in targets),
         lora_inputs=sum(m.in_features for m in targets),
+        tied=model.get_output_embeddings() is None
+        or model.get_output_embeddings().weight is model.get_input_embeddings().weight,
     )
 
 
@@ -151,8 +236,8 @@ def _lora_targets(model: torch.nn.Module, target: Union[str, list[str]]) -> list
     return out
 
 
-def run_estimate(model_cfg: ModelConfig, lora: LoraSettings, tcfg: TrainingConfig, length: int, bf16: bool) -> str:
-    """One line for the dry run: the estimate for a training micro-batch, from the model's config file."""
+def config_shape(model_cfg: ModelConfig, lora: LoraSettings) -> Shape:
+    """The `Shape` of the configured model, from its config file alone (no weights are read)."""
     from transformers import AutoConfig
 
     from tokenforget.model.loading import resolve_model
@@ -160,9 +245,23 @@ def run_estimate(model_cfg: ModelConfig, lora: LoraSettings, tcfg: TrainingConfi
     path, gguf = resolve_model(model_cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    shape = model_shape(config, lora)
-    est = estimate(shape, lora.enabled, tcfg.batch_size, length, 2 if model_cfg.weights == "bf16" else 4,
-                   2 if bf16 else 4, tcfg.gradient_checkpointing)
+    return model_shape(config, lora)
+
+
+def training_estimate(shape: Shape, model_cfg: ModelConfig, lora: LoraSettings, tcfg: TrainingConfig, length: int,
+                      bf16: bool) -> MemoryEstimate:
+    """`estimate` for one training micro-batch of the configured precision and settings."""
+    return estimate(shape, lora.enabled, tcfg.batch_size, length, weight_bytes(model_cfg), 2 if bf16 else 4,
+                    tcfg.gradient_checkpointing)
+
+
+def weight_bytes(model_cfg: ModelConfig) -> int:
+    return 2 if model_cfg.weights == "bf16" else 4
+
+
+def run_estimate(model_cfg: ModelConfig, lora: LoraSettings, tcfg: TrainingConfig, length: int, bf16: bool) -> str:
+    """One line for the dry run: the estimate for a training micro-batch, from the model's config file."""
+    est = training_estimate(config_shape(model_cfg, lora), model_cfg, lora, tcfg, length, bf16)
     gc = ", gradient checkpointing" if tcfg.gradient_checkpointing else ""
     return f"Memory estimate of one training process ({'LoRA' if lora.enabled else 'full'}{gc}), micro-batch " \
            f"{est.describe(tcfg.batch_size, length)} (formula: tokenforget.model.memory; framework not counted)"

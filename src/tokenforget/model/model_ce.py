@@ -88,9 +88,16 @@ def logit_map_of(config: Any) -> LogitMap:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP / peft wrappers."""
-    while hasattr(model, "module"):  # DDP, FSDP
-        model = model.module
+    model = without_ddp(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / FSDP1 / DeepSpeed wrappers (`.module`), a peft model kept: under FSDP2 that is the
+    root unit, whose forward gathers the root's parameters (the embedding, a tied head) before it runs."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 @contextlib.contextmanager
@@ -123,8 +130,10 @@ def _plain_head(inner: torch.nn.Module) -> Optional[torch.nn.Linear]:
 
 def _materialised(weight: torch.Tensor) -> bool:
     """Whether `weight` is the whole (V, H) matrix here: not a DTensor (FSDP2) nor a shard or an empty
-    placeholder (FSDP1 outside its unit's forward, DeepSpeed ZeRO-3)."""
-    return not isinstance(weight, DTensor) and weight.dim() == 2 and weight.numel() > 0
+    placeholder (FSDP1 outside its unit's forward), nor a DeepSpeed ZeRO-3 parameter (`ds_id`), which is whole
+    only while gathered and may be released or kept between steps at DeepSpeed's discretion."""
+    zero3 = hasattr(weight, "ds_id")
+    return not isinstance(weight, DTensor) and not zero3 and weight.dim() == 2 and weight.numel() > 0
 
 
 # ------------------------------------------------------------------ the probe and the decision
@@ -146,14 +155,16 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def probe_ce_path(inner: torch.nn.Module) -> CEPath:
+def probe_ce_path(model: torch.nn.Module) -> CEPath:
     """Run the model once on `PROBE_TOKENS` tokens (eval mode, no autocast, logits at half the positions
     through a boolean `logits_to_keep`) and compare its logits y with logit_map(h @ W.T + b) of the captured
     final hidden states h, in fp32; |difference| <= PROBE_RTOL * max(1, max |y|) makes the `hidden` path.
 
     The probe sees the lm_head's input and everything after it, for these tokens; a transform that only
-    acts on other inputs (on long sequences, on some positions) would pass unseen.
+    acts on other inputs (on long sequences, on some positions) would pass unseen. The forward runs through
+    `model` (a peft model: its adapters are active), so that an FSDP2 root gathers its parameters first.
     """
+    inner = unwrap(model)
     dev = next(inner.parameters()).device
     vocab = inner.config.get_text_config().vocab_size
     ids = (torch.arange(PROBE_TOKENS, device=dev) * 7919 % vocab)[None]  # (1, n), spread over the vocabulary
@@ -162,10 +173,10 @@ def probe_ce_path(inner: torch.nn.Module) -> CEPath:
     # Autocast off for the forward *and* our head: the probe is often first called inside a caller's bf16
     # autocast (scoring, evaluation), and our fp32 reference product computed there would be a bf16 one.
     with torch.autocast(dev.type, enabled=False):
-        with _eval_mode(inner), contextlib.ExitStack() as stack:
+        with _eval_mode(model), contextlib.ExitStack() as stack:
             box = stack.enter_context(final_hidden_states(inner)) if head is not None else {}
             try:
-                logits = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
             except Exception as e:  # e.g. a TypeError from remote code: then use no logits_to_keep at all; should
                 # the model fail for another reason, the full-logits forward of `model_token_ce` raises it again
                 return CEPath("full_logits",
@@ -217,7 +228,7 @@ def ce_path(model: torch.nn.Module) -> CEPath:
     inner = unwrap(model)
     path = _PROBED.get(inner)
     if path is None:
-        path = _PROBED[inner] = probe_ce_path(inner)
+        path = _PROBED[inner] = probe_ce_path(without_ddp(model))
     head = _plain_head(inner)
     if path.kind == "hidden" and (head is None or not _materialised(head.weight)):
         path = CEPath("logits", "the lm_head is no longer a plain nn.Linear with its whole weight on this rank "

@@ -30,7 +30,8 @@ class StageFingerprints:
 
     def data_fp(self) -> str:
         c = self.cfg
-        return fingerprint("data", stable_view("data", to_dict(c.data)), file_digest(c.data.path), stable_view("model", to_dict(c.model)))
+        data = {k: v for k, v in stable_view("data", to_dict(c.data)).items() if k != "num_proc"}  # same tokens either way
+        return fingerprint("data", data, file_digest(c.data.path), stable_view("model", to_dict(c.model)))
 
     def reference_fp(self, rnd: int = 1) -> str:
         c = self.cfg
@@ -99,7 +100,7 @@ class StageFingerprints:
     def eval_fp(self, model_fp: str) -> str:
         """An evaluation's: the model's fingerprint, the eval settings, how examples are rendered, every file read."""
         c = self.cfg
-        ec = {k: v for k, v in to_dict(c.eval).items() if k != "checkpoint"}
+        ec = {k: v for k, v in stable_view("eval", to_dict(c.eval)).items() if k != "checkpoint"}
         rendering = {k: getattr(c.data, k) for k in ("max_length", "chat_template", "system_prompt")}
         sources = [file_digest(s) for s in (gsm8k_source(c.eval), c.eval.fewshot_path)]
         extra = [file_digest(p) for p in (*c.eval.nll, *c.eval.multiple_choice)]

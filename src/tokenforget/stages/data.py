@@ -316,15 +316,26 @@ def load_records(cfg: DataConfig, path: Optional[str] = None, split: Optional[st
     path = path or cfg.path
     if not path:
         raise DataError("config field 'data.path' is required")
-    if path == cfg.path:
+    training = path == cfg.path
+    if training:
         path = resolve_source(path, cfg.hub_fallback)
     raw = read_records(path, split or cfg.split, cfg.hub_config)
     if cfg.limit:
         raw = raw[: cfg.limit]
+    if training and cfg.sample is not None:
+        raw = [raw[i] for i in sample_indices(len(raw), cfg.sample, cfg.sample_seed, path)]
     if not raw:
         raise DataError(f"{path}: no records")
     fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0][1], cfg.field_map)
     return [to_record(r, where, cfg, fmt) for where, r in raw]
+
+
+def sample_indices(n: int, k: int, seed: int, where: str) -> list[int]:
+    """Sorted indices of a seeded random `k` of `n` records (`data.sample`): the same `k` for the same file,
+    `k` and seed, whatever reads it."""
+    if k > n:
+        raise DataError(f"data.sample={k} is larger than {where} ({n} records)")
+    return sorted(random.Random(seed).sample(range(n), k))
 
 
 # ---------------------------------------------------------------- rendering and tokenization
@@ -430,8 +441,7 @@ def tokenize_records(
     if weighted:
         cols["data_weight"] = []
     skipped = 0
-    for i, rec in enumerate(records):
-        tok = tokenize_record(tokenizer, rec, cfg.max_length, cfg.chat_template)
+    for i, (rec, tok) in enumerate(zip(records, _tokenized(tokenizer, records, cfg))):
         if not any(tok.response_mask):
             skipped += 1
             continue
@@ -457,6 +467,30 @@ def check_noise_keeps_labels(records: Sequence[Record], cfg: DataConfig) -> None
     if cfg.corrupt_fraction and labelled is not None:
         raise DataError(f"{labelled.where}: carries weights, which data.corrupt_fraction's noise would misplace; "
                         "set data.corrupt_fraction: 0 or drop the weights")
+
+
+def _tokenized(tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], cfg: DataConfig) -> Sequence[Tokenized]:
+    """`tokenize_record` of every record, in order: in this process, or in `data.num_proc` worker processes
+    through `datasets.map` (each a contiguous slice; the tokenizer is pickled to them)."""
+    weighted = any(r.labels or r.tokens is not None for r in records)  # labels stay in this process (not pickled rows)
+    if cfg.num_proc <= 1 or len(records) < 2 * cfg.num_proc or weighted:  # a pool costs ~1 s to start
+        return [tokenize_record(tokenizer, r, cfg.max_length, cfg.chat_template) for r in records]
+    import datasets
+
+    table = datasets.Dataset.from_dict({
+        "messages": [r.messages for r in records], "where": [r.where for r in records],
+        "corrupt_spans": [[list(s) for s in r.corrupt_spans] for r in records],
+    })
+
+    def one(row: dict[str, Any]) -> dict[str, list[int]]:
+        rec = Record(row["messages"], row["where"], tuple(tuple(s) for s in row["corrupt_spans"]))  # type: ignore[misc]
+        tok = tokenize_record(tokenizer, rec, cfg.max_length, cfg.chat_template)
+        return {"input_ids": tok.input_ids, "response_mask": tok.response_mask, "corrupt": tok.corrupt}
+
+    # new_fingerprint: datasets would otherwise hash the tokenizer inside `one` to name a cache it never writes
+    out = table.map(one, num_proc=cfg.num_proc, remove_columns=table.column_names, new_fingerprint="tokenforget",
+                    keep_in_memory=True, desc="tokenizing")
+    return [Tokenized(*row) for row in zip(out["input_ids"], out["response_mask"], out["corrupt"])]
 
 
 def _prompt_key(record: Record) -> str:

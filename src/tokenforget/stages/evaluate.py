@@ -119,6 +119,22 @@ def hf_lm(model: torch.nn.Module, tokenizer: Any, ecfg: EvalConfig, bf16: bool) 
     )
 
 
+def standard_tasks(ecfg: EvalConfig) -> list[Any]:
+    """`eval.tasks` as lm-eval takes them: a name, or `{task: name, num_fewshot: n}` where `eval.task_shots` sets
+    its shots (lm-eval loads the named task's config and overrides that one field)."""
+    return [{"task": t, "num_fewshot": ecfg.task_shots[t]} if t in ecfg.task_shots else t for t in ecfg.tasks]
+
+
+def unknown_tasks(names: Sequence[str]) -> list[str]:
+    """The names among `names` that neither the installed lm-eval nor our `tasks/` folder defines (offline: the
+    task index is built from YAML files, no data is read)."""
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    known = set(TaskManager(include_path=str(TASK_DIR)).all_tasks)
+    return [n for n in names if n not in known]
+
+
 def _quiet_lm_eval() -> None:
     """lm_eval warns about every pre-loaded model and every `limit`; both are how we use it."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -219,7 +235,7 @@ def eval_data_config(data_cfg: DataConfig, limit: Optional[int], hub_config: Opt
     max_length), but the file's own format and columns, its first `limit` records, split `test` on the Hub."""
     return replace(
         data_cfg, path=None, split="test", hub_config=hub_config, format="auto", field_map={}, limit=limit,
-        hub_fallback=None, corrupt_fraction=0.0,
+        hub_fallback=None, corrupt_fraction=0.0, sample=None,
     )
 
 
@@ -258,7 +274,7 @@ def evaluate_model(
     source = data_mod.gsm8k_source(ecfg)
     out: dict[str, Any] = {"benchmarks": {}, "lm_eval": {}, "samples": {}}
     greedy: list[Any] = ([gsm8k_task(ecfg, source)] if source else [])
-    greedy += [multiple_choice_task(p) for p in ecfg.multiple_choice] + list(ecfg.tasks)
+    greedy += [multiple_choice_task(p) for p in ecfg.multiple_choice] + standard_tasks(ecfg)
     passes = [(greedy, ecfg.limit)]
     if ecfg.diversity_prompts and source:
         passes.append(([diversity_task(ecfg, source)], ecfg.diversity_prompts))
