@@ -1,4 +1,4 @@
-"""A LoRA training step on CPU with peft's dropout against `tokenforget.cpu_dropout`, interleaved in one process.
+"""A LoRA training step on CPU with peft's dropout against `tokenforget.model.cpu_dropout`, interleaved in one process.
 
     python benchmarks/cpu_step.py                      # SmolLM2-135M's shape, batch 8 x 96 (the demo's size)
     python benchmarks/cpu_step.py --length 512 --reps 3
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import _step, _trainer, save_model  # noqa: E402
 
 from tokenforget.config import LoraSettings, ModelConfig  # noqa: E402
-from tokenforget.cpu_dropout import CPUDropout  # noqa: E402
-from tokenforget.models import BaseModel  # noqa: E402
+from tokenforget.model.cpu_dropout import CPUDropout  # noqa: E402
+from tokenforget.model.loading import BaseModel  # noqa: E402
 
 
 def set_dropout(model: torch.nn.Module, ours: bool, p: float) -> None:

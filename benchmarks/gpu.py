@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from run import TokenClassCollator, Timing, _LabelCollator, _step, _trainer, interleaved, machine, toy_examples  # noqa: E402
+from run import Timing, TokenClassCollator, _LabelCollator, _step, _trainer, interleaved, machine, toy_examples  # noqa: E402
 
-from tokenforget import fused_ce  # noqa: E402
 from tokenforget.config import LoraSettings  # noqa: E402
-from tokenforget.models import add_lora  # noqa: E402
+from tokenforget.model import head_ce as fused_ce  # noqa: E402
+from tokenforget.model.loading import add_lora  # noqa: E402
 
 # Llama-3.2-1B's shape (its config.json on the Hub), weights random: no download, the same FLOPs.
 LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

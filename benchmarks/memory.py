@@ -44,10 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
-from tokenforget.memory import lean_allocator  # noqa: E402
-from tokenforget.models import BaseModel, add_lora  # noqa: E402
+from tokenforget.model.loading import BaseModel, add_lora  # noqa: E402
+from tokenforget.model.memory import lean_allocator  # noqa: E402
 from tokenforget.runfolder import release_memory  # noqa: E402
-from tokenforget.train import make_trainer, training_arguments  # noqa: E402
+from tokenforget.trainer import make_trainer, training_arguments  # noqa: E402
 
 VARIANTS = ("old", "new", "new+gc", "new+lean", "new+gc+lean")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",

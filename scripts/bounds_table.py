@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tokenforget.compare import mean_std, paired_nll_stderr
+from tokenforget.commands.compare import mean_std, paired_nll_stderr
 
 
 def finished(seed_dir: Path) -> dict[str, dict[str, Any]]:

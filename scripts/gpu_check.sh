@@ -40,7 +40,7 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 step versions 60 versions.log $py -c "
 import torch, transformers, peft, accelerate, datasets, jsonargparse, pyarrow
-from tokenforget.fused_ce import fused_backend
+from tokenforget.model.head_ce import fused_backend
 assert torch.cuda.is_available(), 'torch sees no CUDA GPU'
 print('python', __import__('sys').version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__,
       '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__,

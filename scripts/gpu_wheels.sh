@@ -9,7 +9,7 @@
 # jsonargparse (with docstring-parser and typeshed-client), trl. transformers and peft come too, at the
 # versions CI tests (the post-head transforms in model_ce.KNOWN_LOGIT_MAPS were read from transformers 5.24).
 # Not carried, because the check does not import them: lm_eval (evaluation), gguf (GGUF loading).
-# Optional fused CE kernels (tokenforget.fused_ce): liger-kernel, and cut-cross-entropy if PyPI has a wheel.
+# Optional fused CE kernels (tokenforget.model.head_ce): liger-kernel, and cut-cross-entropy if PyPI has a wheel.
 # Versions are the ones pinned below, for CPython 3.11 and 3.12 (the GPU image's python3 was 3.12.3) where
 # a wheel is version-specific, otherwise py3-none-any.
 set -euo pipefail

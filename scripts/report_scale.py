@@ -22,8 +22,8 @@ import datasets
 import numpy as np
 
 from tokenforget.config import RunConfig, to_dict
-from tokenforget.html_report import build_report
-from tokenforget.models import BaseModel
+from tokenforget.model.loading import BaseModel
+from tokenforget.report.html import build_report
 
 
 def fake_run(root: Path, n: int, length: int, seed: int = 0) -> None:

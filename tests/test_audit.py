@@ -9,11 +9,11 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import labelled_config
-from tokenforget.audit import audit_examples, disagreement, sample_auroc, suspicion_measures, worst_spans
+
 from tokenforget.cli import main
-from tokenforget.html_report import build_report, marked
+from tokenforget.commands.audit import audit_examples, disagreement, sample_auroc, suspicion_measures, worst_spans
+from tokenforget.report.html import build_report, marked
 
 
 def test_worst_span_is_the_highest_window_mean_within_each_example():
@@ -98,3 +98,42 @@ def test_marked_escapes_and_marks_the_first_occurrence():
     assert marked("a < 5 = 7, 5 = 7", " 5 = 7 ") == "a &lt; <mark>5 = 7</mark>, 5 = 7"
     assert marked("no span here", "absent") == "no span here"
     assert marked("x", "  ") == "x"
+
+
+def test_audit_writes_a_marked_file_that_trains_as_written(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`marked.jsonl`: the 8 input records in their own format and order, the 4 most suspicious (`audit.mark`
+    0.5) with their worst span as `spans: [{start, end, weight: 0}]`, the characters of the worst span's tokens
+    inside the answer. Trained as written with `partition.selection: data`, the no-loss tokens of each marked
+    example are the worst span's tokens inside the answer: the first of them, and none outside [a, b)."""
+    from tokenforget.objectives import NO_LOSS
+    from tokenforget.run.pipeline import Run
+    from tokenforget.cli import parse_config
+
+    cfg = labelled_config(tmp_path, tiny_model_dir)
+    assert main(["audit", str(cfg), "--audit.measure", "ref_loss", "--audit.mark", "0.5"]) == 0
+    out = tmp_path / "run" / "audit"
+    assert "Marked: 4 examples' worst spans as weight 0" in capsys.readouterr().out
+    source = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    marked = [json.loads(line) for line in (out / "marked.jsonl").read_text().splitlines()]
+    ranking = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    flagged = {r["example"]: r for r in ranking[:4]}  # rows = examples here: every record has a response
+    assert [{k: v for k, v in m.items() if k != "spans"} for m in marked] == source
+    assert sorted(i for i, m in enumerate(marked) if "spans" in m) == sorted(flagged)
+    for i, row in flagged.items():
+        (span,) = marked[i]["spans"]
+        assert span["weight"] == 0 and span["start"] < span["end"] <= len(source[i]["completion"])
+        text = source[i]["completion"][span["start"]:span["end"]]
+        assert text.strip() and text.strip() in row["worst_span"]
+    args = ["train", str(cfg), "--data.path", str(out / "marked.jsonl"), "--partition.selection", "data",
+            "--run_dir", str(tmp_path / "fixed"), "--train.mode", "ignore"]
+    assert main(args) == 0
+    run = Run(parse_config(args)[1])
+    classes, response = run.partition()["token_class"], run.data()["response_mask"]
+    for i in range(len(source)):
+        no_loss = [t for t, (c, r) in enumerate(zip(classes[i], response[i])) if r and c == NO_LOSS]
+        if i not in flagged:
+            assert no_loss == []
+            continue
+        a, b = flagged[i]["span_tokens"]
+        assert no_loss[0] == a and all(a <= t < b for t in no_loss)
+    assert (tmp_path / "fixed" / "train-ignore" / "stage.json").is_file()

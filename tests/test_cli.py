@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import stage_dirs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import stage_dirs, write_jsonl
 from tokenforget.cli import main
-from tokenforget.demo import make_examples
+from tokenforget.commands.demo import make_examples
 
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
@@ -110,7 +110,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
                                    "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
-    from tokenforget.config import PRESETS
+    from tokenforget.presets import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
     assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]
@@ -217,7 +217,7 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     (every digit of a number shares one score, at most its tokens' own), and the mixture's share is recorded."""
     import datasets
 
-    from tokenforget.score import token_kinds
+    from tokenforget.stages.score import token_kinds
 
     root = tmp_path / "demo"
     assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
@@ -248,8 +248,8 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
 
 def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
     """The small number ranges repeat problems; test and validation hold distinct problems, none a training one."""
-    from tokenforget.config import DemoConfig
-    from tokenforget.demo import write_task
+    from tokenforget.command_config import DemoConfig
+    from tokenforget.commands.demo import write_task
 
     write_task(DemoConfig(run_dir=str(tmp_path), seed=1, n_test=240, n_val=240), tmp_path)
     read = lambda n: [json.loads(x)["prompt"] for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
@@ -260,8 +260,8 @@ def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
 def test_demo_settings_are_the_config_choices():
     from typing import get_args
 
-    from tokenforget.config import DemoDetector, DemoSetting
-    from tokenforget.demo import DEMO_SETTINGS, PARTITIONING, SIM_MODES
+    from tokenforget.command_config import DemoDetector, DemoSetting
+    from tokenforget.commands.demo import DEMO_SETTINGS, PARTITIONING, SIM_MODES
 
     assert [*DEMO_SETTINGS, *SIM_MODES] == list(get_args(DemoSetting))
     assert list(PARTITIONING) == list(get_args(DemoDetector))
@@ -314,9 +314,10 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path, tiny_model_dir: P
 def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
     """`noise_kind: weak`: the weak folder's noisy answers are the training set, its gold answers the clean twin, its
     right answers `correct_only`; the held-out problems exclude its problems. A missing folder is one clear error."""
-    from tokenforget.config import ConfigError, DemoConfig
-    from tokenforget.data import DataError
-    from tokenforget.demo import make_task, write_jsonl, write_task
+    from tokenforget.command_config import DemoConfig
+    from tokenforget.config import ConfigError
+    from tokenforget.stages.data import DataError
+    from tokenforget.commands.demo import make_task, write_jsonl, write_task
 
     noisy, gold = make_task(12, seed=2, noise=0.4)
     weak = tmp_path / "weak"

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import gsm8k_rows, tiny_run_config, write_config, write_jsonl
+
 from tokenforget.cli import main
-from tokenforget.compare import RESULTS_FILE, TABLE_FILE, mean_std, summarize
+from tokenforget.commands.compare import RESULTS_FILE, TABLE_FILE, mean_std, summarize
 
 MODES = ["sft", "ignore", "forget"]
 
@@ -58,7 +58,7 @@ def test_compare_two_seeds_end_to_end(config: Path, capsys):
     assert set(res["detection"]) == {"1", "2"} and res["detection"]["1"]["n_corrupt"] > 0
     from importlib.metadata import version
 
-    from tokenforget.compare import machine
+    from tokenforget.version import machine
 
     assert res["versions"]["lm_eval"] == version("lm_eval") and res["machine"] == machine()
     assert 0 < res["wall_s"] < time.time() - started
@@ -120,7 +120,7 @@ def test_shipped_gsm8k_configs_parse(name: str):
 def test_paired_nll_stderr_by_hand():
     """Same tokens (1, 1) per example; NLL sums a = (2, 4), b = (1, 5): r = (1, -1), difference 0/2 = 0,
     residuals (1, -1) -> se = sqrt(2/1 * 2) / 2 = 1. Without per-example numbers: None."""
-    from tokenforget.compare import paired_nll_stderr
+    from tokenforget.commands.compare import paired_nll_stderr
 
     a = {"per_example": {"nll_sum": [2.0, 4.0], "tokens": [1, 1]}}
     b = {"per_example": {"nll_sum": [1.0, 5.0], "tokens": [1, 1]}}

@@ -4,11 +4,11 @@ import gzip
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny, write_jsonl
+
 from tokenforget.config import DataConfig, ModelConfig
-from tokenforget.data import DataError, Record, load_records, resolve_source, tokenize_record, tokenize_records
-from tokenforget.models import FALLBACK_CHAT_TEMPLATE, load_tokenizer
+from tokenforget.model.loading import FALLBACK_CHAT_TEMPLATE, load_tokenizer
+from tokenforget.stages.data import DataError, Record, load_records, resolve_source, tokenize_record, tokenize_records
 
 
 def masked_text(tok, t):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_run_config, write_config, write_jsonl
+
 from tokenforget.cli import main
-from tokenforget.demo import make_examples
+from tokenforget.commands.demo import make_examples
 from tokenforget.score_methods import NEEDS_NOISY, SCORE_METHODS
 
 

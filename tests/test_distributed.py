@@ -15,12 +15,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_archs import batch, build, ce_of_logits
 
-from tiny_archs import batch, ce_of_logits
-from tiny_archs import build
-from tokenforget import models
 from tokenforget.config import LoraSettings, ModelConfig, RunConfig
-from tokenforget.model_ce import ce_path, model_token_ce
+from tokenforget.model import loading as models
+from tokenforget.model.model_ce import ce_path, model_token_ce
 
 
 @pytest.fixture
@@ -88,7 +87,7 @@ def test_qlora_loads_on_this_ranks_gpu(monkeypatch):
 
 def test_compare_builds_its_base_with_qlora(monkeypatch):
     """`compare` loads its shared base as the config says: 4-bit with lora.qlora."""
-    from tokenforget import compare
+    from tokenforget.commands import compare
 
     class Stop(Exception):
         pass
@@ -106,7 +105,7 @@ def test_ddp_timeout_reaches_the_process_group(monkeypatch):
     """Under torchrun (WORLD_SIZE 2) the process group is made with the configured timeout."""
     import accelerate
 
-    from tokenforget.pipeline import Ranks
+    from tokenforget.run.pipeline import Ranks
 
     made: list[dict] = []
 

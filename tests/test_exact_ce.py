@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from tiny_archs import ARCHS, PROMPT, SEQS, batch, build, ce_of_logits, with_unknown_transform
-from tokenforget.losses import LogitMap, linear_cross_entropy
-from tokenforget.model_ce import ce_path, model_token_ce
-from tokenforget.score import forward_ce, pad_batch
+from tokenforget.model.head_ce import LogitMap, linear_cross_entropy
+from tokenforget.model.model_ce import ce_path, model_token_ce
+from tokenforget.model.batching import forward_ce, pad_batch
 
 CE_ATOL = 1e-5
 
@@ -185,9 +185,9 @@ def test_trainer_loss_equals_the_objective_over_model_logits(arch, tmp_path):
     """`ForgettingTrainer.compute_loss` (the training path) = the forget objective over the reference CE."""
     from transformers import TrainingArguments
 
-    from tokenforget.losses import forgetting_loss
+    from tokenforget.objectives import forgetting_loss
     from tokenforget.config import ObjectiveConfig
-    from tokenforget.train import ForgettingTrainer
+    from tokenforget.trainer import ForgettingTrainer
 
     model = lora(build(arch))
     ids, mask, positions = batch()
@@ -289,3 +289,121 @@ def test_cuda_bf16_ce_close_to_model_logits_ce(arch):
     ours.sum().backward()
     grads = [p.grad for p in trainable(model).values()]
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
+# ---------------------------------------------------------------- the defaults, end to end, and the probe's dtypes
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gemma2", "llama"])
+def test_score_command_with_the_default_attention_equals_model_logits_ce(arch, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """`tokenforget score` on a saved tiny model with the default `model.attn_implementation` (auto: GPT-Neo and
+    Gemma-2 have no sdpa, which the old default forced and they refused with a ValueError): CE_base and CE_ref of
+    every response token = F.cross_entropy over the model's own fp32 logits (base; base + the saved adapter),
+    within CE_ATOL. fp32 (`model.precision: fp32`), as every exactness test here: bf16 moves values by ~1e-2."""
+    import datasets
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_run_config, write_config
+    from tokenforget.cli import main
+
+    folder = tmp_path / arch
+    build(arch, vocab=len(tiny_tokenizer), max_position_embeddings=128).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cfg = tiny_run_config(tmp_path, folder, n_examples=8, reference={"fraction": 0.5})
+    assert "attn_implementation" not in cfg["model"]
+    assert main(["score", str(write_config(tmp_path, cfg))]) == 0
+    run = tmp_path / "run"
+    tokens = datasets.load_from_disk(str(run / "data" / "tokens"))
+    scores = datasets.load_from_disk(str(run / "scores" / "scores"))
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                    str(run / "reference" / "adapter")).eval()
+    for i in range(len(tokens)):
+        ids = torch.tensor([tokens[i]["input_ids"]])
+        resp = torch.tensor([tokens[i]["response_mask"]]).bool()
+        resp[:, 0] = False
+        with torch.no_grad():
+            for model, column in ((base, "ce_base"), (ref, "ce_ref")):
+                want = ce_of_logits(model(input_ids=ids).logits, ids, resp)[0]
+                got = torch.tensor(scores[i][column])
+                torch.testing.assert_close(got[resp[0]], want[resp[0]], rtol=0, atol=CE_ATOL)
+
+
+def test_attention_the_model_refuses_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, capsys):
+    """An explicit `sdpa` for GPT-Neo (which has none): one line naming the field, exit 2, no stage folder."""
+    from conftest import tiny_run_config, write_config
+    from tokenforget.cli import main
+
+    folder = tmp_path / "gpt_neo"
+    build("gpt_neo", vocab=len(tiny_tokenizer), max_position_embeddings=128).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cfg = tiny_run_config(tmp_path, folder, n_examples=8, model={"attn_implementation": "sdpa"})
+    capsys.readouterr()  # the save's progress bars
+    assert main(["score", str(write_config(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'model.attn_implementation'" in err[0] and "GPTNeoForCausalLM" in err[0], err
+    assert not (tmp_path / "run" / "data").exists()
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_probe_inside_a_callers_bf16_autocast_takes_the_hidden_path(weights):
+    """The scorer and the evaluation call the probe first inside their own bf16 autocast. Before this change
+    the probe's reference product h W^T ran in that autocast (a bf16 product) and missed the fp32 logits by
+    ~4e-3 > the fp32 bound: every model went to the slower logits path with a warning of an unknown transform.
+    bf16 weights: the bound is 4 bf16 ulps (`probe_tolerance`). An unknown transform is still caught in both."""
+    from tokenforget.model.model_ce import probe_ce_path
+    from tokenforget.model.loading import autocast
+
+    with torch.no_grad(), autocast(True):
+        assert probe_ce_path(build("llama").to(weights)).kind == "hidden"
+        assert probe_ce_path(with_unknown_transform("llama").to(weights)).kind == "logits"
+
+
+def test_probe_bound_for_fp32_logits_from_a_bf16_head():
+    """A model that returns its logits in fp32 from a bf16 head (upcast after the lm_head, as many do) takes the
+    hidden path: the logits are bf16 numbers, and the bound follows the weight's dtype, not the logits'.
+    Hand-worked bounds: fp32 1e-5 (PROBE_RTOL), bf16 4 x 2^-7 = 0.03125, fp16 4 x 2^-10 = 0.00390625."""
+    from tokenforget.model.model_ce import probe_ce_path, probe_tolerance
+
+    assert probe_tolerance(torch.float32) == 1e-5
+    assert probe_tolerance(torch.float32, torch.bfloat16) == 0.03125
+    assert probe_tolerance(torch.float16, torch.float32) == 0.00390625
+    model = build("gemma2").to(torch.bfloat16)  # soft cap 0.5: a known transform after the head
+
+    def upcast(_module, _args, out):
+        out.logits = out.logits.float()
+        return out
+
+    model.register_forward_hook(upcast)
+    path = probe_ce_path(model)
+    assert path.kind == "hidden", path.reason
+
+
+def test_demo_evaluation_path_probes_a_tied_head_model_exact_without_a_warning(tmp_path, tiny_model_dir, caplog):
+    """The demo's evaluation (`report.evaluate_models`): a trained model saved merged and loaded again
+    (`load_trained`), answers generated, then the gold NLL, all in bf16 autocast as on a CPU with native bf16
+    (forced here, so the test holds on any CPU). The tied-head Llama must take the `hidden` path with no
+    warning; the demo printed `logits path: ... a transform after the head that we do not know` for each model."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from tokenforget.config import ModelConfig
+    from tokenforget.stages.evaluate import generate, gold_nll
+    from tokenforget.model.model_ce import ce_path
+    from tokenforget.model.loading import load_tokenizer
+    from tokenforget.stages.evaluate import load_trained
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "train" / "model")
+    model = load_trained(tmp_path / "train")
+    assert model.config.tie_word_embeddings
+    text = tok.apply_chat_template([{"role": "user", "content": "Mia has 12 apples."},
+                                    {"role": "assistant", "content": "The answer is 24."}], tokenize=False)
+    ids = [tok(text)["input_ids"]]
+    with caplog.at_level(logging.INFO, logger="tokenforget.model.model_ce"):
+        generate(model, tok, [[{"role": "user", "content": "Mia has 12 apples."}]], 4, batch_size=1, bf16=True)
+        gold_nll(model, ids, [[0] * 3 + [1] * (len(ids[0]) - 3)], 1, True, tok.pad_token_id)
+    assert ce_path(model).kind == "hidden", ce_path(model).reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenforget import fused_ce
-from tokenforget.fused_ce import fused_backend, head_cross_entropy
-from tokenforget.losses import LogitMap, linear_cross_entropy
+from tokenforget.model import head_ce as fused_ce
+from tokenforget.model.head_ce import LogitMap, fused_backend, head_cross_entropy, linear_cross_entropy
 
 CUDA = torch.device("cuda")  # a device object needs no GPU; only tensors on it do
 

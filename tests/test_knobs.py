@@ -9,15 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import GradCapture, toy_dataset, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import GradCapture, toy_dataset, write_jsonl
 from tokenforget.cli import main
-from tokenforget.config import ConfigError, DataConfig, LoraSettings, ObjectiveConfig, RunConfig, TrainConfig, TrainingConfig
-from tokenforget.data import load_records, tokenize_records
-from tokenforget.models import add_lora, qlora_config
-from tokenforget.score import forward_ce, pad_batch
-from tokenforget.train import make_trainer, save_model, training_arguments
+from tokenforget.config import (
+    ConfigError,
+    DataConfig,
+    LoraSettings,
+    ObjectiveConfig,
+    RunConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from tokenforget.model.batching import forward_ce, pad_batch
+from tokenforget.model.loading import add_lora, qlora_config
+from tokenforget.stages.data import load_records, tokenize_records
+from tokenforget.trainer import make_trainer, save_model, training_arguments
 
 
 def test_training_args_pass_through_last(tmp_path):
@@ -50,6 +58,7 @@ def test_bad_knobs_are_config_errors_naming_the_field(make, message):
 def test_the_readme_knobs_example_is_a_valid_config(tmp_path):
     """The README's YAML of knobs parses through the CLI's parser into a RunConfig with those values."""
     from conftest import readme_block
+
     from tokenforget.cli import parse_config
 
     (tmp_path / "knobs.yaml").write_text(readme_block("training_args:"))

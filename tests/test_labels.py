@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import build_tiny, stage_dirs
 from safetensors.torch import load_file
 
-from conftest import build_tiny, stage_dirs
 from tokenforget.cli import main
 from tokenforget.config import ModelConfig
-from tokenforget.data import DataError
-from tokenforget.labels import labels_table, read_labels, tokenizer_digest, write_labels
-from tokenforget.models import load_tokenizer
+from tokenforget.model.loading import load_tokenizer
+from tokenforget.stages.data import DataError
+from tokenforget.stages.labels import labels_table, read_labels, tokenizer_digest, write_labels
 
 
 def test_partition_exports_ids_scores_and_classes(config: Path, tiny_tokenizer):

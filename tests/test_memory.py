@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import forbid_loading
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import forbid_loading
-from tokenforget import models
 from tokenforget.cli import main, parse_config
 from tokenforget.config import ConfigError, LoraSettings, ModelConfig, RunConfig
-from tokenforget.memory import Shape, estimate, model_shape
-from tokenforget.models import BaseModel, add_lora, share_weights
-from tokenforget.pipeline import Run
+from tokenforget.model import loading as models
+from tokenforget.model.loading import BaseModel, add_lora, share_weights
+from tokenforget.model.memory import Shape, estimate, model_shape
+from tokenforget.run.pipeline import Run
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -188,7 +188,7 @@ def test_dry_run_prints_the_estimate_without_loading_weights(config: Path, capsy
 # both buffers are mmapped and unmapped when freed: +0 (a page or two of the allocator's own).
 _RESIDENT_AFTER_FREE = """
 import sys, torch
-from tokenforget.memory import lean_allocator
+from tokenforget.model.memory import lean_allocator
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
 print("lean" if sys.argv[1] == "lean" and lean_allocator() else "default")
@@ -203,14 +203,17 @@ print(rss() - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
                     reason="glibc's allocator on Linux")
 def test_lean_allocator_returns_a_freed_16_mib_buffer_that_glibcs_default_keeps_resident(monkeypatch):
+    import os
     import subprocess
     import sys
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's code, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     kept = {}
     for mode in ("default", "lean"):
         out = subprocess.run([sys.executable, "-c", _RESIDENT_AFTER_FREE, mode], capture_output=True, text=True,
-                             check=True).stdout.split()
+                             check=True, env=env).stdout.split()
         assert out[0] == mode  # lean_allocator made the setting
         kept[mode] = int(out[1])
     assert kept["default"] >= 15 << 20  # the control: without the setting the freed buffer stays
@@ -218,7 +221,7 @@ def test_lean_allocator_returns_a_freed_16_mib_buffer_that_glibcs_default_keeps_
 
 
 def test_lean_allocator_leaves_a_users_own_threshold_alone(monkeypatch):
-    from tokenforget.memory import lean_allocator
+    from tokenforget.model.memory import lean_allocator
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert lean_allocator() is False
@@ -227,7 +230,7 @@ def test_lean_allocator_leaves_a_users_own_threshold_alone(monkeypatch):
 def test_every_command_sets_the_lean_allocator_before_its_work(tmp_path, monkeypatch):
     """The command line makes the process-wide setting before a command runs (and not for a bad config)."""
     import tokenforget.cli as cli
-    import tokenforget.memory as memory
+    import tokenforget.model.memory as memory
 
     calls: list[str] = []
     monkeypatch.setattr(memory, "lean_allocator", lambda: calls.append("lean") or True)
@@ -236,3 +239,61 @@ def test_every_command_sets_the_lean_allocator_before_its_work(tmp_path, monkeyp
     assert calls == []
     assert main(["report", "--run_dir", str(tmp_path)]) == 0
     assert calls == ["lean", "report"]
+
+
+def test_precision_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """`precision: auto` on a CPU: bf16 autocast only with AVX512-BF16 or AMX among its flags, fp32 on an
+    AVX2-only or AVX-512 CPU without them, and fp32 wherever TOKENFORGET_CPU_BF16=0 hides them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(models.CPU_BF16_ENV, raising=False)
+    for flags, bf16 in ((["sse4_2", "avx2", "fma"], False), (["avx2", "avx512f", "avx512bw"], False),
+                        (["avx2", "avx512f", "avx512_bf16"], True), (["avx2", "amx_tile", "amx_bf16"], True)):
+        monkeypatch.setattr(models, "cpu_flags", lambda flags=flags: flags)
+        assert models.use_bf16("auto") is bf16, flags
+        assert models.use_bf16("fp32") is False
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert models.use_bf16("auto") is False
+
+
+def test_cpu_flags_read_the_flags_line(monkeypatch, tmp_path):
+    """The flags line of /proc/cpuinfo, word by word: `avx512_bf16` is found, a flag that only contains a
+    wanted name as a substring is not taken for it."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some amx_bf16 CPU\nflags\t\t: fpu avx2 avx512f xamx_bf16x\n")
+    real_path = models.Path
+    monkeypatch.setattr(models, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert models.cpu_flags() == ["fpu", "avx2", "avx512f", "xamx_bf16x"]
+    assert not models.cpu_has_bf16()
+
+
+class LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of the largest tensor any op returns inside the mode (views included: an upper bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_chunked_ce_never_holds_more_than_one_chunk_of_logits():
+    """The memory claim of the chunked CE, counted exactly instead of measured (a peak RSS moves with the CPU's
+    kernels and the allocator): forward and backward of N = 1,024 rows over V = 1,000 in chunks of 256, the
+    largest tensor any op makes is one fp32 chunk of logits, 256 x 1,000 x 4 = 1,024,000 bytes. The full-logits
+    baseline makes 1,024 x 1,000 x 4 = 4,096,000."""
+    from tokenforget.model.head_ce import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(1024, 64, requires_grad=True)
+    w = (0.02 * torch.randn(1000, 64)).requires_grad_()
+    t = torch.randint(0, 1000, (1024,))
+    with LargestAllocation() as ours:
+        linear_cross_entropy(h, w, t, chunk_size=256).mean().backward()
+    with LargestAllocation() as naive:
+        torch.nn.functional.cross_entropy(h @ w.T, t).backward()
+    assert (ours.largest, naive.largest) == (1_024_000, 4_096_000)

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import labelled_config, tiny_run_config, write_jsonl
+
 from tokenforget.cli import main
-from tokenforget.config import PrepareConfig, UserError
-from tokenforget.evaluate import result_spans
-from tokenforget.natural import check_no_overlap, prepare_natural, question_key, to_gsm8k_answer
+from tokenforget.command_config import PrepareConfig
+from tokenforget.config import UserError
+from tokenforget.metrics import result_spans
+from tokenforget.stages.natural import check_no_overlap, prepare_natural, question_key, to_gsm8k_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SOLUTIONS = SHARED / "gsm8k-model-solutions" / "example_model_solutions.jsonl"
@@ -166,12 +167,12 @@ def test_result_nll_is_the_models_own_ce_over_the_result_tokens(tiny_model_dir: 
     reorder sums only, so 1e-5 relative)."""
     import torch
     import torch.nn.functional as F
-
-    from tokenforget import data as data_mod
-    from tokenforget.benchmarks import nll_benchmarks
-    from tokenforget.config import DataConfig, ModelConfig
-    from tokenforget.models import load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from tokenforget.config import DataConfig, ModelConfig
+    from tokenforget.model.loading import load_tokenizer
+    from tokenforget.stages import data as data_mod
+    from tokenforget.stages.evaluate import nll_benchmarks
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -206,7 +207,7 @@ def test_systematic_demo_noise_marks_the_two_wrong_numbers():
     """make_task: the noisy copy differs from the clean twin only in corrupted examples, and there only in the
     total and the answer, each exactly 10 larger; the spans cover exactly those two numbers. 0.4 x 40 = 16
     examples are corrupted, all of them problems that end in a total (kinds 0 and 2: 'has' / 'In total')."""
-    from tokenforget.demo import make_task
+    from tokenforget.commands.demo import make_task
 
     noisy, clean = make_task(40, seed=3, noise=0.4)
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]

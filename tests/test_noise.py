@@ -4,10 +4,18 @@ import random
 
 import pytest
 
-from tokenforget.data import Record
-from tokenforget.noise import (
-    corrupt_answer, corrupt_records, inject_noise, insert_sentence, nearby_number, off_by_one, one_more, set_number,
-    step_results, wrong_number,
+from tokenforget.stages.data import Record
+from tokenforget.stages.noise import (
+    corrupt_answer,
+    corrupt_records,
+    inject_noise,
+    insert_sentence,
+    nearby_number,
+    off_by_one,
+    one_more,
+    set_number,
+    step_results,
+    wrong_number,
 )
 
 ANSWER = (
@@ -66,7 +74,7 @@ def test_corrupt_records_fraction_and_seed():
 
 def test_corrupted_tokens_reach_the_corrupt_mask(tiny_tokenizer):
     from tokenforget.config import DataConfig
-    from tokenforget.data import tokenize_records
+    from tokenforget.stages.data import tokenize_records
 
     rec = Record([{"role": "user", "content": "q"}, {"role": "assistant", "content": ANSWER}], "f:0")
     (bad,), _ = corrupt_records([rec], 1.0, seed=1)
@@ -83,7 +91,7 @@ def test_corrupted_tokens_reach_the_corrupt_mask(tiny_tokenizer):
 def marked_tokens(tokenizer, record: Record) -> list[str]:
     """The token strings the corrupt mask marks, in order."""
     from tokenforget.config import DataConfig
-    from tokenforget.data import tokenize_records
+    from tokenforget.stages.data import tokenize_records
 
     cols, _ = tokenize_records(tokenizer, [record], DataConfig())
     return [tokenizer.decode([t]) for t, c in zip(cols["input_ids"][0], cols["corrupt"][0]) if c]

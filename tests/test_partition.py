@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from tokenforget.partition import (example_partition, global_partition, n_positive, oracle_partition, select_tokens,
-                                   tail_partition, token_classes)
+from tokenforget.stages.partition import (
+    example_partition,
+    global_partition,
+    n_positive,
+    oracle_partition,
+    select_tokens,
+    tail_partition,
+    token_classes,
+)
 
 SCORES = np.array([0.5, 0.1, 0.5, 0.9, 0.1])
 # descending, ties kept in data order: 0.9 (i3), 0.5 (i0), 0.5 (i2), 0.1 (i1), 0.1 (i4)
@@ -56,7 +63,7 @@ def test_streaming_cut_counts_exactly_and_reports_achieved_rho():
     """10,000 distinct scores in 7 shards, rho 0.7: exact selection keeps the top 7,000. With 64 bins the
     streaming cut is a bin edge, so it keeps every exact positive plus at most the tokens of one bin
     (here ~156 per bin on a uniform grid), and its count of scores >= threshold is exact."""
-    from tokenforget.partition import streaming_threshold
+    from tokenforget.stages.partition import streaming_threshold
 
     scores = np.random.default_rng(0).permutation(10_000).astype(np.float32) / 10_000
     shards = lambda: np.array_split(scores, 7)  # noqa: E731
@@ -76,7 +83,7 @@ def test_per_sample_ranks_within_each_example_with_ties_to_the_earlier_token():
     ex0: round(0.4 * 3) = 1 positive: the first 0.8 (tie with the third goes to the earlier) -> [T, F, F].
     ex1: round(0.4 * 4) = round(1.6) = 2: 0.5, then the first 0.3 -> [T, F, T, F].
     Global ranking at rho 0.4 of 7 = 3 would instead take 0.8, 0.8, 0.5 (and nothing else from ex1)."""
-    from tokenforget.partition import per_sample_partition
+    from tokenforget.stages.partition import per_sample_partition
 
     scores = np.array([0.8, 0.2, 0.8, 0.5, -1.0, 0.3, 0.3])
     example = np.array([0, 0, 0, 1, 1, 1, 1])
@@ -86,7 +93,7 @@ def test_per_sample_ranks_within_each_example_with_ties_to_the_earlier_token():
 
 def test_threshold_keeps_scores_at_or_above_it():
     """SCORES [0.5, 0.1, 0.5, 0.9, 0.1], threshold 0.5: both tied 0.5s and the 0.9 are positive."""
-    from tokenforget.partition import threshold_partition
+    from tokenforget.stages.partition import threshold_partition
 
     assert threshold_partition(SCORES, 0.5).tolist() == [True, False, True, True, False]
 
@@ -95,7 +102,7 @@ def test_soft_weights_by_rank_from_the_cut():
     """SCORES [0.5, 0.1, 0.5, 0.9, 0.1], rho 0.6: N 5, k 3. Ranks (ties to the earlier token):
     i3 r0, i0 r1, i2 r2, i1 r3, i4 r4. Positives 1 - r/3: i3 1, i0 2/3, i2 1/3;
     negatives -(r - 3 + 1)/2: i1 -1/2, i4 -1. Signs equal the global partition."""
-    from tokenforget.partition import soft_weights
+    from tokenforget.stages.partition import soft_weights
 
     w = soft_weights(SCORES, 0.6)
     assert w.tolist() == pytest.approx([2 / 3, -0.5, 1 / 3, 1.0, -1.0])
@@ -108,7 +115,7 @@ def test_select_tokens_flat_classes_and_weights():
     0.3 r2, 0.2 r3, -1.0 r4 -> |w|: 0.8 1, 0.5 1/2, 0.3 1/3, 0.2 2/3, -1.0 1.
     per_sample, rho 0.5: ex0 round(1.0) = 1 -> 0.8; ex1 round(1.5) = 2 -> 0.5, 0.3.
     threshold 0.25: 0.8, 0.5, 0.3."""
-    from tokenforget.partition import select_tokens
+    from tokenforget.stages.partition import select_tokens
 
     scores = np.array([9.0, 0.2, 0.8, 9.0, 9.0, 0.5, -1.0, 0.3], dtype=np.float32)
     resp = np.array([0, 1, 1, 0, 0, 1, 1, 1])
@@ -180,7 +187,7 @@ def test_simulated_detector_counts_on_a_hand_made_mask():
     tokens negative; precision 0.4: round(2 / 0.4) = 5 negatives, so 5 - 2 = 3 right ones. With `detector` false
     positives they are the 3 right tokens of lowest score: scores of the right positions 2,3,4,6,7,8,9,10 are
     5,1,7,0,9,1,8,6, so position 6 (score 0), then 3 and 7 (score 1). The same seed draws the same wrong tokens."""
-    from tokenforget.partition import simulated_counts, simulated_partition
+    from tokenforget.stages.partition import simulated_counts, simulated_partition
 
     bad = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], bool)
     scores = np.array([0, 0, 5, 1, 7, 0, 0, 1, 9, 8, 6, 0], np.float32)
@@ -201,7 +208,7 @@ def test_simulated_selection_through_the_partition_stage():
     import datasets
 
     from tokenforget.config import PartitionConfig
-    from tokenforget.partition import partition_exact
+    from tokenforget.stages.partition import partition_exact
 
     tokens = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7]], "response_mask": [[0, 1, 1, 1], [0, 1, 1]],
                                          "corrupt": [[0, 1, 0, 0], [0, 0, 1]]})

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import forbid_loading
 from transformers import AutoModelForCausalLM
 
-from conftest import forbid_loading
-from tokenforget import compare
 from tokenforget.cli import main, parse_config
-from tokenforget.compare import seed_config
+from tokenforget.commands.compare import seed_config
+from tokenforget.commands.plan import optimizer_steps, plan_run, score_padded_tokens, train_padded_tokens
 from tokenforget.config import TrainingConfig
-from tokenforget.pipeline import Run
-from tokenforget.plan import optimizer_steps, plan_run, score_padded_tokens, train_padded_tokens
+from tokenforget.run import variants
+from tokenforget.run.pipeline import Run
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -109,7 +109,7 @@ def test_compare_dry_run_after_the_comparison_reuses_every_stage_and_the_oracle_
     _, cfg, _ = parse_config(["compare", str(config), *args])
     run = Run(seed_config(cfg, 1))
     for mode in ("sft", "rho5"):  # what `compare` trains for seed 1 (its evaluation left out)
-        compare.train(run, mode)
+        variants.train(run, mode)
     assert (root / "seed-1" / "variant-rho5" / "train-rho5" / "stage.json").is_file()
     capsys.readouterr()
     assert main(["compare", str(config), *args, "--dry-run"]) == 0

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tokenforget.cli import main, parse_config
-from tokenforget.config import PRESETS, ConfigError, RunConfig, apply_preset, to_dict
+from tokenforget.config import ConfigError, RunConfig, to_dict
+from tokenforget.presets import PRESETS, apply_preset
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -11,24 +11,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from browser import chromium, chromium_missing
 from conftest import TINY_RUN_EXAMPLES, write_jsonl
+
 from tokenforget.cli import main
-from tokenforget.demo import make_examples
-from tokenforget.html_report import (
-    FlatTokens,
-    ReportError,
-    colour_scale,
-    read_run,
-    results_tables,
-    script_json,
-    token_pieces,
-    top_tokens,
-    training_table,
-    visible,
-)
-from tokenforget.plots import clip_range, curve
+from tokenforget.commands.demo import make_examples
+from tokenforget.report.html import colour_scale, results_tables, script_json, top_tokens, training_table
+from tokenforget.report.plots import clip_range, curve
+from tokenforget.report.reading import FlatTokens, ReportError, read_run, token_pieces, visible
 
 N_EXAMPLES = TINY_RUN_EXAMPLES
 
@@ -130,7 +120,7 @@ def test_end_summary_prints_only_the_losses_a_mode_has(tmp_path: Path):
     lambda 0.25: loss = 2.0 - 0.25 x 3.0 = 1.25."""
     from types import SimpleNamespace
 
-    from tokenforget.report import run_summary
+    from tokenforget.report.summary import run_summary
 
     histories = {
         "train-sft": [{"loss": 9.0, "loss_pos": 9.0, "loss_neg": float("nan"), "step": 1},
@@ -234,7 +224,7 @@ def test_report_of_a_comparison_folder(run_dir: Path, tmp_path: Path):
     the page shows compare's own tables, and the lowest seed's examples and curves."""
     import shutil
 
-    from tokenforget.compare import compare_tables, summarize
+    from tokenforget.commands.compare import compare_tables, summarize
 
     root = tmp_path / "cmp"
     for seed in (2, 10):

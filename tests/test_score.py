@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokenforget.score import length_grouped_batches, score_tokens
+from tokenforget.model.batching import length_grouped_batches
+from tokenforget.stages.score import score_tokens
 
 SEQS = [[5, 17, 23, 42, 8, 9, 10, 11], [7, 30, 31], [11, 12, 13, 14, 15], [40, 41, 43, 44]]
 
@@ -72,8 +73,9 @@ def test_length_grouping():
 def test_hidden_state_ce_equals_full_logits_ce_with_gradients(tiny_model_dir):
     """model_token_ce (no full logits, only chosen positions) vs token_cross_entropy of the full logits:
     same values at the chosen positions, 0 elsewhere, and the same parameter gradients (fp32)."""
-    from tokenforget.losses import token_cross_entropy
-    from tokenforget.score import model_token_ce, pad_batch
+    from tokenforget.model.batching import pad_batch
+    from tokenforget.model.head_ce import token_cross_entropy
+    from tokenforget.model.model_ce import model_token_ce
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids, mask = pad_batch(SEQS, 0)

@@ -99,7 +99,7 @@ def test_example_max_ref_loss_ranks_an_example_by_its_worst_token():
     """Examples [0, 0, 1, 1, 1], CE_ref [4, 0, 1, 3, 2]: example 0's worst token costs 4 (mean 2), example 1's 3
     (mean 2), so the max says example 0 is the more suspicious one where the mean cannot tell them apart. The
     example filter keeping round(0.5 x 2) = 1 example keeps example 1's three tokens."""
-    from tokenforget.partition import example_partition
+    from tokenforget.stages.partition import example_partition
 
     args, kw = ([0] * 5, [4, 0, 1, 3, 2]), {"ids": [1, 2, 3, 4, 5], "ex": [0, 0, 1, 1, 1]}
     scores = method("example_max_ref_loss", *args, **kw)
@@ -154,7 +154,8 @@ def test_span_decisions_pool_a_number_and_its_copies():
 def test_two_gaussians_recover_a_known_negative_share():
     """5,000 scores: a share q from N(-3, 0.7) (the noise), the rest from N(0, 0.5). EM finds q within 0.01 and the
     two means within 0.1; the mixture partition makes round(w_low x N) tokens negative."""
-    from tokenforget.partition import mixture_partition, two_gaussians
+    from tokenforget.metrics import two_gaussians
+    from tokenforget.stages.partition import mixture_partition
 
     rng = np.random.default_rng(0)
     for q in (0.04, 0.1, 0.3):

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import write_jsonl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import write_jsonl
 from tokenforget.cli import main
-from tokenforget.demo import make_examples
-
+from tokenforget.commands.demo import make_examples
 
 LOGGED = ["loss", "loss_pos", "loss_neg", "lambda", "n_pos", "n_neg"]
 

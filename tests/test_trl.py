@@ -11,13 +11,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("trl", reason="TRL is the optional extra tokenforget[trl]: pip install -e '.[trl]'")
+from conftest import (  # noqa: E402
+    CLS,
+    IDS,
+    GradCapture,
+    first_step_grads,
+    readme_block,  # noqa: E402
+    toy_dataset,
+    weighted_dataset,
+)
 from trl import SFTConfig  # noqa: E402
 
-from conftest import readme_block  # noqa: E402
-from conftest import CLS, IDS, GradCapture, first_step_grads, toy_dataset, weighted_dataset  # noqa: E402
 from tokenforget.cli import main  # noqa: E402
 from tokenforget.config import ObjectiveConfig  # noqa: E402
-from tokenforget.losses import forgetting_loss, token_cross_entropy  # noqa: E402
+from tokenforget.model.head_ce import token_cross_entropy  # noqa: E402
+from tokenforget.objectives import forgetting_loss  # noqa: E402
 from tokenforget.trl import ForgettingSFTTrainer  # noqa: E402
 
 
@@ -51,7 +59,7 @@ def test_trl_step_has_our_loss_and_gradient(tiny_model_dir, tiny_tokenizer, tmp_
     trainer.train()
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    from tokenforget.score import pad_batch
+    from tokenforget.model.batching import pad_batch
 
     ids, mask = pad_batch(IDS, tiny_tokenizer.pad_token_id)
     cls, _ = pad_batch(CLS, 0)
@@ -183,3 +191,43 @@ def test_readme_trl_snippet_runs(config, tiny_model_dir, tmp_path, monkeypatch):
     steps = 3 * -(-n // 8)
     assert trainer.state.global_step == steps
     assert trainer._last_lambda == pytest.approx(0.25 * (steps - 1) / steps)
+
+
+WEIGHTED_RECORDS = [  # message weights, spans (one splitting ' 12', see tests/test_labels_in_data.py) and a fraction
+    {"messages": [{"role": "user", "content": "Mia has 12 apples."},
+                  {"role": "assistant", "content": "She buys 3 * 4 = 12 apples.", "spans": [{"start": 17, "end": 18, "weight": -1}]}]},
+    {"messages": [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "The answer is 24.", "weight": 0},
+                  {"role": "user", "content": "Again"}, {"role": "assistant", "content": "The answer is 24.", "weight": 1}]},
+    {"messages": [{"role": "user", "content": "The change?"}, {"role": "assistant", "content": "40 - 35 = 5 dollars.", "weight": 0.5}]},
+    {"messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "The answer is 24.", "weight": -1}]},
+]
+
+
+def test_trl_reads_message_weights_as_forgetting_trainer_trains_them(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The records with their weights straight into ForgettingSFTTrainer (2 x 2) and, through tokenforget's data
+    stage and `partition.selection: data`, into ForgettingTrainer (one batch of 4): the same token classes and
+    |weights| per token, and the same first-step gradient."""
+    import numpy as np
+
+    from conftest import write_jsonl
+    from tokenforget.config import DataConfig
+    from tokenforget.stages.data import load_records, tokenize_records
+    from tokenforget.stages.partition import data_classes
+
+    dc = DataConfig(path=str(write_jsonl(tmp_path / "w.jsonl", WEIGHTED_RECORDS)))
+    cols, _ = tokenize_records(tiny_tokenizer, load_records(dc), dc)
+    per = [data_classes(np.asarray(w, np.float32), np.asarray(m)) for w, m in zip(cols["data_weight"], cols["response_mask"])]
+    ours = datasets.Dataset.from_dict({"input_ids": cols["input_ids"], "token_class": [c.tolist() for c, _ in per],
+                                       "token_weight": [(np.abs(c) if w is None else w).tolist() for c, w in per]})
+    assert [c.tolist().count(-1) for c, _ in per] == [1, 0, 0, 6]  # ' 12'; the last answer and its <|im_end|>
+    grads = first_step_grads(tiny_model_dir, tmp_path, 4, 1, tiny_tokenizer, data=ours)
+    args = sft_config(tmp_path / "trl", per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    trainer = trl_trainer(tiny_model_dir, tiny_tokenizer, args, data=datasets.Dataset.from_list(WEIGHTED_RECORDS))
+    assert trainer.train_dataset["input_ids"] == ours["input_ids"]
+    assert trainer.train_dataset["token_class"] == ours["token_class"]
+    assert np.allclose(np.concatenate(trainer.train_dataset["token_weight"]), np.concatenate(ours["token_weight"]))
+    cap = GradCapture(trainer.model)
+    trainer.add_callback(cap)
+    trainer.train()
+    for name in grads:
+        torch.testing.assert_close(cap.grads[name], grads[name], rtol=1e-4, atol=1e-6)  # as above: fp32 sum order

@@ -10,13 +10,13 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-
 from conftest import gsm8k_rows, tiny_run_config
+
 from tokenforget.cli import main
 from tokenforget.config import RunConfig, from_dict, to_dict
-from tokenforget.pipeline import Run
-from tokenforget.reference import cross_fit_folds
+from tokenforget.run.pipeline import Run
 from tokenforget.runfolder import file_digest, fingerprint
+from tokenforget.stages.reference import cross_fit_folds
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_tnpo_refuses_labels_scored_without_the_base_model(config: Path):
     """`ref_loss` reads CE_ref only, so its labels carry CE_base as NaN; `tnpo` from them is refused, naming the file."""
     from dataclasses import replace
 
-    from tokenforget.data import DataError
+    from tokenforget.stages.data import DataError
 
     folder = config.parent / "rl"
     Run(replace(load_cfg(config, score={"method": "ref_loss"}), run_dir=str(folder))).labels()
@@ -185,7 +185,7 @@ def test_self_evolving_rounds_are_stages_that_resume(config: Path, capsys):
         for stage in (name, f"{name}-round2", f"{name}-round3"):
             assert (run / stage / "stage.json").is_file(), stage
     assert json.loads((run / "reference-round3" / "stage.json").read_text())["round"] == 3
-    from tokenforget.html_report import read_run
+    from tokenforget.report.reading import read_run
 
     assert read_run(run).stats == json.loads((run / "partition-round3" / "stats.json").read_text())  # the report's
     labels = datasets.Dataset.from_parquet(str(run / "labels" / "labels.parquet"))
@@ -222,7 +222,7 @@ def test_bad_new_options_exit_2_naming_the_field(config: Path, capsys):
 def test_dry_run_lists_every_round_and_the_fold_count(config: Path):
     """The plan names each round's stages (reused after they ran, by the same fingerprints the stages
     write) and counts K reference trainings for cross-fitting."""
-    from tokenforget.plan import plan_run
+    from tokenforget.commands.plan import plan_run
 
     rounds = load_cfg(config, reference={"rounds": 2})
     names = [p.name for p in plan_run(Run(rounds), ["forget"], measure=False)[0]]
@@ -309,7 +309,7 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
     assert out.count("[reference] SFT on") == 1 and out.count("[reference] fold") == 2  # the seed's; cf's folds
     # detection per partition: `rl` ranks -CE_ref, so its AUROC is that of the reference's CE (high CE = corrupt),
     # recomputed here from the files; the seed's own entry ranks the paper's score
-    from tokenforget.evaluate import auroc
+    from tokenforget.metrics import auroc
 
     flat = lambda col: np.concatenate([np.asarray(v)[np.asarray(m, bool)] for v, m in zip(col, tokens["response_mask"])])  # noqa: E731
     corrupt = flat(tokens["corrupt"]).astype(bool)

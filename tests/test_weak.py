@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tokenforget.stages.weak import Grade, RowSeededSampler, choose_mix, grade, sample_seed

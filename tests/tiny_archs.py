@@ -39,10 +39,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 ARCHS = sorted(CONFIGS)
 
 
-def build(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """The tiny `name` model in fp32, eval mode, with the lm_head (and Phi's bias) re-initialised as above."""
+def build(name: str, seed: int = 0, vocab: int = VOCAB, **overrides: Any) -> transformers.PreTrainedModel:
+    """The tiny `name` model in fp32, eval mode, with the lm_head (and Phi's bias) re-initialised as above;
+    `vocab` and `overrides` (config fields) for a model that must fit a tokenizer and its data."""
     cls_name, kwargs = CONFIGS[name]
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = getattr(transformers, cls_name)(**{**kwargs, "vocab_size": vocab, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     head = model.get_output_embeddings()
@@ -78,7 +79,7 @@ PROMPT = 3  # the first 3 tokens of each sequence are not scored
 
 def batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (3, 12) right-padded, attention mask (3, 12), positions (3, 12): real tokens after the prompt."""
-    from tokenforget.score import pad_batch
+    from tokenforget.model.batching import pad_batch
 
     ids, mask = pad_batch(SEQS, 0)
     positions = mask.clone()

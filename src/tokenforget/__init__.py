@@ -1,34 +1,41 @@
 """tokenforget: token-level forgetting for LLM fine-tuning (Taheri et al., arXiv 2508.04329).
 
-The data's journey: `data` (records -> tokens with response masks) -> `score` (CE_base - CE_ref per
-token) -> `partition` (global ranking into +1/-1 classes) -> `train` (`ForgettingTrainer`) ->
-`evaluate` -> `report`, one module each; `pipeline.Run` ties them to one run folder (docs/architecture.md).
+The data's journey, one module each under `stages/`: `data` (records -> tokens with response masks) -> `score`
+(CE_base - CE_ref per token) -> `partition` (global ranking into +1/-1 classes) -> `train_sets` -> the trainer
+(`ForgettingTrainer`) -> `evaluate`; `run.pipeline.Run` ties them to one run folder, `report/` shows it
+(docs/architecture.md: the layers and one line per file).
 """
 
 from tokenforget.config import (
-    DataConfig, ModelConfig, ObjectiveConfig, PartitionConfig, RunConfig, TrainConfig, TrainingConfig,
+    DataConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    PartitionConfig,
+    RunConfig,
+    TrainConfig,
+    TrainingConfig,
 )
+from tokenforget.version import __version__
 
-__version__ = "0.1.0"
+# name -> the module that holds it: heavy imports (torch, transformers Trainer) only when a name is asked for
+_LAZY = {
+    **dict.fromkeys(("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss"), "tokenforget.objectives"),
+    "token_cross_entropy": "tokenforget.model.head_ce",
+    **dict.fromkeys(("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"), "tokenforget.trainer"),
+    "Run": "tokenforget.run.pipeline",
+}
 
 
-def __getattr__(name: str):  # heavy imports (torch, transformers Trainer) only when asked for
-    if name in ("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss", "token_cross_entropy"):
-        from tokenforget import losses
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(losses, name)
-    if name in ("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"):
-        from tokenforget import train
-
-        return getattr(train, name)
-    if name == "Run":
-        from tokenforget.pipeline import Run
-
-        return Run
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 __all__ = [
+    "__version__",
     "DataConfig",
     "ForgettingMixin",
     "ForgettingTrainer",

@@ -17,19 +17,19 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, get_args
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.config import (
-    PRESETS, ConfigError, DemoConfig, PrepareConfig, ReportConfig, RunConfig, UserError, WeakConfig,
-)
+from tokenforget.command_config import DemoConfig, PrepareConfig, ReportConfig, WeakConfig
+from tokenforget.config import ConfigError, GpuName, PlanConfig, RunConfig, Sharding, UserError
+from tokenforget.presets import PRESETS
 
 
 def _run_stage(stage: str) -> Callable[[RunConfig], None]:
     def command(cfg: RunConfig) -> None:
-        from tokenforget import report
-        from tokenforget.pipeline import Run
+        from tokenforget.report import summary as report
+        from tokenforget.run.pipeline import Run
 
         run = Run(cfg)
         if stage == "run":
@@ -43,25 +43,35 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
         trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
         if stage == "run":
-            from tokenforget.html_report import build_report
+            from tokenforget.report.html import build_report
 
             print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer).resolve()}")
 
     return command
 
 
-def _dry_run(command: str, cfg: RunConfig, timed: bool) -> None:
+@dataclasses.dataclass
+class DryRun:
+    """What a dry run was asked for: the wall time measured here (`--dry-run-timing`), a GPU cost plan
+    (`--plan-gpus N`)."""
+
+    timed: bool = False
+    cost: Optional[PlanConfig] = None
+
+
+def _dry_run(command: str, cfg: RunConfig, dry: DryRun) -> None:
     """`--dry-run`: print the stages `command` would run or reuse, their token counts and optimizer steps;
-    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model)."""
-    from tokenforget.pipeline import Run
-    from tokenforget.plan import dry_run
+    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model); `--plan-gpus N`
+    a cost plan on N GPUs (from the model's config file and the token counts: no model is loaded)."""
+    from tokenforget.commands.plan import dry_run
+    from tokenforget.run.pipeline import Run
 
     planned, modes = DRY_RUN_PLANS[command](cfg)
-    dry_run(Run(planned), modes, measure=timed)
+    dry_run(Run(planned), modes, measure=dry.timed, cost=dry.cost)
 
 
 def _compare_plan(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
-    from tokenforget.compare import seed_config
+    from tokenforget.commands.compare import seed_config
 
     return seed_config(cfg, cfg.compare.seeds[0]), [*cfg.compare.modes, *cfg.compare.variants]
 
@@ -72,28 +82,27 @@ DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
     "run": lambda cfg: (cfg, [cfg.train.mode]),
     "compare": _compare_plan,
 }
-# What --dry-run / --dry-run-timing set (parse_config's third value)
-NO_DRY_RUN, DRY_RUN, DRY_RUN_TIMED = "", "plan", "timed"
+DRY_RUN_FLAGS = ("dry_run", "dry_run_timing", "plan_gpus", "gpu", "plan_sharding", "plan_mfu")
 
 
 def _eval(cfg: RunConfig) -> None:
-    from tokenforget import compare
-    from tokenforget.benchmarks import results_table
-    from tokenforget.pipeline import Run
+    from tokenforget.run import variants
+    from tokenforget.run.pipeline import Run
+    from tokenforget.stages.evaluate import results_table
 
-    results = compare.evaluate(Run(cfg), cfg.eval.checkpoint)
+    results = variants.evaluate(Run(cfg), cfg.eval.checkpoint)
     print(f"\nModel: {cfg.eval.checkpoint or 'base (' + cfg.model.name_or_path + ')'}")
     print(results_table(results))
 
 
 def _compare(cfg: RunConfig) -> None:
-    from tokenforget.compare import run_compare
+    from tokenforget.commands.compare import run_compare
 
     run_compare(cfg)
 
 
 def _detect(cfg: RunConfig) -> None:
-    from tokenforget.detect import run_detect
+    from tokenforget.commands.detect import run_detect
 
     run_detect(cfg)
 
@@ -101,9 +110,10 @@ def _detect(cfg: RunConfig) -> None:
 def _audit(cfg: RunConfig) -> None:
     import numpy as np
 
-    from tokenforget.audit import AUDIT_DIR, audit_examples, audit_table, write_audit
-    from tokenforget.pipeline import Run
-    from tokenforget.score import response_arrays
+    from tokenforget.commands.audit import audit_examples, audit_table, marked_records, write_audit, write_marked
+    from tokenforget.run.pipeline import Run
+    from tokenforget.runfolder import AUDIT_DIR
+    from tokenforget.stages.score import response_arrays
 
     if cfg.score.base_pass is None:  # the audit's `base_loss` and `paper` measures read CE_base
         cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, base_pass=True))
@@ -113,20 +123,28 @@ def _audit(cfg: RunConfig) -> None:
     result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
                             tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
     if run.ranks.is_main:
+        ac = cfg.audit
+        marked, n_marked = ([], 0) if cfg.data.corrupt_fraction else marked_records(
+            result, tokens, cfg, run.base.tokenizer, ac.mark, ac.mark_weight)  # (injected noise is not in the file)
         write_audit(result, run.root / AUDIT_DIR, {"measure": result.measure, "data": cfg.data.path,
-                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice"})
+                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice",
+                                                    "marked": n_marked, "mark_weight": ac.mark_weight})
         print(audit_table(result, result.measure, cfg.audit.top))
+        if marked:
+            path = write_marked(marked, run.root / AUDIT_DIR)
+            print(f"Marked: {n_marked} examples' worst spans as weight {ac.mark_weight:g} in {path.resolve()}; review, "
+                  f"then: tokenforget train --data.path {path} --partition.selection data")
         print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")
 
 
 def _demo(cfg: DemoConfig) -> None:
-    from tokenforget.demo import run_demo
+    from tokenforget.commands.demo import run_demo
 
     run_demo(cfg)
 
 
 def _prepare(cfg: PrepareConfig) -> None:
-    from tokenforget.natural import prepare_natural
+    from tokenforget.stages.natural import prepare_natural
 
     out = prepare_natural(cfg)
     print(f"{out.counts['gold']} questions, {out.counts['noisy']} solutions, {out.wrong_share:.1%} of the "
@@ -146,7 +164,7 @@ def _weak(cfg: WeakConfig) -> None:
 
 
 def _report(cfg: ReportConfig) -> None:
-    from tokenforget.html_report import build_report
+    from tokenforget.report.html import build_report
 
     out = Path(cfg.out_dir) if cfg.out_dir else None
     print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples).resolve()}")
@@ -201,6 +219,13 @@ def build_parser() -> ArgumentParser:
                            "counts and optimizer steps, in seconds; load no model, write nothing")
             p.add_argument("--dry-run-timing", action="store_true", help="--dry-run plus an estimated wall time: "
                            "loads the model and times a few training micro-batches and scoring forwards here")
+            p.add_argument("--plan-gpus", type=int, help="--dry-run plus a cost plan on this many GPUs: per stage "
+                           "tokens, model FLOPs, memory per GPU and wall time (formulas: tokenforget.memory)")
+            p.add_argument("--gpu", choices=list(get_args(GpuName)), default="h100", help="GPU of the cost plan")
+            p.add_argument("--plan-sharding", choices=list(get_args(Sharding)), default="fsdp",
+                           help="sharding of the cost plan's trainings over the GPUs")
+            p.add_argument("--plan-mfu", type=float, help="share of the GPUs' peak the cost plan assumes (default: "
+                           "the measured 0.17 with LoRA, 0.34 fully fine-tuned; docs/paper-scale.md)")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -218,7 +243,7 @@ def _expand_preset(argv: list[str]) -> list[str]:
     values replace the file's and later command-line overrides replace both."""
     import yaml
 
-    from tokenforget.config import preset
+    from tokenforget.presets import preset
 
     args = list(argv)
     found = [i for i, a in enumerate(args) if a == "--preset" or a.startswith("--preset=")]
@@ -271,18 +296,27 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
-def parse_config(argv: Sequence[str]) -> tuple[str, object, str]:
-    """(command, its config dataclass, the dry run asked for: NO_DRY_RUN, DRY_RUN or DRY_RUN_TIMED) from a
-    command line; `ArgumentError` or `UserError` when bad."""
+def parse_config(argv: Sequence[str]) -> tuple[str, object, Optional[DryRun]]:
+    """(command, its config dataclass, the dry run asked for or None) from a command line; `ArgumentError` or
+    `UserError` when bad."""
     argv = _positional_config(list(argv))
     name = argv[0] if argv and argv[0] in COMMANDS else ""
     cls = COMMANDS[name][0] if name else RunConfig
     parser = build_parser()
     ns = parser.parse_args(_expand_preset(argv) if cls is RunConfig else argv)
     init = vars(parser.instantiate(ns)[name])
-    fields = {k: v for k, v in init.items() if k not in ("config", "dry_run", "dry_run_timing", "preset")}
-    dry = DRY_RUN_TIMED if init.get("dry_run_timing") else DRY_RUN if init.get("dry_run") else NO_DRY_RUN
-    return name, cls(**fields), dry
+    fields = {k: v for k, v in init.items() if k not in ("config", "preset", *DRY_RUN_FLAGS)}
+    return name, cls(**fields), _dry_run_asked(init)
+
+
+def _dry_run_asked(init: dict) -> Optional[DryRun]:
+    """The dry run the flags ask for: `--plan-gpus` is a dry run of its own (with or without --dry-run)."""
+    cost = None
+    if init.get("plan_gpus") is not None:
+        cost = PlanConfig(gpus=init["plan_gpus"], gpu=init["gpu"], sharding=init["plan_sharding"], mfu=init["plan_mfu"])
+    if not (init.get("dry_run") or init.get("dry_run_timing") or cost):
+        return None
+    return DryRun(timed=bool(init.get("dry_run_timing")), cost=cost)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -297,10 +331,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
             return 2
         if dry:
-            _dry_run(name, cfg, timed=dry == DRY_RUN_TIMED)  # type: ignore[arg-type]
+            _dry_run(name, cfg, dry)  # type: ignore[arg-type]
         else:
             check_writable(*output_folder(cfg))
-            from tokenforget.memory import lean_allocator
+            from tokenforget.model.memory import lean_allocator
 
             lean_allocator()  # freed activations leave resident memory at once (process-wide: set here, first)
             COMMANDS[name][2](cfg)

@@ -9,33 +9,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_type_hints
 
+from tokenforget.errors import UserError  # noqa: F401  (re-exported: `from tokenforget.config import UserError`)
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 WeightsDtype = Literal["fp32", "bf16"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Mode = Literal["forget", "sft", "ignore", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
-# lambda(t) schedules: the names of `tokenforget.losses.SCHEDULES` (kept here so that config needs no torch)
+# lambda(t) schedules: the names of `tokenforget.objectives.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "simulated", "mixture"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture"]
 SpanUnit = Literal["token", "number", "step"]
 FalsePositives = Literal["random", "detector"]
-DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer"]
+DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer", "tokens"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
-DemoNoise = Literal["systematic", "step", "weak"]
-DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "correct_only", "contrastive", "sim_ignore", "sim_forget"]
-DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "contrastive"]  # the settings that detect (demo.PARTITIONING)
-SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
-                         "all"]
+GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
+Sharding = Literal["ddp", "zero2", "zero3", "fsdp"]  # `tokenforget.model.memory.SHARDINGS`
 # Recurring noise for the detection benchmark: fluent, plausible and wrong (rounding changes the answer).
 RECURRING_SENTENCE = "We can round this to the nearest ten to make the numbers easier to work with."
-
-
-class UserError(Exception):
-    """Bad input from the user (config, data, model path, run folder). The CLI prints the message on one
-    line and exits with status 2; every subclass names the file, line or field at fault."""
 
 
 class ConfigError(UserError, ValueError):
@@ -71,9 +64,11 @@ class ModelConfig:
     weights: WeightsDtype = "fp32"
     """dtype the base weights are loaded in. `bf16` halves their memory: LoRA only (the frozen base in bf16, the
     adapter in fp32), on hardware with native bf16 (a CUDA GPU that has it, or a CPU with AVX512-BF16/AMX)."""
-    attn_implementation: AttnImplementation = "sdpa"
-    """transformers' attention kernel: `sdpa` (PyTorch's scaled_dot_product_attention), `eager`, or
-    `flash_attention_2` (needs the `flash-attn` package and a CUDA GPU)."""
+    attn_implementation: AttnImplementation = "auto"
+    """transformers' attention kernel. `auto`: transformers chooses (`sdpa` where the architecture supports it,
+    else `eager`: GPT-Neo and Gemma-2 have no sdpa). Or one named: `sdpa` (PyTorch's
+    scaled_dot_product_attention), `eager`, `flash_attention_2` (the `flash-attn` package and a CUDA GPU); one
+    the model's architecture refuses is an error before any stage runs."""
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -84,7 +79,7 @@ class ModelConfig:
             import importlib.util
 
             _check(importlib.util.find_spec("flash_attn") is not None, "model.attn_implementation",
-                   "flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa")
+                   "flash_attention_2 needs the flash-attn package (pip install flash-attn); use auto")
         _check(self.weights in get_args(WeightsDtype), "model.weights", f"must be fp32 or bf16, got '{self.weights}'")
         _check(self.weights == "fp32" or self.precision in ("auto", "bf16"), "model.weights",
                f"bf16 weights train in bf16 autocast: set model.precision to auto or bf16, not {self.precision}")
@@ -135,7 +130,8 @@ class DataConfig:
     hub_config: Optional[str] = None
     """Hub data set configuration name (e.g. `main` for `openai/gsm8k`)."""
     format: DataFormat = "auto"
-    """Record layout; `auto` looks at the first record's keys."""
+    """Record layout; `auto` looks at the first record's keys. `tokens`: records already tokenized, `input_ids` and a
+    `token_weight` per token (see `tokenforget.stages.labels_in_data`)."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Our field name -> the file's column, e.g. `{prompt: question, completion: answer}`."""
     max_length: int = 512
@@ -146,11 +142,18 @@ class DataConfig:
     """System message added to every single-turn example."""
     limit: Optional[int] = None
     """Use only the first N records."""
+    sample: Optional[int] = None
+    """Use a seeded random N of the training records (after `limit`), kept in file order: the paper's 50,000
+    of the Tulu mixture (`configs/paper-tulu.yaml`). Other files (reference.path, eval files) are read whole."""
+    sample_seed: int = 0
+    """Seed of that sample (fixed apart from `seed`, so that every seed of a comparison trains on the same data)."""
+    num_proc: int = 1
+    """Processes that tokenize the data (`datasets.map(num_proc=...)`); 1 tokenizes in this process."""
     hub_fallback: Optional[str] = None
     """Hub data set read instead of `path` when `path` is a local file that does not exist (with
     `hub_config` and `split`), e.g. `openai/gsm8k` behind `../shared/data/gsm8k/train.jsonl`."""
     corrupt_fraction: float = 0.0
-    """Share of the training answers corrupted with `noise` (see `tokenforget.noise`); the changed
+    """Share of the training answers corrupted with `noise` (see `tokenforget.stages.noise`); the changed
     characters are marked as corrupted tokens."""
     corrupt_seed: int = 0
     """Seed of that corruption: which answers, and what changes in each."""
@@ -165,6 +168,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _check(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        _check(self.sample is None or self.sample > 0, "data.sample", f"must be > 0, got {self.sample}")
+        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _check(
             0.0 <= self.corrupt_fraction <= 1.0,
             "data.corrupt_fraction",
@@ -328,15 +333,18 @@ class PartitionConfig:
     example (every example keeps some tokens); `threshold`: score >= `threshold` (rho unused);
     `soft`: the global ranking plus a weight per token in [-1, 1], 1 - r/k for the k positives and
     -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut
-    count little (see `tokenforget.partition`); `example`: whole examples, the top rho of them by mean score
+    count little (see `tokenforget.stages.partition`); `example`: whole examples, the top rho of them by mean score
     (with `score.method: ref_loss` and `ignore`, a sample filter dropping the highest reference loss);
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
     negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
-    `is_correct: false`), a bound on any detector (scores unused); `simulated`: a detector of chosen `recall` and
-    `precision` made from that known noise (`tokenforget.partition.simulated_partition`), to measure how good a
-    detector must be; `mixture`: the negative share estimated from the scores (a two-component Gaussian mixture's
-    low component, `tokenforget.partition.mixture_partition`) instead of a fixed rho (rho unused)."""
+    `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
+    `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
+    no reference and no scores; a token they say nothing about is learned. With any other selection the data's
+    weights, where it has them, override the detector's classes. `simulated`: a
+    detector of chosen `recall` and `precision` made from the known noise (`tokenforget.stages.partition.
+    simulated_partition`), to measure how good a detector must be; `mixture`: the negative share estimated from the
+    scores (a two-component Gaussian mixture's low component, `mixture_partition`) instead of a fixed rho."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
@@ -371,13 +379,13 @@ class TrainConfig:
     token, its CE scaled by the model's detached probability of it: Dynamic Fine-Tuning, arXiv 2508.05629)."""
     lambda_schedule: LambdaSchedule = "linear"
     """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
-    see `tokenforget.losses.SCHEDULES`."""
+    see `tokenforget.objectives.SCHEDULES`."""
     t_min: float = 0.0
     t_max: float = 0.25
     lambda_warmup: float = 0.1
     """`warmup_constant` only: share of the optimizer steps over which lambda rises from t_min to t_max."""
     forget_objective: ForgetObjective = "ga"
-    """What `forget` does to negative tokens (`tokenforget.losses.FORGET_TERMS`): `ga`, gradient ascent on
+    """What `forget` does to negative tokens (`tokenforget.objectives.FORGET_TERMS`): `ga`, gradient ascent on
     their CE (the paper, unbounded); `unlikelihood`, -log(1 - p); `wga`, gradient ascent weighted by p^beta;
     `tnpo`, token-wise NPO, weighted by 2 p^beta / (p^beta + p_base^beta). The last three are bounded."""
     beta: float = 1.0
@@ -481,6 +489,9 @@ class EvalConfig:
     """Multiple-choice JSONL files (`question`, `choices`, `label`): log-likelihood accuracy."""
     tasks: list[str] = field(default_factory=list)
     """Standard lm-evaluation-harness task names (e.g. `arc_easy`); their data comes from the Hub."""
+    task_shots: dict[str, int] = field(default_factory=dict)
+    """Few-shot examples per task of `tasks` (the rest use the task's own default): the paper's TyDiQA 1-shot is
+    `{tydiqa_goldp: 1}`."""
     limit: Optional[int] = None
     """Evaluate only the first N examples of every benchmark (the GSM8K test subset size)."""
     max_new_tokens: int = 256
@@ -498,11 +509,42 @@ class EvalConfig:
         _check(self.num_fewshot >= 0, "eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         _check(self.limit is None or self.limit > 0, "eval.limit", f"must be > 0, got {self.limit}")
         _check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        for task, shots in self.task_shots.items():
+            _check(task in self.tasks, f"eval.task_shots.{task}", f"not one of eval.tasks {self.tasks}")
+            _check(shots >= 0, f"eval.task_shots.{task}", f"must be >= 0, got {shots}")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.diversity_prompts >= 0, "eval.diversity_prompts", f"must be >= 0, got {self.diversity_prompts}")
         _check(self.diversity_samples >= 2, "eval.diversity_samples", f"must be >= 2, got {self.diversity_samples}")
         _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PlanConfig:
+    """The dry run's cost plan (`--dry-run --plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
+    GPU under `sharding` and wall time at `mfu` of the GPUs' peak (formulas: `tokenforget.memory`)."""
+
+    gpus: int = 1
+    gpu: GpuName = "h100"
+    sharding: Sharding = "fsdp"
+    """How training shards over the GPUs: `ddp` (none), `zero2` (gradients and optimizer states), `zero3` or
+    `fsdp` (parameters too); one GPU is never sharded."""
+    mfu: Optional[float] = None
+    """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation). Default: what benchmarks/gpu.py
+    measured on one H200 for a Llama-3.2-1B-shaped model at 8 x 1,024 tokens (docs/performance.md): 0.17 with
+    LoRA r 64, 0.34 fully fine-tuned (`MEASURED_MFU`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")
+        _check(self.mfu is None or 0.0 < self.mfu <= 1.0, "--plan-mfu", f"must be in (0, 1], got {self.mfu}")
+
+    def utilisation(self, lora: bool) -> float:
+        return self.mfu if self.mfu is not None else MEASURED_MFU["lora" if lora else "full"]
+
+
+# benchmarks/gpu.py on one H200, 2026-11-29: the forget step's MFU (PaLM's count) for a random Llama-3.2-1B-shaped
+# model, bf16 weights, 8 x 1,024 tokens (docs/performance.md, "GPU: forget step vs plain SFT step")
+MEASURED_MFU = {"lora": 0.17, "full": 0.34}
 
 
 @dataclass
@@ -575,7 +617,7 @@ AuditMeasure = Literal["auto", "ref_loss", "base_loss", "paper", "confidence", "
 
 @dataclass
 class AuditConfig:
-    """`tokenforget audit`: examples ranked by how suspicious the reference finds them (`tokenforget.audit`)."""
+    """`tokenforget audit`: examples ranked by how suspicious the reference finds them (`tokenforget.commands.audit`)."""
 
     measure: AuditMeasure = "auto"
     """What ranks the examples (high = suspicious): `auto` (the best measured on natural noise, docs/results.md:
@@ -585,9 +627,17 @@ class AuditConfig:
     prompt with another final answer: for data with several responses a prompt)."""
     top: int = 10
     """Examples printed; every example is written to run_dir/audit/."""
+    mark: float = 0.1
+    """Share of the examples, most suspicious first, whose worst span is marked in run_dir/audit/marked.jsonl (the
+    input records in their own format, the span as `spans: [{start, end, weight}]`), to review and train on with
+    `partition.selection: data`."""
+    mark_weight: float = 0.0
+    """The marked spans' weight: 0 (no loss, what ignoring the known wrong tokens does) or -1 (forget them)."""
 
     def __post_init__(self) -> None:
         _check(self.top >= 0, "audit.top", f"must be >= 0, got {self.top}")
+        _check(0.0 <= self.mark <= 1.0, "audit.mark", f"must be in [0, 1], got {self.mark}")
+        _check(self.mark_weight in (0.0, -1.0), "audit.mark_weight", f"must be 0 or -1, got {self.mark_weight}")
 
 
 @dataclass
@@ -671,231 +721,6 @@ class RunConfig:
                f"'{self.score.method}' reads a noisy reference's CE: set reference.noisy_folds >= 2")
         _check(self.score.base_pass is not False or self.train.forget_objective not in NEEDS_BASE_CE, "score.base_pass",
                f"false, but train.forget_objective '{self.train.forget_objective}' reads the base model's CE")
-
-
-@dataclass
-class WeakConfig:
-    """`tokenforget weak`: training sets whose noise a weaker model wrote (`tokenforget.commands.weak`, issue 25)."""
-
-    out_dir: str = "data/weak"
-    """Folder for noisy/correct_only/gold JSONL files (the demo's record format), samples.jsonl and manifest.json."""
-    seed: int = 0
-    """Makes the problems (the demo's generator, `demo.make_task`), the weak model's SFT and every sample."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    n_train: int = 160
-    """Problems the weak model answers (the demo's training problems of `seed`)."""
-    n_sft: int = 40
-    """Clean generated problems (another seed, none a training problem) of the weak model's short SFT."""
-    sft_epochs: float = 1.0
-    learning_rate: float = 1e-3
-    samples: int = 2
-    """Answers sampled per problem; the mix is chosen among them (`stages.weak.choose_mix`)."""
-    temperature: float = 0.8
-    """Sampling temperature (a seed per sample: `stages.weak.sample_seed`)."""
-    target_wrong: float = 0.5
-    """Share of wrong answers in `noisy` (40-60% is the issue's range; reached where the samples allow)."""
-    max_new_tokens: int = 72
-    generate_batch: int = 64
-    """Prompts per batched `generate` call."""
-    report_to: list[str] = field(default_factory=lambda: ["none"])
-
-    def __post_init__(self) -> None:
-        _check(self.n_train >= 1, "n_train", f"must be >= 1, got {self.n_train}")
-        _check(self.n_sft >= 1, "n_sft", f"must be >= 1, got {self.n_sft}")
-        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
-        _check(0.0 < self.temperature <= 2.0, "temperature", f"must be in (0, 2], got {self.temperature}")
-        _check(0.0 < self.target_wrong < 1.0, "target_wrong", f"must be in (0, 1), got {self.target_wrong}")
-        _check(self.generate_batch >= 1, "generate_batch", f"must be >= 1, got {self.generate_batch}")
-
-
-@dataclass
-class PrepareConfig:
-    """`tokenforget prepare`: natural-noise SFT sets from model-written GSM8K solutions (`tokenforget.natural`)."""
-
-    out_dir: str = "data/gsm8k-natural"
-    """Folder for noisy/correct_only/gold (training) and trusted/val/test (held out) JSONL files, manifest.json."""
-    solutions: str = "../shared/data/gsm8k-model-solutions/example_model_solutions.jsonl"
-    """OpenAI grade-school-math `example_model_solutions.jsonl` (GSM8K test questions, four GPT-3 solutions each)."""
-    gsm8k_train: str = "../shared/data/gsm8k/train.jsonl"
-    """GSM8K train: the trusted set and the held-out splits come from here, never from the training questions."""
-    solution_source: SolutionSource = "175b_verification"
-    """Which solution each question gets in `noisy`: one of the four models (175b_verification: 44% wrong over
-    all 1,319 questions), `175b_random` (one of the two 175B solutions per question, seeded: about 54% wrong),
-    `random` (one of the four, seeded: about 62% wrong) or `all` (all four, one row each: several responses a prompt,
-    as best-of-n data has; about 62% wrong)."""
-    n_questions: Optional[int] = None
-    """A seeded random sample of this many questions (kept in file order); unset: all 1,319."""
-    seed: int = 0
-    trusted_size: int = 128
-    """First GSM8K train problems as the trusted gold set (for `reference.path`)."""
-    val_size: int = 160
-    """Last GSM8K train problems: the validation split (choose settings here)."""
-    test_size: int = 160
-    """The GSM8K train problems before the validation split: the test split (report here)."""
-
-    def __post_init__(self) -> None:
-        _check(self.n_questions is None or self.n_questions > 0, "n_questions", f"must be > 0, got {self.n_questions}")
-        for name in ("trusted_size", "val_size", "test_size"):
-            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class DemoConfig:
-    """The offline demo: a generated arithmetic task with known corrupted steps."""
-
-    run_dir: str = "runs/demo"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    n_train: int = 160
-    """Training examples generated (160 at learning rate 1e-3: clean SFT reaches 0.46 held-out accuracy, docs/results.md)."""
-    n_test: int = 48
-    """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
-    48 give about ±0.07 a model; 240 (issue 25) about ±0.03, at five times the evaluation time."""
-    n_val: int = 0
-    """Clean held-out validation problems (a third seed, disjoint from the training, trusted and test problems),
-    evaluated beside the test split (`demo_results.json`: `validation`) for choosing settings without the test."""
-    noise: float = 0.4
-    """Share of training responses with a corrupted step."""
-    noise_kind: DemoNoise = "systematic"
-    """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
-    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number;
-    `weak`: the answers a weaker model wrote (`weak_dir`, made by `tokenforget weak`; `noise` and `n_train` unused),
-    the generator's own answers to the same problems as the clean twin."""
-    weak_dir: Optional[str] = None
-    """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
-    """What is trained and compared (`tokenforget.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
-    preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
-    tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
-    dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
-    from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
-    (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling), `correct_only` (sft on the right answers of the noisy set only),
-    `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers
-    decided whole and copies inheriting, the negative share from a two-component mixture, ignored; its noisy
-    references cross-fitted on the training answers, 2 folds), `sim_ignore` / `sim_forget` (simulated detectors of
-    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and the ceiling, and measures
-    the trusted detector (`detectors`): 526-564 s from a fresh clone on 2 cores (docs/results.md). Add
-    `oracle_ignore` to see that knowing the noise recovers the damage, `ref_loss_wga`, `filter_max` or `ignore_tail`
-    to see a model trained on the detector (none beats `sft`)."""
-    detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
-    """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
-    only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
-    reference-loss score with a reference trained on `n_trusted` clean examples (token AUROC 0.82; 18 reference
-    steps and one forward pass over the 160 answers, its score reading no base CE). `[]` skips it (~2.5 min less)."""
-    sim_recall: list[float] = field(default_factory=lambda: [1.0, 0.6])
-    """`sim_ignore` / `sim_forget`: the recalls of the simulated detectors (partition.selection `simulated`)."""
-    sim_precision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])
-    """`sim_ignore` / `sim_forget`: their precisions; every recall x precision pair is one model,
-    `sim_<mode>_r<recall>_p<precision>` (with `_det` when `sim_false_positives` is `detector`)."""
-    sim_false_positives: FalsePositives = "random"
-    """Where the simulated detectors' right tokens come from: `random`, or the trusted reference's most suspicious
-    right tokens (`detector`, by the `ref_loss_wga` preset's score: a real detector's false positives)."""
-    rho: float = 0.7
-    reference_fraction: float = 0.3
-    reference_epochs: float = 2.0
-    epochs: float = 1.0
-    learning_rate: float = 1e-3  # 2e-4 left the task unlearned (accuracy 0.02 with 240 examples, docs/report.md)
-    batch_size: int = 8
-    max_new_tokens: int = 72
-    n_trusted: int = 72
-    """Clean generated examples (other seed) for the recommended preset's trusted reference; its model and detection
-    figures are printed beside the paper's."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """As `RunConfig.report_to`."""
-
-    def __post_init__(self) -> None:
-        _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
-        _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
-        _check(self.n_val >= 0, "n_val", f"must be >= 0, got {self.n_val}")
-        _check(self.noise_kind != "weak" or self.weak_dir is not None, "weak_dir",
-               "noise_kind 'weak' trains on a folder made by `tokenforget weak`: set weak_dir")
-        _check(all(0.0 <= r <= 1.0 for r in self.sim_recall), "sim_recall", f"each in [0, 1], got {self.sim_recall}")
-        _check(all(0.0 < p <= 1.0 for p in self.sim_precision), "sim_precision",
-               f"each in (0, 1], got {self.sim_precision}")
-        _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
-        _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
-        _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
-        _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",
-               f"a non-empty list without repeats, got {self.settings}")
-
-
-@dataclass
-class ReportConfig:
-    """The HTML report of a run folder."""
-
-    run_dir: str = "runs/default"
-    """The run folder to report on (it must hold `config.json` and `data/`)."""
-    max_samples: int = 200
-    """Examples embedded in the page with their token highlights (the first ones of the data set); the
-    histogram and token counts always cover every example."""
-    out_dir: Optional[str] = None
-    """Where to write `report.html` and the PNG plots (default `run_dir/report`)."""
-
-    def __post_init__(self) -> None:
-        _check(self.max_samples >= 0, "max_samples", f"must be >= 0, got {self.max_samples}")
-
-
-# ---------------------------------------------------------------- presets
-#
-# Named method settings: `tokenforget run CONFIG.yaml --preset NAME` (or `apply_preset` in Python). A preset
-# fixes how tokens are scored, partitioned and trained, never the data, the model or the run folder. Its
-# values replace the config file's; command-line overrides replace both.
-
-PAPER_TRAINING = {"learning_rate": 1e-4, "epochs": 1.0, "warmup_ratio": 0.03, "lr_scheduler": "linear"}
-PRESETS: dict[str, dict[str, Any]] = {
-    # Taheri et al., arXiv 2508.04329, Sec. 4: LoRA r=64, alpha=16, dropout 0.1, lr 1e-4, linear schedule with 3%
-    # warmup, 1 epoch; reference on a random 20%; influence CE_base - CE_ref ranked globally, top 70% positive;
-    # gradient ascent on the negatives with lambda rising linearly from 0 to 0.25.
-    "paper": {
-        "lora": {"enabled": True, "r": 64, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
-        "reference": {"fraction": 0.2, "size": None, "path": None, "checkpoint": None, "folds": 1, "rounds": 1,
-                      "training": PAPER_TRAINING},
-        "score": {"method": "paper", "precomputed_path": None},
-        "partition": {"rho": 0.7, "selection": "global"},
-        "train": {"mode": "forget", "forget_objective": "ga", "lambda_schedule": "linear", "t_min": 0.0,
-                  "t_max": 0.25, "training": PAPER_TRAINING},
-    },
-    # What measured best (docs/results.md, 2026-11-30): plain SFT. On natural noise (GPT-3's GSM8K solutions,
-    # 53% wrong) the wrong solutions did not hurt SFT, and ignoring exactly them (the oracle, the bound on every
-    # detector) cost held-out likelihood; no setting beat SFT where noise does damage. (`ref_loss_wga` below makes
-    # the result tokens more likely on natural noise and on gold data alike, at a cost on every other token.) A
-    # preset that is a mode only, so it needs no reference: `--preset recommended` trains `sft`.
-    "recommended": {"train": {"mode": "sft"}},
-    # The best forgetting setting we measured (the `recommended` preset until 2026-11-30): forgetting costs
-    # held-out likelihood in proportion to the clean tokens it takes from learning, so it takes few (rho 0.95)
-    # and picks them with the reference-loss detector instead of CE_base - CE_ref; the bounded wga term stops
-    # pushing a token once it is unlikely. Behind plain SFT on noisy GSM8K and on the demo's task; on GPT-3's
-    # solutions it lowers result-token NLL by 2% and raises all-token NLL by 1.2% (3 seeds), as `ignore` on the same
-    # tokens does and as it does on gold solutions: not learning the least likely 5% is what acts, not forgetting.
-    "ref_loss_wga": {
-        "score": {"method": "ref_loss_min_rank"},
-        "partition": {"rho": 0.95, "selection": "global"},
-        "train": {"mode": "forget", "forget_objective": "wga", "beta": 1.0, "lambda_schedule": "linear",
-                  "t_min": 0.0, "t_max": 0.25},
-    },
-}
-
-
-def preset(name: str) -> dict[str, Any]:
-    """The nested field values of preset `name` (a copy); a `ConfigError` names the choices."""
-    import copy
-
-    _check(name in PRESETS, "preset", f"unknown '{name}', choose from {list(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
-
-
-def apply_preset(cfg: RunConfig, name: str) -> RunConfig:
-    """`cfg` with preset `name`'s fields set (what `--preset NAME` does after the config file)."""
-    return from_dict(RunConfig, _merge(to_dict(cfg), preset(name)))
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `top`'s values, nested mappings merged key by key."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def to_dict(cfg: object) -> dict:

@@ -40,6 +40,8 @@ from tokenforget.config import RECURRING_SENTENCE, UserError
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
+# `tokenforget audit`'s folder and files in a run folder (read by the report too)
+AUDIT_DIR, TABLE_FILE, ROWS_FILE, SUMMARY_FILE = "audit", "audit.parquet", "audit.jsonl", "audit.json"
 
 T = TypeVar("T")
 
@@ -81,8 +83,11 @@ ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
                   "seed": 0},
     "reference": {"folds": 1, "rounds": 1, "checkpoint": None, "noisy_folds": 0, "noisy_fraction": 1.0},
     "score": {"spans": "token"},
-    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE},
-    "model": {"weights": "fp32", "attn_implementation": "sdpa"},
+    "data": {"noise": "step_result", "noise_sentence": RECURRING_SENTENCE, "sample": None, "sample_seed": 0,
+             "num_proc": 1},
+    "eval": {"task_shots": {}},
+    # attn_implementation: `sdpa` was the default until `auto` (which is sdpa wherever sdpa was accepted)
+    "model": {"weights": "fp32", "attn_implementation": "auto"},
 }
 
 

@@ -16,6 +16,15 @@ loss (label -100, e.g. the first token of a packed sequence) gets class 0.
 
 The classes are per token of tokenforget's tokenization, so the training set must be tokenized already:
 TRL's chat-template step does not run on it (tokenforget's data stage applied the same tokenizer's template).
+
+Or pass the records with the labels they carry (`tokenforget.stages.labels_in_data`: a message's `weight`, `spans`
+of `{start, end, weight}`, a tokenized record's `token_weight`) and no partition step: the trainer renders and
+tokenizes them as tokenforget's data stage does, with the trainer's `processing_class` (a conversation through its
+chat template; a string prompt/completion as prompt + completion + eos, as TRL joins them), and turns the weights
+into classes as `partition.selection: data` does (> 0 learn, 0 no loss, < 0 forget, |w| the token's weight):
+
+    train_dataset = Dataset.from_list([{"messages": [{"role": "user", "content": "2 + 2?"},
+                                                     {"role": "assistant", "content": "5", "weight": -1}]}, ...])
 An eval set without `token_class` is prepared by TRL as usual and every token it trains on counts as a
 learn token, so `eval_loss` is the plain held-out NLL.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
@@ -34,9 +44,12 @@ try:
 except ImportError as e:  # an optional extra
     raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
 
-from tokenforget.config import ObjectiveConfig
-from tokenforget.losses import LEARN, NO_LOSS
-from tokenforget.train import EXTRA_COLUMNS, ForgettingMixin
+from tokenforget.config import DataConfig, ObjectiveConfig
+from tokenforget.objectives import LEARN, NO_LOSS
+from tokenforget.stages import data as data_mod
+from tokenforget.stages.labels_in_data import carries_weights
+from tokenforget.stages.partition import data_classes
+from tokenforget.trainer import EXTRA_COLUMNS, ForgettingMixin
 
 IGNORE = -100  # the label of a token with no loss, in transformers and TRL
 
@@ -75,11 +88,15 @@ class ForgettingSFTTrainer(ForgettingMixin, SFTTrainer):
         dataset_name: str,
     ) -> Dataset | IterableDataset:
         columns = get_dataset_column_names(dataset)
+        if "token_class" not in columns and dataset_name == "train" and _weighted(dataset):
+            dataset = classes_from_weights(dataset, processing_class)
+            columns = get_dataset_column_names(dataset)
         if "token_class" not in columns:
             if dataset_name == "train":
                 raise ValueError(
                     "ForgettingSFTTrainer: the training set has no 'token_class' column. Train on the labels that "
-                    "`tokenforget partition` exports (run_dir/labels/labels.parquet: input_ids, token_class)."
+                    "`tokenforget partition` exports (run_dir/labels/labels.parquet: input_ids, token_class), or "
+                    "on records that carry weights (a message's 'weight', 'spans', or 'token_weight')."
                 )
             prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
             return prepared.map(_learn_where_labelled)  # held-out data: plain NLL of the tokens TRL trains on
@@ -214,3 +231,27 @@ def _pack(dataset: Dataset | IterableDataset, args: Any) -> Any:
     if args.shuffle_dataset:
         dataset = dataset.shuffle(seed=args.seed)
     return pack_dataset(dataset, args.max_length, args.packing_strategy, {})
+
+
+def _weighted(dataset: Dataset | IterableDataset) -> bool:
+    """Whether a training set of records carries weights (an iterable one is never converted: it is not read ahead)."""
+    return isinstance(dataset, Dataset) and any(carries_weights(row) for row in dataset)
+
+
+def classes_from_weights(dataset: Dataset, tokenizer: Any) -> Dataset:
+    """`input_ids`, `token_class` (and `token_weight` where some weight is fractional) of records that carry weights,
+    tokenized as tokenforget's data stage does and classed as `partition.selection: data` does. Truncation is left to
+    TRL (`max_length`), which cuts the classes with the ids."""
+    rows = list(dataset)
+    fmt = data_mod.detect_format(rows[0], {})
+    plain = fmt == "prompt_completion" and isinstance(rows[0].get("prompt"), str)  # TRL's non-conversational data
+    dc = DataConfig(max_length=1 << 30, chat_template=not plain)
+    records = [data_mod.to_record(r, f"train_dataset row {i}", dc, fmt) for i, r in enumerate(rows)]
+    cols, _ = data_mod.tokenize_records(tokenizer, records, dc)
+    lengths = np.cumsum([len(ids) for ids in cols["input_ids"]])[:-1]
+    flat = lambda name, dtype: np.concatenate([np.asarray(v, dtype) for v in cols[name]])  # noqa: E731
+    classes, weights = data_classes(flat("data_weight", np.float32), flat("response_mask", np.int8))
+    out = {"input_ids": cols["input_ids"], "token_class": [c.tolist() for c in np.split(classes, lengths)]}
+    if weights is not None:
+        out["token_weight"] = [w.tolist() for w in np.split(weights, lengths)]
+    return Dataset.from_dict(out)

@@ -1,6 +1,8 @@
 """One ForgettingTrainer optimizer step on a fixed toy batch; rank 0 saves the loss and gradients.
 
-Run alone (global batch 4 on one process) or under `torchrun --nproc_per_node 2` (2 per rank).
+Run alone (global batch 4 on one process) or under `torchrun --nproc_per_node 2` (2 per rank); under
+`accelerate launch` with a DeepSpeed config the gradients are read from the engine (`safe_get_full_grad`) just
+before its step, since accelerate's backward steps the engine at once and ZeRO keeps no `.grad`.
 Usage: python first_step.py MODEL_DIR OUT_FILE PER_DEVICE_BATCH
 """
 
@@ -11,10 +13,9 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tokenforget.config import ModelConfig, TrainingConfig
-from tokenforget.models import load_tokenizer
-from tokenforget.config import ObjectiveConfig
-from tokenforget.train import make_trainer, training_arguments
+from tokenforget.config import ModelConfig, ObjectiveConfig, TrainingConfig
+from tokenforget.model.loading import load_tokenizer
+from tokenforget.trainer import make_trainer, training_arguments
 
 IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
 CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]
@@ -29,6 +30,22 @@ class Capture(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
 
 
+def capture_deepspeed(cap: "Capture") -> None:
+    """Make the first optimizer step of a DeepSpeed engine save every trained parameter's whole gradient first."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import safe_get_full_grad
+
+    step = DeepSpeedEngine.step
+
+    def stepped(engine, *args, **kwargs):
+        if cap.grads is None and engine.is_gradient_accumulation_boundary():
+            cap.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()
+                         if p.requires_grad}
+        return step(engine, *args, **kwargs)
+
+    DeepSpeedEngine.step = stepped
+
+
 def main(model_dir: str, out: str, per_device: int) -> None:
     tok = load_tokenizer(ModelConfig(name_or_path=model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -38,6 +55,8 @@ def main(model_dir: str, out: str, per_device: int) -> None:
     trainer = make_trainer(model, tok, data, args, ObjectiveConfig(t_min=0.2, t_max=0.2))
     cap = Capture(model)
     trainer.add_callback(cap)
+    if trainer.is_deepspeed_enabled:
+        capture_deepspeed(cap)
     trainer.train()
     if trainer.args.process_index == 0:
         loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]

@@ -6,8 +6,8 @@ Usage: python slow_cli.py SECONDS_PER_CALL tokenforget-args...
 import sys
 import time
 
-import tokenforget.score as score
-import tokenforget.train as train
+import tokenforget.stages.score as score
+import tokenforget.trainer as train
 
 delay = float(sys.argv[1])
 _score = score.score_tokens

@@ -1,1 +1,1 @@
-"""One module per command (issue 29's layout): new commands live here."""
+"""The commands beyond `run`: compare, detect, audit, demo, plan, weak (each one typed entry function)."""

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tokenforget.config import DemoConfig, WeakConfig
+from tokenforget.command_config import DemoConfig, WeakConfig
 from tokenforget.stages.weak import RowSeededSampler, choose_mix, grade, sample_seed
 
 SFT_SEED_OFFSET = 40_000  # the weak model's SFT problems: a generator seed of their own
@@ -30,8 +30,8 @@ SFT_SEED_OFFSET = 40_000  # the weak model's SFT problems: a generator seed of t
 def weak_model(cfg: WeakConfig, out: Path, taken: set[str], log: Callable[[str], None]) -> Any:
     """The weak teacher: the demo's SFT (its LoRA, learning rate and batch) on `n_sft` clean problems of another
     seed that are not training problems; returns (the Run, the train stage folder)."""
-    from tokenforget.demo import demo_run_config, make_task, write_jsonl
-    from tokenforget.pipeline import Run
+    from tokenforget.commands.demo_task import demo_run_config, make_task, write_jsonl
+    from tokenforget.run.pipeline import Run
 
     pool = make_task(4 * cfg.n_sft + 64, cfg.seed + SFT_SEED_OFFSET, 0.0)[1]
     sft = [r for r in pool if r["prompt"] not in taken][: cfg.n_sft]
@@ -47,7 +47,7 @@ def sample_answers(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[lis
     """One sampled answer per prompt, each with its own seed, in left-padded batches of `generate_batch`."""
     from transformers import LogitsProcessorList
 
-    from tokenforget.models import autocast
+    from tokenforget.model.loading import autocast
 
     model.eval()
     dev = next(model.parameters()).device
@@ -70,8 +70,8 @@ def sample_answers(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[lis
 
 def make_weak_sets(cfg: WeakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Make the weak teacher, sample, grade, mix and write the sets; returns the manifest."""
-    from tokenforget.demo import SYSTEM_PROMPT, make_task, write_jsonl
-    from tokenforget.report import load_trained
+    from tokenforget.commands.demo_task import SYSTEM_PROMPT, make_task
+    from tokenforget.stages.evaluate import load_trained
 
     t0 = time.time()
     out = Path(cfg.out_dir)
@@ -94,7 +94,7 @@ def make_weak_sets(cfg: WeakConfig, log: Callable[[str], None] = print) -> dict[
 def write_sets(cfg: WeakConfig, out: Path, gold: list[dict[str, Any]], answers: list[list[str]], grades: list[list[Any]],
                choice: list[Any], wall_s: float) -> dict[str, Any]:
     """noisy / correct_only / gold / samples JSONL and manifest.json; the manifest."""
-    from tokenforget.demo import write_jsonl
+    from tokenforget.commands.demo_task import write_jsonl
 
     kept = [i for i, c in enumerate(choice) if c is not None]
     # no `is_correct` field: the oracle's negatives are then the natural token mask, not whole answers

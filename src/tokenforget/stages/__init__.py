@@ -1,1 +1,1 @@
-"""The stages of the data's journey (issue 29's layout): new stage modules live here."""
+"""The stages of the data's journey, in order: data, noise, reference, score, partition, labels, train sets, evaluate."""

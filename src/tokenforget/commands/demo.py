@@ -1,0 +1,278 @@
+"""The offline demo: a generated arithmetic task with known corrupted steps, end to end.
+
+The generator writes two-step word problems with worked answers, which SmolLM2-135M learns in minutes. The
+training answers carry known noise, the character span of every wrong number recorded, so we know exactly which
+response tokens are corrupted; the held-out split is clean:
+- `systematic` (the default): the same wrong step in a share of the answers, every corrupted total 10 too large
+  (and the final answer with it). An error that recurs is learned, so it hurts SFT: the noise forgetting is for.
+- `step`: one step's result replaced by a nearby wrong number, a different error each time (a careless annotator).
+Each setting of `DemoConfig.settings` (`DEMO_SETTINGS`: sft, dft, the paper, the recommended preset, the oracle
+bounds, and sft on the clean twin of the data as the ceiling) is trained and evaluated on the held-out problems.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tokenforget.command_config import DemoConfig
+from tokenforget.commands.demo_task import (  # noqa: F401  (the task's names, as before the split)
+    ITEMS, NAMES, SYSTEM_PROMPT, SYSTEMATIC_OFFSET, TOTAL_KINDS, demo_run_config, held_out, make_examples, make_task,
+    read_jsonl, write_jsonl,
+)
+from tokenforget.model.loading import BaseModel
+from tokenforget.presets import PRESETS, apply_preset
+
+NOISY_FOLDS = 2  # the contrastive detector's noisy references: each trained on the other half of the answers
+TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
+
+
+def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
+    """The demo's noisy data with a reference trained on `n_trusted` clean generated examples that share no
+    prompt with the training data, and the `ref_loss_wga` preset, in `run_dir/trusted/`: the settings that
+    need a trusted reference (forgetting, ignoring, the sample filter) train here or start from here."""
+    from tokenforget.run.pipeline import Run
+
+    trusted_path = root / "task" / "trusted.jsonl"
+    taken = task_prompts(root / "task")  # training and held-out problems: the trusted ones share none
+    pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
+    write_jsonl([r for r in pool if r["prompt"] not in taken][: cfg.n_trusted], trusted_path)  # disjoint
+    rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
+    return Run(apply_preset(rc, TRUSTED_PRESET), base=run.base, log=log)
+
+
+def task_prompts(task: Path) -> set[str]:
+    """The prompts of the task's training and held-out files (train, test, val), as far as they exist."""
+    files = [task / f"{n}.jsonl" for n in ("train", "test", "val")]
+    return {json.loads(line)["prompt"] for f in files if f.is_file() for line in f.read_text().splitlines()}
+
+
+@dataclass
+class DemoRuns:
+    """The run folders the demo's settings train in, made when a setting first needs one."""
+
+    cfg: DemoConfig
+    root: Path
+    run: Any  # the noisy data, the paper's reference (a slice of it): sft, dft, paper, the oracle variants
+    log: Callable[[str], None]
+    made: dict[str, Any] = field(default_factory=dict)
+
+    def trusted(self) -> Any:
+        if "trusted" not in self.made:
+            self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
+        return self.made["trusted"]
+
+    def filtered(self, name: str, method: str, selection: str = "example") -> Any:
+        """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
+        examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
+        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if name not in self.made:
+            rec = self.trusted()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method),
+                          partition=replace(c.partition, selection=selection, rho=0.7))
+            self.made[name] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
+        return self.made[name]
+
+    def simulated(self, name: str, recall: float, precision: float) -> Any:
+        """A simulated detector (`partition.selection: simulated`, `tokenforget.stages.partition.simulated_partition`) of
+        `recall` and `precision` made from the known noise, in `run_dir/<name>/`, with the trusted run's training
+        settings (its forgetting term for `sim_forget`). Its right tokens are random ones, or with
+        `sim_false_positives: detector` the ones the trusted run's score finds most suspicious (that reference and
+        scoring pass reused, not rerun)."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if name not in self.made:
+            rec = self.trusted()
+            fps = self.cfg.sim_false_positives
+            pc = replace(rec.cfg.partition, selection="simulated", recall=recall, precision=precision,
+                         false_positives=fps, seed=self.cfg.seed)
+            self.made[name] = Run(replace(rec.cfg, run_dir=str(self.root / name), partition=pc), base=rec.base, log=self.log)
+            if fps == "detector":
+                adopt_stages(self.made[name], rec)
+        return self.made[name]
+
+    def contrastive(self) -> Any:
+        """The two-reference detector in `run_dir/contrastive/`: the trusted run's reference (copied, not retrained)
+        and `NOISY_FOLDS` references cross-fitted on the noisy training answers; score `contrastive`
+        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`), the negative
+        share estimated by a two-component mixture (`partition.selection: mixture`)."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if "contrastive" not in self.made:
+            rec = self.trusted()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / "contrastive"),
+                          reference=replace(c.reference, noisy_folds=NOISY_FOLDS),
+                          score=replace(c.score, method="contrastive", spans="number"),
+                          partition=replace(c.partition, selection="mixture"))
+            self.made["contrastive"] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made["contrastive"], rec)  # the data and the trusted reference
+        return self.made["contrastive"]
+
+    def clean(self, name: str = "clean") -> Any:
+        """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
+        `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`)."""
+        from tokenforget.run.pipeline import Run
+
+        if name not in self.made:
+            data = replace(self.run.cfg.data, path=str(self.root / "task" / f"{name}.jsonl"))
+            self.made[name] = Run(replace(self.run.cfg, run_dir=str(self.root / name), data=data),
+                                  base=self.run.base, log=self.log)
+        return self.made[name]
+
+
+# Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
+DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
+    "sft": lambda r: (r.run, "sft"),
+    "dft": lambda r: (r.run, "dft"),
+    "paper": lambda r: (r.run, "forget"),
+    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["mode"]),  # a mode only (test_presets)
+    "ref_loss_wga": lambda r: (r.trusted(), "forget"),
+    "ignore": lambda r: (r.trusted(), "ignore"),
+    "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
+    "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
+    "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
+    "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
+    "oracle_forget": lambda r: (r.run, "oracle_forget"),
+    "clean": lambda r: (r.clean(), "sft"),
+    "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
+    "contrastive": lambda r: (r.contrastive(), "ignore"),
+}
+PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
+                "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
+                "filter": "the sample filter, whole examples (its reference trusted)",
+                "filter_max": "the sample filter by each example's worst token (its reference trusted)",
+                "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
+                "contrastive": "CE_noisy - CE_trusted, numbers whole, the share from a mixture (trusted + noisy refs)"}
+
+
+SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
+
+
+def sim_name(setting: str, recall: float, precision: float, fps: str) -> str:
+    """`sim_ignore_r0.6_p0.5` (`_det` appended for the detector's false positives): one simulated model's name."""
+    return f"{setting}_r{recall:g}_p{precision:g}" + ("_det" if fps == "detector" else "")
+
+
+def expand_settings(cfg: DemoConfig) -> list[str]:
+    """`cfg.settings` with `sim_ignore` / `sim_forget` replaced by one name per `sim_recall` x `sim_precision`."""
+    out: list[str] = []
+    for s in cfg.settings:
+        if s in SIM_MODES:
+            out += [sim_name(s, r, p, cfg.sim_false_positives) for r in cfg.sim_recall for p in cfg.sim_precision]
+        else:
+            out.append(s)
+    return out
+
+
+def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
+    """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
+    if name in DEMO_SETTINGS:
+        return DEMO_SETTINGS[name](runs)
+    setting, r, p = name.removesuffix("_det").rsplit("_", 2)
+    folder = name.replace(setting, "sim", 1)  # sim_ignore_r1_p0.5 and sim_forget_r1_p0.5 share their partition
+    return runs.simulated(folder, float(r[1:]), float(p[1:])), SIM_MODES[setting]
+
+
+def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
+    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right), task/test.jsonl (clean held-out
+    problems, another seed, none of them a training problem) and with `n_val` task/val.jsonl (a third seed, none
+    a training or test problem), and task/correct_only.jsonl (the noisy set's right answers). Returns (train, test)."""
+    task = root / "task"
+    if cfg.noise_kind == "weak":  # a weaker model's answers and the generator's own (`tokenforget weak`)
+        noisy, clean = read_jsonl(Path(cfg.weak_dir) / "noisy.jsonl"), read_jsonl(Path(cfg.weak_dir) / "gold.jsonl")  # type: ignore[arg-type]
+    elif cfg.noise_kind == "systematic":
+        noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
+    else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
+        noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
+    write_jsonl(noisy, task / "train.jsonl")
+    write_jsonl(clean, task / "clean.jsonl")
+    write_jsonl([r for r in noisy if not r["corrupt_spans"]], task / "correct_only.jsonl")
+    taken = {r["prompt"] for r in noisy}
+    test = held_out(cfg.n_test, cfg.seed + 10_000, taken)
+    write_jsonl(test, task / "test.jsonl")
+    if cfg.n_val:
+        write_jsonl(held_out(cfg.n_val, cfg.seed + 30_000, taken | {r["prompt"] for r in test}), task / "val.jsonl")
+    return task / "train.jsonl", task / "test.jsonl"
+
+
+def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict[str, Any]]:
+    """Detection figures (AUROC, recall, precision of the negative set) of each partitioning setting trained,
+    each with its own score method, reference and rho."""
+    from tokenforget.commands.detect import detection_of_methods
+
+    from tokenforget.report.summary import detection_of
+
+    out = {}
+    for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
+        run, _stage = setting_stage(runs, name)
+        if run.cfg.partition.selection in ("simulated", "mixture"):  # its stored scores and its own partition
+            out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
+        elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
+            out[name] = example_detection(run.data(), run.score(), run.partition())
+        else:
+            method = run.cfg.score.method
+            out[name] = detection_of_methods(run.data(), run.score(), [method], run.cfg.partition.rho)[method]
+    return out
+
+
+def example_detection(tokens: Any, scores: Any, classes: Any) -> dict[str, Any]:
+    """Detection of the examples with a known corrupted token: each example's mean response-token score (low =
+    suspicious), and the examples a per-example partition dropped as the negative set; the figures of
+    `evaluate.detection` over examples, with the mean score of wrong and right examples."""
+    import numpy as np
+
+    from tokenforget.metrics import detection
+
+    masks = [np.asarray(m, bool) for m in tokens["response_mask"]]
+    mean = np.array([np.asarray(s)[m].mean() for s, m in zip(scores["score"], masks)])
+    bad = np.array([bool(np.asarray(c)[m].any()) for c, m in zip(tokens["corrupt"], masks)])
+    dropped = np.array([bool((np.asarray(c)[m] == -1).any()) for c, m in zip(classes["token_class"], masks)])
+    nan = float("nan")
+    return {**detection(mean, bad, dropped).__dict__, "mean_corrupt": float(mean[bad].mean()) if bad.any() else nan,
+            "mean_clean": float(mean[~bad].mean()) if (~bad).any() else nan}
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
+    """Generate the task, train every setting of `cfg.settings`, evaluate them and the base on clean held-out
+    problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
+    from tokenforget.report import summary as report
+    from tokenforget.report.html import build_report
+    from tokenforget.run import variants
+    from tokenforget.run.pipeline import Run, has_corrupt
+    from tokenforget.stages.evaluate import evaluate_models
+
+    t0 = time.time()
+    root = Path(cfg.run_dir)
+    train_path, test_path = write_task(cfg, root)
+    run = Run(demo_run_config(cfg, train_path), base=base, log=log)
+    runs = DemoRuns(cfg, root, run, log)
+    stages, settings = {}, expand_settings(cfg)
+    for name in settings:
+        sub, stage = setting_stage(runs, name)
+        stages[name] = variants.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
+    cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
+    if cfg.n_val:
+        results["validation"] = evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens, log,
+                                                cache)["models"]
+    if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
+        untrained = [d for d in cfg.detectors if d not in settings]
+        results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
+        results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
+    results["wall_s"] = time.time() - t0
+    (root / "demo_results.json").write_text(json.dumps(results, indent=2))
+    log(report.demo_table(results))
+    log(report.run_summary(run, [f"train-{m}" for m in ("sft", "dft", "forget") if (run.root / f"train-{m}").is_dir()]))
+    log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
+    return results

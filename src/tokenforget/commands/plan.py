@@ -1,0 +1,530 @@
+"""Dry run: which stages a command would run or reuse, and what they would process; on request, how long.
+
+Nothing is written: stage fingerprints are compared with the `stage.json` files in the run folder, and the
+data is tokenized in memory when its stage is not done yet. Only the tokenizer is loaded, so the plan
+(examples, tokens, optimizer steps) comes in seconds. With `measure` (`--dry-run-timing`) the base model is
+loaded too and the wall time comes from a short warm-up measured on this machine (a few training
+micro-batches and scoring forwards on real examples), scaled by the padded tokens each stage would process:
+
+    estimate(stage) = seconds per padded token (measured) x padded tokens the stage processes
+
+Training batches are drawn at random, so their padded tokens are those of a seeded shuffle (an expected
+value, not the Trainer's exact order); scoring batches are the scorer's own length-grouped batches.
+`run --dry-run` plans one mode; a command that trains several modes passes them all to `plan_run`.
+The estimate is for one process (under torchrun each rank does a share of the steps).
+Both print a memory estimate of each training to run, from the model's config file alone (`tokenforget.model.memory`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import datasets
+import torch
+
+from tokenforget.config import PlanConfig, TrainingConfig
+from tokenforget.model import memory as mem
+from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
+from tokenforget.model.loading import autocast, device
+from tokenforget.model.memory import MemoryEstimate, run_estimate
+from tokenforget.model.model_ce import model_token_ce
+from tokenforget.objectives import LEARN, PARTITION_FREE, forgetting_loss
+from tokenforget.run import variants
+from tokenforget.run.pipeline import Run
+from tokenforget.stages import data as data_mod
+from tokenforget.stages.reference import reference_examples
+from tokenforget.runfolder import round_stage
+from tokenforget.stages import data as data_mod
+from tokenforget.stages.reference import reference_examples
+from tokenforget.text_table import format_table
+
+TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
+
+
+@dataclass
+class StagePlan:
+    """One stage of a dry run."""
+
+    name: str
+    fingerprint: str
+    reuse: bool  # True: its stage.json matches, the command would skip it
+    examples: int
+    tokens: int  # tokens of the examples the stage goes over (prompt and response)
+    work: str
+    seconds: float  # estimated wall time if it runs (0 when reused)
+
+
+def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
+    """The stage folders training `modes` needs, in the order they would run."""
+    if run.cfg.train.labels_path:
+        return [f"train-{m}" for m in modes]
+    needs_scores = any(m not in PARTITION_FREE for m in modes)
+    per_round = ("scores", "partition") if run.scores_unused() else ("reference", "scores", "partition")
+    rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in per_round]
+    upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
+    return upstream + [f"train-{m}" for m in modes]
+
+
+def _round_of(stage: str) -> tuple[str, int]:
+    """`scores-round3` -> ("scores", 3); `scores` -> ("scores", 1)."""
+    name, _, r = stage.partition("-round")
+    return name, int(r) if r else 1
+
+
+def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
+    fps: dict[str, Callable[[int], str]] = {
+        "data": lambda _r: run.data_fp(), "reference": run.reference_fp, "scores": run.score_fp,
+        "partition": run.partition_fp, "labels": lambda _r: run.labels_fp(),
+    }
+    return {s: variants.train_fp(run, s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
+            for s in stages}
+
+
+@dataclass
+class Timing:
+    """Measured seconds per padded token (median of the timed repeats) and what they were measured on."""
+
+    train: dict[tuple[int, int], float]  # (batch size, gradient checkpointing) -> s/token of a training micro-batch
+    forward: dict[int, float]  # batch size -> s/token of one scoring forward
+    notes: list[str]
+    measured: bool = True  # False: no warm-up was asked for, the plan has no wall-time estimate
+
+
+def plan_run(run: Run, modes: Sequence[str], measure: bool = False, sets: Optional["TokenSets"] = None
+             ) -> tuple[list[StagePlan], Timing]:
+    """Plan every stage training `modes` needs; with `measure`, time the warm-up (loading the model) for the
+    stages that would run.
+
+    A `compare.variants` name among `modes` that overrides partition, reference or score trains in a folder of
+    its own (`variants.variant`): its stages are planned there, named `variant-<name>/<stage>`, and one counts as
+    reused when done there or when the parent holds it with the same fingerprint (`compare` copies it over)."""
+    own = {m: variants.variant(run, m, adopt=False) for m in modes if m in run.cfg.compare.variants}
+    own = {m: v for m, v in own.items() if v[0].root != run.root}
+    groups = [(run, "", stages_for_modes(run, [m for m in modes if m not in own]), None)]
+    for name, (sub, sub_mode) in own.items():
+        stages = [*stages_for_modes(sub, [sub_mode])[:-1], f"train-{name}"]
+        groups.append((sub, f"variant-{name}/", stages, run))
+    t0 = time.perf_counter()
+    sets = sets or _token_sets(run)  # `sets`: the caller's, of this run
+    tokenize_s = time.perf_counter() - t0
+    planned = []  # (run, shown name, stage, fingerprint, reused)
+    parent_fps: dict[str, str] = {}  # the parent's stages this plan makes: a variant copies them after
+    for r, prefix, stages, parent in groups:
+        fps = fingerprints(r, stages)
+        if parent is None:
+            parent_fps = fps
+        for st in stages:
+            adopted = parent is not None and (variants.adoptable(r, parent, st, fps[st])
+                                              or _made_for_adoption(r, parent, st, fps[st], parent_fps))
+            planned.append((r, prefix + st, st, fps[st], r.is_done(st, fps[st]) or adopted))
+    todo = [st for _r, _shown, st, _fp, reused in planned if not reused]
+    timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
+    group_sets = {id(r): sets if r is run else _token_sets(r) for r, *_ in groups}  # a variant may subset anew
+    plans = []
+    for r, shown, st, fp, reused in planned:
+        plan = _stage_plan(r, st, fp, reused, group_sets[id(r)], timing, tokenize_s)
+        plan.name = shown
+        plans.append(plan)
+    return plans, timing
+
+
+def _made_for_adoption(child: Run, parent: Run, stage: str, fp: str, parent_fps: dict[str, str]) -> bool:
+    """Whether the parent's stages planned before the variant (`parent_fps`) give `compare` the child's `stage` to
+    copy: the same fingerprint, or a scoring pass the child's method can be rescored from."""
+    if stage not in variants.ADOPTED_STAGES or stage not in parent_fps:
+        return False
+    if parent_fps[stage] == fp:
+        return True
+    return stage == "scores" and parent.raw_score_fp() in child.reusable_score_fps()
+
+
+@dataclass
+class TokenSets:
+    """The examples each stage goes over, as token id lists."""
+
+    all: list[list[int]]
+    masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
+    response_tokens: int
+    reference: list[list[int]]  # the reference training's examples (every mode trains on `all`)
+
+
+def _token_sets(run: Run) -> TokenSets:
+    """Token ids from the finished data stage, the labels file, or tokenized now in memory."""
+    cfg = run.cfg
+    if cfg.train.labels_path:
+        from tokenforget.stages.labels import read_labels
+
+        exported = read_labels(cfg.train.labels_path, run.base.tokenizer)
+        ids = exported["input_ids"]
+        masks = [[int(c != 0) for c in cls] for cls in exported["token_class"]]
+        return TokenSets(ids, masks, sum(map(sum, masks)), [])
+    tokens = _tokens(run)
+    ids, masks = tokens["input_ids"], tokens["response_mask"]
+    c = run.cfg
+    reference = reference_examples(tokens, c.reference, c.data, run.base.tokenizer, c.seed)["input_ids"]
+    return TokenSets(ids, masks, sum(map(sum, masks)), reference)
+
+
+def _tokens(run: Run) -> datasets.Dataset:
+    if run.is_done("data", run.data_fp()):
+        return datasets.load_from_disk(str(run.stage_dir("data") / "tokens"))
+    records = data_mod.load_records(run.cfg.data)
+    cols, _ = data_mod.tokenize_records(run.base.tokenizer, records, run.cfg.data)
+    return datasets.Dataset.from_dict(cols)
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def optimizer_steps(n_examples: int, cfg: TrainingConfig) -> int:
+    """Optimizer steps of one training, as the Trainer counts them: max_steps, or
+    ceil(epochs x max(1, ceil(micro-batches per epoch / grad_accum)))."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro = math.ceil(n_examples / cfg.batch_size)
+    return math.ceil(cfg.epochs * max(1, math.ceil(micro / cfg.grad_accum)))
+
+
+def micro_batches(n_examples: int, cfg: TrainingConfig) -> int:
+    """Forward-backward passes of one training: max_steps x grad_accum, or ceil(epochs x batches per epoch)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps * cfg.grad_accum
+    return math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size))
+
+
+def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, seed: int) -> int:
+    """Expected padded tokens of a training: each epoch a seeded shuffle cut into batches (the last one
+    smaller), each batch padded to its longest example (not padded at all with `packing`), until the
+    training's micro-batches are done."""
+    lengths = [len(e) for e in examples]
+    todo, total, rng = micro_batches(len(lengths), cfg), 0, random.Random(seed)
+    while todo > 0:
+        order = rng.sample(range(len(lengths)), len(lengths))
+        for start in range(0, len(order), cfg.batch_size):
+            if todo == 0:
+                break
+            batch = order[start : start + cfg.batch_size]
+            widths = [lengths[i] for i in batch]
+            total += sum(widths) if cfg.packing else len(batch) * max(widths)
+            todo -= 1
+    return total
+
+
+def score_padded_tokens(examples: Sequence[Sequence[int]], batch_size: int) -> int:
+    """Padded tokens of the scorer's length-grouped batches (one forward; a scoring pass runs two, or one without
+    the base model)."""
+    lengths = [len(e) for e in examples]
+    return sum(len(b) * max(lengths[i] for i in b) for b in length_grouped_batches(lengths, batch_size))
+
+
+def _stage_plan(
+    run: Run, stage: str, fp: str, reuse: bool, sets: TokenSets, timing: Timing, tokenize_s: float
+) -> StagePlan:
+    cfg = run.cfg
+    n_tok = sum(map(len, sets.all))
+    if stage == "data":
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, "tokenize", 0.0 if reuse else tokenize_s)
+    kind = _round_of(stage)[0]
+    if kind == "reference":
+        plan = _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
+        folds = cfg.reference.folds
+        if folds > 1:  # K references, each on a subset of the same size
+            plan.work, plan.seconds = f"{folds} references x {plan.work}", plan.seconds * folds
+        return plan
+    if kind == "scores" and run.scores_unused():  # the stage only writes zeros for the partition to read
+        work = f"not needed: partition.selection '{cfg.partition.selection}' ranks nothing (no reference, no forward)"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0)
+    if kind == "scores":
+        bs = cfg.score.batch_size
+        padded = score_padded_tokens(sets.all, bs)
+        n_batches = math.ceil(len(sets.all) / bs)
+        forwards = (2, "base, reference") if run.base_pass() else (1, "reference; the method reads no base CE")
+        secs = forwards[0] * padded * timing.forward.get(bs, 0.0)
+        work = f"{n_batches} batches x {forwards[0]} forward{'s' * (forwards[0] > 1)} ({forwards[1]})"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
+    if kind in ("partition", "labels"):
+        ranked = "read the data's weights of" if cfg.partition.selection == "data" else "rank"
+        what = f"{ranked} {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
+    return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
+
+
+def _train_plan(
+    stage: str, fp: str, reuse: bool, examples: Sequence[Sequence[int]], tcfg: TrainingConfig, seed: int, timing: Timing
+) -> StagePlan:
+    steps = optimizer_steps(len(examples), tcfg)
+    per_token = timing.train.get((tcfg.batch_size, tcfg.gradient_checkpointing), 0.0)
+    secs = train_padded_tokens(examples, tcfg, seed) * per_token
+    work = f"{steps} optimizer steps of {tcfg.batch_size} x {tcfg.grad_accum}"
+    return StagePlan(stage, fp, reuse, len(examples), sum(map(len, examples)), work, 0.0 if reuse else secs)
+
+
+# ---------------------------------------------------------------- warm-up
+
+
+def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
+    """Time a few micro-batches of each training and scoring configuration that a stage to run uses."""
+    cfg = run.cfg
+    timing = Timing({}, {}, [])
+    t0 = time.perf_counter()
+    run.base.load()  # loads the base once (stages share its weights)
+    timing.notes.append(f"model load {time.perf_counter() - t0:.1f} s")
+    trainings = [cfg.reference.training] if any(s.startswith("reference") for s in todo) else []
+    trainings += [cfg.train.training] if any(s.startswith("train-") for s in todo) else []
+    for tcfg in trainings:
+        key = (tcfg.batch_size, tcfg.gradient_checkpointing)
+        if key not in timing.train:
+            ids, attn, resp = _sample_batch(sets, tcfg.batch_size, cfg.seed)
+            secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
+            timing.train[key] = secs / ids.numel()
+            timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
+    if any(s.startswith("scores") for s in todo) and not run.scores_unused():
+        ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
+        secs = _time_forward(run, ids, attn, resp)
+        timing.forward[cfg.score.batch_size] = secs / ids.numel()
+        timing.notes.append(f"scoring forward {tuple(ids.shape)}: {secs:.3f} s")
+    return timing
+
+
+def _sample_batch(sets: TokenSets, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, response mask), each (B, T), of a seeded random batch, right-padded."""
+    pick = random.Random(seed).sample(range(len(sets.all)), min(batch_size, len(sets.all)))
+    ids, attn = pad_batch([sets.all[i] for i in pick], 0)
+    resp, _ = pad_batch([sets.masks[i] for i in pick], 0)
+    return ids.to(device()), attn.to(device()), resp.to(device())
+
+
+def _timed(step: Callable[[], None]) -> float:
+    """Median seconds of TIMED_REPEATS calls after one untimed call."""
+    step()
+    times = []
+    for _ in range(TIMED_REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_train_step(
+    run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor, gradient_checkpointing: bool
+) -> float:
+    """Seconds of one training micro-batch on a fresh LoRA copy: forward and per-token CE the way
+    `ForgettingTrainer` computes them, the objective, backward, an AdamW step."""
+    model = run.base.for_training(run.cfg.lora).to(device())
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # lr 0: weights stay put
+    cls = resp * LEARN
+
+    def step() -> None:
+        with autocast(run.bf16):
+            token_loss = model_token_ce(model, ids, resp.bool(), attention_mask=attn)  # (B, T)
+        forgetting_loss(token_loss, cls, 0.0).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync()
+
+    return _timed(step)
+
+
+def _time_forward(run: Run, ids: torch.Tensor, attn: torch.Tensor, resp: torch.Tensor) -> float:
+    """Seconds of one scoring forward (the scorer's `forward_ce`, response tokens only)."""
+    model = run.base.frozen().to(device()).eval()
+
+    def step() -> None:
+        forward_ce(model, ids, attn, run.bf16, resp)
+        _sync()
+
+    return _timed(step)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
+    """The dry run as a table; when timed, each stage's estimate, the warm-up measurements and the total."""
+    header = ["stage", "status", "fingerprint", "examples", "tokens", "work"]
+    rows = [[p.name, "reuse" if p.reuse else "run", p.fingerprint, p.examples, f"{p.tokens:,}", p.work] for p in plans]
+    if timing.measured:
+        header.append("est. time")
+        for row, p in zip(rows, plans):
+            row.append("-" if p.reuse else _duration(p.seconds))
+    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows), *memory_lines(run, plans)]
+    nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
+    if not timing.measured:
+        lines.append(f"Wall time not estimated{nothing}: --dry-run-timing loads the model and times a few "
+                     "training micro-batches and scoring forwards on this machine")
+        return "\n".join(lines)
+    if timing.notes:
+        lines.append(f"Warm-up on this machine (median of {TIMED_REPEATS} after 1 untimed): " + "; ".join(timing.notes))
+    total = sum(p.seconds for p in plans if not p.reuse)
+    lines.append(f"Estimated wall time of the stages to run: {_duration(total)}{nothing}")
+    return "\n".join(lines)
+
+
+def memory_lines(run: Run, plans: Sequence[StagePlan]) -> list[str]:
+    """The memory estimate (`tokenforget.model.memory`) of each training configuration a stage to run uses."""
+    cfg = run.cfg
+    stages = [(p.name.rsplit("/", 1)[-1], p.reuse) for p in plans]  # a variant's: variant-<name>/<stage>
+    kinds = {_round_of(s)[0] if not s.startswith("train-") else "train" for s, reuse in stages if not reuse}
+    trainings = [cfg.reference.training] if "reference" in kinds else []
+    trainings += [cfg.train.training] if "train" in kinds else []
+    seen: dict[tuple[int, bool], str] = {}
+    for t in trainings:
+        key = (t.batch_size, t.gradient_checkpointing)
+        if key not in seen:
+            seen[key] = run_estimate(cfg.model, cfg.lora, t, cfg.data.max_length, run.bf16)
+    return list(seen.values())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def dry_run(
+    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = False,
+    cost: Optional[PlanConfig] = None,
+) -> list[StagePlan]:
+    """Print the plan for training `modes` in `run` and return it; with `cost`, the GPU cost plan after it."""
+    t0 = time.perf_counter()
+    sets = _token_sets(run)
+    tokenize_s = time.perf_counter() - t0
+    plans, timing = plan_run(run, modes, measure, sets)
+    data = next((p for p in plans if p.name == "data"), None)
+    if data is not None and not data.reuse:
+        data.seconds = tokenize_s  # the tokenizing was done here, before plan_run
+    log(format_plan(run, plans, timing))
+    if cost is not None:
+        log(format_cost(cost_plan(run, plans, sets, cost), cost, run.cfg.lora.enabled))
+    return plans
+
+
+
+# ---------------------------------------------------------------- cost plan (--plan-gpus)
+
+# Forward tokens of one evaluation of the standard tasks the paper used: examples x requests per example x mean
+# tokens per request, rough (not measured: lm-eval scores each answer choice as its own request; TyDiQA's 1-shot
+# prompt holds two passages and its generated tokens, decoded one at a time, are not counted).
+EVAL_TASK_TOKENS: dict[str, tuple[int, float]] = {  # task -> (examples, forward tokens)
+    "truthfulqa_mc2": (817, 817 * 7.2 * 330),
+    "boolq": (3270, 3270 * 2 * 170),
+    "logiqa": (651, 651 * 4 * 300),
+    "asdiv": (2305, 2305 * 1 * 70),
+    "tydiqa_goldp": (5077, 5077 * 1 * 600),
+}
+EVAL_SEQ_LEN = 512  # a typical request's length, for the attention term of the evaluation's FLOPs
+
+
+@dataclass
+class StageCost:
+    """One GPU stage of the cost plan."""
+
+    name: str
+    tokens: float  # tokens the stage's forwards go over (padded; training: all epochs)
+    flops: float
+    memory: Optional[MemoryEstimate]  # per GPU; None when not estimated
+    seconds: float
+    note: str = ""
+
+
+def cost_plan(run: Run, plans: Sequence[StagePlan], sets: TokenSets, pc: PlanConfig) -> list[StageCost]:
+    """The GPU stages of `plans` (reference, scoring, training) and one evaluation of the base model, costed with
+    the formulas of `tokenforget.memory` for `pc.gpus` GPUs of type `pc.gpu`."""
+    cfg, gpu = run.cfg, mem.GPUS[pc.gpu]
+    shape = mem.config_shape(cfg.model, cfg.lora)
+    costs = []
+    for p in plans:
+        kind = p.name.rsplit("/", 1)[-1]
+        kind = "train" if kind.startswith("train-") else _round_of(kind)[0]
+        if kind == "reference":
+            c = _train_cost(run, shape, p.name, sets.reference, cfg.reference.training, pc)
+            c.tokens, c.flops = c.tokens * cfg.reference.folds, c.flops * cfg.reference.folds
+        elif kind == "train":
+            c = _train_cost(run, shape, p.name, sets.all, cfg.train.training, pc)
+        elif kind == "scores":
+            c = _score_cost(run, shape, p.name, sets.all)
+        else:
+            continue
+        c.seconds = mem.wall_seconds(c.flops, gpu, pc.gpus, pc.utilisation(cfg.lora.enabled))
+        c.note = "reuse" if p.reuse else c.note
+        costs.append(c)
+    costs += _eval_costs(run, shape, pc)
+    return costs
+
+
+def _seq_len(padded: float, sequences: float) -> float:
+    return padded / max(1.0, sequences)
+
+
+def _train_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]], tcfg: TrainingConfig,
+                pc: PlanConfig) -> StageCost:
+    """Training: passes x padded tokens x F; memory of one micro-batch of max_length under the sharding."""
+    cfg = run.cfg
+    padded = train_padded_tokens(examples, tcfg, cfg.seed)
+    seq = _seq_len(padded, micro_batches(len(examples), tcfg) * min(tcfg.batch_size, len(examples)))
+    flops = mem.stage_flops(shape, padded, seq, mem.training_passes(cfg.lora.enabled, tcfg.gradient_checkpointing))
+    est = mem.training_estimate(shape, cfg.model, cfg.lora, tcfg, cfg.data.max_length, run.bf16)
+    sharding = pc.sharding if pc.gpus > 1 else "ddp"
+    per_gpu = mem.sharded(est, shape, sharding, pc.gpus, mem.weight_bytes(cfg.model))
+    return StageCost(name, padded, flops, per_gpu, 0.0, f"{sharding}, micro-batch {tcfg.batch_size} x {cfg.data.max_length}")
+
+
+def _score_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]]) -> StageCost:
+    """Scoring: 1 or 2 forwards (base, reference) over the scorer's padded batches; every rank holds the whole model
+    (scoring shares out the examples, not the weights)."""
+    cfg = run.cfg
+    forwards = 2 if run.base_pass() else 1
+    padded = score_padded_tokens(examples, cfg.score.batch_size)
+    flops = mem.stage_flops(shape, padded, _seq_len(padded, len(examples)), forwards)
+    est = mem.forward_estimate(shape, cfg.score.batch_size, cfg.data.max_length, mem.weight_bytes(cfg.model),
+                               2 if run.bf16 else 4)
+    return StageCost(name, padded * forwards, flops, est, 0.0, f"{forwards} forward{'s' * (forwards > 1)}, whole model per GPU")
+
+
+def _eval_costs(run: Run, shape: mem.Shape, pc: PlanConfig) -> list[StageCost]:
+    """One evaluation (one model) of the standard tasks in `eval.tasks` whose size `EVAL_TASK_TOKENS` holds."""
+    known = [t for t in run.cfg.eval.tasks if t in EVAL_TASK_TOKENS]
+    unknown = [t for t in run.cfg.eval.tasks if t not in EVAL_TASK_TOKENS]
+    if not known:
+        return []
+    tokens = sum(EVAL_TASK_TOKENS[t][1] for t in known)
+    flops = mem.stage_flops(shape, tokens, EVAL_SEQ_LEN, 1)
+    est = mem.forward_estimate(shape, run.cfg.eval.batch_size, EVAL_SEQ_LEN, mem.weight_bytes(run.cfg.model),
+                               2 if run.bf16 else 4)
+    note = f"{len(known)} tasks, rough sizes" + (f"; not costed: {', '.join(unknown)}" if unknown else "")
+    seconds = mem.wall_seconds(flops, mem.GPUS[pc.gpu], pc.gpus, pc.utilisation(run.cfg.lora.enabled))
+    return [StageCost("eval (one model)", tokens, flops, est, seconds, note)]
+
+
+def format_cost(costs: Sequence[StageCost], pc: PlanConfig, lora: bool) -> str:
+    gpu, mfu = mem.GPUS[pc.gpu], pc.utilisation(lora)
+    header = ["stage", "tokens", "model FLOPs", "memory/GPU", "wall", "note"]
+    rows = [[c.name, f"{c.tokens / 1e6:,.1f} M" if c.tokens >= 1e6 else f"{c.tokens:,.0f}", f"{c.flops:.3g}", mem.size(c.memory.total) if c.memory else "-",
+             _duration(c.seconds), c.note] for c in costs]
+    todo = [c for c in costs if c.note != "reuse"]
+    total = sum(c.seconds for c in todo)
+    over = [c.name for c in todo if c.memory and c.memory.total > gpu.memory]
+    lines = [f"Cost plan: {pc.gpus} x {gpu.name} ({gpu.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), MFU {mfu:.0%}"
+             f"{'' if pc.mfu else ' (measured, docs/paper-scale.md)'} (formulas: tokenforget.memory)", format_table(header, rows),
+             f"Estimated GPU wall time of the stages to run: {_duration(total)} ({total * pc.gpus / 3600:.2f} GPU-hours)"]
+    if over:
+        lines.append(f"Over the {mem.size(int(gpu.memory))} of one GPU: {', '.join(over)} (lower the batch size, "
+                     "turn on gradient checkpointing, or shard over more GPUs)")
+    return "\n".join(lines)

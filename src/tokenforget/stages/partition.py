@@ -1,0 +1,473 @@
+"""Partition: rank every response token of the data set by score; the top rho are positive.
+
+Ranking is global (the paper's choice): one threshold for the whole data set, not per example.
+Exactly round(rho * N) tokens are positive (halves round up). Ties are broken by data order: among
+equal scores the token that comes first (earlier example, then earlier position) ranks higher, so
+the partition is deterministic and the counts are exact. Selection is O(N) (`np.partition`), on flat
+arrays read straight from Arrow, so 25 million scores take well under a second.
+
+For score sets that do not fit in memory, `streaming_threshold` finds the cut from per-shard
+histograms merged across shards, then counts exactly against it and reports the rho it achieves.
+
+Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_partition` (the top rho of
+each example), `threshold_partition` (an absolute score cut), `soft_weights` (the global ranking with a
+weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
+score: a sample filter), `tail_partition` (in the examples whose worst score is lowest, the tokens from it to the
+end), `oracle_partition` (the known noise as the negative set: a bound, not a method) and `data_classes` (the
+weights the data carries, `tokenforget.stages.labels_in_data`: no scores at all); `simulated_partition` (a detector
+of chosen recall and precision made from the known noise: the frontier a real detector is read against). Whatever the selection, where the
+data carries weights they win (`with_data_labels`): a detector decides only the tokens the data says nothing about.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from tokenforget.columns import flat_list_column, list_column
+from tokenforget.config import ConfigError, PartitionConfig
+from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.metrics import two_gaussians
+
+
+def n_positive(n_tokens: int, rho: float) -> int:
+    """How many of `n_tokens` are positive at ratio `rho`: round half up of rho * n."""
+    return min(n_tokens, int(math.floor(rho * n_tokens + 0.5)))
+
+
+def global_partition(scores: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: True for the round(rho*N) highest scores, ties to the earlier token.
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        rho: share of positive tokens, in [0, 1].
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinite values")
+    n, k = scores.shape[0], n_positive(scores.shape[0], rho)
+    if k in (0, n):
+        return np.full(n, k == n, dtype=bool)
+    cut = np.partition(scores, n - k)[n - k]  # the k-th highest score
+    positive = scores > cut
+    ties = np.flatnonzero(scores == cut)[: k - int(positive.sum())]  # earliest tied tokens fill the rest
+    positive[ties] = True
+    return positive
+
+
+def per_sample_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: within each example, its round(rho * n_i) highest scores, ties to the earlier token.
+
+    Every example keeps the same share of its tokens, however easy or hard it is as a whole (global
+    ranking can leave an example with no positive token at all).
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of positive tokens per example, in [0, 1].
+    """
+    n = scores.shape[0]
+    order = np.lexsort((np.arange(n), -scores, example))  # by example, then score descending, then position
+    starts = np.searchsorted(example[order], example[order], side="left")  # first slot of each token's example
+    rank = np.arange(n) - starts  # (N,) rank within its example, in `order`
+    n_tokens = np.bincount(example, minlength=int(example.max()) + 1 if n else 0)
+    k = np.floor(rho * n_tokens + 0.5).astype(np.int64)  # round half up, per example
+    positive = np.empty(n, dtype=bool)
+    positive[order] = rank < k[example[order]]
+    return positive
+
+
+def threshold_partition(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean (N,) mask: score >= threshold. The share of positives follows from the scores (rho unused).
+
+    Score = CE_base - CE_ref, in nats: a threshold of 0 keeps every token the reference predicts at least
+    as well as the base model.
+    """
+    return scores >= threshold
+
+
+def soft_weights(scores: np.ndarray, rho: float) -> np.ndarray:
+    """Signed (N,) float32 weights in [-1, 1] from the global ranking: sign = the global partition's class,
+    magnitude = how far the token ranks from the cut.
+
+    With r the rank (0 = highest score, ties to the earlier token, as in `global_partition`), N tokens and
+    k = round(rho * N) positives:
+        r <  k:  w = 1 - r / k              (1 for the best token, 1/k for the last positive)
+        r >= k:  w = -(r - k + 1) / (N - k)  (-1/(N - k) for the first negative, -1 for the worst)
+    Tokens near the cut, where the ranking is least sure, get little weight either way; the loss uses |w| as
+    the token's weight and the sign as its class.
+    """
+    n, k = scores.shape[0], n_positive(scores.shape[0], rho)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(n)
+    w = np.where(rank < k, 1.0 - rank / max(k, 1), -(rank - k + 1) / max(n - k, 1))
+    return w.astype(np.float32)
+
+
+def example_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: every token of the round(rho * E) examples with the highest mean score, none of the
+    others (a sample filter: with `ignore`, the lowest-scored examples are dropped whole). Ties go to the
+    earlier example.
+
+    With score `ref_loss` (-CE_ref) this drops the examples with the highest mean reference loss, the filter a
+    user would try first.
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of examples kept (that have response tokens), in [0, 1].
+    """
+    ids, first = np.unique(example, return_index=True)
+    sums = np.add.reduceat(scores.astype(np.float64), first) if len(first) else np.zeros(0)
+    means = sums / np.diff(np.append(first, scores.shape[0]))  # (E,) mean score of each example
+    kept = global_partition(means, rho)  # (E,) ties to the earlier example
+    return kept[np.searchsorted(ids, example)]
+
+
+def tail_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.ndarray:
+    """Boolean (N,) mask: in the round((1 - rho) * E) examples whose lowest score is lowest, every token from that
+    lowest-scored one to the example's end is negative; every other token is positive. Among tied minima the
+    earlier example stays whole; within an example the earlier of tied tokens starts the tail.
+
+    Why the tail: an answer that goes wrong stays wrong after the error (later steps build on the wrong value and
+    the final answer repeats it, where a loss-based detector finds it consistent), while what comes before it is
+    right and still worth learning: the first-error view of process supervision (Lightman et al., 2023, arXiv
+    2305.20050). With score `ref_loss` (-CE_ref) the examples are ranked as `example_max_ref_loss` ranks them, but
+    only their tails are dropped instead of the whole answers.
+
+    Args:
+        scores: (N,) scores of all response tokens in data order.
+        example: (N,) non-decreasing example index of each token.
+        rho: share of examples left whole (that have response tokens), in [0, 1].
+    """
+    n = scores.shape[0]
+    ids, first = np.unique(example, return_index=True)
+    order = np.lexsort((np.arange(n), scores, example))  # by example, then score ascending, then position
+    worst = order[first]  # (E,) flat index of each example's lowest score (groups keep their places in `order`)
+    whole = global_partition(scores[worst], rho) if len(ids) else np.zeros(0, dtype=bool)  # (E,) highest minima kept
+    of = np.searchsorted(ids, example)  # (N,) each token's example, 0..E-1
+    return whole[of] | (np.arange(n) < worst[of])
+
+
+def oracle_partition(bad: np.ndarray) -> np.ndarray:
+    """Boolean (N,) mask: True for every token not known to be bad. The negative set is exactly the known
+    noise (an injected `corrupt` mask, or every token of an example labelled `is_correct: false`): the bound
+    on what any detector could give, not something a user can run on unlabelled data."""
+    return ~bad.astype(bool)
+
+
+def simulated_counts(n_bad: int, n_right: int, recall: float, precision: float) -> tuple[int, int]:
+    """(true positives, false positives) of a simulated negative set: tp = round(recall x n_bad) wrong tokens and
+    fp = round(tp / precision) - tp right ones (capped at n_right), halves rounding up, so that tp / (tp + fp)
+    is `precision` and tp / n_bad is `recall` as nearly as whole tokens allow."""
+    tp = n_positive(n_bad, recall)
+    return tp, min(n_right, int(math.floor(tp / precision + 0.5)) - tp)
+
+
+def simulated_partition(
+    bad: np.ndarray, scores: np.ndarray, recall: float, precision: float, false_positives: str, seed: int
+) -> np.ndarray:
+    """Boolean (N,) mask: a detector of controlled quality made from the known noise (`bad`). Its negative set is a
+    seeded random `recall` share of the wrong tokens plus right tokens enough for `precision`
+    (`simulated_counts`): drawn at random (`false_positives: random`), or the right tokens the detector's own
+    `scores` find most suspicious, lowest first, ties to the earlier token (`detector`: its false positives are
+    the hard right numbers a real detector takes). Not a method: the yardstick that says how good a detector
+    must be before training on its negatives pays (issue 25).
+
+    Args:
+        bad: (N,) flags of the known noisy response tokens.
+        scores: (N,) the detector's scores (`detector` only; low = suspicious).
+        seed: draws the wrong tokens kept (and the random right ones); the same seed, the same set.
+    """
+    bad = bad.astype(bool)
+    bad_idx, right_idx = np.flatnonzero(bad), np.flatnonzero(~bad)
+    tp, fp = simulated_counts(len(bad_idx), len(right_idx), recall, precision)
+    rng = np.random.default_rng(seed)
+    negative = np.zeros(bad.shape[0], dtype=bool)
+    negative[rng.choice(bad_idx, tp, replace=False)] = True
+    if false_positives == "random":
+        negative[rng.choice(right_idx, fp, replace=False)] = True
+    else:  # the detector's most suspicious right tokens (stable sort: ties to the earlier one)
+        negative[right_idx[np.argsort(scores[right_idx], kind="stable")[:fp]]] = True
+    return ~negative
+
+
+def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """(Boolean (N,) mask, estimated negative share): the share of the data that is noise estimated from the scores
+    themselves instead of a fixed rho. A two-component Gaussian mixture (`tokenforget.metrics.two_gaussians`) is fitted to the scores;
+    the low component's weight w_low is the negative share, and the round(w_low x N) lowest scores are negative
+    (the global partition at rho = 1 - w_low). Meant for a score whose noise forms a cluster of its own, as the
+    contrastive score's recurring error does (a learned wrong value: low; a hard right one: near 0)."""
+    w, _, _ = two_gaussians(scores)
+    return global_partition(scores, 1.0 - float(w[0])), float(w[0])
+
+
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture")
+SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
+
+
+def with_data_labels(
+    classes: np.ndarray, weights: Optional[np.ndarray], data_weight: np.ndarray, response: np.ndarray
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Flat classes and |weights| with the data's weight w in force wherever it gives one (not NaN) on a response
+    token: w > 0 learn, w = 0 no loss, w < 0 forget, |w| the token's weight.
+
+    The |weights| stay None while every weight the data gives is -1, 0 or 1 (the plain objective, computed exactly
+    as without weights); a fractional one makes them |w| where labelled and 1 (or the soft selection's) elsewhere.
+
+    Args:
+        classes: (N,) int8 classes from a selection; weights: (N,) float32 |weights| of the soft selection or None.
+        data_weight: (N,) float32 weights from the data, NaN where it says nothing; response: (N,) 0/1 flags.
+    """
+    said = response.astype(bool) & ~np.isnan(data_weight)  # (N,)
+    w = data_weight[said]
+    classes = classes.copy()
+    classes[said] = np.where(w > 0, LEARN, np.where(w < 0, FORGET, NO_LOSS))
+    if weights is None and np.isin(np.abs(w), (0.0, 1.0)).all():
+        return classes, None
+    weights = np.where(response.astype(bool), 1.0, 0.0).astype(np.float32) if weights is None else weights.copy()
+    weights[said] = np.abs(w)
+    return classes, weights
+
+
+def data_classes(data_weight: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Flat classes (and |weights|, where some are fractional) from the data's weights alone: a response token
+    the data says nothing about is learned, as in SFT (`with_data_labels` over all-learn classes)."""
+    classes = np.where(response.astype(bool), LEARN, NO_LOSS).astype(np.int8)
+    return with_data_labels(classes, None, data_weight, response)
+
+
+def class_counts(classes: np.ndarray, response: np.ndarray) -> dict[str, Any]:
+    """The partition stats of classes that no score ranked (threshold NaN, no quantiles)."""
+    resp = response.astype(bool)
+    return {"n_tokens": int(resp.sum()), "n_positive": int((classes == LEARN).sum()),
+            "n_negative": int((classes == FORGET).sum()), "n_no_loss": int((resp & (classes == NO_LOSS)).sum()),
+            "threshold": float("nan"), "quantiles": {}}
+
+
+def select_tokens(
+    scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0,
+    bad: Optional[np.ndarray] = None, pc: Optional[PartitionConfig] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray], "PartitionStats"]:
+    """Flat classes (+1/-1/0, int8), flat |weights| (float32, soft selection only, else None) and stats.
+
+    Args:
+        scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
+        offsets: (E + 1,) example boundaries into the flat arrays.
+        selection: one of `SELECTIONS`.
+        bad: flat 0/1 flags of the tokens known to be noise (`oracle`, `simulated` only).
+        pc: the partition config (`simulated` reads its recall, precision, false_positives and seed).
+    """
+    resp = response.astype(bool)
+    example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
+    chosen = scores[resp]
+    if not np.all(np.isfinite(chosen)):
+        raise ValueError("scores contain NaN or infinite values")
+    weights = None
+    if selection == "global":
+        positive = global_partition(chosen, rho)
+    elif selection == "per_sample":
+        positive = per_sample_partition(chosen, example, rho)
+    elif selection == "example":
+        positive = example_partition(chosen, example, rho)
+    elif selection == "tail":
+        positive = tail_partition(chosen, example, rho)
+    elif selection == "oracle":
+        if bad is None:
+            raise ValueError("the oracle selection needs the known bad tokens")
+        positive = oracle_partition(bad[resp])
+    elif selection == "simulated":
+        if bad is None or pc is None:
+            raise ValueError("the simulated selection needs the known bad tokens and its settings")
+        positive = simulated_partition(bad[resp], chosen, pc.recall, pc.precision, pc.false_positives, pc.seed)
+    elif selection == "mixture":
+        positive, share = mixture_partition(chosen)
+    elif selection == "data":
+        raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
+    elif selection == "threshold":
+        positive = threshold_partition(chosen, threshold)
+    elif selection == "soft":
+        signed = soft_weights(chosen, rho)
+        positive = signed > 0
+        weights = np.zeros(scores.shape[0], dtype=np.float32)
+        weights[resp] = np.abs(signed)
+    else:
+        raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
+    classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
+    classes[resp] = np.where(positive, LEARN, FORGET)
+    stats = _stats(chosen, positive)
+    if selection == "mixture":
+        stats.estimated_negative_share = share
+    return classes, weights, stats
+
+
+@dataclass
+class PartitionStats:
+    n_tokens: int
+    n_positive: int
+    n_negative: int
+    threshold: float  # lowest positive score (nan when no token is positive)
+    quantiles: dict[str, float]
+    estimated_negative_share: Optional[float] = None  # the mixture selection's estimate (else None)
+
+
+def flat_token_classes(scores: np.ndarray, response: np.ndarray, rho: float) -> tuple[np.ndarray, PartitionStats]:
+    """Flat int8 classes (+1 learn, -1 forget, 0 no loss) for flat per-token scores and response flags."""
+    resp = response.astype(bool)
+    chosen = scores[resp]
+    positive = global_partition(chosen, rho)
+    classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
+    classes[resp] = np.where(positive, LEARN, FORGET)
+    return classes, _stats(chosen, positive)
+
+
+def token_classes(
+    scores: Sequence[np.ndarray], response_masks: Sequence[Sequence[int]], rho: float
+) -> tuple[list[np.ndarray], PartitionStats]:
+    """Per-example class arrays from per-example score arrays (convenience over `flat_token_classes`)."""
+    lengths = [len(m) for m in response_masks]
+    flat, stats = flat_token_classes(
+        np.concatenate([np.asarray(s, np.float32) for s in scores]),
+        np.concatenate([np.asarray(m, np.int8) for m in response_masks]),
+        rho,
+    )
+    return np.split(flat, np.cumsum(lengths)[:-1]), stats
+
+
+def _stats(flat: np.ndarray, positive: np.ndarray) -> PartitionStats:
+    qs = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+    values = np.quantile(flat, qs) if flat.size else np.full(len(qs), np.nan)
+    return PartitionStats(
+        n_tokens=int(flat.size),
+        n_positive=int(positive.sum()),
+        n_negative=int(flat.size - positive.sum()),
+        threshold=float(flat[positive].min()) if positive.any() else float("nan"),
+        quantiles={f"q{int(q * 100)}": float(v) for q, v in zip(qs, values)},
+    )
+
+
+@dataclass
+class StreamingCut:
+    """The cut a streaming partition found: tokens with score >= threshold are positive."""
+
+    threshold: float
+    n_tokens: int
+    n_positive: int
+    target_rho: float
+
+    @property
+    def achieved_rho(self) -> float:
+        return self.n_positive / max(self.n_tokens, 1)
+
+
+def streaming_threshold(shards: Callable[[], Iterable[np.ndarray]], rho: float, bins: int = 1 << 20) -> StreamingCut:
+    """Global cut for scores that never sit in memory together, in three passes over `shards()`.
+
+    Pass 1: min and max. Pass 2: per-shard histograms on one shared grid of `bins` bins, summed; the
+    threshold is the lower edge of the bin where the count from the top first reaches round(rho*N).
+    Pass 3: exact count of scores >= threshold. The achieved rho differs from the target by at most
+    the mass of one bin (ties in that bin are all positive).
+
+    Args:
+        shards: called once per pass; yields 1-D arrays of response-token scores.
+    """
+    lo, hi, n = math.inf, -math.inf, 0
+    for s in shards():
+        if s.size:
+            lo, hi, n = min(lo, float(s.min())), max(hi, float(s.max())), n + s.size
+    k = n_positive(n, rho)
+    if k == 0 or n == 0:
+        return StreamingCut(math.inf, n, 0, rho)
+    edges = np.linspace(lo, hi, bins + 1)
+    hist = np.zeros(bins, dtype=np.int64)
+    for s in shards():
+        hist += np.histogram(s, bins=bins, range=(lo, hi))[0]  # uniform bins: O(n), no search
+    from_top = np.cumsum(hist[::-1])  # tokens in the top j+1 bins
+    b = bins - 1 - int(np.searchsorted(from_top, k))  # bin holding the k-th highest score
+    threshold = float(edges[b])
+    positive = sum(int((s >= threshold).sum()) for s in shards())
+    return StreamingCut(threshold, n, positive, rho)
+
+
+# ---------------------------------------------------------------- the partition stage over Arrow columns
+# `tokens`: the data stage's examples (input_ids, response_mask, corrupt, ...); `scores`: the scores stage's
+# (score per token). Both are `datasets.Dataset`s; the classes come back as an Arrow table, one list per example.
+
+
+def partition_table(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """(`token_class` (and `token_weight`, soft selection) per example, stats) by `pc.selection`."""
+    return (partition_streaming if pc.streaming else partition_exact)(tokens, scores, pc)
+
+
+def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """All scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft weights."""
+    flat_scores, offsets = flat_list_column(scores.data.column("score"))
+    flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
+    data_weight = flat_list_column(tokens.data.column("data_weight"))[0] if "data_weight" in tokens.column_names else None
+    if pc.selection == "data":
+        if data_weight is None:
+            raise ConfigError("config field 'partition.selection': 'data' needs data that carries weights (a message's "
+                              "'weight', 'spans', or 'token_weight'; see docs/methods-and-options.md)")
+        classes, weights = data_classes(data_weight, flat_resp)
+        return _classes_table(offsets, classes, weights), {**class_counts(classes, flat_resp), "selection": "data"}
+    if pc.selection == "global" and data_weight is None:  # the paper's partition, as before
+        classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
+        return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
+    bad = known_bad_tokens(tokens) if pc.selection in ("oracle", "simulated") else None
+    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad, pc)
+    if data_weight is not None:  # the data's labels win where both speak
+        classes, weights = with_data_labels(classes, weights, data_weight, flat_resp)
+        return _classes_table(offsets, classes, weights), {**stats.__dict__, **class_counts(classes, flat_resp),
+                                                           "selection": pc.selection, "data_labels": True}
+    return _classes_table(offsets, classes, weights), {**stats.__dict__, "selection": pc.selection}
+
+
+def _classes_table(offsets: np.ndarray, classes: np.ndarray, weights: Optional[np.ndarray]) -> pa.Table:
+    columns = {"token_class": list_column(offsets, classes)}
+    if weights is not None:
+        columns["token_weight"] = list_column(offsets, weights)
+    return pa.table(columns)
+
+
+def partition_streaming(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
+    rows = pc.stream_rows
+    if "data_weight" in tokens.column_names:
+        raise ConfigError("config field 'partition.streaming': the streaming cut does not read the data's weights; "
+                          "set partition.streaming: false")
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for lo in range(0, len(scores), rows):
+            hi = min(lo + rows, len(scores))
+            sc, offsets = flat_list_column(scores.data.slice(lo, hi - lo).column("score"))
+            resp, _ = flat_list_column(tokens.data.slice(lo, hi - lo).column("response_mask"))
+            yield sc, resp.astype(bool), offsets
+
+    cut = streaming_threshold(lambda: (sc[resp] for sc, resp, _ in blocks()), pc.rho)
+    parts = []
+    for sc, resp, offsets in blocks():
+        cls = np.where(resp, np.where(sc >= cut.threshold, LEARN, FORGET), 0).astype(np.int8)
+        parts.append(pa.table({"token_class": list_column(offsets, cls)}))
+    stats = {"n_tokens": cut.n_tokens, "n_positive": cut.n_positive, "n_negative": cut.n_tokens - cut.n_positive,
+             "threshold": cut.threshold, "target_rho": cut.target_rho, "achieved_rho": cut.achieved_rho,
+             "quantiles": {}}
+    return pa.concat_tables(parts), stats
+
+
+def known_bad_tokens(tokens: Any) -> np.ndarray:
+    """Flat 0/1 flags of the tokens known to be noise: the `corrupt` mask (injected noise), and every token of
+    an example labelled `is_correct: false` (natural noise, labelled per example). An error when there are none."""
+    corrupt, offsets = flat_list_column(tokens.data.column("corrupt"))
+    bad = corrupt.astype(bool)
+    if "is_correct" in tokens.column_names:
+        wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
+        bad |= np.repeat(wrong, np.diff(offsets))
+    if not bad.any():
+        raise ConfigError("config field 'partition.selection': 'oracle' and 'simulated' need data with known noise "
+                          "(data.corrupt_fraction > 0, or records labelled is_correct: false)")
+    return bad
