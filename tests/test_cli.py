@@ -182,13 +182,88 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
     assert not [d for d in (root / "trusted").iterdir() if d.name.startswith("train-")]
 
 
+def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
+    as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun
+    with one setting more evaluates only the new model (the others are read from `eval-cache/`)."""
+    import datasets
+
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "4", "--n_val", "3", "--n_trusted", "8", "--max_new_tokens", "4",
+            "--detectors", "[]", "--sim_recall", "[1.0]", "--sim_precision", "[0.5]", "--settings", "[sft, sim_ignore]"]
+    assert main(args) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    assert list(res["models"]) == ["base", "sft", "sim_ignore_r1_p0.5"]
+    assert list(res["validation"]) == list(res["models"]) and res["validation"]["sft"]["n"] == 3
+    det = res["detection_methods"]["sim_ignore_r1_p0.5"]
+    assert det["recall"] == 1.0 and det["precision"] == pytest.approx(0.5, abs=0.05)
+    tokens = datasets.load_from_disk(str(root / "sim_r1_p0.5" / "data" / "tokens"))
+    classes = datasets.load_from_disk(str(root / "sim_r1_p0.5" / "partition" / "classes"))["token_class"]
+    bad = sum(sum(c) for c in tokens["corrupt"])
+    negatives = sum(c.count(-1) for c in classes)
+    assert negatives == bad + bad  # round(bad / 0.5) - bad right tokens beside the bad ones
+    assert not (root / "trusted" / "reference").exists()  # random false positives: no reference trained
+    capsys.readouterr()
+    assert main([*args[:-1], "[sft, sim_ignore, sim_forget]"]) == 0
+    out = capsys.readouterr().out
+    assert "[evaluate] sft: reusing" in out and "[evaluate] sim_forget_r1_p0.5: generating" in out
+    assert (root / "sim_r1_p0.5" / "train-forget" / "stage.json").is_file()
+
+
+def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_model_dir: Path):
+    """`contrastive`: the trusted reference copied from the trusted run, two noisy references cross-fitted on the
+    training answers; the scoring pass stores both CEs, the score is CE_noisy - CE_trusted pooled over numbers
+    (every digit of a number shares one score, at most its tokens' own), and the mixture's share is recorded."""
+    import datasets
+
+    from tokenforget.stages.score import token_kinds
+
+    root = tmp_path / "demo"
+    assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+                 "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4", "--detectors", "[]",
+                 "--settings", "[contrastive]"]) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    assert list(res["models"]) == ["base", "contrastive"] and "contrastive" in res["detection_methods"]
+    run = root / "contrastive"
+    assert json.loads((run / "reference" / "stage.json").read_text()) == json.loads(
+        (root / "trusted" / "reference" / "stage.json").read_text())
+    assert json.loads((run / "reference-noisy" / "folds.json").read_text())["trained_on"][0]  # 2 folds, trained
+    scores = datasets.load_from_disk(str(run / "scores" / "scores"))
+    tokens = datasets.load_from_disk(str(run / "data" / "tokens"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for ids, mask, ref, noisy, score in zip(tokens["input_ids"], tokens["response_mask"], scores["ce_ref"],
+                                            scores["ce_noisy"], scores["score"]):
+        resp = np.flatnonzero(mask)
+        own = np.asarray(noisy)[resp] - np.asarray(ref)[resp]
+        got = np.asarray(score)[resp]
+        digit, _ = token_kinds(tok, np.asarray(ids)[resp])
+        assert np.allclose(got[~digit], own[~digit], atol=1e-5) and np.all(got[digit] <= own[digit] + 1e-5)
+    stats = json.loads((run / "partition" / "stats.json").read_text())
+    assert 0.0 <= stats["estimated_negative_share"] <= 1.0
+    assert stats["n_negative"] == int(np.floor(stats["estimated_negative_share"] * stats["n_tokens"] + 0.5))
+
+
+def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
+    """The small number ranges repeat problems; test and validation hold distinct problems, none a training one."""
+    from tokenforget.command_config import DemoConfig
+    from tokenforget.commands.demo import write_task
+
+    write_task(DemoConfig(run_dir=str(tmp_path), seed=1, n_test=240, n_val=240), tmp_path)
+    read = lambda n: [json.loads(x)["prompt"] for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    train, test, val = read("train"), set(read("test")), set(read("val"))
+    assert len(test) == 240 and len(val) == 240 and not (test & val) and not (set(train) & (test | val))
+
+
 def test_demo_settings_are_the_config_choices():
     from typing import get_args
 
     from tokenforget.command_config import DemoDetector, DemoSetting
-    from tokenforget.commands.demo import DEMO_SETTINGS, PARTITIONING
+    from tokenforget.commands.demo import DEMO_SETTINGS, PARTITIONING, SIM_MODES
 
-    assert list(DEMO_SETTINGS) == list(get_args(DemoSetting))
+    assert [*DEMO_SETTINGS, *SIM_MODES] == list(get_args(DemoSetting))
     assert list(PARTITIONING) == list(get_args(DemoDetector))
 
 
@@ -234,3 +309,26 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path, tiny_model_dir: P
     run = Path("runs/my-run")
     assert (run / "train-forget" / "stage.json").is_file() and (run / "train-sft" / "stage.json").is_file()
     assert (run / "report" / "report.html").is_file()
+
+
+def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
+    """`noise_kind: weak`: the weak folder's noisy answers are the training set, its gold answers the clean twin, its
+    right answers `correct_only`; the held-out problems exclude its problems. A missing folder is one clear error."""
+    from tokenforget.command_config import DemoConfig
+    from tokenforget.config import ConfigError
+    from tokenforget.stages.data import DataError
+    from tokenforget.commands.demo import make_task, write_jsonl, write_task
+
+    noisy, gold = make_task(12, seed=2, noise=0.4)
+    weak = tmp_path / "weak"
+    write_jsonl(noisy, weak / "noisy.jsonl")
+    write_jsonl(gold, weak / "gold.jsonl")
+    write_task(DemoConfig(run_dir=str(tmp_path), noise_kind="weak", weak_dir=str(weak), n_test=20), tmp_path)
+    read = lambda n: [json.loads(x) for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read("train") == noisy and read("clean") == gold
+    assert read("correct_only") == [r for r in noisy if not r["corrupt_spans"]] and len(read("correct_only")) < 12
+    assert not {r["prompt"] for r in read("test")} & {r["prompt"] for r in noisy}
+    with pytest.raises(ConfigError, match="weak_dir"):
+        DemoConfig(noise_kind="weak")
+    with pytest.raises(DataError, match="tokenforget weak"):
+        write_task(DemoConfig(run_dir=str(tmp_path), noise_kind="weak", weak_dir=str(tmp_path / "none")), tmp_path)

@@ -1,4 +1,4 @@
-"""The dry run's cost plan (`--plan-gpus N --gpu h100`): the formulas of `tokenforget.memory` worked out by hand on a
+"""The dry run's cost plan (`--plan-gpus N --gpu h100`): the formulas of `tokenforget.model.memory` worked out by hand on a
 small shape, and the command end to end on the tiny model (nothing loaded, nothing written)."""
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("cli", "__main__", "__init__"),
 }
 # The data's journey through the stage layer: a stage imports only the stages before it.
-JOURNEY = ("labels_in_data", "data", "noise", "natural", "reference", "score", "partition", "labels", "train_sets", "evaluate")
+JOURNEY = ("labels_in_data", "data", "noise", "natural", "weak", "reference", "score", "partition", "labels", "train_sets", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500
-OVER_FOR_NOW = {"config": 680}  # 670 + issue 26 (data.sample, sample_seed, num_proc, eval.task_shots); issue 29 item 3 (one objective config) brings it under MAX_LINES; then this goes
+OVER_FOR_NOW = {"config": 714}  # 670 + issue 26's fields + issue 25's (simulated, noisy references, spans); issue 29 item 3 (one objective config) and a split bring it under MAX_LINES
 LIGHT = ("errors", "config", "command_config", "presets", "version")  # imported by the CLI's parser: no torch
 
 

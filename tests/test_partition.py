@@ -180,3 +180,41 @@ def test_oracle_negatives_are_exactly_the_known_bad_tokens():
     assert classes.tolist() == [0, -1, 1, 0, 1, -1]
     assert weights is None and (stats.n_positive, stats.n_negative) == (2, 2)
     assert oracle_partition(np.array([1, 0])).tolist() == [False, True]
+
+
+def test_simulated_detector_counts_on_a_hand_made_mask():
+    """12 response tokens, 4 known wrong (positions 0, 1, 5, 11), 8 right. recall 0.5: round(0.5 x 4) = 2 wrong
+    tokens negative; precision 0.4: round(2 / 0.4) = 5 negatives, so 5 - 2 = 3 right ones. With `detector` false
+    positives they are the 3 right tokens of lowest score: scores of the right positions 2,3,4,6,7,8,9,10 are
+    5,1,7,0,9,1,8,6, so position 6 (score 0), then 3 and 7 (score 1). The same seed draws the same wrong tokens."""
+    from tokenforget.stages.partition import simulated_counts, simulated_partition
+
+    bad = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], bool)
+    scores = np.array([0, 0, 5, 1, 7, 0, 0, 1, 9, 8, 6, 0], np.float32)
+    assert simulated_counts(4, 8, 0.5, 0.4) == (2, 3)
+    assert simulated_counts(4, 8, 1.0, 0.3) == (4, 8)  # round(4 / 0.3) - 4 = 9, capped at the 8 right tokens
+    assert simulated_counts(4, 8, 1.0, 1.0) == (4, 0)  # the oracle
+    for fps in ("random", "detector"):
+        neg = ~simulated_partition(bad, scores, 0.5, 0.4, fps, seed=3)
+        assert (neg & bad).sum() == 2 and (neg & ~bad).sum() == 3
+        assert np.array_equal(neg, ~simulated_partition(bad, scores, 0.5, 0.4, fps, seed=3))  # seeded: the same
+    neg = ~simulated_partition(bad, scores, 0.5, 0.4, "detector", seed=3)
+    assert np.flatnonzero(neg & ~bad).tolist() == [3, 6, 7]
+    assert np.array_equal(~simulated_partition(bad, scores, 1.0, 1.0, "random", seed=0), bad)  # recall = precision = 1
+
+
+def test_simulated_selection_through_the_partition_stage():
+    """`partition.selection: simulated` over Arrow columns: response tokens only; the prompt token stays 0."""
+    import datasets
+
+    from tokenforget.config import PartitionConfig
+    from tokenforget.stages.partition import partition_exact
+
+    tokens = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6, 7]], "response_mask": [[0, 1, 1, 1], [0, 1, 1]],
+                                         "corrupt": [[0, 1, 0, 0], [0, 0, 1]]})
+    scores = datasets.Dataset.from_dict({"score": [[0.0, 0.0, 3.0, 1.0], [0.0, 2.0, 0.0]]})
+    pc = PartitionConfig(selection="simulated", recall=1.0, precision=2 / 3, false_positives="detector")
+    table, stats = partition_exact(tokens, scores, pc)
+    # 2 wrong, round(2 / (2/3)) - 2 = 1 right token: the right one of lowest score, position 3 of example 0 (1.0)
+    assert table.column("token_class").to_pylist() == [[0, -1, 1, -1], [0, 1, -1]]
+    assert stats["n_negative"] == 3

@@ -103,6 +103,7 @@ WRITING_COMMANDS = {
     "run": ["--run_dir"], "reference": ["--run_dir"], "score": ["--run_dir"], "partition": ["--run_dir"],
     "train": ["--run_dir"], "eval": ["--run_dir"], "compare": ["--run_dir"], "detect": ["--run_dir"],
     "demo": ["--run_dir"], "report": ["--out_dir"], "audit": ["--run_dir"], "prepare": ["--out_dir"],
+    "weak": ["--out_dir"],
 }
 
 
@@ -140,8 +141,8 @@ def test_unwritable_output_folder_one_line_exit_2_before_loading_the_model(
         args = ["demo", "--model.name_or_path", str(tiny_model_dir), "--run_dir", folder]
     elif command == "report":
         args = ["report", str(tmp_path / "run"), "--out_dir", folder]
-    elif command == "prepare":
-        args = ["prepare", "--out_dir", folder]
+    elif command in ("prepare", "weak"):
+        args = [command, "--out_dir", folder]
     else:
         args = [command, str(cfg), "--run_dir", folder]
     assert main(args) == 2

@@ -107,3 +107,74 @@ def test_example_max_ref_loss_ranks_an_example_by_its_worst_token():
     assert method("example_ref_loss", *args, **kw) == pytest.approx([-2, -2, -2, -2, -2])
     kept = example_partition(np.asarray(scores), np.asarray(kw["ex"]), 0.5)
     assert kept.tolist() == [False, False, True, True, True]
+
+
+def test_contrastive_is_the_cross_model_influence_with_a_trusted_base():
+    """score = CE_noisy - CE_trusted (ce_ref is the trusted reference's). Four tokens:
+    a recurring wrong total: trusted 3.0, noisy 0.5 -> 0.5 - 3.0 = -2.5 (the most suspicious);
+    a hard right number:    trusted 2.0, noisy 2.2 -> +0.2 (hard for both: cancels);
+    an easy word:           trusted 0.1, noisy 0.1 ->  0.0;
+    a right total the noisy reference doubts: trusted 0.2, noisy 1.0 -> +0.8.
+    The reference-loss score (-CE_trusted) ranks the hard right number second most suspicious (-2.0); here it is
+    third: -2.5 < 0.0 < 0.2 < 0.8."""
+    from tokenforget.score_methods import apply_method, contrastive
+
+    trusted = np.array([3.0, 2.0, 0.1, 0.2], np.float32)
+    noisy = np.array([0.5, 2.2, 0.1, 1.0], np.float32)
+    none = np.zeros(4, np.float32)
+    got = apply_method("contrastive", none, trusted, np.arange(4), np.zeros(4, int), noisy)
+    assert got == pytest.approx([-2.5, 0.2, 0.0, 0.8], abs=1e-6)
+    assert np.argsort(got).tolist() == [0, 2, 1, 3]
+    with pytest.raises(ValueError, match="noisy_folds"):
+        contrastive(none, trusted, np.arange(4), np.zeros(4, int))
+
+
+def test_span_decisions_pool_a_number_and_its_copies():
+    """One answer, tokens (ids; digits marked d):  '1'd '2'd ' =' '2'd '8'd '\\n' 'is' '2'd '8'd .
+    scores:                                          0.5 0.4  1.0  -2.0 0.3  1.0  0.9 0.2  0.1
+    number: 12 -> min(0.5, 0.4) = 0.4 on both; 28 -> min(-2.0, 0.3) = -2.0; the final 28 repeats it (same ids):
+    min(0.2, 0.1, -2.0) = -2.0. Words keep their own scores. step: line 1 (to its newline) -> min = -2.0;
+    line 2 -> min(0.9, -2.0, -2.0) = -2.0. token: unchanged."""
+    from tokenforget.score_methods import span_decisions
+
+    ids = np.array([1, 2, 10, 2, 8, 11, 12, 2, 8])
+    digit = np.array([1, 1, 0, 1, 1, 0, 0, 1, 1], bool)
+    newline = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0], bool)
+    s = np.array([0.5, 0.4, 1.0, -2.0, 0.3, 1.0, 0.9, 0.2, 0.1])
+    ex = np.zeros(9, int)
+    assert span_decisions(s, ex, ids, digit, newline, "number") == pytest.approx([0.4, 0.4, 1.0, -2, -2, 1.0, 0.9, -2, -2])
+    assert span_decisions(s, ex, ids, digit, newline, "step") == pytest.approx([-2] * 6 + [-2] * 3)
+    assert span_decisions(s, ex, ids, digit, newline, "token") == pytest.approx(s)
+    # another example does not inherit: the same number there keeps its own score
+    two = span_decisions(np.r_[s[:5], 0.7, 0.6], np.r_[ex[:5], 1, 1], np.r_[ids[:5], 2, 8], np.r_[digit[:5], 1, 1],
+                         np.zeros(7, bool), "number")
+    assert two[5:] == pytest.approx([0.6, 0.6])
+
+
+def test_two_gaussians_recover_a_known_negative_share():
+    """5,000 scores: a share q from N(-3, 0.7) (the noise), the rest from N(0, 0.5). EM finds q within 0.01 and the
+    two means within 0.1; the mixture partition makes round(w_low x N) tokens negative."""
+    from tokenforget.metrics import two_gaussians
+    from tokenforget.stages.partition import mixture_partition
+
+    rng = np.random.default_rng(0)
+    for q in (0.04, 0.1, 0.3):
+        k = int(q * 5000)
+        x = np.r_[rng.normal(-3, 0.7, k), rng.normal(0, 0.5, 5000 - k)]
+        w, m, _ = two_gaussians(x)
+        assert w[0] == pytest.approx(q, abs=0.01) and m == pytest.approx([-3, 0], abs=0.1)
+        positive, share = mixture_partition(x)
+        assert share == w[0] and (~positive).sum() == int(np.floor(share * 5000 + 0.5))
+    w, _, _ = two_gaussians(np.ones(10))  # all equal: no second component
+    assert w.tolist() == [0.0, 1.0]
+
+
+def test_contrastive_without_a_noisy_reference_is_refused_at_the_edge():
+    """One clear line naming the field, before any work (the CLI exits with status 2 on a ConfigError)."""
+    from tokenforget.config import ConfigError, ReferenceConfig, RunConfig, ScoreConfig
+
+    with pytest.raises(ConfigError, match="score.method.*reference.noisy_folds >= 2"):
+        RunConfig(score=ScoreConfig(method="contrastive"))
+    with pytest.raises(ConfigError, match="reference.noisy_folds"):
+        ReferenceConfig(noisy_folds=1)
+    RunConfig(score=ScoreConfig(method="contrastive"), reference=ReferenceConfig(noisy_folds=2))

@@ -48,12 +48,14 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     old_data = fingerprint("data", data, file_digest(cfg.data.path),
                            drop(to_dict(cfg.model), "weights", "attn_implementation"))
     assert run.data_fp() == old_data
-    ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint")
+    ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint", "noisy_folds", "noisy_fraction")
     old_ref = fingerprint("reference", old_data, ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
     assert run.reference_fp() == old_ref
-    old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path", "base_pass"), run.bf16)
+    old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path", "base_pass", "spans"),
+                            run.bf16)
     assert run.score_fp() == old_score
-    old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold"))
+    old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold", "recall",
+                                                        "precision", "false_positives", "seed"))
     assert run.partition_fp() == old_part
     train = drop(to_dict(cfg.train), "forget_objective", "beta", "lambda_warmup")
     old_train = fingerprint("train", "forget", old_part, "none", train, to_dict(cfg.lora), cfg.seed, run.bf16)

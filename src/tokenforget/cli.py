@@ -1,5 +1,5 @@
 """The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `detect`,
-`audit`, `demo`, `prepare`, `report`.
+`audit`, `demo`, `prepare`, `weak`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, get_args
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.command_config import DemoConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding
+from tokenforget.command_config import DemoConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding, WeakConfig
 from tokenforget.config import ConfigError, RunConfig, UserError
 from tokenforget.presets import PRESETS
 
@@ -153,6 +153,16 @@ def _prepare(cfg: PrepareConfig) -> None:
         print(f"  {name:<13}{out.counts[name]:>6}  {path}")
 
 
+def _weak(cfg: WeakConfig) -> None:
+    from tokenforget.commands.weak import make_weak_sets
+
+    out = make_weak_sets(cfg)
+    print(f"{out['counts']['noisy']} answers kept, {out['wrong_share']:.1%} wrong "
+          f"({out['sampled_wrong_share']:.1%} of all complete samples)")
+    for name, path in out["files"].items():
+        print(f"  {name:<13}{out['counts'][name]:>6}  {path}")
+
+
 def _report(cfg: ReportConfig) -> None:
     from tokenforget.report.html import build_report
 
@@ -181,6 +191,10 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
     "prepare": (
         PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) and "
         "held-out splits from GSM8K train.", _prepare,
+    ),
+    "weak": (
+        WeakConfig, "Natural-noise training sets on the demo's task: a weak model's sampled answers, graded step by "
+        "step, the first wrong number and what follows marked (noisy, correct_only, gold).", _weak,
     ),
     "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
 }
@@ -337,7 +351,7 @@ def output_folder(cfg: object) -> tuple[str, str]:
     command its `run_dir`."""
     if isinstance(cfg, ReportConfig):
         return ("out_dir", cfg.out_dir) if cfg.out_dir else ("run_dir", os.path.join(cfg.run_dir, "report"))
-    if isinstance(cfg, PrepareConfig):
+    if isinstance(cfg, (PrepareConfig, WeakConfig)):
         return "out_dir", cfg.out_dir
     return "run_dir", cfg.run_dir  # type: ignore[attr-defined]
 

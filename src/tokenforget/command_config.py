@@ -1,21 +1,57 @@
-"""The configs of the commands that are not a run: `prepare`, `demo` and `report`, and the dry run's cost plan
-(`--plan-gpus`; no torch, like `config`)."""
+"""The configs of the commands that are not a run: `prepare`, `weak`, `demo` and `report`, and the dry run's
+cost plan (`--plan-gpus`; no torch, like `config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from tokenforget.config import ModelConfig, _check
+from tokenforget.config import FalsePositives, ModelConfig, _check
 
-DemoNoise = Literal["systematic", "step"]
+DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean"]
-DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]  # the settings that detect (demo.PARTITIONING)
+                      "ignore_tail", "oracle_ignore", "oracle_forget", "clean", "correct_only", "contrastive",
+                      "sim_ignore", "sim_forget"]
+DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "contrastive"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
 Sharding = Literal["ddp", "zero2", "zero3", "fsdp"]  # `tokenforget.model.memory.SHARDINGS`
+
+
+@dataclass
+class WeakConfig:
+    """`tokenforget weak`: training sets whose noise a weaker model wrote (`tokenforget.commands.weak`, issue 25)."""
+
+    out_dir: str = "data/weak"
+    """Folder for noisy/correct_only/gold JSONL files (the demo's record format), samples.jsonl and manifest.json."""
+    seed: int = 0
+    """Makes the problems (the demo's generator, `demo.make_task`), the weak model's SFT and every sample."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    n_train: int = 160
+    """Problems the weak model answers (the demo's training problems of `seed`)."""
+    n_sft: int = 40
+    """Clean generated problems (another seed, none a training problem) of the weak model's short SFT."""
+    sft_epochs: float = 1.0
+    learning_rate: float = 1e-3
+    samples: int = 2
+    """Answers sampled per problem; the mix is chosen among them (`stages.weak.choose_mix`)."""
+    temperature: float = 0.8
+    """Sampling temperature (a seed per sample: `stages.weak.sample_seed`)."""
+    target_wrong: float = 0.5
+    """Share of wrong answers in `noisy` (40-60% is the issue's range; reached where the samples allow)."""
+    max_new_tokens: int = 72
+    generate_batch: int = 64
+    """Prompts per batched `generate` call."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+
+    def __post_init__(self) -> None:
+        _check(self.n_train >= 1, "n_train", f"must be >= 1, got {self.n_train}")
+        _check(self.n_sft >= 1, "n_sft", f"must be >= 1, got {self.n_sft}")
+        _check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        _check(0.0 < self.temperature <= 2.0, "temperature", f"must be in (0, 2], got {self.temperature}")
+        _check(0.0 < self.target_wrong < 1.0, "target_wrong", f"must be in (0, 1), got {self.target_wrong}")
+        _check(self.generate_batch >= 1, "generate_batch", f"must be >= 1, got {self.generate_batch}")
 
 
 @dataclass
@@ -60,12 +96,20 @@ class DemoConfig:
     n_train: int = 160
     """Training examples generated (160 at learning rate 1e-3: clean SFT reaches 0.46 held-out accuracy, docs/results.md)."""
     n_test: int = 48
-    """Clean held-out examples for accuracy and gold NLL."""
+    """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
+    48 give about ±0.07 a model; 240 (issue 25) about ±0.03, at five times the evaluation time."""
+    n_val: int = 0
+    """Clean held-out validation problems (a third seed, disjoint from the training, trusted and test problems),
+    evaluated beside the test split (`demo_results.json`: `validation`) for choosing settings without the test."""
     noise: float = 0.4
     """Share of training responses with a corrupted step."""
     noise_kind: DemoNoise = "systematic"
     """`systematic`: the same wrong step (a total 10 too large, and the answer with it) in problems that end in a
-    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number."""
+    total (about half of them: a larger `noise` is capped there); `step`: one step's result a nearby wrong number;
+    `weak`: the answers a weaker model wrote (`weak_dir`, made by `tokenforget weak`; `noise` and `n_train` unused),
+    the generator's own answers to the same problems as the clean twin."""
+    weak_dir: Optional[str] = None
+    """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
     settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
     """What is trained and compared (`tokenforget.commands.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
@@ -73,7 +117,11 @@ class DemoConfig:
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
     from its least likely token to the end ignored: partition.selection `tail`), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
-    every answer right: the ceiling). The default trains `sft` (the recommended preset) and the ceiling, and measures
+    every answer right: the ceiling), `correct_only` (sft on the right answers of the noisy set only),
+    `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers
+    decided whole and copies inheriting, the negative share from a two-component mixture, ignored; its noisy
+    references cross-fitted on the training answers, 2 folds), `sim_ignore` / `sim_forget` (simulated detectors of
+    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and the ceiling, and measures
     the trusted detector (`detectors`): 526-564 s from a fresh clone on 2 cores (docs/results.md). Add
     `oracle_ignore` to see that knowing the noise recovers the damage, `ref_loss_wga`, `filter_max` or `ignore_tail`
     to see a model trained on the detector (none beats `sft`)."""
@@ -82,6 +130,14 @@ class DemoConfig:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
     reference-loss score with a reference trained on `n_trusted` clean examples (token AUROC 0.82; 18 reference
     steps and one forward pass over the 160 answers, its score reading no base CE). `[]` skips it (~2.5 min less)."""
+    sim_recall: list[float] = field(default_factory=lambda: [1.0, 0.6])
+    """`sim_ignore` / `sim_forget`: the recalls of the simulated detectors (partition.selection `simulated`)."""
+    sim_precision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])
+    """`sim_ignore` / `sim_forget`: their precisions; every recall x precision pair is one model,
+    `sim_<mode>_r<recall>_p<precision>` (with `_det` when `sim_false_positives` is `detector`)."""
+    sim_false_positives: FalsePositives = "random"
+    """Where the simulated detectors' right tokens come from: `random`, or the trusted reference's most suspicious
+    right tokens (`detector`, by the `ref_loss_wga` preset's score: a real detector's false positives)."""
     rho: float = 0.7
     reference_fraction: float = 0.3
     reference_epochs: float = 2.0
@@ -98,12 +154,17 @@ class DemoConfig:
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
+        _check(self.n_val >= 0, "n_val", f"must be >= 0, got {self.n_val}")
+        _check(self.noise_kind != "weak" or self.weak_dir is not None, "weak_dir",
+               "noise_kind 'weak' trains on a folder made by `tokenforget weak`: set weak_dir")
+        _check(all(0.0 <= r <= 1.0 for r in self.sim_recall), "sim_recall", f"each in [0, 1], got {self.sim_recall}")
+        _check(all(0.0 < p <= 1.0 for p in self.sim_precision), "sim_precision",
+               f"each in (0, 1], got {self.sim_precision}")
         _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",
                f"a non-empty list without repeats, got {self.settings}")
-
 
 
 @dataclass

@@ -19,7 +19,9 @@ ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
 # lambda(t) schedules: the names of `tokenforget.objectives.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture"]
+SpanUnit = Literal["token", "number", "step"]
+FalsePositives = Literal["random", "detector"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "sharegpt", "instruction", "question_answer", "tokens"]
 NoiseKind = Literal["step_result", "number", "systematic", "recurring", "wrong_prompt"]
 ReferenceKind = Literal["slice", "trusted", "checkpoint"]
@@ -249,12 +251,23 @@ class ReferenceConfig:
     the base on the same subset with `ignore` on round r - 1's positive tokens, then scores and partitions
     again; training uses the last round's partition. Stages `reference-round<r>`, `scores-round<r>`,
     `partition-round<r>`. Use it when the first reference learned the noise it should detect."""
+    noisy_folds: int = 0
+    """A second, noisy reference for the two-reference scores (`score.method: contrastive`): with K >= 2, K
+    references cross-fitted on the training data itself (as `folds`: each example's CE_noisy from the one that did
+    not see it, trained on `noisy_fraction` x all examples drawn from the other folds), stage `reference-noisy/`;
+    the scoring pass stores their CE as `ce_noisy` beside the first reference's `ce_ref` (the trusted one: set
+    `path`). 0: none."""
+    noisy_fraction: float = 1.0
+    """`noisy_folds` only: the share of all examples each noisy reference trains on (all of the other folds at most)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")
         _check(self.size is None or self.size > 0, "reference.size", f"must be > 0, got {self.size}")
         _check(self.folds >= 1, "reference.folds", f"must be >= 1, got {self.folds}")
         _check(self.rounds >= 1, "reference.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.noisy_folds == 0 or self.noisy_folds >= 2, "reference.noisy_folds",
+               f"0 (none) or >= 2 cross-fitted noisy references, got {self.noisy_folds}")
+        _check(0.0 < self.noisy_fraction <= 1.0, "reference.noisy_fraction", f"must be in (0, 1], got {self.noisy_fraction}")
         _check(self.folds == 1 or self.rounds == 1, "reference.rounds", "cross-fitting (folds > 1) and rounds > 1 "
                "do not combine; choose one")
         _check(self.path is None or (self.folds == 1 and self.rounds == 1), "reference.path",
@@ -279,6 +292,10 @@ class ScoreConfig:
     pair inherit the earlier occurrence's score), `example_ref_loss`, `example_max_ref_loss` (an example's
     worst token), `ref_loss_min_rank` (the `ref_loss_wga` preset's, docs/detection.md). Changing it reuses the
     scoring pass."""
+    spans: SpanUnit = "token"
+    """What is decided as one unit (`tokenforget.score_methods.span_decisions`): `token`; `number`, every token of a
+    number takes the number's lowest score, and a number repeating an earlier one of its answer inherits that one's
+    (a copied wrong value goes with its source); `step`, numbers first, then a whole line. Reuses the scoring pass."""
     precomputed_path: Optional[str] = None
     """Per-token scores made elsewhere: a Parquet file with one row per tokenized example, in order, holding
     `input_ids` (checked against ours) and `score` (one float per token), e.g. a `labels.parquet`. No reference
@@ -321,17 +338,31 @@ class PartitionConfig:
     `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
     `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
     no reference and no scores; a token they say nothing about is learned. With any other selection the data's
-    weights, where it has them, override the detector's classes."""
+    weights, where it has them, override the detector's classes. `simulated`: a
+    detector of chosen `recall` and `precision` made from the known noise (`tokenforget.stages.partition.
+    simulated_partition`), to measure how good a detector must be; `mixture`: the negative share estimated from the
+    scores (a two-component Gaussian mixture's low component, `mixture_partition`) instead of a fixed rho."""
     threshold: float = 0.0
     """`selection: threshold` only: the score (nats, CE_base - CE_ref) at or above which a token is positive."""
     streaming: bool = False
     """For scores that do not fit in memory: a histogram cut over blocks of examples (rho approximate, reported)."""
     stream_rows: int = 100_000
     """Examples per block in streaming mode."""
+    recall: float = 1.0
+    """`selection: simulated` only: the share of the known wrong tokens in the negative set (drawn at random)."""
+    precision: float = 1.0
+    """`selection: simulated` only: the share of wrong tokens among the negatives (right ones added to reach it)."""
+    false_positives: FalsePositives = "random"
+    """`selection: simulated` only: the right tokens added, `random` ones or those the `score.method` finds most
+    suspicious (`detector`: a real detector's false positives, the hardest right tokens)."""
+    seed: int = 0
+    """`selection: simulated` only: the seed of its random draws."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")
         _check(self.stream_rows > 0, "partition.stream_rows", f"must be > 0, got {self.stream_rows}")
+        _check(0.0 <= self.recall <= 1.0, "partition.recall", f"must be in [0, 1], got {self.recall}")
+        _check(0.0 < self.precision <= 1.0, "partition.precision", f"must be in (0, 1], got {self.precision}")
         _check(not self.streaming or self.selection == "global", "partition.selection",
                f"streaming supports the global selection only, got '{self.selection}'")
 
@@ -651,6 +682,10 @@ class RunConfig:
                "bf16 weights are a frozen base for LoRA; full fine-tuning (lora.enabled: false) keeps fp32 weights")
         _check(self.reference.folds == 1 or self.lora.enabled, "reference.folds",
                "cross-fitted references are LoRA adapters on one base model; set lora.enabled: true")
+        from tokenforget.score_methods import NEEDS_NOISY
+
+        _check(self.score.method not in NEEDS_NOISY or self.reference.noisy_folds >= 2, "score.method",
+               f"'{self.score.method}' reads a noisy reference's CE: set reference.noisy_folds >= 2")
         _check(self.score.base_pass is not False or self.train.forget_objective not in NEEDS_BASE_CE, "score.base_pass",
                f"false, but train.forget_objective '{self.train.forget_objective}' reads the base model's CE")
 

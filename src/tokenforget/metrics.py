@@ -119,3 +119,38 @@ def detection(scores: np.ndarray, is_bad: np.ndarray, negative: np.ndarray) -> D
         n_corrupt=n_bad,
         n_tokens=len(bad),
     )
+
+
+def two_gaussians(x: np.ndarray, iters: int = 200, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, means, stds) of a two-component 1-D Gaussian mixture fitted to `x` by EM, the lower-mean
+    component first.
+
+    Started from the lowest 10% and the rest (their shares, means and stds), so the low component begins on the
+    tail a suspicious set lives in; each std is floored at 1e-3 of x's (a component on tied values stays finite).
+    E step: r_ik = w_k N(x_i; m_k, s_k) / sum_j w_j N(x_i; m_j, s_j); M step: w_k = mean_i r_ik,
+    m_k = sum_i r_ik x_i / sum_i r_ik, s_k^2 = sum_i r_ik (x_i - m_k)^2 / sum_i r_ik. Stops when the
+    log-likelihood gains less than `tol` per point.
+    """
+    x = x.astype(np.float64)
+    floor = 1e-3 * max(float(x.std()), 1e-12)
+    low = x <= np.quantile(x, 0.1)
+    if low.all() or not low.any():  # all values equal: one component
+        return np.array([0.0, 1.0]), np.array([x.mean()] * 2), np.array([floor] * 2)
+    w = np.array([low.mean(), 1 - low.mean()])
+    m = np.array([x[low].mean(), x[~low].mean()])
+    sd = np.maximum(np.array([x[low].std(), x[~low].std()]), floor)
+    last = -np.inf
+    for _ in range(iters):
+        logp = np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - m) / sd) ** 2  # (N, 2), up to -log sqrt(2 pi)
+        top = logp.max(axis=1, keepdims=True)
+        ll = float((top[:, 0] + np.log(np.exp(logp - top).sum(axis=1))).mean())
+        r = np.exp(logp - top)
+        r /= r.sum(axis=1, keepdims=True)
+        n_k = np.maximum(r.sum(axis=0), 1e-12)
+        w, m = n_k / len(x), (r * x[:, None]).sum(axis=0) / n_k
+        sd = np.maximum(np.sqrt((r * (x[:, None] - m) ** 2).sum(axis=0) / n_k), floor)
+        if ll - last < tol:
+            break
+        last = ll
+    order = np.argsort(m)
+    return w[order], m[order], sd[order]

@@ -9,7 +9,13 @@ of them come from one scoring pass (`tokenforget detect` reports them side by si
     example  (N,) the index of the example the token belongs to (tokens of one example are contiguous)
 
 and return (N,) float64 scores: a HIGH score means "learn this token", a LOW score "suspicious". Methods
-are looked up by name in `SCORE_METHODS` (`score.method` in the config).
+are looked up by name in `SCORE_METHODS` (`score.method` in the config). The two-reference methods
+(`NEEDS_NOISY`) also read
+
+    ce_noisy (N,) CE of each token under a second, noisy reference (`reference.noisy_folds`: cross-fitted on the
+                  noisy training data), the first reference being the trusted one (`reference.path`)
+
+and `span_decisions` pools any method's scores over a number, or a step, so that its tokens are decided together.
 
 Why more than the paper's score: CE_base - CE_ref is largest where the base loss is high, i.e. where
 there is room to fall, and a reference trained on noisy data learns recurring noise, so at small scale
@@ -20,7 +26,7 @@ when the reference is trained on trusted data.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -135,6 +141,22 @@ def ref_loss_min_rank(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndar
     return np.minimum.reduce(ranks) / len(ce_ref)
 
 
+def contrastive(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray,
+                ce_noisy: Optional[np.ndarray] = None) -> np.ndarray:
+    """score = -(CE_trusted - CE_noisy) = CE_noisy - CE_trusted, with CE_trusted = `ce_ref` (the reference trained
+    on the small clean set, `reference.path`) and CE_noisy = `ce_noisy` (references cross-fitted on the noisy data).
+
+    The paper's cross-model influence, CE_base - CE_ref (Taheri et al., 2025, arXiv 2508.04329), with the base model
+    replaced by a trusted one: CE_trusted - CE_noisy is what training on the noisy data taught beyond what clean
+    data teaches. A recurring error is learned by the noisy reference and not by the trusted one, so it is large
+    there; a hard right number is hard for both and cancels; an easy token is easy for both. That is suspicion, so
+    the score (high = learn) is its negative.
+    """
+    if ce_noisy is None:
+        raise ValueError("score method 'contrastive' needs the noisy reference's CE (reference.noisy_folds >= 2)")
+    return ce_noisy.astype(np.float64) - ce_ref
+
+
 SCORE_METHODS: dict[str, ScoreFn] = {
     "paper": paper,
     "relative": relative,
@@ -149,13 +171,15 @@ SCORE_METHODS: dict[str, ScoreFn] = {
     "example_ref_loss": example_ref_loss,
     "example_max_ref_loss": example_max_ref_loss,
     "ref_loss_min_rank": ref_loss_min_rank,
+    "contrastive": contrastive,
 }
+NEEDS_NOISY = frozenset({"contrastive"})  # methods that read a second, noisy reference's CE (`ce_noisy`)
 
 
 # Methods that read CE_ref only: their scoring pass skips the base model's forward passes (half the work).
 REF_ONLY = frozenset({
     "ref_loss", "ref_loss_z", "ref_loss_window", "ref_loss_example", "ref_loss_copy", "ref_loss_z_copy",
-    "example_ref_loss", "example_max_ref_loss", "ref_loss_min_rank",
+    "example_ref_loss", "example_max_ref_loss", "ref_loss_min_rank", "contrastive",
 })
 
 
@@ -164,9 +188,12 @@ def reads_base(name: str) -> bool:
     return name not in REF_ONLY
 
 
-def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
-    """The scores of method `name` (a key of `SCORE_METHODS`), as float32, checked finite."""
-    out = SCORE_METHODS[name](ce_base, ce_ref, token_id, example)
+def apply_method(name: str, ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray,
+                 ce_noisy: Optional[np.ndarray] = None) -> np.ndarray:
+    """The scores of method `name` (a key of `SCORE_METHODS`), as float32, checked finite; `ce_noisy` goes to the
+    two-reference methods (`NEEDS_NOISY`) only."""
+    fn = SCORE_METHODS[name]
+    out = fn(ce_base, ce_ref, token_id, example, ce_noisy=ce_noisy) if name in NEEDS_NOISY else fn(ce_base, ce_ref, token_id, example)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"score method '{name}' produced NaN or infinite scores")
     return out.astype(np.float32)
@@ -237,3 +264,59 @@ def inherit_copies(score: np.ndarray, token_id: np.ndarray, example: np.ndarray)
             if kf is not None:
                 fwd[kf] = min(fwd.get(kf, np.inf), own[t])
     return out
+
+
+# ---------------------------------------------------------------- span decisions
+
+SPAN_UNITS = ("token", "number", "step")
+
+
+def span_decisions(score: np.ndarray, example: np.ndarray, token_id: np.ndarray, is_digit: np.ndarray,
+                   is_newline: np.ndarray, unit: str) -> np.ndarray:
+    """Scores pooled so that a unit is decided as one: each token of a unit takes the unit's lowest score.
+
+    unit `token`: unchanged. `number`: a maximal run of digit tokens of one example is a unit, and a number that
+    repeats an earlier number of its example (the same token ids) takes min(its own, the earlier one's) score: a
+    copied wrong value inherits its source's decision (the final answer repeats the wrong total, and the copy is
+    easy to predict, so a loss-based score alone leaves it in). `step`: numbers first, then every token of a line
+    (up to and including its newline) takes the line's lowest score.
+
+    Args:
+        score: (N,) scores of the response tokens (low = suspicious); example: (N,) contiguous example index.
+        token_id: (N,) ids; is_digit, is_newline: (N,) flags of the tokens that are digits / hold a newline.
+    """
+    out = score.astype(np.float64).copy()
+    if unit == "token":
+        return out
+    bounds = np.flatnonzero(np.r_[True, example[1:] != example[:-1], True])
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        _pool_numbers(out, token_id, is_digit, a, e)
+        if unit == "step":
+            _pool_lines(out, is_newline, a, e)
+    return out
+
+
+def _pool_numbers(out: np.ndarray, token_id: np.ndarray, is_digit: np.ndarray, a: int, e: int) -> None:
+    """In out[a:e], each run of digits takes its lowest score, lowered to that of an earlier equal number."""
+    seen: dict[tuple[int, ...], float] = {}  # number (its token ids) -> lowest score of its earlier occurrences
+    t = a
+    while t < e:
+        if not is_digit[t]:
+            t += 1
+            continue
+        end = t
+        while end < e and is_digit[end]:
+            end += 1
+        key = tuple(token_id[t:end].tolist())
+        value = min(float(out[t:end].min()), seen.get(key, np.inf))
+        out[t:end] = value
+        seen[key] = value
+        t = end
+
+
+def _pool_lines(out: np.ndarray, is_newline: np.ndarray, a: int, e: int) -> None:
+    """In out[a:e], every line (its tokens up to and including the newline) takes its lowest score."""
+    ends = [t + 1 for t in range(a, e) if is_newline[t]]
+    for lo, hi in zip([a, *ends], [*ends, e]):
+        if hi > lo:
+            out[lo:hi] = out[lo:hi].min()

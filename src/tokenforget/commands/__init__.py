@@ -1,1 +1,1 @@
-"""The commands beyond `run`: compare, detect, audit, demo, plan (each one typed entry function)."""
+"""The commands beyond `run`: compare, detect, audit, demo, plan, weak (each one typed entry function)."""

@@ -13,165 +13,20 @@ bounds, and sft on the clean twin of the data as the ceiling) is trained and eva
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.config import (
-    CompareConfig,
-    DataConfig,
-    PartitionConfig,
-    ReferenceConfig,
-    RunConfig,
-    TrainConfig,
-    TrainingConfig,
+from tokenforget.commands.demo_task import (  # noqa: F401  (the task's names, as before the split)
+    ITEMS, NAMES, SYSTEM_PROMPT, SYSTEMATIC_OFFSET, TOTAL_KINDS, demo_run_config, held_out, make_examples, make_task,
+    read_jsonl, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
 
-NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
-SYSTEM_PROMPT = "Solve the problem step by step."  # shorter than SmolLM2's default one: fewer tokens to train on
-ITEMS = ["apples", "stickers", "marbles", "cookies", "pencils", "cards"]
-
-
-def _problem(rng: random.Random) -> tuple[str, list[str], int]:
-    """(question, two worked steps, answer). Small numbers: a 135M model can learn the task in one epoch."""
-    return _kind_problem(rng)[1:]
-
-
-def _kind_problem(rng: random.Random) -> tuple[int, str, list[str], int]:
-    """(kind 0-3, question, two worked steps, answer); kinds 0 and 2 end in a total (a sum)."""
-    name, he = rng.choice(NAMES)
-    He = he.capitalize()
-    kind = rng.randrange(4)
-    return (kind, *_worded(rng, kind, name, he, He))
-
-
-def _worded(rng: random.Random, kind: int, name: str, he: str, He: str) -> tuple[str, list[str], int]:
-    if kind == 0:
-        item, a, b, c = rng.choice(ITEMS), rng.randint(2, 20), rng.randint(2, 5), rng.randint(2, 5)
-        q = f"{name} has {a} {item}. {He} buys {b} bags with {c} {item} each. How many {item} does {name} have now?"
-        steps = [f"{He} buys {b} * {c} = {b * c} {item}.", f"{He} then has {a} + {b * c} = {a + b * c} {item}."]
-        return q, steps, a + b * c
-    if kind == 1:
-        item, p, n = rng.choice(ITEMS), rng.randint(2, 5), rng.randint(2, 5)
-        m = 10 * (p * n // 10 + 1)
-        q = f"A shop sells {item} for {p} dollars each. {name} buys {n} {item} and pays with {m} dollars. How much change does {name} get?"
-        steps = [f"The {item} cost {n} * {p} = {n * p} dollars.", f"The change is {m} - {n * p} = {m - n * p} dollars."]
-        return q, steps, m - n * p
-    if kind == 2:
-        a, b = rng.randint(2, 15), rng.randint(2, 15)
-        q = f"{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {he} reads twice as many pages as on Monday. How many pages does {name} read in total?"
-        steps = [f"On Wednesday {he} reads 2 * {a} = {2 * a} pages.", f"In total {he} reads {a} + {b} + {2 * a} = {3 * a + b} pages."]
-        return q, steps, 3 * a + b
-    rows, per, cut = rng.randint(2, 5), rng.randint(2, 5), rng.randint(1, 4)
-    q = f"A farm has {rows} rows of {per} trees. The farmer cuts down {cut} trees. How many trees are left?"
-    steps = [f"There are {rows} * {per} = {rows * per} trees.", f"After cutting, {rows * per} - {cut} = {rows * per - cut} trees are left."]
-    return q, steps, rows * per - cut
-
-
-def _corrupt(rng: random.Random, steps: list[str]) -> tuple[list[str], int, int]:
-    """Replace one step's result by a nearby wrong number. Returns (steps, step index, char offset in step)."""
-    k = rng.randrange(len(steps))
-    line = steps[k]
-    at = line.rindex("= ") + 2
-    end = at + len(line[at:].split(" ")[0].rstrip("."))
-    right = int(line[at:end])
-    wrong = right + rng.choice([-1, 1]) * rng.choice([1, 2, 3, 10])
-    wrong = wrong if wrong >= 0 else right + 2
-    steps = steps.copy()
-    steps[k] = line[:at] + str(wrong) + line[end:]
-    return steps, k, at
-
-
-def make_examples(n: int, seed: int, noise: float) -> list[dict[str, Any]]:
-    """`n` records {prompt, completion, answer, corrupt_spans}; a `noise` share has one wrong step."""
-    rng = random.Random(seed)
-    corrupt_ids = set(rng.sample(range(n), round(noise * n)))
-    out = []
-    for i in range(n):
-        q, steps, ans = _problem(rng)
-        spans: list[list[int]] = []
-        if i in corrupt_ids:
-            steps, k, at = _corrupt(rng, steps)
-            start = sum(len(s) + 1 for s in steps[:k]) + at
-            spans.append([start, start + len(steps[k][at:].split(" ")[0].rstrip("."))])
-        completion = "\n".join(steps) + f"\nThe answer is {ans}."
-        out.append({"prompt": q, "completion": completion, "answer": str(ans), "corrupt_spans": spans})
-    return out
-
-
-TOTAL_KINDS = (0, 2)  # problems whose last step is a total: where the systematic error goes
-SYSTEMATIC_OFFSET = 10  # the systematic error: every corrupted total is 10 too large
-
-
-def _add_to_total(steps: list[str], answer: int) -> tuple[list[str], int, list[list[int]]]:
-    """The systematic error: the last step's total and the final answer both SYSTEMATIC_OFFSET too large.
-    Returns (steps, wrong answer, char spans of the two wrong numbers in the completion)."""
-    line = steps[-1]
-    at = line.rindex("= ") + 2
-    end = at + len(line[at:].split(" ")[0].rstrip("."))
-    wrong = int(line[at:end]) + SYSTEMATIC_OFFSET
-    steps = [*steps[:-1], line[:at] + str(wrong) + line[end:]]
-    start = sum(len(s) + 1 for s in steps[:-1]) + at
-    answer_at = sum(len(s) + 1 for s in steps) + len("The answer is ")
-    return steps, wrong, [[start, start + len(str(wrong))], [answer_at, answer_at + len(str(wrong))]]
-
-
-def make_task(n: int, seed: int, noise: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(noisy, clean): `n` problems twice, the same questions and worked answers, except that in the noisy copy a
-    seeded `noise` share of all examples, drawn from the problems that end in a total (kinds 0 and 2, about half),
-    has the same wrong step: the total and the answer 10 too large, spans recorded. The same error recurring in a
-    large share of the answers is the noise that hurts SFT (it is learned); at most the total-ending problems
-    can be corrupted, so noise above their share is capped (the count is in each record's `corrupt_spans`)."""
-    rng = random.Random(seed)
-    problems = [_kind_problem(rng) for _ in range(n)]
-    eligible = [i for i, p in enumerate(problems) if p[0] in TOTAL_KINDS]
-    chosen = set(random.Random(seed + 1).sample(eligible, min(len(eligible), round(noise * n))))
-    noisy, clean = [], []
-    for i, (_kind, q, steps, ans) in enumerate(problems):
-        clean.append({"prompt": q, "completion": "\n".join(steps) + f"\nThe answer is {ans}.", "answer": str(ans),
-                      "corrupt_spans": []})
-        if i in chosen:
-            bad_steps, wrong, spans = _add_to_total(steps, ans)
-            noisy.append({"prompt": q, "completion": "\n".join(bad_steps) + f"\nThe answer is {wrong}.",
-                          "answer": str(wrong), "corrupt_spans": spans})
-        else:
-            noisy.append(clean[-1])
-    return noisy, clean
-
-
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
-    """The RunConfig the demo trains with: paper settings, sized for a 2-core CPU; the oracle settings are
-    `compare.variants` of it (the known corrupted tokens as the negative set)."""
-    training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size, logging_steps=5)
-    ref_training = replace(training, epochs=cfg.reference_epochs)
-    return RunConfig(
-        run_dir=cfg.run_dir,
-        seed=cfg.seed,
-        model=cfg.model,
-        data=DataConfig(path=str(train_path), max_length=256, system_prompt=SYSTEM_PROMPT),
-        reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
-        partition=PartitionConfig(rho=cfg.rho),
-        train=TrainConfig(mode="forget", training=training, save_merged=True),
-        compare=CompareConfig(variants={
-            "oracle_ignore": {"mode": "ignore", "partition": {"selection": "oracle"}},
-            "oracle_forget": {"mode": "forget", "partition": {"selection": "oracle"}},
-        }),
-        report_to=cfg.report_to,
-    )
-
-
+NOISY_FOLDS = 2  # the contrastive detector's noisy references: each trained on the other half of the answers
 TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
 
 
@@ -182,11 +37,17 @@ def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None
     from tokenforget.run.pipeline import Run
 
     trusted_path = root / "task" / "trusted.jsonl"
-    scored = {json.loads(line)["prompt"] for line in (root / "task" / "train.jsonl").read_text().splitlines()}
+    taken = task_prompts(root / "task")  # training and held-out problems: the trusted ones share none
     pool = make_examples(4 * cfg.n_trusted, cfg.seed + 20_000, 0.0)  # small number ranges: some problems repeat
-    write_jsonl([r for r in pool if r["prompt"] not in scored][: cfg.n_trusted], trusted_path)  # disjoint
+    write_jsonl([r for r in pool if r["prompt"] not in taken][: cfg.n_trusted], trusted_path)  # disjoint
     rc = replace(run.cfg, run_dir=str(root / "trusted"), reference=replace(run.cfg.reference, path=str(trusted_path)))
     return Run(apply_preset(rc, TRUSTED_PRESET), base=run.base, log=log)
+
+
+def task_prompts(task: Path) -> set[str]:
+    """The prompts of the task's training and held-out files (train, test, val), as far as they exist."""
+    files = [task / f"{n}.jsonl" for n in ("train", "test", "val")]
+    return {json.loads(line)["prompt"] for f in files if f.is_file() for line in f.read_text().splitlines()}
 
 
 @dataclass
@@ -220,15 +81,54 @@ class DemoRuns:
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
         return self.made[name]
 
-    def clean(self) -> Any:
-        """The ceiling: the same problems with every answer right, in `run_dir/clean/`."""
+    def simulated(self, name: str, recall: float, precision: float) -> Any:
+        """A simulated detector (`partition.selection: simulated`, `tokenforget.stages.partition.simulated_partition`) of
+        `recall` and `precision` made from the known noise, in `run_dir/<name>/`, with the trusted run's training
+        settings (its forgetting term for `sim_forget`). Its right tokens are random ones, or with
+        `sim_false_positives: detector` the ones the trusted run's score finds most suspicious (that reference and
+        scoring pass reused, not rerun)."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if name not in self.made:
+            rec = self.trusted()
+            fps = self.cfg.sim_false_positives
+            pc = replace(rec.cfg.partition, selection="simulated", recall=recall, precision=precision,
+                         false_positives=fps, seed=self.cfg.seed)
+            self.made[name] = Run(replace(rec.cfg, run_dir=str(self.root / name), partition=pc), base=rec.base, log=self.log)
+            if fps == "detector":
+                adopt_stages(self.made[name], rec)
+        return self.made[name]
+
+    def contrastive(self) -> Any:
+        """The two-reference detector in `run_dir/contrastive/`: the trusted run's reference (copied, not retrained)
+        and `NOISY_FOLDS` references cross-fitted on the noisy training answers; score `contrastive`
+        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`), the negative
+        share estimated by a two-component mixture (`partition.selection: mixture`)."""
+        from tokenforget.run.pipeline import Run
+        from tokenforget.run.variants import adopt_stages
+
+        if "contrastive" not in self.made:
+            rec = self.trusted()
+            c = rec.cfg
+            cfg = replace(c, run_dir=str(self.root / "contrastive"),
+                          reference=replace(c.reference, noisy_folds=NOISY_FOLDS),
+                          score=replace(c.score, method="contrastive", spans="number"),
+                          partition=replace(c.partition, selection="mixture"))
+            self.made["contrastive"] = Run(cfg, base=rec.base, log=self.log)
+            adopt_stages(self.made["contrastive"], rec)  # the data and the trusted reference
+        return self.made["contrastive"]
+
+    def clean(self, name: str = "clean") -> Any:
+        """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
+        `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`)."""
         from tokenforget.run.pipeline import Run
 
-        if "clean" not in self.made:
-            data = replace(self.run.cfg.data, path=str(self.root / "task" / "clean.jsonl"))
-            self.made["clean"] = Run(replace(self.run.cfg, run_dir=str(self.root / "clean"), data=data),
-                                     base=self.run.base, log=self.log)
-        return self.made["clean"]
+        if name not in self.made:
+            data = replace(self.run.cfg.data, path=str(self.root / "task" / f"{name}.jsonl"))
+            self.made[name] = Run(replace(self.run.cfg, run_dir=str(self.root / name), data=data),
+                                  base=self.run.base, log=self.log)
+        return self.made[name]
 
 
 # Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
@@ -245,25 +145,64 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
+    "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
+    "contrastive": lambda r: (r.contrastive(), "ignore"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
                 "filter": "the sample filter, whole examples (its reference trusted)",
                 "filter_max": "the sample filter by each example's worst token (its reference trusted)",
-                "ignore_tail": "the same examples cut at their worst token (its reference trusted)"}
+                "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
+                "contrastive": "CE_noisy - CE_trusted, numbers whole, the share from a mixture (trusted + noisy refs)"}
+
+
+SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
+
+
+def sim_name(setting: str, recall: float, precision: float, fps: str) -> str:
+    """`sim_ignore_r0.6_p0.5` (`_det` appended for the detector's false positives): one simulated model's name."""
+    return f"{setting}_r{recall:g}_p{precision:g}" + ("_det" if fps == "detector" else "")
+
+
+def expand_settings(cfg: DemoConfig) -> list[str]:
+    """`cfg.settings` with `sim_ignore` / `sim_forget` replaced by one name per `sim_recall` x `sim_precision`."""
+    out: list[str] = []
+    for s in cfg.settings:
+        if s in SIM_MODES:
+            out += [sim_name(s, r, p, cfg.sim_false_positives) for r in cfg.sim_recall for p in cfg.sim_precision]
+        else:
+            out.append(s)
+    return out
+
+
+def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
+    """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
+    if name in DEMO_SETTINGS:
+        return DEMO_SETTINGS[name](runs)
+    setting, r, p = name.removesuffix("_det").rsplit("_", 2)
+    folder = name.replace(setting, "sim", 1)  # sim_ignore_r1_p0.5 and sim_forget_r1_p0.5 share their partition
+    return runs.simulated(folder, float(r[1:]), float(p[1:])), SIM_MODES[setting]
 
 
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
-    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right) and task/test.jsonl (clean held-out
-    problems, another seed). Returns (train, test)."""
+    """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right), task/test.jsonl (clean held-out
+    problems, another seed, none of them a training problem) and with `n_val` task/val.jsonl (a third seed, none
+    a training or test problem), and task/correct_only.jsonl (the noisy set's right answers). Returns (train, test)."""
     task = root / "task"
-    if cfg.noise_kind == "systematic":
+    if cfg.noise_kind == "weak":  # a weaker model's answers and the generator's own (`tokenforget weak`)
+        noisy, clean = read_jsonl(Path(cfg.weak_dir) / "noisy.jsonl"), read_jsonl(Path(cfg.weak_dir) / "gold.jsonl")  # type: ignore[arg-type]
+    elif cfg.noise_kind == "systematic":
         noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
     else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
         noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
     write_jsonl(noisy, task / "train.jsonl")
     write_jsonl(clean, task / "clean.jsonl")
-    write_jsonl(make_task(cfg.n_test, cfg.seed + 10_000, 0.0)[1], task / "test.jsonl")
+    write_jsonl([r for r in noisy if not r["corrupt_spans"]], task / "correct_only.jsonl")
+    taken = {r["prompt"] for r in noisy}
+    test = held_out(cfg.n_test, cfg.seed + 10_000, taken)
+    write_jsonl(test, task / "test.jsonl")
+    if cfg.n_val:
+        write_jsonl(held_out(cfg.n_val, cfg.seed + 30_000, taken | {r["prompt"] for r in test}), task / "val.jsonl")
     return task / "train.jsonl", task / "test.jsonl"
 
 
@@ -272,10 +211,14 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     each with its own score method, reference and rho."""
     from tokenforget.commands.detect import detection_of_methods
 
+    from tokenforget.report.summary import detection_of
+
     out = {}
-    for name in (s for s in settings if s in PARTITIONING):
-        run, _stage = DEMO_SETTINGS[name](runs)
-        if run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
+    for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
+        run, _stage = setting_stage(runs, name)
+        if run.cfg.partition.selection in ("simulated", "mixture"):  # its stored scores and its own partition
+            out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
+        elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())
         else:
             method = run.cfg.score.method
@@ -314,14 +257,18 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     train_path, test_path = write_task(cfg, root)
     run = Run(demo_run_config(cfg, train_path), base=base, log=log)
     runs = DemoRuns(cfg, root, run, log)
-    stages = {}
-    for name in cfg.settings:
-        sub, stage = DEMO_SETTINGS[name](runs)
+    stages, settings = {}, expand_settings(cfg)
+    for name in settings:
+        sub, stage = setting_stage(runs, name)
         stages[name] = variants.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
-    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log)
+    cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
+    if cfg.n_val:
+        results["validation"] = evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens, log,
+                                                cache)["models"]
     if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
-        untrained = [d for d in cfg.detectors if d not in cfg.settings]
-        results["detection_methods"] = detection_of_settings(runs, [*cfg.settings, *untrained])
+        untrained = [d for d in cfg.detectors if d not in settings]
+        results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))

@@ -28,7 +28,7 @@ import numpy as np
 
 from tokenforget.config import ConfigError, RunConfig
 from tokenforget.metrics import detection
-from tokenforget.score_methods import SCORE_METHODS, apply_method
+from tokenforget.score_methods import NEEDS_NOISY, SCORE_METHODS, apply_method
 from tokenforget.stages import data as data_mod
 from tokenforget.stages.partition import global_partition
 
@@ -56,7 +56,7 @@ def measure(arrays: dict[str, np.ndarray], methods: Sequence[str], rho: float, k
     rows = []
     bad = arrays["corrupt"]
     for m in methods:
-        s = apply_method(m, arrays["ce_base"], arrays["ce_ref"], arrays["token_id"], arrays["example"])
+        s = apply_method(m, arrays["ce_base"], arrays["ce_ref"], arrays["token_id"], arrays["example"], arrays.get("ce_noisy"))
         d = detection(s, bad, ~global_partition(s, rho))
         rows.append(DetectionRow(
             kind, reference, m, d.auroc, d.recall, d.precision,
@@ -113,7 +113,7 @@ def run_detect(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, 
         raise ConfigError("config field 'score.precomputed_path': detect injects its own noise, so scores made "
                           "for the clean data cannot match it")
     root = Path(cfg.run_dir)
-    methods = cfg.detect.methods or list(SCORE_METHODS)
+    methods = cfg.detect.methods or [m for m in SCORE_METHODS if m not in NEEDS_NOISY]  # one reference here
     trusted = trusted_split(cfg, root / TRUSTED_FILE) if "trusted" in cfg.detect.references else None
     base = BaseModel(cfg.model, qlora=cfg.lora.qlora)  # loaded once, shared by every run
     rows: list[DetectionRow] = []

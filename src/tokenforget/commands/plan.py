@@ -34,7 +34,7 @@ from tokenforget.commands.cost import (  # noqa: F401  (the counts are also plan
 from tokenforget.config import TrainingConfig
 from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import autocast, device
-from tokenforget.model.memory import run_estimate
+from tokenforget.model.memory import MemoryEstimate, run_estimate
 from tokenforget.model.model_ce import model_token_ce
 from tokenforget.objectives import LEARN, PARTITION_FREE, forgetting_loss
 from tokenforget.run import variants

@@ -40,8 +40,16 @@ class StageFingerprints:
             return fingerprint("reference-round", self.partition_fp(rnd - 1), training, to_dict(c.lora), c.seed)
         if c.reference.checkpoint:
             return fingerprint("reference-checkpoint", folder_digest(checkpoint_dir(c.reference)), stable_view("model", to_dict(c.model)))
-        ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items() if k != "rounds"}
+        ref = {k: v for k, v in stable_view("reference", to_dict(c.reference)).items()
+               if k not in ("rounds", "noisy_folds", "noisy_fraction")}  # the noisy reference is a stage of its own
         return fingerprint("reference", self.data_fp(), ref, file_digest(c.reference.path), to_dict(c.lora), c.seed)
+
+    def noisy_reference_fp(self) -> str:
+        """The noisy references' (`reference.noisy_folds`): cross-fitted on the data, as `reference.folds` would be."""
+        c = self.cfg
+        rc = c.reference
+        return fingerprint("reference-noisy", self.data_fp(), rc.noisy_folds, rc.noisy_fraction, to_dict(rc.training),
+                           to_dict(c.lora), c.seed)
 
     def base_pass(self) -> bool:
         """Whether the scoring pass runs the base model too: `score.base_pass`, by default when CE_base is read."""
@@ -56,8 +64,10 @@ class StageFingerprints:
         sc = self.cfg.score
         if sc.precomputed_path:
             return fingerprint("precomputed", self.data_fp(), file_digest(sc.precomputed_path))
-        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path", "base_pass")}
+        settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path", "base_pass", "spans")}
         kind = "score" if (self.base_pass() if base_pass is None else base_pass) else "score-ref-only"
+        if self.cfg.reference.noisy_folds:  # the pass also stores the noisy references' CE
+            return fingerprint(kind, self.reference_fp(rnd), self.noisy_reference_fp(), settings, self.bf16)
         return fingerprint(kind, self.reference_fp(rnd), settings, self.bf16)
 
     def reusable_score_fps(self, rnd: int = 1) -> list[str]:
@@ -68,21 +78,28 @@ class StageFingerprints:
     def scores_unused(self) -> bool:
         """The oracle and data partitions rank nothing (their classes are the data's known noise, or the weights it
         carries), so no reference is trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs
-        the base model's CE."""
-        return self.cfg.partition.selection in SCORELESS and self.cfg.train.forget_objective not in NEEDS_BASE_CE
+        the base model's CE. A simulated detector with random false positives reads the known noise only."""
+        pc = self.cfg.partition
+        known_only = pc.selection in SCORELESS or (pc.selection == "simulated" and pc.false_positives == "random")
+        return known_only and self.cfg.train.forget_objective not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:
         """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
         and the method; the data's alone when the scores are unused."""
         if self.scores_unused():
             return fingerprint("scores-unused", self.data_fp())
-        raw, method = self.raw_score_fp(rnd), self.cfg.score.method
+        raw, method, spans = self.raw_score_fp(rnd), self.cfg.score.method, self.cfg.score.spans
+        if spans != "token":
+            return fingerprint("score-method", raw, method, spans)
         return raw if method == "paper" else fingerprint("score-method", raw, method)
 
     def partition_fp(self, rnd: int = 1) -> str:
         pc = stable_view("partition", to_dict(self.cfg.partition))
         if self.cfg.partition.selection != "threshold":
             pc.pop("threshold", None)
+        if self.cfg.partition.selection != "simulated":  # its knobs move nothing else
+            for k in ("recall", "precision", "false_positives", "seed"):
+                pc.pop(k, None)
         return fingerprint("partition", self.score_fp(rnd), pc)
 
     def labels_fp(self) -> str:

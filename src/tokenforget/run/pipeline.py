@@ -21,6 +21,7 @@ of the folder is described in `runfolder`; compare's variants (one run with othe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -141,6 +142,18 @@ class Run(StageFingerprints):
         subset = ref_mod.reference_examples(tokens, rc, self.cfg.data, self.base.tokenizer, self.cfg.seed)
         return self._trained(name, fp, train_mod.sft_classes(subset), rc.training, "sft", {"examples": len(subset)})
 
+    def noisy_reference(self) -> Path:
+        """The noisy references (`reference.noisy_folds`), stage `reference-noisy/`: cross-fitted on the training
+        data itself, each example scored by the one that did not see it, for the two-reference scores."""
+        rc, name, fp = self.cfg.reference, "reference-noisy", self.noisy_reference_fp()
+        tokens = self.data()
+        folds = replace(rc, folds=rc.noisy_folds, fraction=rc.noisy_fraction, size=None, path=None, noisy_folds=0)
+        build = lambda: ref_mod.train_folds(self.setup, tokens, folds, fp, self.folder.work_dir(name, fp), self.log)  # noqa: E731
+        commit = lambda plan, d: ref_mod.write_folds(plan, self.root / f".{name}.work", d)  # noqa: E731
+        out = self.folder.ensure(name, fp, build, commit, every_rank=True)
+        self.folder.release_work(name)
+        return out
+
     def score(self, rnd: Optional[int] = None) -> datasets.Dataset:
         """Per-token CE under base and reference, and the `score.method` score, for every training example.
 
@@ -162,6 +175,7 @@ class Run(StageFingerprints):
             self.folder.ensure(name, self.score_fp(rnd), zeros, lambda t, d: t.save_to_disk(str(d / "scores")) or {"unused": True})
             return self._load(name, "scores")
         ref_dir = None if sc.precomputed_path else self.reference(rnd)
+        noisy_dir = self.noisy_reference() if self.cfg.reference.noisy_folds and not sc.precomputed_path else None
         raw_fp = self.raw_score_fp(rnd)
 
         def build() -> Optional[datasets.Dataset]:  # every rank: each scores its own shards
@@ -174,11 +188,18 @@ class Run(StageFingerprints):
             work, shards = self.folder.work_dir(name, raw_fp), shard_ranges(len(tokens), sc.shard_size)
             score_mod.score_shards(tokens, ref_dir, self.base, work, shards, self.ranks, sc.batch_size, self.bf16,  # type: ignore[arg-type]
                                    self.log, with_base=self.base_pass())
+            if noisy_dir is not None:  # the second reference's pass: its CE only
+                (work / "noisy").mkdir(exist_ok=True)
+                score_mod.score_shards(tokens, noisy_dir, self.base, work / "noisy", shards, self.ranks, sc.batch_size,
+                                       self.bf16, self.log, with_base=False)
             self.ranks.barrier()
-            return score_mod.joined_shards(work, len(shards)) if self.ranks.is_main else None
+            if not self.ranks.is_main:
+                return None
+            raw = score_mod.joined_shards(work, len(shards))
+            return raw if noisy_dir is None else score_mod.with_noisy(raw, score_mod.joined_shards(work / "noisy", len(shards)))
 
         def commit(raw: datasets.Dataset, d: Path) -> dict[str, Any]:
-            score_mod.with_method_scores(tokens, raw, sc.method).save_to_disk(str(d / "scores"))
+            score_mod.with_method_scores(tokens, raw, sc.method, sc.spans, self.base.tokenizer).save_to_disk(str(d / "scores"))
             n_tokens = int(sum(map(sum, tokens["response_mask"])))
             made_by = self.raw_score_fp(rnd, base_pass=True) if has_base_ce(raw) else raw_fp
             return {"tokens": n_tokens, "raw_fingerprint": made_by, "method": sc.method}

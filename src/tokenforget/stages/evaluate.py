@@ -23,6 +23,7 @@ kind `accuracy` (averaged into `average` by `tokenforget compare`), `nll` or `di
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import re
@@ -431,9 +432,12 @@ GENERATE_BATCH = 64  # prompts per generate call: the demo's 48 held-out problem
 
 
 def evaluate_models(
-    run: Any, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None]
+    run: Any, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
+    cache: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Answer accuracy and gold NLL on a held-out file, for the base model and each trained stage."""
+    """Answer accuracy and gold NLL on a held-out file, for the base model and each trained stage. With `cache`, a
+    model's results are kept there (`<name>-<key>.json`, the key made of the model's stage fingerprint, the file's
+    content and the generation length) and reused, so a rerun that adds settings evaluates only the new ones."""
     tok = run.base.tokenizer
     records = data_mod.load_records(run.cfg.data, str(test_path))
     cols, _ = data_mod.tokenize_records(tok, records, run.cfg.data)
@@ -441,6 +445,11 @@ def evaluate_models(
     golds = [r.messages[-1]["content"] for r in records]
     models: dict[str, Any] = {}
     for name in ["base", *stages]:
+        kept = cache / f"{name}-{eval_key(run, stages.get(name), test_path, max_new_tokens)}.json" if cache else None
+        if kept is not None and kept.is_file():
+            log(f"[evaluate] {name}: reusing {kept}")
+            models[name] = json.loads(kept.read_text())
+            continue
         model = run.base.frozen().to(device()) if name == "base" else load_trained(stages[name])
         log(f"[evaluate] {name}: generating {len(prompts)} answers")
         preds = generate(model, tok, prompts, max_new_tokens, batch_size=GENERATE_BATCH, bf16=run.bf16)
@@ -448,5 +457,18 @@ def evaluate_models(
         nll = gold_nll(model, cols["input_ids"], cols["response_mask"], 16, run.bf16, tok.pad_token_id)
         models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "sample": preds[0],
                         "correct": acc.correct}
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(models[name]))
         del model
     return {"models": models}
+
+
+def eval_key(run: Any, stage: Optional[Path], test_path: Path, max_new_tokens: int) -> str:
+    """What a held-out evaluation depends on: the model (its train stage's fingerprint, or the base model's
+    settings), the held-out file's content, the answer length and the precision."""
+    from tokenforget.config import to_dict
+    from tokenforget.runfolder import STAGE_FILE, file_digest, fingerprint, stable_view
+
+    model = json.loads((stage / STAGE_FILE).read_text())["fingerprint"] if stage else stable_view("model", to_dict(run.cfg.model))
+    return fingerprint("held-out", model, file_digest(str(test_path)), max_new_tokens, run.bf16)

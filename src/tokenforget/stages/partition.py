@@ -14,7 +14,8 @@ each example), `threshold_partition` (an absolute score cut), `soft_weights` (th
 weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
 score: a sample filter), `tail_partition` (in the examples whose worst score is lowest, the tokens from it to the
 end), `oracle_partition` (the known noise as the negative set: a bound, not a method) and `data_classes` (the
-weights the data carries, `tokenforget.stages.labels_in_data`: no scores at all). Whatever the selection, where the
+weights the data carries, `tokenforget.stages.labels_in_data`: no scores at all); `simulated_partition` (a detector
+of chosen recall and precision made from the known noise: the frontier a real detector is read against). Whatever the selection, where the
 data carries weights they win (`with_data_labels`): a detector decides only the tokens the data says nothing about.
 """
 
@@ -30,6 +31,7 @@ import pyarrow as pa
 from tokenforget.columns import flat_list_column, list_column
 from tokenforget.config import ConfigError, PartitionConfig
 from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.metrics import two_gaussians
 
 
 def n_positive(n_tokens: int, rho: float) -> int:
@@ -159,7 +161,53 @@ def oracle_partition(bad: np.ndarray) -> np.ndarray:
     return ~bad.astype(bool)
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data")
+def simulated_counts(n_bad: int, n_right: int, recall: float, precision: float) -> tuple[int, int]:
+    """(true positives, false positives) of a simulated negative set: tp = round(recall x n_bad) wrong tokens and
+    fp = round(tp / precision) - tp right ones (capped at n_right), halves rounding up, so that tp / (tp + fp)
+    is `precision` and tp / n_bad is `recall` as nearly as whole tokens allow."""
+    tp = n_positive(n_bad, recall)
+    return tp, min(n_right, int(math.floor(tp / precision + 0.5)) - tp)
+
+
+def simulated_partition(
+    bad: np.ndarray, scores: np.ndarray, recall: float, precision: float, false_positives: str, seed: int
+) -> np.ndarray:
+    """Boolean (N,) mask: a detector of controlled quality made from the known noise (`bad`). Its negative set is a
+    seeded random `recall` share of the wrong tokens plus right tokens enough for `precision`
+    (`simulated_counts`): drawn at random (`false_positives: random`), or the right tokens the detector's own
+    `scores` find most suspicious, lowest first, ties to the earlier token (`detector`: its false positives are
+    the hard right numbers a real detector takes). Not a method: the yardstick that says how good a detector
+    must be before training on its negatives pays (issue 25).
+
+    Args:
+        bad: (N,) flags of the known noisy response tokens.
+        scores: (N,) the detector's scores (`detector` only; low = suspicious).
+        seed: draws the wrong tokens kept (and the random right ones); the same seed, the same set.
+    """
+    bad = bad.astype(bool)
+    bad_idx, right_idx = np.flatnonzero(bad), np.flatnonzero(~bad)
+    tp, fp = simulated_counts(len(bad_idx), len(right_idx), recall, precision)
+    rng = np.random.default_rng(seed)
+    negative = np.zeros(bad.shape[0], dtype=bool)
+    negative[rng.choice(bad_idx, tp, replace=False)] = True
+    if false_positives == "random":
+        negative[rng.choice(right_idx, fp, replace=False)] = True
+    else:  # the detector's most suspicious right tokens (stable sort: ties to the earlier one)
+        negative[right_idx[np.argsort(scores[right_idx], kind="stable")[:fp]]] = True
+    return ~negative
+
+
+def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """(Boolean (N,) mask, estimated negative share): the share of the data that is noise estimated from the scores
+    themselves instead of a fixed rho. A two-component Gaussian mixture (`tokenforget.metrics.two_gaussians`) is fitted to the scores;
+    the low component's weight w_low is the negative share, and the round(w_low x N) lowest scores are negative
+    (the global partition at rho = 1 - w_low). Meant for a score whose noise forms a cluster of its own, as the
+    contrastive score's recurring error does (a learned wrong value: low; a hard right one: near 0)."""
+    w, _, _ = two_gaussians(scores)
+    return global_partition(scores, 1.0 - float(w[0])), float(w[0])
+
+
+SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture")
 SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
 
 
@@ -204,7 +252,7 @@ def class_counts(classes: np.ndarray, response: np.ndarray) -> dict[str, Any]:
 
 def select_tokens(
     scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0,
-    bad: Optional[np.ndarray] = None,
+    bad: Optional[np.ndarray] = None, pc: Optional[PartitionConfig] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray], "PartitionStats"]:
     """Flat classes (+1/-1/0, int8), flat |weights| (float32, soft selection only, else None) and stats.
 
@@ -212,7 +260,8 @@ def select_tokens(
         scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
         offsets: (E + 1,) example boundaries into the flat arrays.
         selection: one of `SELECTIONS`.
-        bad: flat 0/1 flags of the tokens known to be noise (`oracle` only).
+        bad: flat 0/1 flags of the tokens known to be noise (`oracle`, `simulated` only).
+        pc: the partition config (`simulated` reads its recall, precision, false_positives and seed).
     """
     resp = response.astype(bool)
     example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
@@ -232,6 +281,12 @@ def select_tokens(
         if bad is None:
             raise ValueError("the oracle selection needs the known bad tokens")
         positive = oracle_partition(bad[resp])
+    elif selection == "simulated":
+        if bad is None or pc is None:
+            raise ValueError("the simulated selection needs the known bad tokens and its settings")
+        positive = simulated_partition(bad[resp], chosen, pc.recall, pc.precision, pc.false_positives, pc.seed)
+    elif selection == "mixture":
+        positive, share = mixture_partition(chosen)
     elif selection == "data":
         raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
     elif selection == "threshold":
@@ -245,7 +300,10 @@ def select_tokens(
         raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
     classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
     classes[resp] = np.where(positive, LEARN, FORGET)
-    return classes, weights, _stats(chosen, positive)
+    stats = _stats(chosen, positive)
+    if selection == "mixture":
+        stats.estimated_negative_share = share
+    return classes, weights, stats
 
 
 @dataclass
@@ -255,6 +313,7 @@ class PartitionStats:
     n_negative: int
     threshold: float  # lowest positive score (nan when no token is positive)
     quantiles: dict[str, float]
+    estimated_negative_share: Optional[float] = None  # the mixture selection's estimate (else None)
 
 
 def flat_token_classes(scores: np.ndarray, response: np.ndarray, rho: float) -> tuple[np.ndarray, PartitionStats]:
@@ -359,8 +418,8 @@ def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.T
     if pc.selection == "global" and data_weight is None:  # the paper's partition, as before
         classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
         return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
-    bad = known_bad_tokens(tokens) if pc.selection == "oracle" else None
-    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad)
+    bad = known_bad_tokens(tokens) if pc.selection in ("oracle", "simulated") else None
+    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad, pc)
     if data_weight is not None:  # the data's labels win where both speak
         classes, weights = with_data_labels(classes, weights, data_weight, flat_resp)
         return _classes_table(offsets, classes, weights), {**stats.__dict__, **class_counts(classes, flat_resp),
@@ -409,6 +468,6 @@ def known_bad_tokens(tokens: Any) -> np.ndarray:
         wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
         bad |= np.repeat(wrong, np.diff(offsets))
     if not bad.any():
-        raise ConfigError("config field 'partition.selection': 'oracle' needs data with known noise "
+        raise ConfigError("config field 'partition.selection': 'oracle' and 'simulated' need data with known noise "
                           "(data.corrupt_fraction > 0, or records labelled is_correct: false)")
     return bad

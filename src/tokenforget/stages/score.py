@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -182,31 +182,54 @@ def check_aligned(tokens: datasets.Dataset, scores: datasets.Dataset, where: Pat
 
 
 def response_arrays(tokens: datasets.Dataset, scores: datasets.Dataset) -> dict[str, np.ndarray]:
-    """Flat arrays over every response token: `ce_base`, `ce_ref`, `token_id`, `example` (row index), `corrupt`;
+    """Flat arrays over every response token: `ce_base`, `ce_ref` (`ce_noisy` where the pass has it), `token_id`,
+    `example` (row index), `corrupt`;
     `where` (the flat positions of these tokens among all tokens, to scatter scores back) and `offsets` (where
     each example starts among all tokens)."""
     resp, offsets = flat_list_column(tokens.data.column("response_mask"))
     where = np.flatnonzero(resp)
     rows = np.repeat(np.arange(len(tokens)), np.diff(offsets))
-    out = {k: flat_list_column(scores.data.column(k))[0][where] for k in ("ce_base", "ce_ref")}
+    cols = [k for k in ("ce_base", "ce_ref", "ce_noisy") if k in scores.column_names]
+    out = {k: flat_list_column(scores.data.column(k))[0][where] for k in cols}
     out["token_id"] = flat_list_column(tokens.data.column("input_ids"))[0][where]
     out["corrupt"] = flat_list_column(tokens.data.column("corrupt"))[0][where].astype(bool)
     return {**out, "example": rows[where], "where": where, "offsets": offsets}
 
 
-def with_method_scores(tokens: datasets.Dataset, raw: datasets.Dataset, method: str) -> datasets.Dataset:
-    """`ce_base`, `ce_ref` and `score` per example: the method's score on response tokens, 0 elsewhere.
+def with_noisy(raw: datasets.Dataset, noisy: datasets.Dataset) -> datasets.Dataset:
+    """The scoring pass `raw` with the noisy references' CE (their pass's `ce_ref`) as a column `ce_noisy`."""
+    return datasets.Dataset(raw.data.table.append_column("ce_noisy", noisy.data.table.column("ce_ref")))
+
+
+def token_kinds(tokenizer: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is_digit, is_newline) flags of flat token `ids`: the token decodes to digits only (spaces aside) / holds
+    a newline. Each distinct id is decoded once."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    text = [tokenizer.decode([int(i)]) for i in uniq]
+    digit = np.array([t.strip().isdigit() for t in text], bool)
+    newline = np.array(["\n" in t for t in text], bool)
+    return digit[inverse], newline[inverse]
+
+
+def with_method_scores(tokens: datasets.Dataset, raw: datasets.Dataset, method: str, spans: str = "token",
+                       tokenizer: Any = None) -> datasets.Dataset:
+    """`ce_base`, `ce_ref` (and `ce_noisy`) and `score` per example: the method's score on response tokens, pooled
+    over `spans` (`score_methods.span_decisions`; `tokenizer` tells digits and newlines), 0 elsewhere.
 
     Raw scores that already carry a `score` column (precomputed) keep it as it is; cross-fitted ones keep
     `scored_by`."""
-    keep = [c for c in ("scored_by", "ce_base", "ce_ref") if c in raw.column_names]
+    keep = [c for c in ("scored_by", "ce_base", "ce_ref", "ce_noisy") if c in raw.column_names]
     if "score" in raw.column_names:
         return raw.select_columns([*keep, "score"])
-    from tokenforget.score_methods import apply_method
+    from tokenforget.score_methods import apply_method, span_decisions
 
     a = response_arrays(tokens, raw)
     flat = np.zeros(a["offsets"][-1], dtype=np.float32)
-    flat[a["where"]] = apply_method(method, a["ce_base"], a["ce_ref"], a["token_id"], a["example"])
+    score = apply_method(method, a["ce_base"], a["ce_ref"], a["token_id"], a["example"], a.get("ce_noisy"))
+    if spans != "token":
+        digit, newline = token_kinds(tokenizer, a["token_id"])
+        score = span_decisions(score, a["example"], a["token_id"], digit, newline, spans).astype(np.float32)
+    flat[a["where"]] = score
     table = raw.data.table.select(keep).append_column("score", list_column(a["offsets"], flat))
     return datasets.Dataset(table)
 

@@ -1,0 +1,90 @@
+"""The weaker model's natural noise: grading written answers step by step, the mix, and `tokenforget weak`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tokenforget.stages.weak import Grade, RowSeededSampler, choose_mix, grade, sample_seed
+
+GOLD = "She buys 3 * 4 = 12 apples.\nShe then has 5 + 12 = 17 apples.\nThe answer is 17."
+
+
+def test_grade_marks_the_first_wrong_number_and_what_follows():
+    """Written answers against GOLD (numbers 3 4 12 5 12 17 17):
+    - the same numbers, other words: right, nothing marked;
+    - '3 * 4 = 14': the 3rd number differs, at offset 17 ('She buys 3 * 4 = ' is 17 characters); everything from
+      there is the noise, the steps after it too;
+    - the total wrong only (5 + 12 = 18): at the 6th number;
+    - a step left out, cut after the first: fewer numbers and none differs: incomplete, not kept;
+    - an extra step after a right answer: wrong at the first extra number."""
+    right = "She buys 3 * 4 = 12 apples.\nSo she has 5 + 12 = 17 apples.\nThe answer is 17."
+    assert grade(right, GOLD) == Grade(True, None, True) and grade(right, GOLD).spans(right) == []
+    bad = "She buys 3 * 4 = 14 apples.\nShe then has 5 + 14 = 19 apples.\nThe answer is 19."
+    g = grade(bad, GOLD)
+    assert g == Grade(False, 17, True) and bad[17:19] == "14" and g.spans(bad) == [[17, len(bad)]]
+    total = "She buys 3 * 4 = 12 apples.\nShe then has 5 + 12 = 18 apples.\nThe answer is 18."
+    at = total.index("18")
+    assert grade(total, GOLD) == Grade(False, at, True) and at == 50
+    assert grade("She buys 3 * 4 = 12 apples.", GOLD) == Grade(False, None, False)
+    extra = GOLD + " Then 17 + 1 = 18."
+    assert grade(extra, GOLD) == Grade(False, len(GOLD) + 6, True)
+
+
+def test_choose_mix_keeps_the_target_share_of_wrong_answers():
+    """Six problems: p0 only wrong (W), p1 wrong then right (B), p2 right (R), p3 right then wrong (B), p4 only an
+    incomplete answer (dropped), p5 right (R). At target 0.5: W can all stay (1 <= 0.5 x 4 / 0.5 = 4), n = 5,
+    k = round(2.5) = 3: p0 and both B problems take their wrong sample (p1's first, p3's second): 3 of 5 wrong.
+    At 0.4: k = round(2.0) = 2: p0 and one seeded B problem. At 0.2: w_max = floor(0.2 x 4 / 0.8) = 1, k = 1: p0 only."""
+    W, R, X = Grade(False, 0, True), Grade(True, None, True), Grade(False, None, False)
+    grades = [[W], [W, R], [R], [R, W], [X], [R]]
+    assert choose_mix(grades, 0.5, seed=0) == [0, 0, 0, 1, None, 0]
+    at_04 = choose_mix(grades, 0.4, seed=0)
+    wrong = [i for i, c in enumerate(at_04) if c is not None and not grades[i][c].correct]
+    assert len(wrong) == 2 and wrong[0] == 0 and at_04[4] is None
+    assert choose_mix(grades, 0.4, seed=0) == at_04  # seeded
+    at_02 = choose_mix(grades, 0.2, seed=0)
+    assert [i for i, c in enumerate(at_02) if c is not None and not grades[i][c].correct] == [0]
+    # more wrong-only problems than the target allows: some are dropped
+    many = [[W]] * 4 + [[R]] * 2
+    kept = choose_mix(many, 0.5, seed=1)
+    assert sum(c is not None for c in kept[:4]) == 2 and kept[4:] == [0, 0]
+
+
+def test_row_seeded_sampler_draws_each_row_from_its_own_seed():
+    """The same seed gives the same draws whatever the batch's other rows; only the drawn token is left (0 logit)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    a = RowSeededSampler([sample_seed(0, 0, 0), 5, 6], 0.8)
+    b = RowSeededSampler([sample_seed(0, 0, 0), 7, 8], 0.8)
+    for _ in range(4):
+        xa, xb = a(None, logits), b(None, logits)  # type: ignore[arg-type]
+        assert torch.equal(xa[0], xb[0]) and (torch.isfinite(xa) == (xa == 0)).all()
+        assert torch.isfinite(xa).sum(dim=1).tolist() == [1, 1, 1]
+    assert sample_seed(0, 1, 0) != sample_seed(0, 0, 1)
+
+
+def test_weak_command_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
+    """`tokenforget weak` end to end: the weak SFT, sampling, grading; the sets are consistent with the samples:
+    noisy holds one answer per kept problem with its first-error span, correct_only its right ones, gold the
+    generator's answers to the same problems; no SFT problem is a training problem."""
+    from tokenforget.cli import main
+    from tokenforget.stages.weak import grade as grade_fn
+
+    out = tmp_path / "weak"
+    assert main(["weak", "--out_dir", str(out), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+                 "--n_train", "6", "--n_sft", "8", "--samples", "2", "--max_new_tokens", "8"]) == 0
+    read = lambda n: [json.loads(x) for x in (out / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples, noisy, gold, right = read("samples"), read("noisy"), read("gold"), read("correct_only")
+    assert len(samples) == 12 and manifest["counts"]["noisy"] == len(noisy) == len(gold)
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in gold]
+    for r, g in zip(noisy, gold):
+        mark = grade_fn(r["completion"], g["completion"])
+        assert mark.complete and r["corrupt_spans"] == mark.spans(r["completion"])
+    assert right == [r for r in noisy if not r["corrupt_spans"]]
+    sft = {r["prompt"] for r in read("weak-sft")}
+    assert len(sft) == 8 and not sft & {r["prompt"] for r in gold}
+    assert (out / "weak-sft" / "train-sft" / "stage.json").is_file()
