@@ -10,13 +10,13 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src HF_HUB_OFFLINE=1
 CFG=configs/gsm8k-natural-smollm2.yaml
-ORACLE='{"oracle_ignore": {"mode": "ignore", "partition": {"selection": "oracle"}}}'
+ORACLE='{"oracle_ignore": {"objective": {"mode": "ignore"}, "partition": {"selection": "oracle"}}}'
 [ -f data/gsm8k-natural/manifest.json ] || python -m tokenforget prepare --out_dir data/gsm8k-natural \
   --solution_source 175b_random --n_questions 64 --trusted_size 64 --val_size 32 --test_size 64
 for seed in 1 2 3; do
   GOLD="--data.path data/gsm8k-natural/gold.jsonl --run_dir runs/gsm8k-natural-gold/seed-$seed --seed $seed --report_to [none]"
   echo "=== gold seed $seed $(date -u +%H:%M:%S)"
-  /usr/bin/time -f "wall %e s, peak %M KB" python -m tokenforget train $CFG $GOLD --train.mode sft
+  /usr/bin/time -f "wall %e s, peak %M KB" python -m tokenforget train $CFG $GOLD --train.objective.mode sft
   /usr/bin/time -f "wall %e s, peak %M KB" python -m tokenforget eval $CFG $GOLD --eval.checkpoint sft
   echo "=== bounds, seeds up to $seed $(date -u +%H:%M:%S)"
   seeds=$(python -c "print(list(range(1, $seed + 1)))" | tr -d ' ')

@@ -138,7 +138,7 @@ TINY_RUN_EXAMPLES = 20 + len(ODD_RECORDS)
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A finished run folder, shared by the report and TensorBoard tests (do not modify it): `run` (forget)
-    and `train --train.mode sft` on 22 examples (20 demo examples with corrupt steps + ODD_RECORDS), batch 4,
+    and `train --train.objective.mode sft` on 22 examples (20 demo examples with corrupt steps + ODD_RECORDS), batch 4,
     one epoch, a log entry at every step; reference on 11 examples for 2 epochs; a demo_results.json
     with hand-made numbers."""
     import yaml
@@ -159,7 +159,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp / "config.yaml")]) == 0
-    assert main(["train", str(tmp / "config.yaml"), "--train.mode", "sft"]) == 0
+    assert main(["train", str(tmp / "config.yaml"), "--train.objective.mode", "sft"]) == 0
     results = {"models": {"base": {"accuracy": 0.125, "stderr": 0.0477, "n": 48, "gold_nll": 1.5}}}
     (tmp / "run" / "demo_results.json").write_text(json.dumps(results))
     return tmp / "run"

@@ -125,7 +125,7 @@ def test_audit_writes_a_marked_file_that_trains_as_written(tmp_path: Path, tiny_
         text = source[i]["completion"][span["start"]:span["end"]]
         assert text.strip() and text.strip() in row["worst_span"]
     args = ["train", str(cfg), "--data.path", str(out / "marked.jsonl"), "--partition.selection", "data",
-            "--run_dir", str(tmp_path / "fixed"), "--train.mode", "ignore"]
+            "--run_dir", str(tmp_path / "fixed"), "--train.objective.mode", "ignore"]
     assert main(args) == 0
     run = Run(parse_config(args)[1])
     classes, response = run.partition()["token_class"], run.data()["response_mask"]

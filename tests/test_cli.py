@@ -61,13 +61,13 @@ def test_stage_commands_write_only_their_stages(config: Path):
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["reference"]
     assert main(["partition", str(config)]) == 0
     assert stage_dirs(run) == ["data", "labels", "partition", "reference", "scores"]
-    assert main(["train", str(config), "--train.mode", "ignore"]) == 0
+    assert main(["train", str(config), "--train.objective.mode", "ignore"]) == 0
     assert (run / "train-ignore" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_sft_needs_no_reference(config: Path, capsys):
     run = config.parent / "run"
-    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    assert main(["train", str(config), "--train.objective.mode", "sft"]) == 0
     assert stage_dirs(run) == ["data", "train-sft"]
     (final,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train-sft: final ")]
     assert re.fullmatch(r"train-sft: final loss=\d+\.\d{4}  loss_pos=\d+\.\d{4}", final), final  # no loss_neg=nan
@@ -87,7 +87,7 @@ def test_user_errors_exit_2_with_the_field(config: Path, tmp_path: Path, capsys)
     assert main(["run", str(config), "--score.base_pass", "false"]) == 2  # score.method paper reads CE_base
     assert "score.base_pass" in capsys.readouterr().err
     assert main(["run", str(config), "--score.base_pass", "false", "--score.method", "ref_loss",
-                 "--train.forget_objective", "tnpo"]) == 2
+                 "--train.objective.forget_term", "tnpo"]) == 2
     err = capsys.readouterr().err
     assert "score.base_pass" in err and "tnpo" in err
     assert not (tmp_path / "run").exists()  # nothing half-written
@@ -115,12 +115,13 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
     assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]
     assert side_by_side["paper"]["n_corrupt"] > 0
-    # the clean twin: the same prompts, nothing corrupted; the noisy copy: 0.4 x 24 = 10 (or fewer) corrupted
+    # the clean twin: the same prompts, nothing corrupted; the noisy copy: the total-ending problems corrupted
     task = tmp_path / "demo" / "task"
     noisy = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()]
     clean = [json.loads(line) for line in (task / "clean.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean] and not any(r["corrupt_spans"] for r in clean)
-    assert 0 < sum(bool(r["corrupt_spans"]) for r in noisy) <= 10
+    # round(0.4 x 24) = 10 asked; seed 0's 24 problems have 9 that end in a total (Python's seeded `random`), so 9
+    assert sum(bool(r["corrupt_spans"]) for r in noisy) == 9
     # the oracle's negatives are exactly the corrupted tokens
     oracle = tmp_path / "demo" / "variant-oracle_forget"
     tokens = datasets.load_from_disk(str(oracle / "data" / "tokens"))
@@ -131,7 +132,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     rec = json.loads((tmp_path / "demo" / "trusted" / "config.json").read_text())
     want = PRESETS["ref_loss_wga"]
     assert rec["score"]["method"] == want["score"]["method"] and rec["partition"]["rho"] == want["partition"]["rho"]
-    assert rec["train"]["forget_objective"] == want["train"]["forget_objective"]
+    assert rec["train"]["objective"]["forget_term"] == want["train"]["objective"]["forget_term"]
     assert rec["reference"]["path"].endswith("trusted.jsonl")
     stats = json.loads((tmp_path / "demo" / "trusted" / "partition" / "stats.json").read_text())
     assert stats["n_negative"] == round((1 - want["partition"]["rho"]) * stats["n_tokens"])
@@ -255,16 +256,6 @@ def test_demo_held_out_splits_share_no_problem_with_training(tmp_path: Path):
     read = lambda n: [json.loads(x)["prompt"] for x in (tmp_path / "task" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
     train, test, val = read("train"), set(read("test")), set(read("val"))
     assert len(test) == 240 and len(val) == 240 and not (test & val) and not (set(train) & (test | val))
-
-
-def test_demo_settings_are_the_config_choices():
-    from typing import get_args
-
-    from tokenforget.command_config import DemoDetector, DemoSetting
-    from tokenforget.commands.demo import DEMO_SETTINGS, PARTITIONING, SIM_MODES
-
-    assert [*DEMO_SETTINGS, *SIM_MODES] == list(get_args(DemoSetting))
-    assert list(PARTITIONING) == list(get_args(DemoDetector))
 
 
 def test_python_m_entry_point():

@@ -77,8 +77,8 @@ def test_eval_command_base_and_stage(config: Path, capsys):
     assert "gsm8k_nll" in out and "distinct_2" in out
     assert (root / "eval-base" / "results.json").is_file()
     assert main(["eval", str(config), "--eval.checkpoint", "forget"]) == 2  # not trained yet
-    assert "tokenforget train --train.mode forget" in capsys.readouterr().err
-    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    assert "tokenforget train --train.objective.mode forget" in capsys.readouterr().err
+    assert main(["train", str(config), "--train.objective.mode", "sft"]) == 0
     capsys.readouterr()
     assert main(["eval", str(config), "--eval.checkpoint", str(root / "train-sft" / "adapter")]) == 0
     assert "gsm8k" in capsys.readouterr().out

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import asdict
+
+import datasets
 import numpy as np
 import pytest
 from conftest import tiny_run_config, write_config, write_jsonl
 
 from tokenforget.cli import main
 from tokenforget.commands.demo import make_examples
+from tokenforget.commands.detect import measure
+from tokenforget.stages.score import response_arrays
 from tokenforget.score_methods import NEEDS_NOISY, SCORE_METHODS
 
 
@@ -33,14 +38,16 @@ def test_detect_every_kind_reference_and_method(config: Path, capsys):
     assert [(r["kind"], r["reference"], r["method"]) for r in res["rows"]] == [
         (k, ref, m) for k in kinds for ref in refs for m in SCORE_METHODS if m not in NEEDS_NOISY
     ]
-    for r in res["rows"]:
-        # counts behind the ratios: recall = found / n_corrupt; AUROC = (pairs ranked right + ties / 2) / pairs,
-        # so 2 x AUROC x n_corrupt x n_clean is a whole number of half-pairs
-        n_bad, n_good = r["n_corrupt"], r["n_tokens"] - r["n_corrupt"]
-        assert n_bad > 0 and n_good > 0
-        assert r["recall"] * n_bad == pytest.approx(round(r["recall"] * n_bad), abs=1e-6)
-        assert 2 * r["auroc"] * n_bad * n_good == pytest.approx(round(2 * r["auroc"] * n_bad * n_good), abs=1e-3)
-        assert r["corrupt_share"] == pytest.approx(r["n_corrupt"] / r["n_tokens"])
+    # each row is `measure` over the scoring pass its folder holds (the figures themselves: test below, by hand)
+    tokens = datasets.load_from_disk(str(root / "number-trusted" / "data" / "tokens"))
+    scores = datasets.load_from_disk(str(root / "number-trusted" / "scores" / "scores"))
+    arrays = response_arrays(tokens, scores)
+    want = measure(arrays, list(SCORE_METHODS)[:3], res["rho"], "number", "trusted")
+    got = {r["method"]: r for r in res["rows"] if (r["kind"], r["reference"]) == ("number", "trusted")}
+    for row in want:
+        figures = {k: v for k, v in asdict(row).items() if k not in ("kind", "reference", "method")}
+        assert {k: got[row.method][k] for k in figures} == pytest.approx(figures, nan_ok=True), row.method
+    assert all(r["n_corrupt"] > 0 for r in res["rows"])
     # one trusted reference, trained once on the 6 records after the 20 scored ones, reused as a checkpoint
     trusted = [json.loads(line) for line in (root / "trusted.jsonl").read_text().splitlines()]
     scored = [json.loads(line) for line in Path(res["data"]).read_text().splitlines()][:20]
@@ -52,6 +59,22 @@ def test_detect_every_kind_reference_and_method(config: Path, capsys):
     assert "[scores] up to date" in capsys.readouterr().out
     again = json.loads((root / "detection.json").read_text())
     assert again["rows"] == res["rows"]
+
+
+def test_detection_figures_worked_by_hand_on_six_tokens():
+    """CE_ref [0.1, 2.0, 0.3, 1.5, 0.2, 0.4], tokens 1 and 5 corrupted, `ref_loss` (score = -CE_ref), rho 0.6:
+    4 of 6 positive (round(3.6)), so the negatives are the two lowest scores, tokens 1 (-2.0) and 3 (-1.5).
+    recall = 1/2 (token 1 found, 5 missed), precision = 1/2 (token 3 is clean). AUROC = P(corrupt score < clean
+    score): -2.0 is below all 4 clean scores, -0.4 below 3 of them (-0.1, -0.3, -0.2, not -1.5): 7/8.
+    Mean scores: corrupt (-2.0 - 0.4) / 2 = -1.2, clean (-0.1 - 0.3 - 1.5 - 0.2) / 4 = -0.525."""
+    ce_ref = np.array([0.1, 2.0, 0.3, 1.5, 0.2, 0.4])
+    arrays = {"ce_base": np.zeros(6), "ce_ref": ce_ref, "token_id": np.arange(6), "example": np.zeros(6, dtype=int),
+              "corrupt": np.array([0, 1, 0, 0, 0, 1], dtype=bool)}
+    (row,) = measure(arrays, ["ref_loss"], 0.6, "number", "trusted")
+    assert (row.recall, row.precision, row.auroc) == (0.5, 0.5, 0.875)
+    # the method's scores are float32, as the scores stage stores them: the means agree to float32's rounding
+    assert (row.mean_corrupt, row.mean_clean) == pytest.approx((-1.2, -0.525), rel=np.finfo(np.float32).eps)
+    assert (row.corrupt_share, row.n_corrupt, row.n_tokens) == (pytest.approx(2 / 6), 2, 6)
 
 
 def test_trusted_file_sharing_a_prompt_is_refused(config: Path, tmp_path: Path, capsys):

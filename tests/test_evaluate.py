@@ -182,8 +182,11 @@ def test_gold_nll_matches_the_models_own_loss(tiny, tmp_path: Path):
     assert nll["value"] == pytest.approx(total / count, rel=1e-5)
     assert (nll["n"], nll["tokens"], nll["kind"]) == (3, count, "nll")
     assert res["benchmarks"]["gsm8k"]["n"] == 3  # the same first three questions
-    acc = res["benchmarks"]["gsm8k"]["value"]  # an exact-match share of 3 questions: 0, 1/3, 2/3 or 1
-    assert min(abs(acc - k / 3) for k in range(4)) < 1e-9
+    # the accuracy is the share of the model's own extracted answers (lm_eval's filtered outputs) equal to the gold
+    # numbers; the random tiny model's 4 tokens match none, so both sides are 0 here (the scripted tests count hits)
+    answers = res["samples"][benchmarks.GSM8K_TASK]
+    assert len(answers) == 3
+    assert res["benchmarks"]["gsm8k"]["value"] == sum(a == g for a, g in zip(answers, ["5", "1200", "8"])) / 3 == 0.0
 
 
 def test_fewshot_needs_a_file(tmp_path: Path):

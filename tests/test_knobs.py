@@ -96,7 +96,7 @@ def test_eval_split_and_pass_through_eval_fields_reach_the_trainer(config: Path,
         "eval_strategy": "steps", "eval_steps": 1, "eval_on_start": True,
         "load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}}  # a copy: the fixture's YAML shares it
     config.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    assert main(["train", str(config), "--train.objective.mode", "sft"]) == 0
     stage = config.parent / "run" / "train-sft"
     evals = [h["eval_loss"] for h in json.loads((stage / "log_history.json").read_text()) if "eval_loss" in h]
     args = json.loads((stage / "training_args.json").read_text())

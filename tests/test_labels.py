@@ -57,7 +57,7 @@ def test_training_from_exported_labels_needs_no_scoring_and_gives_the_same_model
     wb = load_file(b / "train-forget" / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    assert main(["train", str(path_b), "--train.mode", "sft"]) == 0  # sft on the same tokens: no forget class
+    assert main(["train", str(path_b), "--train.objective.mode", "sft"]) == 0  # sft on the same tokens: no forget class
     history = json.loads((b / "train-sft" / "log_history.json").read_text())
     assert {h["n_neg"] for h in history if "n_neg" in h} == {0}
 

@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 JOURNEY = ("labels_in_data", "data", "noise", "natural", "weak", "reference", "score", "partition", "labels", "train_sets", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500
-OVER_FOR_NOW = {"config": 714}  # 670 + issue 26's fields + issue 25's (simulated, noisy references, spans); issue 29 item 3 (one objective config) and a split bring it under MAX_LINES
+OVER_FOR_NOW: dict[str, int] = {}  # modules allowed over MAX_LINES for now, with their line count
 LIGHT = ("errors", "config", "command_config", "presets", "version")  # imported by the CLI's parser: no torch
 
 

@@ -121,7 +121,7 @@ def test_oracle_negatives_are_every_token_of_the_wrong_examples(tmp_path: Path, 
     import datasets
 
     cfg = labelled_config(tmp_path, tiny_model_dir)
-    assert main(["train", str(cfg), "--train.mode", "ignore", "--partition.selection", "oracle"]) == 0
+    assert main(["train", str(cfg), "--train.objective.mode", "ignore", "--partition.selection", "oracle"]) == 0
     run = tmp_path / "run"
     tokens = datasets.load_from_disk(str(run / "data" / "tokens"))
     classes = datasets.load_from_disk(str(run / "partition" / "classes"))
@@ -148,13 +148,13 @@ def test_is_correct_must_be_a_boolean(tmp_path: Path, tiny_model_dir: Path, caps
     cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=2)
     write_jsonl(Path(cfg["data"]["path"]), [{"prompt": "a", "completion": "b", "is_correct": "yes"}])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(tmp_path / "c.yaml"), "--train.mode", "sft"]) == 2
+    assert main(["train", str(tmp_path / "c.yaml"), "--train.objective.mode", "sft"]) == 2
     assert "train.jsonl:1: field 'is_correct' must be true or false, got 'yes'" in capsys.readouterr().err
 
 
 def test_dft_trains_on_the_data_alone(tmp_path: Path, tiny_model_dir: Path):
     cfg = labelled_config(tmp_path, tiny_model_dir)
-    assert main(["train", str(cfg), "--train.mode", "dft"]) == 0
+    assert main(["train", str(cfg), "--train.objective.mode", "dft"]) == 0
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir() if p.is_dir() and p.name not in ("tensorboard", "report")) == [
         "data", "train-dft"]

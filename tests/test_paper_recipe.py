@@ -43,8 +43,9 @@ def test_the_recipe_holds_the_papers_values():
     for t in (cfg.reference.training, cfg.train.training):
         assert (t.learning_rate, t.epochs) == (1e-4, 1.0)
     assert (cfg.partition.rho, cfg.partition.selection, cfg.score.method) == (0.7, "global", "paper")
-    assert (cfg.train.mode, cfg.train.forget_objective, cfg.train.lambda_schedule) == ("forget", "ga", "linear")
-    assert (cfg.train.t_min, cfg.train.t_max) == (1e-5, 0.25)
+    o = cfg.train.objective
+    assert (o.mode, o.forget_term, o.schedule) == ("forget", "ga", "linear")
+    assert (o.t_min, o.t_max) == (1e-5, 0.25)
     assert cfg.eval.tasks == ["truthfulqa_mc2", "boolq", "logiqa", "asdiv", "tydiqa_goldp"]
     assert cfg.eval.task_shots == {"truthfulqa_mc2": 0, "boolq": 0, "logiqa": 0, "asdiv": 0, "tydiqa_goldp": 1}
 

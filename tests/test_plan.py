@@ -91,7 +91,7 @@ def test_compare_dry_run_plans_the_first_seed_and_copies_nothing(config: Path, c
     # a fresh folder: the seed's own stages all run, and a variant copies what they make first (the same
     # reference; the scoring pass, rescored for `rl`'s method, which would need no base CE on its own)
     fresh = ["--run_dir", str(config.parent / "fresh"), "--compare.seeds", "[1]", "--compare.modes", "[sft, forget]",
-             "--compare.variants", "{rho5: {partition: {rho: 0.5}}, rl: {mode: ignore, score: {method: ref_loss}}}"]
+             "--compare.variants", "{rho5: {partition: {rho: 0.5}}, rl: {objective: {mode: ignore}, score: {method: ref_loss}}}"]
     assert main(["compare", str(config), *fresh, "--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = statuses(out, [line.split()[0] for line in out.splitlines()[2:] if line.split()[:1]])
@@ -105,7 +105,7 @@ def test_compare_dry_run_after_the_comparison_reuses_every_stage_and_the_oracle_
     the variant's training in `variant-<name>/train-<name>` too; an oracle variant's plan has no reference."""
     root = config.parent / "cmp"
     args = ["--run_dir", str(root), "--compare.seeds", "[1]", "--compare.modes", "[sft]",
-            "--compare.variants", "{rho5: {partition: {rho: 0.5}}, orc: {mode: ignore, partition: {selection: oracle}}}"]
+            "--compare.variants", "{rho5: {partition: {rho: 0.5}}, orc: {objective: {mode: ignore}, partition: {selection: oracle}}}"]
     _, cfg, _ = parse_config(["compare", str(config), *args])
     run = Run(seed_config(cfg, 1))
     for mode in ("sft", "rho5"):  # what `compare` trains for seed 1 (its evaluation left out)
@@ -129,7 +129,7 @@ def test_predicted_steps_and_tokens_match_the_real_run(config: Path):
     by = {p.name: p for p in plans}
     assert list(by) == ["data", "reference", "scores", "partition", "labels", "train-forget", "train-sft"]
     assert by["reference"].examples == 6 and by["reference"].work.startswith("2 optimizer steps")
-    assert main(["train", str(config), "--train.mode", "sft"]) == 0
+    assert main(["train", str(config), "--train.objective.mode", "sft"]) == 0
     run = config.parent / "run"
     assert by["data"].examples == json.loads((run / "data" / "stage.json").read_text())["kept"] == 24
     history = json.loads((run / "train-sft" / "log_history.json").read_text())

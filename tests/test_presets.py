@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 def file_config(tmp_path: Path) -> Path:
     """A config file that sets data and model, and method fields a preset replaces (rho 0.5, lr 2e-4)."""
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"path": "train.jsonl", "limit": 10},
-           "partition": {"rho": 0.5}, "train": {"mode": "sft", "training": {"learning_rate": 2.0e-4, "batch_size": 4}}}
+           "partition": {"rho": 0.5}, "train": {"objective": {"mode": "sft"}, "training": {"learning_rate": 2.0e-4, "batch_size": 4}}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -27,11 +27,11 @@ def file_config(tmp_path: Path) -> Path:
 
 def test_preset_replaces_the_file_and_flags_replace_the_preset(file_config: Path):
     _, cfg, _ = parse_config(["run", str(file_config), "--preset", "paper"])
-    assert (cfg.partition.rho, cfg.train.mode, cfg.train.training.learning_rate) == (0.7, "forget", 1e-4)
+    assert (cfg.partition.rho, cfg.train.objective.mode, cfg.train.training.learning_rate) == (0.7, "forget", 1e-4)
     assert cfg.train.training.batch_size == 4 and cfg.data.limit == 10  # what the preset does not fix stays the file's
-    assert cfg.reference.training.warmup_ratio == 0.03 and cfg.train.t_max == 0.25 and cfg.lora.dropout == 0.1
+    assert cfg.reference.training.warmup_ratio == 0.03 and cfg.train.objective.t_max == 0.25 and cfg.lora.dropout == 0.1
     _, flagged, _ = parse_config(["run", str(file_config), "--preset=paper", "--partition.rho", "0.6"])
-    assert flagged.partition.rho == 0.6 and flagged.train.mode == "forget"
+    assert flagged.partition.rho == 0.6 and flagged.train.objective.mode == "forget"
     _, before, _ = parse_config(["run", "--preset", "paper", "--config", str(file_config)])
     assert before == cfg  # the preset goes after the last config file, wherever it is written
 
@@ -65,5 +65,5 @@ def test_unknown_or_missing_preset_exits_2_naming_the_choices(file_config: Path,
 
 def test_the_recommended_preset_is_a_mode_that_needs_no_reference():
     """What measured best (docs/results.md): plain sft. The demo trains it as a mode of its noisy run."""
-    assert PRESETS["recommended"] == {"train": {"mode": "sft"}}
-    assert apply_preset(RunConfig(), "recommended").train.mode == "sft"
+    assert PRESETS["recommended"] == {"train": {"objective": {"mode": "sft"}}}
+    assert apply_preset(RunConfig(), "recommended").train.objective.mode == "sft"

@@ -252,7 +252,7 @@ def test_report_without_partition(tmp_path: Path, tiny_model_dir: Path):
     """An `sft`-only run has tokens but no scores: the page still builds, and says what is missing."""
     data = write_jsonl(tmp_path / "train.jsonl", make_examples(8, seed=0, noise=0.0))
     args = ["train", "--run_dir", str(tmp_path / "run"), "--model.name_or_path", str(tiny_model_dir),
-            "--model.precision", "fp32", "--data.path", str(data), "--train.mode", "sft",
+            "--model.precision", "fp32", "--data.path", str(data), "--train.objective.mode", "sft",
             "--train.training.batch_size", "4", "--lora.r", "4", "--report_to", "[none]"]
     assert main(args) == 0
     assert main(["report", str(tmp_path / "run")]) == 0

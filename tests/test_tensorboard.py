@@ -60,7 +60,7 @@ def test_reference_training_is_logged_too(run_dir: Path):
 def test_report_to_none_writes_no_events(tmp_path: Path, tiny_model_dir: Path):
     data = write_jsonl(tmp_path / "train.jsonl", make_examples(8, seed=0, noise=0.0))
     args = ["train", "--run_dir", str(tmp_path / "run"), "--model.name_or_path", str(tiny_model_dir),
-            "--model.precision", "fp32", "--data.path", str(data), "--train.mode", "sft",
+            "--model.precision", "fp32", "--data.path", str(data), "--train.objective.mode", "sft",
             "--train.training.batch_size", "4", "--lora.r", "4", "--report_to", "[none]"]
     assert main(args) == 0
     assert (tmp_path / "run" / "train-sft" / "log_history.json").is_file()

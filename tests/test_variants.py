@@ -57,21 +57,22 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold", "recall",
                                                         "precision", "false_positives", "seed"))
     assert run.partition_fp() == old_part
-    train = drop(to_dict(cfg.train), "forget_objective", "beta", "lambda_warmup")
+    # the train section as it was before `train.objective`: the objective's knobs flat, the added ones left out
+    train = {**drop(to_dict(cfg.train), "objective"), "mode": "forget", "lambda_schedule": "linear", "t_min": 0.0, "t_max": 0.25}
     old_train = fingerprint("train", "forget", old_part, "none", train, to_dict(cfg.lora), cfg.seed, run.bf16)
     assert run.train_fp("forget") == old_train
 
 
 def test_each_option_retrains_only_what_depends_on_it(config: Path, capsys):
-    """forget_objective: only train-forget reruns (sft, ignore keep their fingerprints); selection: the
+    """objective.forget_term: only train-forget reruns (sft, ignore keep their fingerprints); selection: the
     partition reruns, the scores are reused; beta does not touch `unlikelihood`, which has none."""
     base = load_cfg(config)
     fps = lambda cfg: {m: Run(cfg).train_fp(m) for m in ("sft", "ignore", "forget")}  # noqa: E731
     before = fps(base)
-    wga = fps(load_cfg(config, train={"forget_objective": "wga"}))
+    wga = fps(load_cfg(config, train={"objective": {"forget_term": "wga"}}))
     assert wga["sft"] == before["sft"] and wga["ignore"] == before["ignore"] and wga["forget"] != before["forget"]
-    ul = load_cfg(config, train={"forget_objective": "unlikelihood"})
-    assert Run(ul).train_fp("forget") == Run(load_cfg(config, train={"forget_objective": "unlikelihood", "beta": 3.0})).train_fp("forget")
+    ul = load_cfg(config, train={"objective": {"forget_term": "unlikelihood"}})
+    assert Run(ul).train_fp("forget") == Run(load_cfg(config, train={"objective": {"forget_term": "unlikelihood", "beta": 3.0}})).train_fp("forget")
     soft = Run(load_cfg(config, partition={"selection": "soft"}))
     assert soft.score_fp() == Run(base).score_fp() and soft.partition_fp() != Run(base).partition_fp()
     thr = lambda t: Run(load_cfg(config, partition={"selection": "global", "threshold": t})).partition_fp()  # noqa: E731
@@ -81,7 +82,7 @@ def test_each_option_retrains_only_what_depends_on_it(config: Path, capsys):
 @pytest.mark.parametrize("objective", ["unlikelihood", "wga", "tnpo"])
 def test_every_forgetting_term_trains_from_the_cli(config: Path, objective: str):
     """Each term trains two steps on the tiny model; the logged loss is finite."""
-    assert main(["train", str(config), "--train.forget_objective", objective, "--train.beta", "2.0",
+    assert main(["train", str(config), "--train.objective.forget_term", objective, "--train.objective.beta", "2.0",
                  "--train.training.max_steps", "2"]) == 0
     log = json.loads((config.parent / "run" / "train-forget" / "log_history.json").read_text())
     losses = [h["loss"] for h in log if "loss" in h]
@@ -90,12 +91,12 @@ def test_every_forgetting_term_trains_from_the_cli(config: Path, objective: str)
 
 def test_tnpo_train_set_carries_the_base_models_ce(config: Path):
     """p_base comes from the scores stage: the train set's `ce_base` is the scores' `ce_base`, token for token."""
-    run = Run(load_cfg(config, train={"forget_objective": "tnpo"}))
+    run = Run(load_cfg(config, train={"objective": {"forget_term": "tnpo"}}))
     train_set = run.train_set("forget")
     assert train_set["ce_base"] == run.score()["ce_base"]
     assert "ce_base" not in Run(load_cfg(config)).train_set("forget").column_names
     labels = str(config.parent / "run" / "labels")  # the exported file carries the same ce_base
-    from_labels = Run(load_cfg(config, train={"forget_objective": "tnpo", "labels_path": labels})).train_set("forget")
+    from_labels = Run(load_cfg(config, train={"objective": {"forget_term": "tnpo"}, "labels_path": labels})).train_set("forget")
     np.testing.assert_allclose(np.concatenate(from_labels["ce_base"]), np.concatenate(train_set["ce_base"]))
 
 
@@ -107,7 +108,7 @@ def test_tnpo_refuses_labels_scored_without_the_base_model(config: Path):
 
     folder = config.parent / "rl"
     Run(replace(load_cfg(config, score={"method": "ref_loss"}), run_dir=str(folder))).labels()
-    tnpo = load_cfg(config, train={"forget_objective": "tnpo", "labels_path": str(folder / "labels")})
+    tnpo = load_cfg(config, train={"objective": {"forget_term": "tnpo"}, "labels_path": str(folder / "labels")})
     with pytest.raises(DataError, match=r"train.labels_path: .*rl/labels' has ce_base NaN"):
         Run(tnpo).train_set("forget")
 
@@ -208,10 +209,10 @@ def test_bad_new_options_exit_2_naming_the_field(config: Path, capsys):
     for args, field in [
         (["--reference.folds", "0"], "reference.folds"),
         (["--reference.folds", "2", "--reference.rounds", "2"], "reference.rounds"),
-        (["--train.beta", "0"], "train.beta"),
-        (["--train.lambda_warmup", "0"], "train.lambda_warmup"),
+        (["--train.objective.beta", "0"], "train.objective.beta"),
+        (["--train.objective.warmup", "0"], "train.objective.warmup"),
         (["--partition.selection", "soft", "--partition.streaming", "true"], "partition.selection"),
-        (["--train.forget_objective", "npo"], "train.forget_objective"),
+        (["--train.objective.forget_term", "npo"], "train.objective.forget_term"),
         (["--reference.folds", "2", "--lora.enabled", "false"], "reference.folds"),
         (["--reference.folds", "40"], "reference.folds"),  # more folds than examples: found after the data stage
     ]:
@@ -238,7 +239,7 @@ def test_dry_run_lists_every_round_and_the_fold_count(config: Path):
 
 
 def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir: Path, capsys):
-    """One seed, modes sft + forget, variants `wga` (forget_objective wga, beta 2) and `cos` (cosine schedule):
+    """One seed, modes sft + forget, variants `wga` (objective.forget_term wga, beta 2) and `cos` (cosine schedule):
     each trains as train-<name> on the seed's one partition, with the fingerprint a plain run with those
     train fields gets, and appears in the tables and the paired differences. A rerun does nothing."""
     cfg = tiny_run_config(tmp_path, tiny_model_dir, n_examples=12)
@@ -246,7 +247,7 @@ def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir
     cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4,
                    "batch_size": 2, "gsm8k_nll": True}
     cfg["compare"] = {"seeds": [1], "modes": ["sft", "forget"],
-                      "variants": {"wga": {"forget_objective": "wga", "beta": 2.0}, "cos": {"lambda_schedule": "cosine"}}}
+                      "variants": {"wga": {"objective": {"forget_term": "wga", "beta": 2.0}}, "cos": {"objective": {"schedule": "cosine"}}}}
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # variants in the order written
     assert main(["compare", str(path)]) == 0
@@ -255,7 +256,7 @@ def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir
     assert set(res["paired_vs_sft"]) == {"forget", "wga", "cos"}
     seed = tmp_path / "cmp" / "seed-1"
     fp = lambda stage: json.loads((seed / stage / "stage.json").read_text())["fingerprint"]  # noqa: E731
-    plain = from_dict(RunConfig, {**cfg, "run_dir": str(seed), "seed": 1, "train": {**cfg["train"], "forget_objective": "wga", "beta": 2.0}})
+    plain = from_dict(RunConfig, {**cfg, "run_dir": str(seed), "seed": 1, "train": {**cfg["train"], "objective": {"forget_term": "wga", "beta": 2.0}}})
     assert fp("train-wga") == Run(plain).train_fp("forget") != fp("train-forget")
     lambdas = lambda stage: [h["lambda"] for h in json.loads((seed / stage / "log_history.json").read_text()) if "lambda" in h]  # noqa: E731
     assert lambdas("train-cos") != lambdas("train-forget") and lambdas("train-cos")[0] == 0.0
@@ -263,9 +264,9 @@ def test_compare_trains_and_tables_named_variants(tmp_path: Path, tiny_model_dir
     assert main(["compare", str(path)]) == 0
     out = capsys.readouterr().out
     assert "training on" not in out and "[eval-wga] up to date" in out
-    assert main(["compare", str(path), "--compare.variants", "{bad: {beta: 0}}"]) == 2
+    assert main(["compare", str(path), "--compare.variants", "{bad: {objective: {beta: 0}}}"]) == 2
     assert "compare.variants.bad" in capsys.readouterr().err
-    assert main(["compare", str(path), "--compare.variants", "{sft: {beta: 2}}"]) == 2
+    assert main(["compare", str(path), "--compare.variants", "{sft: {objective: {beta: 2}}}"]) == 2
     assert main(["compare", str(path), "--compare.variants", "{x: {learning_rate: 2}}"]) == 2
     assert "compare.variants.x.learning_rate" in capsys.readouterr().err
 
@@ -280,9 +281,9 @@ def test_compare_variants_with_a_partition_or_reference_of_their_own(tmp_path: P
     cfg.update(run_dir=str(tmp_path / "cmp"), report_to=["none"])
     cfg["eval"] = {"gsm8k": str(write_test_set(tmp_path, gsm8k_rows(2, 1))), "limit": 2, "max_new_tokens": 4, "batch_size": 2}
     cfg["compare"] = {"seeds": [1], "modes": ["sft"],
-                      "variants": {"rl": {"mode": "ignore", "score": {"method": "ref_loss"}},
+                      "variants": {"rl": {"objective": {"mode": "ignore"}, "score": {"method": "ref_loss"}},
                                    "soft": {"partition": {"selection": "soft"}}, "cf": {"reference": {"folds": 2}},
-                                   "paper": {"mode": "forget"}}}
+                                   "paper": {"objective": {"mode": "forget"}}}}
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["compare", str(path)]) == 0
@@ -329,3 +330,19 @@ def write_test_set(tmp_path: Path, rows: list[dict]) -> Path:
     from conftest import write_jsonl
 
     return write_jsonl(tmp_path / "test.jsonl", rows)
+
+
+def test_the_objectives_old_flat_names_are_refused_naming_the_new_one(config: Path, capsys, tmp_path: Path):
+    """`train.forget_objective` (before `train.objective`) on the command line and in a file: exit 2, one line naming
+    `train.objective.forget_term`; an old run record (`config.json`) still loads with its objective."""
+    from tokenforget.config import ObjectiveConfig, TrainConfig
+
+    assert main(["run", str(config), "--train.forget_objective", "wga"]) == 2
+    assert "it is 'train.objective.forget_term' now" in capsys.readouterr().err
+    old = yaml.safe_load(config.read_text())
+    old["train"] = {**old.get("train", {}), "mode": "sft"}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert main(["run", str(tmp_path / "old.yaml")]) == 2
+    assert "it is 'train.objective.mode' now" in capsys.readouterr().err
+    record = from_dict(TrainConfig, {"mode": "ignore", "forget_objective": "wga", "lambda_warmup": 0.5, "t_max": 0.1})
+    assert record.objective == ObjectiveConfig(mode="ignore", forget_term="wga", warmup=0.5, t_max=0.1)

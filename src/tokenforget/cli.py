@@ -22,7 +22,9 @@ from typing import Callable, Optional, Sequence, get_args
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from tokenforget.command_config import DemoConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding, WeakConfig
-from tokenforget.config import ConfigError, RunConfig, UserError
+from tokenforget.config import RunConfig
+from tokenforget.errors import ConfigError, UserError
+from tokenforget.config.training import FLAT_OBJECTIVE
 from tokenforget.presets import PRESETS
 
 
@@ -40,7 +42,7 @@ def _run_stage(stage: str) -> Callable[[RunConfig], None]:
             getattr(run, stage)()
         if not run.ranks.is_main:  # under torchrun, one rank reports and writes the page
             return
-        trained = [f"train-{cfg.train.mode}"] if stage in ("run", "train") else []
+        trained = [f"train-{cfg.train.objective.mode}"] if stage in ("run", "train") else []
         print(report.run_summary(run, trained))
         if stage == "run":
             from tokenforget.report.html import build_report
@@ -79,7 +81,7 @@ def _compare_plan(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
 # Commands that take --dry-run: the run folder each one would fill (a comparison: its first seed's) and the
 # training modes it would run there (a comparison lists several).
 DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
-    "run": lambda cfg: (cfg, [cfg.train.mode]),
+    "run": lambda cfg: (cfg, [cfg.train.objective.mode]),
     "compare": _compare_plan,
 }
 DRY_RUN_FLAGS = ("dry_run", "dry_run_timing", "plan_gpus", "gpu", "plan_sharding", "plan_mfu")
@@ -178,7 +180,7 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
         RunConfig, "Split response tokens into positive and negative by global ranking; export labels.parquet.",
         _run_stage("partition"),
     ),
-    "train": (RunConfig, "Train from the base model with train.mode (forget, sft or ignore).", _run_stage("train")),
+    "train": (RunConfig, "Train from the base model with train.objective.mode (forget, sft or ignore).", _run_stage("train")),
     "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).", _eval),
     "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.", _compare),
     "detect": (
@@ -284,6 +286,9 @@ def explain_parse_error(message: str, cls: type) -> str:
     m = re.search(r"does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", message)
     if m:
         key = m.group(1) or m.group(2)
+        old = key.removeprefix("train.")
+        if key.startswith("train.") and old in FLAT_OBJECTIVE:  # moved by issue 29
+            return f"unknown config key '{key}': it is 'train.objective.{FLAT_OBJECTIVE[old]}' now (see CHANGELOG)"
         close = difflib.get_close_matches(key, config_keys(cls), n=1, cutoff=0.6)
         first = f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
     return first

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from tokenforget.config import FalsePositives, ModelConfig, _check
+from tokenforget.errors import _check
+from tokenforget.config.model import ModelConfig
+from tokenforget.config.tokens import FalsePositives
 
 DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",

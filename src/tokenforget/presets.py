@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenforget.config import RunConfig, _check, from_dict, to_dict
+from tokenforget.config import RunConfig, from_dict, to_dict
+from tokenforget.errors import _check
 
 PAPER_TRAINING = {"learning_rate": 1e-4, "epochs": 1.0, "warmup_ratio": 0.03, "lr_scheduler": "linear"}
 
@@ -24,15 +25,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "training": PAPER_TRAINING},
         "score": {"method": "paper", "precomputed_path": None},
         "partition": {"rho": 0.7, "selection": "global"},
-        "train": {"mode": "forget", "forget_objective": "ga", "lambda_schedule": "linear", "t_min": 0.0,
-                  "t_max": 0.25, "training": PAPER_TRAINING},
+        "train": {"objective": {"mode": "forget", "forget_term": "ga", "schedule": "linear", "t_min": 0.0,
+                                "t_max": 0.25}, "training": PAPER_TRAINING},
     },
     # What measured best (docs/results.md, 2026-11-30): plain SFT. On natural noise (GPT-3's GSM8K solutions,
     # 53% wrong) the wrong solutions did not hurt SFT, and ignoring exactly them (the oracle, the bound on every
     # detector) cost held-out likelihood; no setting beat SFT where noise does damage. (`ref_loss_wga` below makes
     # the result tokens more likely on natural noise and on gold data alike, at a cost on every other token.) A
     # preset that is a mode only, so it needs no reference: `--preset recommended` trains `sft`.
-    "recommended": {"train": {"mode": "sft"}},
+    "recommended": {"train": {"objective": {"mode": "sft"}}},
     # The best forgetting setting we measured (the `recommended` preset until 2026-11-30): forgetting costs
     # held-out likelihood in proportion to the clean tokens it takes from learning, so it takes few (rho 0.95)
     # and picks them with the reference-loss detector instead of CE_base - CE_ref; the bounded wga term stops
@@ -42,8 +43,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ref_loss_wga": {
         "score": {"method": "ref_loss_min_rank"},
         "partition": {"rho": 0.95, "selection": "global"},
-        "train": {"mode": "forget", "forget_objective": "wga", "beta": 1.0, "lambda_schedule": "linear",
-                  "t_min": 0.0, "t_max": 0.25},
+        "train": {"objective": {"mode": "forget", "forget_term": "wga", "beta": 1.0, "schedule": "linear",
+                                "t_min": 0.0, "t_max": 0.25}},
     },
 }
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from tokenforget.config import RECURRING_SENTENCE, UserError
+from tokenforget.config.data import RECURRING_SENTENCE
+from tokenforget.errors import UserError
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"

@@ -17,7 +17,9 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
-from tokenforget.config import ConfigError, LoraSettings, ObjectiveConfig, TrainConfig, TrainingConfig, UserError
+from tokenforget.errors import ConfigError, UserError
+from tokenforget.config.model import LoraSettings
+from tokenforget.config.training import ObjectiveConfig, TrainConfig, TrainingConfig
 from tokenforget.model.head_ce import token_cross_entropy
 from tokenforget.model.loading import BaseModel, use_fp16
 from tokenforget.model.model_ce import ce_path, model_token_ce
@@ -172,7 +174,7 @@ class ForgettingMixin:
             extras.pop("ce_base", None)  # a labels file carries it for every mode; only `tnpo` reads it
         elif "ce_base" not in extras:
             if training:
-                raise UserError(f"train.forget_objective: '{self._objective_kwargs['forget_term']}' needs the base "
+                raise UserError(f"train.objective.forget_term: '{self._objective_kwargs['forget_term']}' needs the base "
                                 "model's per-token CE in the batch (a `ce_base` column); the training set has none")
             extras["ce_base"] = token_loss.detach()  # an eval set has no negative tokens; any value will do
         kwargs = {**self._objective_kwargs, **_objective_extras(extras)}
@@ -352,7 +354,7 @@ class FitSetup:
     ddp_timeout: int = 1800
 
     def objective(self, mode: str) -> ObjectiveConfig:
-        return self.train.objective(mode)
+        return self.train.objective_for(mode)
 
 
 def fit(

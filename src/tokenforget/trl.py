@@ -44,7 +44,8 @@ try:
 except ImportError as e:  # an optional extra
     raise ImportError(f"tokenforget.trl needs TRL: pip install 'tokenforget[trl]' ({e})") from e
 
-from tokenforget.config import DataConfig, ObjectiveConfig
+from tokenforget.config.data import DataConfig
+from tokenforget.config.training import ObjectiveConfig
 from tokenforget.objectives import LEARN, NO_LOSS
 from tokenforget.stages import data as data_mod
 from tokenforget.stages.labels_in_data import carries_weights

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 from tokenforget.command_config import PlanConfig
-from tokenforget.config import TrainingConfig
+from tokenforget.config.training import TrainingConfig
 from tokenforget.model import memory as mem
 from tokenforget.model.batching import length_grouped_batches
 from tokenforget.model.memory import MemoryEstimate

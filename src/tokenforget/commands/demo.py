@@ -136,7 +136,7 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "sft": lambda r: (r.run, "sft"),
     "dft": lambda r: (r.run, "dft"),
     "paper": lambda r: (r.run, "forget"),
-    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["mode"]),  # a mode only (test_presets)
+    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["objective"]["mode"]),  # a mode only (test_presets)
     "ref_loss_wga": lambda r: (r.trusted(), "forget"),
     "ignore": lambda r: (r.trusted(), "ignore"),
     "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.config import (
-    CompareConfig,
-    DataConfig,
-    PartitionConfig,
-    ReferenceConfig,
-    RunConfig,
-    TrainConfig,
-    TrainingConfig,
-)
+from tokenforget.config import RunConfig
+from tokenforget.config.data import DataConfig
+from tokenforget.config.measure import CompareConfig
+from tokenforget.config.tokens import PartitionConfig
+from tokenforget.config.training import ObjectiveConfig, ReferenceConfig, TrainConfig, TrainingConfig
 
 NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he")]
 SYSTEM_PROMPT = "Solve the problem step by step."  # shorter than SmolLM2's default one: fewer tokens to train on
@@ -164,10 +160,10 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         data=DataConfig(path=str(train_path), max_length=256, system_prompt=SYSTEM_PROMPT),
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
-        train=TrainConfig(mode="forget", training=training, save_merged=True),
+        train=TrainConfig(objective=ObjectiveConfig(mode="forget"), training=training, save_merged=True),
         compare=CompareConfig(variants={
-            "oracle_ignore": {"mode": "ignore", "partition": {"selection": "oracle"}},
-            "oracle_forget": {"mode": "forget", "partition": {"selection": "oracle"}},
+            "oracle_ignore": {"objective": {"mode": "ignore"}, "partition": {"selection": "oracle"}},
+            "oracle_forget": {"objective": {"mode": "forget"}, "partition": {"selection": "oracle"}},
         }),
         report_to=cfg.report_to,
     )

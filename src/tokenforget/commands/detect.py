@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import datasets
 import numpy as np
 
-from tokenforget.config import ConfigError, RunConfig
+from tokenforget.config import RunConfig
+from tokenforget.errors import ConfigError
 from tokenforget.metrics import detection
 from tokenforget.score_methods import NEEDS_NOISY, SCORE_METHODS, apply_method
 from tokenforget.stages import data as data_mod

@@ -31,7 +31,7 @@ from tokenforget.command_config import PlanConfig
 from tokenforget.commands.cost import (  # noqa: F401  (the counts are also plan's API)
     cost_plan, duration, format_cost, micro_batches, optimizer_steps, score_padded_tokens, train_padded_tokens,
 )
-from tokenforget.config import TrainingConfig
+from tokenforget.config.training import TrainingConfig
 from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import autocast, device
 from tokenforget.model.memory import MemoryEstimate, run_estimate

@@ -14,7 +14,9 @@ from typing import Iterator, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenforget.config import ConfigError, LoraSettings, ModelConfig, ReferenceConfig, UserError
+from tokenforget.errors import ConfigError, UserError
+from tokenforget.config.model import LoraSettings, ModelConfig
+from tokenforget.config.training import ReferenceConfig
 from tokenforget.model.cpu_dropout import use_cpu_dropout
 
 SMOLLM2_ALIAS = "smollm2"

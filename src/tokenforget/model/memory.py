@@ -35,7 +35,8 @@ from typing import Any, Union
 
 import torch
 
-from tokenforget.config import LoraSettings, ModelConfig, TrainingConfig
+from tokenforget.config.model import LoraSettings, ModelConfig
+from tokenforget.config.training import TrainingConfig
 
 CE_CHUNK_ROWS = 256  # rows of logits at a time in losses.linear_cross_entropy
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.config import RunConfig, UserError, from_dict
+from tokenforget.config import RunConfig, from_dict
+from tokenforget.errors import UserError
 from tokenforget.report.tables import RESULTS_FILE as COMPARE_FILE
 from tokenforget.runfolder import round_stage
 

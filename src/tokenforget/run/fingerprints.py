@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tokenforget.config import NEEDS_BASE_CE, RunConfig, to_dict
+from tokenforget.config import RunConfig, to_dict
+from tokenforget.config.training import FLAT_OBJECTIVE, NEEDS_BASE_CE
 from tokenforget.model.loading import checkpoint_dir
 from tokenforget.objectives import PARTITION_FREE
 from tokenforget.stages.partition import SCORELESS
@@ -56,7 +57,7 @@ class StageFingerprints:
         sc = self.cfg.score
         if sc.base_pass is not None:
             return sc.base_pass
-        return reads_base(sc.method) or self.cfg.train.forget_objective in NEEDS_BASE_CE
+        return reads_base(sc.method) or self.cfg.train.objective.forget_term in NEEDS_BASE_CE
 
     def raw_score_fp(self, rnd: int = 1, base_pass: Optional[bool] = None) -> str:
         """Fingerprint of the scoring pass (CE_base, CE_ref; CE_ref alone without `base_pass`, by default
@@ -81,7 +82,7 @@ class StageFingerprints:
         the base model's CE. A simulated detector with random false positives reads the known noise only."""
         pc = self.cfg.partition
         known_only = pc.selection in SCORELESS or (pc.selection == "simulated" and pc.false_positives == "random")
-        return known_only and self.cfg.train.forget_objective not in NEEDS_BASE_CE
+        return known_only and self.cfg.train.objective.forget_term not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:
         """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
@@ -127,12 +128,20 @@ class StageFingerprints:
 def train_view(tc: Any, mode: str) -> dict[str, Any]:
     """The train settings a training of `mode` depends on, for its fingerprint: the added fields only where
     they matter (the forgetting term for `forget`, the warm-up for `warmup_constant`) and not at default."""
-    view = stable_view("train", to_dict(tc))
+    view = stable_view("train", flat_train(tc))
     if mode != "forget":
         view.pop("forget_objective", None)
         view.pop("beta", None)
-    if tc.lambda_schedule != "warmup_constant":
+    if tc.objective.schedule != "warmup_constant":
         view.pop("lambda_warmup", None)
-    if tc.forget_objective in ("ga", "unlikelihood"):
+    if tc.objective.forget_term in ("ga", "unlikelihood"):
         view.pop("beta", None)
     return view
+
+
+def flat_train(tc: Any) -> dict[str, Any]:
+    """`to_dict(tc)` with the objective's knobs flat under their names before `train.objective` (`FLAT_OBJECTIVE`):
+    the fingerprints of trainings made before the move stay the same, so their stages are still reused."""
+    flat = to_dict(tc)
+    objective = flat.pop("objective")
+    return {**flat, **{old: objective[new] for old, new in FLAT_OBJECTIVE.items()}}

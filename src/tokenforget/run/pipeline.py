@@ -249,7 +249,7 @@ class Run(StageFingerprints):
         """`input_ids` and `token_class` to train `mode` on (and `token_weight`, `ce_base` where the objective reads
         them); ensures the stages they come from: from `train.labels_path` when set; else `sft`/`dft` need only the
         data and `forget`/`ignore` the partition, whose labels file is exported on the way."""
-        objective = self.cfg.train.objective(mode)
+        objective = self.cfg.train.objective_for(mode)
         if self.cfg.train.labels_path:
             exported = labels_mod.read_labels(self.cfg.train.labels_path, self.base.tokenizer)
             return train_sets.from_labels(exported, objective, self.cfg.train.labels_path)
@@ -263,9 +263,9 @@ class Run(StageFingerprints):
         return train_set
 
     def train(self, mode: Optional[str] = None, stage: Optional[str] = None) -> Path:
-        """Train from the base model with `mode` (default `train.mode`). Returns the stage folder (`stage`, default
+        """Train from the base model with `mode` (default `train.objective.mode`). Returns the stage folder (`stage`, default
         `train-<mode>`). A `compare.variants` name is trained by `variants.train`."""
-        mode = mode or self.cfg.train.mode
+        mode = mode or self.cfg.train.objective.mode
         name = stage or f"train-{mode}"
         train_set, fp = self.train_set(mode), self.train_fp(mode)
         if self.folder.done_on_main(name, fp):  # (eval_set may tokenize a whole file)
@@ -335,7 +335,7 @@ class Run(StageFingerprints):
         trained = (*OBJECTIVES, *self.cfg.compare.variants)  # names of train stages
         stage = self.stage_dir(f"train-{target}") if target in trained else Path(target).expanduser()
         if not stage.is_dir():
-            hint = f"; train it first: tokenforget train --train.mode {target}" if target in trained else ""
+            hint = f"; train it first: tokenforget train --train.objective.mode {target}" if target in trained else ""
             raise RunFolderError(f"eval.checkpoint: '{stage}' does not exist{hint}")
         record = stage / STAGE_FILE
         model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", folder_digest(stage))

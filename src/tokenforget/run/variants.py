@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from tokenforget.config import VARIANT_SECTIONS
+from tokenforget.config.measure import VARIANT_SECTIONS
 from tokenforget.objectives import PARTITION_FREE
 from tokenforget.run.pipeline import Run
 from tokenforget.runfolder import STAGE_FILE
@@ -23,15 +23,16 @@ def variant(run: Run, name: str, adopt: bool = True) -> tuple[Run, str]:
     cfg = run.cfg
     overrides = dict(cfg.compare.variants[name])
     sections = {sec: replace(getattr(cfg, sec), **overrides.pop(sec)) for sec in VARIANT_SECTIONS if sec in overrides}
-    train_cfg = replace(cfg.train, **overrides)
+    objective = replace(cfg.train.objective, **overrides.get("objective", {}))  # its knobs over the run's
+    train_cfg = replace(cfg.train, **{**overrides, "objective": objective})
     if not sections:
-        return Run(replace(cfg, train=train_cfg), base=run.base, log=run.log, ranks=run.ranks), train_cfg.mode
+        return Run(replace(cfg, train=train_cfg), base=run.base, log=run.log, ranks=run.ranks), train_cfg.objective.mode
     no_recursion = replace(cfg.compare, variants={**cfg.compare.variants, name: overrides})
     sub_cfg = replace(cfg, run_dir=str(run.root / f"variant-{name}"), train=train_cfg, compare=no_recursion, **sections)
     sub = Run(sub_cfg, base=run.base, log=run.log, ranks=run.ranks)
     if adopt:
         adopt_stages(sub, run)
-    return sub, train_cfg.mode
+    return sub, train_cfg.objective.mode
 
 
 

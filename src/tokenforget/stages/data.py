@@ -25,7 +25,9 @@ from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.config import DataConfig, EvalConfig, UserError
+from tokenforget.config.data import DataConfig
+from tokenforget.errors import UserError
+from tokenforget.config.evaluation import EvalConfig
 from tokenforget.sampling import in_processes, sample_indices
 from tokenforget.stages.labels_in_data import (
     DataError, MessageLabels, TokenLabels, check_unlabelled, message_labels, record_labels, token_record, token_weights,

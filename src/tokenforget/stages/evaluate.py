@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.config import ConfigError, DataConfig, EvalConfig
+from tokenforget.config.data import DataConfig
+from tokenforget.errors import ConfigError
+from tokenforget.config.evaluation import EvalConfig
 from tokenforget.diversity import MEASURES
 from tokenforget.metrics import answer_accuracy, result_spans, token_weighted_mean
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tokenforget.command_config import PrepareConfig
-from tokenforget.config import ConfigError, UserError
+from tokenforget.errors import ConfigError, UserError
 
 SOLUTION_SOURCES = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 FINAL_LINE = re.compile(r"\n?A:\s*(\S[^\n]*)\s*$")  # the solutions' last line, `A: 18`

@@ -19,7 +19,7 @@ import re
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
-from tokenforget.config import RECURRING_SENTENCE, DataConfig
+from tokenforget.config.data import RECURRING_SENTENCE, DataConfig
 from tokenforget.stages.data import Record, Span
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"

@@ -9,29 +9,26 @@ arrays read straight from Arrow, so 25 million scores take well under a second.
 For score sets that do not fit in memory, `streaming_threshold` finds the cut from per-shard
 histograms merged across shards, then counts exactly against it and reports the rho it achieves.
 
-Other token selections (`partition.selection`, see `SELECTIONS`): `per_sample_partition` (the top rho of
-each example), `threshold_partition` (an absolute score cut), `soft_weights` (the global ranking with a
-weight per token that grows with its distance from the cut), `example_partition` (whole examples by their mean
-score: a sample filter), `tail_partition` (in the examples whose worst score is lowest, the tokens from it to the
-end), `oracle_partition` (the known noise as the negative set: a bound, not a method) and `data_classes` (the
-weights the data carries, `tokenforget.stages.labels_in_data`: no scores at all); `simulated_partition` (a detector
-of chosen recall and precision made from the known noise: the frontier a real detector is read against). Whatever the selection, where the
-data carries weights they win (`with_data_labels`): a detector decides only the tokens the data says nothing about.
+Other token selections (`partition.selection`): the registry `SELECTIONS`, each a function of this module
+(`per_sample_partition`, `threshold_partition`, `soft_weights`, `example_partition`, `tail_partition`,
+`oracle_partition`, `simulated_partition`, `mixture_partition`; `data_classes` reads the data's weights and no
+scores). Whatever the selection, where the data carries weights they win (`with_data_labels`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from tokenforget.columns import flat_list_column, list_column
-from tokenforget.config import ConfigError, PartitionConfig
-from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.config.tokens import PartitionConfig
+from tokenforget.errors import ConfigError
 from tokenforget.metrics import two_gaussians
+from tokenforget.objectives import FORGET, LEARN, NO_LOSS
 
 
 def n_positive(n_tokens: int, rho: float) -> int:
@@ -207,7 +204,6 @@ def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
     return global_partition(scores, 1.0 - float(w[0])), float(w[0])
 
 
-SELECTIONS = ("global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture")
 SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
 
 
@@ -250,6 +246,59 @@ def class_counts(classes: np.ndarray, response: np.ndarray) -> dict[str, Any]:
             "threshold": float("nan"), "quantiles": {}}
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What a selection decides over: the response tokens of the whole data set, in data order."""
+
+    scores: np.ndarray  # (n,) float: high = learn
+    example: np.ndarray  # (n,) int: the example each token belongs to
+    bad: Optional[np.ndarray]  # (n,) 0/1: the known noise (`oracle`, `simulated`), else None
+    pc: PartitionConfig  # rho, threshold and the simulated detector's settings
+
+    def known_bad(self, name: str) -> np.ndarray:  # the `oracle` and `simulated` selections' input
+        if self.bad is None:
+            raise ValueError(f"the {name} selection needs the known bad tokens")
+        return self.bad
+
+
+@dataclass
+class Selected:
+    """A selection's decision: positive (learn) flags, and what some selections add."""
+
+    positive: np.ndarray  # (n,) bool
+    signed_weights: Optional[np.ndarray] = None  # (n,) in [-1, 1], `soft` only: |w| weighs each token's loss
+    negative_share: Optional[float] = None  # `mixture` only: the share it estimated
+
+
+def _soft(r: Ranking) -> Selected:
+    return Selected((signed := soft_weights(r.scores, r.pc.rho)) > 0, signed_weights=signed)
+
+
+def _mixture(r: Ranking) -> Selected:
+    positive, share = mixture_partition(r.scores)
+    return Selected(positive, negative_share=share)
+
+
+def _data(r: Ranking) -> Selected:  # not a ranking: `data_classes` reads the data's weights
+    raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
+
+
+# `partition.selection` -> what it decides (config.Selection lists the same names: tests/test_registries.py).
+SELECTIONS: dict[str, Callable[[Ranking], Selected]] = {
+    "global": lambda r: Selected(global_partition(r.scores, r.pc.rho)),
+    "per_sample": lambda r: Selected(per_sample_partition(r.scores, r.example, r.pc.rho)),
+    "threshold": lambda r: Selected(threshold_partition(r.scores, r.pc.threshold)),
+    "soft": _soft,
+    "example": lambda r: Selected(example_partition(r.scores, r.example, r.pc.rho)),
+    "tail": lambda r: Selected(tail_partition(r.scores, r.example, r.pc.rho)),
+    "oracle": lambda r: Selected(oracle_partition(r.known_bad("oracle"))),
+    "data": _data,
+    "simulated": lambda r: Selected(simulated_partition(r.known_bad("simulated"), r.scores, r.pc.recall, r.pc.precision,
+                                                        r.pc.false_positives, r.pc.seed)),
+    "mixture": _mixture,
+}
+
+
 def select_tokens(
     scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0,
     bad: Optional[np.ndarray] = None, pc: Optional[PartitionConfig] = None,
@@ -259,50 +308,28 @@ def select_tokens(
     Args:
         scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
         offsets: (E + 1,) example boundaries into the flat arrays.
-        selection: one of `SELECTIONS`.
+        selection: a name of `SELECTIONS`; rho, threshold: the share positive, the `threshold` selection's cut.
         bad: flat 0/1 flags of the tokens known to be noise (`oracle`, `simulated` only).
         pc: the partition config (`simulated` reads its recall, precision, false_positives and seed).
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
     resp = response.astype(bool)
-    example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
     chosen = scores[resp]
     if not np.all(np.isfinite(chosen)):
         raise ValueError("scores contain NaN or infinite values")
-    weights = None
-    if selection == "global":
-        positive = global_partition(chosen, rho)
-    elif selection == "per_sample":
-        positive = per_sample_partition(chosen, example, rho)
-    elif selection == "example":
-        positive = example_partition(chosen, example, rho)
-    elif selection == "tail":
-        positive = tail_partition(chosen, example, rho)
-    elif selection == "oracle":
-        if bad is None:
-            raise ValueError("the oracle selection needs the known bad tokens")
-        positive = oracle_partition(bad[resp])
-    elif selection == "simulated":
-        if bad is None or pc is None:
-            raise ValueError("the simulated selection needs the known bad tokens and its settings")
-        positive = simulated_partition(bad[resp], chosen, pc.recall, pc.precision, pc.false_positives, pc.seed)
-    elif selection == "mixture":
-        positive, share = mixture_partition(chosen)
-    elif selection == "data":
-        raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
-    elif selection == "threshold":
-        positive = threshold_partition(chosen, threshold)
-    elif selection == "soft":
-        signed = soft_weights(chosen, rho)
-        positive = signed > 0
-        weights = np.zeros(scores.shape[0], dtype=np.float32)
-        weights[resp] = np.abs(signed)
-    else:
-        raise ValueError(f"unknown selection '{selection}', choose from {list(SELECTIONS)}")
+    settings = replace(pc or PartitionConfig(), rho=rho, threshold=threshold)
+    example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
+    chosen_bad = None if bad is None else bad[resp]
+    decided = SELECTIONS[selection](Ranking(chosen, example, chosen_bad, settings))
     classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
-    classes[resp] = np.where(positive, LEARN, FORGET)
-    stats = _stats(chosen, positive)
-    if selection == "mixture":
-        stats.estimated_negative_share = share
+    classes[resp] = np.where(decided.positive, LEARN, FORGET)
+    weights = None
+    if decided.signed_weights is not None:
+        weights = np.zeros(scores.shape[0], dtype=np.float32)
+        weights[resp] = np.abs(decided.signed_weights)
+    stats = _stats(chosen, decided.positive)
+    stats.estimated_negative_share = decided.negative_share
     return classes, weights, stats
 
 

@@ -20,7 +20,9 @@ from typing import Any, Callable, Optional
 import datasets
 import numpy as np
 
-from tokenforget.config import ConfigError, DataConfig, ReferenceConfig
+from tokenforget.config.data import DataConfig
+from tokenforget.errors import ConfigError
+from tokenforget.config.training import ReferenceConfig
 from tokenforget.model.loading import FOLDS_FILE
 from tokenforget.runfolder import release_memory
 from tokenforget.stages import data as data_mod

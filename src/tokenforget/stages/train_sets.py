@@ -9,7 +9,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from tokenforget.columns import has_base_ce
-from tokenforget.config import ObjectiveConfig, TrainConfig
+from tokenforget.config.training import ObjectiveConfig, TrainConfig
 from tokenforget.objectives import LEARN, NO_LOSS, PARTITION_FREE
 from tokenforget.stages.data import DataError
 from tokenforget.trainer import sft_classes
@@ -42,8 +42,8 @@ def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: st
         return sft_from_classes(exported)
     if objective.needs_base_ce and "ce_base" not in exported.column_names:
         raise DataError(f"train.labels_path: '{path}' has no ce_base column, "
-                        f"which train.forget_objective '{objective.forget_term}' needs")
+                        f"which train.objective.forget_term '{objective.forget_term}' needs")
     if objective.needs_base_ce and not has_base_ce(exported):
         raise DataError(f"train.labels_path: '{path}' has ce_base NaN (scored without the base model, "
-                        f"score.base_pass), which train.forget_objective '{objective.forget_term}' needs")
+                        f"score.base_pass), which train.objective.forget_term '{objective.forget_term}' needs")
     return exported
