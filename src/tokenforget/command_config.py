@@ -96,7 +96,7 @@ class DemoConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     n_train: int = 160
-    """Training examples generated (160 at learning rate 1e-3: clean SFT reaches 0.46 held-out accuracy, docs/results.md)."""
+    """Training examples generated (what 160 reach at learning rate 1e-3: docs/results.md)."""
     n_test: int = 48
     """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
     48 give about ±0.07 a model; 240 (issue 25) about ±0.03, at five times the evaluation time."""
@@ -130,8 +130,8 @@ class DemoConfig:
     detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
-    reference-loss score with a reference trained on `n_trusted` clean examples (token AUROC 0.82; 18 reference
-    steps and one forward pass over the 160 answers, its score reading no base CE). `[]` skips it (~2.5 min less)."""
+    reference-loss score with a reference trained on `n_trusted` clean examples (one reference training and one
+    forward pass over the answers, its score reading no base CE; its figures in docs/results.md). `[]` skips it."""
     sim_recall: list[float] = field(default_factory=lambda: [1.0, 0.6])
     """`sim_ignore` / `sim_forget`: the recalls of the simulated detectors (partition.selection `simulated`)."""
     sim_precision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])

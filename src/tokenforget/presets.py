@@ -28,18 +28,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"objective": {"mode": "forget", "forget_term": "ga", "schedule": "linear", "t_min": 0.0,
                                 "t_max": 0.25}, "training": PAPER_TRAINING},
     },
-    # What measured best (docs/results.md, 2026-11-30): plain SFT. On natural noise (GPT-3's GSM8K solutions,
-    # 53% wrong) the wrong solutions did not hurt SFT, and ignoring exactly them (the oracle, the bound on every
-    # detector) cost held-out likelihood; no setting beat SFT where noise does damage. (`ref_loss_wga` below makes
-    # the result tokens more likely on natural noise and on gold data alike, at a cost on every other token.) A
-    # preset that is a mode only, so it needs no reference: `--preset recommended` trains `sft`.
+    # What measured best: plain SFT (docs/results.md, "Status", has the figures). A preset that is a mode only, so
+    # it needs no reference: `--preset recommended` trains `sft`.
     "recommended": {"train": {"objective": {"mode": "sft"}}},
-    # The best forgetting setting we measured (the `recommended` preset until 2026-11-30): forgetting costs
-    # held-out likelihood in proportion to the clean tokens it takes from learning, so it takes few (rho 0.95)
-    # and picks them with the reference-loss detector instead of CE_base - CE_ref; the bounded wga term stops
-    # pushing a token once it is unlikely. Behind plain SFT on noisy GSM8K and on the demo's task; on GPT-3's
-    # solutions it lowers result-token NLL by 2% and raises all-token NLL by 1.2% (3 seeds), as `ignore` on the same
-    # tokens does and as it does on gold solutions: not learning the least likely 5% is what acts, not forgetting.
+    # The best forgetting setting on GSM8K (the `recommended` preset until 2026-11-30; its figures in docs/results.md):
+    # forgetting costs held-out likelihood in proportion to the clean tokens it takes from learning, so it takes few
+    # (rho 0.95) and picks them with the reference-loss detector instead of CE_base - CE_ref; the bounded wga term
+    # stops pushing a token once it is unlikely.
     "ref_loss_wga": {
         "score": {"method": "ref_loss_min_rank"},
         "partition": {"rho": 0.95, "selection": "global"},
