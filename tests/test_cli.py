@@ -215,7 +215,8 @@ def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_mo
 def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_model_dir: Path):
     """`contrastive`: the trusted reference copied from the trusted run, two noisy references cross-fitted on the
     training answers; the scoring pass stores both CEs, the score is CE_noisy - CE_trusted pooled over numbers
-    (every digit of a number shares one score, at most its tokens' own), and the mixture's share is recorded."""
+    (every digit of a number shares one score, at most its tokens' own); its negatives are the tokens below -1 nat.
+    `contrastive_mixture` copies that scoring pass (no noisy reference of its own) and records the mixture's share."""
     import datasets
 
     from tokenforget.stages.score import token_kinds
@@ -223,9 +224,10 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     root = tmp_path / "demo"
     assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
                  "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4", "--detectors", "[]",
-                 "--settings", "[contrastive]"]) == 0
+                 "--settings", "[contrastive, contrastive_mixture]"]) == 0
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "contrastive"] and "contrastive" in res["detection_methods"]
+    assert list(res["models"]) == ["base", "contrastive", "contrastive_mixture"]
+    assert {"contrastive", "contrastive_mixture"} <= set(res["detection_methods"])
     run = root / "contrastive"
     assert json.loads((run / "reference" / "stage.json").read_text()) == json.loads(
         (root / "trusted" / "reference" / "stage.json").read_text())
@@ -242,7 +244,12 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
         got = np.asarray(score)[resp]
         digit, _ = token_kinds(tok, np.asarray(ids)[resp])
         assert np.allclose(got[~digit], own[~digit], atol=1e-5) and np.all(got[digit] <= own[digit] + 1e-5)
-    stats = json.loads((run / "partition" / "stats.json").read_text())
+    below = sum(int((np.asarray(sc)[np.flatnonzero(m)] < -1.0).sum()) for sc, m in zip(scores["score"], tokens["response_mask"]))
+    assert json.loads((run / "partition" / "stats.json").read_text())["n_negative"] == below
+    mixture = root / "contrastive_mixture"
+    assert not (mixture / "reference-noisy").exists()  # its scores copied from `contrastive`'s pass
+    assert json.loads((mixture / "scores" / "stage.json").read_text()) == json.loads((run / "scores" / "stage.json").read_text())
+    stats = json.loads((mixture / "partition" / "stats.json").read_text())
     assert 0.0 <= stats["estimated_negative_share"] <= 1.0
     assert stats["n_negative"] == int(np.floor(stats["estimated_negative_share"] * stats["n_tokens"] + 0.5))
 

@@ -66,25 +66,54 @@ def test_row_seeded_sampler_draws_each_row_from_its_own_seed():
     assert sample_seed(0, 1, 0) != sample_seed(0, 0, 1)
 
 
-def test_weak_command_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
-    """`tokenforget weak` end to end: the weak SFT, sampling, grading; the sets are consistent with the samples:
-    noisy holds one answer per kept problem with its first-error span, correct_only its right ones, gold the
-    generator's answers to the same problems; no SFT problem is a training problem."""
+def test_weak_command_on_a_tiny_model_that_answers_nothing_right(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`tokenforget weak` end to end: the weak SFT, sampling, grading. The random tiny model answers nothing right,
+    so no mix exists: exit 2, one line saying what to change, and no set written."""
     from tokenforget.cli import main
-    from tokenforget.stages.weak import grade as grade_fn
 
     out = tmp_path / "weak"
     assert main(["weak", "--out_dir", str(out), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
-                 "--n_train", "6", "--n_sft", "8", "--samples", "2", "--max_new_tokens", "8"]) == 0
-    read = lambda n: [json.loads(x) for x in (out / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
-    manifest = json.loads((out / "manifest.json").read_text())
-    samples, noisy, gold, right = read("samples"), read("noisy"), read("gold"), read("correct_only")
-    assert len(samples) == 12 and manifest["counts"]["noisy"] == len(noisy) == len(gold)
-    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in gold]
-    for r, g in zip(noisy, gold):
-        mark = grade_fn(r["completion"], g["completion"])
-        assert mark.complete and r["corrupt_spans"] == mark.spans(r["completion"])
-    assert right == [r for r in noisy if not r["corrupt_spans"]]
-    sft = {r["prompt"] for r in read("weak-sft")}
-    assert len(sft) == 8 and not sft & {r["prompt"] for r in gold}
-    assert (out / "weak-sft" / "train-sft" / "stage.json").is_file()
+                 "--n_train", "6", "--n_sft", "8", "--samples", "2", "--max_new_tokens", "8"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "none of the weak model's 12 sampled answers is right" in err[0] and "--n_sft" in err[0]
+    assert not (out / "noisy.jsonl").exists() and not (out / "manifest.json").exists()
+    sft = {json.loads(x)["prompt"] for x in (out / "weak-sft.jsonl").read_text().splitlines()}
+    from tokenforget.commands.demo_task import make_task
+
+    assert len(sft) == 8 and not sft & {r["prompt"] for r in make_task(6, 0, 0.0)[1]}  # no SFT problem a training one
+
+
+def test_weak_sets_from_graded_answers(tmp_path: Path):
+    """The sets from hand-made answers to 4 generated problems: problem 0 answered right, 1 with its first result
+    off by one (wrong from there), 2 right and wrong (the mix picks), 3 cut short (incomplete: dropped). At 50% wrong:
+    3 kept, round(1.5) = 2 wrong (1, and 2's wrong sample); noisy's spans are each answer's first error onwards;
+    correct_only its right answers; gold the generator's answers to the same problems."""
+    import re
+
+    from tokenforget.command_config import WeakConfig
+    from tokenforget.commands.demo_task import make_task
+    from tokenforget.commands.weak import write_sets
+    from tokenforget.stages.weak import choose_mix, grade
+
+    gold = make_task(4, 3, 0.0)[1]
+    first = lambda t: re.search(r"= (\d+)", t)  # noqa: E731  (the first step's result)
+    def off(t: str) -> str:
+        m = first(t)
+        return t[: m.start(1)] + str(int(m.group(1)) + 1) + t[m.end(1):]
+    answers = [[gold[0]["completion"]], [off(gold[1]["completion"])], [gold[2]["completion"], off(gold[2]["completion"])],
+               [gold[3]["completion"].split("=")[0]]]
+    answers = [row + [row[0]] * (2 - len(row)) for row in answers]  # 2 samples a problem
+    grades = [[grade(a, g["completion"]) for a in row] for row, g in zip(answers, gold)]
+    assert [[(g.complete, g.correct) for g in gs] for gs in grades] == [
+        [(True, True)] * 2, [(True, False)] * 2, [(True, True), (True, False)], [(False, False)] * 2]
+    choice = choose_mix(grades, 0.5, seed=0)
+    assert choice == [0, 0, 1, None]
+    manifest = write_sets(WeakConfig(out_dir=str(tmp_path)), tmp_path, gold, answers, grades, choice, 0.0)
+    read = lambda n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    noisy = read("noisy")
+    assert manifest["counts"] == {"noisy": 3, "correct_only": 1, "gold": 3}
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in read("gold")] == [gold[i]["prompt"] for i in (0, 1, 2)]
+    assert noisy[0]["corrupt_spans"] == [] and read("correct_only") == [noisy[0]]
+    for r in noisy[1:]:  # wrong from the first result's first character to the end
+        start = first(r["completion"]).start(1)
+        assert r["corrupt_spans"] == [[start, len(r["completion"])]]

@@ -27,6 +27,9 @@ from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each trained on the other half of the answers
+# The contrastive detector's negatives: the spans the noisy references find at least e^1 times likelier than the
+# trusted one (score CE_noisy - CE_trusted < -1 nat), so the negative share follows the data, not a fixed rho.
+CONTRASTIVE_NATS = 1.0
 TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
 
 
@@ -100,24 +103,27 @@ class DemoRuns:
                 adopt_stages(self.made[name], rec)
         return self.made[name]
 
-    def contrastive(self) -> Any:
-        """The two-reference detector in `run_dir/contrastive/`: the trusted run's reference (copied, not retrained)
+    def contrastive(self, name: str = "contrastive") -> Any:
+        """The two-reference detector in `run_dir/<name>/`: the trusted run's reference (copied, not retrained)
         and `NOISY_FOLDS` references cross-fitted on the noisy training answers; score `contrastive`
-        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`), the negative
-        share estimated by a two-component mixture (`partition.selection: mixture`)."""
+        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`). Its negatives:
+        for `contrastive`, the spans below -`CONTRASTIVE_NATS` (`partition.selection: threshold`); for
+        `contrastive_mixture`, the share a two-component mixture estimates (`partition.selection: mixture`). The
+        two share one scoring pass, made in `contrastive`'s folder."""
         from tokenforget.run.pipeline import Run
         from tokenforget.run.variants import adopt_stages
 
-        if "contrastive" not in self.made:
+        if name not in self.made:
             rec = self.trusted()
             c = rec.cfg
-            cfg = replace(c, run_dir=str(self.root / "contrastive"),
-                          reference=replace(c.reference, noisy_folds=NOISY_FOLDS),
-                          score=replace(c.score, method="contrastive", spans="number"),
-                          partition=replace(c.partition, selection="mixture"))
-            self.made["contrastive"] = Run(cfg, base=rec.base, log=self.log)
-            adopt_stages(self.made["contrastive"], rec)  # the data and the trusted reference
-        return self.made["contrastive"]
+            negatives = {"contrastive": replace(c.partition, selection="threshold", threshold=-CONTRASTIVE_NATS),
+                         "contrastive_mixture": replace(c.partition, selection="mixture")}
+            cfg = replace(c, run_dir=str(self.root / name), reference=replace(c.reference, noisy_folds=NOISY_FOLDS),
+                          score=replace(c.score, method="contrastive", spans="number"), partition=negatives[name])
+            self.made[name] = Run(cfg, base=rec.base, log=self.log)
+            # the data and the trusted reference from the trusted run; the mixture's scores from `contrastive`'s pass
+            adopt_stages(self.made[name], rec if name == "contrastive" else self.contrastive())
+        return self.made[name]
 
     def clean(self, name: str = "clean") -> Any:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
@@ -147,13 +153,15 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "clean": lambda r: (r.clean(), "sft"),
     "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
     "contrastive": lambda r: (r.contrastive(), "ignore"),
+    "contrastive_mixture": lambda r: (r.contrastive("contrastive_mixture"), "ignore"),
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
                 "filter": "the sample filter, whole examples (its reference trusted)",
                 "filter_max": "the sample filter by each example's worst token (its reference trusted)",
                 "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
-                "contrastive": "CE_noisy - CE_trusted, numbers whole, the share from a mixture (trusted + noisy refs)"}
+                "contrastive": "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)",
+                "contrastive_mixture": "the same scores, the negative share from a two-component mixture"}
 
 
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
@@ -216,7 +224,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     out = {}
     for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
         run, _stage = setting_stage(runs, name)
-        if run.cfg.partition.selection in ("simulated", "mixture"):  # its stored scores and its own partition
+        if run.cfg.partition.selection in ("simulated", "mixture", "threshold"):  # its scores and its own partition
             out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
         elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tokenforget.command_config import DemoConfig, WeakConfig
+from tokenforget.errors import UserError
 from tokenforget.stages.weak import RowSeededSampler, choose_mix, grade, sample_seed
 
 SFT_SEED_OFFSET = 40_000  # the weak model's SFT problems: a generator seed of their own
@@ -87,6 +88,9 @@ def make_weak_sets(cfg: WeakConfig, log: Callable[[str], None] = print) -> dict[
     for (i, j), t in zip(jobs, texts):
         answers[i][j] = t.strip()
     grades = [[grade(a, g["completion"]) for a in row] for row, g in zip(answers, gold)]
+    if not any(g.correct for gs in grades for g in gs if g.complete):  # no mix exists: say so, write nothing
+        raise UserError(f"none of the weak model's {len(jobs)} sampled answers is right, so no set "
+                        f"with {cfg.target_wrong:.0%} wrong answers exists: train it longer (--n_sft, --sft_epochs)")
     choice = choose_mix(grades, cfg.target_wrong, cfg.seed)
     return write_sets(cfg, out, gold, answers, grades, choice, time.time() - t0)
 

@@ -175,10 +175,11 @@ class Run(StageFingerprints):
             self.folder.ensure(name, self.score_fp(rnd), zeros, lambda t, d: t.save_to_disk(str(d / "scores")) or {"unused": True})
             return self._load(name, "scores")
         ref_dir = None if sc.precomputed_path else self.reference(rnd)
-        noisy_dir = self.noisy_reference() if self.cfg.reference.noisy_folds and not sc.precomputed_path else None
         raw_fp = self.raw_score_fp(rnd)
 
         def build() -> Optional[datasets.Dataset]:  # every rank: each scores its own shards
+            # the noisy references only where the pass runs: a copied or finished pass needs none trained
+            noisy_dir = self.noisy_reference() if self.cfg.reference.noisy_folds and not sc.precomputed_path else None
             same_pass = score_mod.same_pass_scores(self.stage_dir(name), self.reusable_score_fps(rnd), bool(sc.precomputed_path))
             if same_pass is not None:
                 self.log(f"[{name}] same scoring pass, new score.method: rescoring without a forward pass")
