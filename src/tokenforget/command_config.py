@@ -114,7 +114,7 @@ class DemoConfig:
     the generator's own answers to the same problems as the clean twin."""
     weak_dir: Optional[str] = None
     """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "clean"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "contrastive"])
     """What is trained and compared (`tokenforget.commands.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
@@ -125,10 +125,10 @@ class DemoConfig:
     `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers decided whole and copies inheriting,
     the tokens below -1 nat ignored; its noisy references cross-fitted on the training answers, 2 folds),
     `contrastive_mixture` (the same scores, the negative share from a two-component mixture), `sim_ignore` / `sim_forget` (simulated detectors of
-    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and the ceiling, and measures
-    the trusted detector (`detectors`): 526-564 s from a fresh clone on 2 cores (docs/results.md). Add
-    `oracle_ignore` to see that knowing the noise recovers the damage, `ref_loss_wga`, `filter_max` or `ignore_tail`
-    to see a model trained on the detector (none beats `sft`)."""
+    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and
+    `contrastive` (the detector that closes most of the oracle gap on this task) and measures the trusted detector
+    (`detectors`) beside it; its wall time from a fresh clone is in docs/results.md. Add `oracle_ignore` and `clean`
+    for the bound and the ceiling."""
     detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
