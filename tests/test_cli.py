@@ -165,17 +165,18 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
 
 def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_model_dir: Path, capsys):
-    """The default settings: sft and the contrastive detector's model trained and evaluated; `ref_loss_wga`'s
-    detection measured beside it (a scoring pass of the trusted reference alone: its score reads no base CE), no model
+    """The default settings: sft and the contrastive detector's model trained and evaluated; with `--detectors
+    [ref_loss_wga]` that detector's finding measured beside it (a scoring pass of the trusted reference alone: its score reads no base CE), no model
     trained on it."""
     import datasets
 
     root = tmp_path / "demo"
     assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision",
-                 "fp32", "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4"]) == 0
+                 "fp32", "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4",
+                 "--detectors", "[ref_loss_wga]"]) == 0
     out = capsys.readouterr().out
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "contrastive"]
+    assert list(res["models"]) == ["base", "sft", "contrastive"]  # the default settings
     assert list(res["detection_methods"]) == ["contrastive", "ref_loss_wga"] and res["detected_only"] == ["ref_loss_wga"]
     assert "ref_loss_wga (no model trained)" in out
     assert (root / "trusted" / "reference" / "stage.json").is_file() and (root / "trusted" / "scores" / "stage.json").is_file()

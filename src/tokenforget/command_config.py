@@ -126,14 +126,15 @@ class DemoConfig:
     the tokens below -1 nat ignored; its noisy references cross-fitted on the training answers, 2 folds),
     `contrastive_mixture` (the same scores, the negative share from a two-component mixture), `sim_ignore` / `sim_forget` (simulated detectors of
     chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and
-    `contrastive` (the detector that closes most of the oracle gap on this task) and measures the trusted detector
-    (`detectors`) beside it; its wall time from a fresh clone is in docs/results.md. Add `oracle_ignore` and `clean`
+    `contrastive` (the detector that closes most of the oracle gap on this task), with its detection figures; its
+    wall time from a fresh clone is in docs/results.md. Add `oracle_ignore` and `clean`
     for the bound and the ceiling."""
-    detectors: list[DemoDetector] = field(default_factory=lambda: ["ref_loss_wga"])
+    detectors: list[DemoDetector] = field(default_factory=list)
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
-    only their reference and scoring pass run, no model is trained on them. `ref_loss_wga` (the default): the
-    reference-loss score with a reference trained on `n_trusted` clean examples (one reference training and one
-    forward pass over the answers, its score reading no base CE; its figures in docs/results.md). `[]` skips it."""
+    only their reference and scoring pass run, no model is trained on them. `ref_loss_wga`: the reference-loss score
+    with a reference trained on `n_trusted` clean examples (one reference training and one forward pass over the
+    answers, its score reading no base CE; its figures in docs/results.md). None by default: the settings trained
+    print their own detection."""
     sim_recall: list[float] = field(default_factory=lambda: [1.0, 0.6])
     """`sim_ignore` / `sim_forget`: the recalls of the simulated detectors (partition.selection `simulated`)."""
     sim_precision: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.3])
