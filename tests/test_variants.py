@@ -346,3 +346,8 @@ def test_the_objectives_old_flat_names_are_refused_naming_the_new_one(config: Pa
     assert "it is 'train.objective.mode' now" in capsys.readouterr().err
     record = from_dict(TrainConfig, {"mode": "ignore", "forget_objective": "wga", "lambda_warmup": 0.5, "t_max": 0.1})
     assert record.objective == ObjectiveConfig(mode="ignore", forget_term="wga", warmup=0.5, t_max=0.1)
+    # an old record's compare variants set the knobs flat: read as the objective's; given so now, refused naming it
+    old_run = from_dict(RunConfig, {"compare": {"variants": {"o": {"mode": "ignore", "partition": {"selection": "oracle"}}}}})
+    assert old_run.compare.variants["o"] == {"partition": {"selection": "oracle"}, "objective": {"mode": "ignore"}}
+    assert main(["compare", str(config), "--compare.variants", "{o: {forget_objective: wga}}"]) == 2
+    assert "compare.variants.o.forget_objective': it is 'objective: {forget_term: ...}' now" in capsys.readouterr().err

@@ -86,6 +86,16 @@ def to_dict(cfg: object) -> dict:
 T = TypeVar("T")
 
 
+def nest_objective(values: dict[str, Any]) -> dict[str, Any]:
+    """Train fields (or a compare variant's overrides) as written before `train.objective`: the objective's knobs
+    (`FLAT_OBJECTIVE`'s old names) moved into `objective`, under their new names; other keys as they are."""
+    flat = {new: values[old] for old, new in FLAT_OBJECTIVE.items() if old in values}
+    if not flat:
+        return values
+    rest = {k: v for k, v in values.items() if k not in FLAT_OBJECTIVE}
+    return {**rest, "objective": {**rest.get("objective", {}), **flat}}
+
+
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Rebuild a config dataclass from `to_dict` output (e.g. a run folder's `config.json`).
 
@@ -93,8 +103,9 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     `config.json` written by an older or newer version still loads.
     """
     if cls is TrainConfig and "objective" not in values:  # a record from before `train.objective`
-        flat = {new: values[old] for old, new in FLAT_OBJECTIVE.items() if old in values}
-        values = {**values, "objective": flat}
+        values = nest_objective(values)
+    if cls is CompareConfig and "variants" in values:  # its variants may set the objective's knobs flat, as before
+        values = {**values, "variants": {k: nest_objective(v) for k, v in values["variants"].items()}}
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]

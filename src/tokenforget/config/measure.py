@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 from tokenforget.config.data import NoiseKind
 from tokenforget.config.tokens import PartitionConfig, ScoreConfig
-from tokenforget.config.training import Mode, ObjectiveConfig, ReferenceConfig, ReferenceKind, TrainConfig
+from tokenforget.config.training import FLAT_OBJECTIVE, Mode, ObjectiveConfig, ReferenceConfig, ReferenceKind, TrainConfig
 from tokenforget.errors import ConfigError, _check
 
 
@@ -63,6 +63,8 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
             _check(isinstance(value, dict) and set(value) <= set(VARIANT_SECTIONS[key]), f"{where}.{key}",
                    f"a mapping of {list(VARIANT_SECTIONS[key])}, got {value!r}")
             continue
+        _check(key not in FLAT_OBJECTIVE, f"{where}.{key}",
+               f"it is 'objective: {{{FLAT_OBJECTIVE.get(key)}: ...}}' now (see CHANGELOG)")
         _check(key in known and key not in VARIANT_FIXED, f"{where}.{key}",
                f"not a train field a variant may set (choose from {sorted(known - set(VARIANT_FIXED))} "
                f"or the sections {list(VARIANT_SECTIONS)})")
