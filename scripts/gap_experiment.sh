@@ -45,16 +45,16 @@ for seed in $SEEDS; do
       demo "frontier table" "[$done_settings]" --sim_recall "$(list $RECALLS)" --sim_precision "$(list $PRECISIONS)" \
         --detectors "[ref_loss_wga]"
     elif [ "$phase" = weak ]; then
-      wdir="runs/gap/weak/seed-$seed"
+      wdir="runs/gap/weak/seed-$seed"  # the sets beside it, in $wdir-sets: the run folder's data/ is a stage
       echo "=== seed $seed weak sets $(date -u +%H:%M:%S)"
-      [ -f "$wdir/data/manifest.json" ] || /usr/bin/time -f "wall %e s, peak %M KB (weak sets)" \
-        python -m tokenforget weak --seed "$seed" --out_dir "$wdir/data"
+      [ -f "$wdir-sets/manifest.json" ] || /usr/bin/time -f "wall %e s, peak %M KB (weak sets)" \
+        python -m tokenforget weak --seed "$seed" --out_dir "$wdir-sets"
       wset="sft"
       for s in clean correct_only oracle_ignore dft filter_max contrastive; do
         wset="$wset, $s"
         echo "=== seed $seed weak $s $(date -u +%H:%M:%S)"
         /usr/bin/time -f "wall %e s, peak %M KB (weak $s)" python -m tokenforget demo --run_dir "$wdir" --seed "$seed" \
-          --noise_kind weak --weak_dir "$wdir/data" --n_test 240 --report_to "[none]" --detectors "[]" --settings "[$wset]"
+          --noise_kind weak --weak_dir "$wdir-sets" --n_test 240 --report_to "[none]" --detectors "[]" --settings "[$wset]"
       done
     elif [ "$phase" = contrastive ]; then
       demo contrastive "[$done_settings, contrastive]" --sim_recall "$(list $RECALLS)" \

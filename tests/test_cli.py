@@ -54,6 +54,19 @@ def test_changed_data_file_redoes_every_stage(config: Path, capsys):
     assert "up to date" not in capsys.readouterr().out
 
 
+def test_a_stage_never_replaces_a_folder_of_other_files(config: Path, capsys):
+    """A user's files where a stage would go (here the output of `tokenforget weak` written to run_dir/data): exit 2
+    naming the folder, before any work, and the files are still there."""
+    theirs = config.parent / "run" / "data"
+    theirs.mkdir(parents=True)
+    (theirs / "noisy.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["score", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{theirs}' holds files that are not a tokenforget stage" in err and "nothing was deleted" in err
+    assert (theirs / "noisy.jsonl").read_text() == '{"prompt": "a", "completion": "b"}\n'
+    assert sorted(p.name for p in theirs.iterdir()) == ["noisy.jsonl"]
+
+
 def test_stage_commands_write_only_their_stages(config: Path):
     run = config.parent / "run"
     assert main(["reference", str(config)]) == 0

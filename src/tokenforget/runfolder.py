@@ -239,6 +239,7 @@ class RunFolder:
         if self.done_on_main(name, fp):
             self.skip(name)
         else:
+            self.check_replaceable(name)
             result = build() if every_rank or self.ranks.is_main else None
             if self.ranks.is_main:
                 record: dict[str, Any] = {}
@@ -269,8 +270,17 @@ class RunFolder:
         shutil.rmtree(old, ignore_errors=True)
         self.save_config()
 
+    def check_replaceable(self, name: str) -> None:
+        """A stage replaces only a stage: `run_dir/name` holding files but no `stage.json` is someone's data (say,
+        the output of `tokenforget weak` written there), which a stage write would delete. Refused, before any work."""
+        d = self.stage_dir(name)
+        if d.is_dir() and any(d.iterdir()) and not (d / STAGE_FILE).is_file():
+            raise UserError(f"run_dir: '{d}' holds files that are not a tokenforget stage (no {STAGE_FILE}), and stage "
+                            f"'{name}' would replace it: move them or choose another run_dir (nothing was deleted)")
+
     def copy_stage(self, name: str, source: Path) -> None:
         """Put a copy of a finished stage folder of another run folder in place as `name` (rank 0)."""
+        self.check_replaceable(name)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
