@@ -73,7 +73,7 @@ def test_detection_figures_worked_by_hand_on_six_tokens():
     (row,) = measure(arrays, ["ref_loss"], 0.6, "number", "trusted")
     assert (row.recall, row.precision, row.auroc) == (0.5, 0.5, 0.875)
     # the method's scores are float32, as the scores stage stores them: the means agree to float32's rounding
-    assert (row.mean_corrupt, row.mean_clean) == pytest.approx((-1.2, -0.525), rel=np.finfo(np.float32).eps)
+    assert (row.mean_corrupt, row.mean_clean) == pytest.approx((-1.2, -0.525), rel=float(np.finfo(np.float32).eps))
     assert (row.corrupt_share, row.n_corrupt, row.n_tokens) == (pytest.approx(2 / 6), 2, 6)
 
 
