@@ -113,7 +113,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
-            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, oracle_forget, clean]"]
+            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
@@ -121,12 +121,12 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
-                                   "oracle_forget", "clean"]
+                                   "ignore_tail_numbers", "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.presets import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
-    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail"]
+    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers"]
     assert side_by_side["paper"]["n_corrupt"] > 0
     # the clean twin: the same prompts, nothing corrupted; the noisy copy: the total-ending problems corrupted
     task = tmp_path / "demo" / "task"
@@ -174,6 +174,29 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     classes = datasets.load_from_disk(str(tmp_path / "demo" / "ignore_tail" / "partition" / "classes"))["token_class"]
     for i, (ce, mask, cls) in enumerate(zip(scores, masks, classes)):
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if i in dropped else len(mask)
+        assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
+    # the tail by numbers: the same reference's -CE, every digit run of an answer one score (at most its tokens'
+    # own), and each of the 7 answers with the lowest such score cut from its first lowest-scored token on
+    tail = tmp_path / "demo" / "ignore_tail_numbers"
+    ids = datasets.load_from_disk(str(tail / "data" / "tokens"))["input_ids"]
+    pooled = datasets.load_from_disk(str(tail / "scores" / "scores"))["score"]
+    classes = datasets.load_from_disk(str(tail / "partition" / "classes"))["token_class"]
+    from tokenforget.config import ModelConfig
+    from tokenforget.model.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    runs = 0
+    for ce, mask, row, sc in zip(scores, masks, ids, pooled):
+        digit = [bool(m) and tok.decode([t]).strip().isdigit() for t, m in zip(row, mask)]
+        for a in (t for t in range(len(row)) if digit[t] and not (t and digit[t - 1])):
+            e = next((t for t in range(a, len(row)) if not digit[t]), len(row))
+            runs += 1
+            assert len(set(sc[a:e])) == 1 and sc[a] <= min(-c for c in ce[a:e]) + 1e-6
+    assert runs > 0
+    low = [min(s for s, m in zip(sc, mask) if m) for sc, mask in zip(pooled, masks)]
+    cut_at = sorted(range(24), key=lambda i: (low[i], -i))[:7]  # ties: the earlier stays whole
+    for i, (sc, mask, cls) in enumerate(zip(pooled, masks, classes)):
+        cut = next(t for t, (v, m) in enumerate(zip(sc, mask)) if m and v == low[i]) if i in cut_at else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
 
 

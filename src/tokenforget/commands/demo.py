@@ -69,17 +69,18 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str, selection: str = "example") -> Any:
+    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token") -> Any:
         """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
-        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on."""
+        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on;
+        with `spans` `number`, each number scored as its least likely token (`score.spans`)."""
         from tokenforget.run.pipeline import Run
         from tokenforget.run.variants import adopt_stages
 
         if name not in self.made:
             rec = self.trusted()
             c = rec.cfg
-            cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method),
+            cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method, spans=spans),
                           partition=replace(c.partition, selection=selection, rho=0.7))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
@@ -149,6 +150,7 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
     "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
     "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
+    "ignore_tail_numbers": lambda r: (r.filtered("ignore_tail_numbers", "ref_loss", "tail", "number"), "ignore"),
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
@@ -161,6 +163,7 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "filter": "the sample filter, whole examples (its reference trusted)",
                 "filter_max": "the sample filter by each example's worst token (its reference trusted)",
                 "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
+                "ignore_tail_numbers": "cut at the worst number, a copy inheriting its source (its reference trusted)",
                 "contrastive": "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)",
                 "contrastive_mixture": "the same scores, the negative share from a two-component mixture"}
 
