@@ -185,6 +185,14 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     from tokenforget.model.loading import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    for name, cut in (("ignore_tail", tmp_path / "demo" / "ignore_tail"), ("ignore_tail_numbers", tail)):
+        # the detection figures are of the cut itself: its negative tokens against the known wrong ones
+        cls = datasets.load_from_disk(str(cut / "partition" / "classes"))["token_class"]
+        bad = datasets.load_from_disk(str(cut / "data" / "tokens"))["corrupt"]
+        pairs = [(c == -1, bool(b)) for cs, bs in zip(cls, bad) for c, b in zip(cs, bs)]
+        hit, neg, wrong = sum(n and b for n, b in pairs), sum(n for n, _ in pairs), sum(b for _, b in pairs)
+        d = side_by_side[name]
+        assert neg > 0 and (d["recall"], d["precision"]) == pytest.approx((hit / wrong, hit / neg))
     runs = 0
     for ce, mask, row, sc in zip(scores, masks, ids, pooled):
         digit = [bool(m) and tok.decode([t]).strip().isdigit() for t, m in zip(row, mask)]

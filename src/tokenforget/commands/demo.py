@@ -228,7 +228,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     out = {}
     for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
         run, _stage = setting_stage(runs, name)
-        if run.cfg.partition.selection in ("simulated", "mixture", "threshold"):  # its scores and its own partition
+        if run.cfg.partition.selection in ("simulated", "mixture", "threshold", "tail"):  # its own partition
             out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
         elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())
