@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
 
 from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, TrainingConfig  # noqa: E402
 from tokenforget.model.loading import add_lora, cpu_flags, cpu_has_bf16, load_model  # noqa: E402
-from tokenforget.stages.partition import flat_token_classes, streaming_threshold  # noqa: E402
+from tokenforget.stages.partition import flat_token_classes  # noqa: E402
+from tokenforget.stages.partition_streaming import streaming_threshold  # noqa: E402
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch  # noqa: E402
 from tokenforget.stages.score import score_tokens  # noqa: E402
 from tokenforget.trainer import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402

@@ -113,7 +113,8 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
-            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, oracle_forget, clean]"]
+            "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, verified_tail, "
+            "oracle_forget, clean]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "answer accuracy" in out and "AUROC" in out
@@ -121,12 +122,13 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
-                                   "ignore_tail_numbers", "oracle_forget", "clean"]
+                                   "ignore_tail_numbers", "verified_tail", "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.presets import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
-    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers"]
+    assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
+                                  "verified_tail"]
     assert side_by_side["paper"]["n_corrupt"] > 0
     # the clean twin: the same prompts, nothing corrupted; the noisy copy: the total-ending problems corrupted
     task = tmp_path / "demo" / "task"
@@ -175,6 +177,14 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     for i, (ce, mask, cls) in enumerate(zip(scores, masks, classes)):
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if i in dropped else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
+    # the verified tail: the 9 answers with a corrupted token (the verdicts), each cut at its first worst token
+    verified = tmp_path / "demo" / "verified_tail"
+    classes = datasets.load_from_disk(str(verified / "partition" / "classes"))["token_class"]
+    corrupt = datasets.load_from_disk(str(verified / "data" / "tokens"))["corrupt"]
+    assert sum(any(b) for b in corrupt) == 9
+    for i, (ce, mask, cls, bad) in enumerate(zip(scores, masks, classes, corrupt)):
+        cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if any(bad) else len(mask)
+        assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
     # the tail by numbers: the same reference's -CE, every digit run of an answer one score (at most its tokens'
     # own), and each of the 7 answers with the lowest such score cut from its first lowest-scored token on
     tail = tmp_path / "demo" / "ignore_tail_numbers"
@@ -185,7 +195,8 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     from tokenforget.model.loading import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
-    for name, cut in (("ignore_tail", tmp_path / "demo" / "ignore_tail"), ("ignore_tail_numbers", tail)):
+    for name, cut in (("ignore_tail", tmp_path / "demo" / "ignore_tail"), ("ignore_tail_numbers", tail),
+                      ("verified_tail", verified)):
         # the detection figures are of the cut itself: its negative tokens against the known wrong ones
         cls = datasets.load_from_disk(str(cut / "partition" / "classes"))["token_class"]
         bad = datasets.load_from_disk(str(cut / "data" / "tokens"))["corrupt"]

@@ -10,6 +10,7 @@ from tokenforget.stages.partition import (
     oracle_partition,
     select_tokens,
     tail_partition,
+    verified_tail_partition,
     token_classes,
 )
 
@@ -63,7 +64,7 @@ def test_streaming_cut_counts_exactly_and_reports_achieved_rho():
     """10,000 distinct scores in 7 shards, rho 0.7: exact selection keeps the top 7,000. With 64 bins the
     streaming cut is a bin edge, so it keeps every exact positive plus at most the tokens of one bin
     (here ~156 per bin on a uniform grid), and its count of scores >= threshold is exact."""
-    from tokenforget.stages.partition import streaming_threshold
+    from tokenforget.stages.partition_streaming import streaming_threshold
 
     scores = np.random.default_rng(0).permutation(10_000).astype(np.float32) / 10_000
     shards = lambda: np.array_split(scores, 7)  # noqa: E731
@@ -168,6 +169,26 @@ def test_tail_cuts_the_most_suspicious_examples_at_their_worst_token():
     assert twin.tolist() == [True, True, True, True, False, False]  # tied minima: example 0 whole; 1 cut at its 1st -2
     assert tail_partition(np.array([-1.0, -2.0]), np.array([0, 1]), 1.0).all()
     assert tail_partition(np.array([-1.0, -2.0]), np.array([0, 1]), 0.0).tolist() == [False, False]
+
+
+def test_verified_tail_cuts_each_known_wrong_answer_at_its_worst_token():
+    """Three examples (flat offsets 0, 4, 8, 11; the first token of each a prompt token). Response scores by hand:
+    example 0 (-1, -5, -2), its last token known bad: wrong, cut from its minimum -5 (2nd response token) on;
+    example 1 (-0.5, -0.4, -9), nothing bad: learned whole, though its -9 is the lowest score of all; example 2
+    (-3, -1), its first token bad: cut from -3, i.e. whole. rho is not read: 4 negatives at rho 0.7 or 0."""
+    scores = np.array([0.0, -1.0, -5.0, -2.0, 0.0, -0.5, -0.4, -9.0, 0.0, -3.0, -1.0])
+    response = np.array([0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1])
+    bad = np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0])
+    for rho in (0.7, 0.0):
+        classes, weights, stats = select_tokens(scores, response, np.array([0, 4, 8, 11]), "verified_tail", rho, bad=bad)
+        assert classes.tolist() == [0, 1, -1, -1, 0, 1, 1, 1, 0, -1, -1]
+        assert weights is None and (stats.n_positive, stats.n_negative) == (4, 4)
+    # ties within a wrong example: the earlier lowest token starts the tail; a wrong example's bad token may come
+    # after its worst token or before it (only the verdict is read)
+    tied = verified_tail_partition(np.array([-1.0, -2.0, -2.0, -1.0]), np.array([0, 0, 0, 0]), np.array([1, 0, 0, 0]))
+    assert tied.tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="verified_tail selection needs the known bad tokens"):
+        select_tokens(scores, response, np.array([0, 4, 8, 11]), "verified_tail", 0.7)
 
 
 def test_oracle_negatives_are_exactly_the_known_bad_tokens():

@@ -12,10 +12,10 @@ from tokenforget.config.tokens import FalsePositives
 
 DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "ignore_tail_numbers", "oracle_ignore", "oracle_forget", "clean", "correct_only",
-                      "contrastive", "contrastive_mixture", "sim_ignore", "sim_forget"]
+                      "ignore_tail", "ignore_tail_numbers", "ignore_tail_half", "verified_tail", "oracle_ignore",
+                      "oracle_forget", "clean", "correct_only", "contrastive", "contrastive_mixture", "sim_ignore", "sim_forget"]
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
-                       "contrastive", "contrastive_mixture"]  # the settings that detect (demo.PARTITIONING)
+                       "ignore_tail_half", "verified_tail", "contrastive", "contrastive_mixture"]  # the settings that detect (demo.PARTITIONING)
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
@@ -121,7 +121,9 @@ class DemoConfig:
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
     from its least likely token to the end ignored: partition.selection `tail`), `ignore_tail_numbers` (the same
     with each number decided whole, a copied number inheriting its source: aimed at a weaker model's answers, wrong
-    from their first wrong number on), `oracle_ignore` / `oracle_forget`
+    from their first wrong number on), `ignore_tail_half` (the tail cut in half the answers, rho 0.5), `verified_tail`
+    (every answer known wrong cut at its least likely token, none other: for answers graded by a verifier, the
+    verdicts that `correct_only` uses), `oracle_ignore` / `oracle_forget`
     (the known corrupted tokens as the negative set: the bound on any detector), `clean` (sft on the same problems,
     every answer right: the ceiling), `correct_only` (sft on the right answers of the noisy set only),
     `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers decided whole and copies inheriting,

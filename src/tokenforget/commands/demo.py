@@ -69,11 +69,12 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token") -> Any:
-        """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 30% of
+    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token", rho: float = 0.7) -> Any:
+        """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 1 - `rho` of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
-        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on;
-        with `spans` `number`, each number scored as its least likely token (`score.spans`)."""
+        (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on
+        (`verified_tail`: in the answers known wrong, rho unused); with `spans` `number`, each number scored as its
+        least likely token (`score.spans`)."""
         from tokenforget.run.pipeline import Run
         from tokenforget.run.variants import adopt_stages
 
@@ -81,7 +82,7 @@ class DemoRuns:
             rec = self.trusted()
             c = rec.cfg
             cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method, spans=spans),
-                          partition=replace(c.partition, selection=selection, rho=0.7))
+                          partition=replace(c.partition, selection=selection, rho=rho))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
         return self.made[name]
@@ -151,6 +152,8 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
     "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
     "ignore_tail_numbers": lambda r: (r.filtered("ignore_tail_numbers", "ref_loss", "tail", "number"), "ignore"),
+    "ignore_tail_half": lambda r: (r.filtered("ignore_tail_half", "ref_loss", "tail", rho=0.5), "ignore"),  # half cut
+    "verified_tail": lambda r: (r.filtered("verified_tail", "ref_loss", "verified_tail"), "ignore"),  # wrong ones cut
     "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
     "oracle_forget": lambda r: (r.run, "oracle_forget"),
     "clean": lambda r: (r.clean(), "sft"),
@@ -164,6 +167,8 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "filter_max": "the sample filter by each example's worst token (its reference trusted)",
                 "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
                 "ignore_tail_numbers": "cut at the worst number, a copy inheriting its source (its reference trusted)",
+                "ignore_tail_half": "the half of the answers whose worst token is least likely, cut there (trusted)",
+                "verified_tail": "the answers known wrong (a verifier's verdict), each cut at its worst token (trusted)",
                 "contrastive": "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)",
                 "contrastive_mixture": "the same scores, the negative share from a two-component mixture"}
 
@@ -228,7 +233,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     out = {}
     for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
         run, _stage = setting_stage(runs, name)
-        if run.cfg.partition.selection in ("simulated", "mixture", "threshold", "tail"):  # its own partition
+        if run.cfg.partition.selection in ("simulated", "mixture", "threshold", "tail", "verified_tail"):  # its own
             out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
         elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())

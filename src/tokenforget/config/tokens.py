@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from tokenforget.errors import _check
 
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "oracle", "data", "simulated", "mixture"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "verified_tail", "oracle", "data", "simulated", "mixture"]
 SpanUnit = Literal["token", "number", "step"]
 FalsePositives = Literal["random", "detector"]
 
@@ -68,7 +68,9 @@ class PartitionConfig:
     count little (see `tokenforget.stages.partition`); `example`: whole examples, the top rho of them by mean score
     (with `score.method: ref_loss` and `ignore`, a sample filter dropping the highest reference loss);
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
-    negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong); `oracle`: the
+    negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong);
+    `verified_tail`: the same cut in every answer the data says is wrong (`is_correct: false`, or a known noisy token)
+    and in no other (rho unused): a verifier's verdict says which answers, the score where each goes wrong; `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
     `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
     `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),

@@ -9,7 +9,7 @@ made of, and passes it to the one loop every stage goes through (`RunFolder.ensu
     reference/             reference.train_reference (or train_folds; or a checkpoint)        data
     reference-round<r>/    reference.evolved_subset -> trainer.fit (`ignore`)                 partition of round r - 1
     scores/                score.score_shards -> score.with_method_scores                     data, reference
-    partition/             partition.partition_table                                          data, scores
+    partition/             partition.partition_exact (or partition_streaming)                 data, scores
     labels/                labels.labels_table                                                data, scores, partition
     train-<mode>/          train_sets (the mode's token classes) -> trainer.fit               data (sft, dft) or partition
     eval-<model>/          evaluate.evaluate_model                                            a train stage or the base
@@ -54,6 +54,7 @@ from tokenforget.stages import (
     labels as labels_mod,
     noise,
     partition as part_mod,
+    partition_streaming as stream_mod,
     reference as ref_mod,
     score as score_mod,
     train_sets,
@@ -226,7 +227,9 @@ class Run(StageFingerprints):
             datasets.Dataset(table).save_to_disk(str(d / "classes"))
             (d / "stats.json").write_text(json.dumps(stats, indent=2))
 
-        build = lambda: part_mod.partition_table(tokens, scores, self.cfg.partition)  # noqa: E731
+        pc = self.cfg.partition
+        cut = stream_mod.partition_streaming if pc.streaming else part_mod.partition_exact  # scores in memory or not
+        build = lambda: cut(tokens, scores, pc)  # noqa: E731
         self.folder.ensure(name, self.partition_fp(rnd), build, commit)
         return self._load(name, "classes")
 

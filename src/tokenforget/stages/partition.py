@@ -6,12 +6,12 @@ equal scores the token that comes first (earlier example, then earlier position)
 the partition is deterministic and the counts are exact. Selection is O(N) (`np.partition`), on flat
 arrays read straight from Arrow, so 25 million scores take well under a second.
 
-For score sets that do not fit in memory, `streaming_threshold` finds the cut from per-shard
-histograms merged across shards, then counts exactly against it and reports the rho it achieves.
+For score sets that do not fit in memory, `partition.streaming` finds the cut from per-shard histograms
+(`tokenforget.stages.partition_streaming`).
 
 Other token selections (`partition.selection`): the registry `SELECTIONS`, each a function of this module
 (`per_sample_partition`, `threshold_partition`, `soft_weights`, `example_partition`, `tail_partition`,
-`oracle_partition`, `simulated_partition`, `mixture_partition`; `data_classes` reads the data's weights and no
+`verified_tail_partition`, `oracle_partition`, `simulated_partition`, `mixture_partition`; `data_classes` reads the data's weights and no
 scores). Whatever the selection, where the data carries weights they win (`with_data_labels`).
 """
 
@@ -142,13 +142,39 @@ def tail_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.nd
         example: (N,) non-decreasing example index of each token.
         rho: share of examples left whole (that have response tokens), in [0, 1].
     """
-    n = scores.shape[0]
+    worst, of = worst_tokens(scores, example)
+    whole = global_partition(scores[worst], rho) if len(worst) else np.zeros(0, dtype=bool)  # (E,) highest minima kept
+    return whole[of] | (np.arange(scores.shape[0]) < worst[of])
+
+
+def worst_tokens(scores: np.ndarray, example: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((E,) flat index of each example's lowest-scored token, the earlier of tied ones; (N,) each token's
+    example as 0..E-1) for scores (N,) and a non-decreasing example index (N,)."""
     ids, first = np.unique(example, return_index=True)
-    order = np.lexsort((np.arange(n), scores, example))  # by example, then score ascending, then position
-    worst = order[first]  # (E,) flat index of each example's lowest score (groups keep their places in `order`)
-    whole = global_partition(scores[worst], rho) if len(ids) else np.zeros(0, dtype=bool)  # (E,) highest minima kept
-    of = np.searchsorted(ids, example)  # (N,) each token's example, 0..E-1
-    return whole[of] | (np.arange(n) < worst[of])
+    order = np.lexsort((np.arange(scores.shape[0]), scores, example))  # by example, then score, then position
+    return order[first], np.searchsorted(ids, example)  # groups keep their places in `order`
+
+
+def verified_tail_partition(scores: np.ndarray, example: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Boolean (N,) mask: in each example known to be wrong (any of its tokens in `bad`), every token from its
+    lowest-scored one to its end is negative; every other token is positive. Within an example the earlier of
+    tied tokens starts the tail.
+
+    For data whose answers carry a verdict but not the place of the error (graded model answers, rejection
+    sampling: `is_correct: false`): the verdict says which answers are wrong, the score says where each goes
+    wrong, and the right start of a wrong answer is still learned, where keeping only the right answers
+    (`correct_only`) loses it. The tail of `tail_partition` with the verdict in place of the ranking of
+    examples; the first-error view of process supervision (Lightman et al., 2023, arXiv 2305.20050).
+
+    Args:
+        scores: (N,) scores of all response tokens in data order (low = suspicious).
+        example: (N,) non-decreasing example index of each token.
+        bad: (N,) flags of the tokens known to be noise; only which examples hold one is read.
+    """
+    worst, of = worst_tokens(scores, example)
+    wrong = np.zeros(len(worst), dtype=bool)
+    np.logical_or.at(wrong, of, bad.astype(bool))  # (E,) the verdicts
+    return ~wrong[of] | (np.arange(scores.shape[0]) < worst[of])
 
 
 def oracle_partition(bad: np.ndarray) -> np.ndarray:
@@ -205,6 +231,7 @@ def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
+KNOWN_NOISE = frozenset({"oracle", "simulated", "verified_tail"})  # selections that read the data's known noise
 
 
 def with_data_labels(
@@ -252,10 +279,10 @@ class Ranking:
 
     scores: np.ndarray  # (n,) float: high = learn
     example: np.ndarray  # (n,) int: the example each token belongs to
-    bad: Optional[np.ndarray]  # (n,) 0/1: the known noise (`oracle`, `simulated`), else None
+    bad: Optional[np.ndarray]  # (n,) 0/1: the known noise (the selections in KNOWN_NOISE), else None
     pc: PartitionConfig  # rho, threshold and the simulated detector's settings
 
-    def known_bad(self, name: str) -> np.ndarray:  # the `oracle` and `simulated` selections' input
+    def known_bad(self, name: str) -> np.ndarray:  # the input of the selections in KNOWN_NOISE
         if self.bad is None:
             raise ValueError(f"the {name} selection needs the known bad tokens")
         return self.bad
@@ -291,6 +318,7 @@ SELECTIONS: dict[str, Callable[[Ranking], Selected]] = {
     "soft": _soft,
     "example": lambda r: Selected(example_partition(r.scores, r.example, r.pc.rho)),
     "tail": lambda r: Selected(tail_partition(r.scores, r.example, r.pc.rho)),
+    "verified_tail": lambda r: Selected(verified_tail_partition(r.scores, r.example, r.known_bad("verified_tail"))),
     "oracle": lambda r: Selected(oracle_partition(r.known_bad("oracle"))),
     "data": _data,
     "simulated": lambda r: Selected(simulated_partition(r.known_bad("simulated"), r.scores, r.pc.recall, r.pc.precision,
@@ -309,7 +337,7 @@ def select_tokens(
         scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
         offsets: (E + 1,) example boundaries into the flat arrays.
         selection: a name of `SELECTIONS`; rho, threshold: the share positive, the `threshold` selection's cut.
-        bad: flat 0/1 flags of the tokens known to be noise (`oracle`, `simulated` only).
+        bad: flat 0/1 flags of the tokens known to be noise (the selections in `KNOWN_NOISE` only).
         pc: the partition config (`simulated` reads its recall, precision, false_positives and seed).
     """
     if selection not in SELECTIONS:
@@ -378,61 +406,15 @@ def _stats(flat: np.ndarray, positive: np.ndarray) -> PartitionStats:
     )
 
 
-@dataclass
-class StreamingCut:
-    """The cut a streaming partition found: tokens with score >= threshold are positive."""
-
-    threshold: float
-    n_tokens: int
-    n_positive: int
-    target_rho: float
-
-    @property
-    def achieved_rho(self) -> float:
-        return self.n_positive / max(self.n_tokens, 1)
-
-
-def streaming_threshold(shards: Callable[[], Iterable[np.ndarray]], rho: float, bins: int = 1 << 20) -> StreamingCut:
-    """Global cut for scores that never sit in memory together, in three passes over `shards()`.
-
-    Pass 1: min and max. Pass 2: per-shard histograms on one shared grid of `bins` bins, summed; the
-    threshold is the lower edge of the bin where the count from the top first reaches round(rho*N).
-    Pass 3: exact count of scores >= threshold. The achieved rho differs from the target by at most
-    the mass of one bin (ties in that bin are all positive).
-
-    Args:
-        shards: called once per pass; yields 1-D arrays of response-token scores.
-    """
-    lo, hi, n = math.inf, -math.inf, 0
-    for s in shards():
-        if s.size:
-            lo, hi, n = min(lo, float(s.min())), max(hi, float(s.max())), n + s.size
-    k = n_positive(n, rho)
-    if k == 0 or n == 0:
-        return StreamingCut(math.inf, n, 0, rho)
-    edges = np.linspace(lo, hi, bins + 1)
-    hist = np.zeros(bins, dtype=np.int64)
-    for s in shards():
-        hist += np.histogram(s, bins=bins, range=(lo, hi))[0]  # uniform bins: O(n), no search
-    from_top = np.cumsum(hist[::-1])  # tokens in the top j+1 bins
-    b = bins - 1 - int(np.searchsorted(from_top, k))  # bin holding the k-th highest score
-    threshold = float(edges[b])
-    positive = sum(int((s >= threshold).sum()) for s in shards())
-    return StreamingCut(threshold, n, positive, rho)
-
-
 # ---------------------------------------------------------------- the partition stage over Arrow columns
 # `tokens`: the data stage's examples (input_ids, response_mask, corrupt, ...); `scores`: the scores stage's
 # (score per token). Both are `datasets.Dataset`s; the classes come back as an Arrow table, one list per example.
 
 
-def partition_table(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """(`token_class` (and `token_weight`, soft selection) per example, stats) by `pc.selection`."""
-    return (partition_streaming if pc.streaming else partition_exact)(tokens, scores, pc)
-
-
 def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """All scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft weights."""
+    """The partition stage: (`token_class` (and `token_weight`, soft selection) per example, stats) by
+    `pc.selection`, all scores in memory as one flat array: exact counts (global, per-sample), or a cut, or soft
+    weights (`partition.streaming`: `tokenforget.stages.partition_streaming.partition_streaming`)."""
     flat_scores, offsets = flat_list_column(scores.data.column("score"))
     flat_resp, _ = flat_list_column(tokens.data.column("response_mask"))
     data_weight = flat_list_column(tokens.data.column("data_weight"))[0] if "data_weight" in tokens.column_names else None
@@ -445,7 +427,7 @@ def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.T
     if pc.selection == "global" and data_weight is None:  # the paper's partition, as before
         classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
         return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
-    bad = known_bad_tokens(tokens) if pc.selection in ("oracle", "simulated") else None
+    bad = known_bad_tokens(tokens) if pc.selection in KNOWN_NOISE else None
     classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad, pc)
     if data_weight is not None:  # the data's labels win where both speak
         classes, weights = with_data_labels(classes, weights, data_weight, flat_resp)
@@ -461,31 +443,6 @@ def _classes_table(offsets: np.ndarray, classes: np.ndarray, weights: Optional[n
     return pa.table(columns)
 
 
-def partition_streaming(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """Scores read a block of examples at a time: histogram cut, exact count, achieved rho reported."""
-    rows = pc.stream_rows
-    if "data_weight" in tokens.column_names:
-        raise ConfigError("config field 'partition.streaming': the streaming cut does not read the data's weights; "
-                          "set partition.streaming: false")
-
-    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for lo in range(0, len(scores), rows):
-            hi = min(lo + rows, len(scores))
-            sc, offsets = flat_list_column(scores.data.slice(lo, hi - lo).column("score"))
-            resp, _ = flat_list_column(tokens.data.slice(lo, hi - lo).column("response_mask"))
-            yield sc, resp.astype(bool), offsets
-
-    cut = streaming_threshold(lambda: (sc[resp] for sc, resp, _ in blocks()), pc.rho)
-    parts = []
-    for sc, resp, offsets in blocks():
-        cls = np.where(resp, np.where(sc >= cut.threshold, LEARN, FORGET), 0).astype(np.int8)
-        parts.append(pa.table({"token_class": list_column(offsets, cls)}))
-    stats = {"n_tokens": cut.n_tokens, "n_positive": cut.n_positive, "n_negative": cut.n_tokens - cut.n_positive,
-             "threshold": cut.threshold, "target_rho": cut.target_rho, "achieved_rho": cut.achieved_rho,
-             "quantiles": {}}
-    return pa.concat_tables(parts), stats
-
-
 def known_bad_tokens(tokens: Any) -> np.ndarray:
     """Flat 0/1 flags of the tokens known to be noise: the `corrupt` mask (injected noise), and every token of
     an example labelled `is_correct: false` (natural noise, labelled per example). An error when there are none."""
@@ -495,6 +452,6 @@ def known_bad_tokens(tokens: Any) -> np.ndarray:
         wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
         bad |= np.repeat(wrong, np.diff(offsets))
     if not bad.any():
-        raise ConfigError("config field 'partition.selection': 'oracle' and 'simulated' need data with known noise "
-                          "(data.corrupt_fraction > 0, or records labelled is_correct: false)")
+        raise ConfigError("config field 'partition.selection': 'oracle', 'simulated' and 'verified_tail' need data with known noise "
+                          "(data.corrupt_fraction > 0, corrupt_spans, or records labelled is_correct: false)")
     return bad
