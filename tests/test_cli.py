@@ -182,6 +182,9 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     classes = datasets.load_from_disk(str(verified / "partition" / "classes"))["token_class"]
     corrupt = datasets.load_from_disk(str(verified / "data" / "tokens"))["corrupt"]
     assert sum(any(b) for b in corrupt) == 9
+    vcfg, want = json.loads((verified / "config.json").read_text()), PRESETS["verified"]  # the preset's fields
+    assert (vcfg["score"]["method"], vcfg["partition"]["selection"]) == (want["score"]["method"],
+                                                                         want["partition"]["selection"])
     for i, (ce, mask, cls, bad) in enumerate(zip(scores, masks, classes, corrupt)):
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if any(bad) else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]

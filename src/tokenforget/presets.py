@@ -41,6 +41,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"objective": {"mode": "forget", "forget_term": "wga", "beta": 1.0, "schedule": "linear",
                                 "t_min": 0.0, "t_max": 0.25}},
     },
+    # For answers that carry a verdict (`is_correct: false`, graded model answers): each wrong answer ignored from
+    # the token the reference finds least likely (`partition.selection: verified_tail`), every right one learned.
+    # It beat sft in 3 of 3 seeds on a weaker model's answers (docs/results.md); give the reference trusted data
+    # (`reference.path`), as measured.
+    "verified": {
+        "score": {"method": "ref_loss"},
+        "partition": {"selection": "verified_tail"},
+        "train": {"objective": {"mode": "ignore"}},
+    },
 }
 
 

@@ -168,6 +168,8 @@ class Run(StageFingerprints):
         if name in self._loaded:
             return self._loaded[name]
         tokens = self.data()
+        if self.cfg.partition.selection in part_mod.KNOWN_NOISE:  # a selection that needs it: before any reference
+            part_mod.known_bad_tokens(tokens)
         if self.scores_unused():
             def zeros() -> datasets.Dataset:
                 self.log(f"[{name}] partition.selection '{self.cfg.partition.selection}' ranks nothing: no reference, zero scores")
