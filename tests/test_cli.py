@@ -223,7 +223,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
 
 def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_model_dir: Path, capsys):
-    """The default settings: sft and the contrastive detector's model trained and evaluated; with `--detectors
+    """The default settings: sft, the contrastive detector's and the verified tail's models trained and evaluated; with `--detectors
     [ref_loss_wga]` that detector's finding measured beside it (a scoring pass of the trusted reference alone: its score reads no base CE), no model
     trained on it."""
     import datasets
@@ -234,8 +234,9 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
                  "--detectors", "[ref_loss_wga]"]) == 0
     out = capsys.readouterr().out
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "contrastive"]  # the default settings
-    assert list(res["detection_methods"]) == ["contrastive", "ref_loss_wga"] and res["detected_only"] == ["ref_loss_wga"]
+    assert list(res["models"]) == ["base", "sft", "contrastive", "verified_tail"]  # the default settings
+    assert list(res["detection_methods"]) == ["contrastive", "verified_tail", "ref_loss_wga"]
+    assert res["detected_only"] == ["ref_loss_wga"]
     assert "ref_loss_wga (no model trained)" in out
     assert (root / "trusted" / "reference" / "stage.json").is_file() and (root / "trusted" / "scores" / "stage.json").is_file()
     ce_base = datasets.load_from_disk(str(root / "trusted" / "scores" / "scores"))["ce_base"]

@@ -114,7 +114,7 @@ class DemoConfig:
     the generator's own answers to the same problems as the clean twin."""
     weak_dir: Optional[str] = None
     """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "contrastive"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "contrastive", "verified_tail"])
     """What is trained and compared (`tokenforget.commands.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
@@ -129,8 +129,9 @@ class DemoConfig:
     `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers decided whole and copies inheriting,
     the tokens below -1 nat ignored; its noisy references cross-fitted on the training answers, 2 folds),
     `contrastive_mixture` (the same scores, the negative share from a two-component mixture), `sim_ignore` / `sim_forget` (simulated detectors of
-    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset) and
-    `contrastive` (the detector that closes most of the oracle gap on this task), with its detection figures; its
+    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset),
+    `contrastive` (the verdict-free detector that closes most of the oracle gap on this task) and `verified_tail`
+    (the `verified` preset: what the answers' verdicts give), with their detection figures; its
     wall time from a fresh clone is in docs/results.md. Add `oracle_ignore` and `clean`
     for the bound and the ceiling."""
     detectors: list[DemoDetector] = field(default_factory=list)
