@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("cli", "__main__", "__init__"),
 }
 # The data's journey through the stage layer: a stage imports only the stages before it.
-JOURNEY = ("labels_in_data", "data", "noise", "natural", "weak", "reference", "score", "partition", "partition_streaming", "labels",
+JOURNEY = ("labels_in_data", "data", "noise", "natural", "weak", "reference", "score", "verdicts", "partition", "partition_streaming", "labels",
            "train_sets", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500

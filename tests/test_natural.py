@@ -141,11 +141,11 @@ def test_oracle_without_known_noise_exits_2(tmp_path: Path, tiny_model_dir: Path
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["partition", str(tmp_path / "c.yaml"), "--partition.selection", "oracle"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'partition.selection'" in err and "'oracle'" in err and "need data with known noise" in err
+    assert "'partition.selection'" in err and "'oracle'" in err and "needs data with known noise" in err
     # the verified tail reads the verdicts too: refused before its reference is trained
     assert main(["partition", str(tmp_path / "c.yaml"), "--preset", "verified"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "'verified_tail' need data with known noise" in err
+    assert "'verified_tail' needs data with known noise" in err
     assert not (Path(cfg["run_dir"]) / "reference" / "stage.json").exists()  # no reference committed
 
 

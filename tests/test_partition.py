@@ -3,6 +3,12 @@
 import numpy as np
 import pytest
 
+from tokenforget.stages.verdicts import (
+    KnownNoise,
+    verified_random_partition,
+    verified_tail_partition,
+    verified_whole_partition,
+)
 from tokenforget.stages.partition import (
     example_partition,
     global_partition,
@@ -10,7 +16,6 @@ from tokenforget.stages.partition import (
     oracle_partition,
     select_tokens,
     tail_partition,
-    verified_tail_partition,
     token_classes,
 )
 
@@ -179,15 +184,17 @@ def test_verified_tail_cuts_each_known_wrong_answer_at_its_worst_token():
     scores = np.array([0.0, -1.0, -5.0, -2.0, 0.0, -0.5, -0.4, -9.0, 0.0, -3.0, -1.0])
     response = np.array([0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1])
     bad = np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0])
+    wrong = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1])  # examples 0 and 2 hold a bad token
     for rho in (0.7, 0.0):
-        classes, weights, stats = select_tokens(scores, response, np.array([0, 4, 8, 11]), "verified_tail", rho, bad=bad)
+        classes, weights, stats = select_tokens(scores, response, np.array([0, 4, 8, 11]), "verified_tail", rho,
+                                                noise=KnownNoise(bad, wrong))
         assert classes.tolist() == [0, 1, -1, -1, 0, 1, 1, 1, 0, -1, -1]
         assert weights is None and (stats.n_positive, stats.n_negative) == (4, 4)
     # ties within a wrong example: the earlier lowest token starts the tail; a wrong example's bad token may come
     # after its worst token or before it (only the verdict is read)
     tied = verified_tail_partition(np.array([-1.0, -2.0, -2.0, -1.0]), np.array([0, 0, 0, 0]), np.array([1, 0, 0, 0]))
     assert tied.tolist() == [True, False, False, False]
-    with pytest.raises(ValueError, match="verified_tail selection needs the known bad tokens"):
+    with pytest.raises(ValueError, match="verified_tail selection needs the known noise"):
         select_tokens(scores, response, np.array([0, 4, 8, 11]), "verified_tail", 0.7)
 
 
@@ -197,10 +204,40 @@ def test_oracle_negatives_are_exactly_the_known_bad_tokens():
     scores = np.array([9.0, 9.0, -9.0, 0.0, 5.0, 1.0])
     response = np.array([0, 1, 1, 0, 1, 1])
     bad = np.array([0, 1, 0, 1, 0, 1])
-    classes, weights, stats = select_tokens(scores, response, np.array([0, 3, 6]), "oracle", 0.7, bad=bad)
+    classes, weights, stats = select_tokens(scores, response, np.array([0, 3, 6]), "oracle", 0.7,
+                                            noise=KnownNoise(bad, np.ones(6)))
     assert classes.tolist() == [0, -1, 1, 0, 1, -1]
     assert weights is None and (stats.n_positive, stats.n_negative) == (2, 2)
     assert oracle_partition(np.array([1, 0])).tolist() == [False, True]
+
+
+def test_verified_whole_and_random_cut_only_the_answers_known_wrong():
+    """Three examples of 3, 2 and 4 response tokens (example index 0 0 0 1 1 2 2 2 2); examples 0 and 2 known wrong.
+    `verified_whole`: their 7 tokens negative, example 1's 2 positive. `verified_random` with seed 5: numpy's
+    default_rng(5).integers(0, [3, 2, 4]) draws offsets [2, 1, 0] (printed once by hand), so example 0 is cut from
+    its 3rd token, example 2 from its 1st (whole); example 1, right, is learned whatever its draw."""
+    example = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    wrong = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1])
+    assert verified_whole_partition(wrong).tolist() == [False, False, False, True, True, False, False, False, False]
+    assert np.random.default_rng(5).integers(0, np.array([3, 2, 4])).tolist() == [2, 1, 0]
+    cut = verified_random_partition(example, wrong, seed=5)
+    assert cut.tolist() == [True, True, False, True, True, False, False, False, False]
+    assert verified_random_partition(example, wrong, seed=5).tolist() == cut.tolist()  # seeded
+
+
+def test_known_noise_takes_the_outcome_label_over_the_spans():
+    """Four examples of 2 tokens each. Example 0: a corrupt token, labelled right (a process error, the outcome
+    right): not a wrong answer, its corrupt token still the oracle's. Example 1: corrupt, labelled wrong: wrong, the
+    oracle's negative its marked token only. Example 2: no mark, labelled wrong: wrong, every token bad. Example 3:
+    unlabelled (-1) and marked: the mark decides."""
+    import datasets
+
+    from tokenforget.stages.verdicts import known_noise
+
+    tokens = datasets.Dataset.from_dict({"corrupt": [[0, 1], [1, 0], [0, 0], [0, 1]], "is_correct": [1, 0, 0, -1]})
+    noise = known_noise(tokens)
+    assert noise.bad.tolist() == [False, True, True, False, True, True, False, True]
+    assert noise.wrong.tolist() == [False, False, True, True, True, True, True, True]
 
 
 def test_simulated_detector_counts_on_a_hand_made_mask():

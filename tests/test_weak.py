@@ -111,9 +111,27 @@ def test_weak_sets_from_graded_answers(tmp_path: Path):
     manifest = write_sets(WeakConfig(out_dir=str(tmp_path)), tmp_path, gold, answers, grades, choice, 0.0)
     read = lambda n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
     noisy = read("noisy")
-    assert manifest["counts"] == {"noisy": 3, "correct_only": 1, "gold": 3}
+    # the wrong answers' first result is off by one but their final answer is the gold one: the outcome verdict
+    # (is_correct) says right, the process grade wrong: every kept answer is right by outcome, 2 disagree; rft holds
+    # every distinct outcome-right sample (problem 0: 1, problem 1: 1, problem 2: 2), rft_process the process-right
+    # ones (problem 0 and problem 2's right one)
+    assert manifest["counts"] == {"noisy": 3, "correct_only": 3, "rft": 4, "rft_process": 2, "gold": 3}
+    assert [(r["is_correct"], r["process_correct"]) for r in noisy] == [(True, True), (True, False), (True, False)]
+    assert manifest["verdicts_disagree"] == 2 and manifest["wrong_share"] == 0.0
+    assert manifest["process_wrong_share"] == 2 / 3
+    assert [r["completion"] for r in read("rft_process")] == [answers[0][0], answers[2][0]]
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in read("gold")] == [gold[i]["prompt"] for i in (0, 1, 2)]
-    assert noisy[0]["corrupt_spans"] == [] and read("correct_only") == [noisy[0]]
+    assert noisy[0]["corrupt_spans"] == [] and read("correct_only") == noisy
     for r in noisy[1:]:  # wrong from the first result's first character to the end
         start = first(r["completion"]).start(1)
         assert r["corrupt_spans"] == [[start, len(r["completion"])]]
+
+
+def test_outcome_verdict_reads_the_final_answer_only():
+    """The verdict users have: "3 * 4 = 12" in place of the gold's "4 * 3 = 12" is right when the final answer is;
+    a right computation with a wrong final answer is wrong; an answer without any number is wrong."""
+    from tokenforget.commands.weak import outcome_correct
+
+    assert outcome_correct("She buys 3 * 4 = 12 apples.\nThe answer is 12.", "12")
+    assert not outcome_correct("She buys 4 * 3 = 12 apples.\nThe answer is 13.", "12")
+    assert not outcome_correct("She buys apples.", "12")

@@ -1,5 +1,5 @@
 """The `tokenforget` command: `run`, `reference`, `score`, `partition`, `train`, `eval`, `compare`, `detect`,
-`audit`, `demo`, `prepare`, `weak`, `report`.
+`audit`, `demo`, `fair`, `prepare`, `weak`, `report`.
 
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, get_args
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from tokenforget.command_config import DemoConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding, WeakConfig
+from tokenforget.command_config import DemoConfig, FairConfig, GpuName, PlanConfig, PrepareConfig, ReportConfig, Sharding, WeakConfig
 from tokenforget.config import RunConfig
 from tokenforget.errors import ConfigError, UserError
 from tokenforget.config.training import FLAT_OBJECTIVE
@@ -145,6 +145,12 @@ def _demo(cfg: DemoConfig) -> None:
     run_demo(cfg)
 
 
+def _fair(cfg: FairConfig) -> None:
+    from tokenforget.commands.demo import run_fair
+
+    run_fair(cfg)
+
+
 def _prepare(cfg: PrepareConfig) -> None:
     from tokenforget.stages.natural import prepare_natural
 
@@ -190,6 +196,8 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
         RunConfig, "Rank the examples by how suspicious the reference finds them; write a table to review.", _audit,
     ),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "fair": (FairConfig, "The fair comparison on the demo's task: settings x data seeds x training seeds x epochs at "
+             "sft's steps, epochs chosen on validation, paired differences on test.", _fair),
     "prepare": (
         PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) and "
         "held-out splits from GSM8K train.", _prepare,

@@ -13,9 +13,17 @@ from tokenforget.config.tokens import FalsePositives
 DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
                       "ignore_tail", "ignore_tail_numbers", "ignore_tail_half", "verified_tail", "oracle_ignore",
-                      "oracle_forget", "clean", "correct_only", "contrastive", "contrastive_mixture", "sim_ignore", "sim_forget"]
+                      "oracle_forget", "clean", "correct_only", "contrastive", "contrastive_mixture", "rft",
+                      "sft_plus_trusted", "verified_whole", "verified_random", "verified_tail_self",
+                      "unlikelihood_wrong", "oracle_wga", "oracle_unlikelihood", "oracle_tnpo",
+                      "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood",
+                      "verified_tail_tnpo", "contrastive_forget", "contrastive_wga", "contrastive_unlikelihood",
+                      "contrastive_tnpo", "sim_ignore", "sim_forget"]
+Verdicts = Literal["outcome", "process"]
+# the settings that detect (demo.PARTITIONING)
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
-                       "ignore_tail_half", "verified_tail", "contrastive", "contrastive_mixture"]  # the settings that detect (demo.PARTITIONING)
+                       "ignore_tail_half", "verified_tail", "contrastive", "contrastive_mixture", "verified_whole",
+                       "verified_random", "verified_tail_self"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
@@ -160,6 +168,17 @@ class DemoConfig:
     figures are printed beside the paper's."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """As `RunConfig.report_to`."""
+    train_seed: Optional[int] = None
+    """The final trainings' seed (LoRA init, data order); None: `seed`, which also makes the data, the test problems
+    and the references. Training seeds over one data seed separate the two sources of randomness."""
+    equal_steps: bool = True
+    """Every setting trains `sft`'s number of optimizer steps, `epochs` x ceil(training answers / batch_size): a
+    smaller set (correct_only, rft) repeats its epochs, a larger one (sft_plus_trusted) sees part of an epoch, each
+    under the same linear schedule to zero over those steps. False: each its own `epochs` over its own set."""
+    verdicts: Verdicts = "outcome"
+    """`noise_kind: weak` only: which verdict the verified settings, `correct_only` and `rft` read. `outcome`: the
+    answer's final answer is right (what users' verifiers give); `process`: every number of it is right (the strict
+    step-by-step grade, `stages.weak.grade`)."""
 
     def __post_init__(self) -> None:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
@@ -175,6 +194,34 @@ class DemoConfig:
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",
                f"a non-empty list without repeats, got {self.settings}")
+
+
+@dataclass
+class FairConfig:
+    """`tokenforget fair`: settings x data seeds x training seeds x epochs on the demo's task, every setting at `sft`'s
+    optimizer steps, epochs chosen on validation, the table on test (`tokenforget.commands.fair`, issue 36)."""
+
+    run_dir: str = "runs/fair"
+    """A folder per data seed (`seed-S/`, its cells' results in `seed-S/cells/`), the table in `fair_table.md`."""
+    demo: DemoConfig = field(default_factory=lambda: DemoConfig(n_test=240, n_val=120, report_to=["none"]))
+    """The demo settings every cell shares (noise, test and validation sizes, model); `seed`, `train_seed`,
+    `epochs`, `settings` and `run_dir` are the grid's."""
+    settings: list[DemoSetting] = field(default_factory=lambda: ["rft", "verified_tail", "verified_tail_self",
+                                                                 "verified_whole", "verified_random"])
+    """Compared with `sft` (always trained); a setting that reads the trusted set adds `sft_plus_trusted`."""
+    data_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    train_seeds: list[int] = field(default_factory=list)
+    """Training seeds per data seed (LoRA init, data order); empty: the data seed's own."""
+    epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Epochs of `sft`'s steps each setting trains; every setting's own is chosen per run on validation."""
+    weak_dir: str = "runs/fair/weak/seed-{seed}"
+    """`demo.noise_kind: weak`: the weak sets of each data seed (`{seed}` filled in); made when missing."""
+
+    def __post_init__(self) -> None:
+        _check(self.demo.n_val >= 1, "demo.n_val", "the epochs are chosen on a validation split: set n_val >= 1 (120 measured)")
+        _check(len(self.data_seeds) > 0 and len(self.epochs) > 0, "data_seeds", "the grid needs data seeds and epochs")
+        _check(all(e > 0 for e in self.epochs), "epochs", f"each > 0, got {self.epochs}")
+        _check("{seed}" in self.weak_dir, "weak_dir", f"must hold '{{seed}}', got {self.weak_dir!r}")
 
 
 @dataclass

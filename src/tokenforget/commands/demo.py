@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tokenforget.command_config import DemoConfig
+from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
 from tokenforget.commands.demo_task import (  # noqa: F401  (the task's names, as before the split)
     ITEMS, NAMES, SYSTEM_PROMPT, SYSTEMATIC_OFFSET, TOTAL_KINDS, demo_run_config, held_out, make_examples, make_task,
     read_jsonl, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
+from tokenforget.report.fair import fair_table, format_fair, grid_settings
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
 NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
@@ -69,20 +70,22 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token", rho: float = 0.7) -> Any:
+    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token", rho: float = 0.7,
+                 run: Any = None) -> Any:
         """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 1 - `rho` of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
         (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on
-        (`verified_tail`: in the answers known wrong, rho unused); with `spans` `number`, each number scored as its
-        least likely token (`score.spans`)."""
+        (`verified_tail`: in the answers known wrong, rho unused; `verified_random` cuts them at a random token seeded
+        by the demo's seed, `verified_whole` drops them whole); with `spans` `number`, each number scored as its least
+        likely token (`score.spans`). `run`: the run whose reference it reads (default: the trusted one)."""
         from tokenforget.run.pipeline import Run
         from tokenforget.run.variants import adopt_stages
 
         if name not in self.made:
-            rec = self.trusted()
+            rec = run or self.trusted()
             c = rec.cfg
             cfg = replace(c, run_dir=str(self.root / name), score=replace(c.score, method=method, spans=spans),
-                          partition=replace(c.partition, selection=selection, rho=rho))
+                          partition=replace(c.partition, selection=selection, rho=rho, seed=self.cfg.seed))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
         return self.made[name]
@@ -130,7 +133,8 @@ class DemoRuns:
 
     def clean(self, name: str = "clean") -> Any:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
-        `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`)."""
+        `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`;
+        `rft`: every right sample, `task/rft.jsonl`)."""
         from tokenforget.run.pipeline import Run
 
         if name not in self.made:
@@ -138,6 +142,41 @@ class DemoRuns:
             self.made[name] = Run(replace(self.run.cfg, run_dir=str(self.root / name), data=data),
                                   base=self.run.base, log=self.log)
         return self.made[name]
+
+    def plus_trusted(self, name: str = "sft_plus_trusted") -> Any:
+        """`sft`'s baseline for the settings that read the trusted set: the noisy answers and the `n_trusted` trusted
+        ones in one file (`task/sft_plus_trusted.jsonl`), in `run_dir/<name>/`."""
+        self.trusted()  # writes task/trusted.jsonl
+        task = self.root / "task"
+        write_jsonl([*read_jsonl(task / "train.jsonl"), *read_jsonl(task / "trusted.jsonl")], task / f"{name}.jsonl")
+        return self.clean(name)
+
+    def self_checked(self, name: str = "self_reference") -> Any:
+        """The `verified` preset with no data beyond the user's own file: its reference trained on the answers of
+        the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`."""
+        from tokenforget.run.pipeline import Run
+
+        if name not in self.made:
+            c = self.run.cfg
+            rc = replace(c, run_dir=str(self.root / name),
+                         reference=replace(c.reference, path=str(self.root / "task" / "correct_only.jsonl")))
+            self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
+        return self.made[name]
+
+    def forgetting(self, run: Any, term: str) -> tuple[Any, str]:
+        """`run`'s negatives forgotten instead of ignored: the paper's `forget` with `term` and its schedule
+        (lambda linear 0 -> 0.25), a `compare.variants` entry `forget_<term>` trained in `run`'s folder."""
+        from tokenforget.run.pipeline import Run
+
+        name = f"forget_{term}"
+        objective = {"mode": "forget", "forget_term": term, "schedule": "linear", "t_min": 0.0, "t_max": FORGET_T_MAX}
+        c = run.cfg
+        cfg = replace(c, compare=replace(c.compare, variants={**c.compare.variants, name: {"objective": objective}}))
+        return Run(cfg, base=run.base, log=self.log), name
+
+
+FORGET_T_MAX = 0.25  # the paper's lambda: linear from 0 to 0.25 over the optimizer steps
+FORGET_TERMS = {"forget": "ga", "wga": "wga", "unlikelihood": "unlikelihood", "tnpo": "tnpo"}  # suffix -> term
 
 
 # Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
@@ -160,6 +199,18 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
     "contrastive": lambda r: (r.contrastive(), "ignore"),
     "contrastive_mixture": lambda r: (r.contrastive("contrastive_mixture"), "ignore"),
+    # the fair comparison's baselines and controls (issue 36)
+    "rft": lambda r: (r.clean("rft"), "sft"),  # every right sample (rejection sampling), at sft's steps
+    "sft_plus_trusted": lambda r: (r.plus_trusted(), "sft"),  # sft given the trusted set the detectors read
+    "verified_whole": lambda r: (r.filtered("verified_whole", "ref_loss", "verified_whole"), "ignore"),
+    "verified_random": lambda r: (r.filtered("verified_random", "ref_loss", "verified_random"), "ignore"),
+    "verified_tail_self": lambda r: (r.filtered("verified_tail_self", "ref_loss", "verified_tail", run=r.self_checked()),
+                                     "ignore"),  # its reference on the file's own right answers
+    "unlikelihood_wrong": lambda r: r.forgetting(r.filtered("verified_whole", "ref_loss", "verified_whole"), "unlikelihood"),
+    **{f"oracle_{t}": (lambda t: lambda r: (r.run, f"oracle_{t}"))(t) for t in ("wga", "unlikelihood", "tnpo")},
+    **{f"verified_tail_{s}": (lambda t: lambda r: r.forgetting(r.filtered("verified_tail", "ref_loss", "verified_tail"), t))(t)
+       for s, t in FORGET_TERMS.items()},
+    **{f"contrastive_{s}": (lambda t: lambda r: r.forgetting(r.contrastive(), t))(t) for s, t in FORGET_TERMS.items()},
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
@@ -170,7 +221,10 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "ignore_tail_half": "the half of the answers whose worst token is least likely, cut there (trusted)",
                 "verified_tail": "the answers known wrong (a verifier's verdict), each cut at its worst token (trusted)",
                 "contrastive": "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)",
-                "contrastive_mixture": "the same scores, the negative share from a two-component mixture"}
+                "contrastive_mixture": "the same scores, the negative share from a two-component mixture",
+                "verified_whole": "the answers known wrong, whole (no score)",
+                "verified_random": "the answers known wrong, each cut at a random token (no score)",
+                "verified_tail_self": "the answers known wrong, cut at the worst token of a reference on the right ones"}
 
 
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
@@ -204,23 +258,39 @@ def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
     """task/train.jsonl (noisy), task/clean.jsonl (the same problems, right), task/test.jsonl (clean held-out
     problems, another seed, none of them a training problem) and with `n_val` task/val.jsonl (a third seed, none
-    a training or test problem), and task/correct_only.jsonl (the noisy set's right answers). Returns (train, test)."""
+    a training or test problem), task/correct_only.jsonl (the noisy set's answers graded right) and task/rft.jsonl
+    (every sample graded right, where `tokenforget weak` wrote them; else the same). Returns (train, test)."""
     task = root / "task"
+    rft: Optional[list[dict[str, Any]]] = None
     if cfg.noise_kind == "weak":  # a weaker model's answers and the generator's own (`tokenforget weak`)
-        noisy, clean = read_jsonl(Path(cfg.weak_dir) / "noisy.jsonl"), read_jsonl(Path(cfg.weak_dir) / "gold.jsonl")  # type: ignore[arg-type]
+        weak = Path(cfg.weak_dir)  # type: ignore[arg-type]
+        noisy = [with_verdict(r, cfg.verdicts) for r in read_jsonl(weak / "noisy.jsonl")]
+        clean = read_jsonl(weak / "gold.jsonl")
+        rft_file = weak / ("rft.jsonl" if cfg.verdicts == "outcome" else "rft_process.jsonl")
+        rft = read_jsonl(rft_file) if rft_file.is_file() else None  # sets made before issue 36: the kept right ones
     elif cfg.noise_kind == "systematic":
         noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
     else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
         noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
     write_jsonl(noisy, task / "train.jsonl")
     write_jsonl(clean, task / "clean.jsonl")
-    write_jsonl([r for r in noisy if not r["corrupt_spans"]], task / "correct_only.jsonl")
+    correct_only = [r for r in noisy if r.get("is_correct", not r["corrupt_spans"])]  # the verdict, else the spans
+    write_jsonl(correct_only, task / "correct_only.jsonl")
+    write_jsonl(correct_only if rft is None else rft, task / "rft.jsonl")
     taken = {r["prompt"] for r in noisy}
     test = held_out(cfg.n_test, cfg.seed + 10_000, taken)
     write_jsonl(test, task / "test.jsonl")
     if cfg.n_val:
         write_jsonl(held_out(cfg.n_val, cfg.seed + 30_000, taken | {r["prompt"] for r in test}), task / "val.jsonl")
     return task / "train.jsonl", task / "test.jsonl"
+
+
+def with_verdict(record: dict[str, Any], verdicts: str) -> dict[str, Any]:
+    """A weak set's record with `is_correct` the verdict chosen (`DemoConfig.verdicts`): `tokenforget weak` writes
+    the outcome there and the process grade in `process_correct`."""
+    if verdicts == "process" and "process_correct" in record:
+        return {**record, "is_correct": record["process_correct"]}
+    return record
 
 
 def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict[str, Any]]:
@@ -233,7 +303,8 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
     out = {}
     for name in (s for s in settings if s in PARTITIONING or s not in DEMO_SETTINGS):
         run, _stage = setting_stage(runs, name)
-        if run.cfg.partition.selection in ("simulated", "mixture", "threshold", "tail", "verified_tail"):  # its own
+        if run.cfg.partition.selection in ("simulated", "mixture", "threshold", "tail", "verified_tail", "verified_whole",
+                                           "verified_random"):  # its own
             out[name] = {**detection_of(run).__dict__, "mean_corrupt": float("nan"), "mean_clean": float("nan")}
         elif run.cfg.partition.selection == "example":  # a filter drops whole examples: detection of examples
             out[name] = example_detection(run.data(), run.score(), run.partition())
@@ -260,6 +331,12 @@ def example_detection(tokens: Any, scores: Any, classes: Any) -> dict[str, Any]:
             "mean_clean": float(mean[~bad].mean()) if (~bad).any() else nan}
 
 
+def stage_suffix(cfg: DemoConfig) -> str:
+    """What a final training's stage name adds for epochs other than 1 and a training seed of its own
+    (`train-sft-e2-t1`), so that a grid's cells share one run folder, its references and scoring passes."""
+    return ("" if cfg.epochs == 1 else f"-e{cfg.epochs:g}") + ("" if cfg.train_seed is None else f"-t{cfg.train_seed}")
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional[BaseModel] = None) -> dict[str, Any]:
     """Generate the task, train every setting of `cfg.settings`, evaluate them and the base on clean held-out
     problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
@@ -277,7 +354,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     stages, settings = {}, expand_settings(cfg)
     for name in settings:
         sub, stage = setting_stage(runs, name)
-        stages[name] = variants.train(sub, stage)  # a mode, or a variant (oracle_ignore, oracle_forget)
+        stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
     results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
     if cfg.n_val:
@@ -293,3 +370,87 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     log(report.run_summary(run, [f"train-{m}" for m in ("sft", "dft", "forget") if (run.root / f"train-{m}").is_dir()]))
     log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
+
+# ---------------------------------------------------------------- `tokenforget fair`: the demo over a grid
+# Settings x data seeds x training seeds x epochs, each cell one `run_demo` call in the data seed's folder (its
+# references and scoring passes shared by the cells; each final training a stage of its own, `train-<mode>-e2-t5`;
+# every stage and evaluation reused by fingerprint, so the grid resumes where it was stopped). Every setting at
+# sft's optimizer steps (`DemoConfig.equal_steps`); epochs chosen per run on validation; the table on test
+# (`tokenforget.report.fair`).
+
+
+def weak_dir_for(cfg: FairConfig, seed: int) -> Path:
+    """The weak sets of data seed `seed` (`FairConfig.weak_dir` with `{seed}` filled in)."""
+    return Path(cfg.weak_dir.format(seed=seed))
+
+
+def cell_config(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> DemoConfig:
+    """The demo call of one cell: the data seed's folder, the cell's training seed and epochs, every setting."""
+    weak = str(weak_dir_for(cfg, seed)) if cfg.demo.noise_kind == "weak" else cfg.demo.weak_dir
+    return replace(cfg.demo, run_dir=str(Path(cfg.run_dir) / f"seed-{seed}"), seed=seed, train_seed=train_seed,
+                   epochs=epochs, equal_steps=True, weak_dir=weak, settings=grid_settings(cfg.settings),
+                   detectors=[])
+
+
+FAIR_RESULTS, FAIR_TABLE = "fair_results.json", "fair_table.md"
+
+
+def cell_file(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> Path:
+    return Path(cfg.run_dir) / f"seed-{seed}" / "cells" / f"t{train_seed}-e{epochs:g}.json"
+
+
+def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every cell of the grid not yet on disk (epochs outermost, so that a whole table at one epochs value lands
+    first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
+    from tokenforget.commands.weak import make_weak_sets
+
+    for epochs in cfg.epochs:
+        for seed in cfg.data_seeds:
+            if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, seed) / "manifest.json").is_file():
+                log(f"[fair] weak sets of seed {seed}: {weak_dir_for(cfg, seed)}")
+                make_weak_sets(WeakConfig(out_dir=str(weak_dir_for(cfg, seed)), seed=seed, model=cfg.demo.model,
+                                          report_to=["none"]), log)
+            for train_seed in cfg.train_seeds or [seed]:
+                out = cell_file(cfg, seed, train_seed, epochs)
+                if out.is_file():
+                    continue
+                log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
+                results = run_demo(cell_config(cfg, seed, train_seed, epochs), log)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cell_record(results)))
+                tmp.replace(out)
+    return write_table(cfg, log)
+
+
+def cell_record(results: dict[str, Any]) -> dict[str, Any]:
+    """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, and its
+    validation accuracy."""
+    val = results.get("validation", {})
+    return {name: {"correct": [int(c) for c in m["correct"]], "gold_nll": m["gold_nll"],
+                   "val_accuracy": val.get(name, {}).get("accuracy")}
+            for name, m in results["models"].items()}
+
+
+def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
+    """The finished cells: (data seed, training seed, epochs) -> `cell_record`."""
+    cells = {}
+    for seed in cfg.data_seeds:
+        for train_seed in cfg.train_seeds or [seed]:
+            for epochs in cfg.epochs:
+                f = cell_file(cfg, seed, train_seed, epochs)
+                if f.is_file():
+                    cells[(seed, train_seed, epochs)] = json.loads(f.read_text())
+    return cells
+
+
+def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk; returns the table."""
+    table = fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs)
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))
+    text = format_fair(table)
+    (root / FAIR_TABLE).write_text(text + "\n")
+    log(text)
+    return table

@@ -8,6 +8,7 @@ are no training problem) and the run configuration the demo and `tokenforget wea
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -153,6 +154,8 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     `compare.variants` of it (the known corrupted tokens as the negative set)."""
     training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size, logging_steps=5)
     ref_training = replace(training, epochs=cfg.reference_epochs)
+    if cfg.equal_steps:  # every setting at sft's optimizer steps, whatever its set's size
+        training = replace(training, max_steps=sft_steps(sum(1 for _ in open(train_path)), cfg))
     return RunConfig(
         run_dir=cfg.run_dir,
         seed=cfg.seed,
@@ -160,13 +163,21 @@ def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
         data=DataConfig(path=str(train_path), max_length=256, system_prompt=SYSTEM_PROMPT),
         reference=ReferenceConfig(fraction=cfg.reference_fraction, training=ref_training),
         partition=PartitionConfig(rho=cfg.rho),
-        train=TrainConfig(objective=ObjectiveConfig(mode="forget"), training=training, save_merged=True),
+        train=TrainConfig(objective=ObjectiveConfig(mode="forget"), training=training, save_merged=True, seed=cfg.train_seed),
         compare=CompareConfig(variants={
             "oracle_ignore": {"objective": {"mode": "ignore"}, "partition": {"selection": "oracle"}},
             "oracle_forget": {"objective": {"mode": "forget"}, "partition": {"selection": "oracle"}},
+            **{f"oracle_{t}": {"objective": {"mode": "forget", "forget_term": t}, "partition": {"selection": "oracle"}}
+               for t in ("wga", "unlikelihood", "tnpo")},  # the bounded terms on the same negatives
         }),
         report_to=cfg.report_to,
     )
+
+
+def sft_steps(n_answers: int, cfg: DemoConfig) -> int:
+    """`sft`'s optimizer steps on `n_answers` training answers: `epochs` x ceil(n / batch_size), rounded up as
+    transformers' Trainer rounds a fractional epoch count."""
+    return math.ceil(cfg.epochs * math.ceil(n_answers / cfg.batch_size))
 
 
 def held_out(n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:

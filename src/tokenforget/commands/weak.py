@@ -95,26 +95,56 @@ def make_weak_sets(cfg: WeakConfig, log: Callable[[str], None] = print) -> dict[
     return write_sets(cfg, out, gold, answers, grades, choice, time.time() - t0)
 
 
+def outcome_correct(answer: str, gold_answer: str) -> bool:
+    """The verdict users have (an outcome verifier): the answer's final answer (`metrics.extract_answer`) equals the
+    gold one, whatever its steps say ("3 * 4 = 12" in place of "4 * 3 = 12" is right)."""
+    from tokenforget.metrics import answers_match, extract_answer
+
+    return answers_match(extract_answer(answer), gold_answer)
+
+
+def rft_rows(gold: list[dict[str, Any]], kept: list[int]) -> list[dict[str, Any]]:
+    """A right-answer record per kept problem, its completion to be filled in."""
+    return [{"prompt": gold[i]["prompt"], "completion": "", "answer": gold[i]["answer"], "corrupt_spans": [],
+             "is_correct": True} for i in kept]
+
+
 def write_sets(cfg: WeakConfig, out: Path, gold: list[dict[str, Any]], answers: list[list[str]], grades: list[list[Any]],
                choice: list[Any], wall_s: float) -> dict[str, Any]:
-    """noisy / correct_only / gold / samples JSONL and manifest.json; the manifest."""
+    """noisy / correct_only / rft / gold / samples JSONL and manifest.json; the manifest.
+
+    Each kept answer carries `is_correct`, the outcome verdict (its final answer right: what users' verifiers give),
+    and `process_correct`, the strict step-by-step grade (`stages.weak.grade`); `corrupt_spans` stay the process
+    grade's first wrong number to the end (the oracle's natural mask). `correct_only` holds the kept answers whose
+    outcome is right; `rft.jsonl` every distinct outcome-right sample of the kept problems (rejection-sampling
+    fine-tuning, Yuan et al. 2023, arXiv 2308.01825: all the right samples, not one per problem); `rft_process.jsonl`
+    the same by the process grade."""
     from tokenforget.commands.demo_task import write_jsonl
 
     kept = [i for i, c in enumerate(choice) if c is not None]
-    # no `is_correct` field: the oracle's negatives are then the natural token mask, not whole answers
     noisy = [{"prompt": gold[i]["prompt"], "completion": answers[i][choice[i]], "answer": gold[i]["answer"],
-              "corrupt_spans": grades[i][choice[i]].spans(answers[i][choice[i]])} for i in kept]
-    sets = {"noisy": noisy, "correct_only": [r for r in noisy if not r["corrupt_spans"]], "gold": [gold[i] for i in kept]}
+              "corrupt_spans": grades[i][choice[i]].spans(answers[i][choice[i]]),
+              "is_correct": outcome_correct(answers[i][choice[i]], gold[i]["answer"]),
+              "process_correct": grades[i][choice[i]].correct} for i in kept]
+    rft = [{**r, "completion": a} for i, r in zip(kept, rft_rows(gold, kept)) for a in dict.fromkeys(answers[i])
+           if outcome_correct(a, gold[i]["answer"])]
+    rft_process = [{**r, "completion": a} for i, r in zip(kept, rft_rows(gold, kept)) for a, g in
+                   dict.fromkeys(zip(answers[i], grades[i])) if g.correct]
+    sets = {"noisy": noisy, "correct_only": [r for r in noisy if r["is_correct"]], "rft": rft, "rft_process": rft_process,
+            "gold": [gold[i] for i in kept]}
     files = {}
     for name, rows in sets.items():
         write_jsonl(rows, out / f"{name}.jsonl")
         files[name] = str(out / f"{name}.jsonl")
-    write_jsonl([{"problem": i, "sample": j, "answer": a, **asdict(g)} for i, (row, gs) in enumerate(zip(answers, grades))
-                 for j, (a, g) in enumerate(zip(row, gs))], out / "samples.jsonl")
+    write_jsonl([{"problem": i, "sample": j, "answer": a, **asdict(g), "outcome_correct": outcome_correct(a, gold[i]["answer"])}
+                 for i, (row, gs) in enumerate(zip(answers, grades)) for j, (a, g) in enumerate(zip(row, gs))],
+                out / "samples.jsonl")
     complete = [g for gs in grades for g in gs if g.complete]
     manifest = {
         "config": asdict(cfg), "counts": {k: len(v) for k, v in sets.items()}, "files": files,
         "wrong_share": 1 - len(sets["correct_only"]) / max(len(noisy), 1),
+        "process_wrong_share": sum(not r["process_correct"] for r in noisy) / max(len(noisy), 1),
+        "verdicts_disagree": sum(r["is_correct"] != r["process_correct"] for r in noisy),
         "sampled_wrong_share": sum(not g.correct for g in complete) / max(len(complete), 1),
         "incomplete_samples": sum(not g.complete for gs in grades for g in gs), "wall_s": wall_s,
     }

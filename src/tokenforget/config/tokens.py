@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from tokenforget.errors import _check
 
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "verified_tail", "oracle", "data", "simulated", "mixture"]
+Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "verified_tail", "verified_whole", "verified_random", "oracle", "data", "simulated", "mixture"]
 SpanUnit = Literal["token", "number", "step"]
 FalsePositives = Literal["random", "detector"]
 
@@ -70,7 +70,11 @@ class PartitionConfig:
     `tail`: in the 1 - rho of examples whose lowest token score is lowest, the tokens from that one to the end are
     negative (with `ref_loss` and `ignore`: each suspicious answer is cut where it first looks wrong);
     `verified_tail`: the same cut in every answer the data says is wrong (`is_correct: false`, or a known noisy token)
-    and in no other (rho unused): a verifier's verdict says which answers, the score where each goes wrong; `oracle`: the
+    and in no other (rho unused): a verifier's verdict says which answers, the score where each goes wrong (where the
+    data has `is_correct`, that label is the verdict; else a known noisy token); `verified_random`: the same answers,
+    each cut at a seeded random token (`seed`: the control for where to cut); `verified_whole`: every token of the
+    answers known wrong negative (with `ignore`: rejection sampling's filter at sft's steps; with a forgetting term,
+    unlikelihood on the wrong answers, UFT); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
     `is_correct: false`), a bound on any detector (scores unused); `data`: the weights the data carries (a message's
     `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
@@ -93,7 +97,7 @@ class PartitionConfig:
     """`selection: simulated` only: the right tokens added, `random` ones or those the `score.method` finds most
     suspicious (`detector`: a real detector's false positives, the hardest right tokens)."""
     seed: int = 0
-    """`selection: simulated` only: the seed of its random draws."""
+    """`selection: simulated` and `verified_random` only: the seed of their random draws."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.rho <= 1.0, "partition.rho", f"must be in [0, 1], got {self.rho}")

@@ -189,6 +189,9 @@ class TrainConfig:
     response NLL whatever the mode."""
     eval_split: str = "test"
     """Split of `eval_path` when it is a Hub data set."""
+    seed: Optional[int] = None
+    """The final training's seed (LoRA init, data order, dropout); None: the run's `seed`. A second source of
+    randomness apart from the data's and the reference's (the run's `seed`): training seeds over the same data."""
 
     def objective_for(self, mode: Optional[str] = None) -> ObjectiveConfig:
         """The objective of a training of `mode` (default `objective.mode`): the other knobs as configured."""

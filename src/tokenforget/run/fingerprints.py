@@ -11,7 +11,7 @@ from tokenforget.config import RunConfig, to_dict
 from tokenforget.config.training import FLAT_OBJECTIVE, NEEDS_BASE_CE
 from tokenforget.model.loading import checkpoint_dir
 from tokenforget.objectives import PARTITION_FREE
-from tokenforget.stages.partition import SCORELESS
+from tokenforget.stages.partition import SELECTIONS
 from tokenforget.runfolder import file_digest, fingerprint, folder_digest, stable_view
 from tokenforget.score_methods import reads_base
 from tokenforget.stages import labels as labels_mod
@@ -81,7 +81,7 @@ class StageFingerprints:
         carries), so no reference is trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs
         the base model's CE. A simulated detector with random false positives reads the known noise only."""
         pc = self.cfg.partition
-        known_only = pc.selection in SCORELESS or (pc.selection == "simulated" and pc.false_positives == "random")
+        known_only = not SELECTIONS[pc.selection].needs_scores or (pc.selection == "simulated" and pc.false_positives == "random")
         return known_only and self.cfg.train.objective.forget_term not in NEEDS_BASE_CE
 
     def score_fp(self, rnd: int = 1) -> str:

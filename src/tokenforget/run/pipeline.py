@@ -58,6 +58,7 @@ from tokenforget.stages import (
     reference as ref_mod,
     score as score_mod,
     train_sets,
+    verdicts,
 )
 
 
@@ -168,8 +169,8 @@ class Run(StageFingerprints):
         if name in self._loaded:
             return self._loaded[name]
         tokens = self.data()
-        if self.cfg.partition.selection in part_mod.KNOWN_NOISE:  # a selection that needs it: before any reference
-            part_mod.known_bad_tokens(tokens)
+        if part_mod.SELECTIONS[self.cfg.partition.selection].reads_known_noise:  # refused before any reference
+            verdicts.known_noise(tokens, self.cfg.partition.selection)
         if self.scores_unused():
             def zeros() -> datasets.Dataset:
                 self.log(f"[{name}] partition.selection '{self.cfg.partition.selection}' ranks nothing: no reference, zero scores")
@@ -291,7 +292,9 @@ class Run(StageFingerprints):
 
         def build() -> None:
             nonlocal trainer
-            trainer = train_mod.fit(self.setup, train_set, tcfg, self.setup.objective(mode), name, fp, eval_set)
+            seed = self.cfg.train.seed if final and self.cfg.train.seed is not None else self.setup.seed
+            setup = replace(self.setup, seed=seed)  # a final training's own seed (`train.seed`), else the run's
+            trainer = train_mod.fit(setup, train_set, tcfg, setup.objective(mode), name, fp, eval_set)
 
         def commit(_: None, d: Path) -> dict[str, Any]:
             if final:

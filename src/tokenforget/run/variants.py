@@ -86,12 +86,13 @@ def adoptable(child: Run, parent: Run, stage: str, fp: str) -> bool:
 
 
 
-def train(run: Run, mode: str) -> Path:
-    """`run.train(mode)`, where `mode` may also be a `compare.variants` name (its stage: `train-<name>`)."""
+def train(run: Run, mode: str, suffix: str = "") -> Path:
+    """`run.train(mode)`, where `mode` may also be a `compare.variants` name (its stage: `train-<name>`); `suffix`
+    is added to the stage's name (`train-sft-e2`)."""
     if mode not in run.cfg.compare.variants:
-        return run.train(mode)
+        return run.train(mode, stage=f"train-{mode}{suffix}")
     sub, sub_mode = variant(run, mode)
-    return sub.train(sub_mode, stage=f"train-{mode}")
+    return sub.train(sub_mode, stage=f"train-{mode}{suffix}")
 
 
 

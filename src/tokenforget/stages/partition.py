@@ -11,8 +11,9 @@ For score sets that do not fit in memory, `partition.streaming` finds the cut fr
 
 Other token selections (`partition.selection`): the registry `SELECTIONS`, each a function of this module
 (`per_sample_partition`, `threshold_partition`, `soft_weights`, `example_partition`, `tail_partition`,
-`verified_tail_partition`, `oracle_partition`, `simulated_partition`, `mixture_partition`; `data_classes` reads the data's weights and no
-scores). Whatever the selection, where the data carries weights they win (`with_data_labels`).
+`oracle_partition`, `simulated_partition`, `mixture_partition`; `data_classes` reads the data's weights and no
+scores; the selections that read the data's verdicts are in `tokenforget.stages.verdicts`). Whatever the
+selection, where the data carries weights they win (`with_data_labels`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from tokenforget.config.tokens import PartitionConfig
 from tokenforget.errors import ConfigError
 from tokenforget.metrics import two_gaussians
 from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.stages.verdicts import (
+    KnownNoise, known_noise, verified_random_partition, verified_tail_partition, verified_whole_partition, worst_tokens,
+)
 
 
 def n_positive(n_tokens: int, rho: float) -> int:
@@ -147,36 +151,6 @@ def tail_partition(scores: np.ndarray, example: np.ndarray, rho: float) -> np.nd
     return whole[of] | (np.arange(scores.shape[0]) < worst[of])
 
 
-def worst_tokens(scores: np.ndarray, example: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """((E,) flat index of each example's lowest-scored token, the earlier of tied ones; (N,) each token's
-    example as 0..E-1) for scores (N,) and a non-decreasing example index (N,)."""
-    ids, first = np.unique(example, return_index=True)
-    order = np.lexsort((np.arange(scores.shape[0]), scores, example))  # by example, then score, then position
-    return order[first], np.searchsorted(ids, example)  # groups keep their places in `order`
-
-
-def verified_tail_partition(scores: np.ndarray, example: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """Boolean (N,) mask: in each example known to be wrong (any of its tokens in `bad`), every token from its
-    lowest-scored one to its end is negative; every other token is positive. Within an example the earlier of
-    tied tokens starts the tail.
-
-    For data whose answers carry a verdict but not the place of the error (graded model answers, rejection
-    sampling: `is_correct: false`): the verdict says which answers are wrong, the score says where each goes
-    wrong, and the right start of a wrong answer is still learned, where keeping only the right answers
-    (`correct_only`) loses it. The tail of `tail_partition` with the verdict in place of the ranking of
-    examples; the first-error view of process supervision (Lightman et al., 2023, arXiv 2305.20050).
-
-    Args:
-        scores: (N,) scores of all response tokens in data order (low = suspicious).
-        example: (N,) non-decreasing example index of each token.
-        bad: (N,) flags of the tokens known to be noise; only which examples hold one is read.
-    """
-    worst, of = worst_tokens(scores, example)
-    wrong = np.zeros(len(worst), dtype=bool)
-    np.logical_or.at(wrong, of, bad.astype(bool))  # (E,) the verdicts
-    return ~wrong[of] | (np.arange(scores.shape[0]) < worst[of])
-
-
 def oracle_partition(bad: np.ndarray) -> np.ndarray:
     """Boolean (N,) mask: True for every token not known to be bad. The negative set is exactly the known
     noise (an injected `corrupt` mask, or every token of an example labelled `is_correct: false`): the bound
@@ -230,8 +204,6 @@ def mixture_partition(scores: np.ndarray) -> tuple[np.ndarray, float]:
     return global_partition(scores, 1.0 - float(w[0])), float(w[0])
 
 
-SCORELESS = frozenset({"oracle", "data"})  # selections that rank nothing: no reference is trained, no token scored
-KNOWN_NOISE = frozenset({"oracle", "simulated", "verified_tail"})  # selections that read the data's known noise
 
 
 def with_data_labels(
@@ -279,13 +251,13 @@ class Ranking:
 
     scores: np.ndarray  # (n,) float: high = learn
     example: np.ndarray  # (n,) int: the example each token belongs to
-    bad: Optional[np.ndarray]  # (n,) 0/1: the known noise (the selections in KNOWN_NOISE), else None
+    noise: Optional[KnownNoise]  # the known noise (selections with `reads_known_noise`), else None
     pc: PartitionConfig  # rho, threshold and the simulated detector's settings
 
-    def known_bad(self, name: str) -> np.ndarray:  # the input of the selections in KNOWN_NOISE
-        if self.bad is None:
-            raise ValueError(f"the {name} selection needs the known bad tokens")
-        return self.bad
+    def known(self, name: str) -> KnownNoise:  # the input of the selections that read the known noise
+        if self.noise is None:
+            raise ValueError(f"the {name} selection needs the known noise")
+        return self.noise
 
 
 @dataclass
@@ -310,26 +282,44 @@ def _data(r: Ranking) -> Selected:  # not a ranking: `data_classes` reads the da
     raise ValueError("the data selection reads the data's weights: `data_classes`, not `select_tokens`")
 
 
-# `partition.selection` -> what it decides (config.Selection lists the same names: tests/test_registries.py).
-SELECTIONS: dict[str, Callable[[Ranking], Selected]] = {
-    "global": lambda r: Selected(global_partition(r.scores, r.pc.rho)),
-    "per_sample": lambda r: Selected(per_sample_partition(r.scores, r.example, r.pc.rho)),
-    "threshold": lambda r: Selected(threshold_partition(r.scores, r.pc.threshold)),
-    "soft": _soft,
-    "example": lambda r: Selected(example_partition(r.scores, r.example, r.pc.rho)),
-    "tail": lambda r: Selected(tail_partition(r.scores, r.example, r.pc.rho)),
-    "verified_tail": lambda r: Selected(verified_tail_partition(r.scores, r.example, r.known_bad("verified_tail"))),
-    "oracle": lambda r: Selected(oracle_partition(r.known_bad("oracle"))),
-    "data": _data,
-    "simulated": lambda r: Selected(simulated_partition(r.known_bad("simulated"), r.scores, r.pc.recall, r.pc.precision,
-                                                        r.pc.false_positives, r.pc.seed)),
-    "mixture": _mixture,
+@dataclass(frozen=True)
+class Selection:
+    """One `partition.selection`: what it decides, and what it needs. A new selection is one record here."""
+
+    decide: Callable[[Ranking], Selected]
+    needs_scores: bool = True  # False: it ranks nothing, so no reference is trained and no token scored
+    reads_known_noise: bool = False  # True: it reads the data's known noise (refused early on data without any)
+
+
+# `partition.selection` -> its record (config.Selection lists the same names: tests/test_registries.py).
+SELECTIONS: dict[str, Selection] = {
+    "global": Selection(lambda r: Selected(global_partition(r.scores, r.pc.rho))),
+    "per_sample": Selection(lambda r: Selected(per_sample_partition(r.scores, r.example, r.pc.rho))),
+    "threshold": Selection(lambda r: Selected(threshold_partition(r.scores, r.pc.threshold))),
+    "soft": Selection(_soft),
+    "example": Selection(lambda r: Selected(example_partition(r.scores, r.example, r.pc.rho))),
+    "tail": Selection(lambda r: Selected(tail_partition(r.scores, r.example, r.pc.rho))),
+    "verified_tail": Selection(
+        lambda r: Selected(verified_tail_partition(r.scores, r.example, r.known("verified_tail").wrong)),
+        reads_known_noise=True),
+    "verified_whole": Selection(lambda r: Selected(verified_whole_partition(r.known("verified_whole").wrong)),
+                                needs_scores=False, reads_known_noise=True),
+    "verified_random": Selection(
+        lambda r: Selected(verified_random_partition(r.example, r.known("verified_random").wrong, r.pc.seed)),
+        needs_scores=False, reads_known_noise=True),
+    "oracle": Selection(lambda r: Selected(oracle_partition(r.known("oracle").bad)), needs_scores=False,
+                        reads_known_noise=True),
+    "data": Selection(_data, needs_scores=False),
+    "simulated": Selection(lambda r: Selected(simulated_partition(r.known("simulated").bad, r.scores, r.pc.recall,
+                                                                  r.pc.precision, r.pc.false_positives, r.pc.seed)),
+                           reads_known_noise=True),
+    "mixture": Selection(_mixture),
 }
 
 
 def select_tokens(
     scores: np.ndarray, response: np.ndarray, offsets: np.ndarray, selection: str, rho: float, threshold: float = 0.0,
-    bad: Optional[np.ndarray] = None, pc: Optional[PartitionConfig] = None,
+    noise: Optional[KnownNoise] = None, pc: Optional[PartitionConfig] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray], "PartitionStats"]:
     """Flat classes (+1/-1/0, int8), flat |weights| (float32, soft selection only, else None) and stats.
 
@@ -337,7 +327,7 @@ def select_tokens(
         scores: flat per-token scores of every example; response: flat 0/1 flags of the tokens to rank.
         offsets: (E + 1,) example boundaries into the flat arrays.
         selection: a name of `SELECTIONS`; rho, threshold: the share positive, the `threshold` selection's cut.
-        bad: flat 0/1 flags of the tokens known to be noise (the selections in `KNOWN_NOISE` only).
+        noise: the known noise, flat (the selections that read it only: `Selection.reads_known_noise`).
         pc: the partition config (`simulated` reads its recall, precision, false_positives and seed).
     """
     if selection not in SELECTIONS:
@@ -348,8 +338,8 @@ def select_tokens(
         raise ValueError("scores contain NaN or infinite values")
     settings = replace(pc or PartitionConfig(), rho=rho, threshold=threshold)
     example = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[resp]
-    chosen_bad = None if bad is None else bad[resp]
-    decided = SELECTIONS[selection](Ranking(chosen, example, chosen_bad, settings))
+    chosen_noise = None if noise is None else KnownNoise(noise.bad[resp], noise.wrong[resp])
+    decided = SELECTIONS[selection].decide(Ranking(chosen, example, chosen_noise, settings))
     classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
     classes[resp] = np.where(decided.positive, LEARN, FORGET)
     weights = None
@@ -427,8 +417,8 @@ def partition_exact(tokens: Any, scores: Any, pc: PartitionConfig) -> tuple[pa.T
     if pc.selection == "global" and data_weight is None:  # the paper's partition, as before
         classes, stats = flat_token_classes(flat_scores, flat_resp, pc.rho)
         return pa.table({"token_class": list_column(offsets, classes)}), stats.__dict__
-    bad = known_bad_tokens(tokens) if pc.selection in KNOWN_NOISE else None
-    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, bad, pc)
+    noise = known_noise(tokens, pc.selection) if SELECTIONS[pc.selection].reads_known_noise else None
+    classes, weights, stats = select_tokens(flat_scores, flat_resp, offsets, pc.selection, pc.rho, pc.threshold, noise, pc)
     if data_weight is not None:  # the data's labels win where both speak
         classes, weights = with_data_labels(classes, weights, data_weight, flat_resp)
         return _classes_table(offsets, classes, weights), {**stats.__dict__, **class_counts(classes, flat_resp),
@@ -441,17 +431,3 @@ def _classes_table(offsets: np.ndarray, classes: np.ndarray, weights: Optional[n
     if weights is not None:
         columns["token_weight"] = list_column(offsets, weights)
     return pa.table(columns)
-
-
-def known_bad_tokens(tokens: Any) -> np.ndarray:
-    """Flat 0/1 flags of the tokens known to be noise: the `corrupt` mask (injected noise), and every token of
-    an example labelled `is_correct: false` (natural noise, labelled per example). An error when there are none."""
-    corrupt, offsets = flat_list_column(tokens.data.column("corrupt"))
-    bad = corrupt.astype(bool)
-    if "is_correct" in tokens.column_names:
-        wrong = np.asarray(tokens["is_correct"]) == 0  # (E,)
-        bad |= np.repeat(wrong, np.diff(offsets))
-    if not bad.any():
-        raise ConfigError("config field 'partition.selection': 'oracle', 'simulated' and 'verified_tail' need data with known noise "
-                          "(data.corrupt_fraction > 0, corrupt_spans, or records labelled is_correct: false)")
-    return bad

@@ -1,0 +1,140 @@
+"""The fair comparison's table (`tokenforget fair`, `tokenforget.commands.demo.run_fair`; issue 36): numbers in,
+table out, no model.
+
+The protocol's rules as data: `EXTRA_DATA` (a setting that reads data beyond the user's noisy file brings the
+baseline given that same data), `BASELINES` (what a user would do anyway: the candidates for the strongest
+baseline). `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference
+to `sft` and to the strongest baseline, with the standard error over runs and the mean problem-level paired
+standard error beside it, at equal steps (each epochs value) and at each setting's own epochs, chosen per run on
+the validation split (`chosen_epochs`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# Settings that read data beyond the user's noisy file -> the baseline given that same data (MEASURING.md).
+EXTRA_DATA = {s: "sft_plus_trusted" for s in (
+    "ref_loss_wga", "ignore", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers", "ignore_tail_half",
+    "verified_tail", "contrastive", "contrastive_mixture", "verified_tail_forget", "verified_tail_wga",
+    "verified_tail_unlikelihood", "verified_tail_tnpo", "contrastive_forget", "contrastive_wga",
+    "contrastive_unlikelihood", "contrastive_tnpo")}
+# What a user would do anyway (not a detector of ours): the candidates for the strongest baseline.
+BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft")
+
+
+def grid_settings(settings: Sequence[str], baseline: str = "sft") -> list[str]:
+    """The settings to train: `baseline` first, then `settings` in order, each extra-data setting's matching
+    baseline added after the last setting (once)."""
+    out = [baseline, *(s for s in settings if s != baseline)]
+    for s in settings:
+        match = EXTRA_DATA.get(s)
+        if match and match not in out:
+            out.append(match)
+    return out
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A setting against another over runs: the mean paired test difference, its standard error over runs
+    (std / sqrt(runs), NaN for one run), the mean over runs of the problem-level paired standard error, runs."""
+
+    mean: float
+    se_runs: float
+    se_problems: float
+    runs: int
+
+
+def paired(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> Paired:
+    """`a` against `b`: per run, the mean over problems of a_i - b_i and its standard error std(d, ddof 1) / sqrt(n);
+    then their mean over runs, and the standard error of that mean over runs."""
+    diffs = [np.asarray(x, float) - np.asarray(y, float) for x, y in zip(a, b)]
+    if not diffs:
+        return Paired(math.nan, math.nan, math.nan, 0)
+    means = np.array([d.mean() for d in diffs])
+    se_prob = float(np.mean([d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan for d in diffs]))
+    se_runs = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else math.nan
+    return Paired(float(means.mean()), se_runs, se_prob, len(means))
+
+
+def chosen_epochs(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], setting: str,
+                  epochs: Sequence[float]) -> Optional[float]:
+    """The epochs value of `setting` with the highest validation accuracy in `run` (data seed, training seed); the
+    fewer epochs on a tie; None where a cell or its validation is missing."""
+    vals = []
+    for e in epochs:
+        m = cells.get((*run, e), {}).get(setting)
+        if m is None or m.get("val_accuracy") is None:
+            return None
+        vals.append((-m["val_accuracy"], e))
+    return min(vals)[1]
+
+
+def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str],
+               epochs: Sequence[float], baseline: str = "sft") -> dict[str, Any]:
+    """For each setting: its mean test accuracy and its paired difference to `baseline` at equal steps (each epochs
+    value, over the runs that have it) and at its own chosen epochs against the baseline's own chosen epochs; then
+    each against the strongest baseline (`BASELINES` present, the highest mean accuracy at chosen epochs)."""
+    runs = sorted({(s, t) for s, t, _ in cells})
+    at_epochs: dict[str, dict[str, Any]] = {}
+    for e in epochs:
+        have = [r for r in runs if all(x in cells.get((*r, e), {}) for x in (baseline,))]
+        rows = {}
+        for s in settings:
+            rs = [r for r in have if s in cells[(*r, e)]]
+            if not rs:
+                continue
+            acc = [float(np.mean(cells[(*r, e)][s]["correct"])) for r in rs]
+            d = paired([cells[(*r, e)][s]["correct"] for r in rs], [cells[(*r, e)][baseline]["correct"] for r in rs])
+            rows[s] = {"accuracy": float(np.mean(acc)), "vs_baseline": asdict(d)}
+        at_epochs[f"{e:g}"] = rows
+    chosen: dict[str, dict[str, Any]] = {}
+    picks: dict[str, dict[tuple[int, int], float]] = {}
+    for s in settings:
+        picks[s] = {r: e for r in runs if (e := chosen_epochs(cells, r, s, epochs)) is not None}
+    for s in settings:
+        rs = [r for r in runs if r in picks[s] and r in picks[baseline]]
+        if not rs:
+            continue
+        mine = [cells[(*r, picks[s][r])][s]["correct"] for r in rs]
+        base = [cells[(*r, picks[baseline][r])][baseline]["correct"] for r in rs]
+        chosen[s] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base)),
+                     "epochs": [picks[s][r] for r in rs], "runs": [list(r) for r in rs]}
+    present = [b for b in BASELINES if b in chosen]
+    strongest = max(present, key=lambda b: chosen[b]["accuracy"]) if present else None
+    if strongest is not None:
+        for s, row in chosen.items():
+            rs = [tuple(r) for r in row["runs"] if tuple(r) in picks[strongest]]
+            mine = [cells[(*r, picks[s][r])][s]["correct"] for r in rs]
+            best = [cells[(*r, picks[strongest][r])][strongest]["correct"] for r in rs]
+            row["vs_strongest"] = asdict(paired(mine, best))
+    return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
+            "chosen_epochs": chosen}
+
+
+def _pm(p: dict[str, Any]) -> str:
+    if p["runs"] == 0 or math.isnan(p["mean"]):
+        return ""
+    runs = "" if math.isnan(p["se_runs"]) else f" ± {p['se_runs']:.3f} (runs)"
+    return f"{p['mean']:+.3f}{runs}, ± {p['se_problems']:.3f} (problems), {p['runs']} run{'s' * (p['runs'] > 1)}"
+
+
+def format_fair(table: dict[str, Any]) -> str:
+    """The table as Markdown: equal steps per epochs value, then each setting at its chosen epochs."""
+    b, lines = table["baseline"], []
+    for e, rows in table["equal_steps"].items():
+        lines += [f"\nEqual steps, {e} epoch(s) of `{b}`'s steps (test):\n", f"| setting | accuracy | vs `{b}` |",
+                  "|---|---|---|"]
+        lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} |" for s, r in rows.items()]
+    strongest = table["strongest"]
+    lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`):\n",
+              f"| setting | epochs chosen | accuracy | vs `{b}` | vs `{strongest}` |", "|---|---|---|---|---|"]
+    for s, r in table["chosen_epochs"].items():
+        epochs = ", ".join(f"{e:g}" for e in r["epochs"])
+        lines.append(f"| `{s}` | {epochs} | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
+                     f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} |")
+    return "\n".join(lines).strip()

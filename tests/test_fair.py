@@ -1,0 +1,91 @@
+"""The fair comparison (`tokenforget fair`): its numbers worked out by hand, its protocol (equal steps, the extra-data
+rule, the seed grid, epochs chosen on validation) and one tiny grid end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tokenforget.report.fair import chosen_epochs, fair_table, grid_settings, paired
+
+
+def test_paired_difference_and_its_two_standard_errors():
+    """Two runs of 4 problems. Run 1: a = 1 1 1 0, b = 1 0 0 0, d = 0 1 1 0, mean 0.5, std (ddof 1) sqrt(1/3),
+    se 0.2887. Run 2: a = 1 1 0 0, b = 1 1 0 0, d = 0, mean 0, se 0. Over runs: mean 0.25; std of (0.5, 0) = 0.3536,
+    se over runs 0.3536 / sqrt 2 = 0.25; the mean problem-level se (0.2887 + 0) / 2 = 0.1443."""
+    p = paired([[1, 1, 1, 0], [1, 1, 0, 0]], [[1, 0, 0, 0], [1, 1, 0, 0]])
+    assert p.runs == 2 and p.mean == 0.25
+    assert p.se_runs == pytest.approx(0.25, abs=1e-12)
+    assert p.se_problems == pytest.approx(math.sqrt(1 / 3) / 2 / 2, abs=1e-12)
+    one = paired([[1, 0]], [[0, 0]])  # one run: no standard error over runs
+    assert one.mean == 0.5 and math.isnan(one.se_runs)
+
+
+def test_extra_data_brings_its_baseline_and_sft_comes_first():
+    assert grid_settings(["rft", "verified_tail", "contrastive"]) == ["sft", "rft", "verified_tail", "contrastive",
+                                                                      "sft_plus_trusted"]
+    assert grid_settings(["verified_whole", "sft"]) == ["sft", "verified_whole"]  # nothing extra read
+
+
+def _cell(correct: list[int], val: float) -> dict:
+    return {"correct": correct, "gold_nll": 0.1, "val_accuracy": val}
+
+
+def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
+    """One run (seed 1, training seed 1), epochs 1 and 2. Validation: sft 0.5 then 0.7 (chooses 2); rft 0.6 then 0.6
+    (a tie: the fewer, 1); x 0.4 then 0.9 (chooses 2). Test (4 problems): sft e1 1000, e2 1100; rft e1 1110, e2 0000;
+    x e1 0000, e2 1111. Equal steps at 1 epoch: rft - sft = (0 1 1 0) mean 0.5; x - sft = -0.25. Chosen: sft at 2
+    (0.5), rft at 1 (0.75): +0.25; x at 2 (1.0): +0.5. Strongest baseline by chosen accuracy: rft (0.75 > 0.5);
+    x against it: 1111 - 1110 = +0.25."""
+    cells = {
+        (1, 1, 1.0): {"sft": _cell([1, 0, 0, 0], 0.5), "rft": _cell([1, 1, 1, 0], 0.6), "x": _cell([0, 0, 0, 0], 0.4)},
+        (1, 1, 2.0): {"sft": _cell([1, 1, 0, 0], 0.7), "rft": _cell([0, 0, 0, 0], 0.6), "x": _cell([1, 1, 1, 1], 0.9)},
+    }
+    assert chosen_epochs(cells, (1, 1), "rft", [1.0, 2.0]) == 1.0
+    assert chosen_epochs(cells, (1, 1), "sft", [1.0, 2.0]) == 2.0
+    assert chosen_epochs(cells, (1, 1), "y", [1.0, 2.0]) is None  # never trained
+    t = fair_table(cells, ["sft", "rft", "x"], [1.0, 2.0])
+    eq = t["equal_steps"]["1"]
+    assert eq["rft"]["vs_baseline"]["mean"] == 0.5 and eq["x"]["vs_baseline"]["mean"] == -0.25
+    ch = t["chosen_epochs"]
+    assert (ch["sft"]["epochs"], ch["rft"]["epochs"], ch["x"]["epochs"]) == ([2.0], [1.0], [2.0])
+    assert ch["rft"]["vs_baseline"]["mean"] == 0.25 and ch["x"]["vs_baseline"]["mean"] == 0.5
+    assert t["strongest"] == "rft" and ch["x"]["vs_strongest"]["mean"] == 0.25
+
+
+def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
+    """Two data seeds x two training seeds x epochs (1, 2) on a tiny model: every cell trains sft, rft and
+    verified_tail (which adds sft_plus_trusted) at sft's optimizer steps; the references are trained once per data
+    seed; a rerun trains nothing; the table holds 4 runs."""
+    from tokenforget.cli import main
+
+    root = tmp_path / "fair"
+    args = ["fair", "--run_dir", str(root), "--demo.model.name_or_path", str(tiny_model_dir),
+            "--demo.model.precision", "fp32", "--demo.n_train", "16", "--demo.n_test", "3", "--demo.n_val", "3",
+            "--demo.n_trusted", "8", "--demo.max_new_tokens", "4", "--demo.report_to", "[none]",
+            "--settings", "[rft, verified_tail]", "--data_seeds", "[1, 2]", "--train_seeds", "[5, 6]",
+            "--epochs", "[1, 2]"]
+    assert main(args) == 0
+    seed1 = root / "seed-1"
+    for setting, folder in (("sft", "."), ("rft", "rft"), ("verified_tail", "verified_tail"),
+                            ("sft_plus_trusted", "sft_plus_trusted")):
+        mode = "ignore" if setting == "verified_tail" else "sft"
+        for stage, steps in ((f"train-{mode}-t5", 2), (f"train-{mode}-e2-t6", 4)):  # 16 answers / batch 8 = 2 a epoch
+            args_file = seed1 / folder / stage / "training_args.json"
+            assert json.loads(args_file.read_text())["max_steps"] == steps, (setting, stage)
+            history = json.loads((seed1 / folder / stage / "log_history.json").read_text())
+            assert history[-1]["step"] == steps, (setting, stage)
+    assert sorted(p.name for p in (seed1 / "cells").iterdir()) == ["t5-e1.json", "t5-e2.json", "t6-e1.json", "t6-e2.json"]
+    ref = json.loads((seed1 / "trusted" / "reference" / "stage.json").read_text())
+    table = json.loads((root / "fair_results.json").read_text())["table"]
+    assert table["runs"] == [[1, 5], [1, 6], [2, 5], [2, 6]]
+    assert set(table["chosen_epochs"]) == {"sft", "rft", "verified_tail", "sft_plus_trusted"}
+    assert all(r["vs_baseline"]["runs"] == 4 for r in table["equal_steps"]["1"].values())
+    assert (root / "fair_table.md").read_text().count("| `rft` |") == 3  # two epochs values and the chosen table
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")}
+    assert main(args) == 0  # a rerun: every cell on disk, nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")} == mtimes
+    assert json.loads((seed1 / "trusted" / "reference" / "stage.json").read_text()) == ref
