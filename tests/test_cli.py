@@ -116,8 +116,14 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
             "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, verified_tail, "
             "oracle_forget, clean]"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "answer accuracy" in out and "AUROC" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "vs sft (paired)" in out and "AUROC" in out
+    assert "What each model is:" in out and "  sft: every response token learned" in out
+    # every setting but sft (and the base) has its paired difference and a verdict in words
+    assert out.count("distinguishable from sft at n = 4") + out.count("than sft: ") == 9
+    assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
+    assert " nan " not in out.split("How each setting's negatives")[1]  # no column of nan
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())

@@ -24,6 +24,16 @@ def test_paired_difference_and_its_two_standard_errors():
     assert one.mean == 0.5 and math.isnan(one.se_runs)
 
 
+def test_a_paired_difference_in_words():
+    """Over 2 standard errors from 0 is a verdict; 2 or fewer is not (the demo's table, `report.summary.verdict`)."""
+    from tokenforget.report.summary import verdict
+
+    assert verdict(0.17, 0.03, 240) == "better than sft: +0.170 ± 0.030 (5.7 se)"
+    assert verdict(-0.09, 0.03, 240, "rft") == "worse than rft: -0.090 ± 0.030 (3.0 se)"
+    assert verdict(0.06, 0.03, 240) == "not distinguishable from sft at n = 240"  # exactly 2 se
+    assert verdict(0.0, math.nan, 1) == "not distinguishable from sft at n = 1"
+
+
 def test_extra_data_brings_its_baseline_and_sft_comes_first():
     assert grid_settings(["rft", "verified_tail", "contrastive"]) == ["sft", "rft", "verified_tail", "contrastive",
                                                                       "sft_plus_trusted"]

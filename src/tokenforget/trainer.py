@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from tokenforget.errors import ConfigError, UserError
 from tokenforget.config.model import LoraSettings
@@ -336,7 +337,17 @@ def make_trainer(
     )
     if log_dir is not None:
         send_tensorboard_to(trainer, log_dir)
+    if trainer.pop_callback(ProgressCallback) is not None:  # the bar stays, the raw log dicts go (log_history.json)
+        trainer.add_callback(BarOnlyProgress)
     return trainer
+
+
+class BarOnlyProgress(ProgressCallback):
+    """transformers' progress bar without the log dicts it writes under it (`{'loss': ...}` every `logging_steps`):
+    the console shows one bar a training; the numbers stay in `log_history.json` and TensorBoard."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        return None
 
 
 @dataclass

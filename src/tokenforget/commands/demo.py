@@ -227,6 +227,27 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "verified_tail_self": "the answers known wrong, cut at the worst token of a reference on the right ones"}
 
 
+# What each model is, in one line, for the demo's table (a setting without one shows its `PARTITIONING` line).
+DESCRIBED = {
+    "base": "the model before any training",
+    "sft": "every response token learned (plain supervised fine-tuning): the baseline",
+    "contrastive": "a trusted reference against references trained on the noisy answers; the tokens they disagree on "
+                   "are ignored",
+    "verified_tail": "each answer graded wrong ignored from the token a trusted reference finds least likely",
+    "verified_tail_self": "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
+    "verified_whole": "each answer graded wrong ignored whole, at sft's steps",
+    "verified_random": "each answer graded wrong ignored from a random token (the control for where to cut)",
+    "rft": "every sampled answer graded right, the rest dropped (rejection-sampling fine-tuning), at sft's steps",
+    "sft_plus_trusted": "sft on the noisy answers plus the trusted set the detectors read",
+    "correct_only": "only the answers graded right, one per problem",
+    "clean": "the same problems, every answer right: the ceiling",
+    "oracle_ignore": "exactly the tokens known wrong ignored: the bound on any detector",
+    "oracle_forget": "exactly the tokens known wrong forgotten (the paper's -lambda CE, lambda 0 -> 0.25)",
+    "dft": "every response token, its loss scaled by the model's probability of it (DFT)",
+}
+FULL_TABLE = "docs/results.md"  # where the comparison over seeds and baselines lives
+
+
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
 
 
@@ -365,9 +386,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
+    results["descriptions"] = {name: DESCRIBED.get(name, PARTITIONING.get(name, name)) for name in ["base", *settings]}
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
-    log(report.run_summary(run, [f"train-{m}" for m in ("sft", "dft", "forget") if (run.root / f"train-{m}").is_dir()]))
+    log(f"\nThe comparison over seeds, with the baselines at equal steps: {FULL_TABLE}")
+    log("Trained models (merged, loadable with AutoModelForCausalLM.from_pretrained):")
+    for name, stage in stages.items():
+        log(f"  {name}: {(stage / 'model').resolve()}")
     log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
 

@@ -26,23 +26,45 @@ def detection_of(run: Any) -> Detection:
     return detection(flat(scores["score"]), flat(tokens["corrupt"]), flat(classes["token_class"]) == FORGET)
 
 
-def demo_table(results: dict[str, Any]) -> str:
-    """The demo's comparison: accuracy and gold NLL per model, then detection of corrupted tokens."""
-    rows = [
-        [name, f"{m['accuracy']:.3f} ± {m['stderr']:.3f} (n={m['n']})", m["gold_nll"]]
-        for name, m in results["models"].items()
-    ]
-    out = ["", "Held-out clean split", format_table(["model", "answer accuracy", "gold NLL (nats/token)"], rows)]
+def verdict(diff: float, se: float, n: int, baseline: str = "sft") -> str:
+    """A paired difference in words: better or worse than `baseline` where it is over 2 standard errors from 0."""
+    if math.isnan(se) or abs(diff) <= 2 * se:
+        return f"not distinguishable from {baseline} at n = {n}"
+    return f"{'better' if diff > 0 else 'worse'} than {baseline}: {diff:+.3f} ± {se:.3f} ({abs(diff) / se:.1f} se)"
+
+
+def demo_table(results: dict[str, Any], baseline: str = "sft") -> str:
+    """The demo's comparison: each model's accuracy, its paired difference to `baseline` problem by problem with the
+    standard error and a verdict in words, gold NLL; what each setting is; then how each setting's negatives find
+    the known corrupted tokens (only the columns that hold a number)."""
+    from tokenforget.report.fair import paired
+
+    models = results["models"]
+    base = models.get(baseline)
+    rows = []
+    for name, m in models.items():
+        vs, words = "", ""
+        if base is not None and name not in (baseline, "base"):
+            d = paired([m["correct"]], [base["correct"]])
+            vs, words = f"{d.mean:+.3f} ± {d.se_problems:.3f}", verdict(d.mean, d.se_problems, m["n"], baseline)
+        rows.append([name, f"{m['accuracy']:.3f} ± {m['stderr']:.3f}", vs, words, m["gold_nll"]])
+    n = next(iter(models.values()))["n"]
+    out = ["", f"Held-out clean problems (n = {n}): each model's answers against {baseline}'s on the same problems",
+           format_table(["model", "accuracy", f"vs {baseline} (paired)", "verdict", "gold NLL (nats/token)"], rows)]
+    described = results.get("descriptions", {})
+    if described:
+        out += ["", "What each model is:", *(f"  {k}: {v}" for k, v in described.items() if k in models)]
     methods = results.get("detection_methods")
     if methods:
         untrained = set(results.get("detected_only", []))
-        rows = [[name + (" (no model trained)" if name in untrained else ""), d["auroc"], d["recall"], d["precision"],
-                 d["mean_corrupt"], d["mean_clean"], d["corrupt_share"]] for name, d in methods.items()]
-        out += ["", "Finding the known corrupted tokens (training data), each setting with its own score method, "
-                "reference and rho; `paper` on a slice of the noisy data, the others on a small trusted set; `filter` "
-                "counts whole examples (a wrong one has a corrupted token)",
-                format_table(["setting", "AUROC (low score = corrupted)", "recall of negative set",
-                              "precision of negative set", "mean score corrupt", "mean score clean", "chance precision"], rows)]
+        cols = {"auroc": "AUROC (low score = corrupted)", "recall": "recall of its negatives",
+                "precision": "precision of its negatives", "mean_corrupt": "mean score corrupt",
+                "mean_clean": "mean score clean", "corrupt_share": "chance precision"}
+        shown = [k for k in cols if any(not _nan(d.get(k)) for d in methods.values())]
+        rows = [[name + (" (no model trained)" if name in untrained else ""),
+                 *("-" if _nan(d.get(k)) else d.get(k) for k in shown)] for name, d in methods.items()]
+        out += ["", "How each setting's negatives find the tokens known to be corrupted in the training answers "
+                "(each with its own score and reference)", format_table(["setting", *(cols[k] for k in shown)], rows)]
         return "\n".join(out)
     d = results.get("detection")
     if d:
@@ -55,6 +77,10 @@ def demo_table(results: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(out)
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def _final_losses(stage: Path) -> dict[str, float]:
