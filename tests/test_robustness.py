@@ -195,14 +195,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir,
     """The objective returns NaN from its 3rd call (optimizer step 3, one micro-batch a step):
     training stops there, checkpoint-2 is kept, no train stage is written."""
     calls = {"n": 0}
-    real = losses.OBJECTIVES["forget"]
+    real = losses.OBJECTIVES["forget"].loss
 
     def nan_from_third(token_loss, token_class, lam, counts=None):
         calls["n"] += 1
         parts = real(token_loss, token_class, lam, counts)
         return losses.LossParts(parts.loss * float("nan"), parts.pos_sum, parts.neg_sum) if calls["n"] >= 3 else parts
 
-    monkeypatch.setitem(losses.OBJECTIVES, "forget", nan_from_third)
+    monkeypatch.setitem(losses.OBJECTIVES, "forget", losses.Objective(nan_from_third, uses_lambda=True))
     cfg = make_config(tmp_path, tiny_model_dir, save_steps=1)
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err

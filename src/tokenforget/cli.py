@@ -4,13 +4,14 @@
 Each command takes an optional YAML config (`tokenforget run CONFIG.yaml`) and any field as an override
 (`--partition.rho 0.6`, `--train.training.learning_rate 2e-4`). `report` takes the run folder instead
 (`tokenforget report runs/demo`). jsonargparse builds the parser from the
-dataclasses in `config.py`, so type errors and unknown keys are reported for free.
+dataclasses in `tokenforget.config` and `tokenforget.command_config`, so type errors and unknown keys are reported for free.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import re
 import sys
@@ -26,30 +27,6 @@ from tokenforget.config import RunConfig
 from tokenforget.errors import ConfigError, UserError
 from tokenforget.config.training import FLAT_OBJECTIVE
 from tokenforget.presets import PRESETS
-
-
-def _run_stage(stage: str) -> Callable[[RunConfig], None]:
-    def command(cfg: RunConfig) -> None:
-        from tokenforget.report import summary as report
-        from tokenforget.run.pipeline import Run
-
-        run = Run(cfg)
-        if stage == "run":
-            run.train()
-        elif stage == "partition":
-            run.labels()  # the partition, and the labels file it makes possible
-        else:
-            getattr(run, stage)()
-        if not run.ranks.is_main:  # under torchrun, one rank reports and writes the page
-            return
-        trained = [f"train-{cfg.train.objective.mode}"] if stage in ("run", "train") else []
-        print(report.run_summary(run, trained))
-        if stage == "run":
-            from tokenforget.report.html import build_report
-
-            print(f"Report: {build_report(run.root, tokenizer=run.base.tokenizer).resolve()}")
-
-    return command
 
 
 @dataclasses.dataclass
@@ -87,126 +64,45 @@ DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
 DRY_RUN_FLAGS = ("dry_run", "dry_run_timing", "plan_gpus", "gpu", "plan_sharding", "plan_mfu")
 
 
-def _eval(cfg: RunConfig) -> None:
-    from tokenforget.run import variants
-    from tokenforget.run.pipeline import Run
-    from tokenforget.stages.evaluate import results_table
-
-    results = variants.evaluate(Run(cfg), cfg.eval.checkpoint)
-    print(f"\nModel: {cfg.eval.checkpoint or 'base (' + cfg.model.name_or_path + ')'}")
-    print(results_table(results))
-
-
-def _compare(cfg: RunConfig) -> None:
-    from tokenforget.commands.compare import run_compare
-
-    run_compare(cfg)
+def _lazy(target: str, *args: str) -> Callable[[object], None]:
+    """The command function `module:function` (called with `args` and the config), imported only when it runs:
+    parsing a command line loads no torch."""
+    def call(cfg: object) -> None:
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(*args, cfg)
+    return call
 
 
-def _detect(cfg: RunConfig) -> None:
-    from tokenforget.commands.detect import run_detect
-
-    run_detect(cfg)
+def _stage(stage: str) -> Callable[[object], None]:
+    return _lazy("tokenforget.commands.run_stages:run_stage", stage)
 
 
-def _audit(cfg: RunConfig) -> None:
-    import numpy as np
-
-    from tokenforget.commands.audit import audit_examples, audit_table, marked_records, write_audit, write_marked
-    from tokenforget.run.pipeline import Run
-    from tokenforget.runfolder import AUDIT_DIR
-    from tokenforget.stages.score import response_arrays
-
-    if cfg.score.base_pass is None:  # the audit's `base_loss` and `paper` measures read CE_base
-        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, base_pass=True))
-    run = Run(cfg)
-    tokens, scores = run.data(), run.score()
-    labels = np.asarray(tokens["is_correct"]) if "is_correct" in tokens.column_names else None
-    result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
-                            tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
-    if run.ranks.is_main:
-        ac = cfg.audit
-        marked, n_marked = ([], 0) if cfg.data.corrupt_fraction else marked_records(
-            result, tokens, cfg, run.base.tokenizer, ac.mark, ac.mark_weight)  # (injected noise is not in the file)
-        write_audit(result, run.root / AUDIT_DIR, {"measure": result.measure, "data": cfg.data.path,
-                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice",
-                                                    "marked": n_marked, "mark_weight": ac.mark_weight})
-        print(audit_table(result, result.measure, cfg.audit.top))
-        if marked:
-            path = write_marked(marked, run.root / AUDIT_DIR)
-            print(f"Marked: {n_marked} examples' worst spans as weight {ac.mark_weight:g} in {path.resolve()}; review, "
-                  f"then: tokenforget train --data.path {path} --partition.selection data")
-        print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")
-
-
-def _demo(cfg: DemoConfig) -> None:
-    from tokenforget.commands.demo import run_demo
-
-    run_demo(cfg)
-
-
-def _fair(cfg: FairConfig) -> None:
-    from tokenforget.commands.demo import run_fair
-
-    run_fair(cfg)
-
-
-def _prepare(cfg: PrepareConfig) -> None:
-    from tokenforget.stages.natural import prepare_natural
-
-    out = prepare_natural(cfg)
-    print(f"{out.counts['gold']} questions, {out.counts['noisy']} solutions, {out.wrong_share:.1%} of the "
-          f"'{cfg.solution_source}' solutions wrong")
-    for name, path in out.files.items():
-        print(f"  {name:<13}{out.counts[name]:>6}  {path}")
-
-
-def _weak(cfg: WeakConfig) -> None:
-    from tokenforget.commands.weak import make_weak_sets
-
-    out = make_weak_sets(cfg)
-    print(f"{out['counts']['noisy']} answers kept, {out['wrong_share']:.1%} wrong "
-          f"({out['sampled_wrong_share']:.1%} of all complete samples)")
-    for name, path in out["files"].items():
-        print(f"  {name:<13}{out['counts'][name]:>6}  {path}")
-
-
-def _report(cfg: ReportConfig) -> None:
-    from tokenforget.report.html import build_report
-
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    print(f"Report: {build_report(Path(cfg.run_dir), out, cfg.max_samples).resolve()}")
-
-
+C = "tokenforget.commands."  # the command modules
+# Each command: its config, its help line, and the function in its own module that runs it.
 COMMANDS: dict[str, tuple[type, str, Callable]] = {
-    "run": (RunConfig, "Every stage: reference, score, partition, train.", _run_stage("run")),
-    "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _run_stage("reference")),
-    "score": (RunConfig, "Score every response token: CE_base - CE_ref.", _run_stage("score")),
-    "partition": (
-        RunConfig, "Split response tokens into positive and negative by global ranking; export labels.parquet.",
-        _run_stage("partition"),
-    ),
-    "train": (RunConfig, "Train from the base model with train.objective.mode (forget, sft or ignore).", _run_stage("train")),
-    "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).", _eval),
-    "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.", _compare),
-    "detect": (
-        RunConfig, "Inject known noise (detect.kinds), score, and report how well every score method finds it.", _detect,
-    ),
-    "audit": (
-        RunConfig, "Rank the examples by how suspicious the reference finds them; write a table to review.", _audit,
-    ),
-    "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _demo),
+    "run": (RunConfig, "Every stage: reference, score, partition, train.", _stage("run")),
+    "reference": (RunConfig, "Train the reference model (LoRA SFT on a subset).", _stage("reference")),
+    "score": (RunConfig, "Score every response token: CE_base - CE_ref.", _stage("score")),
+    "partition": (RunConfig, "Split response tokens into positive and negative by global ranking; export "
+                  "labels.parquet.", _stage("partition")),
+    "train": (RunConfig, "Train from the base model with train.objective.mode (forget, sft or ignore).", _stage("train")),
+    "eval": (RunConfig, "Evaluate the base model or eval.checkpoint with lm-evaluation-harness (offline).",
+             _lazy(C + "evaluate:run_eval")),
+    "compare": (RunConfig, "Train sft, ignore and forget for every compare.seeds; evaluate them and the base.",
+                _lazy(C + "compare:run_compare")),
+    "detect": (RunConfig, "Inject known noise (detect.kinds), score, and report how well every score method finds it.",
+               _lazy(C + "detect:run_detect")),
+    "audit": (RunConfig, "Rank the examples by how suspicious the reference finds them; write a table to review.",
+              _lazy(C + "audit:run_audit")),
+    "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _lazy(C + "demo:run_demo")),
     "fair": (FairConfig, "The fair comparison on the demo's task: settings x data seeds x training seeds x epochs at "
-             "sft's steps, epochs chosen on validation, paired differences on test.", _fair),
-    "prepare": (
-        PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) and "
-        "held-out splits from GSM8K train.", _prepare,
-    ),
-    "weak": (
-        WeakConfig, "Natural-noise training sets on the demo's task: a weak model's sampled answers, graded step by "
-        "step, the first wrong number and what follows marked (noisy, correct_only, gold).", _weak,
-    ),
-    "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.", _report),
+             "sft's steps, epochs chosen on validation, paired differences on test.", _lazy(C + "demo:run_fair")),
+    "prepare": (PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) "
+                "and held-out splits from GSM8K train.", _lazy(C + "prepare:run_prepare")),
+    "weak": (WeakConfig, "Natural-noise training sets on the demo's task: a weak model's sampled answers, graded "
+             "(outcome and step by step), the first wrong number and what follows marked.", _lazy(C + "weak:run_weak")),
+    "report": (ReportConfig, "HTML report of a run folder: token highlights, plots, results.",
+               _lazy(C + "report:run_report")),
 }
 POSITIONAL = {"report": "--run_dir"}  # what a command's first positional argument is (default: --config)
 
@@ -230,7 +126,7 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--dry-run-timing", action="store_true", help="--dry-run plus an estimated wall time: "
                            "loads the model and times a few training micro-batches and scoring forwards here")
             p.add_argument("--plan-gpus", type=int, help="--dry-run plus a cost plan on this many GPUs: per stage "
-                           "tokens, model FLOPs, memory per GPU and wall time (formulas: tokenforget.memory)")
+                           "tokens, model FLOPs, memory per GPU and wall time (formulas: tokenforget.model.memory)")
             p.add_argument("--gpu", choices=list(get_args(GpuName)), default="h100", help="GPU of the cost plan")
             p.add_argument("--plan-sharding", choices=list(get_args(Sharding)), default="fsdp",
                            help="sharding of the cost plan's trainings over the GPUs")

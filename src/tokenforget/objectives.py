@@ -224,12 +224,29 @@ def dft_loss(
 
 # (token_loss, token_class, lam, counts, **extras) -> LossParts; extras (keyword, only when set): weight,
 # ce_base (per-token (B, T) tensors from the batch), forget_term, beta (the `forget` objective's settings).
-Objective = Callable[..., LossParts]
+LossFn = Callable[..., LossParts]
 
-OBJECTIVES: dict[str, Objective] = {"forget": forgetting_loss, "ignore": ignore_loss, "sft": sft_loss, "dft": dft_loss}
-USES_LAMBDA = frozenset({"forget"})  # objectives whose value depends on lambda (logged only for these)
-# Objectives that treat every response token alike: they train on the data alone, no reference or partition.
-PARTITION_FREE = frozenset({"sft", "dft"})
+
+@dataclass(frozen=True)
+class Objective:
+    """One `train.objective.mode`: its loss and what it needs. A new objective is one record in `OBJECTIVES`."""
+
+    loss: LossFn
+    uses_lambda: bool = False  # its value depends on lambda(t) (logged only for these)
+    needs_partition: bool = True  # False: every response token alike, trained on the data alone (no reference)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "forget": Objective(forgetting_loss, uses_lambda=True),
+    "ignore": Objective(ignore_loss),
+    "sft": Objective(sft_loss, needs_partition=False),
+    "dft": Objective(dft_loss, needs_partition=False),
+}
+
+
+def needs_partition(mode: str) -> bool:
+    """Whether a training of `mode` reads the partition (and so a reference and scores)."""
+    return OBJECTIVES[mode].needs_partition
 
 
 def linear_schedule(step: int, total: int, t_min: float, t_max: float) -> float:
@@ -264,10 +281,10 @@ SCHEDULES: dict[str, Schedule] = {
 }
 
 
-def get_objective(name: str) -> Objective:
+def get_objective(name: str) -> LossFn:
     if name not in OBJECTIVES:
         raise KeyError(f"unknown objective '{name}', choose from {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    return OBJECTIVES[name].loss
 
 
 def get_schedule(name: str, warmup: float = 0.1) -> Schedule:

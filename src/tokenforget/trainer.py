@@ -1,8 +1,8 @@
 """Train: the token-class collator and `ForgettingTrainer`, a `transformers.Trainer` subclass.
 
 The Trainer brings checkpoints, resume, logging and DDP/FSDP/DeepSpeed through accelerate; this module
-adds only the per-token class tensor and the objective. One code path trains all three modes:
-`forget` (the paper), `ignore` (positives only) and `sft` (every response token).
+adds only the per-token class tensor and the objective. One code path trains every mode of `objectives.OBJECTIVES`:
+`forget` (the paper), `ignore` (positives only), `sft` (every response token) and `dft`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tokenforget.config.training import ObjectiveConfig, TrainConfig, TrainingCo
 from tokenforget.model.head_ce import token_cross_entropy
 from tokenforget.model.loading import BaseModel, use_fp16
 from tokenforget.model.model_ce import ce_path, model_token_ce
-from tokenforget.objectives import FORGET, LEARN, USES_LAMBDA, TokenCounts, get_forget_term, get_objective, get_schedule
+from tokenforget.objectives import FORGET, LEARN, OBJECTIVES, TokenCounts, get_forget_term, get_objective, get_schedule
 from tokenforget.runfolder import RunFolder
 
 
@@ -203,7 +203,7 @@ class ForgettingMixin:
             pos, neg, n_pos, n_neg = self._sums.tolist()
             logs["loss_pos"] = pos / max(n_pos, 1.0)
             logs["loss_neg"] = neg / max(n_neg, 1.0) if n_neg else float("nan")
-            if self.objective_name in USES_LAMBDA:
+            if OBJECTIVES[self.objective_name].uses_lambda:
                 logs["lambda"] = self._last_lambda
             logs["n_pos"], logs["n_neg"] = int(n_pos), int(n_neg)
             self._sums.zero_()

@@ -23,6 +23,7 @@ and train on as written: `tokenforget train --data.path run_dir/audit/marked.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from tokenforget.config import RunConfig
 from tokenforget.metrics import answers_match, auroc, extract_answer
-from tokenforget.runfolder import AUDIT_DIR, ROWS_FILE, SUMMARY_FILE, TABLE_FILE  # noqa: F401  (AUDIT_DIR: the CLI's)
+from tokenforget.runfolder import AUDIT_DIR, ROWS_FILE, SUMMARY_FILE, TABLE_FILE
 
 SPAN = 8  # tokens in the worst-span window: about one worked step of a GSM8K answer
 MARKED_FILE = "marked.jsonl"
@@ -257,3 +259,33 @@ def write_marked(rows: list[dict], out: Path) -> Path:
     tmp = out / f".{MARKED_FILE}.tmp"
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
     return tmp.replace(out / MARKED_FILE)
+
+
+def run_audit(cfg: RunConfig) -> None:
+    """`tokenforget audit`: rank the examples by how suspicious the reference finds them, write the table to review
+    and, for unlabelled data, a copy with the worst spans marked."""
+    import numpy as np
+
+    from tokenforget.run.pipeline import Run
+    from tokenforget.stages.score import response_arrays
+
+    if cfg.score.base_pass is None:  # the audit's `base_loss` and `paper` measures read CE_base
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, base_pass=True))
+    run = Run(cfg)
+    tokens, scores = run.data(), run.score()
+    labels = np.asarray(tokens["is_correct"]) if "is_correct" in tokens.column_names else None
+    result = audit_examples(response_arrays(tokens, scores), labels, run.base.tokenizer.decode,
+                            tokens["input_ids"], tokens["response_mask"], cfg.audit.measure)
+    if run.ranks.is_main:
+        ac = cfg.audit
+        marked, n_marked = ([], 0) if cfg.data.corrupt_fraction else marked_records(
+            result, tokens, cfg, run.base.tokenizer, ac.mark, ac.mark_weight)  # (injected noise is not in the file)
+        write_audit(result, run.root / AUDIT_DIR, {"measure": result.measure, "data": cfg.data.path,
+                                                    "reference": cfg.reference.path or cfg.reference.checkpoint or "slice",
+                                                    "marked": n_marked, "mark_weight": ac.mark_weight})
+        print(audit_table(result, result.measure, cfg.audit.top))
+        if marked:
+            path = write_marked(marked, run.root / AUDIT_DIR)
+            print(f"Marked: {n_marked} examples' worst spans as weight {ac.mark_weight:g} in {path.resolve()}; review, "
+                  f"then: tokenforget train --data.path {path} --partition.selection data")
+        print(f"Audit: {(run.root / AUDIT_DIR).resolve()}")

@@ -61,7 +61,7 @@ import numpy as np
 
 from tokenforget.config import RunConfig, to_dict
 from tokenforget.model.loading import BaseModel
-from tokenforget.objectives import PARTITION_FREE
+from tokenforget.objectives import needs_partition
 from tokenforget.report.tables import RESULTS_FILE, TABLE_FILE, compare_tables, format_compare  # noqa: F401
 from tokenforget.run import variants
 from tokenforget.run.pipeline import Run, has_corrupt
@@ -95,7 +95,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
             evals[mode] = variants.evaluate(run, mode)
             samples.setdefault(mode, evals[mode]["samples"])
         per_seed[str(seed)] = {m: r["benchmarks"] for m, r in evals.items()}
-        if any(m not in PARTITION_FREE for m in modes) and has_corrupt(run):
+        if any(needs_partition(m) for m in modes) and has_corrupt(run):
             detection[str(seed)] = _plain_floats(report.detection_of(run).__dict__)
             for name, sub in _variant_runs(run).items():
                 by_variant.setdefault(name, {})[str(seed)] = _plain_floats(report.detection_of(sub).__dict__)

@@ -338,7 +338,7 @@ def detection_of_settings(runs: DemoRuns, settings: list[str]) -> dict[str, dict
 def example_detection(tokens: Any, scores: Any, classes: Any) -> dict[str, Any]:
     """Detection of the examples with a known corrupted token: each example's mean response-token score (low =
     suspicious), and the examples a per-example partition dropped as the negative set; the figures of
-    `evaluate.detection` over examples, with the mean score of wrong and right examples."""
+    `metrics.detection` over examples, with the mean score of wrong and right examples."""
     import numpy as np
 
     from tokenforget.metrics import detection

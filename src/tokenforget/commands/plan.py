@@ -36,7 +36,7 @@ from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import autocast, device
 from tokenforget.model.memory import MemoryEstimate, run_estimate
 from tokenforget.model.model_ce import model_token_ce
-from tokenforget.objectives import LEARN, PARTITION_FREE, forgetting_loss
+from tokenforget.objectives import LEARN, forgetting_loss, needs_partition
 from tokenforget.run import variants
 from tokenforget.run.pipeline import Run
 from tokenforget.runfolder import round_stage
@@ -64,7 +64,7 @@ def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
     """The stage folders training `modes` needs, in the order they would run."""
     if run.cfg.train.labels_path:
         return [f"train-{m}" for m in modes]
-    needs_scores = any(m not in PARTITION_FREE for m in modes)
+    needs_scores = any(needs_partition(m) for m in modes)
     per_round = ("scores", "partition") if run.scores_unused() else ("reference", "scores", "partition")
     rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in per_round]
     upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]

@@ -150,3 +150,12 @@ def write_sets(cfg: WeakConfig, out: Path, gold: list[dict[str, Any]], answers: 
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def run_weak(cfg: WeakConfig) -> None:
+    out = make_weak_sets(cfg)
+    print(f"{out['counts']['noisy']} answers kept, {out['wrong_share']:.1%} wrong by their final answer (is_correct), "
+          f"{out['process_wrong_share']:.1%} step by step (process_correct; the verdicts disagree on "
+          f"{out['verdicts_disagree']}); {out['sampled_wrong_share']:.1%} of all complete samples wrong step by step")
+    for name, path in out["files"].items():
+        print(f"  {name:<13}{out['counts'][name]:>6}  {path}")

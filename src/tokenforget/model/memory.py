@@ -18,7 +18,7 @@ the LoRA-targeted linear layers of r x (in + out). The per-token, per-layer acti
 for a Llama-style block under autograd: the two norms' inputs and outputs and the attention output (6h with q,
 k, v counted as h), the MLP's gate, up, activation and product (4f), and D = the in-features of the targeted
 linears (LoRA's dropout keeps a copy of each input; 0 without LoRA). The head's cross-entropy runs in chunks
-of 256 rows (`losses.linear_cross_entropy`): one chunk of fp32 logits and their softmax, 2 x 256 x V x 4 bytes.
+of 256 rows (`model.head_ce.linear_cross_entropy`): one chunk of fp32 logits and their softmax, 2 x 256 x V x 4 bytes.
 Not counted: the framework itself (the Python process, torch and transformers: about 0.5-1 GB resident on a
 CPU), allocator fragmentation, the data set, evaluation. A guide for batch size and max_length, not a bound:
 for SmolLM2-135M's shape at 8 x 512 in fp32 it gives 7.6 GiB without and 1.4 GiB with gradient checkpointing.
@@ -38,7 +38,7 @@ import torch
 from tokenforget.config.model import LoraSettings, ModelConfig
 from tokenforget.config.training import TrainingConfig
 
-CE_CHUNK_ROWS = 256  # rows of logits at a time in losses.linear_cross_entropy
+CE_CHUNK_ROWS = 256  # rows of logits at a time in model.head_ce.linear_cross_entropy
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 LEAN_MMAP_THRESHOLD = 4 << 20  # bytes: activation-sized buffers and up; smaller ones stay on the (faster) heap
 

@@ -3,7 +3,7 @@
 Three ways to get it, chosen once per model by `ce_path` (which says why, and logs it):
 
 - `hidden`: the final hidden states go through the output head chunk by chunk (`linear_cross_entropy`, or
-  a fused CUDA kernel when one is installed: `fused_ce`), so the (B, T, V) logits never exist. The head is its weight, its bias and a `LogitMap` (scale, soft cap)
+  a fused CUDA kernel when one is installed: `head_ce.fused_backend`), so the (B, T, V) logits never exist. The head is its weight, its bias and a `LogitMap` (scale, soft cap)
   read from the model's config through `KNOWN_LOGIT_MAPS`, and it is used only after a probe forward has
   shown that the model's own logits equal that head applied to the captured hidden states.
 - `logits`: the model's own logits, at the wanted positions only (a boolean `logits_to_keep`), CE in fp32

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from tokenforget.config import RunConfig, to_dict
 from tokenforget.config.training import FLAT_OBJECTIVE, NEEDS_BASE_CE
 from tokenforget.model.loading import checkpoint_dir
-from tokenforget.objectives import PARTITION_FREE
+from tokenforget.objectives import needs_partition
 from tokenforget.stages.partition import SELECTIONS
 from tokenforget.runfolder import file_digest, fingerprint, folder_digest, stable_view
 from tokenforget.score_methods import reads_base
@@ -111,7 +111,7 @@ class StageFingerprints:
         if c.train.labels_path:
             upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
         else:
-            upstream = self.data_fp() if mode in PARTITION_FREE else self.partition_fp(self.rounds)
+            upstream = self.partition_fp(self.rounds) if needs_partition(mode) else self.data_fp()
         held_out = file_digest(c.train.eval_path)
         return fingerprint("train", mode, upstream, held_out, train_view(c.train, mode), to_dict(c.lora), c.seed, self.bf16)
 

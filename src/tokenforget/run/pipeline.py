@@ -34,7 +34,7 @@ from tokenforget.config import RunConfig, to_dict
 from tokenforget.model.loading import (
     BaseModel, check_attention, check_qlora, checkpoint_dir, device, load_model, use_bf16,
 )
-from tokenforget.objectives import OBJECTIVES, PARTITION_FREE
+from tokenforget.objectives import OBJECTIVES, needs_partition
 from tokenforget.run.fingerprints import StageFingerprints
 from tokenforget.runfolder import (
     STAGE_FILE,
@@ -261,7 +261,7 @@ class Run(StageFingerprints):
             exported = labels_mod.read_labels(self.cfg.train.labels_path, self.base.tokenizer)
             return train_sets.from_labels(exported, objective, self.cfg.train.labels_path)
         tokens = self.data()
-        if mode in PARTITION_FREE:
+        if not needs_partition(mode):
             return train_mod.sft_classes(tokens)
         self.labels()
         train_set = train_mod.with_classes(tokens, self.partition())

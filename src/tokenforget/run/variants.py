@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tokenforget.config.measure import VARIANT_SECTIONS
-from tokenforget.objectives import PARTITION_FREE
+from tokenforget.objectives import needs_partition as mode_needs_partition
 from tokenforget.run.pipeline import Run
 from tokenforget.runfolder import STAGE_FILE
 from tokenforget.stages.score import raw_fingerprint_of
@@ -60,7 +60,7 @@ def needs_partition(run: Run) -> bool:
     needs the partition, and so the reference and the scores, whatever the variants before it do."""
     variants = run.cfg.compare.variants
     own = [mode for sub, mode in (variant(run, name, adopt=False) for name in variants) if sub.root == run.root]
-    return any(m not in PARTITION_FREE for m in [*run.cfg.compare.modes, *own])
+    return any(mode_needs_partition(m) for m in [*run.cfg.compare.modes, *own])
 
 
 

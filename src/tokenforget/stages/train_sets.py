@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenforget.columns import has_base_ce
 from tokenforget.config.training import ObjectiveConfig, TrainConfig
-from tokenforget.objectives import LEARN, NO_LOSS, PARTITION_FREE
+from tokenforget.objectives import LEARN, NO_LOSS, needs_partition
 from tokenforget.stages.data import DataError
 from tokenforget.trainer import sft_classes
 
@@ -38,7 +38,7 @@ def sft_from_classes(exported: datasets.Dataset) -> datasets.Dataset:
 
 def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: str) -> datasets.Dataset:
     """The training set of `objective.mode` from an exported labels file (`labels.read_labels`)."""
-    if objective.mode in PARTITION_FREE:
+    if not needs_partition(objective.mode):
         return sft_from_classes(exported)
     if objective.needs_base_ce and "ce_base" not in exported.column_names:
         raise DataError(f"train.labels_path: '{path}' has no ce_base column, "

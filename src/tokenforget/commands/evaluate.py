@@ -1,0 +1,15 @@
+"""`tokenforget eval`: the base model or `eval.checkpoint` through lm-evaluation-harness, offline."""
+
+from __future__ import annotations
+
+from tokenforget.config import RunConfig
+
+
+def run_eval(cfg: RunConfig) -> None:
+    from tokenforget.run import variants
+    from tokenforget.run.pipeline import Run
+    from tokenforget.stages.evaluate import results_table
+
+    results = variants.evaluate(Run(cfg), cfg.eval.checkpoint)
+    print(f"\nModel: {cfg.eval.checkpoint or 'base (' + cfg.model.name_or_path + ')'}")
+    print(results_table(results))
