@@ -67,16 +67,16 @@ def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
 
 
 def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
-    """Two data seeds x two training seeds x epochs (1, 2) on a tiny model: every cell trains sft, rft and
+    """One data seed x two training seeds x epochs (1, 2) on a tiny model: every cell trains sft, rft and
     verified_tail (which adds sft_plus_trusted) at sft's optimizer steps; the references are trained once per data
-    seed; a rerun trains nothing; the table holds 4 runs."""
+    seed; a rerun trains nothing; the table holds 2 runs (the data seeds' dimension: the hand-worked tests above)."""
     from tokenforget.cli import main
 
     root = tmp_path / "fair"
     args = ["fair", "--run_dir", str(root), "--demo.model.name_or_path", str(tiny_model_dir),
             "--demo.model.precision", "fp32", "--demo.n_train", "16", "--demo.n_test", "3", "--demo.n_val", "3",
             "--demo.n_trusted", "8", "--demo.max_new_tokens", "4", "--demo.report_to", "[none]",
-            "--settings", "[rft, verified_tail]", "--data_seeds", "[1, 2]", "--train_seeds", "[5, 6]",
+            "--settings", "[rft, verified_tail]", "--data_seeds", "[1]", "--train_seeds", "[5, 6]",
             "--epochs", "[1, 2]"]
     assert main(args) == 0
     seed1 = root / "seed-1"
@@ -91,11 +91,53 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     assert sorted(p.name for p in (seed1 / "cells").iterdir()) == ["t5-e1.json", "t5-e2.json", "t6-e1.json", "t6-e2.json"]
     ref = json.loads((seed1 / "trusted" / "reference" / "stage.json").read_text())
     table = json.loads((root / "fair_results.json").read_text())["table"]
-    assert table["runs"] == [[1, 5], [1, 6], [2, 5], [2, 6]]
+    assert table["runs"] == [[1, 5], [1, 6]]
     assert set(table["chosen_epochs"]) == {"sft", "rft", "verified_tail", "sft_plus_trusted"}
-    assert all(r["vs_baseline"]["runs"] == 4 for r in table["equal_steps"]["1"].values())
+    assert all(r["vs_baseline"]["runs"] == 2 for r in table["equal_steps"]["1"].values())
     assert (root / "fair_table.md").read_text().count("| `rft` |") == 3  # two epochs values and the chosen table
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")}
     assert main(args) == 0  # a rerun: every cell on disk, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")} == mtimes
     assert json.loads((seed1 / "trusted" / "reference" / "stage.json").read_text()) == ref
+
+
+def test_trl_preference_rows_by_hand():
+    """KTO's label is the verdict (`is_correct`, else no corrupted span); DPO's rows carry the system turn."""
+    from tokenforget.run.preference import dpo_rows, kto_rows
+
+    recs = [{"prompt": "q1", "completion": "a1", "is_correct": False, "corrupt_spans": []},
+            {"prompt": "q2", "completion": "a2", "corrupt_spans": [[0, 2]]},
+            {"prompt": "q3", "completion": "a3", "corrupt_spans": []}]
+    rows = kto_rows(recs, "Solve.")
+    assert [r["label"] for r in rows] == [False, False, True]
+    assert rows[0]["prompt"] == [{"role": "system", "content": "Solve."}, {"role": "user", "content": "q1"}]
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "a1"}]
+    pair = dpo_rows([{"prompt": "q", "chosen": "right", "rejected": "wrong"}], None)[0]
+    assert pair["prompt"] == [{"role": "user", "content": "q"}] and pair["rejected"][0]["content"] == "wrong"
+
+
+def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
+    """TRL's KTOTrainer on 8 labelled answers (batch 4, 2 steps) and DPOTrainer on 4 pairs after the run's sft: each
+    a train stage with a merged model, its optimizer steps the run's, reused on a second call."""
+    from conftest import tiny_run_config
+    from tokenforget.commands.demo import make_examples
+    from tokenforget.config import RunConfig, from_dict
+    from tokenforget.run.pipeline import Run
+    from tokenforget.run.preference import train_preference
+
+    rows = [{**r, "is_correct": i % 2 == 0} for i, r in enumerate(make_examples(8, seed=0, noise=0.0))]
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, rows=rows)
+    cfg["train"]["training"] = {**cfg["train"]["training"], "max_steps": 2}
+    cfg["report_to"] = ["none"]
+    run = Run(from_dict(RunConfig, cfg))
+    kto = train_preference(run, "kto")
+    assert (kto / "model" / "config.json").is_file()
+    assert json.loads((kto / "log_history.json").read_text())[-1]["step"] == 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": "The answer is 0."})
+                             + "\n" for r in rows[:4]))
+    dpo = train_preference(run, "dpo", pairs_path=pairs)
+    assert json.loads((dpo / "stage.json").read_text())["warm_start"].endswith("train-sft")
+    assert json.loads((dpo / "log_history.json").read_text())[-1]["step"] == 2
+    before = (dpo / "stage.json").stat().st_mtime_ns
+    assert train_preference(run, "dpo", pairs_path=pairs) == dpo and (dpo / "stage.json").stat().st_mtime_ns == before

@@ -96,7 +96,7 @@ COMMANDS: dict[str, tuple[type, str, Callable]] = {
               _lazy(C + "audit:run_audit")),
     "demo": (DemoConfig, "Offline demo on a generated task with known corrupted steps.", _lazy(C + "demo:run_demo")),
     "fair": (FairConfig, "The fair comparison on the demo's task: settings x data seeds x training seeds x epochs at "
-             "sft's steps, epochs chosen on validation, paired differences on test.", _lazy(C + "demo:run_fair")),
+             "sft's steps, epochs chosen on validation, paired differences on test.", _lazy(C + "fair:run_fair")),
     "prepare": (PrepareConfig, "Natural-noise SFT sets from model-written GSM8K solutions (noisy, correct_only, gold) "
                 "and held-out splits from GSM8K train.", _lazy(C + "prepare:run_prepare")),
     "weak": (WeakConfig, "Natural-noise training sets on the demo's task: a weak model's sampled answers, graded "

@@ -18,7 +18,7 @@ DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ign
                       "unlikelihood_wrong", "oracle_wga", "oracle_unlikelihood", "oracle_tnpo",
                       "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood",
                       "verified_tail_tnpo", "contrastive_forget", "contrastive_wga", "contrastive_unlikelihood",
-                      "contrastive_tnpo", "sim_ignore", "sim_forget"]
+                      "contrastive_tnpo", "kto", "dpo", "sim_ignore", "sim_forget"]
 Verdicts = Literal["outcome", "process"]
 # the settings that detect (demo.PARTITIONING)
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",

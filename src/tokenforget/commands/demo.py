@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
+from tokenforget.command_config import DemoConfig
 from tokenforget.commands.demo_task import (  # noqa: F401  (the task's names, as before the split)
     ITEMS, NAMES, SYSTEM_PROMPT, SYSTEMATIC_OFFSET, TOTAL_KINDS, demo_run_config, held_out, make_examples, make_task,
     read_jsonl, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
-from tokenforget.report.fair import fair_table, format_fair, grid_settings
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
 NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
@@ -211,6 +210,9 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     **{f"verified_tail_{s}": (lambda t: lambda r: r.forgetting(r.filtered("verified_tail", "ref_loss", "verified_tail"), t))(t)
        for s, t in FORGET_TERMS.items()},
     **{f"contrastive_{s}": (lambda t: lambda r: r.forgetting(r.contrastive(), t))(t) for s, t in FORGET_TERMS.items()},
+    # TRL's own trainers with the verdicts (`tokenforget.run.preference`)
+    "kto": lambda r: (r.run, "kto"),  # each answer's verdict its label, from the base model, at sft's steps
+    "dpo": lambda r: (r.run, "dpo"),  # a right and a wrong sample of one problem, after sft (task/pairs.jsonl)
 }
 PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
                 "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
@@ -244,6 +246,8 @@ DESCRIBED = {
     "oracle_ignore": "exactly the tokens known wrong ignored: the bound on any detector",
     "oracle_forget": "exactly the tokens known wrong forgotten (the paper's -lambda CE, lambda 0 -> 0.25)",
     "dft": "every response token, its loss scaled by the model's probability of it (DFT)",
+    "kto": "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model",
+    "dpo": "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)",
 }
 FULL_TABLE = "docs/results.md"  # where the comparison over seeds and baselines lives
 
@@ -289,6 +293,7 @@ def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
         clean = read_jsonl(weak / "gold.jsonl")
         rft_file = weak / ("rft.jsonl" if cfg.verdicts == "outcome" else "rft_process.jsonl")
         rft = read_jsonl(rft_file) if rft_file.is_file() else None  # sets made before issue 36: the kept right ones
+        write_jsonl(weak_pairs(weak, noisy, cfg.verdicts), task / "pairs.jsonl")
     elif cfg.noise_kind == "systematic":
         noisy, clean = make_task(cfg.n_train, cfg.seed, cfg.noise)
     else:  # one nearby wrong number in one step; the clean twin is the same generator without noise
@@ -304,6 +309,29 @@ def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
     if cfg.n_val:
         write_jsonl(held_out(cfg.n_val, cfg.seed + 30_000, taken | {r["prompt"] for r in test}), task / "val.jsonl")
     return task / "train.jsonl", task / "test.jsonl"
+
+
+def weak_pairs(weak: Path, noisy: list[dict[str, Any]], verdicts: str) -> list[dict[str, Any]]:
+    """DPO's pairs from `tokenforget weak`'s samples: for each problem of the noisy set with a sample graded right
+    and a complete one graded wrong (by `verdicts`), {prompt, chosen: the first right, rejected: the first wrong}."""
+    from tokenforget.commands.weak import outcome_correct
+
+    made = json.loads((weak / "manifest.json").read_text())["config"]
+    gold = make_task(made["n_train"], made["seed"], 0.0)[1]  # the problems the samples answer, in their order
+    kept = {r["prompt"] for r in noisy}
+    by_problem: dict[int, list[dict[str, Any]]] = {}
+    for s in read_jsonl(weak / "samples.jsonl"):
+        by_problem.setdefault(s["problem"], []).append(s)
+    pairs = []
+    for i, samples in sorted(by_problem.items()):
+        if gold[i]["prompt"] not in kept:
+            continue
+        right = [s["answer"] for s in samples if s["complete"] and (
+            s["correct"] if verdicts == "process" else outcome_correct(s["answer"], gold[i]["answer"]))]
+        wrong = [s["answer"] for s in samples if s["complete"] and s["answer"] not in right]
+        if right and wrong:
+            pairs.append({"prompt": gold[i]["prompt"], "chosen": right[0], "rejected": wrong[0]})
+    return pairs
 
 
 def with_verdict(record: dict[str, Any], verdicts: str) -> dict[str, Any]:
@@ -365,6 +393,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     from tokenforget.report.html import build_report
     from tokenforget.run import variants
     from tokenforget.run.pipeline import Run, has_corrupt
+    from tokenforget.run.preference import METHODS as PREFERENCE_METHODS, train_preference
     from tokenforget.stages.evaluate import evaluate_models
 
     t0 = time.time()
@@ -375,7 +404,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     stages, settings = {}, expand_settings(cfg)
     for name in settings:
         sub, stage = setting_stage(runs, name)
-        stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
+        if stage in PREFERENCE_METHODS:  # TRL's trainers: a stage of their own
+            stages[name] = train_preference(sub, stage, stage_suffix(cfg), root / "task" / "pairs.jsonl")
+        else:
+            stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
     results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
     if cfg.n_val:
@@ -395,87 +427,3 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         log(f"  {name}: {(stage / 'model').resolve()}")
     log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
-
-# ---------------------------------------------------------------- `tokenforget fair`: the demo over a grid
-# Settings x data seeds x training seeds x epochs, each cell one `run_demo` call in the data seed's folder (its
-# references and scoring passes shared by the cells; each final training a stage of its own, `train-<mode>-e2-t5`;
-# every stage and evaluation reused by fingerprint, so the grid resumes where it was stopped). Every setting at
-# sft's optimizer steps (`DemoConfig.equal_steps`); epochs chosen per run on validation; the table on test
-# (`tokenforget.report.fair`).
-
-
-def weak_dir_for(cfg: FairConfig, seed: int) -> Path:
-    """The weak sets of data seed `seed` (`FairConfig.weak_dir` with `{seed}` filled in)."""
-    return Path(cfg.weak_dir.format(seed=seed))
-
-
-def cell_config(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> DemoConfig:
-    """The demo call of one cell: the data seed's folder, the cell's training seed and epochs, every setting."""
-    weak = str(weak_dir_for(cfg, seed)) if cfg.demo.noise_kind == "weak" else cfg.demo.weak_dir
-    return replace(cfg.demo, run_dir=str(Path(cfg.run_dir) / f"seed-{seed}"), seed=seed, train_seed=train_seed,
-                   epochs=epochs, equal_steps=True, weak_dir=weak, settings=grid_settings(cfg.settings),
-                   detectors=[])
-
-
-FAIR_RESULTS, FAIR_TABLE = "fair_results.json", "fair_table.md"
-
-
-def cell_file(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> Path:
-    return Path(cfg.run_dir) / f"seed-{seed}" / "cells" / f"t{train_seed}-e{epochs:g}.json"
-
-
-def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every cell of the grid not yet on disk (epochs outermost, so that a whole table at one epochs value lands
-    first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
-    from tokenforget.commands.weak import make_weak_sets
-
-    for epochs in cfg.epochs:
-        for seed in cfg.data_seeds:
-            if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, seed) / "manifest.json").is_file():
-                log(f"[fair] weak sets of seed {seed}: {weak_dir_for(cfg, seed)}")
-                make_weak_sets(WeakConfig(out_dir=str(weak_dir_for(cfg, seed)), seed=seed, model=cfg.demo.model,
-                                          report_to=["none"]), log)
-            for train_seed in cfg.train_seeds or [seed]:
-                out = cell_file(cfg, seed, train_seed, epochs)
-                if out.is_file():
-                    continue
-                log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
-                results = run_demo(cell_config(cfg, seed, train_seed, epochs), log)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cell_record(results)))
-                tmp.replace(out)
-    return write_table(cfg, log)
-
-
-def cell_record(results: dict[str, Any]) -> dict[str, Any]:
-    """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, and its
-    validation accuracy."""
-    val = results.get("validation", {})
-    return {name: {"correct": [int(c) for c in m["correct"]], "gold_nll": m["gold_nll"],
-                   "val_accuracy": val.get(name, {}).get("accuracy")}
-            for name, m in results["models"].items()}
-
-
-def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
-    """The finished cells: (data seed, training seed, epochs) -> `cell_record`."""
-    cells = {}
-    for seed in cfg.data_seeds:
-        for train_seed in cfg.train_seeds or [seed]:
-            for epochs in cfg.epochs:
-                f = cell_file(cfg, seed, train_seed, epochs)
-                if f.is_file():
-                    cells[(seed, train_seed, epochs)] = json.loads(f.read_text())
-    return cells
-
-
-def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk; returns the table."""
-    table = fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs)
-    root = Path(cfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))
-    text = format_fair(table)
-    (root / FAIR_TABLE).write_text(text + "\n")
-    log(text)
-    return table

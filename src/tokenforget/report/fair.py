@@ -24,7 +24,7 @@ EXTRA_DATA = {s: "sft_plus_trusted" for s in (
     "verified_tail_unlikelihood", "verified_tail_tnpo", "contrastive_forget", "contrastive_wga",
     "contrastive_unlikelihood", "contrastive_tnpo")}
 # What a user would do anyway (not a detector of ours): the candidates for the strongest baseline.
-BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft")
+BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft", "kto", "dpo")
 
 
 def grid_settings(settings: Sequence[str], baseline: str = "sft") -> list[str]:

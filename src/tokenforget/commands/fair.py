@@ -1,0 +1,97 @@
+"""`tokenforget fair`: the demo over a grid, the comparison a skeptical reviewer accepts (issue 36).
+
+Settings x data seeds x training seeds x epochs, each cell one `run_demo` call in the data seed's folder (its
+references and scoring passes shared by the cells; each final training a stage of its own, `train-<mode>-e2-t5`;
+every stage and evaluation reused by fingerprint, so the grid resumes wherever it was stopped: a finished cell's
+results are kept in `seed-S/cells/`). Every setting at sft's optimizer steps (`DemoConfig.equal_steps`); the epochs
+chosen per run on validation; a setting that reads the trusted set brings `sft_plus_trusted`; the table on test
+(`tokenforget.report.fair`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
+from tokenforget.commands.demo import run_demo
+from tokenforget.report.fair import fair_table, format_fair, grid_settings
+
+
+def weak_dir_for(cfg: FairConfig, seed: int) -> Path:
+    """The weak sets of data seed `seed` (`FairConfig.weak_dir` with `{seed}` filled in)."""
+    return Path(cfg.weak_dir.format(seed=seed))
+
+
+def cell_config(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> DemoConfig:
+    """The demo call of one cell: the data seed's folder, the cell's training seed and epochs, every setting."""
+    weak = str(weak_dir_for(cfg, seed)) if cfg.demo.noise_kind == "weak" else cfg.demo.weak_dir
+    return replace(cfg.demo, run_dir=str(Path(cfg.run_dir) / f"seed-{seed}"), seed=seed, train_seed=train_seed,
+                   epochs=epochs, equal_steps=True, weak_dir=weak, settings=grid_settings(cfg.settings),
+                   detectors=[])
+
+
+FAIR_RESULTS, FAIR_TABLE = "fair_results.json", "fair_table.md"
+
+
+def cell_file(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> Path:
+    return Path(cfg.run_dir) / f"seed-{seed}" / "cells" / f"t{train_seed}-e{epochs:g}.json"
+
+
+def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every cell of the grid not yet on disk (epochs outermost, so that a whole table at one epochs value lands
+    first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
+    from tokenforget.commands.weak import make_weak_sets
+
+    for epochs in cfg.epochs:
+        for seed in cfg.data_seeds:
+            if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, seed) / "manifest.json").is_file():
+                log(f"[fair] weak sets of seed {seed}: {weak_dir_for(cfg, seed)}")
+                make_weak_sets(WeakConfig(out_dir=str(weak_dir_for(cfg, seed)), seed=seed, model=cfg.demo.model,
+                                          report_to=["none"]), log)
+            for train_seed in cfg.train_seeds or [seed]:
+                out = cell_file(cfg, seed, train_seed, epochs)
+                if out.is_file():
+                    continue
+                log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
+                results = run_demo(cell_config(cfg, seed, train_seed, epochs), log)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cell_record(results)))
+                tmp.replace(out)
+    return write_table(cfg, log)
+
+
+def cell_record(results: dict[str, Any]) -> dict[str, Any]:
+    """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, and its
+    validation accuracy."""
+    val = results.get("validation", {})
+    return {name: {"correct": [int(c) for c in m["correct"]], "gold_nll": m["gold_nll"],
+                   "val_accuracy": val.get(name, {}).get("accuracy")}
+            for name, m in results["models"].items()}
+
+
+def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
+    """The finished cells: (data seed, training seed, epochs) -> `cell_record`."""
+    cells = {}
+    for seed in cfg.data_seeds:
+        for train_seed in cfg.train_seeds or [seed]:
+            for epochs in cfg.epochs:
+                f = cell_file(cfg, seed, train_seed, epochs)
+                if f.is_file():
+                    cells[(seed, train_seed, epochs)] = json.loads(f.read_text())
+    return cells
+
+
+def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk; returns the table."""
+    table = fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs)
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))
+    text = format_fair(table)
+    (root / FAIR_TABLE).write_text(text + "\n")
+    log(text)
+    return table

@@ -1,0 +1,126 @@
+"""TRL's own preference trainers on a run's data: what a user with verdicts would pick instead of tokenforget
+(issue 36). A train stage of the run's folder like any other (`train-kto`, `train-dpo`; fingerprinted, reused).
+
+- `kto`: `trl.KTOTrainer` with each answer's verdict as its label (desirable = graded right), from the base model
+  (TRL's docs: depending on the base model, SFT before KTO may not be needed), at the run's optimizer steps.
+- `dpo`: `trl.DPOTrainer` on the problems that have a right and a wrong sampled answer (`pairs_path`: prompt,
+  chosen, rejected), from the run's `sft` model as TRL's docs ask (DPO always follows SFT): its steps are `sft`'s plus
+  the run's again.
+
+Both with the run's LoRA, learning rate, batch, schedule and seed (`trainer.training_arguments`), the reference
+the adapter-free model (TRL's default for a peft model), beta 0.1 (TRL's default).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+from tokenforget.config import to_dict
+from tokenforget.errors import UserError
+from tokenforget.run.pipeline import Run
+from tokenforget.runfolder import file_digest, fingerprint, release_memory
+
+METHODS = ("kto", "dpo")
+BETA = 0.1  # TRL's default for both
+
+
+def verdict(record: dict[str, Any]) -> bool:
+    """An answer graded right: its `is_correct` label, else no known corrupted span."""
+    return bool(record.get("is_correct", not record.get("corrupt_spans")))
+
+
+def kto_rows(records: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:
+    """TRL's unpaired preference format, conversational: prompt (system and user turns), completion, label."""
+    return [{"prompt": _prompt(r["prompt"], system_prompt), "completion": [{"role": "assistant", "content": r["completion"]}],
+             "label": verdict(r)} for r in records]
+
+
+def dpo_rows(pairs: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:
+    """TRL's paired preference format, conversational: prompt, chosen, rejected."""
+    return [{"prompt": _prompt(p["prompt"], system_prompt), "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
+def _prompt(text: str, system_prompt: Optional[str]) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": text}]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Optional[Path] = None) -> Path:
+    """The stage `train-<method><suffix>` of `run`: TRL's KTO or DPO trainer on the run's data (DPO: on
+    `pairs_path`, warm-started from `train-sft<suffix>`); returns its folder (the merged model in `model/`)."""
+    from tokenforget.run import variants
+
+    c = run.cfg
+    data = Path(c.data.path)
+    warm: Optional[Path] = None
+    if method == "dpo":
+        if pairs_path is None or not pairs_path.is_file():
+            raise UserError(f"dpo trains on pairs of a right and a wrong answer to one problem: '{pairs_path}' does not "
+                            "exist (the demo writes task/pairs.jsonl for noise_kind weak)")
+        warm = variants.train(run, "sft", suffix)
+    name = f"train-{method}{suffix}"
+    source = pairs_path if method == "dpo" else data
+    fp = fingerprint("preference", method, BETA, file_digest(str(source)), to_dict(c.train.training), to_dict(c.lora), c.train.seed if c.train.seed is not None else c.seed, run.bf16,
+                     json.loads((warm / "stage.json").read_text())["fingerprint"] if warm else None)
+    if run.folder.done_on_main(name, fp):
+        return run.reused(name)
+    rows = dpo_rows(_read(source), c.data.system_prompt) if method == "dpo" else kto_rows(_read(data), c.data.system_prompt)
+    run.log(f"[{name}] TRL's {method.upper()}Trainer on {len(rows)} {'pairs' if method == 'dpo' else 'answers'}")
+    trainer: Any = None
+
+    def build() -> None:
+        nonlocal trainer
+        trainer = _fit(run, method, rows, name, fp, warm)
+
+    def commit(_: None, d: Path) -> dict[str, Any]:
+        from tokenforget.trainer import save_model
+
+        (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        save_model(trainer.model, run.base.tokenizer, d, merged=True)
+        return {"mode": method, "rows": len(rows), "warm_start": str(warm) if warm else None}
+
+    out = run.folder.ensure(name, fp, build, commit)
+    del trainer
+    release_memory()
+    return out
+
+
+def _fit(run: Run, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path]) -> Any:
+    """Train with TRL's trainer: the run's LoRA on the base (or on the warm-start model), its TrainingArguments."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import ProgressCallback
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from tokenforget.model.loading import add_lora
+    from tokenforget.trainer import BarOnlyProgress, training_arguments
+
+    c = run.cfg
+    seed = c.train.seed if c.train.seed is not None else c.seed
+    work = run.folder.work_dir(name, fp)
+    args = training_arguments(c.train.training, work, seed, run.bf16, report_to=["none"], save_strategy="no")
+    config_cls, trainer_cls = (DPOConfig, DPOTrainer) if method == "dpo" else (KTOConfig, KTOTrainer)
+    fields = {k: v for k, v in args.to_dict().items() if k in config_cls.__dataclass_fields__ and not k.startswith("_")}
+    fields.update(beta=BETA, max_length=c.data.max_length, remove_unused_columns=True, disable_tqdm=False)
+    if method == "kto":  # its KL term pairs each example with its batch neighbours: TRL asks for a fixed order,
+        fields["train_sampling_strategy"] = "sequential"  # so the rows are shuffled once, seeded, instead
+        rows = [rows[i] for i in random.Random(seed).sample(range(len(rows)), len(rows))]
+    cfg = config_cls(**{k: v for k, v in fields.items() if k not in ("push_to_hub_token", "hub_token")})
+    base = (AutoModelForCausalLM.from_pretrained(str(warm / "model"), dtype=torch.float32) if warm else
+            (run.base.frozen() if c.lora.enabled else run.base.fresh()))
+    model = add_lora(base, c.lora)
+    trainer = trainer_cls(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=run.base.tokenizer)
+    if trainer.pop_callback(ProgressCallback) is not None:  # a bar, not the log dicts
+        trainer.add_callback(BarOnlyProgress)
+    trainer.train()
+    return trainer
