@@ -141,3 +141,14 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     assert json.loads((dpo / "log_history.json").read_text())[-1]["step"] == 2
     before = (dpo / "stage.json").stat().st_mtime_ns
     assert train_preference(run, "dpo", pairs_path=pairs) == dpo and (dpo / "stage.json").stat().st_mtime_ns == before
+
+
+def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
+    """A grid that adds settings runs its finished cells again (their stages reused): a cell file is done for a
+    grid whose settings it holds all of."""
+    from tokenforget.commands.fair import cell_done
+
+    cell = tmp_path / "t1-e1.json"
+    assert not cell_done(cell, ["sft"])
+    cell.write_text(json.dumps({"base": {}, "sft": {}, "rft": {}}))
+    assert cell_done(cell, ["sft", "rft"]) and not cell_done(cell, ["sft", "rft", "kto"])

@@ -40,6 +40,12 @@ def cell_file(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> Pat
     return Path(cfg.run_dir) / f"seed-{seed}" / "cells" / f"t{train_seed}-e{epochs:g}.json"
 
 
+def cell_done(out: Path, settings: list[str]) -> bool:
+    """Whether a cell's results on disk hold every setting (a grid that adds settings reruns the cell: its finished
+    stages and evaluations are reused, only the new settings train)."""
+    return out.is_file() and set(settings) <= set(json.loads(out.read_text()))
+
+
 def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every cell of the grid not yet on disk (epochs outermost, so that a whole table at one epochs value lands
     first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
@@ -53,7 +59,7 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
                                           report_to=["none"]), log)
             for train_seed in cfg.train_seeds or [seed]:
                 out = cell_file(cfg, seed, train_seed, epochs)
-                if out.is_file():
+                if cell_done(out, grid_settings(cfg.settings)):
                     continue
                 log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
                 results = run_demo(cell_config(cfg, seed, train_seed, epochs), log)
