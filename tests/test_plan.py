@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import forbid_loading
 from transformers import AutoModelForCausalLM
 
@@ -146,3 +147,82 @@ def test_counts_by_hand():
     assert optimizer_steps(10, TrainingConfig(batch_size=4, max_steps=7)) == 7
     assert train_padded_tokens([[0] * 5] * 10, TrainingConfig(batch_size=4, epochs=2), seed=0) == 100
     assert score_padded_tokens([[0] * 3, [0] * 5, [0] * 2, [0] * 4], 2) == 16
+
+
+def _executed(monkeypatch) -> dict:
+    """Record what a run really does: the stages it builds (not reused), its trainings and its forward passes over
+    every example (a scoring pass with the base runs two)."""
+    import tokenforget.stages.reference as ref_mod
+    import tokenforget.stages.score as score_mod
+    import tokenforget.trainer as train_mod
+    from tokenforget.runfolder import RunFolder
+
+    seen: dict = {"stages": [], "trainings": 0, "forwards": 0}
+    ensure, fit, shards = RunFolder.ensure, train_mod.fit, score_mod.score_shards
+
+    def ensure_logged(self, name, fp, *args, **kwargs):
+        if not self.done_on_main(name, fp):
+            seen["stages"].append(name)
+        return ensure(self, name, fp, *args, **kwargs)
+
+    def fit_counted(*args, **kwargs):
+        seen["trainings"] += 1
+        return fit(*args, **kwargs)
+
+    def shards_counted(*args, **kwargs):
+        seen["forwards"] += 2 if kwargs.get("with_base") else 1
+        return shards(*args, **kwargs)
+
+    monkeypatch.setattr(RunFolder, "ensure", ensure_logged)
+    monkeypatch.setattr(train_mod, "fit", fit_counted)
+    monkeypatch.setattr(ref_mod, "fit", fit_counted)
+    monkeypatch.setattr(score_mod, "score_shards", shards_counted)
+    return seen
+
+
+PLAN_CASES = {  # name -> (config sections over the tiny run's, the mode trained)
+    "paper": ({}, "forget"),
+    "recommended": ({}, "sft"),
+    "ref_loss_wga": ({"score": {"method": "ref_loss_min_rank"}, "partition": {"rho": 0.95},
+                      "train": {"objective": {"mode": "forget", "forget_term": "wga"}}}, "forget"),
+    "contrastive_noisy_folds": ({"reference": {"path": "TRUSTED", "noisy_folds": 2, "noisy_fraction": 0.5},
+                                 "score": {"method": "contrastive"}, "partition": {"selection": "threshold", "threshold": -1.0}},
+                                "ignore"),
+    "data_labels": ({"partition": {"selection": "data"}}, "ignore"),
+    "verified": ({"reference": {"path": "TRUSTED"}, "score": {"method": "ref_loss"},
+                  "partition": {"selection": "verified_tail"}}, "ignore"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+def test_the_plan_lists_what_the_run_executes(case: str, tmp_path: Path, tiny_model_dir: Path, monkeypatch):
+    """For the presets, the contrastive detector with noisy references, labels in the data and the verified tail:
+    the stages the dry run plans are the stages the run builds, with the same number of trainings and of forward
+    passes over the data (the plan used to miss the noisy references and their forward pass)."""
+    from conftest import tiny_run_config, write_jsonl
+
+    from tokenforget.commands.demo import make_examples
+    from tokenforget.commands.plan import plan_run
+    from tokenforget.config import RunConfig, from_dict
+
+    sections, mode = PLAN_CASES[case]
+    rows = make_examples(16, seed=0, noise=0.25)
+    if case == "data_labels":  # the first answer's tokens labelled no-loss (weight 0), the others unlabelled
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["completion"], **({"weight": 0} if i == 0 else {})}]}
+                for i, r in enumerate(rows)]
+    trusted = write_jsonl(tmp_path / "trusted.jsonl", make_examples(8, seed=5, noise=0.0))
+    raw = tiny_run_config(tmp_path, tiny_model_dir, rows=rows)
+    for sec, values in sections.items():
+        values = {k: (str(trusted) if v == "TRUSTED" else v) for k, v in values.items()}
+        raw[sec] = {**raw.get(sec, {}), **values}
+    raw["train"]["objective"] = {**raw["train"].get("objective", {}), "mode": mode}
+    raw["report_to"] = ["none"]
+    cfg = from_dict(RunConfig, raw)
+    plans, _ = plan_run(Run(cfg), [mode])
+    planned = [p.name for p in plans if not p.reuse]
+    seen = _executed(monkeypatch)
+    Run(cfg).train(mode)
+    assert sorted(seen["stages"]) == sorted(planned), case
+    assert seen["trainings"] == sum(p.trainings for p in plans), case
+    assert seen["forwards"] == sum(p.forwards for p in plans), case

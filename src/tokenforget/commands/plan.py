@@ -58,6 +58,8 @@ class StagePlan:
     tokens: int  # tokens of the examples the stage goes over (prompt and response)
     work: str
     seconds: float  # estimated wall time if it runs (0 when reused)
+    trainings: int = 0  # model trainings the stage runs (a reference per fold)
+    forwards: int = 0  # forward passes over every example (the scoring pass: base, reference, noisy references)
 
 
 def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
@@ -67,6 +69,8 @@ def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
     needs_scores = any(needs_partition(m) for m in modes)
     per_round = ("scores", "partition") if run.scores_unused() else ("reference", "scores", "partition")
     rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in per_round]
+    if run.needs_noisy_reference():  # trained once, before the first scoring pass
+        rounds.insert(rounds.index("scores"), "reference-noisy")
     upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
     return upstream + [f"train-{m}" for m in modes]
 
@@ -80,6 +84,7 @@ def _round_of(stage: str) -> tuple[str, int]:
 def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
     fps: dict[str, Callable[[int], str]] = {
         "data": lambda _r: run.data_fp(), "reference": run.reference_fp, "scores": run.score_fp,
+        "reference-noisy": lambda _r: run.noisy_reference_fp(),
         "partition": run.partition_fp, "labels": lambda _r: run.labels_fp(),
     }
     return {s: variants.train_fp(run, s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
@@ -191,10 +196,20 @@ def _stage_plan(
         return StagePlan(stage, fp, reuse, len(sets.all), n_tok, "tokenize", 0.0 if reuse else tokenize_s)
     kind = _round_of(stage)[0]
     if kind == "reference":
+        if cfg.reference.checkpoint:
+            return StagePlan(stage, fp, reuse, 0, 0, "read reference.checkpoint (no training)", 0.0)
         plan = _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
         folds = cfg.reference.folds
         if folds > 1:  # K references, each on a subset of the same size
-            plan.work, plan.seconds = f"{folds} references x {plan.work}", plan.seconds * folds
+            plan.work, plan.seconds, plan.trainings = f"{folds} references x {plan.work}", plan.seconds * folds, folds
+        return plan
+    if kind == "reference-noisy":  # cross-fitted on the training data
+        rc = cfg.reference
+        n = len(sets.all)  # `reference.cross_fit_folds`: round(fraction x n), at most the other folds' examples
+        share = min(max(1, round(rc.noisy_fraction * n)), n - math.ceil(n / rc.noisy_folds))
+        plan = _train_plan(stage, fp, reuse, sets.all[:share], rc.training, cfg.seed, timing)
+        plan.work, plan.seconds = f"{rc.noisy_folds} noisy references x {plan.work}", plan.seconds * rc.noisy_folds
+        plan.trainings = rc.noisy_folds
         return plan
     if kind == "scores" and run.scores_unused():  # the stage only writes zeros for the partition to read
         work = f"not needed: partition.selection '{cfg.partition.selection}' ranks nothing (no reference, no forward)"
@@ -203,10 +218,11 @@ def _stage_plan(
         bs = cfg.score.batch_size
         padded = score_padded_tokens(sets.all, bs)
         n_batches = math.ceil(len(sets.all) / bs)
-        forwards = (2, "base, reference") if run.base_pass() else (1, "reference; the method reads no base CE")
-        secs = forwards[0] * padded * timing.forward.get(bs, 0.0)
-        work = f"{n_batches} batches x {forwards[0]} forward{'s' * (forwards[0] > 1)} ({forwards[1]})"
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs)
+        models = run.scoring_forwards()
+        why = ", ".join(models) + ("" if run.base_pass() else "; the method reads no base CE")
+        secs = len(models) * padded * timing.forward.get(bs, 0.0)
+        work = f"{n_batches} batches x {len(models)} forward{'s' * (len(models) > 1)} ({why})"
+        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs, forwards=len(models))
     if kind in ("partition", "labels"):
         ranked = "read the data's weights of" if cfg.partition.selection == "data" else "rank"
         what = f"{ranked} {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
@@ -221,7 +237,7 @@ def _train_plan(
     per_token = timing.train.get((tcfg.batch_size, tcfg.gradient_checkpointing), 0.0)
     secs = train_padded_tokens(examples, tcfg, seed) * per_token
     work = f"{steps} optimizer steps of {tcfg.batch_size} x {tcfg.grad_accum}"
-    return StagePlan(stage, fp, reuse, len(examples), sum(map(len, examples)), work, 0.0 if reuse else secs)
+    return StagePlan(stage, fp, reuse, len(examples), sum(map(len, examples)), work, 0.0 if reuse else secs, trainings=1)
 
 
 # ---------------------------------------------------------------- warm-up

@@ -76,6 +76,17 @@ class StageFingerprints:
         CE_ref alone would do."""
         return list(dict.fromkeys([self.raw_score_fp(rnd), self.raw_score_fp(rnd, base_pass=True)]))
 
+    def needs_noisy_reference(self) -> bool:
+        """Whether the scoring pass trains and runs the noisy references (`reference.noisy_folds`)."""
+        return bool(self.cfg.reference.noisy_folds) and not self.cfg.score.precomputed_path and not self.scores_unused()
+
+    def scoring_forwards(self) -> list[str]:
+        """The models a scoring pass runs over every example, in order (none where the scores are unused or read
+        from a file): the base where CE_base is read, the reference, the noisy references (each example by one)."""
+        if self.scores_unused() or self.cfg.score.precomputed_path:
+            return []
+        return [*(["base"] if self.base_pass() else []), "reference", *(["noisy references"] if self.needs_noisy_reference() else [])]
+
     def scores_unused(self) -> bool:
         """The oracle and data partitions rank nothing (their classes are the data's known noise, or the weights it
         carries), so no reference is trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs
