@@ -57,7 +57,7 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     written. The training's FLOPs are the formula's on the plan's own padded tokens and the tiny model's shape."""
     forbid_loading(monkeypatch, AutoModelForCausalLM)
     argv = ["run", str(config), "--dry-run", "--plan-gpus", "2", "--gpu", "h100", "--plan-sharding", "zero3",
-            "--eval.tasks", "[boolq, my_own_task]"]
+            "--eval.tasks", "[boolq, my_own_task]", "--data.max_length", "400"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert not (config.parent / "run").exists()
@@ -65,7 +65,16 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in
             ("reference", "scores", "train-forget", "eval")}
     assert set(rows) == {"reference", "scores", "train-forget", "eval"}
-    assert "zero3, micro-batch 4 x 128" in rows["train-forget"] and "2 forwards" in rows["scores"]
+    from tokenforget.commands.cost import longest
+
+    _, cfg, _ = parse_config(argv)
+    run = Run(cfg)
+    from tokenforget.commands.plan import _token_sets
+
+    longest_example = max(map(len, _token_sets(run).all))  # the memory is of the data's real lengths, not max_length
+    assert longest_example < 400 and longest(_token_sets(run).all, 400) == longest_example
+    assert longest([[1] * 200], 128) == 128  # at most max_length
+    assert f"zero3, micro-batch 4 x {longest_example}" in rows["train-forget"] and "2 forwards" in rows["scores"]
     assert "not costed: my_own_task" in rows["eval"]
     assert "GPU-hours" in out
 

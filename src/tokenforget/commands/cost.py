@@ -36,6 +36,12 @@ def micro_batches(n_examples: int, cfg: TrainingConfig) -> int:
     return math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size))
 
 
+def longest(examples: Sequence[Sequence[int]], max_length: int) -> int:
+    """The tokens of the longest example, at most `max_length`: the length a padded micro-batch reaches at most (not
+    `max_length` itself, which 100-token examples never fill)."""
+    return min(max_length, max(map(len, examples), default=max_length))
+
+
 def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, seed: int) -> int:
     """Expected padded tokens of a training: each epoch a seeded shuffle cut into batches (the last one
     smaller), each batch padded to its longest example (not padded at all with `packing`), until the
@@ -145,21 +151,22 @@ def _train_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequen
     padded = train_padded_tokens(examples, tcfg, cfg.seed)
     seq = _seq_len(padded, micro_batches(len(examples), tcfg) * min(tcfg.batch_size, len(examples)))
     flops = mem.stage_flops(shape, padded, seq, mem.training_passes(cfg.lora.enabled, tcfg.gradient_checkpointing))
-    est = mem.training_estimate(shape, cfg.model, cfg.lora, tcfg, cfg.data.max_length, run.bf16)
+    length = longest(examples, cfg.data.max_length)  # what a padded micro-batch reaches, not max_length
+    est = mem.training_estimate(shape, cfg.model, cfg.lora, tcfg, length, run.bf16)
     sharding = pc.sharding if pc.gpus > 1 else "ddp"
     per_gpu = mem.sharded(est, shape, sharding, pc.gpus, mem.weight_bytes(cfg.model))
-    return StageCost(name, padded, flops, per_gpu, 0.0, f"{sharding}, micro-batch {tcfg.batch_size} x {cfg.data.max_length}")
+    return StageCost(name, padded, flops, per_gpu, 0.0, f"{sharding}, micro-batch {tcfg.batch_size} x {length}")
 
 
 def _score_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]]) -> StageCost:
-    """Scoring: 1 or 2 forwards (base, reference) over the scorer's padded batches; every rank holds the whole model
+    """Scoring: a forward of each model the pass runs over the scorer's padded batches; every rank holds the whole model
     (scoring shares out the examples, not the weights)."""
     cfg = run.cfg
-    forwards = 2 if run.base_pass() else 1
+    forwards = len(run.scoring_forwards())  # base, reference, noisy references: as the dry run's plan counts them
     padded = score_padded_tokens(examples, cfg.score.batch_size)
     flops = mem.stage_flops(shape, padded, _seq_len(padded, len(examples)), forwards)
-    est = mem.forward_estimate(shape, cfg.score.batch_size, cfg.data.max_length, mem.weight_bytes(cfg.model),
-                               2 if run.bf16 else 4)
+    est = mem.forward_estimate(shape, cfg.score.batch_size, longest(examples, cfg.data.max_length),
+                               mem.weight_bytes(cfg.model), 2 if run.bf16 else 4)
     return StageCost(name, padded * forwards, flops, est, 0.0, f"{forwards} forward{'s' * (forwards > 1)}, whole model per GPU")
 
 

@@ -29,7 +29,7 @@ import torch
 
 from tokenforget.command_config import PlanConfig
 from tokenforget.commands.cost import (  # noqa: F401  (the counts are also plan's API)
-    cost_plan, duration, format_cost, micro_batches, optimizer_steps, score_padded_tokens, train_padded_tokens,
+    cost_plan, duration, format_cost, longest, micro_batches, optimizer_steps, score_padded_tokens, train_padded_tokens,
 )
 from tokenforget.config.training import TrainingConfig
 from tokenforget.model.batching import forward_ce, pad_batch
@@ -328,15 +328,16 @@ def _sync() -> None:
 # ---------------------------------------------------------------- report
 
 
-def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
-    """The dry run as a table; when timed, each stage's estimate, the warm-up measurements and the total."""
+def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing, length: int) -> str:
+    """The dry run as a table; when timed, each stage's estimate, the warm-up measurements and the total; the memory
+    estimate at `length` tokens a sequence."""
     header = ["stage", "status", "fingerprint", "examples", "tokens", "work"]
     rows = [[p.name, "reuse" if p.reuse else "run", p.fingerprint, p.examples, f"{p.tokens:,}", p.work] for p in plans]
     if timing.measured:
         header.append("est. time")
         for row, p in zip(rows, plans):
             row.append("-" if p.reuse else duration(p.seconds))
-    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows), *memory_lines(run, plans)]
+    lines = [f"Dry run of {run.root} (nothing is written)", format_table(header, rows), *memory_lines(run, plans, length)]
     nothing = "" if any(not p.reuse for p in plans) else " (nothing to run)"
     if not timing.measured:
         lines.append(f"Wall time not estimated{nothing}: --dry-run-timing loads the model and times a few "
@@ -349,8 +350,9 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing) -> str:
     return "\n".join(lines)
 
 
-def memory_lines(run: Run, plans: Sequence[StagePlan]) -> list[str]:
-    """The memory estimate (`tokenforget.model.memory`) of each training configuration a stage to run uses."""
+def memory_lines(run: Run, plans: Sequence[StagePlan], length: int) -> list[str]:
+    """The memory estimate (`tokenforget.model.memory`) of each training configuration a stage to run uses, for a
+    micro-batch of `length` tokens a sequence (`cost.longest`)."""
     cfg = run.cfg
     stages = [(p.name.rsplit("/", 1)[-1], p.reuse) for p in plans]  # a variant's: variant-<name>/<stage>
     kinds = {_round_of(s)[0] if not s.startswith("train-") else "train" for s, reuse in stages if not reuse}
@@ -360,7 +362,7 @@ def memory_lines(run: Run, plans: Sequence[StagePlan]) -> list[str]:
     for t in trainings:
         key = (t.batch_size, t.gradient_checkpointing)
         if key not in seen:
-            seen[key] = run_estimate(cfg.model, cfg.lora, t, cfg.data.max_length, run.bf16)
+            seen[key] = run_estimate(cfg.model, cfg.lora, t, length, run.bf16)
     return list(seen.values())
 
 
@@ -376,7 +378,7 @@ def dry_run(
     data = next((p for p in plans if p.name == "data"), None)
     if data is not None and not data.reuse:
         data.seconds = tokenize_s  # the tokenizing was done here, before plan_run
-    log(format_plan(run, plans, timing))
+    log(format_plan(run, plans, timing, longest(sets.all, run.cfg.data.max_length)))
     if cost is not None:
         log(format_cost(cost_plan(run, plans, sets, cost), cost, run.cfg.lora.enabled))
     return plans
