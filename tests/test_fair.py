@@ -152,3 +152,26 @@ def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
     assert not cell_done(cell, ["sft"])
     cell.write_text(json.dumps({"base": {}, "sft": {}, "rft": {}}))
     assert cell_done(cell, ["sft", "rft"]) and not cell_done(cell, ["sft", "rft", "kto"])
+
+
+def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokenizer):
+    """`reference.disjoint_from: wrong` (verified_tail_self): the trusted set may hold the file's right answers, never
+    one of its wrong ones; with any other selection it is refused at the edge."""
+    from conftest import write_jsonl
+
+    from tokenforget.config import ConfigError, DataConfig, PartitionConfig, ReferenceConfig, RunConfig
+    from tokenforget.stages.data import DataError
+    from tokenforget.stages.reference import reference_examples
+
+    rows = [{"prompt": "q1", "completion": "a1", "is_correct": True}, {"prompt": "q2", "completion": "a2", "is_correct": False}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    right = write_jsonl(tmp_path / "right.jsonl", rows[:1])
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", rows[1:])
+    dc = DataConfig(path=str(data))
+    assert len(reference_examples(None, ReferenceConfig(path=str(right), disjoint_from="wrong"), dc, tiny_tokenizer, 0)) == 1
+    with pytest.raises(DataError, match="same prompt as the scored example"):
+        reference_examples(None, ReferenceConfig(path=str(wrong), disjoint_from="wrong"), dc, tiny_tokenizer, 0)
+    with pytest.raises(DataError, match="same prompt as the scored example"):  # the default: disjoint from all
+        reference_examples(None, ReferenceConfig(path=str(right)), dc, tiny_tokenizer, 0)
+    with pytest.raises(ConfigError, match="reference.disjoint_from"):
+        RunConfig(reference=ReferenceConfig(path=str(right), disjoint_from="wrong"), partition=PartitionConfig())

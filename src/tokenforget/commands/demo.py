@@ -157,8 +157,10 @@ class DemoRuns:
 
         if name not in self.made:
             c = self.run.cfg
-            rc = replace(c, run_dir=str(self.root / name),
-                         reference=replace(c.reference, path=str(self.root / "task" / "correct_only.jsonl")))
+            rc = replace(c, run_dir=str(self.root / name), partition=replace(c.partition, selection="verified_tail"),
+                         compare=replace(c.compare, variants={}),  # the oracle variants read every answer's scores
+                         reference=replace(c.reference, path=str(self.root / "task" / "correct_only.jsonl"),
+                                           disjoint_from="wrong"))  # it saw the right answers, never a wrong one
             self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
         return self.made[name]
 

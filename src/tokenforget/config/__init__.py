@@ -73,6 +73,9 @@ class RunConfig:
 
         _check(self.score.method not in NEEDS_NOISY or self.reference.noisy_folds >= 2, "score.method",
                f"'{self.score.method}' reads a noisy reference's CE: set reference.noisy_folds >= 2")
+        _check(self.reference.disjoint_from == "all" or self.partition.selection.startswith("verified_"),
+               "reference.disjoint_from", "'wrong' is for the verified selections, which read only the answers known "
+               f"wrong; partition.selection '{self.partition.selection}' reads every answer's scores")
         term = self.train.objective.forget_term
         _check(self.score.base_pass is not False or term not in NEEDS_BASE_CE, "score.base_pass",
                f"false, but train.objective.forget_term '{term}' reads the base model's CE")

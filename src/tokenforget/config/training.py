@@ -96,6 +96,10 @@ class ReferenceConfig:
     `path`). 0: none."""
     noisy_fraction: float = 1.0
     """`noisy_folds` only: the share of all examples each noisy reference trains on (all of the other folds at most)."""
+    disjoint_from: Literal["all", "wrong"] = "all"
+    """`path` only: what the trusted set may share no prompt with. `all`: every scored example (a reference that saw
+    one finds it easy by memory). `wrong`: the answers known wrong only, for the verdict selections (`verified_*`),
+    which read no other answer's scores: a reference trained on the file's own answers graded right."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.fraction <= 1.0, "reference.fraction", f"must be in (0, 1], got {self.fraction}")

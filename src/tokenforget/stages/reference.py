@@ -36,7 +36,10 @@ def reference_examples(
     seeded `reference.fraction` (or `size`) of the tokenized examples."""
     if rc.path:
         records = data_mod.load_records(dc, rc.path)
-        data_mod.check_disjoint(records, data_mod.load_records(dc), "reference.path")
+        scored = data_mod.load_records(dc)
+        if rc.disjoint_from == "wrong":  # the verified selections read only the answers known wrong
+            scored = [r for r in scored if r.is_correct is False or (r.is_correct is None and r.corrupt_spans)]
+        data_mod.check_disjoint(records, scored, "reference.path")
         cols, _ = data_mod.tokenize_records(tokenizer, records, dc)
         return datasets.Dataset.from_dict(cols)
     return tokens.select(data_mod.reference_subset(len(tokens), rc.fraction, rc.size, seed))
