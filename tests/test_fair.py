@@ -175,3 +175,25 @@ def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokeniz
         reference_examples(None, ReferenceConfig(path=str(right)), dc, tiny_tokenizer, 0)
     with pytest.raises(ConfigError, match="reference.disjoint_from"):
         RunConfig(reference=ReferenceConfig(path=str(right), disjoint_from="wrong"), partition=PartitionConfig())
+
+
+def test_the_mechanism_check_by_hand():
+    """A generated problem's kind from its wording; the gain split by kind and the wrong answers at gold + 10
+    (scripts/mechanism.py) on 4 problems: kinds 0, 1, 2, 3; setting right on 0 and 1, sft right on 1 only: the
+    total-ending problems (0, 2) +0.5 (d = 1, 0), the others 0 (d = 0, 0); sft's wrong answers 25 (gold 15, +10),
+    7 (gold 8) and 40 (gold 30, +10): 2 of 3."""
+    import importlib.util
+
+    from tokenforget.commands.demo_task import _worded, problem_kind
+
+    import random
+
+    for kind in range(4):
+        q = _worded(random.Random(kind), kind, "Mia", "she", "She")[0]
+        assert problem_kind(q) == kind
+    spec = importlib.util.spec_from_file_location("mechanism", Path(__file__).parents[1] / "scripts" / "mechanism.py")
+    mech = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mech)
+    parts = mech.split([1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 2, 3])
+    assert parts["total-ending"][0] == 0.5 and parts["total-ending"][2] == 2 and parts["other"][0] == 0.0
+    assert mech.plus_offset_share(["25", "9", "7", "40"], ["15", "9", "8", "30"], [0, 1, 0, 0]) == (2, 3)

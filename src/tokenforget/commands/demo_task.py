@@ -94,6 +94,13 @@ def make_examples(n: int, seed: int, noise: float) -> list[dict[str, Any]]:
 
 
 TOTAL_KINDS = (0, 2)  # problems whose last step is a total: where the systematic error goes
+# How each kind's question reads (`_worded`): a problem's kind from its text alone.
+KIND_WORDING = {0: " bags with ", 1: "A shop sells ", 2: " pages on Monday ", 3: "A farm has "}
+
+
+def problem_kind(question: str) -> int:
+    """The kind (0-3) of a generated problem, from its question's wording (`KIND_WORDING`)."""
+    return next(k for k, words in KIND_WORDING.items() if words in question)
 SYSTEMATIC_OFFSET = 10  # the systematic error: every corrupted total is 10 too large
 
 

@@ -71,11 +71,11 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
 
 
 def cell_record(results: dict[str, Any]) -> dict[str, Any]:
-    """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, and its
-    validation accuracy."""
+    """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, its validation
+    accuracy, and its final answers (for `scripts/mechanism.py`)."""
     val = results.get("validation", {})
     return {name: {"correct": [int(c) for c in m["correct"]], "gold_nll": m["gold_nll"],
-                   "val_accuracy": val.get(name, {}).get("accuracy")}
+                   "val_accuracy": val.get(name, {}).get("accuracy"), "answers": m.get("answers")}
             for name, m in results["models"].items()}
 
 

@@ -40,7 +40,7 @@ from tokenforget.config.data import DataConfig
 from tokenforget.errors import ConfigError
 from tokenforget.config.evaluation import EvalConfig
 from tokenforget.diversity import MEASURES
-from tokenforget.metrics import answer_accuracy, result_spans, token_weighted_mean
+from tokenforget.metrics import answer_accuracy, extract_answer, result_spans, token_weighted_mean
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import autocast, device
 from tokenforget.runfolder import RunFolderError
@@ -458,7 +458,7 @@ def evaluate_models(
         acc = answer_accuracy(preds, golds)
         nll = gold_nll(model, cols["input_ids"], cols["response_mask"], 16, run.bf16, tok.pad_token_id)
         models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "sample": preds[0],
-                        "correct": acc.correct}
+                        "correct": acc.correct, "answers": [extract_answer(p) for p in preds]}  # what each one said
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_text(json.dumps(models[name]))
