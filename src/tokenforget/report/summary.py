@@ -5,17 +5,37 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from tokenforget.config import RunConfig
 from tokenforget.metrics import Detection, detection
 from tokenforget.objectives import FORGET
 from tokenforget.runfolder import round_stage
 from tokenforget.text_table import format_table
 
 
-def detection_of(run: Any) -> Detection:
+class ScoredRun(Protocol):
+    """What a detection summary reads of a run: its tokens, scores and token classes (`run.pipeline.Run`)."""
+
+    def data(self) -> Any: ...
+    def score(self) -> Any: ...
+    def partition(self) -> Any: ...
+
+
+class FinishedRun(Protocol):
+    """What a run's summary reads: its folder, its stages, its config, the self-evolving rounds, the stages reused."""
+
+    cfg: RunConfig
+    rounds: int
+    root: Path
+    skipped: list[str]
+
+    def stage_dir(self, name: str) -> Path: ...
+
+
+def detection_of(run: ScoredRun) -> Detection:
     """How well the run's scores and partition find the tokens its data marks as corrupted."""
     tokens, scores, classes = run.data(), run.score(), run.partition()
     masks = [np.asarray(m, bool) for m in tokens["response_mask"]]
@@ -92,7 +112,7 @@ def _final_losses(stage: Path) -> dict[str, float]:
     return {k: last[k] for k in ("loss", "loss_pos", "loss_neg", "lambda") if k in last and not math.isnan(last[k])}
 
 
-def run_summary(run: Any, train_stages: Sequence[str]) -> str:
+def run_summary(run: FinishedRun, train_stages: Sequence[str]) -> str:
     """One screen: tokens scored, class counts, score quantiles, final losses, where the outputs are."""
     lines = ["", f"Run folder: {run.root.resolve()}"]
     part = run.stage_dir(round_stage("partition", run.rounds)) / "stats.json"  # the last round's

@@ -30,19 +30,20 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tokenforget.config import RunConfig
 from tokenforget.config.data import DataConfig
 from tokenforget.errors import ConfigError
 from tokenforget.config.evaluation import EvalConfig
 from tokenforget.diversity import MEASURES
 from tokenforget.metrics import answer_accuracy, extract_answer, result_spans, token_weighted_mean
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
-from tokenforget.model.loading import autocast, device
+from tokenforget.model.loading import BaseModel, autocast, device
 from tokenforget.runfolder import RunFolderError
 from tokenforget.stages import data as data_mod
 
@@ -433,8 +434,17 @@ GENERATE_BATCH = 64  # prompts per generate call: the demo's 48 held-out problem
 
 
 
+class EvaluatedRun(Protocol):
+    """What an evaluation of held-out answers needs of a run (`tokenforget.run.pipeline.Run` has it): its config (the
+    data's rendering, the model's settings), its base model (tokenizer, frozen weights) and its precision."""
+
+    cfg: RunConfig
+    base: BaseModel
+    bf16: bool
+
+
 def evaluate_models(
-    run: Any, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
+    run: EvaluatedRun, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
     cache: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Answer accuracy and gold NLL on a held-out file, for the base model and each trained stage. With `cache`, a
@@ -466,7 +476,7 @@ def evaluate_models(
     return {"models": models}
 
 
-def eval_key(run: Any, stage: Optional[Path], test_path: Path, max_new_tokens: int) -> str:
+def eval_key(run: EvaluatedRun, stage: Optional[Path], test_path: Path, max_new_tokens: int) -> str:
     """What a held-out evaluation depends on: the model (its train stage's fingerprint, or the base model's
     settings), the held-out file's content, the answer length and the precision."""
     from tokenforget.config import to_dict
