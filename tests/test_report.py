@@ -369,3 +369,51 @@ def test_browser_shows_markup_as_text(browser, run_dir: Path):
     browser.find_element(By.ID, "search").clear()
     browser.find_element(By.ID, "search").send_keys("café ✓")
     assert "The answer is café ✓" in by_css(browser, ".sample")[0].text
+
+
+# ---------------------------------------------------------------- a demo's settings, one token view each
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """A tiny demo that trained `sft` and `verified_tail` (which ignores the tail of each answer known wrong)."""
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+                 "--n_train", "24", "--n_test", "2", "--max_new_tokens", "2", "--report_to", "[none]",
+                 "--settings", "[sft, verified_tail]"]) == 0
+    return root
+
+
+def test_a_demo_report_holds_each_settings_tokens(demo_dir: Path):
+    """One view per setting trained on the page's examples: sft learns every response token; verified_tail's classes
+    are its partition's, its negatives ignored; each with the line that says what it is."""
+    data = embedded(demo_dir / "report" / "report.html")
+    views = data["views"]
+    assert list(views) == ["sft", "verified_tail"]
+    assert views["sft"]["c"] == [[int(m) for m in s["m"]] for s in data["samples"]]
+    classes = datasets.load_from_disk(str(demo_dir / "verified_tail" / "partition" / "classes"))["token_class"]
+    assert views["verified_tail"]["c"] == classes[: len(data["samples"])]
+    assert views["verified_tail"]["neg"] == "ignored" and any(-1 in c for c in views["verified_tail"]["c"])
+    assert views["verified_tail"]["what"].startswith("each answer graded wrong ignored from the token")
+    assert "The demo trained each setting below" in (demo_dir / "report" / "report.html").read_text()
+
+
+def test_browser_switches_between_the_demos_settings(browser, demo_dir: Path):
+    """The page opens on the setting that sets tokens aside (verified_tail): one red span per -1 token of the shown
+    examples, the legend saying `ignored`; switching to sft colours every response token green, none red."""
+    from selenium.webdriver.support.ui import Select
+
+    page = demo_dir / "report" / "report.html"
+    browser.get(page.as_uri())
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+    data = embedded(page)
+    shown = data["samples"][:10]
+    chooser = Select(by_css(browser, "#view")[0])
+    assert chooser.first_selected_option.text == "verified_tail"
+    c = data["views"]["verified_tail"]["c"][: len(shown)]
+    assert len(by_css(browser, "#sample-list .tok.neg")) == sum(row.count(-1) for row in c) > 0
+    assert by_css(browser, "#neg-label")[0].text == "ignored"
+    assert by_css(browser, "#view-what")[0].text == data["views"]["verified_tail"]["what"]
+    chooser.select_by_visible_text("sft")
+    assert len(by_css(browser, "#sample-list .tok.neg")) == 0
+    assert len(by_css(browser, "#sample-list .tok.pos")) == sum(sum(s["m"]) for s in shown)

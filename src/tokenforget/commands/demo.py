@@ -421,6 +421,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
     results["descriptions"] = {name: DESCRIBED.get(name, PARTITIONING.get(name, name)) for name in ["base", *settings]}
+    results["stages"] = {name: str(stage) for name, stage in stages.items()}  # the report's token view of each
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
     log(f"\nThe comparison over seeds, with the baselines at equal steps: {FULL_TABLE}")

@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenforget.objectives import FORGET, LEARN
 from tokenforget.report.plots import score_histogram, training_curves
+from tokenforget.report.views import setting_views
 from tokenforget.report.reading import FlatTokens, ReportedRun, _json, flat_tokens, read_run, token_label, token_pieces
 from tokenforget.version import __version__
 
@@ -95,7 +96,8 @@ def page_data(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, 
         "threshold": threshold if threshold is not None else 0.0,
         "scale": colour_scale(flat.score, threshold or 0.0) if flat.score is not None else 1.0,
     }
-    return {"meta": meta, "samples": samples}
+    views = setting_views(run.root, run.cfg.data.path, [s["m"] for s in samples])  # a demo's trained settings
+    return {"meta": meta, "samples": samples, **({"views": views} if views else {})}
 
 
 def _threshold(run: ReportedRun) -> Optional[float]:
@@ -262,20 +264,31 @@ INTRO = (
     "(trained on, as in SFT) and the rest are <span class='sw neg'>forgotten</span> (training pushes their "
     "likelihood down, with weight λ)."
 )
+DEMO_INTRO = (  # a demo's folder: its settings chose their tokens each in its own way
+    "The demo trained each setting below on the same noisy answers. Pick a setting in <a href='#samples'>the "
+    "examples</a> to see which response tokens it <span class='sw pos'>learned</span> and which it set aside "
+    "(<span class='sw neg'>ignored</span> or forgotten), against the tokens known to be corrupted (underlined); the "
+    "line beside the choice says how that setting chose them. The score histogram below is the run folder's own "
+    "scoring pass (CE under the base model − CE under a reference on a slice of the data), not every setting's."
+)
 
 
-def samples_html(meta: dict[str, Any], has_corrupt: bool) -> str:
-    """The static part of the examples section; the script fills `#sample-list`."""
+def samples_html(meta: dict[str, Any], has_corrupt: bool, views: Sequence[str] = ()) -> str:
+    """The static part of the examples section; the script fills `#sample-list`. With `views` (a demo's trained
+    settings, `report.views`), a choice of whose tokens are shown, and what that setting is."""
     shown = f"the first {meta['n_embedded']} of {meta['n_examples']} examples"
     corrupt = ('<label><input type="checkbox" id="only-corrupt"> only examples with known corrupted tokens</label>'
                if has_corrupt else "")
     legend = ('<span class="tok pos" style="background:rgba(46,158,79,.8)">learned</span> '
-              '<span class="tok neg" style="background:rgba(214,69,61,.8)">forgotten</span> '
+              '<span class="tok neg" id="neg-label" style="background:rgba(214,69,61,.8)">forgotten</span> '
               '<span class="tok prompt">prompt (no loss)</span> '
               + ('<span class="tok neg corrupt" style="background:rgba(214,69,61,.3)">known corrupted</span> ' if has_corrupt else "")
               + "· deeper colour = score further from the cut · hover a token for its numbers")
+    chooser = ('<p class="view"><label>tokens of the setting <select id="view">'
+               + "".join(f"<option>{html.escape(v)}</option>" for v in views)
+               + '</select></label> <span id="view-what"></span></p>') if views else ""
     return (
-        f'<p class="legend">{legend}</p>'
+        f'{chooser}<p class="legend">{legend}</p>'
         f'<div class="controls"><input type="search" id="search" placeholder="search text, or #12 for example 12">'
         f'<label><input type="checkbox" id="show-prompt" checked> show prompts</label>{corrupt}'
         '<label>per page <select id="per-page"><option>5</option><option selected>10</option><option>25</option>'
@@ -390,7 +403,8 @@ def page_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, 
     if run.results:
         sections.append(("results", "Results", results_html(run)))
     sections += [
-        ("samples", "What is learned and what is forgotten", samples_html(data["meta"], bool(flat.corrupt.any()))),
+        ("samples", "What is learned and what is forgotten",
+         samples_html(data["meta"], bool(flat.corrupt.any()), list(data.get("views", {})))),
         ("scores", "Token scores", scores_html(run, flat, tok, out)),
         ("training", "Training", training_html(run, out)),
         *([("audit", "Audit: the examples to review first", audit)] if (audit := audit_html(run.root)) else []),
@@ -400,7 +414,7 @@ def page_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, 
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tokenforget report: {html.escape(run.root.name)}</title>'
         f'<style>{_asset("report.css")}</style></head><body><header><h1>tokenforget report: {html.escape(run.root.name)}</h1>'
-        f"<p>{INTRO}</p><nav>{nav}</nav></header>"
+        f"<p>{DEMO_INTRO if data.get('views') else INTRO}</p><nav>{nav}</nav></header>"
         + "".join(section(*s) for s in sections)
         + f'<div id="tip" hidden></div><script type="application/json" id="report-data">{script_json(data)}</script>'
         f'<script>{_asset("report.js")}</script></body></html>'

@@ -124,6 +124,24 @@
     tip.hidden = true;
   }
 
+  // A demo's trained settings (data.views): whose token classes colour the examples, and what that setting is.
+  const views = data.views || {};
+  const view = $("view");
+  function showView() {
+    const v = views[view.value];
+    samples.forEach((s, n) => { s.c = v.c[n]; });
+    LABEL.neg = v.neg + " (−1)";
+    $("neg-label").textContent = v.neg;
+    $("view-what").textContent = v.what;
+    render();
+  }
+  if (view) {
+    // open on the first setting that sets tokens aside (the demo's point), else the first
+    const first = Object.keys(views).find((k) => views[k].c.some((c) => c.includes(-1)));
+    if (first) view.value = first;
+    view.addEventListener("change", showView);
+  }
+
   list.addEventListener("mouseover", (ev) => {
     const el = ev.target.closest(".tok[data-j]");
     if (el) showTip(el); else hideTip();
@@ -135,5 +153,5 @@
   if (onlyCorrupt) onlyCorrupt.addEventListener("change", filter);
   $("prev").addEventListener("click", () => { page -= 1; render(); });
   $("next").addEventListener("click", () => { page += 1; render(); });
-  render();
+  if (view) showView(); else render();
 })();
