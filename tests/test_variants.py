@@ -48,7 +48,7 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     old_data = fingerprint("data", data, file_digest(cfg.data.path),
                            drop(to_dict(cfg.model), "weights", "attn_implementation"))
     assert run.data_fp() == old_data
-    ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint", "noisy_folds", "noisy_fraction")
+    ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint", "noisy_folds", "noisy_fraction", "disjoint_from")
     old_ref = fingerprint("reference", old_data, ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
     assert run.reference_fp() == old_ref
     old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path", "base_pass", "spans"),

@@ -245,8 +245,9 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def needs_partition(mode: str) -> bool:
-    """Whether a training of `mode` reads the partition (and so a reference and scores)."""
-    return OBJECTIVES[mode].needs_partition
+    """Whether a training of `mode` reads the partition (and so a reference and scores). A name that is no mode (a
+    `compare.variants` entry, planned and compared beside the modes) counts as reading it."""
+    return OBJECTIVES[mode].needs_partition if mode in OBJECTIVES else True
 
 
 def linear_schedule(step: int, total: int, t_min: float, t_max: float) -> float:

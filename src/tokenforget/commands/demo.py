@@ -318,6 +318,8 @@ def weak_pairs(weak: Path, noisy: list[dict[str, Any]], verdicts: str) -> list[d
     and a complete one graded wrong (by `verdicts`), {prompt, chosen: the first right, rejected: the first wrong}."""
     from tokenforget.commands.weak import outcome_correct
 
+    if not (weak / "manifest.json").is_file() or not (weak / "samples.jsonl").is_file():
+        return []  # sets written by hand, without the samples: no pairs (dpo says so)
     made = json.loads((weak / "manifest.json").read_text())["config"]
     gold = make_task(made["n_train"], made["seed"], 0.0)[1]  # the problems the samples answer, in their order
     kept = {r["prompt"] for r in noisy}
