@@ -197,3 +197,17 @@ def test_the_mechanism_check_by_hand():
     parts = mech.split([1, 1, 0, 0], [0, 1, 0, 0], [0, 1, 2, 3])
     assert parts["total-ending"][0] == 0.5 and parts["total-ending"][2] == 2 and parts["other"][0] == 0.0
     assert mech.plus_offset_share(["25", "9", "7", "40"], ["15", "9", "8", "30"], [0, 1, 0, 0]) == (2, 3)
+
+
+def test_extra_training_seeds_train_only_the_rows_that_need_them():
+    """MEASURING.md's training seeds for sft, the strongest baseline and the best candidate: data seed 2 trains every
+    setting at its own training seed 2, and sft, rft and verified_tail (with the baseline its trusted set brings) at
+    the extra seeds 7 and 8."""
+    from tokenforget.command_config import FairConfig
+    from tokenforget.commands.fair import cell_settings, train_seeds_of
+
+    cfg = FairConfig(settings=["rft", "verified_tail", "verified_random"], extra_train_seeds=[7, 8],
+                     extra_seed_settings=["rft", "verified_tail"])
+    assert train_seeds_of(cfg, 2) == [2, 7, 8]
+    assert cell_settings(cfg, 2, 2) == ["sft", "rft", "verified_tail", "verified_random", "sft_plus_trusted"]
+    assert cell_settings(cfg, 2, 7) == ["sft", "rft", "verified_tail", "sft_plus_trusted"]

@@ -212,6 +212,11 @@ class FairConfig:
     data_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     train_seeds: list[int] = field(default_factory=list)
     """Training seeds per data seed (LoRA init, data order); empty: the data seed's own."""
+    extra_train_seeds: list[int] = field(default_factory=list)
+    """More training seeds per data seed for `extra_seed_settings` only (MEASURING.md: `sft`, the strongest baseline
+    and the best candidate over 3 training seeds, without training every setting 3 times)."""
+    extra_seed_settings: list[DemoSetting] = field(default_factory=list)
+    """The settings trained at `extra_train_seeds` (`sft` always)."""
     epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Epochs of `sft`'s steps each setting trains; every setting's own is chosen per run on validation."""
     weak_dir: str = "runs/fair/weak/seed-{seed}"

@@ -40,6 +40,19 @@ def cell_file(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> Pat
     return Path(cfg.run_dir) / f"seed-{seed}" / "cells" / f"t{train_seed}-e{epochs:g}.json"
 
 
+def train_seeds_of(cfg: FairConfig, seed: int) -> list[int]:
+    """The training seeds of data seed `seed`: `train_seeds` (else the data seed's own), then `extra_train_seeds`."""
+    first = cfg.train_seeds or [seed]
+    return [*first, *(t for t in cfg.extra_train_seeds if t not in first)]
+
+
+def cell_settings(cfg: FairConfig, seed: int, train_seed: int) -> list[str]:
+    """What a cell trains: every setting of the grid, or at an extra training seed `extra_seed_settings` (and sft)."""
+    if train_seed in (cfg.train_seeds or [seed]) or not cfg.extra_seed_settings:
+        return grid_settings(cfg.settings)
+    return grid_settings(cfg.extra_seed_settings)
+
+
 def cell_done(out: Path, settings: list[str]) -> bool:
     """Whether a cell's results on disk hold every setting (a grid that adds settings reruns the cell: its finished
     stages and evaluations are reused, only the new settings train)."""
@@ -57,12 +70,12 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
                 log(f"[fair] weak sets of seed {seed}: {weak_dir_for(cfg, seed)}")
                 make_weak_sets(WeakConfig(out_dir=str(weak_dir_for(cfg, seed)), seed=seed, model=cfg.demo.model,
                                           report_to=["none"]), log)
-            for train_seed in cfg.train_seeds or [seed]:
-                out = cell_file(cfg, seed, train_seed, epochs)
-                if cell_done(out, grid_settings(cfg.settings)):
+            for train_seed in train_seeds_of(cfg, seed):
+                out, settings = cell_file(cfg, seed, train_seed, epochs), cell_settings(cfg, seed, train_seed)
+                if cell_done(out, settings):
                     continue
                 log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
-                results = run_demo(cell_config(cfg, seed, train_seed, epochs), log)
+                results = run_demo(replace(cell_config(cfg, seed, train_seed, epochs), settings=settings), log)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cell_record(results)))
@@ -83,7 +96,7 @@ def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
     """The finished cells: (data seed, training seed, epochs) -> `cell_record`."""
     cells = {}
     for seed in cfg.data_seeds:
-        for train_seed in cfg.train_seeds or [seed]:
+        for train_seed in train_seeds_of(cfg, seed):
             for epochs in cfg.epochs:
                 f = cell_file(cfg, seed, train_seed, epochs)
                 if f.is_file():
