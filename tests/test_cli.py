@@ -119,6 +119,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     captured = capsys.readouterr()
     out = captured.out
     assert "vs sft (paired)" in out and "AUROC" in out
+    assert "[train-sft] done in " in out and "[reference] done in " in out  # each stage's time, one line
     assert "What each model is:" in out and "  sft: every response token learned" in out
     # every setting but sft (and the base) has its paired difference and a verdict in words
     assert out.count("distinguishable from sft at n = 4") + out.count("than sft: ") == 9

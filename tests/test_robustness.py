@@ -329,7 +329,7 @@ def test_two_process_run_writes_every_stage_once(tmp_path, tiny_model_dir):
     cfg = make_config(tmp_path, tiny_model_dir, run="ddp")
     out = torchrun("-m", "tokenforget", "run", str(cfg))
     assert stage_dirs(tmp_path / "ddp") == ["data", "labels", "partition", "reference", "scores", "train-forget"]
-    assert out.stdout.count("[partition] ") == 1  # only rank 0 reports
+    assert out.stdout.count("[partition] ") == 2 and out.stdout.count("[partition] done in") == 1  # only rank 0 reports: its counts, its time
     assert out.stdout.count("train-forget: final loss=") == 1
     assert out.stdout.count("Report: ") == 1 and (tmp_path / "ddp" / "report" / "report.html").is_file()
     history = json.loads((tmp_path / "ddp" / "train-forget" / "log_history.json").read_text())

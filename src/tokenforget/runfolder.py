@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -241,11 +242,13 @@ class RunFolder:
             self.skip(name)
         else:
             self.check_replaceable(name)
+            t0 = time.perf_counter()
             result = build() if every_rank or self.ranks.is_main else None
             if self.ranks.is_main:
                 record: dict[str, Any] = {}
                 with self.writing(name, fp, record) as d:
                     record.update(commit(result, d) or {})  # type: ignore[arg-type]
+                self.log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")  # a line a stage: what took the time
             self.ranks.barrier()
         return self.stage_dir(name)
 
