@@ -47,7 +47,7 @@ from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, Train
 from tokenforget.model.loading import BaseModel, add_lora  # noqa: E402
 from tokenforget.model.memory import lean_allocator  # noqa: E402
 from tokenforget.runfolder import release_memory  # noqa: E402
-from tokenforget.trainer import make_trainer, training_arguments  # noqa: E402
+from tokenforget.training.trainer import make_trainer, training_arguments  # noqa: E402
 
 VARIANTS = ("old", "new", "new+gc", "new+lean", "new+gc+lean")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",

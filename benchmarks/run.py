@@ -33,7 +33,7 @@ from tokenforget.stages.partition import flat_token_classes  # noqa: E402
 from tokenforget.stages.partition_streaming import streaming_threshold  # noqa: E402
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch  # noqa: E402
 from tokenforget.stages.score import score_tokens  # noqa: E402
-from tokenforget.trainer import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
+from tokenforget.training.trainer import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
 
 
 @dataclass

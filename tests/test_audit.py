@@ -105,7 +105,7 @@ def test_audit_writes_a_marked_file_that_trains_as_written(tmp_path: Path, tiny_
     0.5) with their worst span as `spans: [{start, end, weight: 0}]`, the characters of the worst span's tokens
     inside the answer. Trained as written with `partition.selection: data`, the no-loss tokens of each marked
     example are the worst span's tokens inside the answer: the first of them, and none outside [a, b)."""
-    from tokenforget.objectives import NO_LOSS
+    from tokenforget.training.objectives import NO_LOSS
     from tokenforget.run.pipeline import Run
     from tokenforget.cli import parse_config
 

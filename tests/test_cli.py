@@ -17,7 +17,7 @@ from conftest import stage_dirs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tokenforget.cli import main
-from tokenforget.commands.demo import make_examples
+from tokenforget.commands.demo_task import make_examples
 
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
@@ -280,11 +280,12 @@ def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_mo
     assert (root / "sim_r1_p0.5" / "train-forget" / "stage.json").is_file()
 
 
-def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_model_dir: Path):
+def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`contrastive`: the trusted reference copied from the trusted run, two noisy references cross-fitted on the
     training answers; the scoring pass stores both CEs, the score is CE_noisy - CE_trusted pooled over numbers
     (every digit of a number shares one score, at most its tokens' own); its negatives are the tokens below -1 nat.
-    `contrastive_mixture` copies that scoring pass (no noisy reference of its own) and records the mixture's share."""
+    `contrastive_mixture` copies that scoring pass and its references (none trained again) and records the
+    mixture's share."""
     import datasets
 
     from tokenforget.stages.score import token_kinds
@@ -315,7 +316,9 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     below = sum(int((np.asarray(sc)[np.flatnonzero(m)] < -1.0).sum()) for sc, m in zip(scores["score"], tokens["response_mask"]))
     assert json.loads((run / "partition" / "stats.json").read_text())["n_negative"] == below
     mixture = root / "contrastive_mixture"
-    assert not (mixture / "reference-noisy").exists()  # its scores copied from `contrastive`'s pass
+    log = capsys.readouterr().out
+    assert f"[reference-noisy] copied from {run / 'reference-noisy'}" in log
+    assert log.count("[reference-noisy] done in") == 1  # trained once, for `contrastive`; copied with its scores
     assert json.loads((mixture / "scores" / "stage.json").read_text()) == json.loads((run / "scores" / "stage.json").read_text())
     stats = json.loads((mixture / "partition" / "stats.json").read_text())
     assert 0.0 <= stats["estimated_negative_share"] <= 1.0
@@ -383,7 +386,8 @@ def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
     from tokenforget.command_config import DemoConfig
     from tokenforget.config import ConfigError
     from tokenforget.stages.data import DataError
-    from tokenforget.commands.demo import make_task, write_jsonl, write_task
+    from tokenforget.commands.demo import write_task
+    from tokenforget.commands.demo_task import make_task, write_jsonl
 
     noisy, gold = make_task(12, seed=2, noise=0.4)
     weak = tmp_path / "weak"

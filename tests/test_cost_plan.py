@@ -13,7 +13,8 @@ from tokenforget.model import memory as mem
 from tokenforget.cli import main, parse_config
 from tokenforget.run.pipeline import Run
 from tokenforget.commands.cost import cost_plan
-from tokenforget.commands.plan import plan_run, train_padded_tokens
+from tokenforget.commands.plan import plan_run
+from tokenforget.stages.stage import train_padded_tokens
 
 # 2 layers, hidden 4, MLP 8, vocabulary 10, 200 parameters (the head tied to the embedding), LoRA: 32 adapter
 # parameters over linears with 16 input features in all.
@@ -65,7 +66,7 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in
             ("reference", "scores", "train-forget", "eval")}
     assert set(rows) == {"reference", "scores", "train-forget", "eval"}
-    from tokenforget.commands.cost import longest
+    from tokenforget.stages.stage import longest
 
     _, cfg, _ = parse_config(argv)
     run = Run(cfg)
@@ -84,7 +85,7 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     from tokenforget.commands.plan import _token_sets
 
     sets = _token_sets(run)
-    costs = {c.name: c for c in cost_plan(run, plans, sets, dry.cost)}
+    costs = {c.name: c for c in cost_plan(run, plans, dry)}
     shape = mem.config_shape(cfg.model, cfg.lora)
     padded = train_padded_tokens(sets.all, cfg.train.training, cfg.seed)
     seq = padded / (6 * 4)  # 24 examples: 6 micro-batches of 4
@@ -92,8 +93,8 @@ def test_plan_gpus_prints_a_cost_plan_and_loads_nothing(config: Path, capsys, mo
     assert train.tokens == padded
     assert train.flops == pytest.approx(2 * padded * (2 * shape.params + 4 * shape.layers * shape.hidden * seq))
     assert train.seconds == pytest.approx(train.flops / (2 * 989e12 * 0.17))
-    dry.cost.mfu = 0.5  # --plan-mfu 0.5
-    assert cost_plan(run, plans, sets, dry.cost)[-2].seconds == pytest.approx(train.flops / (2 * 989e12 * 0.5))
+    dry.mfu = 0.5  # --plan-mfu 0.5
+    assert cost_plan(run, plans, dry)[-2].seconds == pytest.approx(train.flops / (2 * 989e12 * 0.5))
 
 
 def test_bad_plan_settings_are_one_line_errors(config: Path, capsys):

@@ -18,7 +18,7 @@ from lm_eval.api.model import LM
 from tokenforget.config import DataConfig, EvalConfig, ModelConfig
 from tokenforget.metrics import token_weighted_mean
 from tokenforget.model.loading import load_model
-from tokenforget.stages import data as data_mod, evaluate as benchmarks
+from tokenforget.stages import data as data_mod, evaluate as benchmarks, harness
 from tokenforget.stages.data import load_records, tokenize_records
 
 GSM8K = [
@@ -184,7 +184,7 @@ def test_gold_nll_matches_the_models_own_loss(tiny, tmp_path: Path):
     assert res["benchmarks"]["gsm8k"]["n"] == 3  # the same first three questions
     # the accuracy is the share of the model's own extracted answers (lm_eval's filtered outputs) equal to the gold
     # numbers; the random tiny model's 4 tokens match none, so both sides are 0 here (the scripted tests count hits)
-    answers = res["samples"][benchmarks.GSM8K_TASK]
+    answers = res["samples"][harness.GSM8K_TASK]
     assert len(answers) == 3
     assert res["benchmarks"]["gsm8k"]["value"] == sum(a == g for a, g in zip(answers, ["5", "1200", "8"])) / 3 == 0.0
 
@@ -194,19 +194,19 @@ def test_fewshot_needs_a_file(tmp_path: Path):
 
     ecfg = EvalConfig(gsm8k=str(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), num_fewshot=2)
     with pytest.raises(ConfigError, match="eval.fewshot_path"):
-        benchmarks.gsm8k_task(ecfg, ecfg.gsm8k)
+        harness.gsm8k_task(ecfg, ecfg.gsm8k)
 
 
 def test_gsm8k_falls_back_to_the_hub_when_the_file_is_absent(tmp_path: Path):
     """A missing local file with a fallback becomes a Hub task (the Hub itself is not reached here)."""
     ecfg = EvalConfig(gsm8k=str(tmp_path / "absent.jsonl"), gsm8k_fallback="openai/gsm8k")
-    source = data_mod.gsm8k_source(ecfg)
-    task = benchmarks.gsm8k_task(ecfg, source)
+    source = benchmarks.gsm8k_source(ecfg)
+    task = harness.gsm8k_task(ecfg, source)
     assert source == "openai/gsm8k"
     assert (task["dataset_path"], task["dataset_name"], task["test_split"]) == ("openai/gsm8k", "main", "test")
     assert "dataset_kwargs" not in task
     present = write_jsonl(tmp_path / "here.jsonl", GSM8K)
-    assert data_mod.gsm8k_source(EvalConfig(gsm8k=str(present), gsm8k_fallback="openai/gsm8k")) == str(present)
+    assert benchmarks.gsm8k_source(EvalConfig(gsm8k=str(present), gsm8k_fallback="openai/gsm8k")) == str(present)
 
 
 def test_training_data_falls_back_to_the_hub(tmp_path: Path, monkeypatch):

@@ -185,9 +185,9 @@ def test_trainer_loss_equals_the_objective_over_model_logits(arch, tmp_path):
     """`ForgettingTrainer.compute_loss` (the training path) = the forget objective over the reference CE."""
     from transformers import TrainingArguments
 
-    from tokenforget.objectives import forgetting_loss
+    from tokenforget.training.objectives import forgetting_loss
     from tokenforget.config import ObjectiveConfig
-    from tokenforget.trainer import ForgettingTrainer
+    from tokenforget.training.trainer import ForgettingTrainer
 
     model = lora(build(arch))
     ids, mask, positions = batch()

@@ -120,7 +120,7 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     """TRL's KTOTrainer on 8 labelled answers (batch 4, 2 steps) and DPOTrainer on 4 pairs after the run's sft: each
     a train stage with a merged model, its optimizer steps the run's, reused on a second call."""
     from conftest import tiny_run_config
-    from tokenforget.commands.demo import make_examples
+    from tokenforget.commands.demo_task import make_examples
     from tokenforget.config import RunConfig, from_dict
     from tokenforget.run.pipeline import Run
     from tokenforget.run.preference import train_preference

@@ -25,7 +25,8 @@ from tokenforget.config import (
 from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import add_lora, qlora_config
 from tokenforget.stages.data import load_records, tokenize_records
-from tokenforget.trainer import make_trainer, save_model, training_arguments
+from tokenforget.training.fit import save_model
+from tokenforget.training.trainer import make_trainer, training_arguments
 
 
 def test_training_args_pass_through_last(tmp_path):

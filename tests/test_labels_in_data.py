@@ -19,7 +19,7 @@ import pytest
 from conftest import write_jsonl
 from tokenforget.config import DataConfig
 from tokenforget.stages.data import DataError, load_records, tokenize_records
-from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.training.objectives import FORGET, LEARN, NO_LOSS
 from tokenforget.stages.partition import data_classes, with_data_labels
 
 nan = math.nan
@@ -188,7 +188,7 @@ def test_training_on_the_data_s_labels_skips_reference_and_scoring(tmp_path, tin
     partition's fingerprints."""
     from conftest import tiny_run_config, write_config
     from tokenforget.cli import main, parse_config
-    from tokenforget.commands.demo import make_examples
+    from tokenforget.commands.demo_task import make_examples
     from tokenforget.run.pipeline import Run
     from test_plan import statuses
 
@@ -211,11 +211,11 @@ def test_training_on_the_data_s_labels_skips_reference_and_scoring(tmp_path, tin
     oracle = Run(parse_config(["train", str(write_config(oracle_dir, oracle_cfg))])[1]).partition()["token_class"]
     assert ours == oracle and sum(c == FORGET for cls in ours for c in cls) > 0
     before = Run(parse_config(["train", str(config)])[1])
-    fps = before.data_fp(), before.partition_fp()
+    fps = before.fp("data"), before.fp("partition")
     labelled[0 if labelled[0].get("spans") else 1]["weight"] = 0.5
     write_jsonl(Path(cfg["data"]["path"]), labelled)
     after = Run(parse_config(["train", str(config)])[1])
-    assert after.data_fp() != fps[0] and after.partition_fp() != fps[1]
+    assert after.fp("data") != fps[0] and after.fp("partition") != fps[1]
 
 
 def test_bad_weights_exit_2_with_one_line_before_any_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):

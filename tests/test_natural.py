@@ -13,6 +13,7 @@ from conftest import labelled_config, tiny_run_config, write_jsonl
 
 from tokenforget.cli import main
 from tokenforget.command_config import PrepareConfig
+from tokenforget.stages.labels_in_data import Record
 from tokenforget.config import UserError
 from tokenforget.metrics import result_spans
 from tokenforget.stages.natural import check_no_overlap, prepare_natural, question_key, to_gsm8k_answer
@@ -184,7 +185,7 @@ def test_result_nll_is_the_models_own_ce_over_the_result_tokens(tiny_model_dir: 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     cfg = DataConfig(max_length=128)
     answers = ["She buys 3 * 4 = 12 apples.\n#### 12", "The change is 40 - 35 = 5 dollars.\n#### 5"]
-    records = [data_mod.Record([{"role": "user", "content": "How many?"}, {"role": "assistant", "content": a}], f"r{i}")
+    records = [Record([{"role": "user", "content": "How many?"}, {"role": "assistant", "content": a}], f"r{i}")
                for i, a in enumerate(answers)]
     got = nll_benchmarks(model, tok, records, cfg, batch_size=2, bf16=False, results=True)
     total = {"all": [0.0, 0], "result": [0.0, 0]}
@@ -213,7 +214,7 @@ def test_systematic_demo_noise_marks_the_two_wrong_numbers():
     """make_task: the noisy copy differs from the clean twin only in corrupted examples, and there only in the
     total and the answer, each exactly 10 larger; the spans cover exactly those two numbers. 0.4 x 40 = 16
     examples are corrupted, all of them problems that end in a total (kinds 0 and 2: 'has' / 'In total')."""
-    from tokenforget.commands.demo import make_task
+    from tokenforget.commands.demo_task import make_task
 
     noisy, clean = make_task(40, seed=3, noise=0.4)
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tokenforget.stages.data import Record
+from tokenforget.stages.labels_in_data import Record
 from tokenforget.stages.noise import (
     corrupt_answer,
     corrupt_records,

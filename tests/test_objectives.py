@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenforget.model.head_ce import token_cross_entropy
-from tokenforget.objectives import (
+from tokenforget.training.objectives import (
     FORGET_TERMS,
     OBJECTIVES,
     SCHEDULES,

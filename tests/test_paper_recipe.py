@@ -14,7 +14,8 @@ from tokenforget.cli import main, parse_config
 from tokenforget.config import DataConfig
 from tokenforget.errors import UserError
 from tokenforget.sampling import sample_indices
-from tokenforget.stages.data import Record, load_records, tokenize_records
+from tokenforget.stages.data import load_records, tokenize_records
+from tokenforget.stages.labels_in_data import Record
 
 RECIPE = Path(__file__).parents[1] / "configs" / "paper-tulu.yaml"
 
@@ -53,7 +54,7 @@ def test_the_recipe_holds_the_papers_values():
 def test_the_recipes_evaluation_tasks_resolve_offline():
     """Each task name is a task or a tag of the installed lm-eval (its YAML index; no data set is read), and the
     harness is handed TyDiQA with 1 shot, the others with 0."""
-    from tokenforget.stages.evaluate import standard_tasks, unknown_tasks
+    from tokenforget.stages.harness import standard_tasks, unknown_tasks
 
     _, cfg, _ = parse_config(["run", str(RECIPE)])
     assert unknown_tasks(cfg.eval.tasks) == []

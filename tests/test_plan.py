@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import forbid_loading
+from conftest import forbid_loading, tiny_run_config
 from transformers import AutoModelForCausalLM
 
 from tokenforget.cli import main, parse_config
 from tokenforget.commands.compare import seed_config
-from tokenforget.commands.plan import optimizer_steps, plan_run, score_padded_tokens, train_padded_tokens
+from tokenforget.commands.plan import plan_run
+from tokenforget.stages.score import score_padded_tokens
+from tokenforget.stages.stage import optimizer_steps, train_padded_tokens
 from tokenforget.config import TrainingConfig
 from tokenforget.run import variants
 from tokenforget.run.pipeline import Run
@@ -154,7 +156,7 @@ def _executed(monkeypatch) -> dict:
     every example (a scoring pass with the base runs two)."""
     import tokenforget.stages.reference as ref_mod
     import tokenforget.stages.score as score_mod
-    import tokenforget.trainer as train_mod
+    import tokenforget.training.fit as train_mod
     from tokenforget.runfolder import RunFolder
 
     seen: dict = {"stages": [], "trainings": 0, "forwards": 0}
@@ -174,8 +176,8 @@ def _executed(monkeypatch) -> dict:
         return shards(*args, **kwargs)
 
     monkeypatch.setattr(RunFolder, "ensure", ensure_logged)
-    monkeypatch.setattr(train_mod, "fit", fit_counted)
-    monkeypatch.setattr(ref_mod, "fit", fit_counted)
+    monkeypatch.setattr(train_mod, "fit", fit_counted)  # fit_stage's (the references', the final training's)
+    monkeypatch.setattr(ref_mod, "fit", fit_counted)  # train_folds'
     monkeypatch.setattr(score_mod, "score_shards", shards_counted)
     return seen
 
@@ -201,7 +203,7 @@ def test_the_plan_lists_what_the_run_executes(case: str, tmp_path: Path, tiny_mo
     passes over the data (the plan used to miss the noisy references and their forward pass)."""
     from conftest import tiny_run_config, write_jsonl
 
-    from tokenforget.commands.demo import make_examples
+    from tokenforget.commands.demo_task import make_examples
     from tokenforget.commands.plan import plan_run
     from tokenforget.config import RunConfig, from_dict
 
@@ -226,3 +228,28 @@ def test_the_plan_lists_what_the_run_executes(case: str, tmp_path: Path, tiny_mo
     assert sorted(seen["stages"]) == sorted(planned), case
     assert seen["trainings"] == sum(p.trainings for p in plans), case
     assert seen["forwards"] == sum(p.forwards for p in plans), case
+
+
+def test_the_registry_follows_the_journey_and_a_stage_reads_only_what_it_declares(tmp_path: Path, tiny_model_dir: Path):
+    """`STAGES` lists each stage record once, from modules in the journey's order (`test_layout.JOURNEY`); a stage
+    that reads a stage its record's `needs` does not list is refused (so the dry run, which walks `needs`, cannot
+    miss it)."""
+    from test_layout import JOURNEY
+
+    from tokenforget.run.pipeline import STAGES
+    from tokenforget.stages.stage import Stage
+
+    modules = [s.make.__module__.removeprefix("tokenforget.stages.") for s in STAGES.values()]
+    assert modules == sorted(modules, key=JOURNEY.index)
+    assert list(STAGES) == ["data", "reference", "reference-noisy", "scores", "partition", "labels", "train", "eval"]
+    from tokenforget.config import RunConfig, from_dict
+
+    run = Run(from_dict(RunConfig, {**tiny_run_config(tmp_path, tiny_model_dir), "report_to": ["none"]}))
+    sneaky = Stage("sneaky", lambda _r, _a: [("data", None)], lambda _r, _a: "fp", lambda r, _a: r.need("scores"),
+                   lambda *_: None)  # type: ignore[arg-type,return-value]
+    STAGES["sneaky"] = sneaky
+    try:
+        with pytest.raises(RuntimeError, match="stage sneaky reads scores 1, which its record's needs do not list"):
+            run.need("sneaky")
+    finally:
+        del STAGES["sneaky"]

@@ -26,9 +26,9 @@ def _registries() -> dict[str, tuple[Any, Callable[[], list[str]]]]:
         return [*DEMO_SETTINGS, *SIM_MODES]
 
     return {
-        "train.objective.mode": (config.Mode, names("objectives", "OBJECTIVES")),
-        "train.objective.forget_term": (config.ForgetObjective, names("objectives", "FORGET_TERMS")),
-        "train.objective.schedule": (config.LambdaSchedule, names("objectives", "SCHEDULES")),
+        "train.objective.mode": (config.Mode, names("training.objectives", "OBJECTIVES")),
+        "train.objective.forget_term": (config.ForgetObjective, names("training.objectives", "FORGET_TERMS")),
+        "train.objective.schedule": (config.LambdaSchedule, names("training.objectives", "SCHEDULES")),
         "partition.selection": (config.Selection, names("stages.partition", "SELECTIONS")),
         "score.spans": (config.SpanUnit, names("score_methods", "SPAN_UNITS")),
         "data.format": (config.DataFormat, lambda: ["auto", *names("stages.data", "FORMAT_FIELDS")()]),

@@ -15,7 +15,7 @@ from browser import chromium, chromium_missing
 from conftest import TINY_RUN_EXAMPLES, write_jsonl
 
 from tokenforget.cli import main
-from tokenforget.commands.demo import make_examples
+from tokenforget.commands.demo_task import make_examples
 from tokenforget.report.html import colour_scale, results_tables, script_json, top_tokens, training_table
 from tokenforget.report.plots import clip_range, curve
 from tokenforget.report.reading import FlatTokens, ReportError, read_run, token_pieces, visible
@@ -224,7 +224,8 @@ def test_report_of_a_comparison_folder(run_dir: Path, tmp_path: Path):
     the page shows compare's own tables, and the lowest seed's examples and curves."""
     import shutil
 
-    from tokenforget.commands.compare import compare_tables, summarize
+    from tokenforget.commands.compare import summarize
+    from tokenforget.report.tables import compare_tables
 
     root = tmp_path / "cmp"
     for seed in (2, 10):

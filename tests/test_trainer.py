@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, Trainer
 from tokenforget.config import ObjectiveConfig, TrainingConfig
 from tokenforget.model.batching import pad_batch
 from tokenforget.model.head_ce import token_cross_entropy
-from tokenforget.objectives import forgetting_loss
-from tokenforget.trainer import TokenClassCollator, make_trainer, training_arguments
+from tokenforget.training.objectives import forgetting_loss
+from tokenforget.training.trainer import TokenClassCollator, make_trainer, training_arguments
 
 
 def test_same_gradient_for_one_batch_of_4_and_two_micro_batches_of_2(tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -25,8 +25,8 @@ from trl import SFTConfig  # noqa: E402
 from tokenforget.cli import main  # noqa: E402
 from tokenforget.config import ObjectiveConfig  # noqa: E402
 from tokenforget.model.head_ce import token_cross_entropy  # noqa: E402
-from tokenforget.objectives import forgetting_loss  # noqa: E402
-from tokenforget.trl import ForgettingSFTTrainer  # noqa: E402
+from tokenforget.training.objectives import forgetting_loss  # noqa: E402
+from tokenforget.training.trl import ForgettingSFTTrainer  # noqa: E402
 
 
 def sft_config(out: Path, **kw) -> SFTConfig:

@@ -47,16 +47,16 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
     data = drop(to_dict(cfg.data), "noise", "noise_sentence", "sample", "sample_seed", "num_proc")
     old_data = fingerprint("data", data, file_digest(cfg.data.path),
                            drop(to_dict(cfg.model), "weights", "attn_implementation"))
-    assert run.data_fp() == old_data
+    assert run.fp("data") == old_data
     ref = drop(to_dict(cfg.reference), "folds", "rounds", "checkpoint", "noisy_folds", "noisy_fraction", "disjoint_from")
     old_ref = fingerprint("reference", old_data, ref, file_digest(None), to_dict(cfg.lora), cfg.seed)
-    assert run.reference_fp() == old_ref
+    assert run.fp("reference") == old_ref
     old_score = fingerprint("score", old_ref, drop(to_dict(cfg.score), "method", "precomputed_path", "base_pass", "spans"),
                             run.bf16)
-    assert run.score_fp() == old_score
+    assert run.fp("scores") == old_score
     old_part = fingerprint("partition", old_score, drop(to_dict(cfg.partition), "selection", "threshold", "recall",
                                                         "precision", "false_positives", "seed"))
-    assert run.partition_fp() == old_part
+    assert run.fp("partition") == old_part
     # the train section as it was before `train.objective`: the objective's knobs flat, the added ones left out
     train = {**drop(to_dict(cfg.train), "objective", "seed"), "mode": "forget", "lambda_schedule": "linear", "t_min": 0.0, "t_max": 0.25}
     old_train = fingerprint("train", "forget", old_part, "none", train, to_dict(cfg.lora), cfg.seed, run.bf16)
@@ -74,8 +74,8 @@ def test_each_option_retrains_only_what_depends_on_it(config: Path, capsys):
     ul = load_cfg(config, train={"objective": {"forget_term": "unlikelihood"}})
     assert Run(ul).train_fp("forget") == Run(load_cfg(config, train={"objective": {"forget_term": "unlikelihood", "beta": 3.0}})).train_fp("forget")
     soft = Run(load_cfg(config, partition={"selection": "soft"}))
-    assert soft.score_fp() == Run(base).score_fp() and soft.partition_fp() != Run(base).partition_fp()
-    thr = lambda t: Run(load_cfg(config, partition={"selection": "global", "threshold": t})).partition_fp()  # noqa: E731
+    assert soft.fp("scores") == Run(base).fp("scores") and soft.fp("partition") != Run(base).fp("partition")
+    thr = lambda t: Run(load_cfg(config, partition={"selection": "global", "threshold": t})).fp("partition")  # noqa: E731
     assert thr(0.0) == thr(5.0)  # the threshold is read only by the threshold selection
 
 

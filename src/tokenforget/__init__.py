@@ -1,7 +1,7 @@
 """tokenforget: token-level forgetting for LLM fine-tuning (Taheri et al., arXiv 2508.04329).
 
 The data's journey, one module each under `stages/`: `data` (records -> tokens with response masks) -> `score`
-(CE_base - CE_ref per token) -> `partition` (global ranking into +1/-1 classes) -> `train_sets` -> the trainer
+(CE_base - CE_ref per token) -> `partition` (global ranking into +1/-1 classes) -> `train` -> the trainer
 (`ForgettingTrainer`) -> `evaluate`; `run.pipeline.Run` ties them to one run folder, `report/` shows it
 (docs/architecture.md: the layers and one line per file).
 """
@@ -19,9 +19,9 @@ from tokenforget.version import __version__
 
 # name -> the module that holds it: heavy imports (torch, transformers Trainer) only when a name is asked for
 _LAZY = {
-    **dict.fromkeys(("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss"), "tokenforget.objectives"),
+    **dict.fromkeys(("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss"), "tokenforget.training.objectives"),
     "token_cross_entropy": "tokenforget.model.head_ce",
-    **dict.fromkeys(("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"), "tokenforget.trainer"),
+    **dict.fromkeys(("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"), "tokenforget.training.trainer"),
     "Run": "tokenforget.run.pipeline",
 }
 

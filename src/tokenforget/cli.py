@@ -29,38 +29,7 @@ from tokenforget.config.training import FLAT_OBJECTIVE
 from tokenforget.presets import PRESETS
 
 
-@dataclasses.dataclass
-class DryRun:
-    """What a dry run was asked for: the wall time measured here (`--dry-run-timing`), a GPU cost plan
-    (`--plan-gpus N`)."""
-
-    timed: bool = False
-    cost: Optional[PlanConfig] = None
-
-
-def _dry_run(command: str, cfg: RunConfig, dry: DryRun) -> None:
-    """`--dry-run`: print the stages `command` would run or reuse, their token counts and optimizer steps;
-    `--dry-run-timing` adds a wall-time estimate measured on this machine (which loads the model); `--plan-gpus N`
-    a cost plan on N GPUs (from the model's config file and the token counts: no model is loaded)."""
-    from tokenforget.commands.plan import dry_run
-    from tokenforget.run.pipeline import Run
-
-    planned, modes = DRY_RUN_PLANS[command](cfg)
-    dry_run(Run(planned), modes, measure=dry.timed, cost=dry.cost)
-
-
-def _compare_plan(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
-    from tokenforget.commands.compare import seed_config
-
-    return seed_config(cfg, cfg.compare.seeds[0]), [*cfg.compare.modes, *cfg.compare.variants]
-
-
-# Commands that take --dry-run: the run folder each one would fill (a comparison: its first seed's) and the
-# training modes it would run there (a comparison lists several).
-DRY_RUN_PLANS: dict[str, Callable[[RunConfig], tuple[RunConfig, list[str]]]] = {
-    "run": lambda cfg: (cfg, [cfg.train.objective.mode]),
-    "compare": _compare_plan,
-}
+DRY_RUN_COMMANDS = ("run", "compare")  # the commands that take --dry-run (`commands.plan.dry_run_command`)
 DRY_RUN_FLAGS = ("dry_run", "dry_run_timing", "plan_gpus", "gpu", "plan_sharding", "plan_mfu")
 
 
@@ -120,7 +89,7 @@ def build_parser() -> ArgumentParser:
         if cls is RunConfig:  # expanded by `_expand_preset` before parsing; declared here for --help
             p.add_argument("--preset", choices=list(PRESETS), help="named method settings applied after the config "
                            "file (paper: the paper's exact setting; recommended: the best we measured, docs/results.md)")
-        if name in DRY_RUN_PLANS:
+        if name in DRY_RUN_COMMANDS:
             p.add_argument("--dry-run", action="store_true", help="print the stages to run or reuse, their token "
                            "counts and optimizer steps, in seconds; load no model, write nothing")
             p.add_argument("--dry-run-timing", action="store_true", help="--dry-run plus an estimated wall time: "
@@ -205,7 +174,7 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file")
 
 
-def parse_config(argv: Sequence[str]) -> tuple[str, object, Optional[DryRun]]:
+def parse_config(argv: Sequence[str]) -> tuple[str, object, Optional[PlanConfig]]:
     """(command, its config dataclass, the dry run asked for or None) from a command line; `ArgumentError` or
     `UserError` when bad."""
     argv = _positional_config(list(argv))
@@ -218,14 +187,13 @@ def parse_config(argv: Sequence[str]) -> tuple[str, object, Optional[DryRun]]:
     return name, cls(**fields), _dry_run_asked(init)
 
 
-def _dry_run_asked(init: dict) -> Optional[DryRun]:
+def _dry_run_asked(init: dict) -> Optional[PlanConfig]:
     """The dry run the flags ask for: `--plan-gpus` is a dry run of its own (with or without --dry-run)."""
-    cost = None
-    if init.get("plan_gpus") is not None:
-        cost = PlanConfig(gpus=init["plan_gpus"], gpu=init["gpu"], sharding=init["plan_sharding"], mfu=init["plan_mfu"])
-    if not (init.get("dry_run") or init.get("dry_run_timing") or cost):
+    costed = init.get("plan_gpus") is not None
+    if not (init.get("dry_run") or init.get("dry_run_timing") or costed):
         return None
-    return DryRun(timed=bool(init.get("dry_run_timing")), cost=cost)
+    return PlanConfig(gpus=init["plan_gpus"] if costed else 1, gpu=init["gpu"], sharding=init["plan_sharding"],
+                      mfu=init["plan_mfu"], timed=bool(init.get("dry_run_timing")), costed=costed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -240,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
             return 2
         if dry:
-            _dry_run(name, cfg, dry)  # type: ignore[arg-type]
+            importlib.import_module("tokenforget.commands.plan").dry_run_command(name, cfg, dry)  # loads no torch before
         else:
             check_writable(*output_folder(cfg))
             from tokenforget.model.memory import lean_allocator

@@ -247,7 +247,7 @@ class ReportConfig:
 
 @dataclass
 class PlanConfig:
-    """The dry run's cost plan (`--dry-run --plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
+    """The dry run (`--dry-run`, `--dry-run-timing`) and its cost plan (`--plan-gpus N --gpu h100`): per stage, tokens, model FLOPs, memory per
     GPU under `sharding` and wall time at `mfu` of the GPUs' peak (formulas: `tokenforget.model.memory`)."""
 
     gpus: int = 1
@@ -259,6 +259,10 @@ class PlanConfig:
     """Share of the peak bf16 FLOP/s a run reaches (model FLOPs utilisation). Default: what benchmarks/gpu.py
     measured on one H200 for a Llama-3.2-1B-shaped model at 8 x 1,024 tokens (docs/performance.md): 0.17 with
     LoRA r 64, 0.34 fully fine-tuned (`MEASURED_MFU`)."""
+    timed: bool = False
+    """`--dry-run-timing`: load the model and time a few training micro-batches and scoring forwards here."""
+    costed: bool = False
+    """`--plan-gpus N` given: print the cost plan on `gpus` GPUs after the stages."""
 
     def __post_init__(self) -> None:
         _check(self.gpus >= 1, "--plan-gpus", f"must be >= 1, got {self.gpus}")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from tokenforget.config import ModelConfig, ObjectiveConfig, TrainingConfig
 from tokenforget.model.loading import load_tokenizer
-from tokenforget.trainer import make_trainer, training_arguments
+from tokenforget.training.trainer import make_trainer, training_arguments
 
 IDS = [[5, 17, 23, 42, 8, 9], [7, 30, 31, 32], [11, 12, 13, 14, 15, 16, 18], [40, 41, 43]]
 CLS = [[0, 0, 1, -1, 1, 1], [0, 1, -1, -1], [0, 0, 0, 1, 1, -1, 1], [0, -1, 1]]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: tiny_archs
 
 from tiny_archs import batch, build  # noqa: E402
 from tokenforget.config import LoraSettings  # noqa: E402
-from tokenforget.objectives import TokenCounts, forgetting_loss  # noqa: E402
+from tokenforget.training.objectives import TokenCounts, forgetting_loss  # noqa: E402
 from tokenforget.model.model_ce import ce_path, model_token_ce  # noqa: E402
 from tokenforget.model.loading import add_lora  # noqa: E402
 

@@ -7,7 +7,7 @@ import sys
 import time
 
 import tokenforget.stages.score as score
-import tokenforget.trainer as train
+import tokenforget.training.trainer as train
 
 delay = float(sys.argv[1])
 _score = score.score_tokens

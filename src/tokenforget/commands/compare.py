@@ -61,8 +61,8 @@ import numpy as np
 
 from tokenforget.config import RunConfig, to_dict
 from tokenforget.model.loading import BaseModel
-from tokenforget.objectives import needs_partition
-from tokenforget.report.tables import RESULTS_FILE, TABLE_FILE, compare_tables, format_compare  # noqa: F401
+from tokenforget.training.objectives import needs_partition
+from tokenforget.report.tables import RESULTS_FILE, TABLE_FILE, format_compare
 from tokenforget.run import variants
 from tokenforget.run.pipeline import Run, has_corrupt
 from tokenforget.version import provenance

@@ -1,70 +1,21 @@
-"""What a run costs: optimizer steps and padded tokens of its stages (the dry run's counts, `commands.plan`), and
-the cost plan (`--plan-gpus N --gpu h100`): per GPU stage (reference, scoring, training, one evaluation) tokens,
+"""What a run costs: the cost plan (`--plan-gpus N --gpu h100`): per GPU stage (reference, scoring, training, one evaluation) tokens,
 model FLOPs, memory per GPU under a sharding and wall time at an MFU; the formulas are `tokenforget.model.memory`'s."""
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
 from tokenforget.command_config import PlanConfig
 from tokenforget.config.training import TrainingConfig
 from tokenforget.model import memory as mem
-from tokenforget.model.batching import length_grouped_batches
 from tokenforget.model.memory import MemoryEstimate
 from tokenforget.run.pipeline import Run
+from tokenforget.stages.score import score_padded_tokens
+from tokenforget.stages.stage import StagePlan, longest, micro_batches, train_padded_tokens
 from tokenforget.text_table import format_table
 
 # ---------------------------------------------------------------- counts
-
-
-def optimizer_steps(n_examples: int, cfg: TrainingConfig) -> int:
-    """Optimizer steps of one training, as the Trainer counts them: max_steps, or
-    ceil(epochs x max(1, ceil(micro-batches per epoch / grad_accum)))."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    micro = math.ceil(n_examples / cfg.batch_size)
-    return math.ceil(cfg.epochs * max(1, math.ceil(micro / cfg.grad_accum)))
-
-
-def micro_batches(n_examples: int, cfg: TrainingConfig) -> int:
-    """Forward-backward passes of one training: max_steps x grad_accum, or ceil(epochs x batches per epoch)."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps * cfg.grad_accum
-    return math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size))
-
-
-def longest(examples: Sequence[Sequence[int]], max_length: int) -> int:
-    """The tokens of the longest example, at most `max_length`: the length a padded micro-batch reaches at most (not
-    `max_length` itself, which 100-token examples never fill)."""
-    return min(max_length, max(map(len, examples), default=max_length))
-
-
-def train_padded_tokens(examples: Sequence[Sequence[int]], cfg: TrainingConfig, seed: int) -> int:
-    """Expected padded tokens of a training: each epoch a seeded shuffle cut into batches (the last one
-    smaller), each batch padded to its longest example (not padded at all with `packing`), until the
-    training's micro-batches are done."""
-    lengths = [len(e) for e in examples]
-    todo, total, rng = micro_batches(len(lengths), cfg), 0, random.Random(seed)
-    while todo > 0:
-        order = rng.sample(range(len(lengths)), len(lengths))
-        for start in range(0, len(order), cfg.batch_size):
-            if todo == 0:
-                break
-            batch = order[start : start + cfg.batch_size]
-            widths = [lengths[i] for i in batch]
-            total += sum(widths) if cfg.packing else len(batch) * max(widths)
-            todo -= 1
-    return total
-
-
-def score_padded_tokens(examples: Sequence[Sequence[int]], batch_size: int) -> int:
-    """Padded tokens of the scorer's length-grouped batches (one forward; a scoring pass runs two, or one without
-    the base model)."""
-    lengths = [len(e) for e in examples]
-    return sum(len(b) * max(lengths[i] for i in b) for b in length_grouped_batches(lengths, batch_size))
 
 
 def duration(seconds: float) -> str:
@@ -105,32 +56,19 @@ class StageCost:
     note: str = ""
 
 
-class Planned(Protocol):  # a stage of the dry run (commands.plan.StagePlan)
-    name: str
-    reuse: bool
-
-
-class Examples(Protocol):  # the dry run's token sets (commands.plan.TokenSets)
-    all: list[list[int]]
-    reference: list[list[int]]
-
-
-def cost_plan(run: Run, plans: Sequence[Planned], sets: Examples, pc: PlanConfig) -> list[StageCost]:
-    """The GPU stages of `plans` (reference, scoring, training) and one evaluation of the base model, costed with
-    the formulas of `tokenforget.model.memory` for `pc.gpus` GPUs of type `pc.gpu`."""
+def cost_plan(run: Run, plans: Sequence[StagePlan], pc: PlanConfig) -> list[StageCost]:
+    """The GPU stages of `plans` (each training and each scoring pass, as the dry run planned them: its settings,
+    examples, trainings and forwards) and one evaluation of the base model, costed with the formulas of
+    `tokenforget.model.memory` for `pc.gpus` GPUs of type `pc.gpu`."""
     cfg, gpu = run.cfg, mem.GPUS[pc.gpu]
     shape = mem.config_shape(cfg.model, cfg.lora)
     costs = []
     for p in plans:
-        kind = p.name.rsplit("/", 1)[-1]
-        kind = "train" if kind.startswith("train-") else kind.partition("-round")[0]
-        if kind == "reference":
-            c = _train_cost(run, shape, p.name, sets.reference, cfg.reference.training, pc)
-            c.tokens, c.flops = c.tokens * cfg.reference.folds, c.flops * cfg.reference.folds
-        elif kind == "train":
-            c = _train_cost(run, shape, p.name, sets.all, cfg.train.training, pc)
-        elif kind == "scores":
-            c = _score_cost(run, shape, p.name, sets.all)
+        if p.training is not None:
+            c = _train_cost(run, shape, p.name, p.examples_ids, p.training, pc)
+            c.tokens, c.flops = c.tokens * p.trainings, c.flops * p.trainings
+        elif p.forwards:
+            c = _score_cost(run, shape, p.name, p.examples_ids, p.forwards)
         else:
             continue
         c.seconds = mem.wall_seconds(c.flops, gpu, pc.gpus, pc.utilisation(cfg.lora.enabled))
@@ -158,11 +96,10 @@ def _train_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequen
     return StageCost(name, padded, flops, per_gpu, 0.0, f"{sharding}, micro-batch {tcfg.batch_size} x {length}")
 
 
-def _score_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]]) -> StageCost:
+def _score_cost(run: Run, shape: mem.Shape, name: str, examples: Sequence[Sequence[int]], forwards: int) -> StageCost:
     """Scoring: a forward of each model the pass runs over the scorer's padded batches; every rank holds the whole model
     (scoring shares out the examples, not the weights)."""
     cfg = run.cfg
-    forwards = len(run.scoring_forwards())  # base, reference, noisy references: as the dry run's plan counts them
     padded = score_padded_tokens(examples, cfg.score.batch_size)
     flops = mem.stage_flops(shape, padded, _seq_len(padded, len(examples)), forwards)
     est = mem.forward_estimate(shape, cfg.score.batch_size, longest(examples, cfg.data.max_length),

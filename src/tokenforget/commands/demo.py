@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.commands.demo_task import (  # noqa: F401  (the task's names, as before the split)
-    ITEMS, NAMES, SYSTEM_PROMPT, SYSTEMATIC_OFFSET, TOTAL_KINDS, demo_run_config, held_out, make_examples, make_task,
-    read_jsonl, write_jsonl,
-)
+from tokenforget.commands.demo_task import demo_run_config, held_out, make_examples, make_task, read_jsonl, write_jsonl
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
 

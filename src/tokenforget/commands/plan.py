@@ -17,88 +17,60 @@ Both print a memory estimate of each training to run, from the model's config fi
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import datasets
 import torch
 
 from tokenforget.command_config import PlanConfig
-from tokenforget.commands.cost import (  # noqa: F401  (the counts are also plan's API)
-    cost_plan, duration, format_cost, longest, micro_batches, optimizer_steps, score_padded_tokens, train_padded_tokens,
-)
-from tokenforget.config.training import TrainingConfig
+from tokenforget.config import RunConfig
+from tokenforget.commands.cost import cost_plan, duration, format_cost
 from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import autocast, device
-from tokenforget.model.memory import MemoryEstimate, run_estimate
+from tokenforget.model.memory import run_estimate
 from tokenforget.model.model_ce import model_token_ce
-from tokenforget.objectives import LEARN, forgetting_loss, needs_partition
+from tokenforget.training.objectives import LEARN, forgetting_loss
 from tokenforget.run import variants
-from tokenforget.run.pipeline import Run
-from tokenforget.runfolder import round_stage
+from tokenforget.run.pipeline import STAGES, Run
 from tokenforget.stages import data as data_mod
 from tokenforget.stages.reference import reference_examples
+from tokenforget.stages.score import raw_score_fp, reusable_score_fps, scores_unused
+from tokenforget.stages.stage import Arg, PlanInputs, StagePlan, Timing, TokenSets, longest
 from tokenforget.text_table import format_table
 
 TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
 
-
-@dataclass
-class StagePlan:
-    """One stage of a dry run."""
-
-    name: str
-    fingerprint: str
-    reuse: bool  # True: its stage.json matches, the command would skip it
-    examples: int
-    tokens: int  # tokens of the examples the stage goes over (prompt and response)
-    work: str
-    seconds: float  # estimated wall time if it runs (0 when reused)
-    trainings: int = 0  # model trainings the stage runs (a reference per fold)
-    forwards: int = 0  # forward passes over every example (the scoring pass: base, reference, noisy references)
+Planned = tuple[Run, str, Arg]  # (the run whose folder holds it, the stage's kind, its arg)
 
 
-def stages_for_modes(run: Run, modes: Sequence[str]) -> list[str]:
-    """The stage folders training `modes` needs, in the order they would run."""
-    if run.cfg.train.labels_path:
-        return [f"train-{m}" for m in modes]
-    needs_scores = any(needs_partition(m) for m in modes)
-    per_round = ("scores", "partition") if run.scores_unused() else ("reference", "scores", "partition")
-    rounds = [round_stage(s, r) for r in range(1, run.rounds + 1) for s in per_round]
-    if run.needs_noisy_reference():  # trained once, before the first scoring pass
-        rounds.insert(rounds.index("scores"), "reference-noisy")
-    upstream = ["data", *rounds, "labels"] if needs_scores else ["data"]
-    return upstream + [f"train-{m}" for m in modes]
+def stages_for_modes(run: Run, modes: Sequence[str]) -> list[Planned]:
+    """The stages training `modes` makes, in the order `Run.need` makes them (a `compare.variants` name that changes
+    only training: with its own settings, in this folder)."""
+    targets = []
+    for mode in modes:
+        sub, sub_mode = variants.variant(run, mode, adopt=False) if mode in run.cfg.compare.variants else (run, mode)
+        targets.append((sub, sub_mode, f"train-{mode}"))
+    return walk_needs(targets)
 
 
-def _round_of(stage: str) -> tuple[str, int]:
-    """`scores-round3` -> ("scores", 3); `scores` -> ("scores", 1)."""
-    name, _, r = stage.partition("-round")
-    return name, int(r) if r else 1
+def walk_needs(targets: Sequence[tuple[Run, str, str]]) -> list[Planned]:
+    """The records' `needs` walked from each (run, mode, stage folder) training, depth first, each stage once."""
+    order: list[Planned] = []
 
+    def visit(r: Run, kind: str, arg: Arg) -> None:
+        arg = r.arg_of(kind, arg)
+        if any((k, a) == (kind, arg) for _r, k, a in order):
+            return
+        for up_kind, up_arg in STAGES[kind].needs(r, arg):
+            visit(r, up_kind, up_arg)
+        order.append((r, kind, arg))
 
-def fingerprints(run: Run, stages: Sequence[str]) -> dict[str, str]:
-    fps: dict[str, Callable[[int], str]] = {
-        "data": lambda _r: run.data_fp(), "reference": run.reference_fp, "scores": run.score_fp,
-        "reference-noisy": lambda _r: run.noisy_reference_fp(),
-        "partition": run.partition_fp, "labels": lambda _r: run.labels_fp(),
-    }
-    return {s: variants.train_fp(run, s.removeprefix("train-")) if s.startswith("train-") else fps[_round_of(s)[0]](_round_of(s)[1])
-            for s in stages}
-
-
-@dataclass
-class Timing:
-    """Measured seconds per padded token (median of the timed repeats) and what they were measured on."""
-
-    train: dict[tuple[int, int], float]  # (batch size, gradient checkpointing) -> s/token of a training micro-batch
-    forward: dict[int, float]  # batch size -> s/token of one scoring forward
-    notes: list[str]
-    measured: bool = True  # False: no warm-up was asked for, the plan has no wall-time estimate
+    for r, mode, folder in targets:
+        visit(r, "train", (mode, folder))
+    return order
 
 
 def plan_run(run: Run, modes: Sequence[str], measure: bool = False, sets: Optional["TokenSets"] = None
@@ -113,27 +85,27 @@ def plan_run(run: Run, modes: Sequence[str], measure: bool = False, sets: Option
     own = {m: v for m, v in own.items() if v[0].root != run.root}
     groups = [(run, "", stages_for_modes(run, [m for m in modes if m not in own]), None)]
     for name, (sub, sub_mode) in own.items():
-        stages = [*stages_for_modes(sub, [sub_mode])[:-1], f"train-{name}"]
-        groups.append((sub, f"variant-{name}/", stages, run))
+        groups.append((sub, f"variant-{name}/", walk_needs([(sub, sub_mode, f"train-{name}")]), run))
     t0 = time.perf_counter()
     sets = sets or _token_sets(run)  # `sets`: the caller's, of this run
     tokenize_s = time.perf_counter() - t0
-    planned = []  # (run, shown name, stage, fingerprint, reused)
+    planned = []  # (run, shown name, kind, arg, fingerprint, reused)
     parent_fps: dict[str, str] = {}  # the parent's stages this plan makes: a variant copies them after
-    for r, prefix, stages, parent in groups:
-        fps = fingerprints(r, stages)
-        if parent is None:
-            parent_fps = fps
-        for st in stages:
-            adopted = parent is not None and (variants.adoptable(r, parent, st, fps[st])
-                                              or _made_for_adoption(r, parent, st, fps[st], parent_fps))
-            planned.append((r, prefix + st, st, fps[st], r.is_done(st, fps[st]) or adopted))
-    todo = [st for _r, _shown, st, _fp, reused in planned if not reused]
+    for _group, prefix, stages, parent in groups:
+        for r, kind, arg in stages:
+            name, fp = STAGES[kind].folder_name(arg), r.fp(kind, arg)
+            if parent is None:
+                parent_fps[name] = fp
+            adopted = parent is not None and (variants.adoptable(r, parent, name, fp)
+                                              or _made_for_adoption(r, parent, name, fp, parent_fps))
+            planned.append((r, prefix + name, kind, arg, fp, r.is_done(name, fp) or adopted))
+    todo = [name.rsplit("/", 1)[-1] for _r, name, _k, _a, _fp, reused in planned if not reused]
     timing = _measure(run, sets, todo) if measure and todo else Timing({}, {}, [], measured=measure)
-    group_sets = {id(r): sets if r is run else _token_sets(r) for r, *_ in groups}  # a variant may subset anew
+    group_sets = {id(g): sets if g is run else _token_sets(g) for g, *_ in groups}  # a variant may subset anew
     plans = []
-    for r, shown, st, fp, reused in planned:
-        plan = _stage_plan(r, st, fp, reused, group_sets[id(r)], timing, tokenize_s)
+    for r, shown, kind, arg, fp, reused in planned:
+        owner = next(g for g, *_ in groups if g.root == r.root)
+        plan = STAGES[kind].plan(r, arg, fp, reused, PlanInputs(group_sets[id(owner)], timing, tokenize_s))
         plan.name = shown
         plans.append(plan)
     return plans, timing
@@ -146,17 +118,7 @@ def _made_for_adoption(child: Run, parent: Run, stage: str, fp: str, parent_fps:
         return False
     if parent_fps[stage] == fp:
         return True
-    return stage == "scores" and parent.raw_score_fp() in child.reusable_score_fps()
-
-
-@dataclass
-class TokenSets:
-    """The examples each stage goes over, as token id lists."""
-
-    all: list[list[int]]
-    masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
-    response_tokens: int
-    reference: list[list[int]]  # the reference training's examples (every mode trains on `all`)
+    return stage == "scores" and raw_score_fp(parent) in reusable_score_fps(child)
 
 
 def _token_sets(run: Run) -> TokenSets:
@@ -177,67 +139,11 @@ def _token_sets(run: Run) -> TokenSets:
 
 
 def _tokens(run: Run) -> datasets.Dataset:
-    if run.is_done("data", run.data_fp()):
+    if run.is_done("data", run.fp("data")):
         return datasets.load_from_disk(str(run.stage_dir("data") / "tokens"))
     records = data_mod.load_records(run.cfg.data)
     cols, _ = data_mod.tokenize_records(run.base.tokenizer, records, run.cfg.data)
     return datasets.Dataset.from_dict(cols)
-
-
-# ---------------------------------------------------------------- estimates
-
-
-def _stage_plan(
-    run: Run, stage: str, fp: str, reuse: bool, sets: TokenSets, timing: Timing, tokenize_s: float
-) -> StagePlan:
-    cfg = run.cfg
-    n_tok = sum(map(len, sets.all))
-    if stage == "data":
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, "tokenize", 0.0 if reuse else tokenize_s)
-    kind = _round_of(stage)[0]
-    if kind == "reference":
-        if cfg.reference.checkpoint:
-            return StagePlan(stage, fp, reuse, 0, 0, "read reference.checkpoint (no training)", 0.0)
-        plan = _train_plan(stage, fp, reuse, sets.reference, cfg.reference.training, cfg.seed, timing)
-        folds = cfg.reference.folds
-        if folds > 1:  # K references, each on a subset of the same size
-            plan.work, plan.seconds, plan.trainings = f"{folds} references x {plan.work}", plan.seconds * folds, folds
-        return plan
-    if kind == "reference-noisy":  # cross-fitted on the training data
-        rc = cfg.reference
-        n = len(sets.all)  # `reference.cross_fit_folds`: round(fraction x n), at most the other folds' examples
-        share = min(max(1, round(rc.noisy_fraction * n)), n - math.ceil(n / rc.noisy_folds))
-        plan = _train_plan(stage, fp, reuse, sets.all[:share], rc.training, cfg.seed, timing)
-        plan.work, plan.seconds = f"{rc.noisy_folds} noisy references x {plan.work}", plan.seconds * rc.noisy_folds
-        plan.trainings = rc.noisy_folds
-        return plan
-    if kind == "scores" and run.scores_unused():  # the stage only writes zeros for the partition to read
-        work = f"not needed: partition.selection '{cfg.partition.selection}' ranks nothing (no reference, no forward)"
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0)
-    if kind == "scores":
-        bs = cfg.score.batch_size
-        padded = score_padded_tokens(sets.all, bs)
-        n_batches = math.ceil(len(sets.all) / bs)
-        models = run.scoring_forwards()
-        why = ", ".join(models) + ("" if run.base_pass() else "; the method reads no base CE")
-        secs = len(models) * padded * timing.forward.get(bs, 0.0)
-        work = f"{n_batches} batches x {len(models)} forward{'s' * (len(models) > 1)} ({why})"
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs, forwards=len(models))
-    if kind in ("partition", "labels"):
-        ranked = "read the data's weights of" if cfg.partition.selection == "data" else "rank"
-        what = f"{ranked} {sets.response_tokens:,} response tokens" if stage == "partition" else "write labels.parquet"
-        return StagePlan(stage, fp, reuse, len(sets.all), n_tok, what, 0.0)
-    return _train_plan(stage, fp, reuse, sets.all, cfg.train.training, cfg.seed, timing)
-
-
-def _train_plan(
-    stage: str, fp: str, reuse: bool, examples: Sequence[Sequence[int]], tcfg: TrainingConfig, seed: int, timing: Timing
-) -> StagePlan:
-    steps = optimizer_steps(len(examples), tcfg)
-    per_token = timing.train.get((tcfg.batch_size, tcfg.gradient_checkpointing), 0.0)
-    secs = train_padded_tokens(examples, tcfg, seed) * per_token
-    work = f"{steps} optimizer steps of {tcfg.batch_size} x {tcfg.grad_accum}"
-    return StagePlan(stage, fp, reuse, len(examples), sum(map(len, examples)), work, 0.0 if reuse else secs, trainings=1)
 
 
 # ---------------------------------------------------------------- warm-up
@@ -259,7 +165,7 @@ def _measure(run: Run, sets: TokenSets, todo: Sequence[str]) -> Timing:
             secs = _time_train_step(run, ids, attn, resp, tcfg.gradient_checkpointing)
             timing.train[key] = secs / ids.numel()
             timing.notes.append(f"training micro-batch {tuple(ids.shape)}: {secs:.3f} s")
-    if any(s.startswith("scores") for s in todo) and not run.scores_unused():
+    if any(s.startswith("scores") for s in todo) and not scores_unused(run):
         ids, attn, resp = _sample_batch(sets, cfg.score.batch_size, cfg.seed)
         secs = _time_forward(run, ids, attn, resp)
         timing.forward[cfg.score.batch_size] = secs / ids.numel()
@@ -352,33 +258,40 @@ def format_plan(run: Run, plans: Sequence[StagePlan], timing: Timing, length: in
 
 def memory_lines(run: Run, plans: Sequence[StagePlan], length: int) -> list[str]:
     """The memory estimate (`tokenforget.model.memory`) of each training configuration a stage to run uses, for a
-    micro-batch of `length` tokens a sequence (`cost.longest`)."""
-    cfg = run.cfg
-    stages = [(p.name.rsplit("/", 1)[-1], p.reuse) for p in plans]  # a variant's: variant-<name>/<stage>
-    kinds = {_round_of(s)[0] if not s.startswith("train-") else "train" for s, reuse in stages if not reuse}
-    trainings = [cfg.reference.training] if "reference" in kinds else []
-    trainings += [cfg.train.training] if "train" in kinds else []
+    micro-batch of `length` tokens a sequence (`stage.longest`)."""
     seen: dict[tuple[int, bool], str] = {}
-    for t in trainings:
+    for t in (p.training for p in plans if p.training is not None and not p.reuse):
         key = (t.batch_size, t.gradient_checkpointing)
         if key not in seen:
-            seen[key] = run_estimate(cfg.model, cfg.lora, t, length, run.bf16)
+            seen[key] = run_estimate(run.cfg.model, run.cfg.lora, t, length, run.bf16)
     return list(seen.values())
 
 
-def dry_run(
-    run: Run, modes: Sequence[str], log: Callable[[str], None] = print, measure: bool = False,
-    cost: Optional[PlanConfig] = None,
-) -> list[StagePlan]:
-    """Print the plan for training `modes` in `run` and return it; with `cost`, the GPU cost plan after it."""
+def dry_run(run: Run, modes: Sequence[str], log: Callable[[str], None] = print, plan: Optional[PlanConfig] = None
+            ) -> list[StagePlan]:
+    """Print the plan for training `modes` in `run` and return it; timed with `plan.timed`, the GPU cost plan after
+    it with `plan.costed`."""
+    plan = plan or PlanConfig()
     t0 = time.perf_counter()
     sets = _token_sets(run)
     tokenize_s = time.perf_counter() - t0
-    plans, timing = plan_run(run, modes, measure, sets)
+    plans, timing = plan_run(run, modes, plan.timed, sets)
     data = next((p for p in plans if p.name == "data"), None)
     if data is not None and not data.reuse:
         data.seconds = tokenize_s  # the tokenizing was done here, before plan_run
     log(format_plan(run, plans, timing, longest(sets.all, run.cfg.data.max_length)))
-    if cost is not None:
-        log(format_cost(cost_plan(run, plans, sets, cost), cost, run.cfg.lora.enabled))
+    if plan.costed:
+        log(format_cost(cost_plan(run, plans, plan), plan, run.cfg.lora.enabled))
     return plans
+
+
+def dry_run_command(command: str, cfg: RunConfig, plan: PlanConfig) -> None:
+    """`tokenforget run|compare --dry-run`: the stages of the run folder the command would fill (a comparison: its
+    first seed's) for the modes it would train there."""
+    from tokenforget.commands.compare import seed_config
+
+    if command == "compare":
+        cfg, modes = seed_config(cfg, cfg.compare.seeds[0]), [*cfg.compare.modes, *cfg.compare.variants]
+    else:
+        modes = [cfg.train.objective.mode]
+    dry_run(Run(cfg), modes, plan=plan)

@@ -120,7 +120,7 @@ class ReferenceConfig:
 
 Mode = Literal["forget", "ignore", "sft", "dft"]
 ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
-# lambda(t) schedules: the names of `tokenforget.objectives.SCHEDULES` (kept here so that config needs no torch)
+# lambda(t) schedules: the names of `tokenforget.training.objectives.SCHEDULES` (kept here so that config needs no torch)
 LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
 NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
 
@@ -139,14 +139,14 @@ class ObjectiveConfig:
     """`forget` (the paper), `sft` (every response token), `ignore` (positive tokens only) or `dft` (every response
     token, its CE scaled by the model's detached probability of it: Dynamic Fine-Tuning, arXiv 2508.05629)."""
     forget_term: ForgetObjective = "ga"
-    """What `forget` does to negative tokens (`tokenforget.objectives.FORGET_TERMS`): `ga`, gradient ascent on
+    """What `forget` does to negative tokens (`tokenforget.training.objectives.FORGET_TERMS`): `ga`, gradient ascent on
     their CE (the paper, unbounded); `unlikelihood`, -log(1 - p); `wga`, gradient ascent weighted by p^beta;
     `tnpo`, token-wise NPO, weighted by 2 p^beta / (p^beta + p_base^beta). The last three are bounded."""
     beta: float = 1.0
     """Temperature of `wga` and `tnpo`: larger beta stops pushing a token sooner once it is unlikely."""
     schedule: LambdaSchedule = "linear"
     """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
-    see `tokenforget.objectives.SCHEDULES`."""
+    see `tokenforget.training.objectives.SCHEDULES`."""
     t_min: float = 0.0
     t_max: float = 0.25
     warmup: float = 0.1

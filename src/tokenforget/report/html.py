@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.objectives import FORGET, LEARN
+from tokenforget.training.objectives import FORGET, LEARN
 from tokenforget.report.plots import score_histogram, training_curves
 from tokenforget.report.views import setting_views
 from tokenforget.report.reading import FlatTokens, ReportedRun, _json, flat_tokens, read_run, token_label, token_pieces

@@ -11,7 +11,7 @@ import numpy as np
 
 from tokenforget.config import RunConfig
 from tokenforget.metrics import Detection, detection
-from tokenforget.objectives import FORGET
+from tokenforget.training.objectives import FORGET
 from tokenforget.runfolder import round_stage
 from tokenforget.text_table import format_table
 

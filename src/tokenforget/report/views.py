@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import datasets
 
-from tokenforget.objectives import FORGET, LEARN, needs_partition
+from tokenforget.training.objectives import FORGET, LEARN, needs_partition
 
 NEGATIVE = {"ignore": "ignored", "forget": "forgotten"}  # what a mode does to its negative tokens
 

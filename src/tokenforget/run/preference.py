@@ -55,9 +55,8 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Optional[Path] = None) -> Path:
     """The stage `train-<method><suffix>` of `run`: TRL's KTO or DPO trainer on the run's data (DPO: on
-    `pairs_path`, warm-started from `train-sft<suffix>`); returns its folder (the merged model in `model/`)."""
-    from tokenforget.run import variants
-
+    `pairs_path`, warm-started from `train-sft<suffix>`, which it trains first); returns its folder (the merged
+    model in `model/`)."""
     c = run.cfg
     data = Path(c.data.path)
     warm: Optional[Path] = None
@@ -65,13 +64,14 @@ def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Option
         if pairs_path is None or not pairs_path.is_file():
             raise UserError(f"dpo trains on pairs of a right and a wrong answer to one problem: '{pairs_path}' does not "
                             "exist (the demo writes task/pairs.jsonl for noise_kind weak)")
-        warm = variants.train(run, "sft", suffix)
+        warm = run.train("sft", stage=f"train-sft{suffix}")
     name = f"train-{method}{suffix}"
     source = pairs_path if method == "dpo" else data
     fp = fingerprint("preference", method, BETA, file_digest(str(source)), to_dict(c.train.training), to_dict(c.lora), c.train.seed if c.train.seed is not None else c.seed, run.bf16,
                      json.loads((warm / "stage.json").read_text())["fingerprint"] if warm else None)
     if run.folder.done_on_main(name, fp):
-        return run.reused(name)
+        run.folder.skip(name)
+        return run.stage_dir(name)
     rows = dpo_rows(_read(source), c.data.system_prompt) if method == "dpo" else kto_rows(_read(data), c.data.system_prompt)
     run.log(f"[{name}] TRL's {method.upper()}Trainer on {len(rows)} {'pairs' if method == 'dpo' else 'answers'}")
     trainer: Any = None
@@ -81,7 +81,7 @@ def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Option
         trainer = _fit(run, method, rows, name, fp, warm)
 
     def commit(_: None, d: Path) -> dict[str, Any]:
-        from tokenforget.trainer import save_model
+        from tokenforget.training.fit import save_model
 
         (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         save_model(trainer.model, run.base.tokenizer, d, merged=True)
@@ -102,7 +102,7 @@ def _fit(run: Run, method: str, rows: list[dict[str, Any]], name: str, fp: str, 
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from tokenforget.model.loading import add_lora
-    from tokenforget.trainer import BarOnlyProgress, training_arguments
+    from tokenforget.training.trainer import BarOnlyProgress, training_arguments
 
     c = run.cfg
     seed = c.train.seed if c.train.seed is not None else c.seed

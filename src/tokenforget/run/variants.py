@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tokenforget.config.measure import VARIANT_SECTIONS
-from tokenforget.objectives import needs_partition as mode_needs_partition
+from tokenforget.training.objectives import needs_partition as mode_needs_partition
 from tokenforget.run.pipeline import Run
 from tokenforget.runfolder import STAGE_FILE
-from tokenforget.stages.score import raw_fingerprint_of
+from tokenforget.stages.score import raw_fingerprint_of, raw_score_fp, reusable_score_fps
 
 
 def variant(run: Run, name: str, adopt: bool = True) -> tuple[Run, str]:
@@ -43,15 +43,15 @@ def adopt_stages(child: Run, parent: Run) -> None:
     first, so a variant listed before the mode that needs them does not make a copy of its own."""
     if needs_partition(parent):
         make_shared_first(child, parent)
-    for stage, fp in zip(ADOPTED_STAGES, (child.data_fp, child.reference_fp, child.score_fp)):
-        mine = fp()
+    for stage in ADOPTED_STAGES:
+        mine = child.fp(stage)
         if child.ranks.is_main and not child.is_done(stage, mine) and adoptable(child, parent, stage, mine):
             child.folder.copy_stage(stage, parent.stage_dir(stage))
     child.ranks.barrier()
 
 
 
-ADOPTED_STAGES = ("data", "reference", "scores")
+ADOPTED_STAGES = ("data", "reference", "reference-noisy", "scores")  # in the order they are made
 
 
 
@@ -67,10 +67,10 @@ def needs_partition(run: Run) -> bool:
 def make_shared_first(child: Run, parent: Run) -> None:
     """Make `parent`'s reference and scores now where `child` would copy them (the same reference; the same
     scoring pass or one its method is rescored from), instead of `child` training and scoring its own."""
-    if child.reference_fp() == parent.reference_fp():
-        parent.reference()
-    if child.score_fp() == parent.score_fp() or parent.raw_score_fp() in child.reusable_score_fps():
-        parent.score(1)
+    if child.fp("reference") == parent.fp("reference"):
+        parent.need("reference")
+    if child.fp("scores") == parent.fp("scores") or raw_score_fp(parent) in reusable_score_fps(child):
+        parent.need("scores")
 
 
 
@@ -82,7 +82,7 @@ def adoptable(child: Run, parent: Run, stage: str, fp: str) -> bool:
         return True
     # another score.method over the same scoring pass: rescored from it without a forward pass
     done = parent.stage_dir(stage) / STAGE_FILE
-    return stage == "scores" and done.is_file() and raw_fingerprint_of(done) in child.reusable_score_fps()
+    return stage == "scores" and done.is_file() and raw_fingerprint_of(done) in reusable_score_fps(child)
 
 
 

@@ -17,23 +17,22 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import random
 import zlib
-from dataclasses import dataclass, field, fields as dataclass_fields
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from tokenforget.config import to_dict
 from tokenforget.config.data import DataConfig
-from tokenforget.errors import UserError
-from tokenforget.config.evaluation import EvalConfig
+from tokenforget.runfolder import file_digest, fingerprint, stable_view
 from tokenforget.sampling import in_processes, sample_indices
 from tokenforget.stages.labels_in_data import (
-    DataError, MessageLabels, TokenLabels, check_unlabelled, message_labels, record_labels, token_record, token_weights,
+    DataError, MessageLabels, Record, Span, TokenLabels, check_unlabelled, message_labels, record_labels, token_record, token_weights,
 )
+from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun, no_needs
 
-Span = tuple[int, int]
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names -> OpenAI roles. `user`/`assistant` appear in ShareGPT exports as well.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -47,18 +46,6 @@ FORMAT_FIELDS = {
     "question_answer": ("question", "answer"),
     "tokens": ("input_ids", "token_weight"),  # already tokenized, a weight per token (`labels_in_data`)
 }
-
-
-@dataclass
-class Record:
-    """One training example before tokenization."""
-
-    messages: list[dict[str, str]]
-    where: str  # "file.jsonl:12", for error messages
-    corrupt_spans: tuple[Span, ...] = ()  # char spans inside the (single) assistant message
-    is_correct: Optional[bool] = None  # a per-example label (`is_correct` in the file), e.g. a graded model solution
-    labels: dict[int, MessageLabels] = field(default_factory=dict)  # message index -> its weight and spans
-    tokens: Optional[TokenLabels] = None  # an already tokenized record (format `tokens`): ids and weights
 
 
 # ---------------------------------------------------------------- reading
@@ -465,36 +452,42 @@ def check_noise_keeps_labels(records: Sequence[Record], cfg: DataConfig) -> None
                         "set data.corrupt_fraction: 0 or drop the weights")
 
 
-def _prompt_key(record: Record) -> str:
-    """The prompt of a record (every message before its last assistant message), whitespace-normalised; a
-    tokenized record's: its tokens before the first one with a weight."""
-    if record.tokens is not None:
-        first = next((i for i, w in enumerate(record.tokens.weights) if w != 0), len(record.tokens.weights))
-        return "tokens:" + ",".join(map(str, record.tokens.input_ids[:first]))
-    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-    return " ".join(" ".join(m["content"].split()) for m in record.messages[:last])
+# ---------------------------------------------------------------- the stage
 
 
-def check_disjoint(trusted: Sequence[Record], scored: Sequence[Record], field_name: str) -> None:
-    """Refuse a trusted set that shares a prompt with the scored data: a reference that saw a scored example
-    would find it easy by memory, and the scores would measure memorisation, not quality."""
-    seen = {_prompt_key(r): r.where for r in scored}
-    for r in trusted:
-        if _prompt_key(r) in seen:
-            raise DataError(
-                f"{field_name}: {r.where} has the same prompt as the scored example {seen[_prompt_key(r)]}; "
-                "the trusted set must be disjoint from data.path"
-            )
+def _fingerprint(run: StageRun, _arg: Arg) -> str:
+    c = run.cfg
+    data = {k: v for k, v in stable_view("data", to_dict(c.data)).items() if k != "num_proc"}  # same tokens either way
+    return fingerprint("data", data, file_digest(c.data.path), stable_view("model", to_dict(c.model)))
 
 
-def reference_subset(n: int, fraction: float, size: Optional[int], seed: int) -> list[int]:
-    """Sorted indices of the seeded random subset the reference model trains on."""
-    k = size if size is not None else max(1, round(fraction * n))
-    if k > n:
-        raise DataError(f"reference.size={k} is larger than the data set ({n} examples)")
-    return sorted(random.Random(seed).sample(range(n), k))
+def _make(run: StageRun, _arg: Arg) -> Any:
+    """Tokenized training examples with response and corrupt masks (`tokens/`)."""
+    import datasets
+
+    from tokenforget.stages import noise
+
+    dc = run.cfg.data
+
+    def build() -> dict[str, Any]:
+        records = load_records(dc)
+        check_noise_keeps_labels(records, dc)
+        records, n_corrupted = noise.corrupt(records, dc, run.log)
+        cols, rep = tokenize_records(run.base.tokenizer, records, dc)
+        run.log(f"[data] {rep.kept} examples tokenized, {rep.skipped_no_response} skipped (no response token left)")
+        return {"cols": cols, "kept": rep.kept, "skipped_no_response": rep.skipped_no_response, "corrupted": n_corrupted}
+
+    def commit(built: dict[str, Any], d: Path) -> dict[str, Any]:
+        datasets.Dataset.from_dict(built.pop("cols")).save_to_disk(str(d / "tokens"))
+        return built
+
+    out = run.folder.ensure("data", run.fp("data"), build, commit)
+    return datasets.load_from_disk(str(out / "tokens"))
 
 
-def gsm8k_source(ecfg: EvalConfig) -> Optional[str]:
-    """The GSM8K test data: `eval.gsm8k`, or its Hub fallback when the local file is absent."""
-    return resolve_source(ecfg.gsm8k, ecfg.gsm8k_fallback) if ecfg.gsm8k else None
+def _plan(run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
+    sets = inputs.sets
+    return StagePlan("data", fp, reuse, len(sets.all), sum(map(len, sets.all)), "tokenize", 0.0 if reuse else inputs.tokenize_s)
+
+
+STAGE = Stage("data", no_needs, _fingerprint, _make, _plan)

@@ -1,13 +1,5 @@
-"""Evaluate: what `tokenforget eval` measures on one model, through lm-evaluation-harness, and the gold NLL.
-
-lm-evaluation-harness (`lm_eval`) runs every benchmark that needs prompting, generation or choices: it gets
-the already-loaded model wrapped in its `HFLM`, and task definitions over local files that ship with this
-package (`tokenforget/stages/tasks/*.yaml`, scored by `tasks/utils.py`), so nothing needs the Hub:
-
-- `gsm8k`: GSM8K-format JSONL, greedy generation, exact match on the final number (`tokenforget_gsm8k`);
-- `mc:<file stem>`: multiple-choice JSONL (`question`, `choices`, `label`), log-likelihood accuracy;
-- `distinct_1`, `distinct_2`, `entropy_2`: diversity of sampled answers to the GSM8K questions;
-- any standard lm-evaluation-harness task name (`eval.tasks`), whose data comes from the Hub.
+"""Evaluate: what `tokenforget eval` measures on one model (lm-evaluation-harness's tasks, `stages.harness`, and
+the gold NLL), the demo's held-out answers (generated, graded, with the gold NLL), and the stage `eval-<model>`.
 
 The held-out NLL of gold responses (`gsm8k_nll`, `nll:<file stem>`) is computed by
 `response_nll` below instead: it reads any SFT-format file through `tokenforget.stages.data`, so
@@ -22,11 +14,8 @@ kind `accuracy` (averaged into `average` by `tokenforget compare`), `nll` or `di
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,183 +25,25 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.config import RunConfig
+from tokenforget.config import RunConfig, to_dict
 from tokenforget.config.data import DataConfig
-from tokenforget.errors import ConfigError
 from tokenforget.config.evaluation import EvalConfig
-from tokenforget.diversity import MEASURES
 from tokenforget.metrics import answer_accuracy, extract_answer, result_spans, token_weighted_mean
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import BaseModel, autocast, device
-from tokenforget.runfolder import RunFolderError
-from tokenforget.stages import data as data_mod
-
-TASK_DIR = Path(__file__).parent / "tasks"
-GSM8K_TASK, MC_TASK, DIVERSITY_TASK = "tokenforget_gsm8k", "tokenforget_multiple_choice", "tokenforget_diversity"
-PRIMARY_METRICS = ("acc_norm,none", "acc,none", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match,none")
-"""For a standard task, the first of these that it reports is its headline number."""
-
-
-# ---------------------------------------------------------------- task configs
-
-
-def task_config(name: str) -> dict[str, Any]:
-    """A shipped task definition as a dict (its `!function` entries resolved), ready for overrides."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    return copy.deepcopy(load_yaml(TASK_DIR / f"{name}.yaml", resolve_func=True))
-
-
-def _with_source(cfg: dict[str, Any], source: str, hub_config: Optional[str], fewshot: Optional[str] = None) -> dict[str, Any]:
-    """Point a task at a local JSONL file (the `json` builder) or at a Hub data set."""
-    if data_mod.is_local_file(source):
-        files = {"test": str(Path(source).expanduser().resolve())}
-        if fewshot:
-            files["train"] = str(Path(fewshot).expanduser().resolve())
-        return {**cfg, "dataset_kwargs": {"data_files": files}}
-    out = {**cfg, "dataset_path": source, "dataset_name": hub_config, "test_split": "test"}
-    out.pop("dataset_kwargs", None)
-    return out
-
-
-def gsm8k_task(ecfg: EvalConfig, source: str) -> dict[str, Any]:
-    local = data_mod.is_local_file(source)
-    if ecfg.num_fewshot and local and not ecfg.fewshot_path:
-        raise ConfigError("config field 'eval.fewshot_path': needed when eval.num_fewshot > 0 (a GSM8K-format file)")
-    cfg = _with_source(task_config(GSM8K_TASK), source, ecfg.gsm8k_hub_config, ecfg.fewshot_path if ecfg.num_fewshot else None)
-    if not ecfg.num_fewshot:
-        cfg.pop("fewshot_split", None)
-    cfg["num_fewshot"] = ecfg.num_fewshot
-    cfg["generation_kwargs"] = {**cfg["generation_kwargs"], "max_gen_toks": ecfg.max_new_tokens}
-    return cfg
-
-
-def multiple_choice_task(path: str) -> dict[str, Any]:
-    if not data_mod.is_local_file(path):
-        raise ConfigError(f"config field 'eval.multiple_choice': file '{path}' not found")
-    return {**_with_source(task_config(MC_TASK), path, None), "task": f"{MC_TASK}_{_stem(path)}"}
-
-
-def diversity_task(ecfg: EvalConfig, source: str) -> dict[str, Any]:
-    cfg = _with_source(task_config(DIVERSITY_TASK), source, ecfg.gsm8k_hub_config)
-    k = ecfg.diversity_samples
-    cfg["repeats"] = k
-    cfg["filter_list"] = [{"name": "samples", "filter": [{"function": "take_first_k", "k": k}]}]
-    gen = {"do_sample": True, "temperature": ecfg.temperature, "top_p": ecfg.top_p, "max_gen_toks": ecfg.max_new_tokens}
-    cfg["generation_kwargs"] = {**cfg["generation_kwargs"], **gen}
-    return cfg
-
-
-def _stem(path: str) -> str:
-    return re.sub(r"\W+", "_", Path(path).stem)
-
-
-# ---------------------------------------------------------------- running lm_eval
-
-
-def hf_lm(model: torch.nn.Module, tokenizer: Any, ecfg: EvalConfig, bf16: bool) -> Any:
-    """lm_eval's `HFLM` around an already-loaded model (bf16 as autocast, as in training)."""
-    from lm_eval.models.huggingface import HFLM
-
-    _quiet_lm_eval()
-    return HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=ecfg.batch_size,
-        mixed_precision_dtype=torch.bfloat16 if bf16 else None,
-    )
-
-
-def standard_tasks(ecfg: EvalConfig) -> list[Any]:
-    """`eval.tasks` as lm-eval takes them: a name, or `{task: name, num_fewshot: n}` where `eval.task_shots` sets
-    its shots (lm-eval loads the named task's config and overrides that one field)."""
-    return [{"task": t, "num_fewshot": ecfg.task_shots[t]} if t in ecfg.task_shots else t for t in ecfg.tasks]
-
-
-def unknown_tasks(names: Sequence[str]) -> list[str]:
-    """The names among `names` that neither the installed lm-eval nor our `tasks/` folder defines (offline: the
-    task index is built from YAML files, no data is read)."""
-    from lm_eval.tasks import TaskManager
-
-    _quiet_lm_eval()
-    known = set(TaskManager(include_path=str(TASK_DIR)).all_tasks)
-    return [n for n in names if n not in known]
-
-
-def _quiet_lm_eval() -> None:
-    """lm_eval warns about every pre-loaded model and every `limit`; both are how we use it."""
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-def run_harness(
-    lm: Any, tasks: list[Any], ecfg: EvalConfig, limit: Optional[int], system_prompt: Optional[str], seed: int
-) -> dict[str, Any]:
-    """`lm_eval.simple_evaluate` over task names and task config dicts; returns its results dict."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    _quiet_lm_eval()
-    standard = any(isinstance(t, str) for t in tasks)  # indexing lm_eval's own tasks takes ~30 s
-    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=standard)
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=manager,
-        limit=limit,
-        apply_chat_template=ecfg.chat_template,
-        fewshot_as_multiturn=ecfg.chat_template,
-        system_instruction=system_prompt,
-        bootstrap_iters=1000,  # only for metrics without a closed-form stderr; ours are means
-        log_samples=True,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-
-
-def _entry(value: Any, stderr: Any, n: int, metric: str, higher: Optional[bool], kind: str) -> dict[str, Any]:
-    def num(x: Any) -> float:
-        return float(x) if isinstance(x, (int, float)) else float("nan")
-
-    return {"value": num(value), "stderr": num(stderr), "n": n, "metric": metric, "higher_is_better": higher, "kind": kind}
-
-
-def harness_benchmarks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """One entry per benchmark from lm_eval's results dict."""
-    out: dict[str, dict[str, Any]] = {}
-    for task, metrics in results["results"].items():
-        n = int(results["n-samples"][task]["effective"])
-        higher = results.get("higher_is_better", {}).get(task, {})
-        if task == GSM8K_TASK:
-            out["gsm8k"] = _entry(metrics["exact_match,none"], metrics["exact_match_stderr,none"], n, "exact_match", True, "accuracy")
-        elif task == DIVERSITY_TASK:
-            for name in MEASURES:
-                out[name] = _entry(metrics[f"{name},samples"], metrics[f"{name}_stderr,samples"], n, name, True, "diversity")
-        elif task.startswith(MC_TASK):
-            out["mc:" + task[len(MC_TASK) + 1 :]] = _entry(metrics["acc,none"], metrics["acc_stderr,none"], n, "acc", True, "accuracy")
-        else:
-            key = next((k for k in PRIMARY_METRICS if k in metrics), None) or _first_metric(metrics)
-            name = key.split(",")[0]
-            kind = "accuracy" if name in ("acc", "acc_norm", "exact_match") else "other"
-            out[task] = _entry(metrics[key], metrics.get(key.replace(",", "_stderr,", 1)), n, key, higher.get(name), kind)
-    return out
-
-
-def _first_metric(metrics: dict[str, Any]) -> str:
-    return next(k for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float)))
-
-
-def generations(results: dict[str, Any], task: str, how_many: int = 3) -> list[Any]:
-    """The first few model outputs lm_eval logged for a task (for people reading the results)."""
-    return [s["filtered_resps"][0] for s in results.get("samples", {}).get(task, [])[:how_many]]
-
+from tokenforget.training.objectives import OBJECTIVES
+from tokenforget.runfolder import (
+    STAGE_FILE, RunFolderError, file_digest, fingerprint, folder_digest, release_memory, stable_view,
+)
+from tokenforget.stages import data as data_mod, harness
+from tokenforget.stages.labels_in_data import Record
+from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun, no_needs
 
 # ---------------------------------------------------------------- gold NLL
 
 
 def nll_benchmarks(
-    model: torch.nn.Module, tokenizer: Any, records: list[data_mod.Record], data_cfg: DataConfig, batch_size: int,
+    model: torch.nn.Module, tokenizer: Any, records: list[Record], data_cfg: DataConfig, batch_size: int,
     bf16: bool, results: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Token-weighted NLL (nats per response token) of the gold responses, with examples as the units: `all`
@@ -229,7 +60,7 @@ def nll_benchmarks(
         mean = token_weighted_mean(s, c)
         metric = "nll_per_token" if name == "all" else "nll_per_result_token"
         # per example, so that two models can be compared question by question (compare's paired stderr)
-        out[name] = {**_entry(mean.value, mean.stderr, mean.n, metric, False, "nll"), "tokens": mean.tokens,
+        out[name] = {**harness.entry(mean.value, mean.stderr, mean.n, metric, False, "nll"), "tokens": mean.tokens,
                      "per_example": {"nll_sum": s.tolist(), "tokens": c.tolist()}}
     return out
 
@@ -246,11 +77,11 @@ def eval_data_config(data_cfg: DataConfig, limit: Optional[int], hub_config: Opt
 def nll_sources(ecfg: EvalConfig) -> dict[str, tuple[str, Optional[str]]]:
     """Benchmark name -> (data source, Hub config), for every held-out NLL the config asks for."""
     out: dict[str, tuple[str, Optional[str]]] = {}
-    source = data_mod.gsm8k_source(ecfg)
+    source = gsm8k_source(ecfg)
     if ecfg.gsm8k_nll and source:
         out["gsm8k_nll"] = (source, ecfg.gsm8k_hub_config)
     for path in ecfg.nll:
-        out[f"nll:{_stem(path)}"] = (path, None)
+        out[f"nll:{harness.stem(path)}"] = (path, None)
     return out
 
 
@@ -274,22 +105,22 @@ def evaluate_model(
     """
     t0 = time.time()
     model.eval()
-    lm = lm or hf_lm(model, tokenizer, ecfg, bf16)
-    source = data_mod.gsm8k_source(ecfg)
+    lm = lm or harness.hf_lm(model, tokenizer, ecfg, bf16)
+    source = gsm8k_source(ecfg)
     out: dict[str, Any] = {"benchmarks": {}, "lm_eval": {}, "samples": {}}
-    greedy: list[Any] = ([gsm8k_task(ecfg, source)] if source else [])
-    greedy += [multiple_choice_task(p) for p in ecfg.multiple_choice] + standard_tasks(ecfg)
+    greedy: list[Any] = ([harness.gsm8k_task(ecfg, source)] if source else [])
+    greedy += [harness.multiple_choice_task(p) for p in ecfg.multiple_choice] + harness.standard_tasks(ecfg)
     passes = [(greedy, ecfg.limit)]
     if ecfg.diversity_prompts and source:
-        passes.append(([diversity_task(ecfg, source)], ecfg.diversity_prompts))
+        passes.append(([harness.diversity_task(ecfg, source)], ecfg.diversity_prompts))
     for tasks, limit in passes:
         if not tasks:
             continue
         log(f"[eval] lm-evaluation-harness: {', '.join(t if isinstance(t, str) else t['task'] for t in tasks)}")
-        res = run_harness(lm, tasks, ecfg, limit, data_cfg.system_prompt, seed)
-        out["benchmarks"].update(harness_benchmarks(res))
+        res = harness.run_harness(lm, tasks, ecfg, limit, data_cfg.system_prompt, seed)
+        out["benchmarks"].update(harness.harness_benchmarks(res))
         out["lm_eval"].update(_plain(res["results"]))
-        out["samples"].update({t: generations(res, t) for t in res["results"]})
+        out["samples"].update({t: harness.generations(res, t) for t in res["results"]})
     for name, (src, hub_config) in nll_sources(ecfg).items():
         log(f"[eval] gold NLL: {name} ({src})")
         rendering = eval_data_config(data_cfg, ecfg.limit, hub_config)
@@ -484,3 +315,67 @@ def eval_key(run: EvaluatedRun, stage: Optional[Path], test_path: Path, max_new_
 
     model = json.loads((stage / STAGE_FILE).read_text())["fingerprint"] if stage else stable_view("model", to_dict(run.cfg.model))
     return fingerprint("held-out", model, file_digest(str(test_path)), max_new_tokens, run.bf16)
+
+
+def gsm8k_source(ecfg: EvalConfig) -> Optional[str]:
+    """The GSM8K test data: `eval.gsm8k`, or its Hub fallback when the local file is absent."""
+    return data_mod.resolve_source(ecfg.gsm8k, ecfg.gsm8k_fallback) if ecfg.gsm8k else None
+
+
+# ---------------------------------------------------------------- the stage: eval-<model>
+
+
+def _eval_target(run: StageRun, target: Optional[str]) -> tuple[str, str, Callable[[], torch.nn.Module]]:
+    """(stage suffix, fingerprint of the model, loader) for an eval target."""
+    if target in (None, "base"):
+        return "base", fingerprint("base", stable_view("model", to_dict(run.cfg.model))), run.base.frozen
+    trained = (*OBJECTIVES, *run.cfg.compare.variants)  # names of train stages
+    stage = run.folder.stage_dir(f"train-{target}") if target in trained else Path(str(target)).expanduser()
+    if not stage.is_dir():
+        hint = f"; train it first: tokenforget train --train.objective.mode {target}" if target in trained else ""
+        raise RunFolderError(f"eval.checkpoint: '{stage}' does not exist{hint}")
+    record = stage / STAGE_FILE
+    model_fp = json.loads(record.read_text())["fingerprint"] if record.is_file() else fingerprint("folder", folder_digest(stage))
+    name = str(target) if target in trained else stage.resolve().name
+    return name, model_fp, lambda: load_model_folder(stage, run.base)
+
+
+def _fingerprint(run: StageRun, target: Arg) -> str:
+    """An evaluation's: the model's fingerprint, the eval settings, how examples are rendered, every file read."""
+    c, model_fp = run.cfg, _eval_target(run, target)[1]  # type: ignore[arg-type]
+    ec = {k: v for k, v in stable_view("eval", to_dict(c.eval)).items() if k != "checkpoint"}
+    rendering = {k: getattr(c.data, k) for k in ("max_length", "chat_template", "system_prompt")}
+    sources = [file_digest(s) for s in (gsm8k_source(c.eval), c.eval.fewshot_path)]
+    extra = [file_digest(p) for p in (*c.eval.nll, *c.eval.multiple_choice)]
+    return fingerprint("eval", model_fp, ec, rendering, sources, extra, c.seed, run.bf16)
+
+
+def _make(run: StageRun, target: Arg) -> dict[str, Any]:
+    """Evaluate a model with `cfg.eval`; stage `eval-<name>`. `target`: None or `base` = the base model; a mode or
+    variant name = the finished stage `train-<name>` of this folder; anything else = a folder with a merged model,
+    a LoRA adapter or a train stage. Reused while the model (its stage fingerprint) and the eval settings are the
+    same."""
+    name, _model_fp, load = _eval_target(run, target)  # type: ignore[arg-type]
+    stage = f"eval-{name}"
+
+    def build() -> dict[str, Any]:  # every rank evaluates (lm-eval shares the work out)
+        run.log(f"[{stage}] evaluating")
+        model = load().to(device())
+        results = evaluate_model(model, run.base.tokenizer, run.cfg.eval, run.cfg.data, run.bf16, run.cfg.seed, run.log)
+        del model
+        release_memory()
+        return results
+
+    def commit(results: dict[str, Any], d: Path) -> dict[str, Any]:
+        (d / "results.json").write_text(json.dumps(results, indent=2))
+        return {"target": target or "base"}
+
+    out = run.folder.ensure(stage, run.fp("eval", target), build, commit, every_rank=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def _plan(run: StageRun, target: Arg, fp: str, reuse: bool, _inputs: PlanInputs) -> StagePlan:
+    return StagePlan(f"eval-{target or 'base'}", fp, reuse, 0, 0, f"evaluate on {', '.join(run.cfg.eval.tasks) or 'no task'}", 0.0)
+
+
+STAGE = Stage("eval", no_needs, _fingerprint, _make, _plan, folder=lambda target: f"eval-{target or 'base'}")

@@ -30,7 +30,9 @@ import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
-from tokenforget.stages.data import DataError
+from tokenforget.runfolder import fingerprint
+from tokenforget.stages.labels_in_data import DataError
+from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun
 
 LABELS_FILE = "labels.parquet"
 FORMAT = "tokenforget-labels/1"
@@ -126,3 +128,37 @@ def read_labels(path: str, tokenizer: PreTrainedTokenizerBase) -> datasets.Datas
         row = int(bad[0])
         raise DataError(f"{p} row {row}: {n_ids[row]} input_ids but {n_cls[row]} token_class entries")
     return datasets.Dataset(InMemoryTable(table.replace_schema_metadata(None)))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _make(run: StageRun, _arg: Arg) -> Path:
+    """Export ids, scores and classes per example as one Parquet file any trainer can read; returns the file."""
+    tokens, scores, classes = run.need("data"), run.need("scores", run.rounds), run.need("partition", run.rounds)
+
+    def build() -> Any:
+        meta = {"model": run.cfg.model.name_or_path, "tokenizer": tokenizer_digest(run.base.tokenizer),
+                "rho": run.cfg.partition.rho, "data": run.cfg.data.path}
+        return table_of_stages(tokens, scores, classes, meta)
+
+    def commit(table: Any, d: Path) -> dict[str, Any]:
+        path = write_labels(table, d)
+        run.log(f"[labels] {len(tokens)} examples -> {run.folder.stage_dir('labels') / path.name}")
+        return {"examples": len(tokens)}
+
+    return run.folder.ensure("labels", run.fp("labels"), build, commit) / LABELS_FILE
+
+
+def _plan(_run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
+    sets = inputs.sets
+    return StagePlan("labels", fp, reuse, len(sets.all), sum(map(len, sets.all)), "write labels.parquet", 0.0)
+
+
+STAGE = Stage(
+    "labels",
+    lambda run, _arg: [("data", None), ("scores", run.rounds), ("partition", run.rounds)],
+    lambda run, _arg: fingerprint("labels", FORMAT, run.fp("partition", run.rounds)),
+    _make,
+    _plan,
+)

@@ -24,7 +24,7 @@ weight, which covers the whole turn (the end-of-turn token too). The prompt neve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from tokenforget.errors import UserError
@@ -64,6 +64,21 @@ class TokenLabels:
 
     input_ids: list[int]
     weights: list[float]
+
+
+Span = tuple[int, int]  # [start, end) characters of a message's content
+
+
+@dataclass
+class Record:
+    """One training example before tokenization."""
+
+    messages: list[dict[str, str]]
+    where: str  # "file.jsonl:12", for error messages
+    corrupt_spans: tuple[Span, ...] = ()  # char spans inside the (single) assistant message
+    is_correct: Optional[bool] = None  # a per-example label (`is_correct` in the file), e.g. a graded model solution
+    labels: dict[int, MessageLabels] = field(default_factory=dict)  # message index -> its weight and spans
+    tokens: Optional[TokenLabels] = None  # an already tokenized record (format `tokens`): ids and weights
 
 
 def finite_weight(value: Any, where: str) -> float:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 from tokenforget.config.data import RECURRING_SENTENCE, DataConfig
-from tokenforget.stages.data import Record, Span
+from tokenforget.stages.labels_in_data import Record, Span
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _ANNOTATION = re.compile(rf"<<[^<>]*=({_NUMBER})>>({_NUMBER})?")

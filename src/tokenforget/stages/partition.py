@@ -18,26 +18,27 @@ selection, where the data carries weights they win (`with_data_labels`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from tokenforget.columns import flat_list_column, list_column
+from tokenforget.config import to_dict
 from tokenforget.config.tokens import PartitionConfig
 from tokenforget.errors import ConfigError
 from tokenforget.metrics import two_gaussians
-from tokenforget.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.training.objectives import FORGET, LEARN, NO_LOSS
+from tokenforget.runfolder import fingerprint, round_stage, stable_view
+from tokenforget.stages.partition_streaming import n_positive, partition_streaming
+from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun
 from tokenforget.stages.verdicts import (
     KnownNoise, known_noise, verified_random_partition, verified_tail_partition, verified_whole_partition, worst_tokens,
 )
-
-
-def n_positive(n_tokens: int, rho: float) -> int:
-    """How many of `n_tokens` are positive at ratio `rho`: round half up of rho * n."""
-    return min(n_tokens, int(math.floor(rho * n_tokens + 0.5)))
 
 
 def global_partition(scores: np.ndarray, rho: float) -> np.ndarray:
@@ -431,3 +432,45 @@ def _classes_table(offsets: np.ndarray, classes: np.ndarray, weights: Optional[n
     if weights is not None:
         columns["token_weight"] = list_column(offsets, weights)
     return pa.table(columns)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _fingerprint(run: StageRun, rnd: Arg) -> str:
+    pc = stable_view("partition", to_dict(run.cfg.partition))
+    if run.cfg.partition.selection != "threshold":
+        pc.pop("threshold", None)
+    if run.cfg.partition.selection != "simulated":  # its knobs move nothing else
+        for k in ("recall", "precision", "false_positives", "seed"):
+            pc.pop(k, None)
+    return fingerprint("partition", run.fp("scores", rnd), pc)
+
+
+def _make(run: StageRun, rnd: Arg) -> Any:
+    """Token classes (+1/-1/0) for every training example, by `partition.selection` over the scores (and
+    `token_weight` for the soft selection); in memory, or streamed (`partition.streaming`)."""
+    import datasets
+
+    name, pc = round_stage("partition", rnd), run.cfg.partition  # type: ignore[arg-type]
+    tokens, scores = run.need("data"), run.need("scores", rnd)
+
+    def commit(built: tuple[Any, dict[str, Any]], d: Path) -> None:
+        table, stats = built
+        run.log(f"[{name}] {stats['n_positive']} positive, {stats['n_negative']} negative of {stats['n_tokens']} tokens")
+        datasets.Dataset(table).save_to_disk(str(d / "classes"))
+        (d / "stats.json").write_text(json.dumps(stats, indent=2))
+
+    cut = partition_streaming if pc.streaming else partition_exact  # scores in memory or not
+    out = run.folder.ensure(name, run.fp("partition", rnd), lambda: cut(tokens, scores, pc), commit)
+    return datasets.load_from_disk(str(out / "classes"))
+
+
+def _plan(run: StageRun, rnd: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
+    sets = inputs.sets
+    ranked = "read the data's weights of" if run.cfg.partition.selection == "data" else "rank"
+    work = f"{ranked} {sets.response_tokens:,} response tokens"
+    return StagePlan(round_stage("partition", rnd), fp, reuse, len(sets.all), sum(map(len, sets.all)), work, 0.0)  # type: ignore[arg-type]
+
+
+STAGE = Stage("partition", lambda _run, rnd: [("data", None), ("scores", rnd)], _fingerprint, _make, _plan)

@@ -17,8 +17,12 @@ import pyarrow as pa
 from tokenforget.columns import flat_list_column, list_column
 from tokenforget.config.tokens import PartitionConfig
 from tokenforget.errors import ConfigError
-from tokenforget.objectives import FORGET, LEARN
-from tokenforget.stages.partition import n_positive
+from tokenforget.training.objectives import FORGET, LEARN
+
+
+def n_positive(n_tokens: int, rho: float) -> int:
+    """How many of `n_tokens` are positive at ratio `rho`: round half up of rho * n."""
+    return min(n_tokens, int(math.floor(rho * n_tokens + 0.5)))
 
 
 @dataclass

@@ -9,6 +9,7 @@ run resumes; `with_method_scores` then turns the two CE columns into the ranked 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,11 +21,15 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from tokenforget.columns import flat_list_column, list_column
+from tokenforget.columns import flat_list_column, has_base_ce, list_column
+from tokenforget.config import to_dict
+from tokenforget.config.training import NEEDS_BASE_CE
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import BaseModel, fold_of, load_reference
-from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError
+from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError, file_digest, fingerprint, round_stage, shard_ranges
+from tokenforget.score_methods import reads_base
 from tokenforget.stages.data import DataError
+from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun
 
 # a scoring pass stores the per-token CE under both models; the score is made from them by `score.method`
 CE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref")})
@@ -270,3 +275,153 @@ def zero_scores(tokens: datasets.Dataset) -> datasets.Dataset:
     _, offsets = flat_list_column(tokens.data.column("input_ids"))
     zeros = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.zeros(int(offsets[-1]), np.float32)))
     return datasets.Dataset(pa.table({"ce_base": zeros, "ce_ref": zeros, "score": zeros}))
+
+
+def score_padded_tokens(examples: Sequence[Sequence[int]], batch_size: int) -> int:
+    """Padded tokens of the scorer's length-grouped batches (one forward; a scoring pass runs two, or one without
+    the base model)."""
+    lengths = [len(e) for e in examples]
+    return sum(len(b) * max(lengths[i] for i in b) for b in length_grouped_batches(lengths, batch_size))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def base_pass(run: StageRun) -> bool:
+    """Whether the scoring pass runs the base model too: `score.base_pass`, by default when CE_base is read."""
+    sc = run.cfg.score
+    if sc.base_pass is not None:
+        return sc.base_pass
+    return reads_base(sc.method) or run.cfg.train.objective.forget_term in NEEDS_BASE_CE
+
+
+def scores_unused(run: StageRun) -> bool:
+    """The oracle and data partitions rank nothing (their classes are the data's known noise, or the weights it
+    carries), so no reference is trained and no token scored: the scores stage holds zeros. Unless `tnpo` needs
+    the base model's CE. A simulated detector with random false positives reads the known noise only."""
+    pc = run.cfg.partition
+    known_only = not run.selection.needs_scores or (pc.selection == "simulated" and pc.false_positives == "random")
+    return known_only and run.cfg.train.objective.forget_term not in NEEDS_BASE_CE
+
+
+def needs_noisy_reference(run: StageRun) -> bool:
+    """Whether the scoring pass trains and runs the noisy references (`reference.noisy_folds`)."""
+    return bool(run.cfg.reference.noisy_folds) and not run.cfg.score.precomputed_path and not scores_unused(run)
+
+
+def scoring_forwards(run: StageRun) -> list[str]:
+    """The models a scoring pass runs over every example, in order (none where the scores are unused or read
+    from a file): the base where CE_base is read, the reference, the noisy references (each example by one)."""
+    if scores_unused(run) or run.cfg.score.precomputed_path:
+        return []
+    return [*(["base"] if base_pass(run) else []), "reference", *(["noisy references"] if needs_noisy_reference(run) else [])]
+
+
+def raw_score_fp(run: StageRun, rnd: int = 1, with_base: Optional[bool] = None) -> str:
+    """Fingerprint of the scoring pass (CE_base, CE_ref; CE_ref alone without the base pass, by default
+    `base_pass(run)`), which does not depend on `score.method`."""
+    c, sc = run.cfg, run.cfg.score
+    if sc.precomputed_path:
+        return fingerprint("precomputed", run.fp("data"), file_digest(sc.precomputed_path))
+    settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path", "base_pass", "spans")}
+    kind = "score" if (base_pass(run) if with_base is None else with_base) else "score-ref-only"
+    if c.reference.noisy_folds:  # the pass also stores the noisy references' CE
+        return fingerprint(kind, run.fp("reference", rnd), run.fp("reference-noisy"), settings, run.bf16)
+    return fingerprint(kind, run.fp("reference", rnd), settings, run.bf16)
+
+
+def reusable_score_fps(run: StageRun, rnd: int = 1) -> list[str]:
+    """The scoring passes whose raw scores serve this run's method: its own, and a pass with CE_base where
+    CE_ref alone would do."""
+    return list(dict.fromkeys([raw_score_fp(run, rnd), raw_score_fp(run, rnd, with_base=True)]))
+
+
+def _fingerprint(run: StageRun, rnd: Arg) -> str:
+    """The scoring pass's for `paper` (so runs made before score methods existed are reused), else the pass
+    and the method; the data's alone when the scores are unused."""
+    if scores_unused(run):
+        return fingerprint("scores-unused", run.fp("data"))
+    raw, method, spans = raw_score_fp(run, rnd), run.cfg.score.method, run.cfg.score.spans  # type: ignore[arg-type]
+    if spans != "token":
+        return fingerprint("score-method", raw, method, spans)
+    return raw if method == "paper" else fingerprint("score-method", raw, method)
+
+
+def _needs(run: StageRun, rnd: Arg) -> list[Need]:
+    if scores_unused(run):
+        return [("data", None)]
+    precomputed = bool(run.cfg.score.precomputed_path)
+    noisy = [("reference-noisy", None)] if needs_noisy_reference(run) else []
+    return [("data", None), *([] if precomputed else [("reference", rnd)]), *noisy]
+
+
+def _make(run: StageRun, rnd: Arg) -> datasets.Dataset:
+    """Per-token CE under base and reference, and the `score.method` score, for every training example.
+
+    The examples are cut into shards of `score.shard_size`; rank r scores shards r, r + world, ... and writes
+    each as it finishes, so a killed run resumes at the first missing shard. Rank 0 joins the shards in example
+    order and applies the method over the whole data set. A finished stage of the same scoring pass with another
+    method is rescored without a forward pass.
+    """
+    assert isinstance(rnd, int)
+    name, sc, folder = round_stage("scores", rnd), run.cfg.score, run.folder
+    tokens = run.need("data")
+    if scores_unused(run):
+        def zeros() -> datasets.Dataset:
+            run.log(f"[{name}] partition.selection '{run.cfg.partition.selection}' ranks nothing: no reference, zero scores")
+            return zero_scores(tokens)
+
+        out = folder.ensure(name, run.fp("scores", rnd), zeros, lambda t, d: t.save_to_disk(str(d / "scores")) or {"unused": True})
+        return datasets.load_from_disk(str(out / "scores"))
+    raw_fp = raw_score_fp(run, rnd)
+
+    def build() -> Optional[datasets.Dataset]:  # every rank: each scores its own shards
+        same_pass = same_pass_scores(folder.stage_dir(name), reusable_score_fps(run, rnd), bool(sc.precomputed_path))
+        if same_pass is not None:
+            run.log(f"[{name}] same scoring pass, new score.method: rescoring without a forward pass")
+            return same_pass
+        if sc.precomputed_path:
+            return read_precomputed(sc.precomputed_path, tokens) if folder.ranks.is_main else None
+        # the references only where the pass runs: a copied or finished pass needs none trained
+        ref_dir, noisy_dir = run.need("reference", rnd), run.need("reference-noisy") if needs_noisy_reference(run) else None
+        work, shards = folder.work_dir(name, raw_fp), shard_ranges(len(tokens), sc.shard_size)
+        score_shards(tokens, ref_dir, run.base, work, shards, folder.ranks, sc.batch_size, run.bf16, run.log,
+                     with_base=base_pass(run))
+        if noisy_dir is not None:  # the second reference's pass: its CE only
+            (work / "noisy").mkdir(exist_ok=True)
+            score_shards(tokens, noisy_dir, run.base, work / "noisy", shards, folder.ranks, sc.batch_size, run.bf16,
+                         run.log, with_base=False)
+        folder.ranks.barrier()
+        if not folder.ranks.is_main:
+            return None
+        raw = joined_shards(work, len(shards))
+        return raw if noisy_dir is None else with_noisy(raw, joined_shards(work / "noisy", len(shards)))
+
+    def commit(raw: datasets.Dataset, d: Path) -> dict[str, Any]:
+        with_method_scores(tokens, raw, sc.method, sc.spans, run.base.tokenizer).save_to_disk(str(d / "scores"))
+        n_tokens = int(sum(map(sum, tokens["response_mask"])))
+        made_by = raw_score_fp(run, rnd, with_base=True) if has_base_ce(raw) else raw_fp
+        return {"tokens": n_tokens, "raw_fingerprint": made_by, "method": sc.method}
+
+    out = folder.ensure(name, run.fp("scores", rnd), build, commit, every_rank=True)
+    folder.release_work(name)
+    scores = datasets.load_from_disk(str(out / "scores"))
+    check_aligned(tokens, scores, out)
+    return scores
+
+
+def _plan(run: StageRun, rnd: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
+    cfg, sets, name = run.cfg, inputs.sets, round_stage("scores", rnd)  # type: ignore[arg-type]
+    n_tok = sum(map(len, sets.all))
+    if scores_unused(run):  # the stage only writes zeros for the partition to read
+        work = f"not needed: partition.selection '{cfg.partition.selection}' ranks nothing (no reference, no forward)"
+        return StagePlan(name, fp, reuse, len(sets.all), n_tok, work, 0.0)
+    bs, models = cfg.score.batch_size, scoring_forwards(run)
+    why = ", ".join(models) + ("" if base_pass(run) else "; the method reads no base CE")
+    secs = len(models) * score_padded_tokens(sets.all, bs) * inputs.timing.forward.get(bs, 0.0)
+    work = f"{math.ceil(len(sets.all) / bs)} batches x {len(models)} forward{'s' * (len(models) > 1)} ({why})"
+    return StagePlan(name, fp, reuse, len(sets.all), n_tok, work, 0.0 if reuse else secs, forwards=len(models),
+                     examples_ids=sets.all)
+
+
+STAGE = Stage("scores", _needs, _fingerprint, _make, _plan)

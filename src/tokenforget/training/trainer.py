@@ -1,4 +1,4 @@
-"""Train: the token-class collator and `ForgettingTrainer`, a `transformers.Trainer` subclass.
+"""The Trainer: the token-class collators and `ForgettingTrainer`, a `transformers.Trainer` subclass.
 
 The Trainer brings checkpoints, resume, logging and DDP/FSDP/DeepSpeed through accelerate; this module
 adds only the per-token class tensor and the objective. One code path trains every mode of `objectives.OBJECTIVES`:
@@ -7,25 +7,19 @@ adds only the per-token class tensor and the objective. One code path trains eve
 
 from __future__ import annotations
 
-import copy
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import datasets
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from tokenforget.errors import ConfigError, UserError
-from tokenforget.config.model import LoraSettings
-from tokenforget.config.training import ObjectiveConfig, TrainConfig, TrainingConfig
+from tokenforget.errors import UserError
+from tokenforget.config.training import ObjectiveConfig, TrainingConfig
 from tokenforget.model.head_ce import token_cross_entropy
-from tokenforget.model.loading import BaseModel, use_fp16
 from tokenforget.model.model_ce import ce_path, model_token_ce
-from tokenforget.objectives import FORGET, LEARN, OBJECTIVES, TokenCounts, get_forget_term, get_objective, get_schedule
-from tokenforget.runfolder import RunFolder
+from tokenforget.training.objectives import FORGET, LEARN, OBJECTIVES, TokenCounts, get_forget_term, get_objective, get_schedule
 
 
 class NonFiniteLossError(UserError):
@@ -114,12 +108,9 @@ class ForgettingMixin:
 
     def init_forgetting(self, objective: ObjectiveConfig) -> None:
         """Set the objective and schedule (see `ObjectiveConfig`); call before the Trainer's own `__init__`."""
-        self.objective_name = objective.mode
-        self.objective = get_objective(objective.mode)
-        get_forget_term(objective.forget_term)  # an unknown name fails here, not at the first step
-        # passed to the objective only when not the paper's (so a plain objective function still fits)
-        ga = objective.forget_term == "ga"
-        self._objective_kwargs = {} if ga else {"forget_term": objective.forget_term, "beta": objective.beta}
+        self.objective_name, self.forget_term = objective.mode, objective.forget_term
+        get_objective(objective.mode), get_forget_term(objective.forget_term)  # unknown names fail here, not at step 1
+        self.objective = OBJECTIVES[objective.mode].bound(objective)  # its settings bound: batch tensors only after
         self.needs_base_ce = objective.needs_base_ce
         self.schedule = get_schedule(objective.schedule, warmup=objective.warmup)
         self.t_min, self.t_max = objective.t_min, objective.t_max
@@ -175,11 +166,10 @@ class ForgettingMixin:
             extras.pop("ce_base", None)  # a labels file carries it for every mode; only `tnpo` reads it
         elif "ce_base" not in extras:
             if training:
-                raise UserError(f"train.objective.forget_term: '{self._objective_kwargs['forget_term']}' needs the base "
+                raise UserError(f"train.objective.forget_term: '{self.forget_term}' needs the base "
                                 "model's per-token CE in the batch (a `ce_base` column); the training set has none")
             extras["ce_base"] = token_loss.detach()  # an eval set has no negative tokens; any value will do
-        kwargs = {**self._objective_kwargs, **_objective_extras(extras)}
-        parts = self.objective(token_loss, token_class, lam, counts, **kwargs)
+        parts = self.objective(token_loss, token_class, lam, counts, **_objective_extras(extras))
         if not torch.isfinite(parts.loss):
             self._stop_non_finite(parts.loss)
         if training:
@@ -350,81 +340,6 @@ class BarOnlyProgress(ProgressCallback):
         return None
 
 
-@dataclass
-class FitSetup:
-    """What every training of one run shares: the base model, LoRA, the objective's settings (`train`), seed,
-    precision, logging integrations, and the run folder its checkpoints and TensorBoard events go to."""
-
-    base: BaseModel
-    lora: LoraSettings
-    train: TrainConfig
-    seed: int
-    bf16: bool
-    folder: RunFolder
-    report_to: Sequence[str] = field(default_factory=lambda: ["none"])
-    ddp_timeout: int = 1800
-
-    def objective(self, mode: str) -> ObjectiveConfig:
-        return self.train.objective_for(mode)
-
-
-def fit(
-    setup: FitSetup,
-    train_set: datasets.Dataset,
-    tcfg: TrainingConfig,
-    objective: ObjectiveConfig,
-    name: str,
-    fp: str,
-    eval_set: Optional[datasets.Dataset] = None,
-) -> ForgettingTrainer:
-    """Train a fresh LoRA copy of the base on `train_set` (`input_ids`, `token_class`, optional `EXTRA_COLUMNS`).
-
-    Checkpoints go to the run folder's `.<name>.work/` (of inputs `fp`), so a killed run resumes; the folder is
-    removed when training ends. TensorBoard events (when `report_to` asks for them) go to `run_dir/tensorboard/<name>/`.
-    Every rank trains (DDP); returns the finished Trainer.
-    """
-    folder = setup.folder
-    work = folder.work_dir(name, fp)
-    resume = last_checkpoint(work)
-    set_seed(setup.seed)
-    model = setup.base.for_training(setup.lora)
-    args = training_arguments(tcfg, work, setup.seed, setup.bf16, report_to=setup.report_to,
-                              ddp_timeout=setup.ddp_timeout, fp16=use_fp16(setup.base.cfg.precision))
-    trainer = make_trainer(model, setup.base.tokenizer, train_set, args, objective, tcfg.packing, eval_set,
-                           folder.tensorboard_dir(name, fresh=resume is None))
-    if resume:
-        folder.log(f"[{name}] resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
-    folder.ranks.barrier()
-    if folder.ranks.is_main:
-        shutil.rmtree(work, ignore_errors=True)
-    return trainer
-
-
-# ---------------------------------------------------------------- training sets: token classes per mode
-
-
-def check_training_args(cfg: Any, scratch: Path, bf16: bool) -> None:
-    """Both trainings' `training_args` (of a RunConfig `cfg`) as TrainingArguments accepts them, checked before
-    any stage writes: else a ConfigError naming the field."""
-    trainings = {"reference.training": cfg.reference.training, "train.training": cfg.train.training}
-    for name, tcfg in trainings.items():
-        try:
-            training_arguments(tcfg, scratch, cfg.seed, bf16)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"config field '{name}.training_args': TrainingArguments rejects them: {e}") from None
-
-
-def sft_classes(tokens: datasets.Dataset) -> datasets.Dataset:
-    """`tokens` with `token_class`: every response token a learn token (what `sft`, `dft` and the reference train on)."""
-    return tokens.map(lambda ex: {"token_class": [LEARN * m for m in ex["response_mask"]]}, desc="classes")
-
-
-def with_classes(tokens: datasets.Dataset, classes: datasets.Dataset) -> datasets.Dataset:
-    """The partition's columns (`token_class`, `token_weight`) next to the tokens, column-wise, no copy through Python."""
-    return datasets.concatenate_datasets([tokens, classes], axis=1)
-
-
 def send_tensorboard_to(trainer: Trainer, log_dir: Path) -> None:
     """Point the Trainer's own TensorBoard callback (added by `report_to`) at `log_dir`.
 
@@ -443,32 +358,3 @@ def last_checkpoint(output_dir: Path) -> Optional[str]:
     """The newest `checkpoint-N` folder under `output_dir`, or None."""
     ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(ckpts[-1]) if ckpts else None
-
-
-def save_model(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    out: Path,
-    merged: bool,
-    dense_base: Optional[Callable[[], torch.nn.Module]] = None,
-) -> None:
-    """Save the LoRA adapter to `out/adapter` and, if asked, the merged model to `out/model`.
-
-    A full fine-tune (no adapter) is saved to `out/model` only. With `dense_base` (QLoRA) the saved adapter
-    is merged into that full-precision base rather than into the 4-bit weights it was trained on, so the
-    merged model is not quantised twice.
-    """
-    is_peft = hasattr(model, "merge_and_unload")
-    if is_peft:
-        model.save_pretrained(out / "adapter")
-    if not (merged or not is_peft):
-        return
-    if is_peft and dense_base is not None:
-        from peft import PeftModel
-
-        full = PeftModel.from_pretrained(dense_base(), str(out / "adapter")).merge_and_unload()
-    else:
-        # merged into a copy: a LoRA base shares its weights with the next stage's (`BaseModel.frozen`)
-        full = copy.deepcopy(model).merge_and_unload() if is_peft else model
-    full.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")

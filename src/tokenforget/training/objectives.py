@@ -234,10 +234,16 @@ class Objective:
     loss: LossFn
     uses_lambda: bool = False  # its value depends on lambda(t) (logged only for these)
     needs_partition: bool = True  # False: every response token alike, trained on the data alone (no reference)
+    settings: tuple[str, ...] = ()  # the `train.objective` fields its loss takes, bound once by `bound`
+
+    def bound(self, objective: Any) -> LossFn:
+        """The loss with its settings bound (torchtune's `DPOLoss(beta)` style; `objective`: an `ObjectiveConfig`):
+        a caller passes the batch's tensors and lambda(t) only."""
+        return functools.partial(self.loss, **{name: getattr(objective, name) for name in self.settings})
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "forget": Objective(forgetting_loss, uses_lambda=True),
+    "forget": Objective(forgetting_loss, uses_lambda=True, settings=("forget_term", "beta")),
     "ignore": Objective(ignore_loss),
     "sft": Objective(sft_loss, needs_partition=False),
     "dft": Objective(dft_loss, needs_partition=False),
