@@ -114,7 +114,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
             "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
             "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, verified_tail, "
-            "oracle_forget, clean]"]
+            "verified_tail_base, oracle_forget, clean]"]
     assert main(args) == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -122,20 +122,20 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert "[train-sft] done in " in out and "[reference] done in " in out  # each stage's time, one line
     assert "What each model is:" in out and "  sft: every response token learned" in out
     # every setting but sft (and the base) has its paired difference and a verdict in words
-    assert out.count("distinguishable from sft at n = 4") + out.count("than sft: ") == 9
+    assert out.count("distinguishable from sft at n = 4") + out.count("than sft: ") == 10
     assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
     assert " nan " not in out.split("How each setting's negatives")[1]  # no column of nan
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",
-                                   "ignore_tail_numbers", "verified_tail", "oracle_forget", "clean"]
+                                   "ignore_tail_numbers", "verified_tail", "verified_tail_base", "oracle_forget", "clean"]
     assert all(len(m["correct"]) == 4 and m["accuracy"] == sum(m["correct"]) / 4 for m in res["models"].values())
     from tokenforget.presets import PRESETS
 
     side_by_side = res["detection_methods"]  # paper (slice reference) beside the trusted reference's settings
     assert list(side_by_side) == ["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
-                                  "verified_tail"]
+                                  "verified_tail", "verified_tail_base"]
     assert side_by_side["paper"]["n_corrupt"] > 0
     # the clean twin: the same prompts, nothing corrupted; the noisy copy: the total-ending problems corrupted
     task = tmp_path / "demo" / "task"
@@ -194,6 +194,14 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
                                                                          want["partition"]["selection"])
     for i, (ce, mask, cls, bad) in enumerate(zip(scores, masks, classes, corrupt)):
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if any(bad) else len(mask)
+        assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
+    # the base model as the reference: the same 9 answers, each cut at its first token of the largest CE_base
+    base_cut = tmp_path / "demo" / "verified_tail_base"
+    ce_base = datasets.load_from_disk(str(base_cut / "scores" / "scores"))["ce_base"]
+    classes = datasets.load_from_disk(str(base_cut / "partition" / "classes"))["token_class"]
+    for ce, mask, cls, bad in zip(ce_base, masks, classes, corrupt):
+        top = max(c for c, m in zip(ce, mask) if m)
+        cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == top) if any(bad) else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
     # the tail by numbers: the same reference's -CE, every digit run of an answer one score (at most its tokens'
     # own), and each of the 7 answers with the lowest such score cut from its first lowest-scored token on

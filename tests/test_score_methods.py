@@ -16,9 +16,10 @@ def method(name, b, r, ids=None, ex=None):
 
 
 def test_paper_and_ref_loss():
-    """paper: [2 - 1, 1 - 1.5] = [1, -0.5]; ref_loss: [-1, -1.5]."""
+    """paper: [2 - 1, 1 - 1.5] = [1, -0.5]; ref_loss: [-1, -1.5]; base_loss: [-2, -1]."""
     assert method("paper", [2, 1], [1, 1.5]) == pytest.approx([1.0, -0.5])
     assert method("ref_loss", [2, 1], [1, 1.5]) == pytest.approx([-1.0, -1.5])
+    assert method("base_loss", [2, 1], [1, 1.5]) == pytest.approx([-2.0, -1.0])  # the base's CE, the reference unread
 
 
 def test_relative_floors_the_base_loss():

@@ -14,7 +14,7 @@ DemoNoise = Literal["systematic", "step", "weak"]
 DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
                       "ignore_tail", "ignore_tail_numbers", "ignore_tail_half", "verified_tail", "oracle_ignore",
                       "oracle_forget", "clean", "correct_only", "contrastive", "contrastive_mixture", "rft",
-                      "sft_plus_trusted", "verified_whole", "verified_random", "verified_tail_self",
+                      "sft_plus_trusted", "verified_whole", "verified_random", "verified_tail_self", "verified_tail_base",
                       "unlikelihood_wrong", "oracle_wga", "oracle_unlikelihood", "oracle_tnpo",
                       "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood",
                       "verified_tail_tnpo", "contrastive_forget", "contrastive_wga", "contrastive_unlikelihood",
@@ -23,7 +23,7 @@ Verdicts = Literal["outcome", "process"]
 # the settings that detect (demo.PARTITIONING)
 DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
                        "ignore_tail_half", "verified_tail", "contrastive", "contrastive_mixture", "verified_whole",
-                       "verified_random", "verified_tail_self"]
+                       "verified_random", "verified_tail_self", "verified_tail_base"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`

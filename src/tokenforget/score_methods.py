@@ -77,6 +77,12 @@ def ref_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, exam
     return -ce_ref.astype(np.float64)
 
 
+def base_loss(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
+    """score = -CE_base: the base model as the reference, no reference of one's own read (a token the model finds
+    unlikely before any training is suspicious; issue 36's third reference for `verified_tail`)."""
+    return -ce_base
+
+
 def ref_loss_z(ce_base: np.ndarray, ce_ref: np.ndarray, token_id: np.ndarray, example: np.ndarray) -> np.ndarray:
     """score = -(CE_ref - mean_id(CE_ref)) / std_id(CE_ref): the reference's loss standardised per token
     id, so a digit is compared with other occurrences of that digit, not with easy function words."""
@@ -163,6 +169,7 @@ SCORE_METHODS: dict[str, ScoreFn] = {
     "binned": binned,
     "token_z": token_z,
     "ref_loss": ref_loss,
+    "base_loss": base_loss,
     "ref_loss_z": ref_loss_z,
     "ref_loss_window": ref_loss_window,
     "ref_loss_example": ref_loss_example,

@@ -204,6 +204,7 @@ DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
     "verified_random": lambda r: (r.filtered("verified_random", "ref_loss", "verified_random"), "ignore"),
     "verified_tail_self": lambda r: (r.filtered("verified_tail_self", "ref_loss", "verified_tail", run=r.self_checked()),
                                      "ignore"),  # its reference on the file's own right answers
+    "verified_tail_base": lambda r: (r.filtered("verified_tail_base", "base_loss", "verified_tail"), "ignore"),  # the base
     "unlikelihood_wrong": lambda r: r.forgetting(r.filtered("verified_whole", "ref_loss", "verified_whole"), "unlikelihood"),
     **{f"oracle_{t}": (lambda t: lambda r: (r.run, f"oracle_{t}"))(t) for t in ("wga", "unlikelihood", "tnpo")},
     **{f"verified_tail_{s}": (lambda t: lambda r: r.forgetting(r.filtered("verified_tail", "ref_loss", "verified_tail"), t))(t)
@@ -225,7 +226,8 @@ PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy d
                 "contrastive_mixture": "the same scores, the negative share from a two-component mixture",
                 "verified_whole": "the answers known wrong, whole (no score)",
                 "verified_random": "the answers known wrong, each cut at a random token (no score)",
-                "verified_tail_self": "the answers known wrong, cut at the worst token of a reference on the right ones"}
+                "verified_tail_self": "the answers known wrong, cut at the worst token of a reference on the right ones",
+                "verified_tail_base": "the answers known wrong, cut at the token the base model finds least likely"}
 
 
 # What each model is, in one line, for the demo's table (a setting without one shows its `PARTITIONING` line).
@@ -236,6 +238,7 @@ DESCRIBED = {
                    "are ignored",
     "verified_tail": "each answer graded wrong ignored from the token a trusted reference finds least likely",
     "verified_tail_self": "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
+    "verified_tail_base": "as verified_tail, scored by the base model (no trained reference read, no extra data)",
     "verified_whole": "each answer graded wrong ignored whole, at sft's steps",
     "verified_random": "each answer graded wrong ignored from a random token (the control for where to cut)",
     "rft": "every sampled answer graded right, the rest dropped (rejection-sampling fine-tuning), at sft's steps",
