@@ -177,6 +177,19 @@ def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokeniz
         RunConfig(reference=ReferenceConfig(path=str(right), disjoint_from="wrong"), partition=PartitionConfig())
 
 
+def test_the_self_reference_leaves_out_the_problems_it_judges():
+    """verified_tail_self's reference: of the right answers, those whose problem also has a wrong answer in the file
+    are left out (the verdict `is_correct` first, else the corrupt spans; whitespace does not hide a problem). q1 is
+    right once and wrong once, q2 right, q3 wrong by its spans, q4 right by its verdict despite spans: q2 and q4 stay."""
+    from tokenforget.commands.demo_task import unjudged_answers
+
+    train = [{"prompt": "q1", "corrupt_spans": [], "is_correct": True}, {"prompt": " q1 ", "corrupt_spans": [], "is_correct": False},
+             {"prompt": "q2", "corrupt_spans": []}, {"prompt": "q3", "corrupt_spans": [[0, 1]]},
+             {"prompt": "q4", "corrupt_spans": [[0, 1]], "is_correct": True}]
+    right = [train[0], train[2], train[4]]
+    assert [r["prompt"] for r in unjudged_answers(right, train)] == ["q2", "q4"]
+
+
 def test_the_mechanism_check_by_hand():
     """A generated problem's kind from its wording; the gain split by kind and the wrong answers at gold + 10
     (scripts/mechanism.py) on 4 problems: kinds 0, 1, 2, 3; setting right on 0 and 1, sft right on 1 only: the

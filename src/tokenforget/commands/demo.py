@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.commands.demo_task import demo_run_config, held_out, make_examples, make_task, read_jsonl, write_jsonl
+from tokenforget.commands.demo_task import (
+    demo_run_config, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
+)
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
 
@@ -149,14 +151,24 @@ class DemoRuns:
 
     def self_checked(self, name: str = "self_reference") -> Any:
         """The `verified` preset with no data beyond the user's own file: its reference trained on the answers of
-        the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`."""
+        the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`; a problem that also has an
+        answer graded wrong in the file gives the reference none of its answers (`task/self_reference.jsonl`, written
+        only where there is one: the reference never sees a problem whose answer it judges)."""
         from tokenforget.run.pipeline import Run
 
         if name not in self.made:
-            c = self.run.cfg
+            c, task = self.run.cfg, self.root / "task"
+            right = read_jsonl(task / "correct_only.jsonl")
+            unjudged = unjudged_answers(right, read_jsonl(task / "train.jsonl"))
+            path = task / "correct_only.jsonl"
+            if len(unjudged) < len(right):
+                path = task / "self_reference.jsonl"
+                write_jsonl(unjudged, path)
+                self.log(f"[{name}] {len(right) - len(unjudged)} of {len(right)} right answers left out: their problem "
+                         "also has a wrong answer in the file")
             rc = replace(c, run_dir=str(self.root / name), partition=replace(c.partition, selection="verified_tail"),
                          compare=replace(c.compare, variants={}),  # the oracle variants read every answer's scores
-                         reference=replace(c.reference, path=str(self.root / "task" / "correct_only.jsonl"),
+                         reference=replace(c.reference, path=str(path),
                                            disjoint_from="wrong"))  # it saw the right answers, never a wrong one
             self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
         return self.made[name]

@@ -200,3 +200,11 @@ def held_out(n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:
     if len(out) < n:
         raise ValueError(f"only {len(out)} held-out problems of seed {seed} are not training problems; lower n_test/n_val")
     return out
+
+
+def unjudged_answers(right: list[dict[str, Any]], train: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of `right` whose problem has no answer graded wrong in `train` (its `is_correct` verdict, else its
+    corrupt spans; prompts compared with whitespace collapsed): what a reference judging `train`'s wrong answers
+    may train on (`reference.disjoint_from: wrong`)."""
+    judged = {" ".join(r["prompt"].split()) for r in train if not r.get("is_correct", not r["corrupt_spans"])}
+    return [r for r in right if " ".join(r["prompt"].split()) not in judged]
