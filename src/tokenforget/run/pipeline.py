@@ -6,14 +6,14 @@ stage, through the one loop every stage goes through (`RunFolder.ensure`: reuse 
 holds the fingerprint of its current inputs, else build it and commit it atomically):
 
     stage folder           record (module under stages/)      reads
-    data/                  data.STAGE                         the JSONL or Hub data (noise.corrupt on the way)
-    reference/             reference.STAGE                    data (round r > 1: partition of round r - 1)
-    reference-noisy/       reference.NOISY_STAGE              data
-    scores/                score.STAGE                        data, reference, reference-noisy
-    partition/             partition.STAGE                    data, scores
-    labels/                labels.STAGE                       data, scores, partition
-    train-<mode>/          train.STAGE                        data (sft, dft), or labels and partition
-    eval-<model>/          evaluate.STAGE                     a train stage or the base
+    data/                  data.STAGES                        the JSONL or Hub data (noise.corrupt on the way)
+    reference/             reference.REFERENCE                data (round r > 1: partition of round r - 1)
+    reference-noisy/       reference.NOISY_REFERENCE          data
+    scores/                score.STAGES                       data, reference, reference-noisy
+    partition/             partition.STAGES                   data, scores
+    labels/                labels.STAGES                      data, scores, partition
+    train-<mode>/          train.STAGES                       data (sft, dft), or labels and partition
+    eval-<model>/          evaluate.STAGES                    a train stage or the base
 
 The dry run (`commands.plan`) walks the same records. The layout of the folder is described in `runfolder`;
 compare's variants (one run with other settings) are in `run.variants`.
@@ -41,10 +41,10 @@ from tokenforget.stages import (
 )
 from tokenforget.stages.stage import Arg, Stage
 
-STAGES: dict[str, Stage] = {s.kind: s for s in (
-    data_mod.STAGE, ref_mod.STAGE, ref_mod.NOISY_STAGE, score_mod.STAGE, part_mod.STAGE, labels_mod.STAGE,
-    train_stage.STAGE, eval_mod.STAGE,
-)}
+# Every stage record, in the journey's order: each stage module lists its own (`STAGES` there), so a new stage
+# in a module that has stages is one record in that module.
+STAGES: dict[str, Stage] = {s.kind: s for module in (data_mod, ref_mod, score_mod, part_mod, labels_mod, train_stage, eval_mod)
+                            for s in module.STAGES}
 PER_ROUND = ("reference", "scores", "partition")  # kinds with one stage per self-evolving round (arg: the round)
 
 

@@ -490,4 +490,4 @@ def _plan(run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) ->
     return StagePlan("data", fp, reuse, len(sets.all), sum(map(len, sets.all)), "tokenize", 0.0 if reuse else inputs.tokenize_s)
 
 
-STAGE = Stage("data", no_needs, _fingerprint, _make, _plan)
+STAGES = (Stage("data", no_needs, _fingerprint, _make, _plan),)

@@ -378,4 +378,4 @@ def _plan(run: StageRun, target: Arg, fp: str, reuse: bool, _inputs: PlanInputs)
     return StagePlan(f"eval-{target or 'base'}", fp, reuse, 0, 0, f"evaluate on {', '.join(run.cfg.eval.tasks) or 'no task'}", 0.0)
 
 
-STAGE = Stage("eval", no_needs, _fingerprint, _make, _plan, folder=lambda target: f"eval-{target or 'base'}")
+STAGES = (Stage("eval", no_needs, _fingerprint, _make, _plan, folder=lambda target: f"eval-{target or 'base'}"),)

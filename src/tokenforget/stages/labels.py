@@ -155,10 +155,10 @@ def _plan(_run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -
     return StagePlan("labels", fp, reuse, len(sets.all), sum(map(len, sets.all)), "write labels.parquet", 0.0)
 
 
-STAGE = Stage(
+STAGES = (Stage(
     "labels",
     lambda run, _arg: [("data", None), ("scores", run.rounds), ("partition", run.rounds)],
     lambda run, _arg: fingerprint("labels", FORMAT, run.fp("partition", run.rounds)),
     _make,
     _plan,
-)
+),)

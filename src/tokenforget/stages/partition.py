@@ -473,4 +473,4 @@ def _plan(run: StageRun, rnd: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> 
     return StagePlan(round_stage("partition", rnd), fp, reuse, len(sets.all), sum(map(len, sets.all)), work, 0.0)  # type: ignore[arg-type]
 
 
-STAGE = Stage("partition", lambda _run, rnd: [("data", None), ("scores", rnd)], _fingerprint, _make, _plan)
+STAGES = (Stage("partition", lambda _run, rnd: [("data", None), ("scores", rnd)], _fingerprint, _make, _plan),)

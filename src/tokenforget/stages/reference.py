@@ -209,7 +209,7 @@ def _plan(run: StageRun, rnd: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> 
     return plan
 
 
-STAGE = Stage("reference", _needs, _fingerprint, _make, _plan)
+REFERENCE = Stage("reference", _needs, _fingerprint, _make, _plan)
 
 
 def _noisy_fingerprint(run: StageRun, _arg: Arg) -> str:
@@ -237,4 +237,5 @@ def _noisy_plan(run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInpu
     return plan
 
 
-NOISY_STAGE = Stage("reference-noisy", lambda _run, _arg: [("data", None)], _noisy_fingerprint, _noisy_make, _noisy_plan)
+NOISY_REFERENCE = Stage("reference-noisy", lambda _run, _arg: [("data", None)], _noisy_fingerprint, _noisy_make, _noisy_plan)
+STAGES = (REFERENCE, NOISY_REFERENCE)

@@ -424,4 +424,4 @@ def _plan(run: StageRun, rnd: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> 
                      examples_ids=sets.all)
 
 
-STAGE = Stage("scores", _needs, _fingerprint, _make, _plan)
+STAGES = (Stage("scores", _needs, _fingerprint, _make, _plan),)

@@ -115,7 +115,7 @@ def _plan(run: StageRun, arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> 
     return training_plan(arg[1], fp, reuse, inputs.sets.all, c.train.training, c.seed, inputs.timing)  # type: ignore[index]
 
 
-STAGE = Stage("train", _needs, _fingerprint, _make, _plan, folder=lambda arg: arg[1])  # type: ignore[index]
+STAGES = (Stage("train", _needs, _fingerprint, _make, _plan, folder=lambda arg: arg[1]),)  # type: ignore[index]
 
 
 def train_view(tc: Any, mode: str) -> dict[str, Any]:
