@@ -189,80 +189,97 @@ FORGET_T_MAX = 0.25  # the paper's lambda: linear from 0 to 0.25 over the optimi
 FORGET_TERMS = {"forget": "ga", "wga": "wga", "unlikelihood": "unlikelihood", "tnpo": "tnpo"}  # suffix -> term
 
 
-# Setting name -> (the run it trains in, the stage name it trains) for `DemoConfig.settings`.
-DEMO_SETTINGS: dict[str, Callable[[DemoRuns], tuple[Any, str]]] = {
-    "sft": lambda r: (r.run, "sft"),
-    "dft": lambda r: (r.run, "dft"),
-    "paper": lambda r: (r.run, "forget"),
-    "recommended": lambda r: (r.run, PRESETS["recommended"]["train"]["objective"]["mode"]),  # a mode only (test_presets)
-    "ref_loss_wga": lambda r: (r.trusted(), "forget"),
-    "ignore": lambda r: (r.trusted(), "ignore"),
-    "filter": lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
-    "filter_max": lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),  # the worst token's
-    "ignore_tail": lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),  # cut at the worst token
-    "ignore_tail_numbers": lambda r: (r.filtered("ignore_tail_numbers", "ref_loss", "tail", "number"), "ignore"),
-    "ignore_tail_half": lambda r: (r.filtered("ignore_tail_half", "ref_loss", "tail", rho=0.5), "ignore"),  # half cut
-    "verified_tail": lambda r: (r.filtered("verified_tail", "ref_loss", "verified_tail"), "ignore"),  # wrong ones cut
-    "oracle_ignore": lambda r: (r.run, "oracle_ignore"),
-    "oracle_forget": lambda r: (r.run, "oracle_forget"),
-    "clean": lambda r: (r.clean(), "sft"),
-    "correct_only": lambda r: (r.clean("correct_only"), "sft"),  # the sample filter a perfect verifier gives
-    "contrastive": lambda r: (r.contrastive(), "ignore"),
-    "contrastive_mixture": lambda r: (r.contrastive("contrastive_mixture"), "ignore"),
+@dataclass(frozen=True)
+class Setting:
+    """One setting of `DemoConfig.settings`: the run it trains in and the stage it trains there (`make`), what it is
+    in one line for the demo's table (`what`), and for a setting whose partition the detection table shows, what
+    that partition is (`detects`; "" when it has none to show). A new setting is one record in `DEMO_SETTINGS` (and
+    its name in `command_config.DemoSetting`, the torch-free list the command line checks)."""
+
+    make: Callable[[DemoRuns], tuple[Any, str]]
+    what: str = ""
+    detects: str = ""
+
+
+def _forgot(partition: str, term: str) -> str:
+    return f"{partition} forgotten with the {term} term (lambda 0 -> {FORGET_T_MAX}) instead of ignored"
+
+
+def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: str = "verified_tail", run: Any = None) -> Any:
+    return r.filtered(name, method, selection, run=run)
+
+
+DEMO_SETTINGS: dict[str, Setting] = {
+    "sft": Setting(lambda r: (r.run, "sft"), "every response token learned (plain supervised fine-tuning): the baseline"),
+    "dft": Setting(lambda r: (r.run, "dft"), "every response token, its loss scaled by the model's probability of it (DFT)"),
+    "paper": Setting(lambda r: (r.run, "forget"), detects="the paper's setting (its score, a slice of the noisy data as reference)"),
+    "recommended": Setting(lambda r: (r.run, PRESETS["recommended"]["train"]["objective"]["mode"])),  # a mode only
+    "ref_loss_wga": Setting(lambda r: (r.trusted(), "forget"),
+                            detects="the ref_loss_wga preset (its score method and rho, a trusted reference)"),
+    "ignore": Setting(lambda r: (r.trusted(), "ignore")),
+    "filter": Setting(lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
+                      detects="the sample filter, whole examples (its reference trusted)"),
+    "filter_max": Setting(lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),
+                          detects="the sample filter by each example's worst token (its reference trusted)"),
+    "ignore_tail": Setting(lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),
+                           detects="the same examples cut at their worst token (its reference trusted)"),
+    "ignore_tail_numbers": Setting(lambda r: (r.filtered("ignore_tail_numbers", "ref_loss", "tail", "number"), "ignore"),
+                                   detects="cut at the worst number, a copy inheriting its source (its reference trusted)"),
+    "ignore_tail_half": Setting(lambda r: (r.filtered("ignore_tail_half", "ref_loss", "tail", rho=0.5), "ignore"),
+                                detects="the half of the answers whose worst token is least likely, cut there (trusted)"),
+    "verified_tail": Setting(lambda r: (_verified(r, "verified_tail"), "ignore"),
+                             "each answer graded wrong ignored from the token a trusted reference finds least likely",
+                             "the answers known wrong (a verifier's verdict), each cut at its worst token (trusted)"),
+    "oracle_ignore": Setting(lambda r: (r.run, "oracle_ignore"), "exactly the tokens known wrong ignored: the bound on any detector"),
+    "oracle_forget": Setting(lambda r: (r.run, "oracle_forget"),
+                             "exactly the tokens known wrong forgotten (the paper's -lambda CE, lambda 0 -> 0.25)"),
+    "clean": Setting(lambda r: (r.clean(), "sft"), "the same problems, every answer right: the ceiling"),
+    "correct_only": Setting(lambda r: (r.clean("correct_only"), "sft"), "only the answers graded right, one per problem"),
+    "contrastive": Setting(lambda r: (r.contrastive(), "ignore"),
+                           "a trusted reference against references trained on the noisy answers; the tokens they "
+                           "disagree on are ignored",
+                           "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)"),
+    "contrastive_mixture": Setting(lambda r: (r.contrastive("contrastive_mixture"), "ignore"),
+                                   detects="the same scores, the negative share from a two-component mixture"),
     # the fair comparison's baselines and controls (issue 36)
-    "rft": lambda r: (r.clean("rft"), "sft"),  # every right sample (rejection sampling), at sft's steps
-    "sft_plus_trusted": lambda r: (r.plus_trusted(), "sft"),  # sft given the trusted set the detectors read
-    "verified_whole": lambda r: (r.filtered("verified_whole", "ref_loss", "verified_whole"), "ignore"),
-    "verified_random": lambda r: (r.filtered("verified_random", "ref_loss", "verified_random"), "ignore"),
-    "verified_tail_self": lambda r: (r.filtered("verified_tail_self", "ref_loss", "verified_tail", run=r.self_checked()),
-                                     "ignore"),  # its reference on the file's own right answers
-    "verified_tail_base": lambda r: (r.filtered("verified_tail_base", "base_loss", "verified_tail"), "ignore"),  # the base
-    "unlikelihood_wrong": lambda r: r.forgetting(r.filtered("verified_whole", "ref_loss", "verified_whole"), "unlikelihood"),
-    **{f"oracle_{t}": (lambda t: lambda r: (r.run, f"oracle_{t}"))(t) for t in ("wga", "unlikelihood", "tnpo")},
-    **{f"verified_tail_{s}": (lambda t: lambda r: r.forgetting(r.filtered("verified_tail", "ref_loss", "verified_tail"), t))(t)
+    "rft": Setting(lambda r: (r.clean("rft"), "sft"),
+                   "every sampled answer graded right, the rest dropped (rejection-sampling fine-tuning), at sft's steps"),
+    "sft_plus_trusted": Setting(lambda r: (r.plus_trusted(), "sft"), "sft on the noisy answers plus the trusted set the detectors read"),
+    "verified_whole": Setting(lambda r: (_verified(r, "verified_whole", selection="verified_whole"), "ignore"),
+                              "each answer graded wrong ignored whole, at sft's steps", "the answers known wrong, whole (no score)"),
+    "verified_random": Setting(lambda r: (_verified(r, "verified_random", selection="verified_random"), "ignore"),
+                               "each answer graded wrong ignored from a random token (the control for where to cut)",
+                               "the answers known wrong, each cut at a random token (no score)"),
+    "verified_tail_self": Setting(lambda r: (_verified(r, "verified_tail_self", run=r.self_checked()), "ignore"),
+                                  "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
+                                  "the answers known wrong, cut at the worst token of a reference on the right ones"),
+    "verified_tail_base": Setting(lambda r: (_verified(r, "verified_tail_base", "base_loss"), "ignore"),
+                                  "as verified_tail, scored by the base model (no trained reference read, no extra data)",
+                                  "the answers known wrong, cut at the token the base model finds least likely"),
+    "unlikelihood_wrong": Setting(lambda r: r.forgetting(_verified(r, "verified_whole", selection="verified_whole"), "unlikelihood"),
+                                  "UFT: the right answers learned, every answer graded wrong pushed down by unlikelihood"),
+    **{f"oracle_{t}": Setting((lambda t: lambda r: (r.run, f"oracle_{t}"))(t), _forgot("exactly the tokens known wrong", t))
+       for t in ("wga", "unlikelihood", "tnpo")},
+    **{f"verified_tail_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_tail"), t))(t),
+                                     _forgot("verified_tail's negatives", t)) for s, t in FORGET_TERMS.items()},
+    **{f"contrastive_{s}": Setting((lambda t: lambda r: r.forgetting(r.contrastive(), t))(t), _forgot("contrastive's negatives", t))
        for s, t in FORGET_TERMS.items()},
-    **{f"contrastive_{s}": (lambda t: lambda r: r.forgetting(r.contrastive(), t))(t) for s, t in FORGET_TERMS.items()},
     # TRL's own trainers with the verdicts (`tokenforget.run.preference`)
-    "kto": lambda r: (r.run, "kto"),  # each answer's verdict its label, from the base model, at sft's steps
-    "dpo": lambda r: (r.run, "dpo"),  # a right and a wrong sample of one problem, after sft (task/pairs.jsonl)
+    "kto": Setting(lambda r: (r.run, "kto"),
+                   "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model"),
+    "dpo": Setting(lambda r: (r.run, "dpo"),
+                   "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)"),
 }
-PARTITIONING = {"paper": "the paper's setting (its score, a slice of the noisy data as reference)",
-                "ref_loss_wga": "the ref_loss_wga preset (its score method and rho, a trusted reference)",
-                "filter": "the sample filter, whole examples (its reference trusted)",
-                "filter_max": "the sample filter by each example's worst token (its reference trusted)",
-                "ignore_tail": "the same examples cut at their worst token (its reference trusted)",
-                "ignore_tail_numbers": "cut at the worst number, a copy inheriting its source (its reference trusted)",
-                "ignore_tail_half": "the half of the answers whose worst token is least likely, cut there (trusted)",
-                "verified_tail": "the answers known wrong (a verifier's verdict), each cut at its worst token (trusted)",
-                "contrastive": "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)",
-                "contrastive_mixture": "the same scores, the negative share from a two-component mixture",
-                "verified_whole": "the answers known wrong, whole (no score)",
-                "verified_random": "the answers known wrong, each cut at a random token (no score)",
-                "verified_tail_self": "the answers known wrong, cut at the worst token of a reference on the right ones",
-                "verified_tail_base": "the answers known wrong, cut at the token the base model finds least likely"}
+PARTITIONING = {name: s.detects for name, s in DEMO_SETTINGS.items() if s.detects}  # the settings the detection table shows
+BASE_WHAT = "the model before any training"
 
 
-# What each model is, in one line, for the demo's table (a setting without one shows its `PARTITIONING` line).
-DESCRIBED = {
-    "base": "the model before any training",
-    "sft": "every response token learned (plain supervised fine-tuning): the baseline",
-    "contrastive": "a trusted reference against references trained on the noisy answers; the tokens they disagree on "
-                   "are ignored",
-    "verified_tail": "each answer graded wrong ignored from the token a trusted reference finds least likely",
-    "verified_tail_self": "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
-    "verified_tail_base": "as verified_tail, scored by the base model (no trained reference read, no extra data)",
-    "verified_whole": "each answer graded wrong ignored whole, at sft's steps",
-    "verified_random": "each answer graded wrong ignored from a random token (the control for where to cut)",
-    "rft": "every sampled answer graded right, the rest dropped (rejection-sampling fine-tuning), at sft's steps",
-    "sft_plus_trusted": "sft on the noisy answers plus the trusted set the detectors read",
-    "correct_only": "only the answers graded right, one per problem",
-    "clean": "the same problems, every answer right: the ceiling",
-    "oracle_ignore": "exactly the tokens known wrong ignored: the bound on any detector",
-    "oracle_forget": "exactly the tokens known wrong forgotten (the paper's -lambda CE, lambda 0 -> 0.25)",
-    "dft": "every response token, its loss scaled by the model's probability of it (DFT)",
-    "kto": "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model",
-    "dpo": "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)",
-}
+def described(name: str) -> str:
+    """What model `name` is, in one line (a setting's `what`, else what its partition is, else its name)."""
+    s = DEMO_SETTINGS.get(name)
+    return BASE_WHAT if name == "base" else (s.what or s.detects or name) if s is not None else name
+
+
 FULL_TABLE = "docs/results.md"  # where the comparison over seeds and baselines lives
 
 
@@ -288,7 +305,7 @@ def expand_settings(cfg: DemoConfig) -> list[str]:
 def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
     """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
     if name in DEMO_SETTINGS:
-        return DEMO_SETTINGS[name](runs)
+        return DEMO_SETTINGS[name].make(runs)
     setting, r, p = name.removesuffix("_det").rsplit("_", 2)
     folder = name.replace(setting, "sim", 1)  # sim_ignore_r1_p0.5 and sim_forget_r1_p0.5 share their partition
     return runs.simulated(folder, float(r[1:]), float(p[1:])), SIM_MODES[setting]
@@ -434,7 +451,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
-    results["descriptions"] = {name: DESCRIBED.get(name, PARTITIONING.get(name, name)) for name in ["base", *settings]}
+    results["descriptions"] = {name: described(name) for name in ["base", *settings]}
     results["stages"] = {name: str(stage) for name, stage in stages.items()}  # the report's token view of each
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))
