@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from tokenforget.commands.demo_task import SYSTEMATIC_OFFSET, TOTAL_KINDS, problem_kind
+from tokenforget.stages.demo_task import SYSTEMATIC_OFFSET, TOTAL_KINDS, problem_kind
 
 
 def split(correct: list[int], base: list[int], kinds: list[int]) -> dict[str, tuple[float, float, int]]:

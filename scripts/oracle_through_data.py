@@ -28,7 +28,7 @@ import numpy as np
 
 from tokenforget.stages import data as data_mod
 from tokenforget.config import DataConfig, ModelConfig, PartitionConfig
-from tokenforget.commands.demo_task import SYSTEM_PROMPT, make_task, write_jsonl
+from tokenforget.stages.demo_task import SYSTEM_PROMPT, make_task, write_jsonl
 from tokenforget.training.objectives import FORGET, NO_LOSS
 from tokenforget.model.loading import load_tokenizer
 from tokenforget.stages.partition import flat_list_column, partition_exact

@@ -108,7 +108,7 @@ def tiny_run_config(
     """The one run config (as a dict, for YAML) the tests build on: the tiny model, `n_examples` demo examples
     with `noise` (or `rows`) in `train.jsonl`, batch 4, a log entry at every step, a reference on a quarter of the
     examples. `sections`: fields that replace or extend these, section by section (`run_dir` as a string)."""
-    from tokenforget.commands.demo_task import make_examples
+    from tokenforget.stages.demo_task import make_examples
 
     data = write_jsonl(tmp_path / "train.jsonl", rows if rows is not None else make_examples(n_examples, seed=0, noise=noise))
     training = {"batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3}
@@ -144,7 +144,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     import yaml
 
     from tokenforget.cli import main
-    from tokenforget.commands.demo_task import make_examples
+    from tokenforget.stages.demo_task import make_examples
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     data = write_jsonl(tmp / "train.jsonl", make_examples(20, seed=0, noise=0.3) + ODD_RECORDS)
@@ -204,7 +204,7 @@ def stage_dirs(run: Path) -> list[str]:
 
 def gsm8k_rows(n: int, seed: int) -> list[dict]:
     """The demo's arithmetic task in GSM8K form (answer ends with '#### N')."""
-    from tokenforget.commands.demo_task import make_examples
+    from tokenforget.stages.demo_task import make_examples
 
     return [{"question": r["prompt"], "answer": r["completion"] + f"\n#### {r['answer']}"} for r in make_examples(n, seed, 0.0)]
 

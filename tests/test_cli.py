@@ -17,7 +17,7 @@ from conftest import stage_dirs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tokenforget.cli import main
-from tokenforget.commands.demo_task import make_examples
+from tokenforget.stages.demo_task import make_examples
 
 STAGES = ["data", "reference", "scores", "partition", "labels", "train-forget"]
 
@@ -395,7 +395,7 @@ def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
     from tokenforget.config import ConfigError
     from tokenforget.stages.data import DataError
     from tokenforget.commands.demo import write_task
-    from tokenforget.commands.demo_task import make_task, write_jsonl
+    from tokenforget.stages.demo_task import make_task, write_jsonl
 
     noisy, gold = make_task(12, seed=2, noise=0.4)
     weak = tmp_path / "weak"

@@ -12,7 +12,7 @@ from conftest import forbid_loading
 from tokenforget.model import memory as mem
 from tokenforget.cli import main, parse_config
 from tokenforget.run.pipeline import Run
-from tokenforget.commands.cost import cost_plan
+from tokenforget.report.cost import cost_plan
 from tokenforget.commands.plan import plan_run
 from tokenforget.stages.stage import train_padded_tokens
 

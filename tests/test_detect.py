@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_run_config, write_config, write_jsonl
 
 from tokenforget.cli import main
-from tokenforget.commands.demo_task import make_examples
+from tokenforget.stages.demo_task import make_examples
 from tokenforget.commands.detect import measure
 from tokenforget.stages.score import response_arrays
 from tokenforget.score_methods import NEEDS_NOISY, SCORE_METHODS

@@ -120,7 +120,7 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     """TRL's KTOTrainer on 8 labelled answers (batch 4, 2 steps) and DPOTrainer on 4 pairs after the run's sft: each
     a train stage with a merged model, its optimizer steps the run's, reused on a second call."""
     from conftest import tiny_run_config
-    from tokenforget.commands.demo_task import make_examples
+    from tokenforget.stages.demo_task import make_examples
     from tokenforget.config import RunConfig, from_dict
     from tokenforget.run.pipeline import Run
     from tokenforget.run.preference import train_preference
@@ -181,7 +181,7 @@ def test_the_self_reference_leaves_out_the_problems_it_judges():
     """verified_tail_self's reference: of the right answers, those whose problem also has a wrong answer in the file
     are left out (the verdict `is_correct` first, else the corrupt spans; whitespace does not hide a problem). q1 is
     right once and wrong once, q2 right, q3 wrong by its spans, q4 right by its verdict despite spans: q2 and q4 stay."""
-    from tokenforget.commands.demo_task import unjudged_answers
+    from tokenforget.stages.demo_task import unjudged_answers
 
     train = [{"prompt": "q1", "corrupt_spans": [], "is_correct": True}, {"prompt": " q1 ", "corrupt_spans": [], "is_correct": False},
              {"prompt": "q2", "corrupt_spans": []}, {"prompt": "q3", "corrupt_spans": [[0, 1]]},
@@ -197,7 +197,7 @@ def test_the_mechanism_check_by_hand():
     7 (gold 8) and 40 (gold 30, +10): 2 of 3."""
     import importlib.util
 
-    from tokenforget.commands.demo_task import _worded, problem_kind
+    from tokenforget.stages.demo_task import _worded, problem_kind
 
     import random
 

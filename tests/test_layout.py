@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "entry": ("cli", "__main__", "__init__", "trl"),  # trl: the drop-in's public path (`training/trl.py`)
 }
 # The data's journey through the stage layer: a stage imports only the stages before it.
-JOURNEY = ("stage", "labels_in_data", "noise", "data", "natural", "weak", "verdicts", "reference", "score", "partition_streaming",
+JOURNEY = ("stage", "labels_in_data", "noise", "data", "demo_task", "natural", "weak", "verdicts", "reference", "score", "partition_streaming",
            "partition", "labels", "train", "harness", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500

@@ -214,7 +214,7 @@ def test_systematic_demo_noise_marks_the_two_wrong_numbers():
     """make_task: the noisy copy differs from the clean twin only in corrupted examples, and there only in the
     total and the answer, each exactly 10 larger; the spans cover exactly those two numbers. 0.4 x 40 = 16
     examples are corrupted, all of them problems that end in a total (kinds 0 and 2: 'has' / 'In total')."""
-    from tokenforget.commands.demo_task import make_task
+    from tokenforget.stages.demo_task import make_task
 
     noisy, clean = make_task(40, seed=3, noise=0.4)
     assert [r["prompt"] for r in noisy] == [r["prompt"] for r in clean]

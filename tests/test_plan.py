@@ -203,7 +203,7 @@ def test_the_plan_lists_what_the_run_executes(case: str, tmp_path: Path, tiny_mo
     passes over the data (the plan used to miss the noisy references and their forward pass)."""
     from conftest import tiny_run_config, write_jsonl
 
-    from tokenforget.commands.demo_task import make_examples
+    from tokenforget.stages.demo_task import make_examples
     from tokenforget.commands.plan import plan_run
     from tokenforget.config import RunConfig, from_dict
 

@@ -15,7 +15,7 @@ from browser import chromium, chromium_missing
 from conftest import TINY_RUN_EXAMPLES, write_jsonl
 
 from tokenforget.cli import main
-from tokenforget.commands.demo_task import make_examples
+from tokenforget.stages.demo_task import make_examples
 from tokenforget.report.html import colour_scale, results_tables, script_json, top_tokens, training_table
 from tokenforget.report.plots import clip_range, curve
 from tokenforget.report.reading import FlatTokens, ReportError, read_run, token_pieces, visible

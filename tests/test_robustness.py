@@ -19,7 +19,7 @@ from conftest import forbid_loading, tiny_run_config, write_config, write_jsonl
 
 from tokenforget.training import objectives as losses
 from tokenforget.cli import main
-from tokenforget.commands.demo_task import make_examples
+from tokenforget.stages.demo_task import make_examples
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SRC = Path(__file__).parents[1] / "src"

@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tokenforget.cli import main
-from tokenforget.commands.demo_task import make_examples
+from tokenforget.stages.demo_task import make_examples
 
 LOGGED = ["loss", "loss_pos", "loss_neg", "lambda", "n_pos", "n_neg"]
 

@@ -78,7 +78,7 @@ def test_weak_command_on_a_tiny_model_that_answers_nothing_right(tmp_path: Path,
     assert len(err) == 1 and "none of the weak model's 12 sampled answers is right" in err[0] and "--n_sft" in err[0]
     assert not (out / "noisy.jsonl").exists() and not (out / "manifest.json").exists()
     sft = {json.loads(x)["prompt"] for x in (out / "weak-sft.jsonl").read_text().splitlines()}
-    from tokenforget.commands.demo_task import make_task
+    from tokenforget.stages.demo_task import make_task
 
     assert len(sft) == 8 and not sft & {r["prompt"] for r in make_task(6, 0, 0.0)[1]}  # no SFT problem a training one
 
@@ -91,7 +91,7 @@ def test_weak_sets_from_graded_answers(tmp_path: Path):
     import re
 
     from tokenforget.command_config import WeakConfig
-    from tokenforget.commands.demo_task import make_task
+    from tokenforget.stages.demo_task import make_task
     from tokenforget.commands.weak import write_sets
     from tokenforget.stages.weak import choose_mix, grade
 

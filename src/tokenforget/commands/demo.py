@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.commands.demo_task import (
+from tokenforget.stages.demo_task import (
     demo_run_config, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel

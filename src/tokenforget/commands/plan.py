@@ -27,7 +27,7 @@ import torch
 
 from tokenforget.command_config import PlanConfig
 from tokenforget.config import RunConfig
-from tokenforget.commands.cost import cost_plan, duration, format_cost
+from tokenforget.report.cost import cost_plan, duration, format_cost
 from tokenforget.model.batching import forward_ce, pad_batch
 from tokenforget.model.loading import autocast, device
 from tokenforget.model.memory import run_estimate

@@ -31,7 +31,7 @@ SFT_SEED_OFFSET = 40_000  # the weak model's SFT problems: a generator seed of t
 def weak_model(cfg: WeakConfig, out: Path, taken: set[str], log: Callable[[str], None]) -> Any:
     """The weak teacher: the demo's SFT (its LoRA, learning rate and batch) on `n_sft` clean problems of another
     seed that are not training problems; returns (the Run, the train stage folder)."""
-    from tokenforget.commands.demo_task import demo_run_config, make_task, write_jsonl
+    from tokenforget.stages.demo_task import demo_run_config, make_task, write_jsonl
     from tokenforget.run.pipeline import Run
 
     pool = make_task(4 * cfg.n_sft + 64, cfg.seed + SFT_SEED_OFFSET, 0.0)[1]
@@ -71,7 +71,7 @@ def sample_answers(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[lis
 
 def make_weak_sets(cfg: WeakConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Make the weak teacher, sample, grade, mix and write the sets; returns the manifest."""
-    from tokenforget.commands.demo_task import SYSTEM_PROMPT, make_task
+    from tokenforget.stages.demo_task import SYSTEM_PROMPT, make_task
     from tokenforget.stages.evaluate import load_trained
 
     t0 = time.time()
@@ -119,7 +119,7 @@ def write_sets(cfg: WeakConfig, out: Path, gold: list[dict[str, Any]], answers: 
     outcome is right; `rft.jsonl` every distinct outcome-right sample of the kept problems (rejection-sampling
     fine-tuning, Yuan et al. 2023, arXiv 2308.01825: all the right samples, not one per problem); `rft_process.jsonl`
     the same by the process grade."""
-    from tokenforget.commands.demo_task import write_jsonl
+    from tokenforget.stages.demo_task import write_jsonl
 
     kept = [i for i, c in enumerate(choice) if c is not None]
     noisy = [{"prompt": gold[i]["prompt"], "completion": answers[i][choice[i]], "answer": gold[i]["answer"],
