@@ -393,7 +393,7 @@ def test_demo_trains_on_a_weak_models_answers(tmp_path: Path):
     right answers `correct_only`; the held-out problems exclude its problems. A missing folder is one clear error."""
     from tokenforget.command_config import DemoConfig
     from tokenforget.config import ConfigError
-    from tokenforget.stages.data import DataError
+    from tokenforget.stages.labels_in_data import DataError
     from tokenforget.commands.demo import write_task
     from tokenforget.stages.demo_task import make_task, write_jsonl
 

@@ -9,7 +9,8 @@ from conftest import build_tiny, write_jsonl
 from tokenforget.config import DataConfig, ModelConfig
 from tokenforget.model.loading import FALLBACK_CHAT_TEMPLATE, load_tokenizer
 from tokenforget.stages.labels_in_data import Record
-from tokenforget.stages.data import DataError, load_records, resolve_source, tokenize_record, tokenize_records
+from tokenforget.stages.data import load_records, resolve_source, tokenize_record, tokenize_records
+from tokenforget.stages.labels_in_data import DataError
 
 
 def masked_text(tok, t):

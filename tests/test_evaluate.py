@@ -18,8 +18,9 @@ from lm_eval.api.model import LM
 from tokenforget.config import DataConfig, EvalConfig, ModelConfig
 from tokenforget.metrics import token_weighted_mean
 from tokenforget.model.loading import load_model
-from tokenforget.stages import data as data_mod, evaluate as benchmarks, harness
+from tokenforget.stages import evaluate as benchmarks, harness
 from tokenforget.stages.data import load_records, tokenize_records
+from tokenforget.stages.labels_in_data import DataError
 
 GSM8K = [
     {"question": "Q1 apples?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
@@ -224,5 +225,5 @@ def test_training_data_falls_back_to_the_hub(tmp_path: Path, monkeypatch):
     records = data_mod.load_records(cfg)
     assert asked == [("openai/gsm8k", "train", "main")]
     assert records[0].messages[-1]["content"] == GSM8K[0]["answer"]
-    with pytest.raises(data_mod.DataError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         data_mod.load_records(DataConfig(path=str(tmp_path / "absent.jsonl")))  # no fallback: a clear error

@@ -160,7 +160,7 @@ def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokeniz
     from conftest import write_jsonl
 
     from tokenforget.config import ConfigError, DataConfig, PartitionConfig, ReferenceConfig, RunConfig
-    from tokenforget.stages.data import DataError
+    from tokenforget.stages.labels_in_data import DataError
     from tokenforget.stages.reference import reference_examples
 
     rows = [{"prompt": "q1", "completion": "a1", "is_correct": True}, {"prompt": "q2", "completion": "a2", "is_correct": False}]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tokenforget.cli import main
 from tokenforget.config import ModelConfig
 from tokenforget.model.loading import load_tokenizer
-from tokenforget.stages.data import DataError
+from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.labels import labels_table, read_labels, tokenizer_digest, write_labels
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import write_jsonl
 from tokenforget.config import DataConfig
-from tokenforget.stages.data import DataError, load_records, tokenize_records
+from tokenforget.stages.data import load_records, tokenize_records
+from tokenforget.stages.labels_in_data import DataError
 from tokenforget.training.objectives import FORGET, LEARN, NO_LOSS
 from tokenforget.stages.partition import data_classes, with_data_labels
 

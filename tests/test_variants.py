@@ -104,7 +104,7 @@ def test_tnpo_refuses_labels_scored_without_the_base_model(config: Path):
     """`ref_loss` reads CE_ref only, so its labels carry CE_base as NaN; `tnpo` from them is refused, naming the file."""
     from dataclasses import replace
 
-    from tokenforget.stages.data import DataError
+    from tokenforget.stages.labels_in_data import DataError
 
     folder = config.parent / "rl"
     Run(replace(load_cfg(config, score={"method": "ref_loss"}), run_dir=str(folder))).labels()

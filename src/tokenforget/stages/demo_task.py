@@ -142,7 +142,7 @@ def make_task(n: int, seed: int, noise: float) -> tuple[list[dict[str, Any]], li
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSONL file; a missing one is a user error naming it."""
-    from tokenforget.stages.data import DataError
+    from tokenforget.stages.labels_in_data import DataError
 
     if not path.is_file():
         raise DataError(f"weak_dir: '{path}' does not exist (make it with `tokenforget weak --out_dir {path.parent}`)")

@@ -34,7 +34,7 @@ WEIGHT_KEY, SPANS_KEY, TOKEN_WEIGHT_KEY = "weight", "spans", "token_weight"
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line or field. Defined here, the first room the data
-    passes (`stages.data` reads records through it and re-exports this class)."""
+    passes (every stage that refuses data raises it from here)."""
 
 
 def _error(message: str) -> Exception:

@@ -28,7 +28,7 @@ from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_b
 from tokenforget.model.loading import BaseModel, fold_of, load_reference
 from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError, file_digest, fingerprint, round_stage, shard_ranges
 from tokenforget.score_methods import reads_base
-from tokenforget.stages.data import DataError
+from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun
 
 # a scoring pass stores the per-token CE under both models; the score is made from them by `score.method`

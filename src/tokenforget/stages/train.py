@@ -15,7 +15,7 @@ from tokenforget.config.training import FLAT_OBJECTIVE, ObjectiveConfig, TrainCo
 from tokenforget.training.objectives import LEARN, NO_LOSS, needs_partition
 from tokenforget.runfolder import file_digest, fingerprint, stable_view
 from tokenforget.stages import labels as labels_mod
-from tokenforget.stages.data import DataError
+from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun, training_plan
 from tokenforget.model.loading import load_model
 from tokenforget.training.fit import FinalTraining, fit_stage, sft_classes, with_classes
