@@ -43,8 +43,9 @@ from tokenforget.stages.stage import Arg, Stage
 
 # Every stage record, in the journey's order: each stage module lists its own (`STAGES` there), so a new stage
 # in a module that has stages is one record in that module.
-STAGES: dict[str, Stage] = {s.kind: s for module in (data_mod, ref_mod, score_mod, part_mod, labels_mod, train_stage, eval_mod)
-                            for s in module.STAGES}
+STAGES: dict[str, Stage] = {
+    s.kind: s for module in (data_mod, ref_mod, score_mod, part_mod, labels_mod, train_stage, eval_mod) for s in module.STAGES
+}
 PER_ROUND = ("reference", "scores", "partition")  # kinds with one stage per self-evolving round (arg: the round)
 
 
@@ -61,7 +62,7 @@ class Run:
         self.bf16 = use_bf16(cfg.model.precision)
         self.selection = part_mod.SELECTIONS[cfg.partition.selection]
         self.setup = fit_mod.FitSetup(self.base, cfg.lora, cfg.train, cfg.seed, self.bf16, self.folder, cfg.report_to,
-                                        cfg.ddp_timeout)
+                                      cfg.ddp_timeout)
         self._made: dict[tuple[str, Arg], Any] = {}  # stage outputs already made or read in this process
         self._reading: list[tuple[str, list[tuple[str, Arg]]]] = []  # the stages being made, with what they may read
         self.folder.check_same_run(cfg.overwrite)

@@ -486,8 +486,8 @@ def _make(run: StageRun, _arg: Arg) -> Any:
 
 
 def _plan(run: StageRun, _arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
-    sets = inputs.sets
-    return StagePlan("data", fp, reuse, len(sets.all), sum(map(len, sets.all)), "tokenize", 0.0 if reuse else inputs.tokenize_s)
+    sets, seconds = inputs.sets, 0.0 if reuse else inputs.tokenize_s
+    return StagePlan("data", fp, reuse, len(sets.all), sum(map(len, sets.all)), "tokenize", seconds)
 
 
 STAGES = (Stage("data", no_needs, _fingerprint, _make, _plan),)
