@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
 from tokenforget.stages.demo_task import (
-    demo_run_config, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
+    demo_run_config, graded_right, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
@@ -331,7 +331,7 @@ def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:
         noisy, clean = make_examples(cfg.n_train, cfg.seed, cfg.noise), make_examples(cfg.n_train, cfg.seed, 0.0)
     write_jsonl(noisy, task / "train.jsonl")
     write_jsonl(clean, task / "clean.jsonl")
-    correct_only = [r for r in noisy if r.get("is_correct", not r["corrupt_spans"])]  # the verdict, else the spans
+    correct_only = [r for r in noisy if graded_right(r)]
     write_jsonl(correct_only, task / "correct_only.jsonl")
     write_jsonl(correct_only if rft is None else rft, task / "rft.jsonl")
     taken = {r["prompt"] for r in noisy}

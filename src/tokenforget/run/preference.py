@@ -21,21 +21,17 @@ from typing import Any, Optional
 from tokenforget.config import to_dict
 from tokenforget.errors import UserError
 from tokenforget.run.pipeline import Run
+from tokenforget.stages.demo_task import graded_right
 from tokenforget.runfolder import file_digest, fingerprint, release_memory
 
 METHODS = ("kto", "dpo")
 BETA = 0.1  # TRL's default for both
 
 
-def verdict(record: dict[str, Any]) -> bool:
-    """An answer graded right: its `is_correct` label, else no known corrupted span."""
-    return bool(record.get("is_correct", not record.get("corrupt_spans")))
-
-
 def kto_rows(records: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:
     """TRL's unpaired preference format, conversational: prompt (system and user turns), completion, label."""
     return [{"prompt": _prompt(r["prompt"], system_prompt), "completion": [{"role": "assistant", "content": r["completion"]}],
-             "label": verdict(r)} for r in records]
+             "label": graded_right(r)} for r in records]
 
 
 def dpo_rows(pairs: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:

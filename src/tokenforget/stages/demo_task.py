@@ -202,9 +202,14 @@ def held_out(n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:
     return out
 
 
+def graded_right(row: dict[str, Any]) -> bool:
+    """A task row's verdict: its `is_correct` label, else no known corrupted span."""
+    return bool(row.get("is_correct", not row.get("corrupt_spans")))
+
+
 def unjudged_answers(right: list[dict[str, Any]], train: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of `right` whose problem has no answer graded wrong in `train` (its `is_correct` verdict, else its
-    corrupt spans; prompts compared with whitespace collapsed): what a reference judging `train`'s wrong answers
-    may train on (`reference.disjoint_from: wrong`)."""
-    judged = {" ".join(r["prompt"].split()) for r in train if not r.get("is_correct", not r["corrupt_spans"])}
+    """The rows of `right` whose problem has no answer graded wrong in `train` (`graded_right`; prompts compared
+    with whitespace collapsed): what a reference judging `train`'s wrong answers may train on
+    (`reference.disjoint_from: wrong`)."""
+    judged = {" ".join(r["prompt"].split()) for r in train if not graded_right(r)}
     return [r for r in right if " ".join(r["prompt"].split()) not in judged]
