@@ -159,10 +159,15 @@ FORGET_TERMS: dict[str, ForgetTerm] = {
 }
 
 
+def named(registry: dict[str, Any], name: str, what: str) -> Any:
+    """`registry[name]`, or a KeyError naming `what` and the choices (one lookup for every registry here)."""
+    if name not in registry:
+        raise KeyError(f"unknown {what} '{name}', choose from {sorted(registry)}")
+    return registry[name]
+
+
 def get_forget_term(name: str) -> ForgetTerm:
-    if name not in FORGET_TERMS:
-        raise KeyError(f"unknown forgetting term '{name}', choose from {sorted(FORGET_TERMS)}")
-    return FORGET_TERMS[name]
+    return named(FORGET_TERMS, name, "forgetting term")
 
 
 def ignore_loss(
@@ -289,17 +294,12 @@ SCHEDULES: dict[str, Schedule] = {
 
 
 def get_objective(name: str) -> LossFn:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective '{name}', choose from {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name].loss
+    return named(OBJECTIVES, name, "objective").loss
 
 
 def get_schedule(name: str, warmup: float = 0.1) -> Schedule:
     """The schedule `name`; `warmup` (share of the steps) is bound into `warmup_constant`."""
-    if name not in SCHEDULES:
-        raise KeyError(f"unknown lambda schedule '{name}', choose from {sorted(SCHEDULES)}")
-    if name == "warmup_constant":
-        return functools.partial(SCHEDULES[name], warmup=warmup)
-    return SCHEDULES[name]
+    schedule = named(SCHEDULES, name, "lambda schedule")
+    return functools.partial(schedule, warmup=warmup) if name == "warmup_constant" else schedule
 
 
