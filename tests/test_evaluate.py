@@ -227,3 +227,19 @@ def test_training_data_falls_back_to_the_hub(tmp_path: Path, monkeypatch):
     assert records[0].messages[-1]["content"] == GSM8K[0]["answer"]
     with pytest.raises(DataError, match="not found"):
         data_mod.load_records(DataConfig(path=str(tmp_path / "absent.jsonl")))  # no fallback: a clear error
+
+
+def test_generation_stops_a_row_once_its_answer_is_settled(tiny):
+    """`AnswerSettled` after a 3-token prompt: the row whose completion reads 'The answer is 12.' and a newline is
+    done, the one still at 'The answer is 1' (it may go on to 12) is not. `generate` gives each prompt its own
+    completion back in the prompts' order although it batches them by length."""
+    model, tok = tiny
+    prompt = tok("x y z", add_special_tokens=False)["input_ids"]
+    done, open_ = (tok(t, add_special_tokens=False)["input_ids"] for t in (" The answer is 12.\n", " The answer is 1"))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(done), len(open_))  # a finished row is padded on the right, as generate pads it
+    ids = torch.tensor([prompt + r + [pad] * (width - len(r)) for r in (done, open_)])
+    assert benchmarks.AnswerSettled(tok, len(prompt))(ids, None).tolist() == [True, False]
+    prompts = [[{"role": "user", "content": "Mia has 12 apples and buys many more, how many?"}], [{"role": "user", "content": "Hi"}]]
+    one_by_one = [benchmarks.generate(model, tok, [p], 4, batch_size=1, bf16=False)[0] for p in prompts]
+    assert benchmarks.generate(model, tok, prompts, 4, batch_size=1, bf16=False) == one_by_one

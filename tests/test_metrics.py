@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokenforget.metrics import answer_accuracy, auroc, detection, extract_answer
+from tokenforget.metrics import answer_accuracy, answer_settled, auroc, detection, extract_answer
 
 
 def test_auroc_hand_value():
@@ -36,6 +36,16 @@ def test_extract_answer_and_accuracy():
     acc = answer_accuracy(["The answer is 5.", "The answer is 6."], ["The answer is 5.", "The answer is 7."])
     assert (acc.accuracy, acc.n, acc.correct) == (0.5, 2, [1, 0])
     assert acc.stderr == pytest.approx((0.25 / 2) ** 0.5)
+
+
+def test_answer_settled_only_where_no_continuation_can_change_the_answer():
+    """'The answer is 12.' may go on to 12.5 and '1,2' to 1,200: not settled; a newline, a word or ', so' after the
+    number ends it. A completion without 'answer is' is graded on its last number, never settled."""
+    settled = ["The answer is 12.\n", "The answer is 12 apples", "#### 7\n", "The answer is 12, so"]
+    open_ = ["The answer is 12", "The answer is 12.", "The answer is 1,2", "The answer is 12,", "The answer is", "5 6"]
+    assert [answer_settled(t) for t in settled] == [True] * 4 and not any(map(answer_settled, open_))
+    for t in settled:  # what follows a settled answer leaves it as it was
+        assert extract_answer(t + "5.5 and the answer is 3") == extract_answer(t)
 
 
 def test_auroc_with_ties_hand_value():

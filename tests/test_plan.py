@@ -153,7 +153,7 @@ def test_counts_by_hand():
 
 def _executed(monkeypatch) -> dict:
     """Record what a run really does: the stages it builds (not reused), its trainings and its forward passes over
-    every example (a scoring pass with the base runs two)."""
+    every example (a scoring pass with the base and a reference runs two; the base alone, one)."""
     import tokenforget.stages.reference as ref_mod
     import tokenforget.stages.score as score_mod
     import tokenforget.training.fit as train_mod
@@ -172,7 +172,7 @@ def _executed(monkeypatch) -> dict:
         return fit(*args, **kwargs)
 
     def shards_counted(*args, **kwargs):
-        seen["forwards"] += 2 if kwargs.get("with_base") else 1
+        seen["forwards"] += 2 if kwargs.get("with_base") and args[1] is not None else 1  # args[1]: the reference
         return shards(*args, **kwargs)
 
     monkeypatch.setattr(RunFolder, "ensure", ensure_logged)
@@ -193,6 +193,8 @@ PLAN_CASES = {  # name -> (config sections over the tiny run's, the mode trained
     "data_labels": ({"partition": {"selection": "data"}}, "ignore"),
     "verified": ({"reference": {"path": "TRUSTED"}, "score": {"method": "ref_loss"},
                   "partition": {"selection": "verified_tail"}}, "ignore"),
+    "verified_base": ({"reference": {"path": "TRUSTED"}, "score": {"method": "base_loss"},  # no reference trained
+                       "partition": {"selection": "verified_tail"}}, "ignore"),
 }
 
 
@@ -228,6 +230,8 @@ def test_the_plan_lists_what_the_run_executes(case: str, tmp_path: Path, tiny_mo
     assert sorted(seen["stages"]) == sorted(planned), case
     assert seen["trainings"] == sum(p.trainings for p in plans), case
     assert seen["forwards"] == sum(p.forwards for p in plans), case
+    if case == "verified_base":  # the base's CE alone: the final training only, one forward over the data
+        assert (seen["trainings"], seen["forwards"]) == (1, 1) and "reference" not in seen["stages"]
 
 
 def test_the_registry_follows_the_journey_and_a_stage_reads_only_what_it_declares(tmp_path: Path, tiny_model_dir: Path):

@@ -109,7 +109,11 @@ class DemoConfig:
     """Training examples generated (what 160 reach at learning rate 1e-3: docs/results.md)."""
     n_test: int = 48
     """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
-    48 give about ±0.07 a model; 240 (issue 25) about ±0.03, at five times the evaluation time."""
+    48 give about ±0.07 a model, too few to separate the settings; 240 give a paired standard error of 0.02-0.04
+    against `sft` (docs/results.md), at about 110 s a model on a 2-core AVX2 CPU (48: about 25 s)."""
+    evaluate_base: bool = False
+    """Evaluate the base model too (its answers before any training): one more model's evaluation, about a minute
+    at 240 problems on a 2-core CPU. The comparison is with `sft`, so the demo leaves it out by default."""
     n_val: int = 0
     """Clean held-out validation problems (a third seed, disjoint from the training, trusted and test problems),
     evaluated beside the test split (`demo_results.json`: `validation`) for choosing settings without the test."""

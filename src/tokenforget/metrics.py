@@ -26,6 +26,17 @@ def extract_answer(text: str) -> Optional[str]:
 _RESULT = re.compile(r"(?:=|####)\s*\$?\s*(-?[\d,]*\.?\d+)")  # a number right after `=` or `####`
 
 
+_SETTLED = re.compile(r"[,.]*[^\d,.]")  # after the number: a character that cannot extend it
+
+
+def answer_settled(text: str) -> bool:
+    """Whether `extract_answer` of `text` is the same for every continuation of it: its first 'answer is' (or
+    '####') number is followed by a character that cannot extend the number (digits, commas and a decimal point
+    could). A generation can stop there without changing the answer it is graded on."""
+    m = _ANSWER.search(text)
+    return m is not None and _SETTLED.match(text, m.end()) is not None
+
+
 def result_spans(text: str) -> tuple[tuple[int, int], ...]:
     """Character spans of the results in a worked solution: each number right after `=` (a step's result, in
     GSM8K's `<<48/2=24>>` notes and in plain `48/2 = 24`) and after `####` (the final answer).

@@ -190,6 +190,15 @@ REF_ONLY = frozenset({
 })
 
 
+# Methods that read CE_base only: their scoring pass runs the base model alone, and no reference is trained for it.
+BASE_ONLY = frozenset({"base_loss"})
+
+
+def reads_reference(name: str) -> bool:
+    """Whether score method `name` reads a trained reference's CE (its scoring pass needs the reference)."""
+    return name not in BASE_ONLY
+
+
 def reads_base(name: str) -> bool:
     """Whether score method `name` reads CE_base (its scoring pass must run the base model too)."""
     return name not in REF_ONLY

@@ -442,16 +442,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         else:
             stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
-    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache)
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache, cfg.evaluate_base)
     if cfg.n_val:
         results["validation"] = evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens, log,
-                                                cache)["models"]
+                                                cache, cfg.evaluate_base)["models"]
     if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
         untrained = [d for d in cfg.detectors if d not in settings]
         results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])
         results["detected_only"] = [d for d in untrained if d in results["detection_methods"]]
     results["wall_s"] = time.time() - t0
-    results["descriptions"] = {name: described(name) for name in ["base", *settings]}
+    results["descriptions"] = {name: described(name) for name in results["models"]}
     results["stages"] = {name: str(stage) for name, stage in stages.items()}  # the report's token view of each
     (root / "demo_results.json").write_text(json.dumps(results, indent=2))
     log(report.demo_table(results))

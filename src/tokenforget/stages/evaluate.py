@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from tokenforget.config import RunConfig, to_dict
 from tokenforget.config.data import DataConfig
 from tokenforget.config.evaluation import EvalConfig
-from tokenforget.metrics import answer_accuracy, extract_answer, result_spans, token_weighted_mean
+from tokenforget.metrics import answer_accuracy, answer_settled, extract_answer, result_spans, token_weighted_mean
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import BaseModel, autocast, device
 from tokenforget.training.objectives import OBJECTIVES
@@ -105,7 +105,7 @@ def evaluate_model(
     """
     t0 = time.time()
     model.eval()
-    lm = lm or harness.hf_lm(model, tokenizer, ecfg, bf16)
+    lm = lm or (harness.hf_lm(model, tokenizer, ecfg, bf16) if harness.needs_harness(ecfg) else None)
     source = gsm8k_source(ecfg)
     out: dict[str, Any] = {"benchmarks": {}, "lm_eval": {}, "samples": {}}
     greedy: list[Any] = ([harness.gsm8k_task(ecfg, source)] if source else [])
@@ -180,25 +180,44 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     bf16: bool,
+    progress: str = "",
 ) -> list[str]:
-    """Greedy completions of chat prompts (left-padded batches)."""
+    """Greedy completions of chat prompts, in left-padded batches of similar length. A row stops once its final
+    answer is settled (`metrics.answer_settled`): what follows could not change the answer it is graded on, and a
+    batch is as long as its longest row. `progress`: a name for a progress bar over the batches (none if empty)."""
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
+
     model.eval()
     dev = next(model.parameters()).device
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less left padding in each batch
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outs: list[str] = []
+    outs: list[str] = [""] * len(texts)
     try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        for i in tqdm(range(0, len(order), batch_size), desc=f"[evaluate] {progress}", unit="batch", disable=not progress):
+            rows = order[i : i + batch_size]
+            enc = tokenizer([texts[j] for j in rows], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            settled = StoppingCriteriaList([AnswerSettled(tokenizer, enc["input_ids"].shape[1])])
             with autocast(bf16):
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, stopping_criteria=settled)
+            for j, text in zip(rows, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)):
+                outs[j] = text
     finally:
         tokenizer.padding_side = side
     return outs
 
+
+class AnswerSettled:
+    """A `generate` stopping criterion, per row: True once the row's completion has a settled final answer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int) -> None:
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([answer_settled(t) for t in new], dtype=torch.bool, device=input_ids.device)
 
 
 def response_nll(
@@ -276,9 +295,9 @@ class EvaluatedRun(Protocol):
 
 def evaluate_models(
     run: EvaluatedRun, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
-    cache: Optional[Path] = None,
+    cache: Optional[Path] = None, with_base: bool = True,
 ) -> dict[str, Any]:
-    """Answer accuracy and gold NLL on a held-out file, for the base model and each trained stage. With `cache`, a
+    """Answer accuracy and gold NLL on a held-out file, for each trained stage and (`with_base`) the base model. With `cache`, a
     model's results are kept there (`<name>-<key>.json`, the key made of the model's stage fingerprint, the file's
     content and the generation length) and reused, so a rerun that adds settings evaluates only the new ones."""
     tok = run.base.tokenizer
@@ -287,7 +306,7 @@ def evaluate_models(
     prompts = [r.messages[:-1] for r in records]
     golds = [r.messages[-1]["content"] for r in records]
     models: dict[str, Any] = {}
-    for name in ["base", *stages]:
+    for name in [*(["base"] if with_base else []), *stages]:
         kept = cache / f"{name}-{eval_key(run, stages.get(name), test_path, max_new_tokens)}.json" if cache else None
         if kept is not None and kept.is_file():
             log(f"[evaluate] {name}: reusing {kept}")
@@ -295,9 +314,12 @@ def evaluate_models(
             continue
         model = run.base.frozen().to(device()) if name == "base" else load_trained(stages[name])
         log(f"[evaluate] {name}: generating {len(prompts)} answers")
-        preds = generate(model, tok, prompts, max_new_tokens, batch_size=GENERATE_BATCH, bf16=run.bf16)
+        started = time.time()
+        preds = generate(model, tok, prompts, max_new_tokens, batch_size=GENERATE_BATCH, bf16=run.bf16, progress=name)
         acc = answer_accuracy(preds, golds)
         nll = gold_nll(model, cols["input_ids"], cols["response_mask"], 16, run.bf16, tok.pad_token_id)
+        log(f"[evaluate] {name}: accuracy {acc.accuracy:.3f} on {acc.n} problems, gold NLL {nll:.4f} nats/token, "
+            f"in {time.time() - started:.0f} s")
         models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "sample": preds[0],
                         "correct": acc.correct, "answers": [extract_answer(p) for p in preds]}  # what each one said
         if kept is not None:
@@ -357,6 +379,7 @@ def _make(run: StageRun, target: Arg) -> dict[str, Any]:
     same."""
     name, _model_fp, load = _eval_target(run, target)  # type: ignore[arg-type]
     stage = f"eval-{name}"
+    harness.check_installed(run.cfg.eval)  # before any model loads
 
     def build() -> dict[str, Any]:  # every rank evaluates (lm-eval shares the work out)
         run.log(f"[{stage}] evaluating")

@@ -32,6 +32,24 @@ PRIMARY_METRICS = ("acc_norm,none", "acc,none", "exact_match,flexible-extract", 
 # ---------------------------------------------------------------- task configs
 
 
+def needs_harness(ecfg: EvalConfig) -> Optional[str]:
+    """The first `eval` field that asks for a benchmark lm-evaluation-harness runs (None when only gold NLL is
+    asked for, which we compute ourselves)."""
+    asked = (("eval.gsm8k", ecfg.gsm8k), ("eval.multiple_choice", ecfg.multiple_choice), ("eval.tasks", ecfg.tasks))
+    return next((name for name, value in asked if value), None)
+
+
+def check_installed(ecfg: EvalConfig) -> None:
+    """Refuse, before any model loads, benchmarks that need lm-evaluation-harness where it is not installed (an
+    optional dependency: `pip install 'tokenforget[eval]'`; `make install` has it)."""
+    import importlib.util
+
+    field_name = needs_harness(ecfg)
+    if field_name and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"config field '{field_name}': lm-evaluation-harness runs this benchmark and is not "
+                          "installed; pip install 'tokenforget[eval]' (or set the field empty for gold NLL only)")
+
+
 def task_config(name: str) -> dict[str, Any]:
     """A shipped task definition as a dict (its `!function` entries resolved), ready for overrides."""
     from lm_eval.tasks._yaml_loader import load_yaml

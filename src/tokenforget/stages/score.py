@@ -27,7 +27,7 @@ from tokenforget.config.training import NEEDS_BASE_CE
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import BaseModel, fold_of, load_reference
 from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError, file_digest, fingerprint, round_stage, shard_ranges
-from tokenforget.score_methods import reads_base
+from tokenforget.score_methods import reads_base, reads_reference
 from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun
 
@@ -93,7 +93,7 @@ def score_tokens(
 
 def score_shards(
     tokens: datasets.Dataset,
-    ref_dir: Path,
+    ref_dir: Optional[Path],
     base: BaseModel,
     work: Path,
     shards: list[tuple[int, int]],
@@ -105,22 +105,25 @@ def score_shards(
 ) -> None:
     """Score this rank's unfinished shards (rank r takes shards r, r + world, ...), writing each atomically to
     `work/shard-NNNNN`: `ce_base`, `ce_ref` per example (and `scored_by`, the fold, when cross-fitted);
-    without `with_base`, `ce_base` is NaN and the base model is not run."""
+    without `with_base`, `ce_base` is NaN and the base model is not run; without `ref_dir`, the base model alone
+    is run and `ce_ref` is NaN (a method that reads CE_base only)."""
     mine = [s for s in range(len(shards)) if s % ranks.world == ranks.rank]
     todo = [s for s in mine if not (work / f"shard-{s:05d}").is_dir()]
     if len(todo) < len(mine):
         log(f"[scores] resuming: {len(mine) - len(todo)} of {len(mine)} shards already scored")
     if not todo:
         return
-    ref, separate_base = load_reference(ref_dir, base)
-    folds = fold_of(ref_dir)
+    ref, separate_base = load_reference(ref_dir, base) if ref_dir else (base.frozen(), None)
+    folds = fold_of(ref_dir) if ref_dir else None
     pad_id = base.tokenizer.pad_token_id
     for s in todo:
         lo, hi = shards[s]
         shard = tokens.select(range(lo, hi))
         if folds is None:
             ce_base, ce_ref = score_tokens(ref, shard["input_ids"], batch_size, bf16, base=separate_base,
-                                           pad_id=pad_id, masks=shard["response_mask"], with_base=with_base)
+                                           pad_id=pad_id, masks=shard["response_mask"], with_base=with_base and ref_dir is not None)
+            if ref_dir is None:  # the base's forward was the only one: its CE is CE_base
+                ce_base, ce_ref = ce_ref, [np.full_like(c, np.nan) for c in ce_ref]
             cols, features = {}, CE_FEATURES
         else:
             ce_base, ce_ref, scored_by = score_cross_fitted(ref, shard, folds[lo:hi], batch_size, bf16, pad_id,
@@ -304,9 +307,16 @@ def scores_unused(run: StageRun) -> bool:
     return known_only and run.cfg.train.objective.forget_term not in NEEDS_BASE_CE
 
 
+def base_only(run: StageRun) -> bool:
+    """Whether the scoring pass runs the base model alone: the method reads CE_base only (`base_loss`), so no
+    reference is trained or run for it."""
+    return not reads_reference(run.cfg.score.method) and not run.cfg.score.precomputed_path and not scores_unused(run)
+
+
 def needs_noisy_reference(run: StageRun) -> bool:
     """Whether the scoring pass trains and runs the noisy references (`reference.noisy_folds`)."""
-    return bool(run.cfg.reference.noisy_folds) and not run.cfg.score.precomputed_path and not scores_unused(run)
+    return (bool(run.cfg.reference.noisy_folds) and not run.cfg.score.precomputed_path and not scores_unused(run)
+            and not base_only(run))
 
 
 def scoring_forwards(run: StageRun) -> list[str]:
@@ -314,6 +324,8 @@ def scoring_forwards(run: StageRun) -> list[str]:
     from a file): the base where CE_base is read, the reference, the noisy references (each example by one)."""
     if scores_unused(run) or run.cfg.score.precomputed_path:
         return []
+    if base_only(run):
+        return ["base"]
     return [*(["base"] if base_pass(run) else []), "reference", *(["noisy references"] if needs_noisy_reference(run) else [])]
 
 
@@ -324,6 +336,8 @@ def raw_score_fp(run: StageRun, rnd: int = 1, with_base: Optional[bool] = None) 
     if sc.precomputed_path:
         return fingerprint("precomputed", run.fp("data"), file_digest(sc.precomputed_path))
     settings = {k: v for k, v in to_dict(sc).items() if k not in ("method", "precomputed_path", "base_pass", "spans")}
+    if with_base is None and base_only(run):  # the base model's CE alone: no reference in it
+        return fingerprint("score-base-only", run.fp("data"), settings, run.bf16)
     kind = "score" if (base_pass(run) if with_base is None else with_base) else "score-ref-only"
     if c.reference.noisy_folds:  # the pass also stores the noisy references' CE
         return fingerprint(kind, run.fp("reference", rnd), run.fp("reference-noisy"), settings, run.bf16)
@@ -352,7 +366,7 @@ def _needs(run: StageRun, rnd: Arg) -> list[Need]:
         return [("data", None)]
     precomputed = bool(run.cfg.score.precomputed_path)
     noisy = [("reference-noisy", None)] if needs_noisy_reference(run) else []
-    return [("data", None), *([] if precomputed else [("reference", rnd)]), *noisy]
+    return [("data", None), *([] if precomputed or base_only(run) else [("reference", rnd)]), *noisy]
 
 
 def _make(run: StageRun, rnd: Arg) -> datasets.Dataset:
@@ -383,7 +397,8 @@ def _make(run: StageRun, rnd: Arg) -> datasets.Dataset:
         if sc.precomputed_path:
             return read_precomputed(sc.precomputed_path, tokens) if folder.ranks.is_main else None
         # the references only where the pass runs: a copied or finished pass needs none trained
-        ref_dir, noisy_dir = run.need("reference", rnd), run.need("reference-noisy") if needs_noisy_reference(run) else None
+        ref_dir = None if base_only(run) else run.need("reference", rnd)
+        noisy_dir = run.need("reference-noisy") if needs_noisy_reference(run) else None
         work, shards = folder.work_dir(name, raw_fp), shard_ranges(len(tokens), sc.shard_size)
         score_shards(tokens, ref_dir, run.base, work, shards, folder.ranks, sc.batch_size, run.bf16, run.log,
                      with_base=base_pass(run))
@@ -400,7 +415,7 @@ def _make(run: StageRun, rnd: Arg) -> datasets.Dataset:
     def commit(raw: datasets.Dataset, d: Path) -> dict[str, Any]:
         with_method_scores(tokens, raw, sc.method, sc.spans, run.base.tokenizer).save_to_disk(str(d / "scores"))
         n_tokens = int(sum(map(sum, tokens["response_mask"])))
-        made_by = raw_score_fp(run, rnd, with_base=True) if has_base_ce(raw) else raw_fp
+        made_by = raw_score_fp(run, rnd, with_base=True) if has_base_ce(raw) and not base_only(run) else raw_fp
         return {"tokens": n_tokens, "raw_fingerprint": made_by, "method": sc.method}
 
     out = folder.ensure(name, run.fp("scores", rnd), build, commit, every_rank=True)
