@@ -166,6 +166,11 @@ class DemoConfig:
     epochs: float = 1.0
     learning_rate: float = 1e-3  # 2e-4 left the task unlearned (accuracy 0.02 with 240 examples, docs/report.md)
     batch_size: int = 8
+    micro_batch_size: int = 4
+    """Answers per forward pass: `batch_size` / `micro_batch_size` micro-batches are accumulated into each optimizer
+    step, the same step (gradient accumulation is exact here: tests/test_trainer.py) with half the activations: the
+    demo's peak memory on a CPU from 4.2 GB at 8 (docs/performance.md). `tokenforget fair` trains whole batches (its
+    cells predate this)."""
     max_new_tokens: int = 72
     n_trusted: int = 72
     """Clean generated examples (other seed) for the recommended preset's trusted reference; its model and detection
@@ -194,6 +199,8 @@ class DemoConfig:
         _check(all(0.0 < p <= 1.0 for p in self.sim_precision), "sim_precision",
                f"each in (0, 1], got {self.sim_precision}")
         _check(self.n_trusted >= 1, "n_trusted", f"must be >= 1, got {self.n_trusted}")
+        _check(self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0, "micro_batch_size",
+               f"must divide batch_size {self.batch_size}, got {self.micro_batch_size}")
         _check(0.0 <= self.noise <= 1.0, "noise", f"must be in [0, 1], got {self.noise}")
         _check(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         _check(len(self.settings) > 0 and len(set(self.settings)) == len(self.settings), "settings",

@@ -159,7 +159,8 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 def demo_run_config(cfg: DemoConfig, train_path: Path) -> RunConfig:
     """The RunConfig the demo trains with: paper settings, sized for a 2-core CPU; the oracle settings are
     `compare.variants` of it (the known corrupted tokens as the negative set)."""
-    training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size, logging_steps=5)
+    training = TrainingConfig(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.micro_batch_size,
+                              grad_accum=cfg.batch_size // cfg.micro_batch_size, logging_steps=5)
     ref_training = replace(training, epochs=cfg.reference_epochs)
     if cfg.equal_steps:  # every setting at sft's optimizer steps, whatever its set's size
         training = replace(training, max_steps=sft_steps(sum(1 for _ in open(train_path)), cfg))
