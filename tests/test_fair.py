@@ -171,6 +171,19 @@ def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
     assert cell_done(cell, ["sft", "rft"]) and not cell_done(cell, ["sft", "rft", "kto"])
 
 
+def test_a_second_grid_adds_its_settings_to_the_cell(tmp_path: Path):
+    """Two grids on one run folder (p2: contrastive, p2b: rft): the second's cell keeps the first's models, and a
+    model both trained is the newer record."""
+    from tokenforget.commands.fair import cell_done, write_cell
+
+    cell = tmp_path / "cells" / "t1-e1.json"
+    write_cell(cell, {"sft": {"correct": [1, 0]}, "contrastive": {"correct": [1, 1]}})
+    write_cell(cell, {"sft": {"correct": [0, 0]}, "rft": {"correct": [0, 1]}})
+    assert json.loads(cell.read_text()) == {"sft": {"correct": [0, 0]}, "contrastive": {"correct": [1, 1]},
+                                           "rft": {"correct": [0, 1]}}
+    assert cell_done(cell, ["sft", "contrastive", "rft"]) and not (tmp_path / "cells" / "t1-e1.tmp").exists()
+
+
 def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokenizer):
     """`reference.disjoint_from: wrong` (verified_tail_self): the trusted set may hold the file's right answers, never
     one of its wrong ones; with any other selection it is refused at the edge."""

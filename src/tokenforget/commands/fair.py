@@ -76,11 +76,18 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
                     continue
                 log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
                 results = run_demo(replace(cell_config(cfg, seed, train_seed, epochs), settings=settings), log)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cell_record(results)))
-                tmp.replace(out)
+                write_cell(out, cell_record(results))
     return write_table(cfg, log)
+
+
+def write_cell(out: Path, record: dict[str, Any]) -> None:
+    """Adds `record`'s models to the cell file `out`, atomically: another grid's settings on the same run folder and
+    cell stay (two grids with different settings share a data seed's folder and its cells)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = json.loads(out.read_text()) if out.is_file() else {}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**kept, **record}))
+    tmp.replace(out)
 
 
 def cell_record(results: dict[str, Any]) -> dict[str, Any]:
