@@ -11,7 +11,7 @@ from tokenforget.config.measure import VARIANT_SECTIONS
 from tokenforget.training.objectives import needs_partition as mode_needs_partition
 from tokenforget.run.pipeline import STAGES, Run
 from tokenforget.runfolder import STAGE_FILE
-from tokenforget.stages.score import base_only, raw_fingerprint_of, raw_score_fp, reusable_score_fps
+from tokenforget.stages.score import raw_fingerprint_of, raw_score_fp, reusable_score_fps
 
 
 def variant(run: Run, name: str, adopt: bool = True) -> tuple[Run, str]:
@@ -43,7 +43,7 @@ def adopt_stages(child: Run, parent: Run) -> None:
     first, so a variant listed before the mode that needs them does not make a copy of its own."""
     if needs_partition(parent):
         make_shared_first(child, parent)
-    read = {"data", "scores", *(kind for kind, _ in STAGES["scores"].needs(child, 1))}  # no reference it never reads
+    read = {"data", "scores", *scoring_reads(child)}  # no reference it never reads
     for stage in (s for s in ADOPTED_STAGES if s in read):
         mine = child.fp(stage)
         if child.ranks.is_main and not child.is_done(stage, mine) and adoptable(child, parent, stage, mine):
@@ -53,6 +53,11 @@ def adopt_stages(child: Run, parent: Run) -> None:
 
 
 ADOPTED_STAGES = ("data", "reference", "reference-noisy", "scores")  # in the order they are made
+
+
+def scoring_reads(run: Run) -> set[str]:
+    """The stages `run`'s scoring pass reads, as the registry says (a base-only pass reads no reference)."""
+    return {kind for kind, _ in STAGES["scores"].needs(run, 1)}
 
 
 
@@ -68,7 +73,7 @@ def needs_partition(run: Run) -> bool:
 def make_shared_first(child: Run, parent: Run) -> None:
     """Make `parent`'s reference and scores now where `child` would copy them (the same reference; the same
     scoring pass or one its method is rescored from), instead of `child` training and scoring its own."""
-    if child.fp("reference") == parent.fp("reference") and not base_only(child):  # a base-only pass reads none
+    if "reference" in scoring_reads(child) and child.fp("reference") == parent.fp("reference"):
         parent.need("reference")
     if child.fp("scores") == parent.fp("scores") or raw_score_fp(parent) in reusable_score_fps(child):
         parent.need("scores")
