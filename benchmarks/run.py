@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # full sizes (SmolLM2-135M when installed), ~10 min on 2 cores
     python benchmarks/run.py --quick    # small sizes, for CI: checks the code paths, not the targets
+    python benchmarks/run.py --only demo   # one section (train classes scoring demo memory partition packing)
 
 Every timing: warm-up excluded, >= 5 repetitions (3 in --quick), min / median / max printed, the
 baseline timed in the same process, interleaved with ours. Ratios use medians. See docs/performance.md.
@@ -257,6 +258,76 @@ def bench_scoring(base, quick: bool, bf16: bool) -> list[Row]:
     ]
 
 
+# ------------------------------------------------------------------------------------------ 3b. the demo's phases
+
+DEMO_COUNTS = {"steps": 40, "scored": 160, "generated": 480, "nll": 96}  # `make demo`: sft and one setting, 240 problems
+
+
+def demo_batches(tok, n: int) -> tuple[list[list[int]], list[list[int]], list[list[dict[str, str]]]]:
+    """`n` of the demo task's training answers, tokenized as the demo does (its system prompt and chat template):
+    input ids, response masks, and the chat prompts the evaluation generates from."""
+    import tempfile
+
+    from tokenforget.config import DataConfig
+    from tokenforget.stages import data as data_mod
+    from tokenforget.stages.demo_task import SYSTEM_PROMPT, make_task, write_jsonl
+
+    noisy, _ = make_task(n, seed=0, noise=0.4)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train.jsonl"
+        write_jsonl(noisy, path)
+        cfg = DataConfig(path=str(path), max_length=256, system_prompt=SYSTEM_PROMPT)
+        records = data_mod.load_records(cfg)
+        cols, _ = data_mod.tokenize_records(tok, records, cfg)
+    return cols["input_ids"], cols["response_mask"], [r.messages[:-1] for r in records]
+
+
+def bench_demo_phases(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
+    """`make demo`'s phases, each against one of its optimizer steps (8 answers in 2 micro-batches of 4 through our
+    Trainer), timed side by side: the base model's scoring pass over 16 answers, generating 64 answers (one batch of
+    the evaluation: greedy, 72 new tokens at most, stopping at a settled answer) and the gold NLL of 16. A phase
+    whose ratio grows has slowed against training; the last row adds them up at the demo's counts (`DEMO_COUNTS`)
+    in optimizer steps, and in seconds at this machine's step."""
+    import copy
+
+    from tokenforget.model.loading import load_tokenizer
+    from tokenforget.stages.evaluate import GENERATE_BATCH, gold_nll, generate
+
+    try:
+        tok = load_tokenizer(ModelConfig(name_or_path="smollm2"))
+    except Exception as e:  # noqa: BLE001
+        return [Row(f"demo phases: skipped (no SmolLM2 tokenizer: {type(e).__name__})", "-", "-", float("nan"), "info", None)]
+    n_gen, reps = (8, 3) if quick else (GENERATE_BATCH, 3)
+    ids, masks, prompts = demo_batches(tok, max(16, n_gen))
+    examples = [{"input_ids": i, "token_class": m} for i, m in zip(ids[:8], masks[:8])]
+    model = add_lora(copy.deepcopy(base), LoraSettings(r=64, alpha=16, dropout=0.1))
+    trainer = _trainer(model, examples[:4], "ignore", bf16, tmp)
+    micro = [TokenClassCollator(0)(examples[:4]), TokenClassCollator(0)(examples[4:])]
+    dev = trainer.args.device
+
+    def step() -> None:  # the demo's optimizer step: 2 accumulated micro-batches of 4
+        for batch in micro:
+            samples, n_items = trainer.get_batch_samples(iter([batch]), 1, dev)
+            trainer.training_step(trainer.model, samples[0], n_items)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    frozen = copy.deepcopy(base).eval()
+    score = lambda: score_tokens(frozen, ids[:16], 16, bf16, masks=masks[:16], progress=False, with_base=False)  # noqa: E731
+    gen = lambda: generate(frozen, tok, prompts[:n_gen], 72, batch_size=GENERATE_BATCH, bf16=bf16)  # noqa: E731
+    nll = lambda: gold_nll(frozen, ids[:16], masks[:16], 16, bf16, tok.pad_token_id)  # noqa: E731
+    t_step, t_score, t_gen, t_nll = interleaved([step, score, gen, nll], reps)
+    per = {"scored": t_score.median / 16, "generated": t_gen.median / n_gen, "nll": t_nll.median / 16}
+    steps = DEMO_COUNTS["steps"] + sum(per[k] * DEMO_COUNTS[k] for k in per) / t_step.median
+    rows = [Row(f"demo: {what} / one optimizer step (8 answers, 2 x 4)", str(t), str(t_step), t.median / t_step.median,
+                "info", None)
+            for what, t in [("scoring 16 answers, base only", t_score), (f"generating {n_gen} answers", t_gen),
+                            ("gold NLL of 16 answers", t_nll)]]
+    counts = ", ".join(f"{v} {k}" for k, v in DEMO_COUNTS.items())
+    return [*rows, Row(f"demo's compute in optimizer steps ({counts})", f"{steps:.0f} steps",
+                       f"{steps * t_step.median:.0f} s at this step", steps, "info", None)]
+
+
 # ------------------------------------------------------------------------------------------ 4. memory
 
 MEMORY_CHILD = r"""
@@ -378,27 +449,37 @@ def print_table(rows: list[Row]) -> None:
             print("-+-".join("-" * w for w in widths))
 
 
+SECTIONS = ("train", "classes", "scoring", "demo", "memory", "partition", "packing")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for CI")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--only", nargs="+", default=[], metavar="SECTION",
+                    help=f"run these sections only: {' '.join(SECTIONS)}")
     args = ap.parse_args()
+    if unknown := set(args.only) - set(SECTIONS):
+        ap.error(f"--only: unknown section(s) {sorted(unknown)}; the sections are {list(SECTIONS)}")
     torch.manual_seed(0)
     bf16 = cpu_has_bf16() or torch.cuda.is_available()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "tokenforget-bench"
     t0 = time.time()
     print(machine())
     base = bench_model(args.quick)
-    sections = [
-        lambda: bench_train_step(base, args.quick, bf16, tmp),
-        lambda: bench_class_work(args.quick),
-        lambda: bench_scoring(base, args.quick, bf16),
-        lambda: bench_memory(bf16, args.quick),
-        lambda: bench_partition(args.quick),
-        lambda: bench_packing(base, args.quick, bf16, tmp),
-    ]
+    sections = {  # in SECTIONS' order
+        "train": lambda: bench_train_step(base, args.quick, bf16, tmp),
+        "classes": lambda: bench_class_work(args.quick),
+        "scoring": lambda: bench_scoring(base, args.quick, bf16),
+        "demo": lambda: bench_demo_phases(base, args.quick, bf16, tmp),
+        "memory": lambda: bench_memory(bf16, args.quick),
+        "partition": lambda: bench_partition(args.quick),
+        "packing": lambda: bench_packing(base, args.quick, bf16, tmp),
+    }
     rows: list[Row] = []
-    for section in sections:
+    for name, section in sections.items():
+        if args.only and name not in args.only:
+            continue
         rows += section()
         print(f"[{time.time() - t0:.0f} s] {rows[-1].metric}: {rows[-1].ratio:.3g}", flush=True)
     print_table(rows)

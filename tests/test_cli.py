@@ -253,7 +253,7 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
 
 
 def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_model_dir: Path, capsys):
-    """The default settings: sft, the contrastive detector's and the verified tail's models trained and evaluated; with `--detectors
+    """The default settings: sft and the verified tail cut by the base model trained and evaluated; with `--detectors
     [ref_loss_wga]` that detector's finding measured beside it (a scoring pass of the trusted reference alone: its score reads no base CE), no model
     trained on it."""
     import datasets
@@ -264,8 +264,8 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
                  "--detectors", "[ref_loss_wga]"]) == 0
     out = capsys.readouterr().out
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["sft", "contrastive", "verified_tail"]  # the default settings
-    assert list(res["detection_methods"]) == ["contrastive", "verified_tail", "ref_loss_wga"]
+    assert list(res["models"]) == ["sft", "verified_tail_base"]  # the default settings
+    assert list(res["detection_methods"]) == ["verified_tail_base", "ref_loss_wga"]
     assert res["detected_only"] == ["ref_loss_wga"]
     assert "ref_loss_wga (no model trained)" in out
     assert (root / "trusted" / "reference" / "stage.json").is_file() and (root / "trusted" / "scores" / "stage.json").is_file()
@@ -277,17 +277,33 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun
-    with one setting more evaluates only the new model (the others are read from `eval-cache/`)."""
+    with one setting more evaluates only the new model (the others are read from `eval-cache/`). The gold NLL over the
+    first 2 problems of each split (`nll_problems`): the token mean of the sft model's own NLL on those 2."""
     import datasets
+
+    from tokenforget.command_config import DemoConfig
+    from tokenforget.config import ModelConfig
+    from tokenforget.model.loading import load_tokenizer
+    from tokenforget.stages import data as data_mod
+    from tokenforget.stages.demo_task import demo_run_config
+    from tokenforget.stages.evaluate import load_trained, response_nll
 
     root = tmp_path / "demo"
     args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
             "--n_train", "24", "--n_test", "4", "--n_val", "3", "--n_trusted", "8", "--max_new_tokens", "4",
+            "--nll_problems", "2",
             "--detectors", "[]", "--sim_recall", "[1.0]", "--sim_precision", "[0.5]", "--settings", "[sft, sim_ignore]"]
     assert main(args) == 0
     res = json.loads((root / "demo_results.json").read_text())
     assert list(res["models"]) == ["sft", "sim_ignore_r1_p0.5"]
     assert list(res["validation"]) == list(res["models"]) and res["validation"]["sft"]["n"] == 3
+    assert res["models"]["sft"]["nll_n"] == res["validation"]["sft"]["nll_n"] == 2
+    dcfg = demo_run_config(DemoConfig(run_dir=str(root)), root / "task" / "train.jsonl").data  # the demo's rendering
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), precision="fp32"))
+    cols, _ = data_mod.tokenize_records(tok, data_mod.load_records(dcfg, str(root / "task" / "test.jsonl")), dcfg)
+    sums, counts = response_nll(load_trained(Path(res["stages"]["sft"])), cols["input_ids"], cols["response_mask"],
+                                16, False, tok.pad_token_id)
+    assert counts[2:].sum() > 0 and res["models"]["sft"]["gold_nll"] == pytest.approx(sums[:2].sum() / counts[:2].sum(), rel=1e-6)
     det = res["detection_methods"]["sim_ignore_r1_p0.5"]
     assert det["recall"] == 1.0 and det["precision"] == pytest.approx(0.5, abs=0.05)
     tokens = datasets.load_from_disk(str(root / "sim_r1_p0.5" / "data" / "tokens"))

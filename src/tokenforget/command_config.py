@@ -107,10 +107,10 @@ class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     n_train: int = 160
     """Training examples generated (what 160 reach at learning rate 1e-3: docs/results.md)."""
-    n_test: int = 48
+    n_test: int = 240
     """Clean held-out test problems for accuracy and gold NLL (another seed; none is a training or trusted problem).
-    48 give about ±0.07 a model, too few to separate the settings; 240 give a paired standard error of 0.02-0.04
-    against `sft` (docs/results.md), at about 110 s a model on a 2-core AVX2 CPU (48: about 25 s)."""
+    240 give a paired standard error of 0.02-0.04 against `sft` (docs/results.md), enough to separate the default
+    setting from it; 48 give about ±0.07 a model, too few. About 80 s a model on a 2-core AVX2 CPU."""
     evaluate_base: bool = False
     """Evaluate the base model too (its answers before any training): one more model's evaluation, about a minute
     at 240 problems on a 2-core CPU. The comparison is with `sft`, so the demo leaves it out by default."""
@@ -126,7 +126,7 @@ class DemoConfig:
     the generator's own answers to the same problems as the clean twin."""
     weak_dir: Optional[str] = None
     """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "contrastive", "verified_tail"])
+    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "verified_tail_base"])
     """What is trained and compared (`tokenforget.commands.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
@@ -141,11 +141,12 @@ class DemoConfig:
     `contrastive` (the two-reference score CE_noisy - CE_trusted with numbers decided whole and copies inheriting,
     the tokens below -1 nat ignored; its noisy references cross-fitted on the training answers, 2 folds),
     `contrastive_mixture` (the same scores, the negative share from a two-component mixture), `sim_ignore` / `sim_forget` (simulated detectors of
-    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset),
-    `contrastive` (the verdict-free detector that closes most of the oracle gap on this task) and `verified_tail`
-    (the `verified` preset: what the answers' verdicts give), with their detection figures; its
-    wall time from a fresh clone is in docs/results.md. Add `oracle_ignore` and `clean`
-    for the bound and the ceiling."""
+    chosen recall and precision, `sim_recall` x `sim_precision`). The default trains `sft` (the recommended preset)
+    and `verified_tail_base` (each answer graded wrong cut at the token the base model finds least likely: no
+    reference trained, no extra data; the best of the fair comparison's recurring-task rows, docs/fair/recurring),
+    with its detection figures; its wall time from a fresh clone is in docs/performance.md. Add `contrastive`
+    (the verdict-free detector), `rft` (the verdicts' baseline), `oracle_ignore` and `clean` for the bound and the
+    ceiling."""
     detectors: list[DemoDetector] = field(default_factory=list)
     """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga`: the reference-loss score
@@ -172,6 +173,10 @@ class DemoConfig:
     demo's peak memory on a CPU from 4.2 GB at 8 (docs/performance.md). `tokenforget fair` trains whole batches (its
     cells predate this)."""
     max_new_tokens: int = 72
+    nll_problems: Optional[int] = 48
+    """Gold NLL over the first `nll_problems` test (and validation) problems; None: all of them. A token mean is
+    settled by a few thousand tokens, and at 240 problems its forward is a third of a model's evaluation (about 30 s
+    on a 2-core CPU). `tokenforget fair` measures it on all of them."""
     n_trusted: int = 72
     """Clean generated examples (other seed) for the recommended preset's trusted reference; its model and detection
     figures are printed beside the paper's."""
@@ -193,6 +198,8 @@ class DemoConfig:
         _check(self.n_train >= 10, "n_train", f"must be >= 10, got {self.n_train}")
         _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
         _check(self.n_val >= 0, "n_val", f"must be >= 0, got {self.n_val}")
+        _check(self.nll_problems is None or self.nll_problems >= 1, "nll_problems",
+               f"must be >= 1 or null (all), got {self.nll_problems}")
         _check(self.noise_kind != "weak" or self.weak_dir is not None, "weak_dir",
                "noise_kind 'weak' trains on a folder made by `tokenforget weak`: set weak_dir")
         _check(all(0.0 <= r <= 1.0 for r in self.sim_recall), "sim_recall", f"each in [0, 1], got {self.sim_recall}")

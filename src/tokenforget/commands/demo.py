@@ -254,7 +254,8 @@ DEMO_SETTINGS: dict[str, Setting] = {
                                   "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
                                   "the answers known wrong, cut at the worst token of a reference on the right ones"),
     "verified_tail_base": Setting(lambda r: (_verified(r, "verified_tail_base", "base_loss"), "ignore"),
-                                  "as verified_tail, scored by the base model (no trained reference read, no extra data)",
+                                  "each answer graded wrong ignored from the token the base model finds least likely "
+                                  "(no reference trained, no extra data)",
                                   "the answers known wrong, cut at the token the base model finds least likely"),
     "unlikelihood_wrong": Setting(lambda r: r.forgetting(_verified(r, "verified_whole", selection="verified_whole"), "unlikelihood"),
                                   "UFT: the right answers learned, every answer graded wrong pushed down by unlikelihood"),
@@ -442,10 +443,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
         else:
             stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
-    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache, cfg.evaluate_base)
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache, cfg.evaluate_base, cfg.nll_problems)
     if cfg.n_val:
         results["validation"] = evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens, log,
-                                                cache, cfg.evaluate_base)["models"]
+                                                cache, cfg.evaluate_base, cfg.nll_problems)["models"]
     if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
         untrained = [d for d in cfg.detectors if d not in settings]
         results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])

@@ -30,7 +30,8 @@ def cell_config(cfg: FairConfig, seed: int, train_seed: int, epochs: float) -> D
     weak = str(weak_dir_for(cfg, seed)) if cfg.demo.noise_kind == "weak" else cfg.demo.weak_dir
     return replace(cfg.demo, run_dir=str(Path(cfg.run_dir) / f"seed-{seed}"), seed=seed, train_seed=train_seed,
                    epochs=epochs, equal_steps=True, weak_dir=weak, settings=grid_settings(cfg.settings),
-                   detectors=[], micro_batch_size=cfg.demo.batch_size)  # whole batches: the grid's cells predate micro-batches
+                   detectors=[], micro_batch_size=cfg.demo.batch_size,  # whole batches: the grid's cells predate micro-batches
+                   nll_problems=None)  # and the gold NLL over every test problem (their cached evaluations)
 
 
 FAIR_RESULTS, FAIR_TABLE = "fair_results.json", "fair_table.md"

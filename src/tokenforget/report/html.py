@@ -154,7 +154,7 @@ def _accuracy_cell(m: dict[str, Any]) -> str:
 
 def models_table(models: dict[str, dict[str, Any]]) -> Table:
     """One row per model, one column per numeric metric; accuracy carries its stderr and n."""
-    keys = [k for k, v in next(iter(models.values())).items() if _is_number(v) and k not in ("stderr", "n")]
+    keys = [k for k, v in next(iter(models.values())).items() if _is_number(v) and k not in ("stderr", "n", "nll_n")]
     rows = [[name, *(_accuracy_cell(m) if k == "accuracy" else m.get(k, "") for k in keys)] for name, m in models.items()]
     return Table("Held-out evaluation", ["model", *map(_label, keys)], rows)
 
@@ -231,8 +231,9 @@ def section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def summary_facts(run: ReportedRun, flat: FlatTokens) -> list[tuple[str, str]]:
-    """(label, value) pairs for the top of the page."""
+def summary_facts(run: ReportedRun, flat: FlatTokens, settings: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(label, value) pairs for the top of the page; `settings`: a demo's trained settings (each in a folder of its
+    own, not this run folder's variants)."""
     c, s = run.cfg, run.stats
     facts = [("run folder", str(run.root.resolve()))]
     if run.source != run.root:
@@ -247,7 +248,8 @@ def summary_facts(run: ReportedRun, flat: FlatTokens) -> list[tuple[str, str]]:
                                     f"{s['n_negative']} forgotten ({s['n_negative'] / n:.0%}); cut at score {_cell(s['threshold'])}"))
     if flat.corrupt.any():
         facts.append(("known corrupted tokens", f"{int(flat.corrupt.sum())} (marked in the data; underlined below)"))
-    facts.append(("trained variants", ", ".join(run.histories) or "none yet"))
+    facts.append(("trained settings", ", ".join(settings)) if settings else
+                 ("trained variants", ", ".join(run.histories) or "none yet"))
     facts.append(("report", f"tokenforget {__version__}, {datetime.now().strftime('%Y-%m-%d %H:%M')}"))
     return facts
 
@@ -268,9 +270,17 @@ DEMO_INTRO = (  # a demo's folder: its settings chose their tokens each in its o
     "The demo trained each setting below on the same noisy answers. Pick a setting in <a href='#samples'>the "
     "examples</a> to see which response tokens it <span class='sw pos'>learned</span> and which it set aside "
     "(<span class='sw neg'>ignored</span> or forgotten), against the tokens known to be corrupted (underlined); the "
-    "line beside the choice says how that setting chose them. The score histogram below is the run folder's own "
-    "scoring pass (CE under the base model − CE under a reference on a slice of the data), not every setting's."
+    "line beside the choice says how that setting chose them."
 )
+DEMO_HISTOGRAM = (" The score histogram below is the run folder's own scoring pass (CE under the base model − CE under "
+                  "a reference on a slice of the data), not every setting's.")
+DEMO_NO_SCORES = ("Each setting scored its tokens in a folder of its own (the choice above shows what it set aside); "
+                  "this run folder trained plain <code>sft</code> and has no scoring pass of its own.")
+
+
+def intro(demo: bool, has_scores: bool) -> str:
+    """The page's opening paragraph: a demo's settings, or the paper's score and partition of a run."""
+    return DEMO_INTRO + (DEMO_HISTOGRAM if has_scores else "") if demo else INTRO
 
 
 def samples_html(meta: dict[str, Any], has_corrupt: bool, views: Sequence[str] = ()) -> str:
@@ -300,9 +310,9 @@ def samples_html(meta: dict[str, Any], has_corrupt: bool, views: Sequence[str] =
     )
 
 
-def scores_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, out: Path) -> str:
+def scores_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, out: Path, demo: bool = False) -> str:
     if flat.score is None:
-        return '<p class="note">No scores yet: run <code>tokenforget score</code>.</p>'
+        return f'<p class="note">{DEMO_NO_SCORES if demo else "No scores yet: run <code>tokenforget score</code>."}</p>'
     body = png_img(out / HISTOGRAM_PNG, "score histogram")
     if flat.token_class is not None:
         body += '<div class="columns">' + "".join(
@@ -399,13 +409,14 @@ def _asset(name: str) -> str:
 
 def page_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, out: Path, data: dict[str, Any]) -> str:
     """The whole page."""
-    sections = [("summary", "Run", summary_html(summary_facts(run, flat)))]
+    views = list(data.get("views", {}))
+    sections = [("summary", "Run", summary_html(summary_facts(run, flat, views)))]
     if run.results:
         sections.append(("results", "Results", results_html(run)))
     sections += [
         ("samples", "What is learned and what is forgotten",
-         samples_html(data["meta"], bool(flat.corrupt.any()), list(data.get("views", {})))),
-        ("scores", "Token scores", scores_html(run, flat, tok, out)),
+         samples_html(data["meta"], bool(flat.corrupt.any()), views)),
+        ("scores", "Token scores", scores_html(run, flat, tok, out, demo=bool(views))),
         ("training", "Training", training_html(run, out)),
         *([("audit", "Audit: the examples to review first", audit)] if (audit := audit_html(run.root)) else []),
         ("config", "Config", f"<details><summary>config.json</summary><pre>{html.escape(json.dumps(_config(run), indent=2))}</pre></details>"),
@@ -414,7 +425,7 @@ def page_html(run: ReportedRun, flat: FlatTokens, tok: PreTrainedTokenizerBase, 
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tokenforget report: {html.escape(run.root.name)}</title>'
         f'<style>{_asset("report.css")}</style></head><body><header><h1>tokenforget report: {html.escape(run.root.name)}</h1>'
-        f"<p>{DEMO_INTRO if data.get('views') else INTRO}</p><nav>{nav}</nav></header>"
+        f"<p>{intro(bool(views), flat.score is not None)}</p><nav>{nav}</nav></header>"
         + "".join(section(*s) for s in sections)
         + f'<div id="tip" hidden></div><script type="application/json" id="report-data">{script_json(data)}</script>'
         f'<script>{_asset("report.js")}</script></body></html>'

@@ -68,9 +68,11 @@ def demo_table(results: dict[str, Any], baseline: str = "sft") -> str:
             d = paired([m["correct"]], [base["correct"]])
             vs, words = f"{d.mean:+.3f} ± {d.se_problems:.3f}", verdict(d.mean, d.se_problems, m["n"], baseline)
         rows.append([name, f"{m['accuracy']:.3f} ± {m['stderr']:.3f}", vs, words, m["gold_nll"]])
-    n = next(iter(models.values()))["n"]
+    first = next(iter(models.values()))
+    n, nll_n = first["n"], first.get("nll_n", first["n"])  # older results hold no nll_n: every problem
+    nll = "gold NLL (nats/token" + ("" if nll_n >= n else f", first {nll_n}") + ")"
     out = ["", f"Held-out clean problems (n = {n}): each model's answers against {baseline}'s on the same problems",
-           format_table(["model", "accuracy", f"vs {baseline} (paired)", "verdict", "gold NLL (nats/token)"], rows)]
+           format_table(["model", "accuracy", f"vs {baseline} (paired)", "verdict", nll], rows)]
     described = results.get("descriptions", {})
     if described:
         out += ["", "What each model is:", *(f"  {k}: {v}" for k, v in described.items() if k in models)]
@@ -84,7 +86,7 @@ def demo_table(results: dict[str, Any], baseline: str = "sft") -> str:
         rows = [[name + (" (no model trained)" if name in untrained else ""),
                  *("-" if _nan(d.get(k)) else d.get(k) for k in shown)] for name, d in methods.items()]
         out += ["", "How each setting's negatives find the tokens known to be corrupted in the training answers "
-                "(each with its own score and reference)", format_table(["setting", *(cols[k] for k in shown)], rows)]
+                "(each with its own score)", format_table(["setting", *(cols[k] for k in shown)], rows)]
         return "\n".join(out)
     d = results.get("detection")
     if d:

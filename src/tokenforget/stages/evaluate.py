@@ -295,19 +295,22 @@ class EvaluatedRun(Protocol):
 
 def evaluate_models(
     run: EvaluatedRun, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
-    cache: Optional[Path] = None, with_base: bool = True,
+    cache: Optional[Path] = None, with_base: bool = True, nll_problems: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Answer accuracy and gold NLL on a held-out file, for each trained stage and (`with_base`) the base model. With `cache`, a
-    model's results are kept there (`<name>-<key>.json`, the key made of the model's stage fingerprint, the file's
-    content and the generation length) and reused, so a rerun that adds settings evaluates only the new ones."""
+    """Answer accuracy and gold NLL on a held-out file, for each trained stage and (`with_base`) the base model; the
+    gold NLL over the first `nll_problems` problems only when given (a token mean: its first few thousand tokens
+    settle it, and its forward costs a third of an evaluation). With `cache`, a model's results are kept there
+    (`<name>-<key>.json`, the key made of the model's stage fingerprint, the file's content, the generation length and
+    the NLL's problems) and reused, so a rerun that adds settings evaluates only the new ones."""
     tok = run.base.tokenizer
     records = data_mod.load_records(run.cfg.data, str(test_path))
     cols, _ = data_mod.tokenize_records(tok, records, run.cfg.data)
     prompts = [r.messages[:-1] for r in records]
     golds = [r.messages[-1]["content"] for r in records]
+    nll_n = len(records) if nll_problems is None else min(nll_problems, len(records))
     models: dict[str, Any] = {}
     for name in [*(["base"] if with_base else []), *stages]:
-        kept = cache / f"{name}-{eval_key(run, stages.get(name), test_path, max_new_tokens)}.json" if cache else None
+        kept = cache / f"{name}-{eval_key(run, stages.get(name), test_path, max_new_tokens, nll_n, len(records))}.json" if cache else None
         if kept is not None and kept.is_file():
             log(f"[evaluate] {name}: reusing {kept}")
             models[name] = json.loads(kept.read_text())
@@ -317,10 +320,12 @@ def evaluate_models(
         started = time.time()
         preds = generate(model, tok, prompts, max_new_tokens, batch_size=GENERATE_BATCH, bf16=run.bf16, progress=name)
         acc = answer_accuracy(preds, golds)
-        nll = gold_nll(model, cols["input_ids"], cols["response_mask"], 16, run.bf16, tok.pad_token_id)
-        log(f"[evaluate] {name}: accuracy {acc.accuracy:.3f} on {acc.n} problems, gold NLL {nll:.4f} nats/token, "
+        nll = gold_nll(model, cols["input_ids"][:nll_n], cols["response_mask"][:nll_n], 16, run.bf16, tok.pad_token_id)
+        first = f" (first {nll_n} problems)" if nll_n < len(records) else ""
+        log(f"[evaluate] {name}: accuracy {acc.accuracy:.3f} on {acc.n} problems, gold NLL {nll:.4f} nats/token{first}, "
             f"in {time.time() - started:.0f} s")
-        models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "sample": preds[0],
+        models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "nll_n": nll_n,
+                        "sample": preds[0],
                         "correct": acc.correct, "answers": [extract_answer(p) for p in preds]}  # what each one said
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
@@ -329,14 +334,16 @@ def evaluate_models(
     return {"models": models}
 
 
-def eval_key(run: EvaluatedRun, stage: Optional[Path], test_path: Path, max_new_tokens: int) -> str:
+def eval_key(run: EvaluatedRun, stage: Optional[Path], test_path: Path, max_new_tokens: int, nll_n: int, n: int) -> str:
     """What a held-out evaluation depends on: the model (its train stage's fingerprint, or the base model's
-    settings), the held-out file's content, the answer length and the precision."""
+    settings), the held-out file's content, the answer length, the precision, and the gold NLL's problems when they
+    are fewer than the file's `n` (a key without them is the whole file's: the caches made before the cut stay)."""
     from tokenforget.config import to_dict
     from tokenforget.runfolder import STAGE_FILE, file_digest, fingerprint, stable_view
 
     model = json.loads((stage / STAGE_FILE).read_text())["fingerprint"] if stage else stable_view("model", to_dict(run.cfg.model))
-    return fingerprint("held-out", model, file_digest(str(test_path)), max_new_tokens, run.bf16)
+    subset = () if nll_n >= n else (f"nll-first-{nll_n}",)
+    return fingerprint("held-out", model, file_digest(str(test_path)), max_new_tokens, run.bf16, *subset)
 
 
 def gsm8k_source(ecfg: EvalConfig) -> Optional[str]:
