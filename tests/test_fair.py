@@ -41,7 +41,7 @@ def test_extra_data_brings_its_baseline_and_sft_comes_first():
 
 
 def test_the_demo_accumulates_micro_batches_and_the_grid_trains_whole_ones(tmp_path: Path):
-    """The demo: batches of 8 as 2 micro-batches of 4 (grad_accum 2), still ceil(160 / 8) = 20 optimizer steps and
+    """The demo: batches of 8 as 4 micro-batches of 2 (grad_accum 4), still ceil(160 / 8) = 20 optimizer steps and
     9 a reference epoch on 72 answers. A fair cell: whole batches of 8, as its cells were trained before."""
     from tokenforget.command_config import DemoConfig, FairConfig
     from tokenforget.commands.fair import cell_config
@@ -52,7 +52,7 @@ def test_the_demo_accumulates_micro_batches_and_the_grid_trains_whole_ones(tmp_p
     train.write_text("{}\n" * 160)
     demo = demo_run_config(DemoConfig(run_dir=str(tmp_path)), train)
     t = demo.train.training
-    assert (t.batch_size, t.grad_accum, optimizer_steps(160, t), optimizer_steps(72, demo.reference.training)) == (4, 2, 20, 18)
+    assert (t.batch_size, t.grad_accum, optimizer_steps(160, t), optimizer_steps(72, demo.reference.training)) == (2, 4, 20, 18)
     cell = cell_config(FairConfig(run_dir=str(tmp_path)), seed=1, train_seed=1, epochs=1.0)
     assert (cell.micro_batch_size, demo_run_config(cell, train).train.training.grad_accum) == (8, 1)
 

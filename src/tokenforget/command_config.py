@@ -167,11 +167,11 @@ class DemoConfig:
     epochs: float = 1.0
     learning_rate: float = 1e-3  # 2e-4 left the task unlearned (accuracy 0.02 with 240 examples, docs/report.md)
     batch_size: int = 8
-    micro_batch_size: int = 4
+    micro_batch_size: int = 2
     """Answers per forward pass: `batch_size` / `micro_batch_size` micro-batches are accumulated into each optimizer
-    step, the same step (gradient accumulation is exact here: tests/test_trainer.py) with half the activations: the
-    demo's peak memory on a CPU from 4.2 GB at 8 (docs/performance.md). `tokenforget fair` trains whole batches (its
-    cells predate this)."""
+    step, the same step (gradient accumulation is exact here: tests/test_trainer.py) with a quarter of the
+    activations: the demo's peak RSS on a 2-core AVX2 CPU 2.3 GB at 2, 3.0 GB at 4, 4.2 GB at 8, for 13% more time a
+    step at 2 than at 4 (docs/performance.md). `tokenforget fair` trains whole batches (its cells predate this)."""
     max_new_tokens: int = 72
     nll_problems: Optional[int] = 48
     """Gold NLL over the first `nll_problems` test (and validation) problems; None: all of them. A token mean is
