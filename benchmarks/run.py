@@ -283,13 +283,15 @@ def demo_batches(tok, n: int) -> tuple[list[list[int]], list[list[int]], list[li
 
 
 def bench_demo_phases(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
-    """`make demo`'s phases, each against one of its optimizer steps (8 answers in 2 micro-batches of 4 through our
-    Trainer), timed side by side: the base model's scoring pass over 16 answers, generating 64 answers (one batch of
+    """`make demo`'s phases, each against one of its optimizer steps (8 answers in micro-batches of the demo's size
+    through our Trainer), timed side by side: the base model's scoring pass over 16 answers, generating 64 answers (one batch of
     the evaluation: greedy, 72 new tokens at most, stopping at a settled answer) and the gold NLL of 16. A phase
     whose ratio grows has slowed against training; the last row adds them up at the demo's counts (`DEMO_COUNTS`)
-    in optimizer steps, and in seconds at this machine's step."""
+    in optimizer steps, and in seconds at this machine's step. The answers are the base model's, which run to the
+    72-token cap where a trained model's end near 47: the generation row is the dearer bound."""
     import copy
 
+    from tokenforget.command_config import DemoConfig
     from tokenforget.model.loading import load_tokenizer
     from tokenforget.stages.evaluate import GENERATE_BATCH, gold_nll, generate
 
@@ -299,13 +301,15 @@ def bench_demo_phases(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
         return [Row(f"demo phases: skipped (no SmolLM2 tokenizer: {type(e).__name__})", "-", "-", float("nan"), "info", None)]
     n_gen, reps = (8, 3) if quick else (GENERATE_BATCH, 3)
     ids, masks, prompts = demo_batches(tok, max(16, n_gen))
-    examples = [{"input_ids": i, "token_class": m} for i, m in zip(ids[:8], masks[:8])]
+    demo = DemoConfig()
+    mb, n_micro = demo.micro_batch_size, demo.batch_size // demo.micro_batch_size
+    examples = [{"input_ids": i, "token_class": m} for i, m in zip(ids[: demo.batch_size], masks[: demo.batch_size])]
     model = add_lora(copy.deepcopy(base), LoraSettings(r=64, alpha=16, dropout=0.1))
-    trainer = _trainer(model, examples[:4], "ignore", bf16, tmp)
-    micro = [TokenClassCollator(0)(examples[:4]), TokenClassCollator(0)(examples[4:])]
+    trainer = _trainer(model, examples[:mb], "ignore", bf16, tmp)
+    micro = [TokenClassCollator(0)(examples[i : i + mb]) for i in range(0, len(examples), mb)]
     dev = trainer.args.device
 
-    def step() -> None:  # the demo's optimizer step: 2 accumulated micro-batches of 4
+    def step() -> None:  # the demo's optimizer step: its micro-batches accumulated
         for batch in micro:
             samples, n_items = trainer.get_batch_samples(iter([batch]), 1, dev)
             trainer.training_step(trainer.model, samples[0], n_items)
@@ -319,7 +323,8 @@ def bench_demo_phases(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
     t_step, t_score, t_gen, t_nll = interleaved([step, score, gen, nll], reps)
     per = {"scored": t_score.median / 16, "generated": t_gen.median / n_gen, "nll": t_nll.median / 16}
     steps = DEMO_COUNTS["steps"] + sum(per[k] * DEMO_COUNTS[k] for k in per) / t_step.median
-    rows = [Row(f"demo: {what} / one optimizer step (8 answers, 2 x 4)", str(t), str(t_step), t.median / t_step.median,
+    rows = [Row(f"demo: {what} / one optimizer step ({demo.batch_size} answers, {n_micro} x {mb})", str(t), str(t_step),
+                t.median / t_step.median,
                 "info", None)
             for what, t in [("scoring 16 answers, base only", t_score), (f"generating {n_gen} answers", t_gen),
                             ("gold NLL of 16 answers", t_nll)]]
