@@ -16,14 +16,18 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
+from tokenforget.config.tokens import Selection, SpanUnit
 from tokenforget.stages.demo_task import (
     demo_run_config, graded_right, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
+
+if TYPE_CHECKING:  # imported where used: a run pulls in the training stack
+    from tokenforget.run.pipeline import Run
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
 NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
@@ -33,7 +37,7 @@ CONTRASTIVE_NATS = 1.0
 TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
 
 
-def trusted_run(cfg: DemoConfig, run: Any, root: Path, log: Callable[[str], None]) -> Any:
+def trusted_run(cfg: DemoConfig, run: Run, root: Path, log: Callable[[str], None]) -> Run:
     """The demo's noisy data with a reference trained on `n_trusted` clean generated examples that share no
     prompt with the training data, and the `ref_loss_wga` preset, in `run_dir/trusted/`: the settings that
     need a trusted reference (forgetting, ignoring, the sample filter) train here or start from here."""
@@ -59,17 +63,17 @@ class DemoRuns:
 
     cfg: DemoConfig
     root: Path
-    run: Any  # the noisy data, the paper's reference (a slice of it): sft, dft, paper, the oracle variants
+    run: Run  # the noisy data, the paper's reference (a slice of it): sft, dft, paper, the oracle variants
     log: Callable[[str], None]
-    made: dict[str, Any] = field(default_factory=dict)
+    made: dict[str, Run] = field(default_factory=dict)
 
-    def trusted(self) -> Any:
+    def trusted(self) -> Run:
         if "trusted" not in self.made:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token", rho: float = 0.7,
-                 run: Any = None) -> Any:
+    def filtered(self, name: str, method: str, selection: Selection = "example", spans: SpanUnit = "token",
+                 rho: float = 0.7, run: Optional[Run] = None) -> Run:
         """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 1 - `rho` of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
         (`ignore` over a per-example selection); with selection `tail`, only their tokens from the worst one on
@@ -88,7 +92,7 @@ class DemoRuns:
             adopt_stages(self.made[name], rec)  # the same reference and scoring pass: rescored, not rerun
         return self.made[name]
 
-    def simulated(self, name: str, recall: float, precision: float) -> Any:
+    def simulated(self, name: str, recall: float, precision: float) -> Run:
         """A simulated detector (`partition.selection: simulated`, `tokenforget.stages.partition.simulated_partition`) of
         `recall` and `precision` made from the known noise, in `run_dir/<name>/`, with the trusted run's training
         settings (its forgetting term for `sim_forget`). Its right tokens are random ones, or with
@@ -107,7 +111,7 @@ class DemoRuns:
                 adopt_stages(self.made[name], rec)
         return self.made[name]
 
-    def contrastive(self, name: str = "contrastive") -> Any:
+    def contrastive(self, name: str = "contrastive") -> Run:
         """The two-reference detector in `run_dir/<name>/`: the trusted run's reference (copied, not retrained)
         and `NOISY_FOLDS` references cross-fitted on the noisy training answers (each on `NOISY_FRACTION` of them); score `contrastive`
         (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`). Its negatives:
@@ -129,7 +133,7 @@ class DemoRuns:
             adopt_stages(self.made[name], rec if name == "contrastive" else self.contrastive())
         return self.made[name]
 
-    def clean(self, name: str = "clean") -> Any:
+    def clean(self, name: str = "clean") -> Run:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
         `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`;
         `rft`: every right sample, `task/rft.jsonl`)."""
@@ -141,7 +145,7 @@ class DemoRuns:
                                   base=self.run.base, log=self.log)
         return self.made[name]
 
-    def plus_trusted(self, name: str = "sft_plus_trusted") -> Any:
+    def plus_trusted(self, name: str = "sft_plus_trusted") -> Run:
         """`sft`'s baseline for the settings that read the trusted set: the noisy answers and the `n_trusted` trusted
         ones in one file (`task/sft_plus_trusted.jsonl`), in `run_dir/<name>/`."""
         self.trusted()  # writes task/trusted.jsonl
@@ -149,7 +153,7 @@ class DemoRuns:
         write_jsonl([*read_jsonl(task / "train.jsonl"), *read_jsonl(task / "trusted.jsonl")], task / f"{name}.jsonl")
         return self.clean(name)
 
-    def self_checked(self, name: str = "self_reference") -> Any:
+    def self_checked(self, name: str = "self_reference") -> Run:
         """The `verified` preset with no data beyond the user's own file: its reference trained on the answers of
         the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`; a problem that also has an
         answer graded wrong in the file gives the reference none of its answers (`task/self_reference.jsonl`, written
@@ -173,7 +177,7 @@ class DemoRuns:
             self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
         return self.made[name]
 
-    def forgetting(self, run: Any, term: str) -> tuple[Any, str]:
+    def forgetting(self, run: Run, term: str) -> tuple[Run, str]:
         """`run`'s negatives forgotten instead of ignored: the paper's `forget` with `term` and its schedule
         (lambda linear 0 -> 0.25), a `compare.variants` entry `forget_<term>` trained in `run`'s folder."""
         from tokenforget.run.pipeline import Run
@@ -196,7 +200,7 @@ class Setting:
     that partition is (`detects`; "" when it has none to show). A new setting is one record in `DEMO_SETTINGS` (and
     its name in `command_config.DemoSetting`, the torch-free list the command line checks)."""
 
-    make: Callable[[DemoRuns], tuple[Any, str]]
+    make: Callable[[DemoRuns], tuple[Run, str]]
     what: str = ""
     detects: str = ""
 
@@ -205,7 +209,8 @@ def _forgot(partition: str, term: str) -> str:
     return f"{partition} forgotten with the {term} term (lambda 0 -> {FORGET_T_MAX}) instead of ignored"
 
 
-def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: str = "verified_tail", run: Any = None) -> Any:
+def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: Selection = "verified_tail",
+              run: Optional[Run] = None) -> Run:
     return r.filtered(name, method, selection, run=run)
 
 
@@ -303,7 +308,7 @@ def expand_settings(cfg: DemoConfig) -> list[str]:
     return out
 
 
-def setting_stage(runs: DemoRuns, name: str) -> tuple[Any, str]:
+def setting_stage(runs: DemoRuns, name: str) -> tuple[Run, str]:
     """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
     if name in DEMO_SETTINGS:
         return DEMO_SETTINGS[name].make(runs)
@@ -458,7 +463,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     log(report.demo_table(results))
     log(f"\nThe comparison over seeds, with the baselines at equal steps: {FULL_TABLE}")
     log("Trained models (merged, loadable with AutoModelForCausalLM.from_pretrained):")
-    for name, stage in stages.items():
-        log(f"  {name}: {(stage / 'model').resolve()}")
+    for name, folder in stages.items():
+        log(f"  {name}: {(folder / 'model').resolve()}")
     log(f"Report: {build_report(root, tokenizer=run.base.tokenizer).resolve()}")
     return results
