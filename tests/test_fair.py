@@ -81,6 +81,23 @@ def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
     assert (ch["sft"]["epochs"], ch["rft"]["epochs"], ch["x"]["epochs"]) == ([2.0], [1.0], [2.0])
     assert ch["rft"]["vs_baseline"]["mean"] == 0.25 and ch["x"]["vs_baseline"]["mean"] == 0.5
     assert t["strongest"] == "rft" and ch["x"]["vs_strongest"]["mean"] == 0.25
+    assert ch["x"]["vs_matching"] == {} and ch["rft"]["vs_matching"] == {}  # x reads nothing; rft is the baseline
+
+
+def test_a_setting_is_held_against_the_baselines_that_read_what_it_reads():
+    """One run, 1 epoch, 4 problems: sft 1000, rft 1100, sft_plus_trusted 1110, verified_tail_base 1101 (verdicts),
+    contrastive 0111 (trusted set), verified_tail 1111 (both). verified_tail_base - rft = 0001: +0.25; contrastive -
+    sft_plus_trusted = (-1 0 0 1): 0; verified_tail - sft_plus_trusted = 0001: +0.25, - rft = 0011: +0.5."""
+    from tokenforget.report.fair import format_fair, matching_baselines
+
+    assert matching_baselines("verified_tail") == ["sft_plus_trusted", "rft"] and matching_baselines("rft") == []
+    cell = {"sft": [1, 0, 0, 0], "rft": [1, 1, 0, 0], "sft_plus_trusted": [1, 1, 1, 0], "verified_tail_base": [1, 1, 0, 1],
+            "contrastive": [0, 1, 1, 1], "verified_tail": [1, 1, 1, 1]}
+    t = fair_table({(1, 1, 1.0): {k: _cell(v, 0.5) for k, v in cell.items()}}, list(cell), [1.0])
+    m = {s: {b: p["mean"] for b, p in r["vs_matching"].items()} for s, r in t["chosen_epochs"].items()}
+    assert m["verified_tail_base"] == {"rft": 0.25} and m["contrastive"] == {"sft_plus_trusted": 0.0}
+    assert m["verified_tail"] == {"sft_plus_trusted": 0.25, "rft": 0.5} and m["sft"] == {}
+    assert "| `verified_tail_base` | 1 | 0.750 |" in format_fair(t) and "`rft` +0.250, ± 0.250 (problems), 1 run" in format_fair(t)
 
 
 def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):

@@ -3,10 +3,11 @@ table out, no model.
 
 The protocol's rules as data: `EXTRA_DATA` (a setting that reads data beyond the user's noisy file brings the
 baseline given that same data), `BASELINES` (what a user would do anyway: the candidates for the strongest
-baseline). `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference
-to `sft` and to the strongest baseline, with the standard error over runs and the mean problem-level paired
-standard error beside it, at equal steps (each epochs value) and at each setting's own epochs, chosen per run on
-the validation split (`chosen_epochs`).
+baseline), `VERDICTS` (a setting that reads the answers' verdicts is held against `rft`, which reads them too).
+`fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference to `sft`,
+to the strongest baseline and to its matching baselines, with the standard error over runs and the mean
+problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
+chosen per run on the validation split (`chosen_epochs`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ EXTRA_DATA = {s: "sft_plus_trusted" for s in (
     "contrastive_unlikelihood", "contrastive_tnpo")}
 # What a user would do anyway (not a detector of ours): the candidates for the strongest baseline.
 BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft", "kto", "dpo")
+# Settings that read the answers' verdicts (right or wrong) -> the baseline a user with the same verdicts trains:
+# the right answers alone at sft's steps.
+VERDICTS = {s: "rft" for s in (
+    "verified_tail", "verified_whole", "verified_random", "verified_tail_self", "verified_tail_base",
+    "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood", "verified_tail_tnpo",
+    "unlikelihood_wrong", "correct_only", "kto", "dpo")}
+
+
+def matching_baselines(setting: str) -> list[str]:
+    """The baselines that know what `setting` reads beyond the noisy answers: `sft_plus_trusted` for the trusted
+    set (`EXTRA_DATA`), `rft` for the verdicts (`VERDICTS`); none for a setting that reads neither."""
+    return [b for b in (EXTRA_DATA.get(setting), VERDICTS.get(setting)) if b is not None and b != setting]
 
 
 def grid_settings(settings: Sequence[str], baseline: str = "sft") -> list[str]:
@@ -104,16 +117,24 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
         base = [cells[(*r, picks[baseline][r])][baseline]["correct"] for r in rs]
         chosen[s] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base)),
                      "epochs": [picks[s][r] for r in rs], "runs": [list(r) for r in rs]}
+    for s, row in chosen.items():  # against the baselines that read what it reads, where the grid trained them
+        row["vs_matching"] = {m: _against(cells, picks, s, m, row) for m in matching_baselines(s) if m in chosen}
     present = [b for b in BASELINES if b in chosen]
     strongest = max(present, key=lambda b: chosen[b]["accuracy"]) if present else None
     if strongest is not None:
         for s, row in chosen.items():
-            rs = [tuple(r) for r in row["runs"] if tuple(r) in picks[strongest]]
-            mine = [cells[(*r, picks[s][r])][s]["correct"] for r in rs]
-            best = [cells[(*r, picks[strongest][r])][strongest]["correct"] for r in rs]
-            row["vs_strongest"] = asdict(paired(mine, best))
+            row["vs_strongest"] = _against(cells, picks, s, strongest, row)
     return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
             "chosen_epochs": chosen}
+
+
+def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[str, dict[tuple[int, int], float]],
+             setting: str, other: str, row: dict[str, Any]) -> dict[str, Any]:
+    """`setting` against `other`, each at its own chosen epochs, over the runs of `row` where `other` has a pick."""
+    rs = [tuple(r) for r in row["runs"] if tuple(r) in picks[other]]
+    mine = [cells[(*r, picks[setting][r])][setting]["correct"] for r in rs]
+    theirs = [cells[(*r, picks[other][r])][other]["correct"] for r in rs]
+    return asdict(paired(mine, theirs))
 
 
 def _pm(p: dict[str, Any]) -> str:
@@ -131,10 +152,14 @@ def format_fair(table: dict[str, Any]) -> str:
                   "|---|---|---|"]
         lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} |" for s, r in rows.items()]
     strongest = table["strongest"]
-    lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`):\n",
-              f"| setting | epochs chosen | accuracy | vs `{b}` | vs `{strongest}` |", "|---|---|---|---|---|"]
+    lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`; "
+              "the matching baselines: `sft_plus_trusted` for a setting that reads the trusted set, `rft` for one "
+              "that reads the verdicts):\n",
+              f"| setting | epochs chosen | accuracy | vs `{b}` | vs `{strongest}` | vs the matching baselines |",
+              "|---|---|---|---|---|---|"]
     for s, r in table["chosen_epochs"].items():
         epochs = ", ".join(f"{e:g}" for e in r["epochs"])
+        matching = "; ".join(f"`{m}` {_pm(p)}" for m, p in r.get("vs_matching", {}).items())
         lines.append(f"| `{s}` | {epochs} | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
-                     f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} |")
+                     f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} | {matching} |")
     return "\n".join(lines).strip()
