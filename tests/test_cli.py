@@ -127,6 +127,8 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     assert "{'loss'" not in captured.out + captured.err and "'train_runtime'" not in captured.out + captured.err
     assert " nan " not in out.split("How each setting's negatives")[1]  # no column of nan
     assert f"Report: {tmp_path / 'demo' / 'report' / 'report.html'}" in out
+    table = out.split("with the baselines at equal steps: ")[1].split(" ")[0]  # where the full table lives: it does
+    assert (Path(__file__).parents[1] / table).is_file()
     assert "Finding the known corrupted tokens" in (tmp_path / "demo" / "report" / "report.html").read_text()
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert list(res["models"]) == ["base", "sft", "paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail",

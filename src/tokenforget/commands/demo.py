@@ -286,7 +286,8 @@ def described(name: str) -> str:
     return BASE_WHAT if name == "base" else (s.what or s.detects or name) if s is not None else name
 
 
-FULL_TABLE = "docs/results.md"  # where the comparison over seeds and baselines lives
+FULL_TABLE = ("docs/fair/recurring/fair_table.md (this task, 3 data seeds, rft and sft_plus_trusted beside them; "
+              "what it means: docs/results.md)")  # where the comparison over seeds and baselines lives
 
 
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
