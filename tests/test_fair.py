@@ -137,7 +137,7 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
 
 def test_trl_preference_rows_by_hand():
     """KTO's label is the verdict (`is_correct`, else no corrupted span); DPO's rows carry the system turn."""
-    from tokenforget.run.preference import dpo_rows, kto_rows
+    from tokenforget.stages.preference import dpo_rows, kto_rows
 
     recs = [{"prompt": "q1", "completion": "a1", "is_correct": False, "corrupt_spans": []},
             {"prompt": "q2", "completion": "a2", "corrupt_spans": [[0, 2]]},
@@ -156,25 +156,44 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     from conftest import tiny_run_config
     from tokenforget.stages.demo_task import make_examples
     from tokenforget.config import RunConfig, from_dict
+    from tokenforget.errors import UserError
     from tokenforget.run.pipeline import Run
-    from tokenforget.run.preference import train_preference
 
     rows = [{**r, "is_correct": i % 2 == 0} for i, r in enumerate(make_examples(8, seed=0, noise=0.0))]
     cfg = tiny_run_config(tmp_path, tiny_model_dir, rows=rows)
     cfg["train"]["training"] = {**cfg["train"]["training"], "max_steps": 2}
     cfg["report_to"] = ["none"]
     run = Run(from_dict(RunConfig, cfg))
-    kto = train_preference(run, "kto")
+    kto = run.need("preference", ("kto", "", None))
     assert (kto / "model" / "config.json").is_file()
     assert json.loads((kto / "log_history.json").read_text())[-1]["step"] == 2
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": "The answer is 0."})
                              + "\n" for r in rows[:4]))
-    dpo = train_preference(run, "dpo", pairs_path=pairs)
+    with pytest.raises(UserError, match="does not exist"):  # refused before its warm start trains
+        run.need("preference", ("dpo", "", str(tmp_path / "missing.jsonl")))
+    assert not (run.root / "train-sft").exists()
+    dpo = run.need("preference", ("dpo", "", str(pairs)))
     assert json.loads((dpo / "stage.json").read_text())["warm_start"].endswith("train-sft")
     assert json.loads((dpo / "log_history.json").read_text())[-1]["step"] == 2
     before = (dpo / "stage.json").stat().st_mtime_ns
-    assert train_preference(run, "dpo", pairs_path=pairs) == dpo and (dpo / "stage.json").stat().st_mtime_ns == before
+    again = Run(from_dict(RunConfig, cfg))  # a new process: the stage is reused by its fingerprint
+    assert again.need("preference", ("dpo", "", str(pairs))) == dpo and (dpo / "stage.json").stat().st_mtime_ns == before
+
+
+def test_the_demo_trains_kto_as_a_stage_of_its_run(tmp_path: Path, tiny_model_dir: Path):
+    """`demo --settings [sft, kto]`: TRL's KTO trained through the registry (`Run.need("preference", ...)`) into the
+    demo's folder beside `train-sft`, evaluated like any setting; its stage fingerprinted like a training."""
+    from tokenforget.cli import main
+
+    root = tmp_path / "demo"
+    assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+                 "--n_train", "16", "--n_test", "2", "--max_new_tokens", "2", "--report_to", "[none]",
+                 "--settings", "[sft, kto]"]) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    assert list(res["models"]) == ["sft", "kto"] and res["stages"]["kto"] == str(root / "train-kto")
+    stage = json.loads((root / "train-kto" / "stage.json").read_text())
+    assert stage["mode"] == "kto" and stage["warm_start"] is None and len(stage["fingerprint"]) == 16
 
 
 def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):

@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 # The data's journey through the stage layer: a stage imports only the stages before it.
 JOURNEY = ("stage", "labels_in_data", "noise", "data", "demo_task", "natural", "weak", "verdicts", "reference", "score", "partition_streaming",
-           "partition", "labels", "train", "harness", "evaluate")
+           "partition", "labels", "train", "preference", "harness", "evaluate")
 MAX_FLOORS = 10
 MAX_LINES = 500
 OVER_FOR_NOW: dict[str, int] = {}  # modules allowed over MAX_LINES for now, with their line count

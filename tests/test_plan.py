@@ -245,7 +245,7 @@ def test_the_registry_follows_the_journey_and_a_stage_reads_only_what_it_declare
 
     modules = [s.make.__module__.removeprefix("tokenforget.stages.") for s in STAGES.values()]
     assert modules == sorted(modules, key=JOURNEY.index)
-    assert list(STAGES) == ["data", "reference", "reference-noisy", "scores", "partition", "labels", "train", "eval"]
+    assert list(STAGES) == ["data", "reference", "reference-noisy", "scores", "partition", "labels", "train", "preference", "eval"]
     from tokenforget.config import RunConfig, from_dict
 
     run = Run(from_dict(RunConfig, {**tiny_run_config(tmp_path, tiny_model_dir), "report_to": ["none"]}))

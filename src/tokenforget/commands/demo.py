@@ -270,7 +270,7 @@ DEMO_SETTINGS: dict[str, Setting] = {
                                      _forgot("verified_tail's negatives", t)) for s, t in FORGET_TERMS.items()},
     **{f"contrastive_{s}": Setting((lambda t: lambda r: r.forgetting(r.contrastive(), t))(t), _forgot("contrastive's negatives", t))
        for s, t in FORGET_TERMS.items()},
-    # TRL's own trainers with the verdicts (`tokenforget.run.preference`)
+    # TRL's own trainers with the verdicts (`tokenforget.stages.preference`)
     "kto": Setting(lambda r: (r.run, "kto"),
                    "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model"),
     "dpo": Setting(lambda r: (r.run, "dpo"),
@@ -433,7 +433,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     from tokenforget.report.html import build_report
     from tokenforget.run import variants
     from tokenforget.run.pipeline import Run, has_corrupt
-    from tokenforget.run.preference import METHODS as PREFERENCE_METHODS, train_preference
+    from tokenforget.stages.preference import METHODS as PREFERENCE_METHODS
     from tokenforget.stages.evaluate import evaluate_models
 
     t0 = time.time()
@@ -445,7 +445,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     for name in settings:
         sub, stage = setting_stage(runs, name)
         if stage in PREFERENCE_METHODS:  # TRL's trainers: a stage of their own
-            stages[name] = train_preference(sub, stage, stage_suffix(cfg), root / "task" / "pairs.jsonl")
+            stages[name] = sub.need("preference", (stage, stage_suffix(cfg), str(root / "task" / "pairs.jsonl")))
         else:
             stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models

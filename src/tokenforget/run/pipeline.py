@@ -35,6 +35,7 @@ from tokenforget.stages import (
     evaluate as eval_mod,
     labels as labels_mod,
     partition as part_mod,
+    preference as pref_mod,
     reference as ref_mod,
     score as score_mod,
     train as train_stage,
@@ -44,7 +45,8 @@ from tokenforget.stages.stage import Arg, Stage
 # Every stage record, in the journey's order: each stage module lists its own (`STAGES` there), so a new stage
 # in a module that has stages is one record in that module.
 STAGES: dict[str, Stage] = {
-    s.kind: s for module in (data_mod, ref_mod, score_mod, part_mod, labels_mod, train_stage, eval_mod) for s in module.STAGES
+    s.kind: s for module in (data_mod, ref_mod, score_mod, part_mod, labels_mod, train_stage, pref_mod,
+                                             eval_mod) for s in module.STAGES
 }
 PER_ROUND = ("reference", "scores", "partition")  # kinds with one stage per self-evolving round (arg: the round)
 

@@ -1,14 +1,16 @@
-"""TRL's own preference trainers on a run's data: what a user with verdicts would pick instead of tokenforget
-(issue 36). A train stage of the run's folder like any other (`train-kto`, `train-dpo`; fingerprinted, reused).
+"""TRL's own preference trainers as a stage of a run (`preference`; its folder `train-<method><suffix>`, beside the
+final trainings): what a user with verdicts would pick instead of tokenforget (issue 36). Fingerprinted and reused
+like every stage; its record lists what it reads, so the resolver makes DPO's `sft` warm start first.
 
 - `kto`: `trl.KTOTrainer` with each answer's verdict as its label (desirable = graded right), from the base model
   (TRL's docs: depending on the base model, SFT before KTO may not be needed), at the run's optimizer steps.
-- `dpo`: `trl.DPOTrainer` on the problems that have a right and a wrong sampled answer (`pairs_path`: prompt,
+- `dpo`: `trl.DPOTrainer` on the problems that have a right and a wrong sampled answer (the arg's pairs file: prompt,
   chosen, rejected), from the run's `sft` model as TRL's docs ask (DPO always follows SFT): its steps are `sft`'s plus
   the run's again.
 
 Both with the run's LoRA, learning rate, batch, schedule and seed (`trainer.training_arguments`), the reference
-the adapter-free model (TRL's default for a peft model), beta 0.1 (TRL's default).
+the adapter-free model (TRL's default for a peft model), beta 0.1 (TRL's default). The stage's arg: (method, the
+folder name's suffix, the pairs file or None).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from tokenforget.config import to_dict
 from tokenforget.errors import UserError
-from tokenforget.run.pipeline import Run
-from tokenforget.stages.demo_task import graded_right
 from tokenforget.runfolder import file_digest, fingerprint, release_memory
+from tokenforget.stages.demo_task import graded_right
+from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun, training_plan
 
 METHODS = ("kto", "dpo")
 BETA = 0.1  # TRL's default for both
@@ -49,26 +51,53 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Optional[Path] = None) -> Path:
-    """The stage `train-<method><suffix>` of `run`: TRL's KTO or DPO trainer on the run's data (DPO: on
-    `pairs_path`, warm-started from `train-sft<suffix>`, which it trains first); returns its folder (the merged
-    model in `model/`)."""
-    c = run.cfg
-    data = Path(c.data.path)
-    warm: Optional[Path] = None
-    if method == "dpo":
-        if pairs_path is None or not pairs_path.is_file():
-            raise UserError(f"dpo trains on pairs of a right and a wrong answer to one problem: '{pairs_path}' does not "
-                            "exist (the demo writes task/pairs.jsonl for noise_kind weak)")
-        warm = run.train("sft", stage=f"train-sft{suffix}")
-    name = f"train-{method}{suffix}"
-    source = pairs_path if method == "dpo" else data
-    fp = fingerprint("preference", method, BETA, file_digest(str(source)), to_dict(c.train.training), to_dict(c.lora), c.train.seed if c.train.seed is not None else c.seed, run.bf16,
-                     json.loads((warm / "stage.json").read_text())["fingerprint"] if warm else None)
+def _method(arg: Arg) -> tuple[str, str, Optional[Path]]:
+    method, suffix, pairs = cast(tuple[str, str, Optional[str]], arg)
+    return method, suffix, None if pairs is None else Path(pairs)
+
+
+def _warm_start(arg: Arg) -> Optional[tuple[str, str]]:
+    """DPO's warm start: the run's `sft` training of the same suffix (the train stage's arg); KTO has none."""
+    method, suffix, _ = _method(arg)
+    return ("sft", f"train-sft{suffix}") if method == "dpo" else None
+
+
+def _source(run: StageRun, arg: Arg) -> Path:
+    """What the trainer reads: the pairs file (DPO; refused when missing) or the run's data."""
+    method, _, pairs = _method(arg)
+    if method != "dpo":
+        return Path(run.cfg.data.path)  # type: ignore[arg-type]
+    if pairs is None or not pairs.is_file():
+        raise UserError(f"dpo trains on pairs of a right and a wrong answer to one problem: '{pairs}' does not "
+                        "exist (the demo writes task/pairs.jsonl for noise_kind weak)")
+    return pairs
+
+
+def _needs(run: StageRun, arg: Arg) -> list[Need]:
+    _source(run, arg)  # a missing pairs file is refused before the warm start trains
+    warm = _warm_start(arg)
+    return [("train", warm)] if warm else []
+
+
+def _fingerprint(run: StageRun, arg: Arg) -> str:
+    c, warm = run.cfg, _warm_start(arg)
+    seed, warm_fp = c.train.seed if c.train.seed is not None else c.seed, run.fp("train", warm) if warm else None
+    return fingerprint("preference", _method(arg)[0], BETA, file_digest(str(_source(run, arg))),
+                       to_dict(c.train.training), to_dict(c.lora), seed, run.bf16, warm_fp)
+
+
+def _make(run: StageRun, arg: Arg) -> Path:
+    """TRL's KTO or DPO trainer on the run's data into `train-<method><suffix>` (DPO after `train-sft<suffix>`, which
+    the resolver made first); the merged model in `model/`."""
+    c, (method, _, _) = run.cfg, _method(arg)
+    name, fp, warm_arg = folder_of(arg), run.fp("preference", arg), _warm_start(arg)
     if run.folder.done_on_main(name, fp):
         run.folder.skip(name)
-        return run.stage_dir(name)
-    rows = dpo_rows(_read(source), c.data.system_prompt) if method == "dpo" else kto_rows(_read(data), c.data.system_prompt)
+        return run.folder.stage_dir(name)
+    warm: Optional[Path] = run.need("train", warm_arg) if warm_arg else None
+    source = _source(run, arg)
+    make_rows = dpo_rows if method == "dpo" else kto_rows
+    rows = make_rows(_read(source), c.data.system_prompt)
     run.log(f"[{name}] TRL's {method.upper()}Trainer on {len(rows)} {'pairs' if method == 'dpo' else 'answers'}")
     trainer: Any = None
 
@@ -89,7 +118,21 @@ def train_preference(run: Run, method: str, suffix: str = "", pairs_path: Option
     return out
 
 
-def _fit(run: Run, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path]) -> Any:
+def _plan(run: StageRun, arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
+    """A training of the run's settings over its examples (DPO's pairs count as its answers: about as many tokens)."""
+    c = run.cfg
+    return training_plan(folder_of(arg), fp, reuse, inputs.sets.all, c.train.training, c.seed, inputs.timing)
+
+
+def folder_of(arg: Arg) -> str:
+    method, suffix, _ = _method(arg)
+    return f"train-{method}{suffix}"
+
+
+STAGES = (Stage("preference", _needs, _fingerprint, _make, _plan, folder=folder_of, trains="train"),)
+
+
+def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path]) -> Any:
     """Train with TRL's trainer: the run's LoRA on the base (or on the warm-start model), its TrainingArguments."""
     import datasets
     import torch
