@@ -284,8 +284,8 @@ def demo_batches(tok, n: int) -> tuple[list[list[int]], list[list[int]], list[li
 
 def bench_demo_phases(base, quick: bool, bf16: bool, tmp: Path) -> list[Row]:
     """`make demo`'s phases, each against one of its optimizer steps (8 answers in micro-batches of the demo's size
-    through our Trainer), timed side by side: the base model's scoring pass over 16 answers, generating 64 answers (one batch of
-    the evaluation: greedy, 72 new tokens at most, stopping at a settled answer) and the gold NLL of 16. A phase
+    through our Trainer), timed side by side: the base model's scoring pass over 16 answers, generating 64 answers
+    (one batch of the evaluation: greedy, 72 new tokens at most, stopping at a settled answer) and the gold NLL of 16. A phase
     whose ratio grows has slowed against training; the last row adds them up at the demo's counts (`DEMO_COUNTS`)
     in optimizer steps, and in seconds at this machine's step. The answers are the base model's, which run to the
     72-token cap where a trained model's end near 47: the generation row is the dearer bound."""

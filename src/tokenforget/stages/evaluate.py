@@ -310,7 +310,8 @@ def evaluate_models(
     nll_n = len(records) if nll_problems is None else min(nll_problems, len(records))
     models: dict[str, Any] = {}
     for name in [*(["base"] if with_base else []), *stages]:
-        kept = cache / f"{name}-{eval_key(run, stages.get(name), test_path, max_new_tokens, nll_n, len(records))}.json" if cache else None
+        key = eval_key(run, stages.get(name), test_path, max_new_tokens, nll_n, len(records))
+        kept = cache / f"{name}-{key}.json" if cache else None
         if kept is not None and kept.is_file():
             log(f"[evaluate] {name}: reusing {kept}")
             models[name] = json.loads(kept.read_text())
