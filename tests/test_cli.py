@@ -279,7 +279,7 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun
-    with one setting more evaluates only the new model (the others are read from `eval-cache/`). The gold NLL over the
+    with one setting more evaluates only the new model (the others' results are stages of the folder, reused). The gold NLL over the
     first 2 problems of each split (`nll_problems`): the token mean of the sft model's own NLL on those 2."""
     import datasets
 
@@ -317,7 +317,8 @@ def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_mo
     capsys.readouterr()
     assert main([*args[:-1], "[sft, sim_ignore, sim_forget]"]) == 0
     out = capsys.readouterr().out
-    assert "[evaluate] sft: reusing" in out and "[evaluate] sim_forget_r1_p0.5: generating" in out
+    assert "[held-out-test-train-sft] up to date" in out and "[held-out-val-train-sft] up to date" in out
+    assert "[evaluate] sft: generating" not in out and "[evaluate] sim_forget_r1_p0.5: generating" in out
     assert (root / "sim_r1_p0.5" / "train-forget" / "stage.json").is_file()
 
 

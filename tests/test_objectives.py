@@ -116,7 +116,7 @@ def test_unlikelihood_hand_value_and_gradient():
 
 def test_unlikelihood_is_finite_where_p_is_one_and_where_p_is_tiny():
     """l = 0 (p = 1) is clamped to 1e-6: -log(1 - e^-1e-6) = -log(~1e-6) = 13.8155; l = 50: ~e^-50 ~ 0."""
-    f = FORGET_TERMS["unlikelihood"]
+    f = FORGET_TERMS["unlikelihood"].push
     ce = torch.tensor([0.0, 1e-9, 50.0], requires_grad=True)
     out = f(ce)
     assert out[0].item() == pytest.approx(13.8155, abs=1e-3) and out[2].item() == pytest.approx(0.0, abs=1e-12)

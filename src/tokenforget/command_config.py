@@ -11,19 +11,7 @@ from tokenforget.config.model import ModelConfig
 from tokenforget.config.tokens import FalsePositives
 
 DemoNoise = Literal["systematic", "step", "weak"]
-DemoSetting = Literal["sft", "dft", "paper", "recommended", "ref_loss_wga", "ignore", "filter", "filter_max",
-                      "ignore_tail", "ignore_tail_numbers", "ignore_tail_half", "verified_tail", "oracle_ignore",
-                      "oracle_forget", "clean", "correct_only", "contrastive", "contrastive_mixture", "rft",
-                      "sft_plus_trusted", "verified_whole", "verified_random", "verified_tail_self", "verified_tail_base",
-                      "unlikelihood_wrong", "oracle_wga", "oracle_unlikelihood", "oracle_tnpo",
-                      "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood",
-                      "verified_tail_tnpo", "contrastive_forget", "contrastive_wga", "contrastive_unlikelihood",
-                      "contrastive_tnpo", "kto", "dpo", "sim_ignore", "sim_forget"]
 Verdicts = Literal["outcome", "process"]
-# the settings that detect (demo.PARTITIONING)
-DemoDetector = Literal["paper", "ref_loss_wga", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers",
-                       "ignore_tail_half", "verified_tail", "contrastive", "contrastive_mixture", "verified_whole",
-                       "verified_random", "verified_tail_self", "verified_tail_base"]
 SolutionSource = Literal["6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification", "random", "175b_random",
                          "all"]
 GpuName = Literal["h100", "h200", "a100", "l40s", "a10g"]  # the names of `tokenforget.model.memory.GPUS`
@@ -126,8 +114,8 @@ class DemoConfig:
     the generator's own answers to the same problems as the clean twin."""
     weak_dir: Optional[str] = None
     """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["sft", "verified_tail_base"])
-    """What is trained and compared (`tokenforget.commands.demo.DEMO_SETTINGS`): `sft`, `dft`, `paper`, `recommended` (the
+    settings: list[str] = field(default_factory=lambda: ["sft", "verified_tail_base"])
+    """What is trained and compared, names of `tokenforget.commands.demo.DEMO_SETTINGS` (checked when the demo starts): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
@@ -147,8 +135,8 @@ class DemoConfig:
     with its detection figures; its wall time from a fresh clone is in docs/performance.md. Add `contrastive`
     (the verdict-free detector), `rft` (the verdicts' baseline), `oracle_ignore` and `clean` for the bound and the
     ceiling."""
-    detectors: list[DemoDetector] = field(default_factory=list)
-    """Settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
+    detectors: list[str] = field(default_factory=list)
+    """Names of `tokenforget.commands.demo.PARTITIONING`: settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga`: the reference-loss score
     with a reference trained on `n_trusted` clean examples (one reference training and one forward pass over the
     answers, its score reading no base CE; its figures in docs/results.md). None by default: the settings trained
@@ -224,8 +212,8 @@ class FairConfig:
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(n_test=240, n_val=120, report_to=["none"]))
     """The demo settings every cell shares (noise, test and validation sizes, model); `seed`, `train_seed`,
     `epochs`, `settings` and `run_dir` are the grid's."""
-    settings: list[DemoSetting] = field(default_factory=lambda: ["rft", "verified_tail", "verified_tail_self",
-                                                                 "verified_whole", "verified_random"])
+    settings: list[str] = field(default_factory=lambda: ["rft", "verified_tail", "verified_tail_self", "verified_whole",
+                                                         "verified_random"])
     """Compared with `sft` (always trained); a setting that reads the trusted set adds `sft_plus_trusted`."""
     data_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     train_seeds: list[int] = field(default_factory=list)
@@ -233,7 +221,7 @@ class FairConfig:
     extra_train_seeds: list[int] = field(default_factory=list)
     """More training seeds per data seed for `extra_seed_settings` only (MEASURING.md: `sft`, the strongest baseline
     and the best candidate over 3 training seeds, without training every setting 3 times)."""
-    extra_seed_settings: list[DemoSetting] = field(default_factory=list)
+    extra_seed_settings: list[str] = field(default_factory=list)
     """The settings trained at `extra_train_seeds` (`sft` always)."""
     epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Epochs of `sft`'s steps each setting trains; every setting's own is chosen per run on validation."""

@@ -3,7 +3,7 @@ its own so that the lowest rooms (every config section among them) can raise it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 
 class UserError(Exception):
@@ -18,6 +18,12 @@ class ConfigError(UserError, ValueError):
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def check_name(name: str, registry: Collection[str], field_name: str) -> None:
+    """`name` is a key of `registry`, the one place its choices are declared (a config field holding a registry's
+    name is a plain `str`, checked here where the registry is importable)."""
+    _check(name in registry, field_name, f"unknown '{name}', choose from {list(registry)}")
 
 
 def _check_pass_through(

@@ -10,6 +10,7 @@
       labels/       labels.parquet: input_ids, token_class, scores per example, for any trainer (see `labels`)
       train-<mode>/ adapter/, model/ (merged), log_history.json, training_args.json
       eval-<model>/ results.json: `tokenforget eval` of the base model, a train stage or a model folder
+      held-out-<file>-<model>/ held_out.json: the demo's answers and gold NLL of one model on test or val
       tensorboard/  <stage>/ TensorBoard events of each training (reference, train-<mode>)
       report/       report.html and its PNG plots (`tokenforget report`)
 

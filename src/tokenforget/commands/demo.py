@@ -16,10 +16,10 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.config.tokens import Selection, SpanUnit
+from tokenforget.errors import check_name
 from tokenforget.stages.demo_task import (
     demo_run_config, graded_right, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
 )
@@ -72,7 +72,7 @@ class DemoRuns:
             self.made["trusted"] = trusted_run(self.cfg, self.run, self.root, self.log)
         return self.made["trusted"]
 
-    def filtered(self, name: str, method: str, selection: Selection = "example", spans: SpanUnit = "token",
+    def filtered(self, name: str, method: str, selection: str = "example", spans: str = "token",
                  rho: float = 0.7, run: Optional[Run] = None) -> Run:
         """A sample filter on the trusted run's reference and scoring pass, in `run_dir/<name>/`: the 1 - `rho` of
         examples with the lowest score `method` (`tokenforget.score_methods`, an example's tokens alike) dropped
@@ -197,8 +197,8 @@ FORGET_TERMS = {"forget": "ga", "wga": "wga", "unlikelihood": "unlikelihood", "t
 class Setting:
     """One setting of `DemoConfig.settings`: the run it trains in and the stage it trains there (`make`), what it is
     in one line for the demo's table (`what`), and for a setting whose partition the detection table shows, what
-    that partition is (`detects`; "" when it has none to show). A new setting is one record in `DEMO_SETTINGS` (and
-    its name in `command_config.DemoSetting`, the torch-free list the command line checks)."""
+    that partition is (`detects`; "" when it has none to show). A new setting is one record in `DEMO_SETTINGS`; the
+    config's names are checked against it when the demo starts (`check_settings`)."""
 
     make: Callable[[DemoRuns], tuple[Run, str]]
     what: str = ""
@@ -209,7 +209,7 @@ def _forgot(partition: str, term: str) -> str:
     return f"{partition} forgotten with the {term} term (lambda 0 -> {FORGET_T_MAX}) instead of ignored"
 
 
-def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: Selection = "verified_tail",
+def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: str = "verified_tail",
               run: Optional[Run] = None) -> Run:
     return r.filtered(name, method, selection, run=run)
 
@@ -291,6 +291,14 @@ FULL_TABLE = ("docs/fair/recurring/fair_table.md (this task, 3 data seeds, rft a
 
 
 SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
+
+
+def check_settings(settings: list[str], field_name: str = "settings", detectors: Sequence[str] = ()) -> None:
+    """Refuse, naming the field, a setting (or detector) this module declares no record for, before any work."""
+    for name in settings:
+        check_name(name, [*DEMO_SETTINGS, *SIM_MODES], field_name)
+    for name in detectors:
+        check_name(name, PARTITIONING, "detectors")
 
 
 def sim_name(setting: str, recall: float, precision: float, fps: str) -> str:
@@ -436,6 +444,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     from tokenforget.stages.preference import METHODS as PREFERENCE_METHODS
     from tokenforget.stages.evaluate import evaluate_models
 
+    check_settings(cfg.settings, detectors=cfg.detectors)
     t0 = time.time()
     root = Path(cfg.run_dir)
     train_path, test_path = write_task(cfg, root)
@@ -448,11 +457,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
             stages[name] = sub.need("preference", (stage, stage_suffix(cfg), str(root / "task" / "pairs.jsonl")))
         else:
             stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
-    cache = root / "eval-cache"  # a rerun that adds settings evaluates only the new models
-    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cache, cfg.evaluate_base, cfg.nll_problems)
+    results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cfg.evaluate_base, cfg.nll_problems)
     if cfg.n_val:
         results["validation"] = evaluate_models(run, stages, root / "task" / "val.jsonl", cfg.max_new_tokens, log,
-                                                cache, cfg.evaluate_base, cfg.nll_problems)["models"]
+                                                cfg.evaluate_base, cfg.nll_problems)["models"]
     if has_corrupt(run):  # injected noise: how well each detector found it (trained on or not)
         untrained = [d for d in cfg.detectors if d not in settings]
         results["detection_methods"] = detection_of_settings(runs, [*settings, *untrained])

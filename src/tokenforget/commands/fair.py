@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
-from tokenforget.commands.demo import run_demo
+from tokenforget.commands.demo import check_settings, run_demo
 from tokenforget.report.fair import fair_table, format_fair, grid_settings
 
 
@@ -65,6 +65,8 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
     first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
     from tokenforget.commands.weak import make_weak_sets
 
+    check_settings(cfg.settings, detectors=cfg.demo.detectors)  # before any weak set is made
+    check_settings(cfg.extra_seed_settings, "extra_seed_settings")
     for epochs in cfg.epochs:
         for seed in cfg.data_seeds:
             if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, seed) / "manifest.json").is_file():

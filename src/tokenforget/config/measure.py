@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from tokenforget.config.data import NoiseKind
 from tokenforget.config.tokens import PartitionConfig, ScoreConfig
-from tokenforget.config.training import FLAT_OBJECTIVE, Mode, ObjectiveConfig, ReferenceConfig, ReferenceKind, TrainConfig
+from tokenforget.config.training import FLAT_OBJECTIVE, ObjectiveConfig, ReferenceConfig, ReferenceKind, TrainConfig
 from tokenforget.errors import ConfigError, _check
 
 
@@ -17,8 +17,9 @@ class CompareConfig:
 
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """One complete run per seed (reference subset, reference, scores, partition, every mode's training)."""
-    modes: list[Mode] = field(default_factory=lambda: ["sft", "ignore", "forget"])
-    """Trained from one shared reference and set of scores per seed; `sft` is the paired baseline."""
+    modes: list[str] = field(default_factory=lambda: ["sft", "ignore", "forget"])
+    """Names of `objectives.OBJECTIVES` (checked when the comparison starts), trained from one shared reference and
+    set of scores per seed; `sft` is the paired baseline."""
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """More trainings beside `modes`, by name: overrides of `train` fields (not `training`), e.g.
     `{wga: {objective: {forget_term: wga, beta: 2.0}}, cosine: {objective: {schedule: cosine}}}`. Each trains
@@ -54,7 +55,7 @@ def _check_variant(name: str, overrides: dict[str, Any]) -> None:
 
     where = f"compare.variants.{name}"
     _check(re.fullmatch(r"[A-Za-z0-9_.]+", name) is not None, where, "a name of letters, digits, '_' and '.'")
-    _check(name not in ("base", *get_args(Mode)), where, "a variant needs a name of its own, not a mode's")
+    _check(name != "base", where, "a variant needs a name of its own, not the base model's")
     _check(isinstance(overrides, dict), where, f"must be a mapping of train fields, got {overrides!r}")
     known = {f.name for f in fields(TrainConfig)}
     sections = {"partition": PartitionConfig, "reference": ReferenceConfig, "score": ScoreConfig}

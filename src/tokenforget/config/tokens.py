@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from tokenforget.errors import _check
+from tokenforget.errors import _check, check_name
 
-Selection = Literal["global", "per_sample", "threshold", "soft", "example", "tail", "verified_tail", "verified_whole", "verified_random", "oracle", "data", "simulated", "mixture"]
-SpanUnit = Literal["token", "number", "step"]
 FalsePositives = Literal["random", "detector"]
 
 
@@ -27,7 +25,7 @@ class ScoreConfig:
     pair inherit the earlier occurrence's score), `example_ref_loss`, `example_max_ref_loss` (an example's
     worst token), `ref_loss_min_rank` (the `ref_loss_wga` preset's, docs/detection.md). Changing it reuses the
     scoring pass."""
-    spans: SpanUnit = "token"
+    spans: str = "token"
     """What is decided as one unit (`tokenforget.score_methods.span_decisions`): `token`; `number`, every token of a
     number takes the number's lowest score, and a number repeating an earlier one of its answer inherits that one's
     (a copied wrong value goes with its source); `step`, numbers first, then a whole line. Reuses the scoring pass."""
@@ -41,11 +39,12 @@ class ScoreConfig:
     Without it the pass costs half as much and CE_base is stored as NaN (not measured)."""
 
     def __post_init__(self) -> None:
-        from tokenforget.score_methods import SCORE_METHODS, reads_base
+        from tokenforget.score_methods import SCORE_METHODS, SPAN_UNITS, reads_base
 
         _check(self.batch_size > 0, "score.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.shard_size > 0, "score.shard_size", f"must be > 0, got {self.shard_size}")
-        _check(self.method in SCORE_METHODS, "score.method", f"unknown '{self.method}', choose from {list(SCORE_METHODS)}")
+        check_name(self.method, SCORE_METHODS, "score.method")
+        check_name(self.spans, SPAN_UNITS, "score.spans")
         _check(
             self.precomputed_path is None or self.method == "paper",
             "score.method", "precomputed scores are ranked as they are; leave score.method unset",
@@ -60,8 +59,8 @@ class PartitionConfig:
 
     rho: float = 0.7
     """Share of response tokens that are positive (the top-scored ones); the rest are negative."""
-    selection: Selection = "global"
-    """`global`: the top rho of all tokens of the data set (the paper); `per_sample`: the top rho of each
+    selection: str = "global"
+    """A name of `tokenforget.stages.partition.SELECTIONS` (checked when a run starts). `global`: the top rho of all tokens of the data set (the paper); `per_sample`: the top rho of each
     example (every example keeps some tokens); `threshold`: score >= `threshold` (rho unused);
     `soft`: the global ranking plus a weight per token in [-1, 1], 1 - r/k for the k positives and
     -(r - k + 1)/(N - k) for the negatives (r = rank), used as |weight| in the loss, so tokens near the cut

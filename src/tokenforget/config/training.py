@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional
 
 from tokenforget.errors import _check, _check_pass_through
 
@@ -118,33 +118,28 @@ class ReferenceConfig:
                "folds and rounds train their own references; unset checkpoint")
 
 
-Mode = Literal["forget", "ignore", "sft", "dft"]
-ForgetObjective = Literal["ga", "unlikelihood", "wga", "tnpo"]
-# lambda(t) schedules: the names of `tokenforget.training.objectives.SCHEDULES` (kept here so that config needs no torch)
-LambdaSchedule = Literal["linear", "constant", "cosine", "warmup_constant"]
-NEEDS_BASE_CE = frozenset({"tnpo"})  # forgetting terms that need the base model's per-token CE in the batch
-
-
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """The training objective, in one frozen value (`train.objective` in a run's config; what a `ForgettingTrainer`
-    or TRL's `ForgettingSFTTrainer` computes its loss with), validated here once.
+    or TRL's `ForgettingSFTTrainer` computes its loss with). Its numbers are checked here; its names are checked
+    against the registries that declare them (`objectives.check_objective`, when a run or a trainer starts).
 
     The loss is `objectives.OBJECTIVES[mode]`; for `forget`, the negative tokens' term is
     `objectives.FORGET_TERMS[forget_term]` weighted by lambda(t) = `objectives.SCHEDULES[schedule]` from t_min to
     t_max over the optimizer steps.
     """
 
-    mode: Mode = "forget"
-    """`forget` (the paper), `sft` (every response token), `ignore` (positive tokens only) or `dft` (every response
-    token, its CE scaled by the model's detached probability of it: Dynamic Fine-Tuning, arXiv 2508.05629)."""
-    forget_term: ForgetObjective = "ga"
+    mode: str = "forget"
+    """A name of `objectives.OBJECTIVES`: `forget` (the paper), `sft` (every response token), `ignore` (positive
+    tokens only) or `dft` (every response token, its CE scaled by the model's detached probability of it: Dynamic
+    Fine-Tuning, arXiv 2508.05629)."""
+    forget_term: str = "ga"
     """What `forget` does to negative tokens (`tokenforget.training.objectives.FORGET_TERMS`): `ga`, gradient ascent on
     their CE (the paper, unbounded); `unlikelihood`, -log(1 - p); `wga`, gradient ascent weighted by p^beta;
     `tnpo`, token-wise NPO, weighted by 2 p^beta / (p^beta + p_base^beta). The last three are bounded."""
     beta: float = 1.0
     """Temperature of `wga` and `tnpo`: larger beta stops pushing a token sooner once it is unlikely."""
-    schedule: LambdaSchedule = "linear"
+    schedule: str = "linear"
     """How lambda moves over optimizer steps: `linear` (the paper), `constant`, `cosine`, `warmup_constant`;
     see `tokenforget.training.objectives.SCHEDULES`."""
     t_min: float = 0.0
@@ -154,19 +149,9 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         where = "train.objective"
-        _check(self.mode in get_args(Mode), f"{where}.mode", f"unknown '{self.mode}', choose from {list(get_args(Mode))}")
-        _check(self.forget_term in get_args(ForgetObjective), f"{where}.forget_term",
-               f"unknown '{self.forget_term}', choose from {list(get_args(ForgetObjective))}")
-        _check(self.schedule in get_args(LambdaSchedule), f"{where}.schedule",
-               f"unknown '{self.schedule}', choose from {sorted(get_args(LambdaSchedule))}")
         _check(self.t_min >= 0 and self.t_max >= 0, f"{where}.t_max", "lambda bounds must be >= 0")
         _check(0.0 < self.warmup <= 1.0, f"{where}.warmup", f"must be in (0, 1], got {self.warmup}")
         _check(self.beta > 0, f"{where}.beta", f"must be > 0, got {self.beta}")
-
-    @property
-    def needs_base_ce(self) -> bool:
-        """The `tnpo` term compares with the base model's CE of each token (a `base_ce` column)."""
-        return self.mode == "forget" and self.forget_term in NEEDS_BASE_CE
 
 
 # The objective's knobs sat flat in `train` before issue 29 (CHANGELOG): old name -> the field of `train.objective`.

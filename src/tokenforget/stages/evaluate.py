@@ -14,6 +14,7 @@ kind `accuracy` (averaged into `average` by `tokenforget compare`), `nll` or `di
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_b
 from tokenforget.model.loading import BaseModel, autocast, device
 from tokenforget.training.objectives import OBJECTIVES
 from tokenforget.runfolder import (
-    STAGE_FILE, RunFolderError, file_digest, fingerprint, folder_digest, release_memory, stable_view,
+    STAGE_FILE, RunFolder, RunFolderError, file_digest, fingerprint, folder_digest, release_memory, stable_view,
 )
 from tokenforget.stages import data as data_mod, harness
 from tokenforget.stages.labels_in_data import Record
@@ -286,36 +287,32 @@ GENERATE_BATCH = 64  # prompts per generate call: the demo's 48 held-out problem
 
 class EvaluatedRun(Protocol):
     """What an evaluation of held-out answers needs of a run (`tokenforget.run.pipeline.Run` has it): its config (the
-    data's rendering, the model's settings), its base model (tokenizer, frozen weights) and its precision."""
+    data's rendering, the model's settings), its base model (tokenizer, frozen weights), its precision and its folder
+    (each model's results a stage there)."""
 
     cfg: RunConfig
     base: BaseModel
     bf16: bool
+    folder: RunFolder
 
 
 def evaluate_models(
     run: EvaluatedRun, stages: dict[str, Path], test_path: Path, max_new_tokens: int, log: Callable[[str], None],
-    cache: Optional[Path] = None, with_base: bool = True, nll_problems: Optional[int] = None,
+    with_base: bool = True, nll_problems: Optional[int] = None,
 ) -> dict[str, Any]:
     """Answer accuracy and gold NLL on a held-out file, for each trained stage and (`with_base`) the base model; the
     gold NLL over the first `nll_problems` problems only when given (a token mean: its first few thousand tokens
-    settle it, and its forward costs a third of an evaluation). With `cache`, a model's results are kept there
-    (`<name>-<key>.json`, the key made of the model's stage fingerprint, the file's content, the generation length and
-    the NLL's problems) and reused, so a rerun that adds settings evaluates only the new ones."""
+    settle it, and its forward costs a third of an evaluation). Each model's results are a stage of the run folder
+    (`held_out_stage`), reused while its fingerprint holds (`eval_key`: the model's stage fingerprint, the file's
+    content, the generation length, the NLL's problems), so a rerun that adds settings evaluates only the new ones."""
     tok = run.base.tokenizer
     records = data_mod.load_records(run.cfg.data, str(test_path))
     cols, _ = data_mod.tokenize_records(tok, records, run.cfg.data)
     prompts = [r.messages[:-1] for r in records]
     golds = [r.messages[-1]["content"] for r in records]
     nll_n = len(records) if nll_problems is None else min(nll_problems, len(records))
-    models: dict[str, Any] = {}
-    for name in [*(["base"] if with_base else []), *stages]:
-        key = eval_key(run, stages.get(name), test_path, max_new_tokens, nll_n, len(records))
-        kept = cache / f"{name}-{key}.json" if cache else None
-        if kept is not None and kept.is_file():
-            log(f"[evaluate] {name}: reusing {kept}")
-            models[name] = json.loads(kept.read_text())
-            continue
+
+    def evaluate_one(name: str) -> dict[str, Any]:
         model = run.base.frozen().to(device()) if name == "base" else load_trained(stages[name])
         log(f"[evaluate] {name}: generating {len(prompts)} answers")
         started = time.time()
@@ -325,14 +322,31 @@ def evaluate_models(
         first = f" (first {nll_n} problems)" if nll_n < len(records) else ""
         log(f"[evaluate] {name}: accuracy {acc.accuracy:.3f} on {acc.n} problems, gold NLL {nll:.4f} nats/token{first}, "
             f"in {time.time() - started:.0f} s")
-        models[name] = {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "nll_n": nll_n,
-                        "sample": preds[0],
-                        "correct": acc.correct, "answers": [extract_answer(p) for p in preds]}  # what each one said
-        if kept is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(json.dumps(models[name]))
-        del model
+        return {"accuracy": acc.accuracy, "stderr": acc.stderr, "n": acc.n, "gold_nll": nll, "nll_n": nll_n,
+                "sample": preds[0], "correct": acc.correct, "answers": [extract_answer(p) for p in preds]}
+
+    def commit(results: dict[str, Any], d: Path) -> dict[str, Any]:
+        (d / HELD_OUT_FILE).write_text(json.dumps(results))
+        return {"accuracy": results["accuracy"], "n": results["n"]}
+
+    models: dict[str, Any] = {}
+    for name in [*(["base"] if with_base else []), *stages]:
+        key = eval_key(run, stages.get(name), test_path, max_new_tokens, nll_n, len(records))
+        stage = held_out_stage(run.folder.root, stages.get(name), test_path)
+        done = run.folder.ensure(stage, key, functools.partial(evaluate_one, name), commit)
+        models[name] = json.loads((done / HELD_OUT_FILE).read_text())
     return {"models": models}
+
+
+HELD_OUT_FILE = "held_out.json"
+
+
+def held_out_stage(root: Path, trained: Optional[Path], test_path: Path) -> str:
+    """The stage name of one model's results on one held-out file: `held-out-<file>-<model>`, the model the train
+    stage's path under the run folder (`variant-x.train-ignore-e2-t1`) or `base`: every setting, epoch count and
+    training seed of a grid keeps its own."""
+    model = "base" if trained is None else ".".join(trained.resolve().relative_to(root.resolve()).parts)
+    return f"held-out-{test_path.stem}-{model}"
 
 
 def eval_key(run: EvaluatedRun, stage: Optional[Path], test_path: Path, max_new_tokens: int, nll_n: int, n: int) -> str:

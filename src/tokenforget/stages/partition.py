@@ -292,7 +292,8 @@ class Selection:
     reads_known_noise: bool = False  # True: it reads the data's known noise (refused early on data without any)
 
 
-# `partition.selection` -> its record (config.Selection lists the same names: tests/test_registries.py).
+# `partition.selection` -> its record: the one place a selection is declared (the config holds its name, checked
+# against this registry when a run starts: `run.pipeline.check_names`).
 SELECTIONS: dict[str, Selection] = {
     "global": Selection(lambda r: Selected(global_partition(r.scores, r.pc.rho))),
     "per_sample": Selection(lambda r: Selected(per_sample_partition(r.scores, r.example, r.pc.rho))),

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from tokenforget.columns import flat_list_column, has_base_ce, list_column
 from tokenforget.config import to_dict
-from tokenforget.config.training import NEEDS_BASE_CE
 from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch
 from tokenforget.model.loading import BaseModel, fold_of, load_reference
 from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError, file_digest, fingerprint, round_stage, shard_ranges
 from tokenforget.score_methods import reads_base, reads_reference
 from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun
+from tokenforget.training.objectives import FORGET_TERMS
 
 # a scoring pass stores the per-token CE under both models; the score is made from them by `score.method`
 CE_FEATURES = datasets.Features({k: datasets.Sequence(datasets.Value("float32")) for k in ("ce_base", "ce_ref")})
@@ -295,7 +295,7 @@ def base_pass(run: StageRun) -> bool:
     sc = run.cfg.score
     if sc.base_pass is not None:
         return sc.base_pass
-    return reads_base(sc.method) or run.cfg.train.objective.forget_term in NEEDS_BASE_CE
+    return reads_base(sc.method) or FORGET_TERMS[run.cfg.train.objective.forget_term].needs_base_ce
 
 
 def scores_unused(run: StageRun) -> bool:
@@ -304,7 +304,7 @@ def scores_unused(run: StageRun) -> bool:
     the base model's CE. A simulated detector with random false positives reads the known noise only."""
     pc = run.cfg.partition
     known_only = not run.selection.needs_scores or (pc.selection == "simulated" and pc.false_positives == "random")
-    return known_only and run.cfg.train.objective.forget_term not in NEEDS_BASE_CE
+    return known_only and not FORGET_TERMS[run.cfg.train.objective.forget_term].needs_base_ce
 
 
 def base_only(run: StageRun) -> bool:

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from tokenforget.columns import has_base_ce
 from tokenforget.config import to_dict
 from tokenforget.config.training import FLAT_OBJECTIVE, ObjectiveConfig, TrainConfig
-from tokenforget.training.objectives import LEARN, NO_LOSS, needs_partition
+from tokenforget.training.objectives import LEARN, NO_LOSS, needs_base_ce, needs_partition
 from tokenforget.runfolder import file_digest, fingerprint, stable_view
 from tokenforget.stages import labels as labels_mod
 from tokenforget.stages.labels_in_data import DataError
@@ -46,10 +46,10 @@ def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: st
     """The training set of `objective.mode` from an exported labels file (`labels.read_labels`)."""
     if not needs_partition(objective.mode):
         return sft_from_classes(exported)
-    if objective.needs_base_ce and "ce_base" not in exported.column_names:
+    if needs_base_ce(objective) and "ce_base" not in exported.column_names:
         raise DataError(f"train.labels_path: '{path}' has no ce_base column, "
                         f"which train.objective.forget_term '{objective.forget_term}' needs")
-    if objective.needs_base_ce and not has_base_ce(exported):
+    if needs_base_ce(objective) and not has_base_ce(exported):
         raise DataError(f"train.labels_path: '{path}' has ce_base NaN (scored without the base model, "
                         f"score.base_pass), which train.objective.forget_term '{objective.forget_term}' needs")
     return exported
@@ -71,7 +71,7 @@ def train_set(run: StageRun, mode: str) -> datasets.Dataset:
         return sft_classes(tokens)
     run.need("labels")
     classes = with_classes(tokens, run.need("partition", run.rounds))
-    if objective.needs_base_ce:  # p_base = exp(-CE under the base model), from the scores stage
+    if needs_base_ce(objective):  # p_base = exp(-CE under the base model), from the scores stage
         classes = with_classes(classes, run.need("scores", run.rounds).select_columns(["ce_base"]))
     return classes
 
@@ -82,7 +82,7 @@ def _needs(run: StageRun, arg: Arg) -> list[Need]:
         return []
     if not needs_partition(mode):
         return [("data", None)]
-    base_ce = [("scores", run.rounds)] if run.cfg.train.objective_for(mode).needs_base_ce else []
+    base_ce = [("scores", run.rounds)] if needs_base_ce(run.cfg.train.objective_for(mode)) else []
     return [("data", None), ("labels", None), ("partition", run.rounds), *base_ce]
 
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tokenforget.errors import check_name
+
 LEARN, FORGET, NO_LOSS = 1, -1, 0
 
 
@@ -151,11 +153,20 @@ def tnpo_term(ce: torch.Tensor, ce_base: Optional[torch.Tensor] = None, beta: fl
 
 ForgetTerm = Callable[[torch.Tensor, Optional[torch.Tensor], float], torch.Tensor]
 
-FORGET_TERMS: dict[str, ForgetTerm] = {
-    "ga": ga_term,
-    "unlikelihood": unlikelihood_term,
-    "wga": wga_term,
-    "tnpo": tnpo_term,
+
+@dataclass(frozen=True)
+class Term:
+    """One `train.objective.forget_term`: what `forget` does to a negative token. A new term is one record here."""
+
+    push: ForgetTerm  # (ce, ce_base or None, beta) -> the token's loss
+    needs_base_ce: bool = False  # it compares with the base model's CE of the token (`ce_base`, from the scores stage)
+
+
+FORGET_TERMS: dict[str, Term] = {
+    "ga": Term(ga_term),
+    "unlikelihood": Term(unlikelihood_term),
+    "wga": Term(wga_term),
+    "tnpo": Term(tnpo_term, needs_base_ce=True),
 }
 
 
@@ -167,7 +178,7 @@ def named(registry: dict[str, Any], name: str, what: str) -> Any:
 
 
 def get_forget_term(name: str) -> ForgetTerm:
-    return named(FORGET_TERMS, name, "forgetting term")
+    return named(FORGET_TERMS, name, "forgetting term").push
 
 
 def ignore_loss(
@@ -259,6 +270,19 @@ def needs_partition(mode: str) -> bool:
     """Whether a training of `mode` reads the partition (and so a reference and scores). A name that is no mode (a
     `compare.variants` entry, planned and compared beside the modes) counts as reading it."""
     return OBJECTIVES[mode].needs_partition if mode in OBJECTIVES else True
+
+
+def needs_base_ce(objective: Any) -> bool:
+    """Whether a training with `objective` (an `ObjectiveConfig`) reads the base model's CE of each token: its mode
+    takes a forgetting term, and that term compares with the base (`Term.needs_base_ce`)."""
+    return "forget_term" in OBJECTIVES[objective.mode].settings and FORGET_TERMS[objective.forget_term].needs_base_ce
+
+
+def check_objective(objective: Any, where: str) -> None:
+    """Refuse, naming the field, an objective whose names are not in this module's registries."""
+    check_name(objective.mode, OBJECTIVES, f"{where}.mode")
+    check_name(objective.forget_term, FORGET_TERMS, f"{where}.forget_term")
+    check_name(objective.schedule, SCHEDULES, f"{where}.schedule")
 
 
 def linear_schedule(step: int, total: int, t_min: float, t_max: float) -> float:

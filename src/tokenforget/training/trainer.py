@@ -19,7 +19,9 @@ from tokenforget.errors import UserError
 from tokenforget.config.training import ObjectiveConfig, TrainingConfig
 from tokenforget.model.head_ce import token_cross_entropy
 from tokenforget.model.model_ce import ce_path, model_token_ce
-from tokenforget.training.objectives import FORGET, LEARN, OBJECTIVES, TokenCounts, get_forget_term, get_objective, get_schedule
+from tokenforget.training.objectives import (
+    FORGET, LEARN, OBJECTIVES, TokenCounts, check_objective, get_schedule, needs_base_ce,
+)
 
 
 class NonFiniteLossError(UserError):
@@ -109,9 +111,9 @@ class ForgettingMixin:
     def init_forgetting(self, objective: ObjectiveConfig) -> None:
         """Set the objective and schedule (see `ObjectiveConfig`); call before the Trainer's own `__init__`."""
         self.objective_name, self.forget_term = objective.mode, objective.forget_term
-        get_objective(objective.mode), get_forget_term(objective.forget_term)  # unknown names fail here, not at step 1
+        check_objective(objective, "train.objective")  # unknown names fail here, not at step 1
         self.objective = OBJECTIVES[objective.mode].bound(objective)  # its settings bound: batch tensors only after
-        self.needs_base_ce = objective.needs_base_ce
+        self.needs_base_ce = needs_base_ce(objective)
         self.schedule = get_schedule(objective.schedule, warmup=objective.warmup)
         self.t_min, self.t_max = objective.t_min, objective.t_max
         self._sums = torch.zeros(4, dtype=torch.float64)  # pos loss sum, neg loss sum, n_pos, n_neg
