@@ -67,7 +67,7 @@ def timed(label: str, fn, log: dict) -> None:
 
 
 def one_process(out: Path) -> dict:
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
     log: dict = {}
     quiet = lambda _m: None  # noqa: E731
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--stage", default="all")
     a = ap.parse_args()
     if a.stage == "score":  # under torchrun: the data and reference stages are there, score only
-        from tokenforget.run.pipeline import Run
+        from tokenforget.pipeline.resolver import Run
 
         Run(config(a.out, "two")).score()
         return

@@ -106,7 +106,7 @@ def test_audit_writes_a_marked_file_that_trains_as_written(tmp_path: Path, tiny_
     inside the answer. Trained as written with `partition.selection: data`, the no-loss tokens of each marked
     example are the worst span's tokens inside the answer: the first of them, and none outside [a, b)."""
     from tokenforget.training.objectives import NO_LOSS
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
     from tokenforget.cli import parse_config
 
     cfg = labelled_config(tmp_path, tiny_model_dir)

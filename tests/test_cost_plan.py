@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import forbid_loading
 from tokenforget.model import memory as mem
 from tokenforget.cli import main, parse_config
-from tokenforget.run.pipeline import Run
+from tokenforget.pipeline.resolver import Run
 from tokenforget.report.cost import cost_plan
 from tokenforget.commands.plan import plan_run
 from tokenforget.stages.stage import train_padded_tokens

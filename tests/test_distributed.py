@@ -105,7 +105,7 @@ def test_ddp_timeout_reaches_the_process_group(monkeypatch):
     """Under torchrun (WORLD_SIZE 2) the process group is made with the configured timeout."""
     import accelerate
 
-    from tokenforget.run.pipeline import Ranks
+    from tokenforget.pipeline.resolver import Ranks
 
     made: list[dict] = []
 

@@ -157,7 +157,7 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     from tokenforget.stages.demo_task import make_examples
     from tokenforget.config import RunConfig, from_dict
     from tokenforget.errors import UserError
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
     rows = [{**r, "is_correct": i % 2 == 0} for i, r in enumerate(make_examples(8, seed=0, noise=0.0))]
     cfg = tiny_run_config(tmp_path, tiny_model_dir, rows=rows)

@@ -190,7 +190,7 @@ def test_training_on_the_data_s_labels_skips_reference_and_scoring(tmp_path, tin
     from conftest import tiny_run_config, write_config
     from tokenforget.cli import main, parse_config
     from tokenforget.stages.demo_task import make_examples
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
     from test_plan import statuses
 
     rows = make_examples(12, seed=0, noise=0.5)

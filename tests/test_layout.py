@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "trainer": ("training.trainer", "training.fit"),
     "stages": ("stages",),
     "drop_in": ("training.trl",),  # TRL's SFTTrainer with the objective; reads the data's weights through the data stage
-    "run": ("run",),
+    "pipeline": ("pipeline",),
     "report": ("report",),
     "commands": ("commands",),
     "entry": ("cli", "__main__", "__init__", "trl"),  # trl: the drop-in's public path (`training/trl.py`)
@@ -148,7 +148,7 @@ def test_type_only_imports_count_for_direction_not_for_floors(tmp_path):
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert {"run.pipeline", "runfolder", "stages.reference", "report.tables"} <= set(graph)  # the walk sees the package
+    assert {"pipeline.resolver", "runfolder", "stages.reference", "report.tables"} <= set(graph)  # the walk sees the package
     assert find_cycle(graph) == []
 
 
@@ -189,12 +189,12 @@ def test_no_module_over_500_lines():
 
 
 def test_stage_modules_and_config_import_alone():
-    """Each stage module imports in a process where the run layer cannot be imported; the config modules
+    """Each stage module imports in a process where the pipeline layer cannot be imported; the config modules
     import without torch."""
     light = "; ".join(f"import tokenforget.{m}" for m in LIGHT)
     stages = "; ".join(f"import tokenforget.stages.{s}" for s in JOURNEY)
     code = (f"import sys; {light}; assert 'torch' not in sys.modules, 'config imported torch'; "
-            "sys.modules['tokenforget.run'] = None; sys.modules['tokenforget.run.pipeline'] = None; " + stages)
+            "sys.modules['tokenforget.pipeline'] = None; sys.modules['tokenforget.pipeline.resolver'] = None; " + stages)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parents[1],
                          env={"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,7 +17,7 @@ from tokenforget.config import ConfigError, LoraSettings, ModelConfig, RunConfig
 from tokenforget.model import loading as models
 from tokenforget.model.loading import BaseModel, add_lora, share_weights
 from tokenforget.model.memory import Shape, estimate, model_shape
-from tokenforget.run.pipeline import Run
+from tokenforget.pipeline.resolver import Run
 
 
 def weights_digest(model: torch.nn.Module) -> str:

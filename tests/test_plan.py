@@ -15,8 +15,8 @@ from tokenforget.commands.plan import plan_run
 from tokenforget.stages.score import score_padded_tokens
 from tokenforget.stages.stage import optimizer_steps, train_padded_tokens
 from tokenforget.config import TrainingConfig
-from tokenforget.run import variants
-from tokenforget.run.pipeline import Run
+from tokenforget.pipeline import variants
+from tokenforget.pipeline.resolver import Run
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -240,7 +240,7 @@ def test_the_registry_follows_the_journey_and_a_stage_reads_only_what_it_declare
     miss it)."""
     from test_layout import JOURNEY
 
-    from tokenforget.run.pipeline import STAGES
+    from tokenforget.pipeline.resolver import STAGES
     from tokenforget.stages.stage import Stage
 
     modules = [s.make.__module__.removeprefix("tokenforget.stages.") for s in STAGES.values()]

@@ -42,7 +42,7 @@ def test_each_literal_lists_its_registrys_names(field: str):
 
 
 def _run_check(**sections: Any) -> Callable[[], None]:
-    from tokenforget.run.pipeline import check_names
+    from tokenforget.pipeline.resolver import check_names
 
     return lambda: check_names(RunConfig(**sections))
 
@@ -90,7 +90,7 @@ def test_every_name_a_record_declares_passes(field: str):
 
 
 def test_a_variants_names_are_checked_with_the_run():
-    from tokenforget.run.pipeline import check_names
+    from tokenforget.pipeline.resolver import check_names
 
     def refused(variants: dict[str, Any]) -> str:
         with pytest.raises(config.ConfigError) as e:
@@ -106,7 +106,7 @@ def test_a_variants_names_are_checked_with_the_run():
 
 
 def test_base_pass_false_is_refused_when_the_forgetting_term_reads_the_base():
-    from tokenforget.run.pipeline import check_names
+    from tokenforget.pipeline.resolver import check_names
 
     tnpo = replace(RunConfig(), train=_objective(forget_term="tnpo"), score=ScoreConfig(method="ref_loss", base_pass=False))
     with pytest.raises(config.ConfigError, match="config field 'score.base_pass': false, but .* 'tnpo'"):

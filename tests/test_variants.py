@@ -14,7 +14,7 @@ from conftest import gsm8k_rows, tiny_run_config
 
 from tokenforget.cli import main
 from tokenforget.config import RunConfig, from_dict, to_dict
-from tokenforget.run.pipeline import Run
+from tokenforget.pipeline.resolver import Run
 from tokenforget.runfolder import file_digest, fingerprint
 from tokenforget.stages.reference import cross_fit_folds
 

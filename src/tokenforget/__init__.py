@@ -2,7 +2,7 @@
 
 The data's journey, one module each under `stages/`: `data` (records -> tokens with response masks) -> `score`
 (CE_base - CE_ref per token) -> `partition` (global ranking into +1/-1 classes) -> `train` -> the trainer
-(`ForgettingTrainer`) -> `evaluate`; `run.pipeline.Run` ties them to one run folder, `report/` shows it
+(`ForgettingTrainer`) -> `evaluate`; `pipeline.resolver.Run` ties them to one run folder, `report/` shows it
 (docs/architecture.md: the layers and one line per file).
 """
 
@@ -22,7 +22,7 @@ _LAZY = {
     **dict.fromkeys(("OBJECTIVES", "SCHEDULES", "TokenCounts", "forgetting_loss"), "tokenforget.training.objectives"),
     "token_cross_entropy": "tokenforget.model.head_ce",
     **dict.fromkeys(("ForgettingMixin", "ForgettingTrainer", "TokenClassCollator"), "tokenforget.training.trainer"),
-    "Run": "tokenforget.run.pipeline",
+    "Run": "tokenforget.pipeline.resolver",
 }
 
 

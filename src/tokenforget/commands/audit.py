@@ -266,7 +266,7 @@ def run_audit(cfg: RunConfig) -> None:
     and, for unlabelled data, a copy with the worst spans marked."""
     import numpy as np
 
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
     from tokenforget.stages.score import response_arrays
 
     if cfg.score.base_pass is None:  # the audit's `base_loss` and `paper` measures read CE_base

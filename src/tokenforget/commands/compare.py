@@ -63,8 +63,8 @@ from tokenforget.config import RunConfig, to_dict
 from tokenforget.model.loading import BaseModel
 from tokenforget.training.objectives import needs_partition
 from tokenforget.report.tables import RESULTS_FILE, TABLE_FILE, format_compare
-from tokenforget.run import variants
-from tokenforget.run.pipeline import Run, has_corrupt
+from tokenforget.pipeline import variants
+from tokenforget.pipeline.resolver import Run, has_corrupt
 from tokenforget.version import provenance
 
 
@@ -115,7 +115,7 @@ def run_compare(cfg: RunConfig, log: Callable[[str], None] = print, base: Option
     return results
 
 
-def _variant_runs(run: Any) -> dict[str, Any]:
+def _variant_runs(run: Run) -> dict[str, Run]:
     """The seed's variants that partition on their own (another score method, rho, selection or reference),
     as their run folders; variants that only change the training share the seed's partition."""
     subs = {name: variants.variant(run, name)[0] for name in run.cfg.compare.variants}

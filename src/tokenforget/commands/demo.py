@@ -27,7 +27,7 @@ from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
 
 if TYPE_CHECKING:  # imported where used: a run pulls in the training stack
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
 NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
@@ -41,7 +41,7 @@ def trusted_run(cfg: DemoConfig, run: Run, root: Path, log: Callable[[str], None
     """The demo's noisy data with a reference trained on `n_trusted` clean generated examples that share no
     prompt with the training data, and the `ref_loss_wga` preset, in `run_dir/trusted/`: the settings that
     need a trusted reference (forgetting, ignoring, the sample filter) train here or start from here."""
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
     trusted_path = root / "task" / "trusted.jsonl"
     taken = task_prompts(root / "task")  # training and held-out problems: the trusted ones share none
@@ -80,8 +80,8 @@ class DemoRuns:
         (`verified_tail`: in the answers known wrong, rho unused; `verified_random` cuts them at a random token seeded
         by the demo's seed, `verified_whole` drops them whole); with `spans` `number`, each number scored as its least
         likely token (`score.spans`). `run`: the run whose reference it reads (default: the trusted one)."""
-        from tokenforget.run.pipeline import Run
-        from tokenforget.run.variants import adopt_stages
+        from tokenforget.pipeline.resolver import Run
+        from tokenforget.pipeline.variants import adopt_stages
 
         if name not in self.made:
             rec = run or self.trusted()
@@ -98,8 +98,8 @@ class DemoRuns:
         settings (its forgetting term for `sim_forget`). Its right tokens are random ones, or with
         `sim_false_positives: detector` the ones the trusted run's score finds most suspicious (that reference and
         scoring pass reused, not rerun)."""
-        from tokenforget.run.pipeline import Run
-        from tokenforget.run.variants import adopt_stages
+        from tokenforget.pipeline.resolver import Run
+        from tokenforget.pipeline.variants import adopt_stages
 
         if name not in self.made:
             rec = self.trusted()
@@ -118,8 +118,8 @@ class DemoRuns:
         for `contrastive`, the spans below -`CONTRASTIVE_NATS` (`partition.selection: threshold`); for
         `contrastive_mixture`, the share a two-component mixture estimates (`partition.selection: mixture`). The
         two share one scoring pass, made in `contrastive`'s folder."""
-        from tokenforget.run.pipeline import Run
-        from tokenforget.run.variants import adopt_stages
+        from tokenforget.pipeline.resolver import Run
+        from tokenforget.pipeline.variants import adopt_stages
 
         if name not in self.made:
             rec = self.trusted()
@@ -137,7 +137,7 @@ class DemoRuns:
         """The ceiling: the same problems with every answer right, in `run_dir/clean/` (with `name`
         `correct_only`: the noisy set's right answers only, `task/correct_only.jsonl`, in `run_dir/correct_only/`;
         `rft`: every right sample, `task/rft.jsonl`)."""
-        from tokenforget.run.pipeline import Run
+        from tokenforget.pipeline.resolver import Run
 
         if name not in self.made:
             data = replace(self.run.cfg.data, path=str(self.root / "task" / f"{name}.jsonl"))
@@ -158,7 +158,7 @@ class DemoRuns:
         the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`; a problem that also has an
         answer graded wrong in the file gives the reference none of its answers (`task/self_reference.jsonl`, written
         only where there is one: the reference never sees a problem whose answer it judges)."""
-        from tokenforget.run.pipeline import Run
+        from tokenforget.pipeline.resolver import Run
 
         if name not in self.made:
             c, task = self.run.cfg, self.root / "task"
@@ -180,7 +180,7 @@ class DemoRuns:
     def forgetting(self, run: Run, term: str) -> tuple[Run, str]:
         """`run`'s negatives forgotten instead of ignored: the paper's `forget` with `term` and its schedule
         (lambda linear 0 -> 0.25), a `compare.variants` entry `forget_<term>` trained in `run`'s folder."""
-        from tokenforget.run.pipeline import Run
+        from tokenforget.pipeline.resolver import Run
 
         name = f"forget_{term}"
         objective = {"mode": "forget", "forget_term": term, "schedule": "linear", "t_min": 0.0, "t_max": FORGET_T_MAX}
@@ -439,8 +439,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     problems (answer accuracy, gold NLL), measure detection, write the HTML report; return every number."""
     from tokenforget.report import summary as report
     from tokenforget.report.html import build_report
-    from tokenforget.run import variants
-    from tokenforget.run.pipeline import Run, has_corrupt
+    from tokenforget.pipeline import variants
+    from tokenforget.pipeline.resolver import Run, has_corrupt
     from tokenforget.stages.preference import METHODS as PREFERENCE_METHODS
     from tokenforget.stages.evaluate import evaluate_models
 

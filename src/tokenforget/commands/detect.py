@@ -107,7 +107,7 @@ def run_detect(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, 
     """Every (noise kind, reference) pair: noisy data, one scoring pass, every method measured. Writes and
     returns the results; prints the table."""
     from tokenforget.model.loading import BaseModel
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
     from tokenforget.stages.score import response_arrays
 
     if cfg.score.precomputed_path:

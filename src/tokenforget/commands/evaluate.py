@@ -6,8 +6,8 @@ from tokenforget.config import RunConfig
 
 
 def run_eval(cfg: RunConfig) -> None:
-    from tokenforget.run import variants
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline import variants
+    from tokenforget.pipeline.resolver import Run
     from tokenforget.stages.evaluate import results_table
     from tokenforget.stages.harness import check_installed
 

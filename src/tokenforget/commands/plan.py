@@ -33,8 +33,8 @@ from tokenforget.model.loading import autocast, device
 from tokenforget.model.memory import run_estimate
 from tokenforget.model.model_ce import model_token_ce
 from tokenforget.training.objectives import LEARN, forgetting_loss
-from tokenforget.run import variants
-from tokenforget.run.pipeline import STAGES, Run
+from tokenforget.pipeline import variants
+from tokenforget.pipeline.resolver import STAGES, Run
 from tokenforget.stages import data as data_mod
 from tokenforget.stages.reference import reference_examples
 from tokenforget.stages.score import raw_score_fp, reusable_score_fps, scores_unused

@@ -9,7 +9,7 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
     """Run (or reuse) every stage up to `stage` (`run`: through the final training) and print the run's summary;
     `run` also writes the HTML report."""
     from tokenforget.report import summary as report
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
     run = Run(cfg)
     if stage == "run":

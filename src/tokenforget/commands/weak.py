@@ -32,7 +32,7 @@ def weak_model(cfg: WeakConfig, out: Path, taken: set[str], log: Callable[[str],
     """The weak teacher: the demo's SFT (its LoRA, learning rate and batch) on `n_sft` clean problems of another
     seed that are not training problems; returns (the Run, the train stage folder)."""
     from tokenforget.stages.demo_task import demo_run_config, make_task, write_jsonl
-    from tokenforget.run.pipeline import Run
+    from tokenforget.pipeline.resolver import Run
 
     pool = make_task(4 * cfg.n_sft + 64, cfg.seed + SFT_SEED_OFFSET, 0.0)[1]
     sft = [r for r in pool if r["prompt"] not in taken][: cfg.n_sft]

@@ -10,7 +10,7 @@ from tokenforget.command_config import PlanConfig
 from tokenforget.config.training import TrainingConfig
 from tokenforget.model import memory as mem
 from tokenforget.model.memory import MemoryEstimate
-from tokenforget.run.pipeline import Run
+from tokenforget.pipeline.resolver import Run
 from tokenforget.stages.score import score_padded_tokens
 from tokenforget.stages.stage import StagePlan, longest, micro_batches, train_padded_tokens
 from tokenforget.text_table import format_table

@@ -17,7 +17,7 @@ from tokenforget.text_table import format_table
 
 
 class ScoredRun(Protocol):
-    """What a detection summary reads of a run: its tokens, scores and token classes (`run.pipeline.Run`)."""
+    """What a detection summary reads of a run: its tokens, scores and token classes (`pipeline.resolver.Run`)."""
 
     def data(self) -> Any: ...
     def score(self) -> Any: ...

@@ -286,7 +286,7 @@ GENERATE_BATCH = 64  # prompts per generate call: the demo's 48 held-out problem
 
 
 class EvaluatedRun(Protocol):
-    """What an evaluation of held-out answers needs of a run (`tokenforget.run.pipeline.Run` has it): its config (the
+    """What an evaluation of held-out answers needs of a run (`tokenforget.pipeline.resolver.Run` has it): its config (the
     data's rendering, the model's settings), its base model (tokenizer, frozen weights), its precision and its folder
     (each model's results a stage there)."""
 

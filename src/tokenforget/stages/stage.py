@@ -1,7 +1,7 @@
 """What makes a stage a stage: one `Stage` record each, declared in the stage's own module.
 
 A record holds the stage's name, the stages it reads (`needs`), its fingerprint, how it is made (build and commit
-through `RunFolder.ensure`, then read back) and its plan (the dry run's work and counts). `run.pipeline.Run` is a
+through `RunFolder.ensure`, then read back) and its plan (the dry run's work and counts). `pipeline.resolver.Run` is a
 resolver over the records (`STAGES` there): `run.need("scores")` makes every stage `needs` lists first, then the
 stage; the dry run (`commands.plan`) walks the same `needs` and calls the same `fingerprint` and `plan`, so the
 plan and the run cannot list different stages. A stage reads its inputs with `run.need` too, and only the ones its
@@ -32,17 +32,20 @@ Need = tuple[str, Arg]  # (stage kind, its arg): one stage a record reads
 
 
 class SelectionRecord(Protocol):
-    """What the stages before the partition read of the run's token selection (`partition.Selection`)."""
+    """What the stages before the partition read of the run's token selection (`partition.Selection`, frozen: read-only
+    here)."""
 
-    needs_scores: bool
-    reads_known_noise: bool
+    @property
+    def needs_scores(self) -> bool: ...
+
+    @property
+    def reads_known_noise(self) -> bool: ...
 
 
 class StageRun(Protocol):
-    """What a stage needs of the run it is made in (`run.pipeline.Run` has it)."""
+    """What a stage needs of the run it is made in (`pipeline.resolver.Run` has it)."""
 
     cfg: RunConfig
-    selection: SelectionRecord  # the record of `partition.selection`
     bf16: bool
     base: BaseModel
     setup: FitSetup
@@ -55,6 +58,9 @@ class StageRun(Protocol):
 
     @property
     def rounds(self) -> int: ...
+
+    @property
+    def selection(self) -> SelectionRecord: ...  # the record of `partition.selection`
 
 
 @dataclass

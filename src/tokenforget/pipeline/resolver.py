@@ -16,7 +16,7 @@ holds the fingerprint of its current inputs, else build it and commit it atomica
     eval-<model>/          evaluate.STAGES                    a train stage or the base
 
 The dry run (`commands.plan`) walks the same records. The layout of the folder is described in `runfolder`;
-compare's variants (one run with other settings) are in `run.variants`.
+compare's variants (one run with other settings) are in `pipeline.variants`.
 """
 
 from __future__ import annotations
@@ -172,6 +172,6 @@ class Run:
         return self.need("eval", target)
 
 
-def has_corrupt(run: Any) -> bool:
+def has_corrupt(run: Run) -> bool:
     """Whether the run's data has known noise (a `corrupt` mask with a set token)."""
     return any(any(c) for c in run.data()["corrupt"])

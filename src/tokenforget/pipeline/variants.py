@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from tokenforget.config.measure import VARIANT_SECTIONS
 from tokenforget.training.objectives import needs_partition as mode_needs_partition
-from tokenforget.run.pipeline import STAGES, Run
+from tokenforget.pipeline.resolver import STAGES, Run
 from tokenforget.runfolder import STAGE_FILE
 from tokenforget.stages.score import raw_fingerprint_of, raw_score_fp, reusable_score_fps
 
