@@ -276,6 +276,27 @@ def test_demo_measures_a_detector_without_training_on_it(tmp_path: Path, tiny_mo
     assert not [d for d in (root / "trusted").iterdir() if d.name.startswith("train-")]
 
 
+def test_demo_sweeps_lambda_on_the_oracles_negatives(tmp_path: Path, tiny_model_dir: Path):
+    """`oracle_forget_lam1`: the oracle's partition (the known corrupted tokens), forgotten with the paper's term and
+    lambda linear 0 -> 1 instead of 0 -> 0.25. 24 answers in batches of 4 are 6 optimizer steps, logged at the 5th,
+    which runs after t = 4 finished steps: lambda there is 4/6 x 0.25 for `oracle_forget` and 4/6 x 1 for the sweep,
+    trained in the oracle's folder."""
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "2", "--max_new_tokens", "2", "--batch_size", "4", "--micro_batch_size", "4",
+            "--settings", "[sft, oracle_forget, oracle_forget_lam1]"]
+    assert main(args) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    oracle = root / "variant-oracle_forget"
+    assert res["stages"]["oracle_forget_lam1"] == str(oracle / "train-forget_ga_lam1")
+
+    def lambdas(stage: str) -> list[float]:
+        return [e["lambda"] for e in json.loads((oracle / stage / "log_history.json").read_text()) if "lambda" in e]
+
+    assert lambdas("train-oracle_forget") == pytest.approx([4 / 6 * 0.25])
+    assert lambdas("train-forget_ga_lam1") == pytest.approx([4 / 6 * 1.0])
+
+
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun

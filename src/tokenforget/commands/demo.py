@@ -57,6 +57,9 @@ def task_prompts(task: Path) -> set[str]:
     return {json.loads(line)["prompt"] for f in files if f.is_file() for line in f.read_text().splitlines()}
 
 
+FORGET_T_MAX = 0.25  # the paper's lambda: linear from 0 to 0.25 over the optimizer steps
+
+
 @dataclass
 class DemoRuns:
     """The run folders the demo's settings train in, made when a setting first needs one."""
@@ -177,19 +180,25 @@ class DemoRuns:
             self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
         return self.made[name]
 
-    def forgetting(self, run: Run, term: str) -> tuple[Run, str]:
+    def oracle(self) -> Run:
+        """The run of `oracle_forget` (`variant-oracle_forget/`): the known corrupted tokens as its negatives."""
+        from tokenforget.pipeline import variants
+
+        return variants.variant(self.run, "oracle_forget")[0]
+
+    def forgetting(self, run: Run, term: str, t_max: float = FORGET_T_MAX) -> tuple[Run, str]:
         """`run`'s negatives forgotten instead of ignored: the paper's `forget` with `term` and its schedule
-        (lambda linear 0 -> 0.25), a `compare.variants` entry `forget_<term>` trained in `run`'s folder."""
+        (lambda linear 0 -> `t_max`, the paper's 0.25 by default), a `compare.variants` entry `forget_<term>`
+        (`forget_<term>_lam<t_max>` at another `t_max`) trained in `run`'s folder."""
         from tokenforget.pipeline.resolver import Run
 
-        name = f"forget_{term}"
-        objective = {"mode": "forget", "forget_term": term, "schedule": "linear", "t_min": 0.0, "t_max": FORGET_T_MAX}
+        name = f"forget_{term}" + ("" if t_max == FORGET_T_MAX else f"_lam{t_max:g}")
+        objective = {"mode": "forget", "forget_term": term, "schedule": "linear", "t_min": 0.0, "t_max": t_max}
         c = run.cfg
         cfg = replace(c, compare=replace(c.compare, variants={**c.compare.variants, name: {"objective": objective}}))
         return Run(cfg, base=run.base, log=self.log), name
 
 
-FORGET_T_MAX = 0.25  # the paper's lambda: linear from 0 to 0.25 over the optimizer steps
 FORGET_TERMS = {"forget": "ga", "wga": "wga", "unlikelihood": "unlikelihood", "tnpo": "tnpo"}  # suffix -> term
 
 
@@ -205,8 +214,8 @@ class Setting:
     detects: str = ""
 
 
-def _forgot(partition: str, term: str) -> str:
-    return f"{partition} forgotten with the {term} term (lambda 0 -> {FORGET_T_MAX}) instead of ignored"
+def _forgot(partition: str, term: str, t_max: float = FORGET_T_MAX) -> str:
+    return f"{partition} forgotten with the {term} term (lambda 0 -> {t_max:g}) instead of ignored"
 
 
 def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: str = "verified_tail",
@@ -266,6 +275,9 @@ DEMO_SETTINGS: dict[str, Setting] = {
                                   "UFT: the right answers learned, every answer graded wrong pushed down by unlikelihood"),
     **{f"oracle_{t}": Setting((lambda t: lambda r: (r.run, f"oracle_{t}"))(t), _forgot("exactly the tokens known wrong", t))
        for t in ("wga", "unlikelihood", "tnpo")},
+    # lambda's sweep on the oracle's negatives (precision 1, the paper's premise): is forgetting harder better?
+    **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
+                                            _forgot("exactly the tokens known wrong", "ga", lam)) for lam in (0.5, 1.0)},
     **{f"verified_tail_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_tail"), t))(t),
                                      _forgot("verified_tail's negatives", t)) for s, t in FORGET_TERMS.items()},
     **{f"contrastive_{s}": Setting((lambda t: lambda r: r.forgetting(r.contrastive(), t))(t), _forgot("contrastive's negatives", t))
