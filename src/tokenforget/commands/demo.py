@@ -25,6 +25,7 @@ from tokenforget.stages.demo_task import (
 )
 from tokenforget.model.loading import BaseModel
 from tokenforget.presets import PRESETS, apply_preset
+from tokenforget.training.objectives import FORGET_TERMS
 
 if TYPE_CHECKING:  # imported where used: a run pulls in the training stack
     from tokenforget.pipeline.resolver import Run
@@ -199,7 +200,8 @@ class DemoRuns:
         return Run(cfg, base=run.base, log=self.log), name
 
 
-FORGET_TERMS = {"forget": "ga", "wga": "wga", "unlikelihood": "unlikelihood", "tnpo": "tnpo"}  # suffix -> term
+# a setting name's suffix -> its forgetting term: every term of the objectives' registry, the paper's `ga` as `forget`
+FORGET_SUFFIXES = {("forget" if term == "ga" else term): term for term in FORGET_TERMS}
 
 
 @dataclass(frozen=True)
@@ -279,9 +281,9 @@ DEMO_SETTINGS: dict[str, Setting] = {
     **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
                                             _forgot("exactly the tokens known wrong", "ga", lam)) for lam in (0.5, 1.0)},
     **{f"verified_tail_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_tail"), t))(t),
-                                     _forgot("verified_tail's negatives", t)) for s, t in FORGET_TERMS.items()},
+                                     _forgot("verified_tail's negatives", t)) for s, t in FORGET_SUFFIXES.items()},
     **{f"contrastive_{s}": Setting((lambda t: lambda r: r.forgetting(r.contrastive(), t))(t), _forgot("contrastive's negatives", t))
-       for s, t in FORGET_TERMS.items()},
+       for s, t in FORGET_SUFFIXES.items()},
     # TRL's own trainers with the verdicts (`tokenforget.stages.preference`)
     "kto": Setting(lambda r: (r.run, "kto"),
                    "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model"),
