@@ -42,7 +42,7 @@ def test_each_literal_lists_its_registrys_names(field: str):
 
 
 def _run_check(**sections: Any) -> Callable[[], None]:
-    from tokenforget.pipeline.resolver import check_names
+    from tokenforget.pipeline.names import check_names
 
     return lambda: check_names(RunConfig(**sections))
 
@@ -90,7 +90,7 @@ def test_every_name_a_record_declares_passes(field: str):
 
 
 def test_a_variants_names_are_checked_with_the_run():
-    from tokenforget.pipeline.resolver import check_names
+    from tokenforget.pipeline.names import check_names
 
     def refused(variants: dict[str, Any]) -> str:
         with pytest.raises(config.ConfigError) as e:
@@ -106,7 +106,7 @@ def test_a_variants_names_are_checked_with_the_run():
 
 
 def test_base_pass_false_is_refused_when_the_forgetting_term_reads_the_base():
-    from tokenforget.pipeline.resolver import check_names
+    from tokenforget.pipeline.names import check_names
 
     tnpo = replace(RunConfig(), train=_objective(forget_term="tnpo"), score=ScoreConfig(method="ref_loss", base_pass=False))
     with pytest.raises(config.ConfigError, match="config field 'score.base_pass': false, but .* 'tnpo'"):
@@ -131,3 +131,20 @@ def test_the_command_line_refuses_an_undeclared_name_in_one_line_before_any_work
     assert err.startswith(f"tokenforget {argv[0]}: error: config field '{field}': unknown 'bogus'"), err
     assert "\n" not in err
     assert not out.exists()  # refused before a folder was made or a model loaded
+
+
+def test_a_misspelt_run_name_is_refused_before_the_pipeline_is_imported(tmp_path):
+    """The command line checks a run's names with the two registries alone (`pipeline.names`): transformers, datasets
+    and peft are not imported before the one-line refusal (in a fresh process: this one has them)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    code = ("import sys; from tokenforget.cli import main; "
+            f"rc = main(['run', '--data.path', {str(data)!r}, '--run_dir', {str(tmp_path / 'out')!r}, "
+            "'--train.objective.mode', 'bogus']); "
+            "print(rc, sorted(m for m in ('transformers', 'datasets', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr[-2000:]
+    assert "config field 'train.objective.mode': unknown 'bogus'" in out.stderr

@@ -207,6 +207,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cls = COMMANDS[name][0] if name in COMMANDS else RunConfig
             print(f"tokenforget {name}: error: {explain_parse_error(str(e), cls)}".replace("  ", " "), file=sys.stderr)
             return 2
+        if isinstance(cfg, RunConfig):  # a name no registry declares: one line, before the command's imports
+            from tokenforget.pipeline.names import check_names
+
+            check_names(cfg)
         if dry:
             importlib.import_module("tokenforget.commands.plan").dry_run_command(name, cfg, dry)  # loads no torch before
         else:

@@ -21,7 +21,6 @@ compare's variants (one run with other settings) are in `pipeline.variants`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,7 +28,6 @@ import datasets
 
 from tokenforget.training import fit as fit_mod
 from tokenforget.config import RunConfig, to_dict
-from tokenforget.errors import _check, check_name
 from tokenforget.model.loading import BaseModel, check_attention, check_qlora, use_bf16
 from tokenforget.runfolder import Ranks, RunFolder
 from tokenforget.stages import (
@@ -43,7 +41,7 @@ from tokenforget.stages import (
     train as train_stage,
 )
 from tokenforget.stages.stage import Arg, Stage
-from tokenforget.training.objectives import FORGET_TERMS, OBJECTIVES, check_objective
+from tokenforget.pipeline.names import check_names
 
 # Every stage record, in the journey's order: each stage module lists its own (`STAGES` there), so a new stage
 # in a module that has stages is one record in that module.
@@ -52,25 +50,6 @@ STAGES: dict[str, Stage] = {
                                              eval_mod) for s in module.STAGES
 }
 PER_ROUND = ("reference", "scores", "partition")  # kinds with one stage per self-evolving round (arg: the round)
-
-
-def check_names(cfg: RunConfig) -> None:
-    """Refuse, naming the field, a name the registries do not declare. A selection, an objective or a forgetting term
-    is declared once, by its record; the config holds a plain `str`, checked here when a run starts, before any
-    work (the config's own checks stay torch-free)."""
-    check_name(cfg.partition.selection, part_mod.SELECTIONS, "partition.selection")
-    check_objective(cfg.train.objective, "train.objective")
-    for mode in cfg.compare.modes:
-        check_name(mode, OBJECTIVES, "compare.modes")
-    for name, overrides in cfg.compare.variants.items():
-        where = f"compare.variants.{name}"
-        _check(name not in OBJECTIVES, where, "a variant needs a name of its own, not a mode's")
-        check_objective(replace(cfg.train.objective, **overrides.get("objective", {})), f"{where}.objective")
-        selection = overrides.get("partition", {}).get("selection", cfg.partition.selection)
-        check_name(selection, part_mod.SELECTIONS, f"{where}.partition.selection")
-    term = cfg.train.objective.forget_term  # whatever the mode: a comparison trains `forget` on the same scores
-    _check(cfg.score.base_pass is not False or not FORGET_TERMS[term].needs_base_ce, "score.base_pass",
-           f"false, but train.objective.forget_term '{term}' reads the base model's CE")
 
 
 class Run:

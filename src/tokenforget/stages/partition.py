@@ -293,7 +293,7 @@ class Selection:
 
 
 # `partition.selection` -> its record: the one place a selection is declared (the config holds its name, checked
-# against this registry when a run starts: `pipeline.resolver.check_names`).
+# against this registry when a run starts: `pipeline.names.check_names`).
 SELECTIONS: dict[str, Selection] = {
     "global": Selection(lambda r: Selected(global_partition(r.scores, r.pc.rho))),
     "per_sample": Selection(lambda r: Selected(per_sample_partition(r.scores, r.example, r.pc.rho))),
