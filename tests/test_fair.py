@@ -290,3 +290,29 @@ def test_extra_training_seeds_train_only_the_rows_that_need_them():
     assert train_seeds_of(cfg, 2) == [2, 7, 8]
     assert cell_settings(cfg, 2, 2) == ["sft", "rft", "verified_tail", "verified_random", "sft_plus_trusted"]
     assert cell_settings(cfg, 2, 7) == ["sft", "rft", "verified_tail", "sft_plus_trusted"]
+
+
+def test_the_forgotten_token_sets_by_hand(tmp_path: Path):
+    """scripts/forgotten_nll.py's token sets on 2 answers: a wrong one (response tokens 2-5, wrong from token 4 on)
+    and a right one (response 1-3): wrong tokens {4, 5}, the first wrong token {4}, the right tokens before it
+    {2, 3}, the right answer's tokens {1, 2, 3}; every response token spans them all."""
+    import importlib.util
+
+    import datasets
+
+    datasets.Dataset.from_dict({
+        "input_ids": [[9, 8, 7, 6, 5, 4], [3, 2, 1, 0]],
+        "response_mask": [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1]],
+        "corrupt": [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0]],
+    }).save_to_disk(str(tmp_path / "data" / "tokens"))
+    spec = importlib.util.spec_from_file_location("forgotten", Path(__file__).parents[1] / "scripts" / "forgotten_nll.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids, (every, wrong, first, before, right) = script.token_sets(tmp_path)
+    assert ids == [[9, 8, 7, 6, 5, 4], [3, 2, 1, 0]]
+    assert every == [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1]]
+    assert wrong == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0]]
+    assert first == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0]]
+    assert before == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0]]
+    assert right == [[0, 0, 0, 0, 0, 0], [0, 1, 1, 1]]
+    assert script.SETS[0] == "every response token" and len(script.SETS) == 5
