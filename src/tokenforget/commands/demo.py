@@ -185,7 +185,9 @@ class DemoRuns:
         """The run of `oracle_forget` (`variant-oracle_forget/`): the known corrupted tokens as its negatives."""
         from tokenforget.pipeline import variants
 
-        return variants.variant(self.run, "oracle_forget")[0]
+        if "oracle" not in self.made:
+            self.made["oracle"] = variants.variant(self.run, "oracle_forget")[0]
+        return self.made["oracle"]
 
     def forgetting(self, run: Run, term: str, t_max: float = FORGET_T_MAX) -> tuple[Run, str]:
         """`run`'s negatives forgotten instead of ignored: the paper's `forget` with `term` and its schedule

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tokenforget.config.training import ObjectiveConfig
 from tokenforget.errors import check_name
 
 LEARN, FORGET, NO_LOSS = 1, -1, 0
@@ -252,8 +253,8 @@ class Objective:
     needs_partition: bool = True  # False: every response token alike, trained on the data alone (no reference)
     settings: tuple[str, ...] = ()  # the `train.objective` fields its loss takes, bound once by `bound`
 
-    def bound(self, objective: Any) -> LossFn:
-        """The loss with its settings bound (torchtune's `DPOLoss(beta)` style; `objective`: an `ObjectiveConfig`):
+    def bound(self, objective: ObjectiveConfig) -> LossFn:
+        """The loss with its settings bound (torchtune's `DPOLoss(beta)` style):
         a caller passes the batch's tensors and lambda(t) only."""
         return functools.partial(self.loss, **{name: getattr(objective, name) for name in self.settings})
 
@@ -272,13 +273,13 @@ def needs_partition(mode: str) -> bool:
     return OBJECTIVES[mode].needs_partition if mode in OBJECTIVES else True
 
 
-def needs_base_ce(objective: Any) -> bool:
-    """Whether a training with `objective` (an `ObjectiveConfig`) reads the base model's CE of each token: its mode
+def needs_base_ce(objective: ObjectiveConfig) -> bool:
+    """Whether a training with `objective` reads the base model's CE of each token: its mode
     takes a forgetting term, and that term compares with the base (`Term.needs_base_ce`)."""
     return "forget_term" in OBJECTIVES[objective.mode].settings and FORGET_TERMS[objective.forget_term].needs_base_ce
 
 
-def check_objective(objective: Any, where: str) -> None:
+def check_objective(objective: ObjectiveConfig, where: str) -> None:
     """Refuse, naming the field, an objective whose names are not in this module's registries."""
     check_name(objective.mode, OBJECTIVES, f"{where}.mode")
     check_name(objective.forget_term, FORGET_TERMS, f"{where}.forget_term")
