@@ -148,3 +148,35 @@ def test_a_misspelt_run_name_is_refused_before_the_pipeline_is_imported(tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr[-2000:]
     assert "config field 'train.objective.mode': unknown 'bogus'" in out.stderr
+
+
+def test_a_new_selection_or_objective_is_one_record(monkeypatch):
+    """What "one record" means: a selection added to `SELECTIONS` alone is accepted by the run's checks and decides
+    the partition; an objective added to `OBJECTIVES` alone is accepted and bound. Here a selection that learns the
+    first half of each example's tokens (4 tokens in 2 examples: +1 -1 +1 -1) and an objective that is sft at half
+    weight (token losses 1, 3 over 2 tokens: 0.5 x 2 = 1.0). No other list is edited."""
+    import numpy as np
+    import torch
+
+    from tokenforget.pipeline.names import check_names
+    from tokenforget.stages import partition as part
+    from tokenforget.training import objectives as obj
+
+    def first_half(r: "part.Ranking") -> "part.Selected":
+        pos = np.zeros(len(r.example), dtype=bool)
+        for e in np.unique(r.example):
+            idx = np.flatnonzero(r.example == e)
+            pos[idx[: len(idx) // 2]] = True
+        return part.Selected(pos)
+
+    monkeypatch.setitem(part.SELECTIONS, "first_half", part.Selection(first_half, needs_scores=False))
+    monkeypatch.setitem(obj.OBJECTIVES, "half_sft", obj.Objective(
+        lambda token_loss, token_class, lam, counts=None, **_: obj.LossParts(
+            0.5 * obj.sft_loss(token_loss, token_class, lam, counts).loss, torch.tensor(0.0), torch.tensor(0.0)),
+        needs_partition=False))
+    check_names(RunConfig(partition=PartitionConfig(selection="first_half"), train=_objective(mode="half_sft")))
+    classes, _, _ = part.select_tokens(np.zeros(4), np.ones(4), np.array([0, 2, 4]), "first_half", 0.7)
+    assert classes.tolist() == [1, -1, 1, -1]
+    loss = obj.OBJECTIVES["half_sft"].bound(ObjectiveConfig(mode="half_sft"))(
+        torch.tensor([[0.0, 1.0, 3.0]]), torch.tensor([[0, 1, 1]]), 0.0)
+    assert float(loss.loss) == pytest.approx(1.0)
