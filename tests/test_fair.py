@@ -179,6 +179,12 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     before = (dpo / "stage.json").stat().st_mtime_ns
     again = Run(from_dict(RunConfig, cfg))  # a new process: the stage is reused by its fingerprint
     assert again.need("preference", ("dpo", "", str(pairs))) == dpo and (dpo / "stage.json").stat().st_mtime_ns == before
+    # a learning rate of its own (the 4th element): a stage of its own beside the run's, the same warm start
+    assert json.loads((dpo / "stage.json").read_text())["learning_rate"] == cfg["train"]["training"]["learning_rate"]
+    slow = run.need("preference", ("dpo", "", str(pairs), 1e-5))
+    assert slow == run.root / "train-dpo-lr1e-05" and json.loads((slow / "stage.json").read_text())["learning_rate"] == 1e-5
+    assert run.fp("preference", ("dpo", "", str(pairs), 1e-5)) != run.fp("preference", ("dpo", "", str(pairs)))
+    assert run.fp("preference", ("dpo", "", str(pairs), None)) == run.fp("preference", ("dpo", "", str(pairs)))
 
 
 def test_the_demo_trains_kto_as_a_stage_of_its_run(tmp_path: Path, tiny_model_dir: Path):

@@ -216,6 +216,7 @@ class Setting:
     make: Callable[[DemoRuns], tuple[Run, str]]
     what: str = ""
     detects: str = ""
+    learning_rate: Optional[float] = None  # TRL's trainers (`kto`, `dpo`) only: a rate of their own, else the run's
 
 
 def _forgot(partition: str, term: str, t_max: float = FORGET_T_MAX) -> str:
@@ -291,6 +292,10 @@ DEMO_SETTINGS: dict[str, Setting] = {
                    "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model"),
     "dpo": Setting(lambda r: (r.run, "dpo"),
                    "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)"),
+    # ... at learning rates of their own, the sweep validation chooses from: at sft's 1e-3 DPO collapses
+    **{f"{m}_lr{tag}": Setting((lambda m: lambda r: (r.run, m))(m), f"`{m}` at learning rate {tag}, not sft's",
+                                learning_rate=lr)
+       for m in ("kto", "dpo") for tag, lr in (("1e-4", 1e-4), ("1e-5", 1e-5))},
 }
 PARTITIONING = {name: s.detects for name, s in DEMO_SETTINGS.items() if s.detects}  # the settings the detection table shows
 BASE_WHAT = "the model before any training"
@@ -470,7 +475,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, base: Optional
     for name in settings:
         sub, stage = setting_stage(runs, name)
         if stage in PREFERENCE_METHODS:  # TRL's trainers: a stage of their own
-            stages[name] = sub.need("preference", (stage, stage_suffix(cfg), str(root / "task" / "pairs.jsonl")))
+            lr = DEMO_SETTINGS[name].learning_rate
+            stages[name] = sub.need("preference", (stage, stage_suffix(cfg), str(root / "task" / "pairs.jsonl"), lr))
         else:
             stages[name] = variants.train(sub, stage, stage_suffix(cfg))  # a mode, or a variant (oracle_ignore, ...)
     results = evaluate_models(run, stages, test_path, cfg.max_new_tokens, log, cfg.evaluate_base, cfg.nll_problems)

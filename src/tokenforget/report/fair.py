@@ -25,13 +25,14 @@ EXTRA_DATA = {s: "sft_plus_trusted" for s in (
     "verified_tail_unlikelihood", "verified_tail_tnpo", "contrastive_forget", "contrastive_wga",
     "contrastive_unlikelihood", "contrastive_tnpo")}
 # What a user would do anyway (not a detector of ours): the candidates for the strongest baseline.
-BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft", "kto", "dpo")
+PREFERENCE = ("kto", "dpo", "kto_lr1e-4", "kto_lr1e-5", "dpo_lr1e-4", "dpo_lr1e-5")  # TRL's trainers, at their rates
+BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft", *PREFERENCE)
 # Settings that read the answers' verdicts (right or wrong) -> the baseline a user with the same verdicts trains:
 # the right answers alone at sft's steps.
 VERDICTS = {s: "rft" for s in (
     "verified_tail", "verified_whole", "verified_random", "verified_tail_self", "verified_tail_base",
     "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood", "verified_tail_tnpo",
-    "unlikelihood_wrong", "correct_only", "kto", "dpo")}
+    "unlikelihood_wrong", "correct_only", *PREFERENCE)}
 
 
 def matching_baselines(setting: str) -> list[str]:

@@ -10,7 +10,9 @@ like every stage; its record lists what it reads, so the resolver makes DPO's `s
 
 Both with the run's LoRA, learning rate, batch, schedule and seed (`trainer.training_arguments`), the reference
 the adapter-free model (TRL's default for a peft model), beta 0.1 (TRL's default). The stage's arg: (method, the
-folder name's suffix, the pairs file or None).
+folder name's suffix, the pairs file or None[, a learning rate of its own]): at sft's 1e-3 DPO collapses (the
+chosen answers' log-probability fell from -3.5 to -37 in 18 steps on the weaker model's pairs, docs/results.md), and
+TRL's own defaults are far lower (1e-6, full fine-tuning), so a fair DPO or KTO row sweeps it on validation.
 """
 
 from __future__ import annotations
@@ -52,8 +54,14 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _method(arg: Arg) -> tuple[str, str, Optional[Path]]:
-    method, suffix, pairs = cast(tuple[str, str, Optional[str]], arg)
+    method, suffix, pairs = cast(tuple[str, str, Optional[str]], arg)[:3]
     return method, suffix, None if pairs is None else Path(pairs)
+
+
+def _learning_rate(arg: Arg) -> Optional[float]:
+    """The arg's own learning rate (its 4th element), or None: the run's."""
+    parts = cast(tuple[Any, ...], arg)
+    return parts[3] if len(parts) > 3 else None
 
 
 def _warm_start(arg: Arg) -> Optional[tuple[str, str]]:
@@ -82,8 +90,10 @@ def _needs(run: StageRun, arg: Arg) -> list[Need]:
 def _fingerprint(run: StageRun, arg: Arg) -> str:
     c, warm = run.cfg, _warm_start(arg)
     seed, warm_fp = c.train.seed if c.train.seed is not None else c.seed, run.fp("train", warm) if warm else None
+    lr = _learning_rate(arg)
     return fingerprint("preference", _method(arg)[0], BETA, file_digest(str(_source(run, arg))),
-                       to_dict(c.train.training), to_dict(c.lora), seed, run.bf16, warm_fp)
+                       to_dict(c.train.training), to_dict(c.lora), seed, run.bf16, warm_fp,
+                       *(() if lr is None else (("learning_rate", lr),)))  # none: the fingerprints made before it
 
 
 def _make(run: StageRun, arg: Arg) -> Path:
@@ -103,14 +113,15 @@ def _make(run: StageRun, arg: Arg) -> Path:
 
     def build() -> None:
         nonlocal trainer
-        trainer = _fit(run, method, rows, name, fp, warm)
+        trainer = _fit(run, method, rows, name, fp, warm, _learning_rate(arg))
 
     def commit(_: None, d: Path) -> dict[str, Any]:
         from tokenforget.training.fit import save_model
 
         (d / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         save_model(trainer.model, run.base.tokenizer, d, merged=True)
-        return {"mode": method, "rows": len(rows), "warm_start": str(warm) if warm else None}
+        return {"mode": method, "rows": len(rows), "warm_start": str(warm) if warm else None,
+                "learning_rate": trainer.args.learning_rate}
 
     out = run.folder.ensure(name, fp, build, commit)
     del trainer
@@ -125,15 +136,19 @@ def _plan(run: StageRun, arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> 
 
 
 def folder_of(arg: Arg) -> str:
+    """`train-<method><suffix>`, with `-lr<rate>` before the suffix for a learning rate of its own."""
     method, suffix, _ = _method(arg)
-    return f"train-{method}{suffix}"
+    lr = _learning_rate(arg)
+    return f"train-{method}" + ("" if lr is None else f"-lr{lr:g}") + suffix
 
 
 STAGES = (Stage("preference", _needs, _fingerprint, _make, _plan, folder=folder_of, trains="train"),)
 
 
-def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path]) -> Any:
-    """Train with TRL's trainer: the run's LoRA on the base (or on the warm-start model), its TrainingArguments."""
+def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path],
+         learning_rate: Optional[float] = None) -> Any:
+    """Train with TRL's trainer: the run's LoRA on the base (or on the warm-start model), its TrainingArguments
+    (`learning_rate`, when given, replacing the run's)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
@@ -150,6 +165,8 @@ def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: 
     config_cls, trainer_cls = (DPOConfig, DPOTrainer) if method == "dpo" else (KTOConfig, KTOTrainer)
     fields = {k: v for k, v in args.to_dict().items() if k in config_cls.__dataclass_fields__ and not k.startswith("_")}
     fields.update(beta=BETA, max_length=c.data.max_length, remove_unused_columns=True, disable_tqdm=False)
+    if learning_rate is not None:
+        fields["learning_rate"] = learning_rate
     if method == "kto":  # its KL term pairs each example with its batch neighbours: TRL asks for a fixed order,
         fields["train_sampling_strategy"] = "sequential"  # so the rows are shuffled once, seeded, instead
         rows = [rows[i] for i in random.Random(seed).sample(range(len(rows)), len(rows))]
