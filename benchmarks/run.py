@@ -32,7 +32,7 @@ from tokenforget.config import LoraSettings, ModelConfig, ObjectiveConfig, Train
 from tokenforget.model.loading import add_lora, cpu_flags, cpu_has_bf16, load_model  # noqa: E402
 from tokenforget.stages.partition import flat_token_classes  # noqa: E402
 from tokenforget.stages.partition_streaming import streaming_threshold  # noqa: E402
-from tokenforget.model.batching import forward_ce, length_grouped_batches, pad_batch  # noqa: E402
+from tokenforget.model.batching import length_grouped_batches, pad_batch  # noqa: E402
 from tokenforget.stages.score import score_tokens  # noqa: E402
 from tokenforget.training.trainer import PackedTokenClassCollator, TokenClassCollator, make_trainer, training_arguments  # noqa: E402
 
