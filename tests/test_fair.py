@@ -100,6 +100,37 @@ def test_a_setting_is_held_against_the_baselines_that_read_what_it_reads():
     assert "| `verified_tail_base` | 1 | 0.750 |" in format_fair(t) and "`rft` +0.250, ± 0.250 (problems), 1 run" in format_fair(t)
 
 
+def test_a_new_setting_is_one_record_and_the_table_reads_its_fields(monkeypatch):
+    """A setting added to `DEMO_SETTINGS` alone: one that reads the trusted set brings `sft_plus_trusted` into the
+    grid and is held against it; one marked `baseline` competes for the strongest. One run, 4 problems: sft 1000,
+    sft_plus_trusted 1100, mine 1110 (reads the trusted set), theirs 1101 (a baseline, 0.75: the strongest, above
+    sft_plus_trusted's 0.5). mine - sft_plus_trusted = 0010: +0.25; mine - theirs = (0 0 1 -1): 0."""
+    from tokenforget.pipeline import settings
+    from tokenforget.report.fair import matching_baselines
+
+    records = {**settings.DEMO_SETTINGS, "mine": settings.Setting(lambda r: (r.run, "ignore"), reads=settings.TRUSTED),
+               "theirs": settings.Setting(lambda r: (r.run, "sft"), baseline=True)}
+    monkeypatch.setattr(settings, "DEMO_SETTINGS", records)
+    monkeypatch.setattr("tokenforget.report.fair.DEMO_SETTINGS", records)
+    assert grid_settings(["mine", "theirs"]) == ["sft", "mine", "theirs", "sft_plus_trusted"]
+    assert matching_baselines("mine") == ["sft_plus_trusted"] and matching_baselines("theirs") == []
+    settings.check_settings(["mine", "theirs"])  # declared: no refusal
+    cell = {"sft": [1, 0, 0, 0], "sft_plus_trusted": [1, 1, 0, 0], "mine": [1, 1, 1, 0], "theirs": [1, 1, 0, 1]}
+    t = fair_table({(1, 1, 1.0): {k: _cell(v, 0.5) for k, v in cell.items()}}, list(cell), [1.0])
+    mine = t["chosen_epochs"]["mine"]
+    assert t["strongest"] == "theirs" and mine["vs_strongest"]["mean"] == 0.0
+    assert {b: p["mean"] for b, p in mine["vs_matching"].items()} == {"sft_plus_trusted": 0.25}
+
+
+def test_every_setting_reads_only_what_the_table_has_a_baseline_for():
+    """`Setting.reads` names only `READS`, each with its matching baseline declared as a setting that is a baseline."""
+    from tokenforget.pipeline.settings import DEMO_SETTINGS, READS
+    from tokenforget.report.fair import MATCHING
+
+    assert set(MATCHING) == set(READS) and all(DEMO_SETTINGS[b].baseline for b in MATCHING.values())
+    assert {k for s in DEMO_SETTINGS.values() for k in s.reads} == set(READS)
+
+
 def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     """One data seed x two training seeds x epochs (1, 2) on a tiny model: every cell trains sft, rft and
     verified_tail (which adds sft_plus_trusted) at sft's optimizer steps; the references are trained once per data

@@ -53,7 +53,7 @@ def _objective(**knobs: str) -> TrainConfig:
 
 def _checks() -> dict[str, tuple[Callable[[str], Callable[[], Any]], Callable[[], list[str]]]]:
     """field -> (a check of one value of it, the registry's names): the check raises or passes, no work done."""
-    from tokenforget.commands.demo import check_settings
+    from tokenforget.pipeline.settings import check_settings
 
     return {
         "partition.selection": (lambda v: _run_check(partition=PartitionConfig(selection=v)),
@@ -67,8 +67,8 @@ def _checks() -> dict[str, tuple[Callable[[str], Callable[[], Any]], Callable[[]
                           _names("training.objectives", "OBJECTIVES")),
         "score.spans": (lambda v: lambda: ScoreConfig(spans=v), _names("score_methods", "SPAN_UNITS")),
         "settings": (lambda v: lambda: check_settings([v]),
-                     lambda: [*_names("commands.demo", "DEMO_SETTINGS")(), *_names("commands.demo", "SIM_MODES")()]),
-        "detectors": (lambda v: lambda: check_settings([], detectors=[v]), _names("commands.demo", "PARTITIONING")),
+                     lambda: [*_names("pipeline.settings", "DEMO_SETTINGS")(), *_names("pipeline.settings", "SIM_MODES")()]),
+        "detectors": (lambda v: lambda: check_settings([], detectors=[v]), _names("pipeline.settings", "PARTITIONING")),
     }
 
 

@@ -115,7 +115,7 @@ class DemoConfig:
     weak_dir: Optional[str] = None
     """`noise_kind: weak` only: the folder `tokenforget weak` wrote (its noisy.jsonl and gold.jsonl)."""
     settings: list[str] = field(default_factory=lambda: ["sft", "verified_tail_base"])
-    """What is trained and compared, names of `tokenforget.commands.demo.DEMO_SETTINGS` (checked when the demo starts): `sft`, `dft`, `paper`, `recommended` (the
+    """What is trained and compared, names of `tokenforget.pipeline.settings.DEMO_SETTINGS` (checked when the demo starts): `sft`, `dft`, `paper`, `recommended` (the
     preset: `sft`), `ref_loss_wga` (that preset, its reference on `n_trusted` clean examples), `ignore` (its negative
     tokens ignored, not forgotten), `filter` (the 30% of examples that trusted reference finds least likely
     dropped), `filter_max` (the 30% whose least likely token is least likely), `ignore_tail` (those 30% kept, each
@@ -136,7 +136,7 @@ class DemoConfig:
     (the verdict-free detector), `rft` (the verdicts' baseline), `oracle_ignore` and `clean` for the bound and the
     ceiling."""
     detectors: list[str] = field(default_factory=list)
-    """Names of `tokenforget.commands.demo.PARTITIONING`: settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
+    """Names of `tokenforget.pipeline.settings.PARTITIONING`: settings whose finding of the corrupted tokens is measured and printed even when they are not in `settings`:
     only their reference and scoring pass run, no model is trained on them. `ref_loss_wga`: the reference-loss score
     with a reference trained on `n_trusted` clean examples (one reference training and one forward pass over the
     answers, its score reading no base CE; its figures in docs/results.md). None by default: the settings trained

@@ -6,7 +6,7 @@ response tokens are corrupted; the held-out split is clean:
 - `systematic` (the default): the same wrong step in a share of the answers, every corrupted total 10 too large
   (and the final answer with it). An error that recurs is learned, so it hurts SFT: the noise forgetting is for.
 - `step`: one step's result replaced by a nearby wrong number, a different error each time (a careless annotator).
-Each setting of `DemoConfig.settings` (`DEMO_SETTINGS`: sft, dft, the paper, the recommended preset, the oracle
+Each setting of `DemoConfig.settings` (`tokenforget.pipeline.settings.DEMO_SETTINGS`: sft, dft, the paper, the recommended preset, the oracle
 bounds, and sft on the clean twin of the data as the ceiling) is trained and evaluated on the held-out problems.
 """
 
@@ -16,19 +16,21 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tokenforget.command_config import DemoConfig
-from tokenforget.errors import check_name
+from tokenforget.model.loading import BaseModel
+from tokenforget.pipeline.settings import (
+    DEMO_SETTINGS, FORGET_T_MAX, PARTITIONING, check_settings, described, expand_settings, setting_stage,
+)
+from tokenforget.presets import apply_preset
 from tokenforget.stages.demo_task import (
     demo_run_config, graded_right, held_out, make_examples, make_task, read_jsonl, unjudged_answers, write_jsonl,
 )
-from tokenforget.model.loading import BaseModel
-from tokenforget.presets import PRESETS, apply_preset
-from tokenforget.training.objectives import FORGET_TERMS
 
 if TYPE_CHECKING:  # imported where used: a run pulls in the training stack
     from tokenforget.pipeline.resolver import Run
+
 
 NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
 NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
@@ -58,12 +60,12 @@ def task_prompts(task: Path) -> set[str]:
     return {json.loads(line)["prompt"] for f in files if f.is_file() for line in f.read_text().splitlines()}
 
 
-FORGET_T_MAX = 0.25  # the paper's lambda: linear from 0 to 0.25 over the optimizer steps
 
 
 @dataclass
 class DemoRuns:
-    """The run folders the demo's settings train in, made when a setting first needs one."""
+    """The run folders the demo's settings train in, made when a setting first needs one (the records of
+    `tokenforget.pipeline.settings` see them as `SettingRuns`)."""
 
     cfg: DemoConfig
     root: Path
@@ -203,148 +205,10 @@ class DemoRuns:
 
 
 # a setting name's suffix -> its forgetting term: every term of the objectives' registry, the paper's `ga` as `forget`
-FORGET_SUFFIXES = {("forget" if term == "ga" else term): term for term in FORGET_TERMS}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of `DemoConfig.settings`: the run it trains in and the stage it trains there (`make`), what it is
-    in one line for the demo's table (`what`), and for a setting whose partition the detection table shows, what
-    that partition is (`detects`; "" when it has none to show). A new setting is one record in `DEMO_SETTINGS`; the
-    config's names are checked against it when the demo starts (`check_settings`)."""
-
-    make: Callable[[DemoRuns], tuple[Run, str]]
-    what: str = ""
-    detects: str = ""
-    learning_rate: Optional[float] = None  # TRL's trainers (`kto`, `dpo`) only: a rate of their own, else the run's
-
-
-def _forgot(partition: str, term: str, t_max: float = FORGET_T_MAX) -> str:
-    return f"{partition} forgotten with the {term} term (lambda 0 -> {t_max:g}) instead of ignored"
-
-
-def _verified(r: DemoRuns, name: str, method: str = "ref_loss", selection: str = "verified_tail",
-              run: Optional[Run] = None) -> Run:
-    return r.filtered(name, method, selection, run=run)
-
-
-DEMO_SETTINGS: dict[str, Setting] = {
-    "sft": Setting(lambda r: (r.run, "sft"), "every response token learned (plain supervised fine-tuning): the baseline"),
-    "dft": Setting(lambda r: (r.run, "dft"), "every response token, its loss scaled by the model's probability of it (DFT)"),
-    "paper": Setting(lambda r: (r.run, "forget"), detects="the paper's setting (its score, a slice of the noisy data as reference)"),
-    "recommended": Setting(lambda r: (r.run, PRESETS["recommended"]["train"]["objective"]["mode"])),  # a mode only
-    "ref_loss_wga": Setting(lambda r: (r.trusted(), "forget"),
-                            detects="the ref_loss_wga preset (its score method and rho, a trusted reference)"),
-    "ignore": Setting(lambda r: (r.trusted(), "ignore")),
-    "filter": Setting(lambda r: (r.filtered("filter", "ref_loss"), "ignore"),  # mean reference loss: the usual filter
-                      detects="the sample filter, whole examples (its reference trusted)"),
-    "filter_max": Setting(lambda r: (r.filtered("filter_max", "example_max_ref_loss"), "ignore"),
-                          detects="the sample filter by each example's worst token (its reference trusted)"),
-    "ignore_tail": Setting(lambda r: (r.filtered("ignore_tail", "ref_loss", "tail"), "ignore"),
-                           detects="the same examples cut at their worst token (its reference trusted)"),
-    "ignore_tail_numbers": Setting(lambda r: (r.filtered("ignore_tail_numbers", "ref_loss", "tail", "number"), "ignore"),
-                                   detects="cut at the worst number, a copy inheriting its source (its reference trusted)"),
-    "ignore_tail_half": Setting(lambda r: (r.filtered("ignore_tail_half", "ref_loss", "tail", rho=0.5), "ignore"),
-                                detects="the half of the answers whose worst token is least likely, cut there (trusted)"),
-    "verified_tail": Setting(lambda r: (_verified(r, "verified_tail"), "ignore"),
-                             "each answer graded wrong ignored from the token a trusted reference finds least likely",
-                             "the answers known wrong (a verifier's verdict), each cut at its worst token (trusted)"),
-    "oracle_ignore": Setting(lambda r: (r.run, "oracle_ignore"), "exactly the tokens known wrong ignored: the bound on any detector"),
-    "oracle_forget": Setting(lambda r: (r.run, "oracle_forget"),
-                             "exactly the tokens known wrong forgotten (the paper's -lambda CE, lambda 0 -> 0.25)"),
-    "clean": Setting(lambda r: (r.clean(), "sft"), "the same problems, every answer right: the ceiling"),
-    "correct_only": Setting(lambda r: (r.clean("correct_only"), "sft"), "only the answers graded right, one per problem"),
-    "contrastive": Setting(lambda r: (r.contrastive(), "ignore"),
-                           "a trusted reference against references trained on the noisy answers; the tokens they "
-                           "disagree on are ignored",
-                           "CE_noisy - CE_trusted, numbers whole, negative below -1 nat (trusted + noisy refs)"),
-    "contrastive_mixture": Setting(lambda r: (r.contrastive("contrastive_mixture"), "ignore"),
-                                   detects="the same scores, the negative share from a two-component mixture"),
-    # the fair comparison's baselines and controls (issue 36)
-    "rft": Setting(lambda r: (r.clean("rft"), "sft"),
-                   "every sampled answer graded right, the rest dropped (rejection-sampling fine-tuning), at sft's steps"),
-    "sft_plus_trusted": Setting(lambda r: (r.plus_trusted(), "sft"), "sft on the noisy answers plus the trusted set the detectors read"),
-    "verified_whole": Setting(lambda r: (_verified(r, "verified_whole", selection="verified_whole"), "ignore"),
-                              "each answer graded wrong ignored whole, at sft's steps", "the answers known wrong, whole (no score)"),
-    "verified_random": Setting(lambda r: (_verified(r, "verified_random", selection="verified_random"), "ignore"),
-                               "each answer graded wrong ignored from a random token (the control for where to cut)",
-                               "the answers known wrong, each cut at a random token (no score)"),
-    "verified_tail_self": Setting(lambda r: (_verified(r, "verified_tail_self", run=r.self_checked()), "ignore"),
-                                  "as verified_tail, its reference trained on the file's own answers graded right (no extra data)",
-                                  "the answers known wrong, cut at the worst token of a reference on the right ones"),
-    "verified_tail_base": Setting(lambda r: (_verified(r, "verified_tail_base", "base_loss"), "ignore"),
-                                  "each answer graded wrong ignored from the token the base model finds least likely "
-                                  "(no reference trained, no extra data)",
-                                  "the answers known wrong, cut at the token the base model finds least likely"),
-    "unlikelihood_wrong": Setting(lambda r: r.forgetting(_verified(r, "verified_whole", selection="verified_whole"), "unlikelihood"),
-                                  "UFT: the right answers learned, every answer graded wrong pushed down by unlikelihood"),
-    **{f"oracle_{t}": Setting((lambda t: lambda r: (r.run, f"oracle_{t}"))(t), _forgot("exactly the tokens known wrong", t))
-       for t in ("wga", "unlikelihood", "tnpo")},
-    # lambda's sweep on the oracle's negatives (precision 1, the paper's premise): is forgetting harder better?
-    **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
-                                            _forgot("exactly the tokens known wrong", "ga", lam)) for lam in (0.5, 1.0)},
-    **{f"verified_tail_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_tail"), t))(t),
-                                     _forgot("verified_tail's negatives", t)) for s, t in FORGET_SUFFIXES.items()},
-    **{f"contrastive_{s}": Setting((lambda t: lambda r: r.forgetting(r.contrastive(), t))(t), _forgot("contrastive's negatives", t))
-       for s, t in FORGET_SUFFIXES.items()},
-    # TRL's own trainers with the verdicts (`tokenforget.stages.preference`)
-    "kto": Setting(lambda r: (r.run, "kto"),
-                   "TRL's KTOTrainer, each answer's verdict its label (desirable when right), from the base model"),
-    "dpo": Setting(lambda r: (r.run, "dpo"),
-                   "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)"),
-    # ... at learning rates of their own, the sweep validation chooses from: at sft's 1e-3 DPO collapses
-    **{f"{m}_lr{tag}": Setting((lambda m: lambda r: (r.run, m))(m), f"`{m}` at learning rate {tag}, not sft's",
-                                learning_rate=lr)
-       for m in ("kto", "dpo") for tag, lr in (("1e-4", 1e-4), ("1e-5", 1e-5))},
-}
-PARTITIONING = {name: s.detects for name, s in DEMO_SETTINGS.items() if s.detects}  # the settings the detection table shows
-BASE_WHAT = "the model before any training"
-
-
-def described(name: str) -> str:
-    """What model `name` is, in one line (a setting's `what`, else what its partition is, else its name)."""
-    s = DEMO_SETTINGS.get(name)
-    return BASE_WHAT if name == "base" else (s.what or s.detects or name) if s is not None else name
 
 
 FULL_TABLE = ("docs/fair/recurring/fair_table.md (this task, 3 data seeds, rft and sft_plus_trusted beside them; "
               "what it means: docs/results.md)")  # where the comparison over seeds and baselines lives
-
-
-SIM_MODES = {"sim_ignore": "ignore", "sim_forget": "forget"}  # the simulated detectors' settings -> their modes
-
-
-def check_settings(settings: list[str], field_name: str = "settings", detectors: Sequence[str] = ()) -> None:
-    """Refuse, naming the field, a setting (or detector) this module declares no record for, before any work."""
-    for name in settings:
-        check_name(name, [*DEMO_SETTINGS, *SIM_MODES], field_name)
-    for name in detectors:
-        check_name(name, PARTITIONING, "detectors")
-
-
-def sim_name(setting: str, recall: float, precision: float, fps: str) -> str:
-    """`sim_ignore_r0.6_p0.5` (`_det` appended for the detector's false positives): one simulated model's name."""
-    return f"{setting}_r{recall:g}_p{precision:g}" + ("_det" if fps == "detector" else "")
-
-
-def expand_settings(cfg: DemoConfig) -> list[str]:
-    """`cfg.settings` with `sim_ignore` / `sim_forget` replaced by one name per `sim_recall` x `sim_precision`."""
-    out: list[str] = []
-    for s in cfg.settings:
-        if s in SIM_MODES:
-            out += [sim_name(s, r, p, cfg.sim_false_positives) for r in cfg.sim_recall for p in cfg.sim_precision]
-        else:
-            out.append(s)
-    return out
-
-
-def setting_stage(runs: DemoRuns, name: str) -> tuple[Run, str]:
-    """(the run a setting trains in, the stage it trains): a `DEMO_SETTINGS` name or a simulated model's name."""
-    if name in DEMO_SETTINGS:
-        return DEMO_SETTINGS[name].make(runs)
-    setting, r, p = name.removesuffix("_det").rsplit("_", 2)
-    folder = name.replace(setting, "sim", 1)  # sim_ignore_r1_p0.5 and sim_forget_r1_p0.5 share their partition
-    return runs.simulated(folder, float(r[1:]), float(p[1:])), SIM_MODES[setting]
 
 
 def write_task(cfg: DemoConfig, root: Path) -> tuple[Path, Path]:

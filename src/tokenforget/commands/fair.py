@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
-from tokenforget.commands.demo import check_settings, run_demo
+from tokenforget.commands.demo import run_demo
+from tokenforget.pipeline.settings import check_settings
 from tokenforget.report.fair import fair_table, format_fair, grid_settings
 
 

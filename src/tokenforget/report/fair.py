@@ -1,9 +1,10 @@
 """The fair comparison's table (`tokenforget fair`, `tokenforget.commands.demo.run_fair`; issue 36): numbers in,
 table out, no model.
 
-The protocol's rules as data: `EXTRA_DATA` (a setting that reads data beyond the user's noisy file brings the
-baseline given that same data), `BASELINES` (what a user would do anyway: the candidates for the strongest
-baseline), `VERDICTS` (a setting that reads the answers' verdicts is held against `rft`, which reads them too).
+The protocol's rules read each setting's record (`tokenforget.pipeline.settings.Setting`): a setting that reads data
+beyond the user's noisy file brings the baseline given that same data, and one that reads the answers' verdicts is
+held against `rft`, which reads them too (`MATCHING`, by `Setting.reads`); the settings marked `baseline` (what a user
+would train anyway) are the candidates for the strongest baseline.
 `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference to `sft`,
 to the strongest baseline and to its matching baselines, with the standard error over runs and the mean
 problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
@@ -18,35 +19,36 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-# Settings that read data beyond the user's noisy file -> the baseline given that same data (MEASURING.md).
-EXTRA_DATA = {s: "sft_plus_trusted" for s in (
-    "ref_loss_wga", "ignore", "filter", "filter_max", "ignore_tail", "ignore_tail_numbers", "ignore_tail_half",
-    "verified_tail", "contrastive", "contrastive_mixture", "verified_tail_forget", "verified_tail_wga",
-    "verified_tail_unlikelihood", "verified_tail_tnpo", "contrastive_forget", "contrastive_wga",
-    "contrastive_unlikelihood", "contrastive_tnpo")}
-# What a user would do anyway (not a detector of ours): the candidates for the strongest baseline.
-PREFERENCE = ("kto", "dpo", "kto_lr1e-4", "kto_lr1e-5", "dpo_lr1e-4", "dpo_lr1e-5")  # TRL's trainers, at their rates
-BASELINES = ("sft", "rft", "correct_only", "sft_plus_trusted", "verified_whole", "dft", *PREFERENCE)
-# Settings that read the answers' verdicts (right or wrong) -> the baseline a user with the same verdicts trains:
-# the right answers alone at sft's steps.
-VERDICTS = {s: "rft" for s in (
-    "verified_tail", "verified_whole", "verified_random", "verified_tail_self", "verified_tail_base",
-    "verified_tail_forget", "verified_tail_wga", "verified_tail_unlikelihood", "verified_tail_tnpo",
-    "unlikelihood_wrong", "correct_only", *PREFERENCE)}
+from tokenforget.pipeline.settings import DEMO_SETTINGS, READS
+
+# What a setting reads beyond the noisy answers (`Setting.reads`) -> the baseline that reads the same (MEASURING.md):
+# `sft` on the noisy answers plus the trusted set; the right answers alone at sft's steps.
+MATCHING = {"trusted": "sft_plus_trusted", "verdicts": "rft"}
+
+
+def _reads(setting: str) -> tuple[str, ...]:
+    record = DEMO_SETTINGS.get(setting)  # a simulated detector's name has no record: it reads nothing declared
+    return () if record is None else record.reads
+
+
+def is_baseline(setting: str) -> bool:
+    """Whether `setting` is what a user would train anyway (`Setting.baseline`): a candidate strongest baseline."""
+    record = DEMO_SETTINGS.get(setting)
+    return record is not None and record.baseline
 
 
 def matching_baselines(setting: str) -> list[str]:
-    """The baselines that know what `setting` reads beyond the noisy answers: `sft_plus_trusted` for the trusted
-    set (`EXTRA_DATA`), `rft` for the verdicts (`VERDICTS`); none for a setting that reads neither."""
-    return [b for b in (EXTRA_DATA.get(setting), VERDICTS.get(setting)) if b is not None and b != setting]
+    """The baselines that know what `setting` reads beyond the noisy answers (`MATCHING`, in `READS`'s order):
+    `sft_plus_trusted` for the trusted set, `rft` for the verdicts; none for a setting that reads neither."""
+    return [MATCHING[k] for k in READS if k in _reads(setting) and MATCHING[k] != setting]
 
 
 def grid_settings(settings: Sequence[str], baseline: str = "sft") -> list[str]:
-    """The settings to train: `baseline` first, then `settings` in order, each extra-data setting's matching
-    baseline added after the last setting (once)."""
+    """The settings to train: `baseline` first, then `settings` in order, the matching baseline of each setting that
+    reads the trusted set (data beyond the user's file) added after the last setting (once)."""
     out = [baseline, *(s for s in settings if s != baseline)]
     for s in settings:
-        match = EXTRA_DATA.get(s)
+        match = MATCHING["trusted"] if "trusted" in _reads(s) else None
         if match and match not in out:
             out.append(match)
     return out
@@ -92,7 +94,8 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
                epochs: Sequence[float], baseline: str = "sft") -> dict[str, Any]:
     """For each setting: its mean test accuracy and its paired difference to `baseline` at equal steps (each epochs
     value, over the runs that have it) and at its own chosen epochs against the baseline's own chosen epochs; then
-    each against the strongest baseline (`BASELINES` present, the highest mean accuracy at chosen epochs)."""
+    each against the strongest baseline (of the `is_baseline` settings present, the highest mean accuracy at chosen
+    epochs: the table's choice of rival favours the rival)."""
     runs = sorted({(s, t) for s, t, _ in cells})
     at_epochs: dict[str, dict[str, Any]] = {}
     for e in epochs:
@@ -120,7 +123,7 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
                      "epochs": [picks[s][r] for r in rs], "runs": [list(r) for r in rs]}
     for s, row in chosen.items():  # against the baselines that read what it reads, where the grid trained them
         row["vs_matching"] = {m: _against(cells, picks, s, m, row) for m in matching_baselines(s) if m in chosen}
-    present = [b for b in BASELINES if b in chosen]
+    present = [b for b in chosen if is_baseline(b)]
     strongest = max(present, key=lambda b: chosen[b]["accuracy"]) if present else None
     if strongest is not None:
         for s, row in chosen.items():
