@@ -192,14 +192,15 @@ def test_demo_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys):
     classes = datasets.load_from_disk(str(verified / "partition" / "classes"))["token_class"]
     corrupt = datasets.load_from_disk(str(verified / "data" / "tokens"))["corrupt"]
     assert sum(any(b) for b in corrupt) == 9
-    vcfg, want = json.loads((verified / "config.json").read_text()), PRESETS["verified"]  # the preset's fields
-    assert (vcfg["score"]["method"], vcfg["partition"]["selection"]) == (want["score"]["method"],
-                                                                         want["partition"]["selection"])
     for i, (ce, mask, cls, bad) in enumerate(zip(scores, masks, classes, corrupt)):
         cut = next(t for t, (c, m) in enumerate(zip(ce, mask)) if m and c == worst[i]) if any(bad) else len(mask)
         assert cls == [m * (1 if t < cut else -1) for t, m in enumerate(mask)]
-    # the base model as the reference: the same 9 answers, each cut at its first token of the largest CE_base
+    # the base model as the reference (`--preset verified`'s fields): the same 9 answers, each cut at its first
+    # token of the largest CE_base
     base_cut = tmp_path / "demo" / "verified_tail_base"
+    vcfg, want = json.loads((base_cut / "config.json").read_text()), PRESETS["verified"]
+    assert (vcfg["score"]["method"], vcfg["partition"]["selection"]) == (want["score"]["method"],
+                                                                         want["partition"]["selection"])
     ce_base = datasets.load_from_disk(str(base_cut / "scores" / "scores"))["ce_base"]
     classes = datasets.load_from_disk(str(base_cut / "partition" / "classes"))["token_class"]
     for ce, mask, cls, bad in zip(ce_base, masks, classes, corrupt):

@@ -180,7 +180,8 @@ class DemoRuns:
                          compare=replace(c.compare, variants={}),  # the oracle variants read every answer's scores
                          reference=replace(c.reference, path=str(path),
                                            disjoint_from="wrong"))  # it saw the right answers, never a wrong one
-            self.made[name] = Run(apply_preset(rc, "verified"), base=self.run.base, log=self.log)
+            rc = apply_preset(rc, "verified")  # its cut and mode; scored by this reference's own loss, not the base's
+            self.made[name] = Run(replace(rc, score=replace(rc.score, method="ref_loss")), base=self.run.base, log=self.log)
         return self.made[name]
 
     def oracle(self) -> Run:
