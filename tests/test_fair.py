@@ -122,6 +122,28 @@ def test_a_new_setting_is_one_record_and_the_table_reads_its_fields(monkeypatch)
     assert {b: p["mean"] for b, p in mine["vs_matching"].items()} == {"sft_plus_trusted": 0.25}
 
 
+def test_a_tuned_row_takes_the_variant_validation_chose_in_each_run():
+    """Two runs, 4 problems, 1 epoch; sft 1000 in both (val 0.5). kto: run 1 0000 (val 0.25), run 2 1100 (val 0.75);
+    kto_lr1e-4: run 1 1110 (val 0.5), run 2 0000 (val 0.5). `kto (tuned)` takes kto_lr1e-4 in run 1 and kto in run 2:
+    1110 and 1100, +0.5 and +0.25 over sft, mean +0.375, se over runs std(0.5, 0.25) / sqrt(2) = 0.125; its
+    accuracy 0.625 is the highest of the baselines, so it is the strongest. A tie on validation takes the setting
+    itself before its variant."""
+    from tokenforget.report.fair import chosen_pick, format_fair, tunings
+
+    assert tunings(["kto", "kto_lr1e-4", "oracle_forget_lam0.5"]) == {"kto": ["kto", "kto_lr1e-4"]}  # no oracle_forget
+    answers = {(1, 1): {"sft": ([1, 0, 0, 0], 0.5), "kto": ([0, 0, 0, 0], 0.25), "kto_lr1e-4": ([1, 1, 1, 0], 0.5)},
+               (2, 2): {"sft": ([1, 0, 0, 0], 0.5), "kto": ([1, 1, 0, 0], 0.75), "kto_lr1e-4": ([0, 0, 0, 0], 0.5)}}
+    cells = {(*r, 1.0): {s: _cell(c, v) for s, (c, v) in row.items()} for r, row in answers.items()}
+    t = fair_table(cells, ["sft", "kto", "kto_lr1e-4"], [1.0])
+    row = t["chosen_epochs"]["kto (tuned)"]
+    assert row["chose"] == ["kto_lr1e-4", "kto"] and row["accuracy"] == 0.625
+    assert row["vs_baseline"]["mean"] == 0.375 and abs(row["vs_baseline"]["se_runs"] - 0.125) < 1e-12
+    assert t["strongest"] == "kto (tuned)" and "kto (tuned)" not in t["equal_steps"]["1"]
+    assert "| `kto (tuned)` | 1 `kto_lr1e-4`, 1 `kto` | 0.625 |" in format_fair(t)
+    tie = {(1, 1, 1.0): {"kto": _cell([0, 0, 0, 0], 0.5), "kto_lr1e-4": _cell([1, 1, 1, 1], 0.5)}}
+    assert chosen_pick(tie, (1, 1), ["kto", "kto_lr1e-4"], [1.0]) == ("kto", 1.0)
+
+
 def test_every_setting_reads_only_what_the_table_has_a_baseline_for():
     """`Setting.reads` names only `READS`, each with its matching baseline declared as a setting that is a baseline."""
     from tokenforget.pipeline.settings import DEMO_SETTINGS, READS

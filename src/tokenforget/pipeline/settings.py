@@ -55,7 +55,7 @@ class Setting:
     """One setting of `DemoConfig.settings`: the run it trains in and the stage it trains there (`make`), what it is
     in one line for the demo's table (`what`), and for a setting whose partition the detection table shows, what
     that partition is (`detects`; "" when it has none to show), what it reads beyond the user's noisy answers
-    (`reads`) and whether it is a `baseline`. A new setting is one record in `DEMO_SETTINGS`; the
+    (`reads`), whether it is a `baseline`, and which setting it `tunes` (the fair table's tuned rows). A new setting is one record in `DEMO_SETTINGS`; the
     config's names are checked against it when the demo starts (`check_settings`)."""
 
     make: Callable[[SettingRuns], tuple[Run, str]]
@@ -64,6 +64,7 @@ class Setting:
     learning_rate: Optional[float] = None  # TRL's trainers (`kto`, `dpo`) only: a rate of their own, else the run's
     reads: tuple[str, ...] = ()  # what it reads beyond the noisy answers, of `READS`: the fair table's matching baselines
     baseline: bool = False  # what a user would train anyway (no detector of ours): a candidate for the strongest baseline
+    tunes: str = ""  # the setting this one is a variant of (another rate, another lambda): chosen between on validation
 
 
 def _forgot(partition: str, term: str, t_max: float = FORGET_T_MAX) -> str:
@@ -138,7 +139,8 @@ DEMO_SETTINGS: dict[str, Setting] = {
        for t in ("wga", "unlikelihood", "tnpo")},
     # lambda's sweep on the oracle's negatives (precision 1, the paper's premise): is forgetting harder better?
     **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
-                                            _forgot("exactly the tokens known wrong", "ga", lam)) for lam in (0.5, 1.0)},
+                                            _forgot("exactly the tokens known wrong", "ga", lam), tunes="oracle_forget")
+       for lam in (0.5, 1.0)},
     **{f"verified_tail_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_tail"), t))(t),
                                      _forgot("verified_tail's negatives", t), reads=TRUSTED + VERDICTS)
        for s, t in FORGET_SUFFIXES.items()},
@@ -153,7 +155,7 @@ DEMO_SETTINGS: dict[str, Setting] = {
                    reads=VERDICTS, baseline=True),
     # ... at learning rates of their own, the sweep validation chooses from: at sft's 1e-3 DPO collapses
     **{f"{m}_lr{tag}": Setting((lambda m: lambda r: (r.run, m))(m), f"`{m}` at learning rate {tag}, not sft's",
-                                learning_rate=lr, reads=VERDICTS, baseline=True)
+                                learning_rate=lr, reads=VERDICTS, baseline=True, tunes=m)
        for m in ("kto", "dpo") for tag, lr in (("1e-4", 1e-4), ("1e-5", 1e-5))},
 }
 PARTITIONING = {name: s.detects for name, s in DEMO_SETTINGS.items() if s.detects}  # the settings the detection table shows

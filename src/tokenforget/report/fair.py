@@ -4,7 +4,8 @@ table out, no model.
 The protocol's rules read each setting's record (`tokenforget.pipeline.settings.Setting`): a setting that reads data
 beyond the user's noisy file brings the baseline given that same data, and one that reads the answers' verdicts is
 held against `rft`, which reads them too (`MATCHING`, by `Setting.reads`); the settings marked `baseline` (what a user
-would train anyway) are the candidates for the strongest baseline.
+would train anyway) are the candidates for the strongest baseline; a setting that others tune (`Setting.tunes`:
+another learning rate, another lambda) gets a row with the variant chosen per run on validation.
 `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference to `sft`,
 to the strongest baseline and to its matching baselines, with the standard error over runs and the mean
 problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
@@ -77,24 +78,54 @@ def paired(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> Paired:
     return Paired(float(means.mean()), se_runs, se_prob, len(means))
 
 
+Pick = tuple[str, float]  # what one run chose: (the setting trained, its epochs)
+TUNED = " (tuned)"  # a tuned row's name: the setting's, then this
+
+
+def chosen_pick(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], members: Sequence[str],
+                epochs: Sequence[float]) -> Optional[Pick]:
+    """Of `members` (a setting, then the variants that tune it: `Setting.tunes`) at each epochs value, the one with
+    the highest validation accuracy in `run` (data seed, training seed); on a tie the fewer epochs, then the earlier
+    member; None where a cell or its validation is missing."""
+    vals = []
+    for i, s in enumerate(members):
+        for e in epochs:
+            m = cells.get((*run, e), {}).get(s)
+            if m is None or m.get("val_accuracy") is None:
+                return None
+            vals.append((-m["val_accuracy"], e, i))
+    _, e, i = min(vals)
+    return members[i], e
+
+
 def chosen_epochs(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], setting: str,
                   epochs: Sequence[float]) -> Optional[float]:
-    """The epochs value of `setting` with the highest validation accuracy in `run` (data seed, training seed); the
-    fewer epochs on a tie; None where a cell or its validation is missing."""
-    vals = []
-    for e in epochs:
-        m = cells.get((*run, e), {}).get(setting)
-        if m is None or m.get("val_accuracy") is None:
-            return None
-        vals.append((-m["val_accuracy"], e))
-    return min(vals)[1]
+    """The epochs value of `setting` with the highest validation accuracy in `run`; the fewer epochs on a tie."""
+    pick = chosen_pick(cells, run, [setting], epochs)
+    return None if pick is None else pick[1]
+
+
+def tunings(settings: Sequence[str]) -> dict[str, list[str]]:
+    """Each setting of `settings` that others among them tune (`Setting.tunes`: another learning rate, another
+    lambda) -> itself and those, in order: the table's tuned rows, the variant chosen per run on validation."""
+    out: dict[str, list[str]] = {}
+    for s in settings:
+        record = DEMO_SETTINGS.get(s)
+        if record is not None and record.tunes in settings:
+            out.setdefault(record.tunes, [record.tunes]).append(s)
+    return out
+
+
+def _answers(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], pick: Pick) -> list[int]:
+    return cells[(*run, pick[1])][pick[0]]["correct"]
 
 
 def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str],
                epochs: Sequence[float], baseline: str = "sft") -> dict[str, Any]:
     """For each setting: its mean test accuracy and its paired difference to `baseline` at equal steps (each epochs
-    value, over the runs that have it) and at its own chosen epochs against the baseline's own chosen epochs; then
-    each against the strongest baseline (of the `is_baseline` settings present, the highest mean accuracy at chosen
+    value, over the runs that have it) and at its own chosen epochs against the baseline's own chosen epochs; for a
+    setting that others tune, a row `<setting> (tuned)` with the variant and epochs chosen per run on validation; then
+    each against the strongest baseline (of the `is_baseline` rows present, the highest mean accuracy at chosen
     epochs: the table's choice of rival favours the rival)."""
     runs = sorted({(s, t) for s, t, _ in cells})
     at_epochs: dict[str, dict[str, Any]] = {}
@@ -109,36 +140,37 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
             d = paired([cells[(*r, e)][s]["correct"] for r in rs], [cells[(*r, e)][baseline]["correct"] for r in rs])
             rows[s] = {"accuracy": float(np.mean(acc)), "vs_baseline": asdict(d)}
         at_epochs[f"{e:g}"] = rows
+    members = {s: [s] for s in settings} | {s + TUNED: m for s, m in tunings(settings).items()}
+    picks = {row: {r: p for r in runs if (p := chosen_pick(cells, r, m, epochs)) is not None}
+             for row, m in members.items()}
     chosen: dict[str, dict[str, Any]] = {}
-    picks: dict[str, dict[tuple[int, int], float]] = {}
-    for s in settings:
-        picks[s] = {r: e for r in runs if (e := chosen_epochs(cells, r, s, epochs)) is not None}
-    for s in settings:
-        rs = [r for r in runs if r in picks[s] and r in picks[baseline]]
+    for row, m in members.items():
+        rs = [r for r in runs if r in picks[row] and r in picks[baseline]]
         if not rs:
             continue
-        mine = [cells[(*r, picks[s][r])][s]["correct"] for r in rs]
-        base = [cells[(*r, picks[baseline][r])][baseline]["correct"] for r in rs]
-        chosen[s] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base)),
-                     "epochs": [picks[s][r] for r in rs], "runs": [list(r) for r in rs]}
-    for s, row in chosen.items():  # against the baselines that read what it reads, where the grid trained them
-        row["vs_matching"] = {m: _against(cells, picks, s, m, row) for m in matching_baselines(s) if m in chosen}
-    present = [b for b in chosen if is_baseline(b)]
+        mine = [_answers(cells, r, picks[row][r]) for r in rs]
+        base = [_answers(cells, r, picks[baseline][r]) for r in rs]
+        chosen[row] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base)),
+                       "epochs": [picks[row][r][1] for r in rs], "runs": [list(r) for r in rs]}
+        if len(m) > 1:
+            chosen[row]["chose"] = [picks[row][r][0] for r in rs]
+    for row, record in chosen.items():  # against the baselines that read what it reads, where the grid trained them
+        record["vs_matching"] = {b: _against(cells, picks, row, b, record)
+                                 for b in matching_baselines(members[row][0]) if b in chosen}
+    present = [b for b in chosen if is_baseline(members[b][0])]
     strongest = max(present, key=lambda b: chosen[b]["accuracy"]) if present else None
     if strongest is not None:
-        for s, row in chosen.items():
-            row["vs_strongest"] = _against(cells, picks, s, strongest, row)
+        for row, record in chosen.items():
+            record["vs_strongest"] = _against(cells, picks, row, strongest, record)
     return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
             "chosen_epochs": chosen}
 
 
-def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[str, dict[tuple[int, int], float]],
-             setting: str, other: str, row: dict[str, Any]) -> dict[str, Any]:
-    """`setting` against `other`, each at its own chosen epochs, over the runs of `row` where `other` has a pick."""
-    rs = [tuple(r) for r in row["runs"] if tuple(r) in picks[other]]
-    mine = [cells[(*r, picks[setting][r])][setting]["correct"] for r in rs]
-    theirs = [cells[(*r, picks[other][r])][other]["correct"] for r in rs]
-    return asdict(paired(mine, theirs))
+def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[str, dict[tuple[int, int], Pick]],
+             row: str, other: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Row `row` against row `other`, each at its own choice, over the runs of `record` where `other` has a pick."""
+    rs = [tuple(r) for r in record["runs"] if tuple(r) in picks[other]]
+    return asdict(paired([_answers(cells, r, picks[row][r]) for r in rs], [_answers(cells, r, picks[other][r]) for r in rs]))
 
 
 def _pm(p: dict[str, Any]) -> str:
@@ -156,13 +188,16 @@ def format_fair(table: dict[str, Any]) -> str:
                   "|---|---|---|"]
         lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} |" for s, r in rows.items()]
     strongest = table["strongest"]
+    tuned = ("; a row `X (tuned)`: the variant of `X` chosen per run on validation, named after its epochs"
+             if any("chose" in r for r in table["chosen_epochs"].values()) else "")
     lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`; "
               "the matching baselines: `sft_plus_trusted` for a setting that reads the trusted set, `rft` for one "
-              "that reads the verdicts):\n",
+              f"that reads the verdicts{tuned}):\n",
               f"| setting | epochs chosen | accuracy | vs `{b}` | vs `{strongest}` | vs the matching baselines |",
               "|---|---|---|---|---|---|"]
     for s, r in table["chosen_epochs"].items():
-        epochs = ", ".join(f"{e:g}" for e in r["epochs"])
+        chose = r.get("chose", [""] * len(r["epochs"]))  # a tuned row: which variant each run chose
+        epochs = ", ".join(f"{e:g}" + (f" `{c}`" if c else "") for e, c in zip(r["epochs"], chose))
         matching = "; ".join(f"`{m}` {_pm(p)}" for m, p in r.get("vs_matching", {}).items())
         lines.append(f"| `{s}` | {epochs} | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
                      f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} | {matching} |")
