@@ -145,12 +145,18 @@ def test_a_tuned_row_takes_the_variant_validation_chose_in_each_run():
 
 
 def test_every_setting_reads_only_what_the_table_has_a_baseline_for():
-    """`Setting.reads` names only `READS`, each with its matching baseline declared as a setting that is a baseline."""
+    """`Setting.reads` names only `READS`, each with its matching baseline declared as a setting that is a baseline;
+    `Setting.tunes` names a declared setting."""
     from tokenforget.pipeline.settings import DEMO_SETTINGS, READS
     from tokenforget.report.fair import MATCHING
 
     assert set(MATCHING) == set(READS) and all(DEMO_SETTINGS[b].baseline for b in MATCHING.values())
     assert {k for s in DEMO_SETTINGS.values() for k in s.reads} == set(READS)
+    # a variant tunes a declared setting and reads what it reads: its tuned row is held against the same baselines
+    tuned = {name: s.tunes for name, s in DEMO_SETTINGS.items() if s.tunes}
+    assert set(tuned) >= {"kto_lr1e-4", "dpo_lr1e-5", "oracle_forget_lam0.5", "oracle_forget_lam1"}
+    assert all((DEMO_SETTINGS[f].reads, DEMO_SETTINGS[f].baseline) == (DEMO_SETTINGS[v].reads, DEMO_SETTINGS[v].baseline)
+               for v, f in tuned.items())
 
 
 def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
