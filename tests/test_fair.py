@@ -381,3 +381,21 @@ def test_the_forgotten_token_sets_by_hand(tmp_path: Path):
     assert before == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0]]
     assert right == [[0, 0, 0, 0, 0, 0], [0, 1, 1, 1]]
     assert script.SETS[0] == "every response token" and len(script.SETS) == 5
+
+
+def test_every_shipped_grid_parses_and_names_declared_settings():
+    """The grids in configs/fair/ load as `FairConfig`s and every setting they name has a record (a renamed setting
+    would otherwise surface hours into a grid, or never)."""
+    import yaml
+
+    from tokenforget.command_config import FairConfig
+    from tokenforget.config import from_dict
+    from tokenforget.pipeline.settings import check_settings
+
+    grids = sorted((Path(__file__).parents[1] / "configs" / "fair").glob("*.yaml"))
+    assert len(grids) >= 4
+    for path in grids:
+        cfg = from_dict(FairConfig, yaml.safe_load(path.read_text()))
+        check_settings(cfg.settings)
+        check_settings(cfg.extra_seed_settings, "extra_seed_settings")
+        assert set(cfg.extra_seed_settings) <= set(cfg.settings), path.name
