@@ -298,6 +298,32 @@ def test_demo_sweeps_lambda_on_the_oracles_negatives(tmp_path: Path, tiny_model_
     assert lambdas("train-forget_ga_lam1") == pytest.approx([4 / 6 * 1.0])
 
 
+def test_demo_forgets_the_first_wrong_token_alone(tmp_path: Path, tiny_model_dir: Path):
+    """`oracle_first_forget`: in each answer with known corrupted tokens, the first one is forgotten and the rest get
+    no loss; every other response token is learned (the classes checked against the data's corrupt masks). It trains
+    in `oracle_first/` with the paper's term, no reference trained and no token scored."""
+    import datasets
+
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "2", "--max_new_tokens", "2", "--batch_size", "8",
+            "--settings", "[sft, oracle_first_forget]"]
+    assert main(args) == 0
+    res = json.loads((root / "demo_results.json").read_text())
+    folder = root / "oracle_first"
+    assert res["stages"]["oracle_first_forget"] == str(folder / "train-forget_ga")
+    tokens = datasets.load_from_disk(str(folder / "data" / "tokens"))
+    classes = datasets.load_from_disk(str(folder / "partition" / "classes"))["token_class"]
+    n_wrong = 0
+    for mask, bad, cls in zip(tokens["response_mask"], tokens["corrupt"], classes):
+        marked = [t for t, (m, b) in enumerate(zip(mask, bad)) if m and b]
+        n_wrong += bool(marked)
+        want = [(-1 if marked and t == marked[0] else 0 if t in marked else 1) if m else 0 for t, m in enumerate(mask)]
+        assert cls == want
+    assert n_wrong > 0 and sum(c.count(-1) for c in classes) == n_wrong
+    assert not (folder / "reference" / "stage.json").exists()
+
+
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tokenforget.stages.verdicts import (
+    first_wrong_partition,
     KnownNoise,
     verified_random_partition,
     verified_tail_partition,
@@ -209,6 +210,22 @@ def test_oracle_negatives_are_exactly_the_known_bad_tokens():
     assert classes.tolist() == [0, -1, 1, 0, 1, -1]
     assert weights is None and (stats.n_positive, stats.n_negative) == (2, 2)
     assert oracle_partition(np.array([1, 0])).tolist() == [False, True]
+
+
+def test_the_first_wrong_token_alone_is_forgotten_and_the_rest_of_its_tail_gets_no_loss():
+    """Three examples (offsets 0, 5, 8, 11), the first token of each off the response. Response bad flags by hand:
+    example 0: right, wrong, wrong, right -> +1 -1 0 +1 (its first bad token the one negative, the second no loss);
+    example 1: wrong, wrong -> -1 0; example 2: right, right -> +1 +1. Two negatives, two no-loss, four positive,
+    whatever the scores; the off-response token that is flagged bad stays 0."""
+    scores = np.array([0.0, 9.0, -9.0, 5.0, 1.0, 0.0, 3.0, 3.0, 0.0, 2.0, -2.0])
+    response = np.array([0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1])
+    bad = np.array([1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0])
+    classes, weights, stats = select_tokens(scores, response, np.array([0, 5, 8, 11]), "oracle_first", 0.7,
+                                            noise=KnownNoise(bad, np.ones(11)))
+    assert classes.tolist() == [0, 1, -1, 0, 1, 0, -1, 0, 0, 1, 1]
+    assert weights is None and (stats.n_positive, stats.n_negative) == (4, 2)
+    positive, no_loss = first_wrong_partition(np.array([0, 1, 1, 1, 1]), np.array([0, 0, 0, 1, 1]))
+    assert positive.tolist() == [True, False, False, False, False] and no_loss.tolist() == [False, False, True, False, True]
 
 
 def test_verified_whole_and_random_cut_only_the_answers_known_wrong():

@@ -137,6 +137,10 @@ DEMO_SETTINGS: dict[str, Setting] = {
                                   reads=VERDICTS),
     **{f"oracle_{t}": Setting((lambda t: lambda r: (r.run, f"oracle_{t}"))(t), _forgot("exactly the tokens known wrong", t))
        for t in ("wga", "unlikelihood", "tnpo")},
+    # the mistake alone: each answer's first known wrong token forgotten, the rest of its wrong tail no loss
+    **{f"oracle_first_{s}": Setting((lambda t: lambda r: r.forgetting(r.filtered("oracle_first", "ref_loss", "oracle_first", run=r.run), t))(t),
+                                    _forgot("the first known wrong token of each answer (the rest of its tail ignored)", t))
+       for s, t in (("forget", "ga"), ("unlikelihood", "unlikelihood"))},
     # lambda's sweep on the oracle's negatives (precision 1, the paper's premise): is forgetting harder better?
     **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
                                             _forgot("exactly the tokens known wrong", "ga", lam), tunes="oracle_forget")

@@ -37,7 +37,8 @@ from tokenforget.runfolder import fingerprint, round_stage, stable_view
 from tokenforget.stages.partition_streaming import n_positive, partition_streaming
 from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun
 from tokenforget.stages.verdicts import (
-    KnownNoise, known_noise, verified_random_partition, verified_tail_partition, verified_whole_partition, worst_tokens,
+    KnownNoise, first_wrong_partition, known_noise, verified_random_partition, verified_tail_partition,
+    verified_whole_partition, worst_tokens,
 )
 
 
@@ -268,10 +269,16 @@ class Selected:
     positive: np.ndarray  # (n,) bool
     signed_weights: Optional[np.ndarray] = None  # (n,) in [-1, 1], `soft` only: |w| weighs each token's loss
     negative_share: Optional[float] = None  # `mixture` only: the share it estimated
+    no_loss: Optional[np.ndarray] = None  # (n,) bool: neither learned nor forgotten (class 0), `oracle_first` only
 
 
 def _soft(r: Ranking) -> Selected:
     return Selected((signed := soft_weights(r.scores, r.pc.rho)) > 0, signed_weights=signed)
+
+
+def _first_wrong(r: Ranking) -> Selected:
+    positive, no_loss = first_wrong_partition(r.known("oracle_first").bad, r.example)
+    return Selected(positive, no_loss=no_loss)
 
 
 def _mixture(r: Ranking) -> Selected:
@@ -311,6 +318,7 @@ SELECTIONS: dict[str, Selection] = {
         needs_scores=False, reads_known_noise=True),
     "oracle": Selection(lambda r: Selected(oracle_partition(r.known("oracle").bad)), needs_scores=False,
                         reads_known_noise=True),
+    "oracle_first": Selection(_first_wrong, needs_scores=False, reads_known_noise=True),
     "data": Selection(_data, needs_scores=False),
     "simulated": Selection(lambda r: Selected(simulated_partition(r.known("simulated").bad, r.scores, r.pc.recall,
                                                                   r.pc.precision, r.pc.false_positives, r.pc.seed)),
@@ -344,12 +352,16 @@ def select_tokens(
     decided = SELECTIONS[selection].decide(Ranking(chosen, example, chosen_noise, settings))
     classes = np.full(scores.shape[0], NO_LOSS, dtype=np.int8)
     classes[resp] = np.where(decided.positive, LEARN, FORGET)
+    if decided.no_loss is not None:
+        classes[np.flatnonzero(resp)[decided.no_loss]] = NO_LOSS
     weights = None
     if decided.signed_weights is not None:
         weights = np.zeros(scores.shape[0], dtype=np.float32)
         weights[resp] = np.abs(decided.signed_weights)
     stats = _stats(chosen, decided.positive)
     stats.estimated_negative_share = decided.negative_share
+    if decided.no_loss is not None:
+        stats.n_negative -= int(decided.no_loss.sum())  # the negatives are the forgotten tokens only
     return classes, weights, stats
 
 

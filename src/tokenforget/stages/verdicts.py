@@ -1,10 +1,10 @@
 """What the data says is wrong, and the token selections that read it (`partition.selection`: `verified_tail`,
-`verified_random`, `verified_whole`; registered in `tokenforget.stages.partition.SELECTIONS`).
+`verified_random`, `verified_whole`, `oracle_first`; registered in `tokenforget.stages.partition.SELECTIONS`).
 
 `known_noise` reads the data stage's `corrupt` mask (injected noise, or a process grade's first wrong number on) and
 its `is_correct` labels (an outcome verifier's verdict per answer); the verdict selections cut the answers known
 wrong: at the reference's least likely token (`verified_tail`), at a random token (`verified_random`, the control
-for where to cut), or whole (`verified_whole`).
+for where to cut), or whole (`verified_whole`); `oracle_first` forgets each example's first known noisy token alone.
 """
 
 from __future__ import annotations
@@ -97,3 +97,25 @@ def verified_whole_partition(wrong: np.ndarray) -> np.ndarray:
     `ignore`, sft on the right answers at the same number of optimizer steps (rejection sampling's filter); with
     a forgetting term, likelihood on the right answers and unlikelihood on the wrong ones (UFT, arXiv 2504.11364)."""
     return ~wrong.astype(bool)
+
+
+def first_wrong_partition(bad: np.ndarray, example: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, no loss) boolean (N,) masks: the first token known bad of each example is the only negative (the
+    mistake itself: a process grade's first wrong number starts there), the example's other bad tokens get no loss
+    (what follows a mistake builds on it, neither learned nor pushed), every other token is positive.
+
+    Why: forgetting every known wrong token (`oracle`) spends most of its push on the prose after the mistake, which
+    it makes unlikely, and barely moves the mistake (docs/results.md, the forgotten spans' NLL); here the whole
+    negative mean falls on the mistakes.
+
+    Args:
+        bad: (N,) the tokens known to be noise, in data order.
+        example: (N,) non-decreasing example index of each token.
+    """
+    bad = bad.astype(bool)
+    idx = np.flatnonzero(bad)
+    first = np.zeros_like(bad)
+    if idx.size:
+        starts = idx[np.r_[True, example[idx][1:] != example[idx][:-1]]]  # the first bad token of each example
+        first[starts] = True
+    return ~bad, bad & ~first
