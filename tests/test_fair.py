@@ -130,7 +130,8 @@ def test_a_tuned_row_takes_the_variant_validation_chose_in_each_run():
     itself before its variant."""
     from tokenforget.report.fair import chosen_pick, format_fair, tunings
 
-    assert tunings(["kto", "kto_lr1e-4", "oracle_forget_lam0.5"]) == {"kto": ["kto", "kto_lr1e-4"]}  # no oracle_forget
+    assert tunings(["kto", "kto_lr1e-4", "oracle_forget_lam0.5"]) == {"kto": ["kto", "kto_lr1e-4"]}  # a variant alone: no row
+    assert tunings(["kto_sft_lr1e-4", "kto_sft_lr1e-5"]) == {"kto_sft": ["kto_sft_lr1e-4", "kto_sft_lr1e-5"]}
     answers = {(1, 1): {"sft": ([1, 0, 0, 0], 0.5), "kto": ([0, 0, 0, 0], 0.25), "kto_lr1e-4": ([1, 1, 1, 0], 0.5)},
                (2, 2): {"sft": ([1, 0, 0, 0], 0.5), "kto": ([1, 1, 0, 0], 0.75), "kto_lr1e-4": ([0, 0, 0, 0], 0.5)}}
     cells = {(*r, 1.0): {s: _cell(c, v) for s, (c, v) in row.items()} for r, row in answers.items()}
@@ -210,8 +211,9 @@ def test_trl_preference_rows_by_hand():
 
 
 def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
-    """TRL's KTOTrainer on 8 labelled answers (batch 4, 2 steps) and DPOTrainer on 4 pairs after the run's sft: each
-    a train stage with a merged model, its optimizer steps the run's, reused on a second call."""
+    """TRL's KTOTrainer on 8 labelled answers (batch 4, 2 steps), from the base and after the run's sft, and
+    DPOTrainer on 4 pairs after the run's sft: each a train stage with a merged model, its optimizer steps the run's,
+    reused on a second call."""
     from conftest import tiny_run_config
     from tokenforget.stages.demo_task import make_examples
     from tokenforget.config import RunConfig, from_dict
@@ -244,6 +246,12 @@ def test_kto_and_dpo_stages_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path
     assert slow == run.root / "train-dpo-lr1e-05" and json.loads((slow / "stage.json").read_text())["learning_rate"] == 1e-5
     assert run.fp("preference", ("dpo", "", str(pairs), 1e-5)) != run.fp("preference", ("dpo", "", str(pairs)))
     assert run.fp("preference", ("dpo", "", str(pairs), None)) == run.fp("preference", ("dpo", "", str(pairs)))
+    # KTO after sft: the same warm start as DPO (sft made once, reused), the run's answers and verdicts, its own folder
+    kto_sft = run.need("preference", ("kto_sft", "", None))
+    stage = json.loads((kto_sft / "stage.json").read_text())
+    assert kto_sft == run.root / "train-kto_sft" and stage["warm_start"].endswith("train-sft") and stage["rows"] == 8
+    assert json.loads((kto_sft / "log_history.json").read_text())[-1]["step"] == 2
+    assert run.fp("preference", ("kto_sft", "", None)) != run.fp("preference", ("kto", "", None))
 
 
 def test_the_demo_trains_kto_as_a_stage_of_its_run(tmp_path: Path, tiny_model_dir: Path):

@@ -157,10 +157,13 @@ DEMO_SETTINGS: dict[str, Setting] = {
     "dpo": Setting(lambda r: (r.run, "dpo"),
                    "TRL's DPOTrainer on a right and a wrong sample of the same problem, after sft (twice sft's steps)",
                    reads=VERDICTS, baseline=True),
+    "kto_sft": Setting(lambda r: (r.run, "kto_sft"),
+                       "TRL's KTOTrainer as `kto`, after sft (twice sft's steps): the base cannot yet do the task",
+                       reads=VERDICTS, baseline=True),
     # ... at learning rates of their own, the sweep validation chooses from: at sft's 1e-3 DPO collapses
     **{f"{m}_lr{tag}": Setting((lambda m: lambda r: (r.run, m))(m), f"`{m}` at learning rate {tag}, not sft's",
                                 learning_rate=lr, reads=VERDICTS, baseline=True, tunes=m)
-       for m in ("kto", "dpo") for tag, lr in (("1e-4", 1e-4), ("1e-5", 1e-5))},
+       for m in ("kto", "dpo", "kto_sft") for tag, lr in (("1e-4", 1e-4), ("1e-5", 1e-5))},
 }
 PARTITIONING = {name: s.detects for name, s in DEMO_SETTINGS.items() if s.detects}  # the settings the detection table shows
 BASE_WHAT = "the model before any training"

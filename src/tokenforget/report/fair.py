@@ -106,14 +106,15 @@ def chosen_epochs(cells: dict[tuple[int, int, float], dict[str, Any]], run: tupl
 
 
 def tunings(settings: Sequence[str]) -> dict[str, list[str]]:
-    """Each setting of `settings` that others among them tune (`Setting.tunes`: another learning rate, another
-    lambda) -> itself and those, in order: the table's tuned rows, the variant chosen per run on validation."""
+    """Each setting that two or more of `settings` tune (`Setting.tunes`: another learning rate, another lambda;
+    the setting itself counts where it is among them) -> them, in order: the table's tuned rows, the variant chosen
+    per run on validation."""
     out: dict[str, list[str]] = {}
     for s in settings:
         record = DEMO_SETTINGS.get(s)
-        if record is not None and record.tunes in settings:
-            out.setdefault(record.tunes, [record.tunes]).append(s)
-    return out
+        if record is not None and record.tunes:
+            out.setdefault(record.tunes, [record.tunes] if record.tunes in settings else []).append(s)
+    return {family: members for family, members in out.items() if len(members) > 1}
 
 
 def _answers(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], pick: Pick) -> list[int]:

@@ -4,6 +4,8 @@ like every stage; its record lists what it reads, so the resolver makes DPO's `s
 
 - `kto`: `trl.KTOTrainer` with each answer's verdict as its label (desirable = graded right), from the base model
   (TRL's docs: depending on the base model, SFT before KTO may not be needed), at the run's optimizer steps.
+- `kto_sft`: the same from the run's `sft` model (where the base cannot yet do the task, TRL's docs leave SFT first
+  to the user): its steps are `sft`'s plus the run's again, as DPO's.
 - `dpo`: `trl.DPOTrainer` on the problems that have a right and a wrong sampled answer (the arg's pairs file: prompt,
   chosen, rejected), from the run's `sft` model as TRL's docs ask (DPO always follows SFT): its steps are `sft`'s plus
   the run's again.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, cast
 
@@ -28,8 +31,20 @@ from tokenforget.runfolder import file_digest, fingerprint, release_memory
 from tokenforget.stages.demo_task import graded_right
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun, training_plan
 
-METHODS = ("kto", "dpo")
 BETA = 0.1  # TRL's default for both
+
+
+@dataclass(frozen=True)
+class Method:
+    """One preference method: TRL's trainer (`kto` or `dpo`), whether it reads the pairs file (else the run's answers
+    with their verdicts), and whether it starts from the run's `sft` model."""
+
+    trainer: str
+    paired: bool = False
+    after_sft: bool = False
+
+
+METHODS = {"kto": Method("kto"), "dpo": Method("dpo", paired=True, after_sft=True), "kto_sft": Method("kto", after_sft=True)}
 
 
 def kto_rows(records: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:
@@ -65,15 +80,15 @@ def _learning_rate(arg: Arg) -> Optional[float]:
 
 
 def _warm_start(arg: Arg) -> Optional[tuple[str, str]]:
-    """DPO's warm start: the run's `sft` training of the same suffix (the train stage's arg); KTO has none."""
+    """The warm start of DPO and `kto_sft`: the run's `sft` training of the same suffix (the train stage's arg)."""
     method, suffix, _ = _method(arg)
-    return ("sft", f"train-sft{suffix}") if method == "dpo" else None
+    return ("sft", f"train-sft{suffix}") if METHODS[method].after_sft else None
 
 
 def _source(run: StageRun, arg: Arg) -> Path:
     """What the trainer reads: the pairs file (DPO; refused when missing) or the run's data."""
     method, _, pairs = _method(arg)
-    if method != "dpo":
+    if not METHODS[method].paired:
         return Path(run.cfg.data.path)  # type: ignore[arg-type]
     if pairs is None or not pairs.is_file():
         raise UserError(f"dpo trains on pairs of a right and a wrong answer to one problem: '{pairs}' does not "
@@ -97,8 +112,8 @@ def _fingerprint(run: StageRun, arg: Arg) -> str:
 
 
 def _make(run: StageRun, arg: Arg) -> Path:
-    """TRL's KTO or DPO trainer on the run's data into `train-<method><suffix>` (DPO after `train-sft<suffix>`, which
-    the resolver made first); the merged model in `model/`."""
+    """TRL's KTO or DPO trainer on the run's data into `train-<method><suffix>` (DPO and `kto_sft` after
+    `train-sft<suffix>`, which the resolver made first); the merged model in `model/`."""
     c, (method, _, _) = run.cfg, _method(arg)
     name, fp, warm_arg = folder_of(arg), run.fp("preference", arg), _warm_start(arg)
     if run.folder.done_on_main(name, fp):
@@ -106,14 +121,15 @@ def _make(run: StageRun, arg: Arg) -> Path:
         return run.folder.stage_dir(name)
     warm: Optional[Path] = run.need("train", warm_arg) if warm_arg else None
     source = _source(run, arg)
-    make_rows = dpo_rows if method == "dpo" else kto_rows
-    rows = make_rows(_read(source), c.data.system_prompt)
-    run.log(f"[{name}] TRL's {method.upper()}Trainer on {len(rows)} {'pairs' if method == 'dpo' else 'answers'}")
+    paired, trainer_name = METHODS[method].paired, METHODS[method].trainer
+    rows = (dpo_rows if paired else kto_rows)(_read(source), c.data.system_prompt)
+    run.log(f"[{name}] TRL's {trainer_name.upper()}Trainer on {len(rows)} {'pairs' if paired else 'answers'}"
+            + (f" after {warm.name}" if warm else ""))
     trainer: Any = None
 
     def build() -> None:
         nonlocal trainer
-        trainer = _fit(run, method, rows, name, fp, warm, _learning_rate(arg))
+        trainer = _fit(run, trainer_name, rows, name, fp, warm, _learning_rate(arg))
 
     def commit(_: None, d: Path) -> dict[str, Any]:
         from tokenforget.training.fit import save_model
@@ -145,7 +161,7 @@ def folder_of(arg: Arg) -> str:
 STAGES = (Stage("preference", _needs, _fingerprint, _make, _plan, folder=folder_of, trains="train"),)
 
 
-def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path],
+def _fit(run: StageRun, trainer_name: str, rows: list[dict[str, Any]], name: str, fp: str, warm: Optional[Path],
          learning_rate: Optional[float] = None) -> Any:
     """Train with TRL's trainer: the run's LoRA on the base (or on the warm-start model), its TrainingArguments
     (`learning_rate`, when given, replacing the run's)."""
@@ -162,12 +178,12 @@ def _fit(run: StageRun, method: str, rows: list[dict[str, Any]], name: str, fp: 
     seed = c.train.seed if c.train.seed is not None else c.seed
     work = run.folder.work_dir(name, fp)
     args = training_arguments(c.train.training, work, seed, run.bf16, report_to=["none"], save_strategy="no")
-    config_cls, trainer_cls = (DPOConfig, DPOTrainer) if method == "dpo" else (KTOConfig, KTOTrainer)
+    config_cls, trainer_cls = (DPOConfig, DPOTrainer) if trainer_name == "dpo" else (KTOConfig, KTOTrainer)
     fields = {k: v for k, v in args.to_dict().items() if k in config_cls.__dataclass_fields__ and not k.startswith("_")}
     fields.update(beta=BETA, max_length=c.data.max_length, remove_unused_columns=True, disable_tqdm=False)
     if learning_rate is not None:
         fields["learning_rate"] = learning_rate
-    if method == "kto":  # its KL term pairs each example with its batch neighbours: TRL asks for a fixed order,
+    if trainer_name == "kto":  # its KL term pairs each example with its batch neighbours: TRL asks for a fixed order,
         fields["train_sampling_strategy"] = "sequential"  # so the rows are shuffled once, seeded, instead
         rows = [rows[i] for i in random.Random(seed).sample(range(len(rows)), len(rows))]
     cfg = config_cls(**{k: v for k, v in fields.items() if k not in ("push_to_hub_token", "hub_token")})
