@@ -407,3 +407,23 @@ def test_every_shipped_grid_parses_and_names_declared_settings():
         check_settings(cfg.settings)
         check_settings(cfg.extra_seed_settings, "extra_seed_settings")
         assert set(cfg.extra_seed_settings) <= set(cfg.settings), path.name
+
+
+def test_the_grids_dry_run_lists_the_cells_still_to_run(tmp_path: Path, capsys):
+    """`tokenforget fair --dry-run` reads the cell files only: data seed 1's own cell holds sft and rft, so it still
+    lacks verified_whole; its training seed 101 (rft only) lacks sft and rft: 0 of 2 cells done, at most 3
+    trainings. Nothing is written and no model is loaded."""
+    from tokenforget.cli import main
+
+    root = tmp_path / "fair"
+    (root / "seed-1" / "cells").mkdir(parents=True)
+    (root / "seed-1" / "cells" / "t1-e1.json").write_text(json.dumps({"sft": {}, "rft": {}}))
+    before = sorted(p.name for p in root.rglob("*"))
+    args = ["fair", "--run_dir", str(root), "--settings", "[rft, verified_whole]", "--data_seeds", "[1]",
+            "--epochs", "[1]", "--extra_train_seeds", "[101]", "--extra_seed_settings", "[rft]", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["data seed 1, training seed 1, 1 epochs: to run, 1 settings: verified_whole",
+                   "data seed 1, training seed 101, 1 epochs: to run, 2 settings: sft, rft",
+                   "0 of 2 cells done; 2 to run, at most 3 trainings"]
+    assert sorted(p.name for p in root.rglob("*")) == before

@@ -101,6 +101,9 @@ def build_parser() -> ArgumentParser:
                            help="sharding of the cost plan's trainings over the GPUs")
             p.add_argument("--plan-mfu", type=float, help="share of the GPUs' peak the cost plan assumes (default: "
                            "the measured 0.17 with LoRA, 0.34 fully fine-tuned; docs/paper-scale.md)")
+        if name == "fair":
+            p.add_argument("--dry-run", action="store_true", help="print the cells still to run and the settings each "
+                           "would train, from the results on disk; load no model, write nothing")
         sub.add_subcommand(name, p, help=help_text)
     return root
 
@@ -192,6 +195,8 @@ def _dry_run_asked(init: dict) -> Optional[PlanConfig]:
     costed = init.get("plan_gpus") is not None
     if not (init.get("dry_run") or init.get("dry_run_timing") or costed):
         return None
+    if "gpu" not in init:  # a command whose dry run has no cost plan (`fair`)
+        return PlanConfig()
     return PlanConfig(gpus=init["plan_gpus"] if costed else 1, gpu=init["gpu"], sharding=init["plan_sharding"],
                       mfu=init["plan_mfu"], timed=bool(init.get("dry_run_timing")), costed=costed)
 

@@ -61,6 +61,34 @@ def cell_done(out: Path, settings: list[str]) -> bool:
     return out.is_file() and set(settings) <= set(json.loads(out.read_text()))
 
 
+def pending(cfg: FairConfig) -> list[tuple[int, int, float, list[str]]]:
+    """The grid's cells in the order `run_fair` runs them, each with the settings its results on disk still lack
+    (empty: done): (data seed, training seed, epochs, missing settings). Reads the cell files only: no model."""
+    out = []
+    for epochs in cfg.epochs:
+        for seed in cfg.data_seeds:
+            for train_seed in train_seeds_of(cfg, seed):
+                out_file, settings = cell_file(cfg, seed, train_seed, epochs), cell_settings(cfg, seed, train_seed)
+                have = set(json.loads(out_file.read_text())) if out_file.is_file() else set()
+                out.append((seed, train_seed, epochs, [s for s in settings if s not in have]))
+    return out
+
+
+def format_pending(cfg: FairConfig) -> str:
+    """`tokenforget fair --dry-run`: one line per cell (done, or the settings it would train and evaluate), then the
+    counts; a setting whose stages a run folder already holds is reused when the cell runs, so the trainings are at
+    most these."""
+    cells = pending(cfg)
+    lines = [f"data seed {s}, training seed {t}, {e:g} epochs: " + (f"to run, {len(m)} settings: {', '.join(m)}" if m
+                                                                    else "done") for s, t, e, m in cells]
+    todo = [c for c in cells if c[3]]
+    missing_sets = [s for s in cfg.data_seeds if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, s) / "manifest.json").is_file()]
+    lines.append(f"{len(cells) - len(todo)} of {len(cells)} cells done; {len(todo)} to run, at most "
+                 f"{sum(len(c[3]) for c in todo)} trainings" + (f"; weak sets to make first: seeds {missing_sets}"
+                                                                  if missing_sets else ""))
+    return "\n".join(lines)
+
+
 def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every cell of the grid not yet on disk (epochs outermost, so that a whole table at one epochs value lands
     first), then the table; returns it. A cell's results are kept in `run_dir/seed-S/cells/`."""
