@@ -216,7 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from tokenforget.pipeline.names import check_names
 
             check_names(cfg)
-        if dry:
+        if dry and isinstance(cfg, FairConfig):  # the grid's cells still to run, from the cell files
+            print(importlib.import_module("tokenforget.commands.fair").format_pending(cfg))
+        elif dry:
             importlib.import_module("tokenforget.commands.plan").dry_run_command(name, cfg, dry)  # loads no torch before
         else:
             check_writable(*output_folder(cfg))

@@ -20,12 +20,12 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import datasets
 import torch
 
-from tokenforget.command_config import FairConfig, PlanConfig
+from tokenforget.command_config import PlanConfig
 from tokenforget.config import RunConfig
 from tokenforget.report.cost import cost_plan, duration, format_cost
 from tokenforget.model.batching import forward_ce, pad_batch
@@ -285,16 +285,10 @@ def dry_run(run: Run, modes: Sequence[str], log: Callable[[str], None] = print, 
     return plans
 
 
-def dry_run_command(command: str, cfg: Union[RunConfig, FairConfig], plan: PlanConfig) -> None:
+def dry_run_command(command: str, cfg: RunConfig, plan: PlanConfig) -> None:
     """`tokenforget run|compare --dry-run`: the stages of the run folder the command would fill (a comparison: its
-    first seed's) for the modes it would train there; `tokenforget fair --dry-run`: the grid's cells still to run."""
+    first seed's) for the modes it would train there."""
     from tokenforget.commands.compare import seed_config
-
-    if isinstance(cfg, FairConfig):
-        from tokenforget.commands.fair import format_pending
-
-        print(format_pending(cfg))
-        return
 
     if command == "compare":
         cfg, modes = seed_config(cfg, cfg.compare.seeds[0]), [*cfg.compare.modes, *cfg.compare.variants]
