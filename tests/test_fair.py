@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,22 @@ def test_paired_difference_and_its_two_standard_errors():
     assert p.se_problems == pytest.approx(math.sqrt(1 / 3) / 2 / 2, abs=1e-12)
     one = paired([[1, 0]], [[0, 0]])  # one run: no standard error over runs
     assert one.mean == 0.5 and math.isnan(one.se_runs)
+
+
+def test_runs_of_one_data_seed_are_averaged_before_the_standard_error_over_seeds():
+    """2 data seeds x 2 training seeds, 4 problems, b always 0000. Data seed 1: a = 1100, 1000 (differences 0.5,
+    0.25); data seed 2: 0000, 1000 (0, 0.25). Over the 4 runs: mean 0.25, std (ddof 1) sqrt(0.125 / 3) = 0.2041, se
+    0.1021. Over the data seeds: their means 0.375 and 0.125, std 0.1768, se 0.125 (larger: runs of one data seed are
+    not independent). With one training seed a data seed the two would be the same: no second figure."""
+    zero = [0, 0, 0, 0]
+    p = paired([[1, 1, 0, 0], [1, 0, 0, 0], zero, [1, 0, 0, 0]], [zero] * 4, seeds=[1, 1, 2, 2])
+    assert p.mean == 0.25 and p.se_runs == pytest.approx(math.sqrt(0.125 / 3) / 2, abs=1e-12)
+    assert p.se_seeds == pytest.approx(0.125, abs=1e-12)
+    assert math.isnan(paired([[1, 0], [0, 0]], [[0, 0], [0, 0]], seeds=[1, 2]).se_seeds)
+    from tokenforget.report.fair import _pm
+
+    # the problem-level se: (sqrt(1/3) / 2 + 0.25 + 0 + 0.25) / 4 = 0.197
+    assert _pm(asdict(p)) == "+0.250 ± 0.102 (runs), ± 0.125 (data seeds), ± 0.197 (problems), 4 runs"
 
 
 def test_a_paired_difference_in_words():

@@ -7,8 +7,8 @@ held against `rft`, which reads them too (`MATCHING`, by `Setting.reads`); the s
 would train anyway) are the candidates for the strongest baseline; a setting that others tune (`Setting.tunes`:
 another learning rate, another lambda) gets a row with the variant chosen per run on validation.
 `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference to `sft`,
-to the strongest baseline and to its matching baselines, with the standard error over runs and the mean
-problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
+to the strongest baseline and to its matching baselines, with the standard error over runs (and over data seeds,
+where a data seed has several training seeds) and the mean problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
 chosen per run on the validation split (`chosen_epochs`).
 """
 
@@ -58,24 +58,32 @@ def grid_settings(settings: Sequence[str], baseline: str = "sft") -> list[str]:
 @dataclass(frozen=True)
 class Paired:
     """A setting against another over runs: the mean paired test difference, its standard error over runs
-    (std / sqrt(runs), NaN for one run), the mean over runs of the problem-level paired standard error, runs."""
+    (std / sqrt(runs), NaN for one run), the mean over runs of the problem-level paired standard error, runs; and
+    where some data seed has several training seeds, the standard error over data seeds (each seed's runs averaged
+    first: runs of one data seed share its problems and noise, so the runs' own standard error is too small)."""
 
     mean: float
     se_runs: float
     se_problems: float
     runs: int
+    se_seeds: float = math.nan
 
 
-def paired(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> Paired:
+def paired(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], seeds: Optional[Sequence[int]] = None) -> Paired:
     """`a` against `b`: per run, the mean over problems of a_i - b_i and its standard error std(d, ddof 1) / sqrt(n);
-    then their mean over runs, and the standard error of that mean over runs."""
+    then their mean over runs, and the standard error of that mean over runs. `seeds`: each run's data seed; where
+    they are fewer than the runs, the standard error over the data seeds' mean differences too."""
     diffs = [np.asarray(x, float) - np.asarray(y, float) for x, y in zip(a, b)]
     if not diffs:
         return Paired(math.nan, math.nan, math.nan, 0)
     means = np.array([d.mean() for d in diffs])
     se_prob = float(np.mean([d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan for d in diffs]))
     se_runs = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else math.nan
-    return Paired(float(means.mean()), se_runs, se_prob, len(means))
+    se_seeds = math.nan
+    if seeds is not None and 1 < len(set(seeds)) < len(means):
+        per_seed = np.array([means[[i for i, s in enumerate(seeds) if s == seed]].mean() for seed in sorted(set(seeds))])
+        se_seeds = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
+    return Paired(float(means.mean()), se_runs, se_prob, len(means), se_seeds)
 
 
 Pick = tuple[str, float]  # what one run chose: (the setting trained, its epochs)
@@ -138,7 +146,8 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
             if not rs:
                 continue
             acc = [float(np.mean(cells[(*r, e)][s]["correct"])) for r in rs]
-            d = paired([cells[(*r, e)][s]["correct"] for r in rs], [cells[(*r, e)][baseline]["correct"] for r in rs])
+            d = paired([cells[(*r, e)][s]["correct"] for r in rs], [cells[(*r, e)][baseline]["correct"] for r in rs],
+                       [r[0] for r in rs])
             rows[s] = {"accuracy": float(np.mean(acc)), "vs_baseline": asdict(d)}
         at_epochs[f"{e:g}"] = rows
     members = {s: [s] for s in settings} | {s + TUNED: m for s, m in tunings(settings).items()}
@@ -151,7 +160,7 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
             continue
         mine = [_answers(cells, r, picks[row][r]) for r in rs]
         base = [_answers(cells, r, picks[baseline][r]) for r in rs]
-        chosen[row] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base)),
+        chosen[row] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base, [r[0] for r in rs])),
                        "epochs": [picks[row][r][1] for r in rs], "runs": [list(r) for r in rs]}
         if len(m) > 1:
             chosen[row]["chose"] = [picks[row][r][0] for r in rs]
@@ -171,13 +180,16 @@ def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[st
              row: str, other: str, record: dict[str, Any]) -> dict[str, Any]:
     """Row `row` against row `other`, each at its own choice, over the runs of `record` where `other` has a pick."""
     rs = [tuple(r) for r in record["runs"] if tuple(r) in picks[other]]
-    return asdict(paired([_answers(cells, r, picks[row][r]) for r in rs], [_answers(cells, r, picks[other][r]) for r in rs]))
+    return asdict(paired([_answers(cells, r, picks[row][r]) for r in rs], [_answers(cells, r, picks[other][r]) for r in rs],
+                         [r[0] for r in rs]))
 
 
 def _pm(p: dict[str, Any]) -> str:
     if p["runs"] == 0 or math.isnan(p["mean"]):
         return ""
     runs = "" if math.isnan(p["se_runs"]) else f" ± {p['se_runs']:.3f} (runs)"
+    if not math.isnan(p.get("se_seeds", math.nan)):
+        runs += f", ± {p['se_seeds']:.3f} (data seeds)"
     return f"{p['mean']:+.3f}{runs}, ± {p['se_problems']:.3f} (problems), {p['runs']} run{'s' * (p['runs'] > 1)}"
 
 
