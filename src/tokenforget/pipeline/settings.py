@@ -130,7 +130,7 @@ DEMO_SETTINGS: dict[str, Setting] = {
                                   reads=VERDICTS),
     "verified_tail_base": Setting(lambda r: (_verified(r, "verified_tail_base", "base_loss"), "ignore"),
                                   "each answer graded wrong ignored from the token the base model finds least likely "
-                                  "(no reference trained, no extra data)",
+                                  "(`--preset verified`: no reference trained, no extra data)",
                                   "the answers known wrong, cut at the token the base model finds least likely", reads=VERDICTS),
     "unlikelihood_wrong": Setting(lambda r: r.forgetting(_verified(r, "verified_whole", selection="verified_whole"), "unlikelihood"),
                                   "UFT: the right answers learned, every answer graded wrong pushed down by unlikelihood",
