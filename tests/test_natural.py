@@ -148,6 +148,7 @@ def test_oracle_without_known_noise_exits_2(tmp_path: Path, tiny_model_dir: Path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'verified_tail' needs data with known noise" in err
     assert not (Path(cfg["run_dir"]) / "reference" / "stage.json").exists()  # no reference committed
+    assert not (Path(cfg["run_dir"]) / "scores" / "stage.json").exists()  # nor the base model's pass the preset reads
 
 
 def test_is_correct_must_be_a_boolean(tmp_path: Path, tiny_model_dir: Path, capsys):

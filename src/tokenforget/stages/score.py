@@ -29,6 +29,7 @@ from tokenforget.runfolder import STAGE_FILE, Ranks, RunFolderError, file_digest
 from tokenforget.score_methods import reads_base, reads_reference
 from tokenforget.stages.labels_in_data import DataError
 from tokenforget.stages.stage import Arg, Need, PlanInputs, Stage, StagePlan, StageRun
+from tokenforget.stages.verdicts import known_noise
 from tokenforget.training.objectives import FORGET_TERMS
 
 # a scoring pass stores the per-token CE under both models; the score is made from them by `score.method`
@@ -380,6 +381,8 @@ def _make(run: StageRun, rnd: Arg) -> datasets.Dataset:
     assert isinstance(rnd, int)
     name, sc, folder = round_stage("scores", rnd), run.cfg.score, run.folder
     tokens = run.need("data")
+    if run.selection.reads_known_noise:  # refused before any forward pass (a base-only pass trains no reference)
+        known_noise(tokens, run.cfg.partition.selection)
     if scores_unused(run):
         def zeros() -> datasets.Dataset:
             run.log(f"[{name}] partition.selection '{run.cfg.partition.selection}' ranks nothing: no reference, zero scores")
