@@ -444,3 +444,5 @@ def test_the_grids_dry_run_lists_the_cells_still_to_run(tmp_path: Path, capsys):
                    "data seed 1, training seed 101, 1 epochs: to run, 2 settings: sft, rft",
                    "0 of 2 cells done; 2 to run, at most 3 trainings"]
     assert sorted(p.name for p in root.rglob("*")) == before
+    assert main([*args[:4], "[rft, verified_hole]", *args[5:]]) == 2  # a misspelt setting: one line, exit 2
+    assert "config field 'settings': unknown 'verified_hole'" in capsys.readouterr().err

@@ -77,7 +77,9 @@ def pending(cfg: FairConfig) -> list[tuple[int, int, float, list[str]]]:
 def format_pending(cfg: FairConfig) -> str:
     """`tokenforget fair --dry-run`: one line per cell (done, or the settings it would train and evaluate), then the
     counts; a setting whose stages a run folder already holds is reused when the cell runs, so the trainings are at
-    most these."""
+    most these. A setting without a record is refused, as when the grid runs."""
+    check_settings(cfg.settings, detectors=cfg.demo.detectors)
+    check_settings(cfg.extra_seed_settings, "extra_seed_settings")
     cells = pending(cfg)
     lines = [f"data seed {s}, training seed {t}, {e:g} epochs: " + (f"to run, {len(m)} settings: {', '.join(m)}" if m
                                                                     else "done") for s, t, e, m in cells]
