@@ -44,10 +44,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For answers that carry a verdict (`is_correct: false`, graded model answers): each wrong answer ignored from
     # the token the base model finds least likely (`score.method: base_loss`, `partition.selection: verified_tail`),
     # every right one learned. No reference is trained and no data beyond the file is read. At sft's optimizer steps
-    # over 3 data seeds (docs/results.md, "The fair comparison"): on a weaker model's answers +0.044 over sft, level
-    # with training on the right answers alone (rft, -0.007) and with ignoring the wrong ones whole (-0.008), and at or
-    # above the same cut on a trusted reference (+0.013, the preset until 2026-12-07); on a recurring wrong total
-    # +0.146 over sft and +0.089 over rft.
+    # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds
+    # above sft (+0.033) but below training on the right answers alone (rft, -0.027), and at or above the same cut
+    # on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data
+    # seeds) +0.146 over sft and +0.089 over rft. With verdicts, rft is the baseline to beat.
     "verified": {
         "score": {"method": "base_loss"},
         "partition": {"selection": "verified_tail"},
