@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the token the base model finds least likely (`score.method: base_loss`, `partition.selection: verified_tail`),
     # every right one learned. No reference is trained and no data beyond the file is read. At sft's optimizer steps
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds
-    # above sft (+0.038) but not above training on the right answers alone (rft, -0.017), and at or above the same cut
+    # above sft (+0.039) but not above training on the right answers alone (rft, -0.014), and at or above the same cut
     # on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data
     # seeds) +0.146 over sft and +0.089 over rft. With verdicts, rft is the baseline to beat.
     "verified": {
