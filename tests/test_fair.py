@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tokenforget.report.fair import chosen_epochs, fair_table, grid_settings, paired
+from tokenforget.version import code_commit, machine
 
 
 def test_paired_difference_and_its_two_standard_errors():
@@ -205,7 +206,15 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     assert table["runs"] == [[1, 5], [1, 6]]
     assert set(table["chosen_epochs"]) == {"sft", "rft", "verified_tail", "sft_plus_trusted"}
     assert all(r["vs_baseline"]["runs"] == 2 for r in table["equal_steps"]["1"].values())
-    assert (root / "fair_table.md").read_text().count("| `rft` |") == 3  # two epochs values and the chosen table
+    assert (root / "fair_table.md").read_text().count("| `rft` |") == 4  # two epochs values, the chosen table, how made
+    made = json.loads((seed1 / "cells" / "t6-e2.json").read_text())["verified_tail"]["made"]  # how, where, how long
+    stage = json.loads((seed1 / "verified_tail" / "train-ignore-e2-t6" / "stage.json").read_text())["made"]
+    assert made == {**stage, "train_runtime": round(history_runtime(seed1 / "verified_tail" / "train-ignore-e2-t6"), 1)}
+    assert made["commit"] == code_commit() and made["machine"] == machine() and made["versions"].startswith("torch ")
+    assert 0 < made["train_runtime"] <= made["seconds"]  # the trainer's runtime is part of the stage's wall time
+    text = (root / "fair_table.md").read_text()
+    assert f"| `sft_plus_trusted` | 4 | " in text and "\nThe grid: tokenforget fair --run_dir " in text
+    assert text.rstrip().endswith('--settings "[rft, verified_tail]" --data_seeds "[1]" --train_seeds "[5, 6]"')  # epochs: the default
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")}
     assert main(args) == 0  # a rerun: every cell on disk, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")} == mtimes
@@ -284,6 +293,46 @@ def test_the_demo_trains_kto_as_a_stage_of_its_run(tmp_path: Path, tiny_model_di
     assert list(res["models"]) == ["sft", "kto"] and res["stages"]["kto"] == str(root / "train-kto")
     stage = json.loads((root / "train-kto" / "stage.json").read_text())
     assert stage["mode"] == "kto" and stage["warm_start"] is None and len(stage["fingerprint"]) == 16
+
+
+def history_runtime(stage: Path) -> float:
+    return json.loads((stage / "log_history.json").read_text())[-1]["train_runtime"]
+
+
+def test_how_the_trainings_were_made_by_hand(tmp_path: Path):
+    """The table's provenance rows: runtimes 100, 300, 200 s -> median 200 (100-300); a training made before stages
+    recorded their commit gives its runtime alone (`made_of` reads the trainer's log)."""
+    from tokenforget.commands.fair import made_of
+    from tokenforget.report.fair import format_made, made_summary
+
+    old = tmp_path / "train-sft-t1"
+    old.mkdir()
+    (old / "stage.json").write_text(json.dumps({"stage": "train-sft-t1", "fingerprint": "ab"}))
+    (old / "log_history.json").write_text(json.dumps([{"loss": 1.0, "step": 1}, {"train_runtime": 99.96, "step": 2}]))
+    assert made_of(old) == {"train_runtime": 100.0}
+    new = {"seconds": 320.0, "commit": "abc1234", "machine": "CPU X, 2 cores", "versions": "torch 2.13.0"}
+    cells = {(1, 1, 1.0): {"sft": {"made": made_of(old)}, "rft": {}},
+             (2, 2, 1.0): {"sft": {"made": {**new, "train_runtime": 300.0}}},
+             (2, 2, 2.0): {"sft": {"made": {**new, "commit": "def5678", "train_runtime": 200.0}}}}
+    made = made_summary(cells, ["sft", "rft"])
+    assert made == {"sft": {"train_runtime": [100.0, 300.0, 200.0], "commit": ["abc1234", "def5678"],
+                            "machine": ["CPU X, 2 cores"], "versions": ["torch 2.13.0"]}}  # rft: nothing recorded
+    lines = format_made(made)
+    assert "| `sft` | 3 | 200 (100-300) | abc1234, def5678 |" in lines
+    assert lines[-2:] == ["\nMachine: CPU X, 2 cores", "\nVersions: torch 2.13.0"]
+
+
+def test_a_stage_records_the_commit_it_was_made_by():
+    """`code_commit` is the checkout's HEAD (with `+changes` when tracked files differ), as git says."""
+    import subprocess
+
+    from tokenforget.version import code_commit
+
+    src = Path(__file__).resolve().parents[1] / "src" / "tokenforget"
+    head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert code_commit().removesuffix("+changes") == head.stdout.strip()
 
 
 def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):

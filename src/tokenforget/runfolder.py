@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from tokenforget.config.data import RECURRING_SENTENCE
 from tokenforget.errors import UserError
+from tokenforget.version import made_by
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
@@ -249,7 +250,9 @@ class RunFolder:
                 record: dict[str, Any] = {}
                 with self.writing(name, fp, record) as d:
                     record.update(commit(result, d) or {})  # type: ignore[arg-type]
-                self.log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")  # a line a stage: what took the time
+                    # what made it and its wall time (build and commit), for the tables that publish its figures
+                    record["made"] = {"seconds": round(time.perf_counter() - t0, 1), **made_by()}
+                self.log(f"[{name}] done in {record['made']['seconds']:.0f} s")  # a line a stage: what took the time
             self.ranks.barrier()
         return self.stage_dir(name)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +14,22 @@ __version__ = "0.1.0"
 
 def provenance() -> dict[str, Any]:
     """Versions, machine and date, for every figure we publish."""
-    import importlib.metadata as md
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    from tokenforget.version import __version__
-
-    versions = {p: version(p) for p in ("torch", "transformers", "peft", "lm_eval")}
+    versions = {p: package_version(p) for p in ("torch", "transformers", "peft", "lm_eval")}
     return {
         "versions": {"python": platform.python_version(), **versions, "tokenforget": __version__},
         "machine": machine(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
+
+
+def package_version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "not installed"
 
 
 def machine() -> str:
@@ -47,3 +48,28 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+@functools.lru_cache(maxsize=1)
+def code_commit() -> str:
+    """The commit of the checkout the package runs from (`+changes` when tracked files differ from it), or
+    `tokenforget <version>` for an installed copy: what a stage's `stage.json` says made it."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return f"tokenforget {__version__}"
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return f"tokenforget {__version__}"
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+@functools.lru_cache(maxsize=1)
+def made_by() -> dict[str, str]:
+    """The commit, machine and library versions a stage was made with (recorded beside its wall time)."""
+    libs = ", ".join(f"{p} {package_version(p)}" for p in ("torch", "transformers", "peft", "trl"))
+    return {"commit": code_commit(), "machine": machine(), "versions": libs}
+

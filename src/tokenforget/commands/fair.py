@@ -126,11 +126,22 @@ def write_cell(out: Path, record: dict[str, Any]) -> None:
 
 def cell_record(results: dict[str, Any]) -> dict[str, Any]:
     """What the table reads of a demo's results: per model its test answers right (0/1), gold NLL, its validation
-    accuracy, and its final answers (for `scripts/mechanism.py`)."""
-    val = results.get("validation", {})
+    accuracy, its final answers (for `scripts/mechanism.py`) and how its training was made (`made_of`)."""
+    val, stages = results.get("validation", {}), results.get("stages", {})
     return {name: {"correct": [int(c) for c in m["correct"]], "gold_nll": m["gold_nll"],
-                   "val_accuracy": val.get(name, {}).get("accuracy"), "answers": m.get("answers")}
+                   "val_accuracy": val.get(name, {}).get("accuracy"), "answers": m.get("answers"),
+                   **({"made": made_of(Path(stages[name]))} if name in stages else {})}
             for name, m in results["models"].items()}
+
+
+def made_of(stage: Path) -> dict[str, Any]:
+    """How a training stage was made: the trainer's runtime in seconds (`log_history.json`), and the stage's wall
+    time, commit, machine and versions where its `stage.json` records them (`RunFolder.ensure`; not in stages made
+    before 2026-12-07)."""
+    history = stage / "log_history.json"
+    runtime = [h["train_runtime"] for h in json.loads(history.read_text()) if "train_runtime" in h] if history.is_file() else []
+    made = json.loads((stage / "stage.json").read_text()).get("made", {})
+    return {**made, **({"train_runtime": round(runtime[-1], 1)} if runtime else {})}
 
 
 def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
@@ -147,7 +158,7 @@ def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
 
 def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk; returns the table."""
-    table = fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs)
+    table = {**fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs), "grid": grid_command(cfg)}
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))
@@ -155,3 +166,19 @@ def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str
     (root / FAIR_TABLE).write_text(text + "\n")
     log(text)
     return table
+
+
+def grid_command(cfg: FairConfig) -> str:
+    """The command line of this grid: `tokenforget fair` with every field that differs from its default."""
+    def flags(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+        out = []
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out += flags(value, defaults[key], f"{prefix}{key}.")
+            elif value != defaults[key]:
+                shown = f'"[{", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)}]"' if isinstance(value, list) else value
+                out.append(f"--{prefix}{key} {shown}")
+        return out
+
+    return " ".join(["tokenforget fair", *flags(asdict(cfg), asdict(FairConfig()))])
+

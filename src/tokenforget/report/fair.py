@@ -173,7 +173,37 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
         for row, record in chosen.items():
             record["vs_strongest"] = _against(cells, picks, row, strongest, record)
     return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
-            "chosen_epochs": chosen}
+            "chosen_epochs": chosen, "made": made_summary(cells, settings)}
+
+
+def made_summary(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str]) -> dict[str, Any]:
+    """Per setting, over its trainings in every cell: the trainer's runtimes (s), and the commits, machines and
+    versions their stages record (`commands.fair.made_of`; trainings made before these were recorded have none)."""
+    out = {}
+    for s in settings:
+        made = [cell[s]["made"] for cell in cells.values() if s in cell and cell[s].get("made")]
+        if made:
+            out[s] = {"train_runtime": [m["train_runtime"] for m in made if "train_runtime" in m],
+                      **{k: sorted({m[k] for m in made if k in m}) for k in ("commit", "machine", "versions")}}
+    return out
+
+
+def format_made(made: dict[str, Any]) -> list[str]:
+    """The table's provenance: a row per setting (its trainings' runtime and commits), then the machines and
+    versions they ran on."""
+    if not made:
+        return []
+    lines = ["\nHow the trainings were made (the trainer's runtime of each final training, s: median, min-max; the "
+             "commits, machines and versions their stages record, where they do):\n",
+             "| setting | trainings timed | runtime, s | commits |", "|---|---|---|---|"]
+    for s, m in made.items():
+        t = m["train_runtime"]
+        runtime = f"{np.median(t):.0f} ({min(t):.0f}-{max(t):.0f})" if t else ""
+        lines.append(f"| `{s}` | {len(t)} | {runtime} | {', '.join(m['commit']) or 'not recorded'} |")
+    for key in ("machine", "versions"):
+        found = sorted({v for m in made.values() for v in m[key]})
+        lines.append(f"\n{key.capitalize()}: {'; '.join(found) if found else 'not recorded'}")
+    return lines
 
 
 def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[str, dict[tuple[int, int], Pick]],
@@ -214,4 +244,7 @@ def format_fair(table: dict[str, Any]) -> str:
         matching = "; ".join(f"`{m}` {_pm(p)}" for m, p in r.get("vs_matching", {}).items())
         lines.append(f"| `{s}` | {epochs} | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
                      f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} | {matching} |")
+    lines += format_made(table.get("made", {}))
+    if "grid" in table:
+        lines.append(f"\nThe grid: {table['grid']}")
     return "\n".join(lines).strip()
