@@ -324,6 +324,35 @@ def test_demo_forgets_the_first_wrong_token_alone(tmp_path: Path, tiny_model_dir
     assert not (folder / "reference" / "stage.json").exists()
 
 
+def test_demo_forgets_the_verified_cut_token_alone(tmp_path: Path, tiny_model_dir: Path):
+    """`verified_first_base_forget`: in each answer known wrong (here: one with a corrupted token), the response token
+    the base model finds least likely (the earlier of ties) is forgotten and the rest of the answer from it gets no
+    loss; every other response token is learned. It trains in `verified_first_base/` with the paper's term on the
+    base model's scores, no reference trained."""
+    import datasets
+
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "2", "--max_new_tokens", "2", "--batch_size", "8",
+            "--settings", "[sft, verified_first_base_forget]"]
+    assert main(args) == 0
+    folder = root / "verified_first_base"
+    assert json.loads((root / "demo_results.json").read_text())["stages"]["verified_first_base_forget"] == str(
+        folder / "train-forget_ga")
+    tokens = datasets.load_from_disk(str(folder / "data" / "tokens"))
+    scores = datasets.load_from_disk(str(folder / "scores" / "scores"))["score"]
+    classes = datasets.load_from_disk(str(folder / "partition" / "classes"))["token_class"]
+    n_wrong = 0
+    for mask, bad, score, cls in zip(tokens["response_mask"], tokens["corrupt"], scores, classes):
+        resp = [t for t, m in enumerate(mask) if m]
+        wrong = any(bad[t] for t in resp)
+        n_wrong += wrong
+        cut = min(resp, key=lambda t: (score[t], t)) if wrong else len(mask)
+        assert cls == [(1 if t < cut else -1 if t == cut else 0) if m else 0 for t, m in enumerate(mask)]
+    assert n_wrong > 0 and sum(c.count(-1) for c in classes) == n_wrong
+    assert not (folder / "reference" / "stage.json").exists()
+
+
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun

@@ -5,6 +5,7 @@ import pytest
 
 from tokenforget.stages.verdicts import (
     first_wrong_partition,
+    verified_first_partition,
     KnownNoise,
     verified_random_partition,
     verified_tail_partition,
@@ -226,6 +227,22 @@ def test_the_first_wrong_token_alone_is_forgotten_and_the_rest_of_its_tail_gets_
     assert weights is None and (stats.n_positive, stats.n_negative) == (4, 2)
     positive, no_loss = first_wrong_partition(np.array([0, 1, 1, 1, 1]), np.array([0, 0, 0, 1, 1]))
     assert positive.tolist() == [True, False, False, False, False] and no_loss.tolist() == [False, False, True, False, True]
+
+
+def test_the_verified_cut_token_alone_is_forgotten():
+    """`verified_first`: examples 0 and 2 known wrong (their verdict only), example 1 right. Example 0's response
+    scores 9, -9, 5, -1: its lowest (-9) is the cut and the one negative, the two tokens after it no loss: +1 -1 0 0.
+    Example 1 (right) learned whatever its scores: +1 +1. Example 2's scores -3, 0: cut at its first token: -1 0.
+    Two negatives, three no-loss, three positive."""
+    scores = np.array([0.0, 9.0, -9.0, 5.0, -1.0, 0.0, -7.0, 3.0, 0.0, -3.0, 0.0])
+    response = np.array([0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1])
+    wrong = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1])
+    classes, weights, stats = select_tokens(scores, response, np.array([0, 5, 8, 11]), "verified_first", 0.7,
+                                            noise=KnownNoise(np.zeros(11), wrong))
+    assert classes.tolist() == [0, 1, -1, 0, 0, 0, 1, 1, 0, -1, 0]
+    assert weights is None and (stats.n_positive, stats.n_negative) == (3, 2)
+    positive, no_loss = verified_first_partition(np.array([2.0, 1.0, 3.0]), np.array([0, 0, 0]), np.array([1, 1, 1]))
+    assert positive.tolist() == [True, False, False] and no_loss.tolist() == [False, False, True]
 
 
 def test_verified_whole_and_random_cut_only_the_answers_known_wrong():

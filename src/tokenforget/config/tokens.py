@@ -76,7 +76,8 @@ class PartitionConfig:
     unlikelihood on the wrong answers, UFT); `oracle`: the
     data's known noise is the negative set (injected `corrupt` tokens, or every token of an example with
     `is_correct: false`), a bound on any detector (scores unused); `oracle_first`: only the first known noisy token
-    of each example negative (the mistake), its later noisy tokens no loss; `data`: the weights the data carries (a message's
+    of each example negative (the mistake), its later noisy tokens no loss; `verified_first`: `verified_tail`'s cut
+    token alone negative (the mistake as the score finds it), the rest of the tail no loss; `data`: the weights the data carries (a message's
     `weight`, `spans`, a `token_weight` column: > 0 learn, 0 no loss, < 0 forget; `tokenforget.stages.labels_in_data`),
     no reference and no scores; a token they say nothing about is learned. With any other selection the data's
     weights, where it has them, override the detector's classes. `simulated`: a

@@ -141,6 +141,12 @@ DEMO_SETTINGS: dict[str, Setting] = {
     **{f"oracle_first_{s}": Setting((lambda t: lambda r: r.forgetting(r.filtered("oracle_first", "ref_loss", "oracle_first", run=r.run), t))(t),
                                     _forgot("the first known wrong token of each answer (the rest of its tail ignored)", t))
        for s, t in (("forget", "ga"), ("unlikelihood", "unlikelihood"))},
+    # the same with the mistake found as a user can: each wrong answer's cut token (`--preset verified`'s) forgotten
+    **{f"verified_first_base_{s}": Setting((lambda t: lambda r: r.forgetting(_verified(r, "verified_first_base", "base_loss",
+                                                                                       "verified_first"), t))(t),
+                                           _forgot("the token each wrong answer is cut at by the base model (the rest "
+                                                   "of its tail ignored)", t), reads=VERDICTS)
+       for s, t in (("forget", "ga"), ("unlikelihood", "unlikelihood"))},
     # lambda's sweep on the oracle's negatives (precision 1, the paper's premise): is forgetting harder better?
     **{f"oracle_forget_lam{lam:g}": Setting((lambda lam: lambda r: r.forgetting(r.oracle(), "ga", lam))(lam),
                                             _forgot("exactly the tokens known wrong", "ga", lam), tunes="oracle_forget")

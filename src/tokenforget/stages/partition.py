@@ -37,7 +37,7 @@ from tokenforget.runfolder import fingerprint, round_stage, stable_view
 from tokenforget.stages.partition_streaming import n_positive, partition_streaming
 from tokenforget.stages.stage import Arg, PlanInputs, Stage, StagePlan, StageRun
 from tokenforget.stages.verdicts import (
-    KnownNoise, first_wrong_partition, known_noise, verified_random_partition, verified_tail_partition,
+    KnownNoise, first_wrong_partition, known_noise, verified_first_partition, verified_random_partition, verified_tail_partition,
     verified_whole_partition, worst_tokens,
 )
 
@@ -269,7 +269,7 @@ class Selected:
     positive: np.ndarray  # (n,) bool
     signed_weights: Optional[np.ndarray] = None  # (n,) in [-1, 1], `soft` only: |w| weighs each token's loss
     negative_share: Optional[float] = None  # `mixture` only: the share it estimated
-    no_loss: Optional[np.ndarray] = None  # (n,) bool: neither learned nor forgotten (class 0), `oracle_first` only
+    no_loss: Optional[np.ndarray] = None  # (n,) bool: neither learned nor forgotten (class 0): the `*_first` selections
 
 
 def _soft(r: Ranking) -> Selected:
@@ -278,6 +278,11 @@ def _soft(r: Ranking) -> Selected:
 
 def _first_wrong(r: Ranking) -> Selected:
     positive, no_loss = first_wrong_partition(r.known("oracle_first").bad, r.example)
+    return Selected(positive, no_loss=no_loss)
+
+
+def _verified_first(r: Ranking) -> Selected:
+    positive, no_loss = verified_first_partition(r.scores, r.example, r.known("verified_first").wrong)
     return Selected(positive, no_loss=no_loss)
 
 
@@ -319,6 +324,7 @@ SELECTIONS: dict[str, Selection] = {
     "oracle": Selection(lambda r: Selected(oracle_partition(r.known("oracle").bad)), needs_scores=False,
                         reads_known_noise=True),
     "oracle_first": Selection(_first_wrong, needs_scores=False, reads_known_noise=True),
+    "verified_first": Selection(_verified_first, reads_known_noise=True),
     "data": Selection(_data, needs_scores=False),
     "simulated": Selection(lambda r: Selected(simulated_partition(r.known("simulated").bad, r.scores, r.pc.recall,
                                                                   r.pc.precision, r.pc.false_positives, r.pc.seed)),

@@ -76,6 +76,19 @@ def verified_tail_partition(scores: np.ndarray, example: np.ndarray, wrong: np.n
     return _cut_wrong(worst, of, wrong)
 
 
+def verified_first_partition(scores: np.ndarray, example: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, no loss) boolean (N,) masks: `verified_tail`'s cut with the mistake alone forgotten. In each
+    example known wrong, the lowest-scored token (where the cut starts: the best guess at the mistake) is the one
+    negative, the rest of its tail gets no loss; every other token is positive.
+
+    `oracle_first` on the tails a user can find: the verdict says which answers are wrong, the score where the
+    mistake is (`first_wrong_partition` over the tails of `verified_tail_partition`).
+
+    Args: as `verified_tail_partition`.
+    """
+    return first_wrong_partition(~verified_tail_partition(scores, example, wrong), example)
+
+
 def _cut_wrong(start: np.ndarray, of: np.ndarray, wrong: np.ndarray) -> np.ndarray:
     """(N,) positive flags: each example known wrong negative from flat index `start[e]` to its end."""
     is_wrong = np.zeros(len(start), dtype=bool)
