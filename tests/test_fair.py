@@ -335,6 +335,26 @@ def test_a_stage_records_the_commit_it_was_made_by():
     assert code_commit().removesuffix("+changes") == head.stdout.strip()
 
 
+def test_an_installed_copy_in_another_repository_gives_its_version(tmp_path: Path):
+    """A copy of the package inside a user's own git repository (a venv in their project), untracked there: the
+    commit is not theirs, so it says the package's version."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    if subprocess.run(["git", "init", "-q", str(tmp_path)], capture_output=True).returncode != 0:
+        pytest.skip("no git")
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "their project"], check=True)  # a HEAD of theirs
+    copy = tmp_path / "venv" / "tokenforget" / "version.py"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "src" / "tokenforget" / "version.py", copy)
+    spec = importlib.util.spec_from_file_location("installed_version", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.code_commit() == f"tokenforget {module.__version__}"
+
+
 def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
     """A grid that adds settings runs its finished cells again (their stages reused): a cell file is done for a
     grid whose settings it holds all of."""

@@ -56,9 +56,12 @@ def code_commit() -> str:
     `tokenforget <version>` for an installed copy: what a stage's `stage.json` says made it."""
     here = Path(__file__).resolve().parent
     try:
+        # this file tracked by the repository around it: an installed copy inside someone's own repository is not
+        tracked = subprocess.run(["git", "-C", str(here), "ls-files", "--error-unmatch", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=10)
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10)
-        if head.returncode != 0:
+        if tracked.returncode != 0 or head.returncode != 0:
             return f"tokenforget {__version__}"
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
                                capture_output=True, text=True, timeout=10).stdout.strip()
