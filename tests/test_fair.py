@@ -322,6 +322,19 @@ def test_how_the_trainings_were_made_by_hand(tmp_path: Path):
     assert lines[-2:] == ["\nMachine: CPU X, 2 cores", "\nVersions: torch 2.13.0"]
 
 
+def test_the_grid_as_one_command_line():
+    """Only what differs from the defaults, lists in brackets, a path with braces quoted; the demo's fields each cell
+    sets for itself (its settings, seed, run folder) are not the grid's."""
+    from tokenforget.command_config import DemoConfig, FairConfig
+    from tokenforget.commands.fair import grid_command
+
+    cfg = FairConfig(run_dir="/g", demo=DemoConfig(noise_kind="weak", weak_dir="/w", n_test=240, n_val=120, report_to=["none"],
+                                                   settings=["sft", "x"], seed=7), settings=["rft"],
+                     epochs=[1.0], weak_dir="/w/seed-{seed}")
+    assert grid_command(cfg) == ("tokenforget fair --run_dir /g --demo.noise_kind weak --demo.weak_dir /w --settings \"[rft]\" "
+                                 "--epochs \"[1]\" --weak_dir '/w/seed-{seed}'")
+
+
 def test_a_stage_records_the_commit_it_was_made_by():
     """`code_commit` is the checkout's HEAD (with `+changes` when tracked files differ), as git says."""
     import subprocess

@@ -168,16 +168,25 @@ def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str
     return table
 
 
+# the demo's fields each cell sets for itself (`cell_config`): a grid's `demo` section does not choose them
+PER_CELL = ("run_dir", "seed", "train_seed", "epochs", "equal_steps", "settings", "detectors",
+            "micro_batch_size", "nll_problems")
+
+
 def grid_command(cfg: FairConfig) -> str:
     """The command line of this grid: `tokenforget fair` with every field that differs from its default."""
+    def shown(value: Any) -> str:
+        if isinstance(value, list):
+            return f'"[{", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)}]"'
+        return f"'{value}'" if isinstance(value, str) and any(c in value for c in " {}*") else str(value)
+
     def flags(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
         out = []
         for key, value in values.items():
             if isinstance(value, dict):
                 out += flags(value, defaults[key], f"{prefix}{key}.")
-            elif value != defaults[key]:
-                shown = f'"[{", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)}]"' if isinstance(value, list) else value
-                out.append(f"--{prefix}{key} {shown}")
+            elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL):
+                out.append(f"--{prefix}{key} {shown(value)}")
         return out
 
     return " ".join(["tokenforget fair", *flags(asdict(cfg), asdict(FairConfig()))])
