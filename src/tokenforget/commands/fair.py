@@ -183,7 +183,7 @@ def grid_command(cfg: FairConfig) -> str:
     def flags(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
         out = []
         for key, value in values.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and isinstance(defaults[key], dict):
                 out += flags(value, defaults[key], f"{prefix}{key}.")
             elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL):
                 out.append(f"--{prefix}{key} {shown(value)}")
