@@ -167,6 +167,29 @@ def test_report_without_out_dir_probes_the_run_folders_report(tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")])
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_stage(tmp_path, error):
+    """A stage whose save fills the disk (an OSError, or the error safetensors raises): one line naming the stage and
+    the folder; the half-made stage is gone, the finished one before it stays; any other error passes unchanged."""
+    from tokenforget.runfolder import RunFolder, RunFolderError
+
+    folder = RunFolder(tmp_path, {}, log=lambda _msg: None)
+    folder.ensure("data", "fp1", lambda: 1, lambda _r, d: (d / "rows.txt").write_text("1") and {})
+
+    def full(_result, d):
+        (d / "model.safetensors").write_text("half")
+        raise error
+
+    with pytest.raises(RunFolderError) as caught:
+        folder.ensure("train-sft", "fp2", lambda: 2, full)
+    assert str(caught.value) == (f"[train-sft] no space left on the device of {tmp_path}: the stage was discarded, "
+                                 "the finished stages are kept; free space and rerun to resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "data"]
+    with pytest.raises(ValueError, match="not a disk"):
+        folder.ensure("train-sft", "fp2", lambda: 2, lambda _r, _d: (_ for _ in ()).throw(ValueError("not a disk")))
+
+
 def test_folder_holding_a_different_run_is_refused(tmp_path, tiny_model_dir, capsys):
     cfg = make_config(tmp_path, tiny_model_dir)
     assert main(["score", str(cfg)]) == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import hashlib
 import json
@@ -245,16 +246,31 @@ class RunFolder:
         else:
             self.check_replaceable(name)
             t0 = time.perf_counter()
-            result = build() if every_rank or self.ranks.is_main else None
-            if self.ranks.is_main:
-                record: dict[str, Any] = {}
-                with self.writing(name, fp, record) as d:
-                    record.update(commit(result, d) or {})  # type: ignore[arg-type]
-                    # what made it and its wall time (build and commit), for the tables that publish its figures
-                    record["made"] = {"seconds": round(time.perf_counter() - t0, 1), **made_by()}
-                self.log(f"[{name}] done in {record['made']['seconds']:.0f} s")  # a line a stage: what took the time
+            with self.disk_full_is_one_line(name):
+                result = build() if every_rank or self.ranks.is_main else None
+                if self.ranks.is_main:
+                    record: dict[str, Any] = {}
+                    with self.writing(name, fp, record) as d:
+                        record.update(commit(result, d) or {})  # type: ignore[arg-type]
+                        # what made it and its wall time (build and commit), for the tables that publish its figures
+                        record["made"] = {"seconds": round(time.perf_counter() - t0, 1), **made_by()}
+                    self.log(f"[{name}] done in {record['made']['seconds']:.0f} s")  # a line a stage: what took the time
             self.ranks.barrier()
         return self.stage_dir(name)
+
+    @contextlib.contextmanager
+    def disk_full_is_one_line(self, name: str) -> Iterator[None]:
+        """A full disk while a stage is made (a trainer's save raises OSError, safetensors an error of its own that
+        names os error 28) becomes one line naming the stage and the folder: `writing` has already discarded the
+        half-made stage, and the stages before it stay, so freeing space and rerunning resumes here."""
+        try:
+            yield
+        except Exception as e:
+            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e)
+            if not full:
+                raise
+            raise RunFolderError(f"[{name}] no space left on the device of {self.root}: the stage was discarded, "
+                                 "the finished stages are kept; free space and rerun to resume") from e
 
     @contextlib.contextmanager
     def writing(self, name: str, fp: str, record: dict[str, Any]) -> Iterator[Path]:
