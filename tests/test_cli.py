@@ -353,6 +353,28 @@ def test_demo_forgets_the_verified_cut_token_alone(tmp_path: Path, tiny_model_di
     assert not (folder / "reference" / "stage.json").exists()
 
 
+def test_demo_trusted_reference_setting_also_trains_on_the_trusted_set(tmp_path: Path, tiny_model_dir: Path, capsys):
+    """`verified_tail_plus_trusted`: `verified_tail` on the noisy answers plus the trusted ones, as a user with a
+    trusted set would train: its reference trained on the same trusted set with the same seed (a stage of its own),
+    so the noisy answers get exactly `verified_tail`'s classes; each trusted answer is learned whole."""
+    import datasets
+
+    root = tmp_path / "demo"
+    args = ["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
+            "--n_train", "24", "--n_test", "2", "--n_trusted", "8", "--max_new_tokens", "2", "--batch_size", "8",
+            "--detectors", "[]", "--settings", "[verified_tail, verified_tail_plus_trusted]"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("[reference] done in") == 2  # the trusted reference, and this one
+    mine = datasets.load_from_disk(str(root / "verified_tail_plus_trusted" / "partition" / "classes"))["token_class"]
+    theirs = datasets.load_from_disk(str(root / "verified_tail" / "partition" / "classes"))["token_class"]
+    tokens = datasets.load_from_disk(str(root / "verified_tail_plus_trusted" / "data" / "tokens"))
+    assert len(mine) == 24 + 8 and mine[:24] == theirs and any(-1 in c for c in theirs)
+    for cls, mask in zip(mine[24:], tokens["response_mask"][24:]):
+        assert cls == [1 if m else 0 for m in mask]
+    res = json.loads((root / "demo_results.json").read_text())
+    assert res["stages"]["verified_tail_plus_trusted"] == str(root / "verified_tail_plus_trusted" / "train-ignore")
+
+
 def test_demo_simulated_detectors_and_a_validation_split(tmp_path: Path, tiny_model_dir: Path, capsys):
     """`sim_ignore` at recall 1 and precision 0.5 (random right tokens): its negatives are every corrupted token and
     as many right ones; `sim_forget` shares that partition. A validation split is evaluated beside the test. A rerun

@@ -159,6 +159,25 @@ class DemoRuns:
         write_jsonl([*read_jsonl(task / "train.jsonl"), *read_jsonl(task / "trusted.jsonl")], task / f"{name}.jsonl")
         return self.clean(name)
 
+    def trusted_trained(self, name: str = "trusted_trained") -> Run:
+        """The trusted run trained on the trusted set too, as a user who has one would (issue 36), for the verified
+        selections: its data the noisy answers and the trusted ones (`task/sft_plus_trusted.jsonl`,
+        `sft_plus_trusted`'s), its reference on the trusted set as the trusted run's (a stage of its own: a reference's
+        fingerprint reads the data it scores; the same examples and seed), disjoint from the answers known wrong
+        only (it trained on the trusted answers it now also scores), in `run_dir/<name>/`. A verdict selection leaves
+        the trusted answers whole."""
+        from tokenforget.pipeline.resolver import Run
+
+        if name not in self.made:
+            data = self.plus_trusted().cfg.data  # writes task/sft_plus_trusted.jsonl
+            c = self.trusted().cfg
+            self.made[name] = Run(replace(c, run_dir=str(self.root / name), data=data,
+                                          partition=replace(c.partition, selection="verified_tail"),
+                                          compare=replace(c.compare, variants={}),  # the oracle's read every answer
+                                          reference=replace(c.reference, disjoint_from="wrong")),
+                                  base=self.run.base, log=self.log)
+        return self.made[name]
+
     def self_checked(self, name: str = "self_reference") -> Run:
         """The `verified` preset with no data beyond the user's own file: its reference trained on the answers of
         the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`; a problem that also has an
