@@ -426,7 +426,8 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     training answers; the scoring pass stores both CEs, the score is CE_noisy - CE_trusted pooled over numbers
     (every digit of a number shares one score, at most its tokens' own); its negatives are the tokens below -1 nat.
     `contrastive_mixture` copies that scoring pass and its references (none trained again) and records the
-    mixture's share."""
+    mixture's share. `contrastive_plus_trusted` adopts that detector (no reference trained again, the same classes)
+    and trains on the 24 noisy answers and the 8 trusted ones."""
     import datasets
 
     from tokenforget.stages.score import token_kinds
@@ -434,9 +435,9 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     root = tmp_path / "demo"
     assert main(["demo", "--run_dir", str(root), "--model.name_or_path", str(tiny_model_dir), "--model.precision", "fp32",
                  "--n_train", "24", "--n_test", "4", "--n_trusted", "8", "--max_new_tokens", "4", "--detectors", "[]",
-                 "--settings", "[contrastive, contrastive_mixture]"]) == 0
+                 "--settings", "[contrastive, contrastive_mixture, contrastive_plus_trusted]"]) == 0
     res = json.loads((root / "demo_results.json").read_text())
-    assert list(res["models"]) == ["contrastive", "contrastive_mixture"]
+    assert list(res["models"]) == ["contrastive", "contrastive_mixture", "contrastive_plus_trusted"]
     assert {"contrastive", "contrastive_mixture"} <= set(res["detection_methods"])
     run = root / "contrastive"
     assert json.loads((run / "reference" / "stage.json").read_text()) == json.loads(
@@ -460,6 +461,11 @@ def test_demo_contrastive_detector_with_two_references(tmp_path: Path, tiny_mode
     log = capsys.readouterr().out
     assert f"[reference-noisy] copied from {run / 'reference-noisy'}" in log
     assert log.count("[reference-noisy] done in") == 1  # trained once, for `contrastive`; copied with its scores
+    assert log.count("[reference] done in") == 1  # the trusted one
+    plus = root / "contrastive_plus_trusted"
+    assert datasets.load_from_disk(str(plus / "partition" / "classes"))["token_class"] == datasets.load_from_disk(
+        str(run / "partition" / "classes"))["token_class"]
+    assert log.count("[train-ignore] training on 24 examples") == 2 and "[train-ignore] training on 32 examples" in log
     assert json.loads((mixture / "scores" / "stage.json").read_text()) == json.loads((run / "scores" / "stage.json").read_text())
     stats = json.loads((mixture / "partition" / "stats.json").read_text())
     assert 0.0 <= stats["estimated_negative_share"] <= 1.0

@@ -138,6 +138,18 @@ def test_predicted_steps_and_tokens_match_the_real_run(config: Path):
     history = json.loads((run / "train-sft" / "log_history.json").read_text())
     assert by["train-sft"].work.startswith("6 optimizer steps") and history[-1]["step"] == 6
 
+    # 8 trusted answers learned too (`train.trusted_path`): 32 examples, 8 steps, planned and done; another training
+    from tokenforget.stages.demo_task import make_examples
+
+    trusted = config.parent / "trusted.jsonl"
+    trusted.write_text("".join(json.dumps(r) + "\n" for r in make_examples(8, seed=5, noise=0.0)))
+    more = ["--train.trusted_path", str(trusted), "--train.objective.mode", "sft"]
+    _, cfg, _ = parse_config(["train", str(config), *more])
+    plan = next(p for p in plan_run(Run(cfg), ["sft"], measure=False)[0] if p.name == "train-sft")
+    assert (plan.examples, plan.reuse) == (32, False) and plan.work.startswith("8 optimizer steps")
+    assert main(["train", str(config), *more]) == 0
+    assert json.loads((run / "train-sft" / "log_history.json").read_text())[-1]["step"] == 8
+
 
 def test_counts_by_hand():
     """Steps: 10 examples in batches of 4 are 3 micro-batches an epoch; with grad_accum 2 that is

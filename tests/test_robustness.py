@@ -88,11 +88,14 @@ def test_prompt_filling_max_length_is_skipped_and_counted(tmp_path, tiny_model_d
         (["--partition.rho", "abc"], 'Parser key "partition.rho": Expected a <class \'float\'>. Got value: abc'),
         (["--model.name_or_path", "/nonexistent/model"], "model.name_or_path: folder '/nonexistent/model' does not exist"),
         (["--model.gguf_file", "missing.gguf"], "model.gguf_file: 'missing.gguf' not found in"),
+        # the trusted answers are first read by the final training: refused before the reference trains
+        (["--train.trusted_path", "{tmp}/trusted.jsonl"], "trusted.jsonl:2: malformed JSON"),
     ],
 )
 def test_bad_config_one_line_exit_2(override, message, tmp_path, tiny_model_dir, capsys):
     cfg = make_config(tmp_path, tiny_model_dir)
-    assert main(["run", str(cfg), *override]) == 2
+    (tmp_path / "trusted.jsonl").write_bytes(BAD_DATA["malformed"][0])
+    assert main(["run", str(cfg), *(o.format(tmp=tmp_path) for o in override)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenforget")]
     assert len(err) == 1 and message in err[0], err
     assert stage_dirs(tmp_path / "run") == []

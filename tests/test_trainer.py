@@ -132,3 +132,22 @@ def test_soft_weights_and_tnpo_keep_batch_split_invariance(tiny_model_dir, tiny_
     for name, g in grads[4].items():
         torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trusted_answers_follow_the_training_set_learned_whole():
+    """`train.trusted_path`: its answers after the training set's, every response token a learn token with weight 1,
+    and only the columns the trainer reads kept (worked by hand)."""
+    from tokenforget.stages.train import with_trusted
+
+    examples = datasets.Dataset.from_dict({
+        "input_ids": [[1, 2, 3], [4, 5]], "token_class": [[0, 1, -1], [0, 1]],
+        "token_weight": [[1.0, 1.0, 0.5], [1.0, 1.0]], "example": [0, 1], "response_mask": [[0, 1, 1], [0, 1]]})
+    trusted = datasets.Dataset.from_dict({"input_ids": [[7, 8, 9, 6]], "token_class": [[0, 0, 1, 1]],
+                                          "response_mask": [[0, 0, 1, 1]], "example": [0]})
+    got = with_trusted(examples, trusted)
+    assert got.column_names == ["input_ids", "token_class", "token_weight"]
+    assert got["input_ids"] == [[1, 2, 3], [4, 5], [7, 8, 9, 6]]
+    assert got["token_class"] == [[0, 1, -1], [0, 1], [0, 0, 1, 1]]
+    assert got["token_weight"] == [[1.0, 1.0, 0.5], [1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    assert with_trusted(examples, None) is examples
+

@@ -58,7 +58,7 @@ def test_default_fingerprints_are_the_ones_before_the_new_fields(config: Path):
                                                         "precision", "false_positives", "seed"))
     assert run.fp("partition") == old_part
     # the train section as it was before `train.objective`: the objective's knobs flat, the added ones left out
-    train = {**drop(to_dict(cfg.train), "objective", "seed"), "mode": "forget", "lambda_schedule": "linear", "t_min": 0.0, "t_max": 0.25}
+    train = {**drop(to_dict(cfg.train), "objective", "seed", "trusted_path"), "mode": "forget", "lambda_schedule": "linear", "t_min": 0.0, "t_max": 0.25}
     old_train = fingerprint("train", "forget", old_part, "none", train, to_dict(cfg.lora), cfg.seed, run.bf16)
     assert run.train_fp("forget") == old_train
 

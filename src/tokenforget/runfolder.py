@@ -83,7 +83,7 @@ def folder_digest(folder: Path) -> list[tuple[str, int, int]]:
 # Config fields added after runs were made, with their defaults: left out of a fingerprint while they hold
 # the default, so a stage finished by an older version is still reused.
 ADDED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0, "seed": None},
+    "train": {"lambda_warmup": 0.1, "forget_objective": "ga", "beta": 1.0, "seed": None, "trusted_path": None},
     "partition": {"selection": "global", "threshold": 0.0, "recall": 1.0, "precision": 1.0, "false_positives": "random",
                   "seed": 0},
     "reference": {"folds": 1, "rounds": 1, "checkpoint": None, "noisy_folds": 0, "noisy_fraction": 1.0,

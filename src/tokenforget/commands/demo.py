@@ -178,6 +178,21 @@ class DemoRuns:
                                   base=self.run.base, log=self.log)
         return self.made[name]
 
+    def learned_too(self, run: Run, name: str) -> Run:
+        """`run` with the trusted set learned whole in its final training too (`train.trusted_path`:
+        `task/trusted.jsonl`), as a user who has one would, in `run_dir/<name>/`: its detector's stages adopted, not
+        rerun (the trusted answers are never scored, so the detector is `run`'s); its baseline `sft_plus_trusted`."""
+        from tokenforget.pipeline.resolver import Run
+        from tokenforget.pipeline.variants import adopt_stages
+
+        if name not in self.made:
+            self.trusted()  # writes task/trusted.jsonl
+            c = run.cfg
+            train = replace(c.train, trusted_path=str(self.root / "task" / "trusted.jsonl"))
+            self.made[name] = Run(replace(c, run_dir=str(self.root / name), train=train), base=run.base, log=self.log)
+            adopt_stages(self.made[name], run)
+        return self.made[name]
+
     def self_checked(self, name: str = "self_reference") -> Run:
         """The `verified` preset with no data beyond the user's own file: its reference trained on the answers of
         the training file graded right (`task/correct_only.jsonl`), in `run_dir/<name>/`; a problem that also has an

@@ -39,6 +39,7 @@ from tokenforget.stages import data as data_mod
 from tokenforget.stages.reference import reference_examples
 from tokenforget.stages.score import raw_score_fp, reusable_score_fps, scores_unused
 from tokenforget.stages.stage import Arg, PlanInputs, StagePlan, Timing, TokenSets, longest
+from tokenforget.stages.train import learned_whole
 from tokenforget.text_table import format_table
 
 TIMED_REPEATS = 2  # timed repetitions per measurement, after one untimed warm-up
@@ -123,19 +124,19 @@ def _made_for_adoption(child: Run, parent: Run, stage: str, fp: str, parent_fps:
 
 def _token_sets(run: Run) -> TokenSets:
     """Token ids from the finished data stage, the labels file, or tokenized now in memory."""
-    cfg = run.cfg
-    if cfg.train.labels_path:
+    c = run.cfg
+    trusted = [] if c.train.trusted_path is None else list(learned_whole(c.data, run.base.tokenizer, c.train.trusted_path)["input_ids"])
+    if c.train.labels_path:
         from tokenforget.stages.labels import read_labels
 
-        exported = read_labels(cfg.train.labels_path, run.base.tokenizer)
+        exported = read_labels(c.train.labels_path, run.base.tokenizer)
         ids = exported["input_ids"]
-        masks = [[int(c != 0) for c in cls] for cls in exported["token_class"]]
-        return TokenSets(ids, masks, sum(map(sum, masks)), [])
+        masks = [[int(k != 0) for k in cls] for cls in exported["token_class"]]
+        return TokenSets(ids, masks, sum(map(sum, masks)), [], trusted)
     tokens = _tokens(run)
     ids, masks = tokens["input_ids"], tokens["response_mask"]
-    c = run.cfg
     reference = reference_examples(tokens, c.reference, c.data, run.base.tokenizer, c.seed)["input_ids"]
-    return TokenSets(ids, masks, sum(map(sum, masks)), reference)
+    return TokenSets(ids, masks, sum(map(sum, masks)), reference, trusted)
 
 
 def _tokens(run: Run) -> datasets.Dataset:

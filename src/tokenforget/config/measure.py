@@ -40,7 +40,7 @@ class CompareConfig:
 
 
 # TrainConfig fields a compare variant may not override: they change what is trained on, or how
-VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split")
+VARIANT_FIXED = ("training", "labels_path", "eval_path", "eval_split", "trusted_path")
 # Other sections a compare variant may override (a mapping each), and their fields it may set
 VARIANT_SECTIONS = {
     "partition": ("rho", "selection", "threshold"),

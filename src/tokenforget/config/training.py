@@ -172,6 +172,11 @@ class TrainConfig:
     labels_path: Optional[str] = None
     """Train on a token-label file that tokenforget exported (`run_dir/labels/labels.parquet`, or its folder):
     no data, reference, score or partition stage runs; `data` is not read."""
+    trusted_path: Optional[str] = None
+    """A file of trusted answers (same format as `data`) learned whole in the final training beside the data: every
+    response token a learn token, never scored nor partitioned. What a user who has a clean set besides the noisy one
+    trains on; with the trusted reference's file (`reference.path`) the fair grid's `*_plus_trusted` settings. Each
+    mode reads it, `sft` too (`sft` on data + this file is the baseline for such a run)."""
     eval_path: Optional[str] = None
     """A held-out file (same format as `data`) for evaluation during training; set `eval_strategy` in
     `training.training_args`. All its response tokens count as learn tokens, so `eval_loss` is the held-out

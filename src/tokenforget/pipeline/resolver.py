@@ -73,6 +73,7 @@ class Run:
         if cfg.lora.qlora:  # settings that would fail only when their stage starts fail now, before any write
             check_qlora(cfg.model)
         check_attention(cfg.model)
+        train_stage.check_trusted(cfg)
         fit_mod.check_training_args(cfg, self.root / ".check", self.bf16)
 
     # the run folder's bookkeeping, for callers that hold a Run

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Protocol, Sequence
 
 from tokenforget.config.training import TrainingConfig
@@ -88,6 +88,7 @@ class TokenSets:
     masks: list[list[int]]  # 1 where a token gets a loss (response tokens), per example of `all`
     response_tokens: int
     reference: list[list[int]]  # the reference training's examples (every mode trains on `all`)
+    trusted: list[list[int]] = field(default_factory=list)  # `train.trusted_path`'s, after `all` in the final training
 
 
 @dataclass

@@ -24,13 +24,42 @@ from tokenforget.training.fit import FinalTraining, fit_stage, sft_classes, with
 def held_out_set(tc: TrainConfig, dc: Any, tokenizer: PreTrainedTokenizerBase) -> Optional[datasets.Dataset]:
     """The held-out `train.eval_path` (None when unset), tokenized like the data (`dc`: its DataConfig), every
     response token a learn token."""
+    return None if tc.eval_path is None else learned_whole(dc, tokenizer, tc.eval_path, tc.eval_split)
+
+
+def learned_whole(dc: Any, tokenizer: PreTrainedTokenizerBase, path: str, split: Optional[str] = None) -> datasets.Dataset:
+    """The records of `path` tokenized like the data (`dc`: its DataConfig), every response token a learn token."""
     from tokenforget.stages import data as data_mod
 
-    if tc.eval_path is None:
-        return None
-    records = data_mod.load_records(dc, tc.eval_path, tc.eval_split)
-    cols, _ = data_mod.tokenize_records(tokenizer, records, dc)
+    cols, _ = data_mod.tokenize_records(tokenizer, data_mod.load_records(dc, path, split), dc)
     return sft_classes(datasets.Dataset.from_dict(cols))
+
+
+def check_trusted(cfg: Any) -> None:
+    """Refuse a `train.trusted_path` that cannot be read, naming its file and line, before any stage runs (it is
+    first read by the final training, after the reference and the scoring pass)."""
+    from tokenforget.stages import data as data_mod
+
+    if cfg.train.trusted_path is not None:
+        data_mod.load_records(cfg.data, cfg.train.trusted_path)
+
+
+# the per-token columns a trusted answer gets beside its classes: weight 1; `ce_base` (read by `tnpo` on negatives
+# only, and a trusted answer has none) finite, so that no NaN reaches the loss through a masked-out branch
+TRUSTED_FILL = {"token_weight": 1.0, "ce_base": 0.0}
+
+
+def with_trusted(examples: datasets.Dataset, trusted: Optional[datasets.Dataset]) -> datasets.Dataset:
+    """`examples` (`input_ids`, `token_class` and the objective's extra columns) and after them the `trusted` answers
+    learned whole (`learned_whole`); the other columns the trainer never reads are dropped."""
+    if trusted is None:
+        return examples
+    extras = [c for c in TRUSTED_FILL if c in examples.column_names]
+    cols: dict[str, list[Any]] = {"input_ids": trusted["input_ids"], "token_class": trusted["token_class"]}
+    for name in extras:
+        cols[name] = [[TRUSTED_FILL[name]] * len(ids) for ids in trusted["input_ids"]]
+    kept = examples.select_columns(["input_ids", "token_class", *extras])
+    return datasets.concatenate_datasets([kept, datasets.Dataset.from_dict(cols, features=kept.features)])
 
 
 
@@ -61,7 +90,14 @@ def from_labels(exported: datasets.Dataset, objective: ObjectiveConfig, path: st
 def train_set(run: StageRun, mode: str) -> datasets.Dataset:
     """`input_ids` and `token_class` to train `mode` on (and `token_weight`, `ce_base` where the objective reads
     them): from `train.labels_path` when set; else `sft`/`dft` train on the data and `forget`/`ignore` on the
-    partition, whose labels file is exported on the way (the stage's `needs`)."""
+    partition, whose labels file is exported on the way (the stage's `needs`); `train.trusted_path`'s answers
+    after them, learned whole."""
+    tc = run.cfg.train
+    trusted = None if tc.trusted_path is None else learned_whole(run.cfg.data, run.base.tokenizer, tc.trusted_path)
+    return with_trusted(_classes(run, mode), trusted)
+
+
+def _classes(run: StageRun, mode: str) -> datasets.Dataset:
     objective = run.cfg.train.objective_for(mode)
     if run.cfg.train.labels_path:
         exported = labels_mod.read_labels(run.cfg.train.labels_path, run.base.tokenizer)
@@ -92,8 +128,10 @@ def _fingerprint(run: StageRun, arg: Arg) -> str:
         upstream = "labels:" + file_digest(str(labels_mod.labels_file(c.train.labels_path)))
     else:
         upstream = run.fp("partition", run.rounds) if needs_partition(mode) else run.fp("data")
-    held_out = file_digest(c.train.eval_path)
-    return fingerprint("train", mode, upstream, held_out, train_view(c.train, mode), to_dict(c.lora), c.seed, run.bf16)
+    held_out, view = file_digest(c.train.eval_path), train_view(c.train, mode)
+    if c.train.trusted_path is not None:  # the trusted answers' content, not where the file lies
+        view["trusted_path"] = file_digest(c.train.trusted_path)
+    return fingerprint("train", mode, upstream, held_out, view, to_dict(c.lora), c.seed, run.bf16)
 
 
 def _make(run: StageRun, arg: Arg) -> Path:
@@ -112,7 +150,8 @@ def _make(run: StageRun, arg: Arg) -> Path:
 
 def _plan(run: StageRun, arg: Arg, fp: str, reuse: bool, inputs: PlanInputs) -> StagePlan:
     c = run.cfg
-    return training_plan(arg[1], fp, reuse, inputs.sets.all, c.train.training, c.seed, inputs.timing)  # type: ignore[index]
+    examples = [*inputs.sets.all, *inputs.sets.trusted] if inputs.sets.trusted else inputs.sets.all
+    return training_plan(arg[1], fp, reuse, examples, c.train.training, c.seed, inputs.timing)  # type: ignore[index]
 
 
 STAGES = (Stage("train", _needs, _fingerprint, _make, _plan, folder=lambda arg: arg[1]),)  # type: ignore[index]
