@@ -173,7 +173,8 @@ def test_every_setting_reads_only_what_the_table_has_a_baseline_for():
     assert {k for s in DEMO_SETTINGS.values() for k in s.reads} == set(READS)
     # a variant tunes a declared setting and reads what it reads: its tuned row is held against the same baselines
     tuned = {name: s.tunes for name, s in DEMO_SETTINGS.items() if s.tunes}
-    assert set(tuned) >= {"kto_lr1e-4", "dpo_lr1e-5", "oracle_forget_lam0.5", "oracle_forget_lam1"}
+    assert set(tuned) >= {"kto_lr1e-4", "dpo_lr1e-5", "oracle_forget_lam0.5", "oracle_forget_lam1", "oracle_forget_lam0.05",
+                          "oracle_forget_lam0.01"}
     assert all((DEMO_SETTINGS[f].reads, DEMO_SETTINGS[f].baseline) == (DEMO_SETTINGS[v].reads, DEMO_SETTINGS[v].baseline)
                for v, f in tuned.items())
 
