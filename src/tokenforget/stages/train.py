@@ -137,10 +137,11 @@ def _fingerprint(run: StageRun, arg: Arg) -> str:
 def _make(run: StageRun, arg: Arg) -> Path:
     """Train from the base model with `mode` into the stage folder `name` (`arg`: (mode, name))."""
     mode, name = arg  # type: ignore[misc]
-    examples, fp = train_set(run, mode), run.fp("train", arg)
-    if run.folder.done_on_main(name, fp):  # (held_out_set may tokenize a whole file)
+    fp = run.fp("train", arg)
+    if run.folder.done_on_main(name, fp):  # (the training set and held_out_set may tokenize whole files)
         run.folder.skip(name)
         return run.folder.stage_dir(name)
+    examples = train_set(run, mode)
     run.log(f"[{name}] training on {len(examples)} examples")
     eval_set = held_out_set(run.cfg.train, run.cfg.data, run.base.tokenizer)
     c = run.cfg
