@@ -323,6 +323,14 @@ def test_how_the_trainings_were_made_by_hand(tmp_path: Path):
     assert lines[-2:] == ["\nMachine: CPU X, 2 cores", "\nVersions: torch 2.13.0"]
 
 
+def test_the_machine_names_the_vector_instructions_of_its_kernels():
+    """Two CPUs of one model name ("AMD EPYC") may run torch's kernels with AVX2 or with AVX512, which moves figures:
+    the machine a stage records says which."""
+    import torch
+
+    assert machine().split(" cores, ")[1].startswith(torch.backends.cpu.get_cpu_capability())
+
+
 def test_the_grid_as_one_command_line():
     """Only what differs from the defaults, lists in brackets, a path with braces quoted; the demo's fields each cell
     sets for itself (its settings, seed, run folder) are not the grid's."""

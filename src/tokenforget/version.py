@@ -33,7 +33,8 @@ def package_version(pkg: str) -> str:
 
 
 def machine() -> str:
-    """CPU model and core count (and the GPU, if any)."""
+    """CPU model, core count and the widest vector instructions torch's CPU kernels use (`AVX2`, `AVX512`, ...: two
+    machines of one model name can differ there, and so can their figures), and the GPU, if any."""
     import os
 
     import torch
@@ -47,7 +48,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}{gpu}"
 
 
 @functools.lru_cache(maxsize=1)
