@@ -390,13 +390,13 @@ def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
 
 def test_a_second_grid_adds_its_settings_to_the_cell(tmp_path: Path):
     """Two grids on one run folder (p2: contrastive, p2b: rft): the second's cell keeps the first's models, and a
-    model both trained is the newer record."""
+    model both trained keeps the first record, the one the landed rows were paired with."""
     from tokenforget.commands.fair import cell_done, write_cell
 
     cell = tmp_path / "cells" / "t1-e1.json"
     write_cell(cell, {"sft": {"correct": [1, 0]}, "contrastive": {"correct": [1, 1]}})
     write_cell(cell, {"sft": {"correct": [0, 0]}, "rft": {"correct": [0, 1]}})
-    assert json.loads(cell.read_text()) == {"sft": {"correct": [0, 0]}, "contrastive": {"correct": [1, 1]},
+    assert json.loads(cell.read_text()) == {"sft": {"correct": [1, 0]}, "contrastive": {"correct": [1, 1]},
                                            "rft": {"correct": [0, 1]}}
     assert cell_done(cell, ["sft", "contrastive", "rft"]) and not (tmp_path / "cells" / "t1-e1.tmp").exists()
 

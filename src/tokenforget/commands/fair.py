@@ -116,11 +116,13 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
 
 def write_cell(out: Path, record: dict[str, Any]) -> None:
     """Adds `record`'s models to the cell file `out`, atomically: another grid's settings on the same run folder and
-    cell stay (two grids with different settings share a data seed's folder and its cells)."""
+    cell stay (two grids with different settings share a data seed's folder and its cells). A model the cell already
+    holds keeps its first record: the rows landed beside it were paired with that one, and a grid resumed in a fresh
+    folder or on another machine trains `sft` again, which another CPU's kernels can move."""
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(out.read_text()) if out.is_file() else {}
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**kept, **record}))
+    tmp.write_text(json.dumps({**record, **kept}))
     tmp.replace(out)
 
 
