@@ -170,7 +170,7 @@ def test_two_gaussians_recover_a_known_negative_share():
     assert w.tolist() == [0.0, 1.0]
 
 
-def test_contrastive_without_a_noisy_reference_is_refused_at_the_edge():
+def test_contrastive_without_a_noisy_or_a_trusted_reference_is_refused_at_the_edge():
     """One clear line naming the field, before any work (the CLI exits with status 2 on a ConfigError)."""
     from tokenforget.config import ConfigError, ReferenceConfig, RunConfig, ScoreConfig
 
@@ -178,4 +178,6 @@ def test_contrastive_without_a_noisy_reference_is_refused_at_the_edge():
         RunConfig(score=ScoreConfig(method="contrastive"))
     with pytest.raises(ConfigError, match="reference.noisy_folds"):
         ReferenceConfig(noisy_folds=1)
-    RunConfig(score=ScoreConfig(method="contrastive"), reference=ReferenceConfig(noisy_folds=2))
+    with pytest.raises(ConfigError, match="reference.path.*trusted one"):
+        RunConfig(score=ScoreConfig(method="contrastive"), reference=ReferenceConfig(noisy_folds=2))
+    RunConfig(score=ScoreConfig(method="contrastive"), reference=ReferenceConfig(noisy_folds=2, path="clean.jsonl"))

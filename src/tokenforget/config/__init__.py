@@ -72,6 +72,10 @@ class RunConfig:
 
         _check(self.score.method not in NEEDS_NOISY or self.reference.noisy_folds >= 2, "score.method",
                f"'{self.score.method}' reads a noisy reference's CE: set reference.noisy_folds >= 2")
+        # without a clean file both references learn the noise, and their difference finds nothing
+        _check(self.score.method not in NEEDS_NOISY or bool(self.reference.path or self.reference.checkpoint),
+               "reference.path", f"'{self.score.method}' holds the noisy references against a trusted one: set "
+               "reference.path to a clean file (or reference.checkpoint)")
         _check(self.reference.disjoint_from == "all" or self.partition.selection.startswith("verified_"),
                "reference.disjoint_from", "'wrong' is for the verified selections, which read only the answers known "
                f"wrong; partition.selection '{self.partition.selection}' reads every answer's scores")
