@@ -50,6 +50,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seeds) +0.146 over sft and +0.089 over rft. With verdicts, rft is the baseline to beat. The cut helps where the
     # base model finds the mistake itself least likely (the recurring total: the cut is on it in 64-72% of the wrong
     # answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring most of the answer.
+    # For a recurring error and a small clean file: two references, one trained on the clean file (`reference.path`)
+    # and two cross-fitted on the noisy answers (each on a quarter of them); a token is ignored where the noisy ones
+    # find it at least e times likelier than the clean one (CE_noisy - CE_trusted < -1 nat), each number decided
+    # whole. Train on the clean file too (`train.trusted_path`). The demo's `contrastive` (with the clean file:
+    # `contrastive_plus_trusted`); on the recurring wrong total, above sft given the same clean file (docs/results.md,
+    # "The fair comparison"); on a weaker model's scattered mistakes it was not measured against it.
+    "trusted": {
+        "reference": {"noisy_folds": 2, "noisy_fraction": 0.25},
+        "score": {"method": "contrastive", "spans": "number"},
+        "partition": {"selection": "threshold", "threshold": -1.0},
+        "train": {"objective": {"mode": "ignore"}},
+    },
     "verified": {
         "score": {"method": "base_loss"},
         "partition": {"selection": "verified_tail"},

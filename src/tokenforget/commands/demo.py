@@ -32,11 +32,7 @@ if TYPE_CHECKING:  # imported where used: a run pulls in the training stack
     from tokenforget.pipeline.resolver import Run
 
 
-NOISY_FOLDS = 2  # the contrastive detector's noisy references: each scores the half of the answers it did not see
-NOISY_FRACTION = 0.25  # ... trained on half of the other half (10 steps each, not 20: the demo stays near 10 min)
-# The contrastive detector's negatives: the spans the noisy references find at least e^1 times likelier than the
-# trusted one (score CE_noisy - CE_trusted < -1 nat), so the negative share follows the data, not a fixed rho.
-CONTRASTIVE_NATS = 1.0
+CONTRASTIVE_PRESET = "trusted"  # the two-reference detector the demo measures is the preset users pick (config.PRESETS)
 TRUSTED_PRESET = "ref_loss_wga"  # the trusted run's method: the best forgetting setting measured (config.PRESETS)
 
 
@@ -118,22 +114,21 @@ class DemoRuns:
         return self.made[name]
 
     def contrastive(self, name: str = "contrastive") -> Run:
-        """The two-reference detector in `run_dir/<name>/`: the trusted run's reference (copied, not retrained)
-        and `NOISY_FOLDS` references cross-fitted on the noisy training answers (each on `NOISY_FRACTION` of them); score `contrastive`
-        (CE_noisy - CE_trusted), numbers decided whole with copies inheriting (`score.spans: number`). Its negatives:
-        for `contrastive`, the spans below -`CONTRASTIVE_NATS` (`partition.selection: threshold`); for
-        `contrastive_mixture`, the share a two-component mixture estimates (`partition.selection: mixture`). The
-        two share one scoring pass, made in `contrastive`'s folder."""
+        """The two-reference detector in `run_dir/<name>/`, the `trusted` preset on the trusted run: its reference
+        (copied, not retrained) and two references cross-fitted on the noisy training answers; score `contrastive`
+        (CE_noisy - CE_trusted), numbers decided whole. Its negatives: for `contrastive`, the preset's (the spans below
+        -1 nat); for `contrastive_mixture`, the share a two-component mixture estimates (`partition.selection:
+        mixture`). The two share one scoring pass, made in `contrastive`'s folder."""
         from tokenforget.pipeline.resolver import Run
         from tokenforget.pipeline.variants import adopt_stages
 
         if name not in self.made:
             rec = self.trusted()
             c = rec.cfg
-            negatives = {"contrastive": replace(c.partition, selection="threshold", threshold=-CONTRASTIVE_NATS),
-                         "contrastive_mixture": replace(c.partition, selection="mixture")}
-            cfg = replace(c, run_dir=str(self.root / name), reference=replace(c.reference, noisy_folds=NOISY_FOLDS, noisy_fraction=NOISY_FRACTION),
-                          score=replace(c.score, method="contrastive", spans="number"), partition=negatives[name])
+            # the preset's detector; the final training's mode comes with each setting, as for every run here
+            cfg = replace(apply_preset(replace(c, run_dir=str(self.root / name)), CONTRASTIVE_PRESET), train=c.train)
+            if name == "contrastive_mixture":
+                cfg = replace(cfg, partition=replace(c.partition, selection="mixture"))
             self.made[name] = Run(cfg, base=rec.base, log=self.log)
             # the data and the trusted reference from the trusted run; the mixture's scores from `contrastive`'s pass
             adopt_stages(self.made[name], rec if name == "contrastive" else self.contrastive())
