@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds
     # above sft (+0.039) but not above training on the right answers alone (rft, -0.014), and at or above the same cut
     # on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data
-    # seeds) +0.146 over sft and +0.089 over rft. With verdicts, rft is the baseline to beat. The cut helps where the
+    # seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9. With verdicts, rft is the baseline to beat. The cut helps where the
     # base model finds the mistake itself least likely (the recurring total: the cut is on it in 64-72% of the wrong
     # answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring most of the answer.
     # For a recurring error and a small clean file: two references, one trained on the clean file (`reference.path`)
