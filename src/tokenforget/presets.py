@@ -47,9 +47,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds
     # above sft (+0.039) but not above training on the right answers alone (rft, -0.014), and at or above the same cut
     # on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data
-    # seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9. With verdicts, rft is the baseline to beat. The cut helps where the
-    # base model finds the mistake itself least likely (the recurring total: the cut is on it in 64-72% of the wrong
-    # answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring most of the answer.
+    # seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9. With verdicts, rft is
+    # the baseline to beat. The cut helps where the base model finds the mistake itself least likely (the recurring
+    # total: the cut is on it in 64-72% of the wrong answers); on the weaker model's answers it lands before the
+    # mistake in ~80%, which is ignoring most of the answer.
+    "verified": {
+        "score": {"method": "base_loss"},
+        "partition": {"selection": "verified_tail"},
+        "train": {"objective": {"mode": "ignore"}},
+    },
     # For a recurring error and a small clean file: two references, one trained on the clean file (`reference.path`)
     # and two cross-fitted on the noisy answers (each on a quarter of them); a token is ignored where the noisy ones
     # find it at least e times likelier than the clean one (CE_noisy - CE_trusted < -1 nat), each number decided
@@ -61,11 +67,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reference": {"noisy_folds": 2, "noisy_fraction": 0.25},
         "score": {"method": "contrastive", "spans": "number"},
         "partition": {"selection": "threshold", "threshold": -1.0},
-        "train": {"objective": {"mode": "ignore"}},
-    },
-    "verified": {
-        "score": {"method": "base_loss"},
-        "partition": {"selection": "verified_tail"},
         "train": {"objective": {"mode": "ignore"}},
     },
 }
