@@ -540,6 +540,32 @@ def test_every_shipped_grid_parses_and_names_declared_settings():
         assert set(cfg.extra_seed_settings) <= set(grid_settings(cfg.settings)), path.name  # with the added baselines
 
 
+def test_the_table_from_the_cells_on_disk_alone(tmp_path: Path, capsys):
+    """`tokenforget fair --table_only true` trains nothing: a grid of epochs 1 and 2 stopped after its 1-epoch cell
+    (seed 1: sft 1000, rft 1110 on test) gets the table at 1 epoch, rft - sft = (0 1 1 0) = +0.5, and rft is the
+    strongest baseline. A run folder without a cell is refused naming run_dir, exit 2, writing nothing."""
+    from tokenforget.cli import main
+
+    root = tmp_path / "fair"
+    (root / "seed-1" / "cells").mkdir(parents=True)
+    (root / "seed-1" / "cells" / "t1-e1.json").write_text(json.dumps(
+        {"sft": _cell([1, 0, 0, 0], 0.5), "rft": _cell([1, 1, 1, 0], 0.6)}))
+    args = ["fair", "--run_dir", str(root), "--settings", "[rft]", "--data_seeds", "[1]", "--epochs", "[1, 2]",
+            "--table_only", "true"]
+    assert main(args) == 0
+    table = json.loads((root / "fair_results.json").read_text())["table"]
+    assert list(table["equal_steps"]) == ["1"] and table["strongest"] == "rft"
+    assert table["equal_steps"]["1"]["rft"]["vs_baseline"]["mean"] == 0.5
+    assert table["grid"] == f'tokenforget fair --run_dir {root} --settings "[rft]" --data_seeds "[1]"'  # not a mode
+    assert (root / "fair_table.md").read_text().startswith("Equal steps, 1 epoch(s)")
+    assert sorted(p.name for p in root.rglob("*")) == ["cells", "fair_results.json", "fair_table.md", "seed-1",
+                                                      "t1-e1.json"]  # no model, no stage
+    empty = tmp_path / "empty"
+    assert main([*args[:2], str(empty), *args[3:]]) == 2
+    assert "config field 'run_dir': no finished cell in" in capsys.readouterr().err
+    assert not (empty / "fair_table.md").exists()
+
+
 def test_the_grids_dry_run_lists_the_cells_still_to_run(tmp_path: Path, capsys):
     """`tokenforget fair --dry-run` reads the cell files only: data seed 1's own cell holds sft and rft, so it still
     lacks verified_whole; its training seed 101 (rft only) lacks sft and rft: 0 of 2 cells done, at most 3

@@ -227,6 +227,9 @@ class FairConfig:
     """Epochs of `sft`'s steps each setting trains; every setting's own is chosen per run on validation."""
     weak_dir: str = "runs/fair/weak/seed-{seed}"
     """`demo.noise_kind: weak`: the weak sets of each data seed (`{seed}` filled in); made when missing."""
+    table_only: bool = False
+    """Train nothing: write the table from the cells already in `run_dir` (a grid stopped midway, or cells copied
+    from another machine), at the epochs that have cells."""
 
     def __post_init__(self) -> None:
         _check(self.demo.n_val >= 1, "demo.n_val", "the epochs are chosen on a validation split: set n_val >= 1 (120 measured)")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
 from tokenforget.commands.demo import run_demo
+from tokenforget.errors import UserError
 from tokenforget.pipeline.settings import check_settings
 from tokenforget.report.fair import fair_table, format_fair, grid_settings
 
@@ -98,6 +99,8 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     check_settings(cfg.settings, detectors=cfg.demo.detectors)  # before any weak set is made
     check_settings(cfg.extra_seed_settings, "extra_seed_settings")
+    if cfg.table_only:
+        return write_table(cfg, log)
     for epochs in cfg.epochs:
         for seed in cfg.data_seeds:
             if cfg.demo.noise_kind == "weak" and not (weak_dir_for(cfg, seed) / "manifest.json").is_file():
@@ -159,8 +162,15 @@ def read_cells(cfg: FairConfig) -> dict[tuple[int, int, float], dict[str, Any]]:
 
 
 def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk; returns the table."""
-    table = {**fair_table(read_cells(cfg), grid_settings(cfg.settings), cfg.epochs), "grid": grid_command(cfg)}
+    """`fair_results.json` and `fair_table.md` in `cfg.run_dir` from the cells on disk, at the epochs that have cells
+    (a grid stopped before its 2-epoch cells has no strongest baseline at 2 epochs to choose); returns the table.
+    Refused when no cell is on disk."""
+    cells = read_cells(cfg)
+    epochs = [e for e in cfg.epochs if any(k[2] == e for k in cells)]
+    if not epochs:
+        raise UserError(f"config field 'run_dir': no finished cell in {cfg.run_dir}/seed-*/cells/ for data seeds "
+                        f"{cfg.data_seeds} (a grid's cells are t<training seed>-e<epochs>.json)")
+    table = {**fair_table(cells, grid_settings(cfg.settings), epochs), "grid": grid_command(cfg)}
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))
@@ -187,7 +197,7 @@ def grid_command(cfg: FairConfig) -> str:
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(defaults[key], dict):
                 out += flags(value, defaults[key], f"{prefix}{key}.")
-            elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL):
+            elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL) and key != "table_only":
                 out.append(f"--{prefix}{key} {shown(value)}")
         return out
 
