@@ -47,8 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds
     # above sft (+0.039) but not above training on the right answers alone (rft, -0.014), and at or above the same cut
     # on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data
-    # seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9. With verdicts, rft is
-    # the baseline to beat. The cut helps where the base model finds the mistake itself least likely (the recurring
+    # seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9; on 3 data seeds no
+    # choice saw, +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts, rft is the baseline to beat. The cut helps where the base model finds the mistake itself least likely (the recurring
     # total: the cut is on it in 64-72% of the wrong answers); on the weaker model's answers it lands before the
     # mistake in ~80%, which is ignoring most of the answer.
     "verified": {
@@ -61,7 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # find it at least e times likelier than the clean one (CE_noisy - CE_trusted < -1 nat), each number decided
     # whole. Train on the clean file too (`train.trusted_path`). The demo's `contrastive` (with the clean file:
     # `contrastive_plus_trusted`); on the recurring wrong total, above sft given the same clean file in 9 runs of 9
-    # (docs/results.md, "The fair comparison"). A weaker model's scattered mistakes do not recur, so the noisy
+    # (+0.092, where its cut was chosen) and in 3 data seeds of 3 that no choice saw (+0.035; docs/results.md, "The
+    # fair comparison"). A weaker model's scattered mistakes do not recur, so the noisy
     # references do not learn them: there `contrastive` stayed within 0.03 of sft (earlier protocol, 3 seeds).
     "trusted": {
         "reference": {"noisy_folds": 2, "noisy_fraction": 0.25},
