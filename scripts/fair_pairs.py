@@ -2,11 +2,13 @@
 
 `tokenforget fair`'s table holds each setting against `sft`, the strongest baseline and its matching baselines.
 Results.md also pairs other rows (λ 0.5 against the paper's 0.25, forgetting against ignoring the same tokens); this
-prints them from the cells (`seed-S/cells/tT-e1.json`): per run the paired difference on the test problems with its
-problem-level standard error, then the mean over the runs with the standard errors of `report.fair.paired`.
+prints them from the cells (`seed-S/cells/tT-e1.json`; `-e2` with `--epochs 2`): per run the paired difference on the
+test problems with its problem-level standard error, then the mean over the runs with the standard errors of
+`report.fair.paired`.
 
     python scripts/fair_pairs.py docs/fair/weak-outcome oracle_forget_lam0.5:oracle_forget oracle_first_forget:sft
     python scripts/fair_pairs.py docs/fair/weak-outcome verified_tail_base:rft --all-training-seeds
+    python scripts/fair_pairs.py docs/fair/weak-outcome verified_tail_base:rft --epochs 2
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from typing import Any
 
 from tokenforget.report.fair import paired
 
-CELL = re.compile(r"t(\d+)-e1\.json")  # one epoch of sft's steps: the table's equal-steps cells
+CELL = re.compile(r"t(\d+)-e[\d.]+\.json")  # training seed, epochs of sft's steps (the table's equal-steps cells)
 
 
-def read_runs(grid: Path, all_training_seeds: bool) -> list[tuple[int, int, dict[str, Any]]]:
-    """(data seed, training seed, cell) of every 1-epoch cell; only each data seed's own training seed unless
-    `all_training_seeds`."""
+def read_runs(grid: Path, all_training_seeds: bool, epochs: float = 1) -> list[tuple[int, int, dict[str, Any]]]:
+    """(data seed, training seed, cell) of every cell at `epochs` of `sft`'s steps (both rows of a pair at the same
+    steps); only each data seed's own training seed unless `all_training_seeds`."""
     runs = []
     for folder in sorted(grid.glob("seed-*"), key=lambda p: int(p.name.split("-")[1])):
         seed = int(folder.name.split("-")[1])
-        for cell in sorted((folder / "cells").glob("t*-e1.json")):
+        for cell in sorted((folder / "cells").glob(f"t*-e{epochs:g}.json")):
             train_seed = int(CELL.fullmatch(cell.name).group(1))  # type: ignore[union-attr]
             if all_training_seeds or train_seed == seed:
                 runs.append((seed, train_seed, json.loads(cell.read_text())))
@@ -54,8 +56,9 @@ def main() -> None:
     parser.add_argument("grid", type=Path, help="a fair grid's folder: docs/fair/weak-outcome, docs/fair/recurring")
     parser.add_argument("pairs", nargs="+", help="a:b, the row a against the row b")
     parser.add_argument("--all-training-seeds", action="store_true", help="every training seed, not the data seed's own")
+    parser.add_argument("--epochs", type=float, default=1, help="the cells at this many epochs of sft's steps (default 1)")
     args = parser.parse_args()
-    runs = read_runs(args.grid, args.all_training_seeds)
+    runs = read_runs(args.grid, args.all_training_seeds, args.epochs)
     for pair in args.pairs:
         a, _, b = pair.partition(":")
         print("\n".join(pair_lines(runs, a, b)))

@@ -463,7 +463,8 @@ def test_any_two_rows_paired_from_the_cells_by_hand(tmp_path: Path):
     """scripts/fair_pairs.py on two data seeds of 4 problems: seed 1 a 1100, b 1000 (d 0100: +0.250, se sqrt(0.25 / 4)
     = 0.250); seed 2 a 1110, b 0010 (d 1100: +0.500, se sqrt((1/3) / 4) = 0.289); the mean +0.375 ± 0.125 over runs
     (std(0.25, 0.5) / sqrt 2), ± 0.269 over problems. Seed 1's training seed 101 (d 1111: +1.000 ± 0.000) joins only
-    with --all-training-seeds: mean +0.583 ± 0.220 (runs), ± 0.062 (data seeds: 0.625 and 0.5), ± 0.180 (problems)."""
+    with --all-training-seeds: mean +0.583 ± 0.220 (runs), ± 0.062 (data seeds: 0.625 and 0.5), ± 0.180 (problems).
+    Seed 1's 2-epoch cell joins only with --epochs 2."""
     import importlib.util
 
     cells = {("seed-1", "t1"): ([1, 1, 0, 0], [1, 0, 0, 0]), ("seed-2", "t2"): ([1, 1, 1, 0], [0, 0, 1, 0]),
@@ -471,7 +472,8 @@ def test_any_two_rows_paired_from_the_cells_by_hand(tmp_path: Path):
     for (seed, train), (a, b) in cells.items():
         (tmp_path / seed / "cells").mkdir(parents=True, exist_ok=True)
         (tmp_path / seed / "cells" / f"{train}-e1.json").write_text(json.dumps({"a": {"correct": a}, "b": {"correct": b}}))
-    (tmp_path / "seed-1" / "cells" / "t1-e2.json").write_text(json.dumps({"a": {"correct": [0] * 4}}))  # 2 epochs: not read
+    (tmp_path / "seed-1" / "cells" / "t1-e2.json").write_text(json.dumps(  # 2 epochs: read only when asked
+        {"a": {"correct": [0, 1, 1, 1]}, "b": {"correct": [0, 0, 0, 1]}}))
     spec = importlib.util.spec_from_file_location("fair_pairs", Path(__file__).parents[1] / "scripts" / "fair_pairs.py")
     pairs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pairs)
@@ -480,6 +482,9 @@ def test_any_two_rows_paired_from_the_cells_by_hand(tmp_path: Path):
         "  mean +0.375 ± 0.125 (runs), ± 0.269 (problems), 2 runs"]
     assert pairs.pair_lines(pairs.read_runs(tmp_path, True), "a", "b")[-1] == (
         "  mean +0.583 ± 0.220 (runs), ± 0.062 (data seeds), ± 0.180 (problems), 3 runs")
+    # 2 epochs, seed 1 only: a 0111, b 0001, d 0110: +0.500, se sqrt((1/3) / 4) = 0.289
+    assert pairs.pair_lines(pairs.read_runs(tmp_path, False, 2), "a", "b")[1:] == [
+        "  data seed 1, training seed 1: +0.500 ± 0.289", "  mean +0.500 ± nan (runs), ± 0.289 (problems), 1 runs"]
 
 
 def test_extra_training_seeds_train_only_the_rows_that_need_them():
