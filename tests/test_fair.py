@@ -102,6 +102,39 @@ def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
     assert ch["x"]["vs_matching"] == {} and ch["rft"]["vs_matching"] == {}  # x reads nothing; rft is the baseline
 
 
+def test_a_row_without_every_epochs_value_chooses_among_those_it_has():
+    """A grid half-way through its 2-epoch cells: run (1, 1) has sft and rft at 1 and 2 epochs and x at 1 only; run
+    (2, 2) has all three at 1 epoch only. 4 problems. Run 1: sft e1 1000 (val 0.5), e2 1100 (0.7): 2; rft e1 1110
+    (0.6), e2 1111 (0.8): 2; x e1 0110 (0.9). Run 2: sft 1000, rft 1100, x 0111. sft: 1100, 1000, accuracy 0.375;
+    rft: 1111, 1100, 0.75, and against sft +0.5 and +0.25: +0.375. x chose among 1 epoch only, so sft is chosen among
+    1 epoch too when held against it: run 1 0110 - 1000 = +0.25 (not 0110 - 1100 = 0), run 2 0111 - 1000 = +0.5:
+    +0.375. The strongest is rft (0.75), chosen among 1 epoch against x: 0110 - 1110 = -0.25 and 0111 - 1100 = +0.25,
+    0. Before this rule x, without a 2-epoch cell, had no row at all."""
+    from tokenforget.report.fair import format_fair
+
+    def run(cells: dict[str, tuple[list[int], float]]) -> dict:
+        return {s: _cell(c, v) for s, (c, v) in cells.items()}
+
+    cells = {(1, 1, 1.0): run({"sft": ([1, 0, 0, 0], 0.5), "rft": ([1, 1, 1, 0], 0.6), "x": ([0, 1, 1, 0], 0.9)}),
+             (1, 1, 2.0): run({"sft": ([1, 1, 0, 0], 0.7), "rft": ([1, 1, 1, 1], 0.8)}),
+             (2, 2, 1.0): run({"sft": ([1, 0, 0, 0], 0.5), "rft": ([1, 1, 0, 0], 0.5), "x": ([0, 1, 1, 1], 0.5)})}
+    t = fair_table(cells, ["sft", "rft", "x"], [1.0, 2.0])
+    ch = t["chosen_epochs"]
+    assert (ch["sft"]["epochs"], ch["sft"]["of"], ch["sft"]["accuracy"]) == ([2.0, 1.0], [2.0, 1.0], 0.375)
+    assert (ch["rft"]["accuracy"], ch["rft"]["vs_baseline"]["mean"]) == (0.75, 0.375)
+    assert (ch["x"]["epochs"], ch["x"]["of"], ch["x"]["accuracy"]) == ([1.0, 1.0], [1.0, 1.0], 0.625)
+    assert ch["x"]["vs_baseline"]["mean"] == 0.375 and ch["x"]["vs_baseline"]["runs"] == 2
+    assert t["strongest"] == "rft" and ch["x"]["vs_strongest"]["mean"] == 0.0
+    assert list(t["equal_steps"]["2"]) == ["sft", "rft"] and t["equal_steps"]["2"]["rft"]["vs_baseline"]["mean"] == 0.5
+    text = format_fair(t)
+    assert "| `sft` | 2 (of ≤2); 1 (of ≤1) | 0.375 |" in text and "| `x` | 1, 1 (of ≤1) | 0.625 |" in text
+    assert "`(of ≤N)`: chosen among the epochs values up to N" in text
+    again = fair_table(cells | {(3, 3, 2.0): cells[(1, 1, 2.0)], (3, 3, 1.0): cells[(1, 1, 1.0)]}, ["sft"], [1.0, 2.0])
+    assert "| `sft` | 2, 2 (of ≤2); 1 (of ≤1) |" in format_fair(again)  # grouped, not in the runs' order
+    whole = fair_table({k: v for k, v in cells.items() if k[:2] == (1, 1)}, ["sft", "rft"], [1.0, 2.0])
+    assert "(of ≤" not in format_fair(whole)  # every row has every epochs value: the table reads as before
+
+
 def test_a_setting_is_held_against_the_baselines_that_read_what_it_reads():
     """One run, 1 epoch, 4 problems: sft 1000, rft 1100, sft_plus_trusted 1110, verified_tail_base 1101 (verdicts),
     contrastive 0111 (trusted set), verified_tail 1111 (both). verified_tail_base - rft = 0001: +0.25; contrastive -

@@ -129,13 +129,23 @@ def _answers(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int
     return cells[(*run, pick[1])][pick[0]]["correct"]
 
 
+def candidates(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[int, int], members: Sequence[str],
+               epochs: Sequence[float]) -> int:
+    """How many of `epochs`, from the first, `members` have every validated cell for in `run`: the epochs values
+    its choice is made among (0: none). A grid finishes its epochs values row by row; a row with cells at 1 and 2
+    epochs in a table of 1, 2 and 3 chooses between 1 and 2, and says so."""
+    return max((k for k in range(1, len(epochs) + 1) if chosen_pick(cells, run, members, epochs[:k])), default=0)
+
+
 def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str],
                epochs: Sequence[float], baseline: str = "sft") -> dict[str, Any]:
     """For each setting: its mean test accuracy and its paired difference to `baseline` at equal steps (each epochs
     value, over the runs that have it) and at its own chosen epochs against the baseline's own chosen epochs; for a
     setting that others tune, a row `<setting> (tuned)` with the variant and epochs chosen per run on validation; then
     each against the strongest baseline (of the `is_baseline` rows present, the highest mean accuracy at chosen
-    epochs: the table's choice of rival favours the rival)."""
+    epochs: the table's choice of rival favours the rival). A row chooses among the epochs values it has every cell
+    for (`candidates`, recorded per run as `of`, the largest); two rows are compared with both chosen among the
+    epochs values both have, so neither is chosen among more than the other."""
     runs = sorted({(s, t) for s, t, _ in cells})
     at_epochs: dict[str, dict[str, Any]] = {}
     for e in epochs:
@@ -151,27 +161,37 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
             rows[s] = {"accuracy": float(np.mean(acc)), "vs_baseline": asdict(d)}
         at_epochs[f"{e:g}"] = rows
     members = {s: [s] for s in settings} | {s + TUNED: m for s, m in tunings(settings).items()}
-    picks = {row: {r: p for r in runs if (p := chosen_pick(cells, r, m, epochs)) is not None}
-             for row, m in members.items()}
+    reach = {row: {r: k for r in runs if (k := candidates(cells, r, m, epochs))} for row, m in members.items()}
+
+    def pick(row: str, run: tuple[int, int], k: int) -> Pick:
+        return chosen_pick(cells, run, members[row], epochs[:k])  # type: ignore[return-value]  # k <= reach
+
+    def against(row: str, other: str, rs: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """`row` against `other` over the runs `rs` where both have a choice, each among the epochs both have."""
+        rs = [r for r in rs if r in reach[other]]
+        ks = [min(reach[row][r], reach[other][r]) for r in rs]
+        return asdict(paired([_answers(cells, r, pick(row, r, k)) for r, k in zip(rs, ks)],
+                             [_answers(cells, r, pick(other, r, k)) for r, k in zip(rs, ks)], [r[0] for r in rs]))
+
     chosen: dict[str, dict[str, Any]] = {}
     for row, m in members.items():
-        rs = [r for r in runs if r in picks[row] and r in picks[baseline]]
+        rs = [r for r in runs if r in reach[row] and r in reach[baseline]]
         if not rs:
             continue
-        mine = [_answers(cells, r, picks[row][r]) for r in rs]
-        base = [_answers(cells, r, picks[baseline][r]) for r in rs]
-        chosen[row] = {"accuracy": float(np.mean([np.mean(c) for c in mine])), "vs_baseline": asdict(paired(mine, base, [r[0] for r in rs])),
-                       "epochs": [picks[row][r][1] for r in rs], "runs": [list(r) for r in rs]}
+        mine = [pick(row, r, reach[row][r]) for r in rs]
+        chosen[row] = {"accuracy": float(np.mean([np.mean(_answers(cells, r, p)) for r, p in zip(rs, mine)])),
+                       "vs_baseline": against(row, baseline, rs), "epochs": [p[1] for p in mine],
+                       "of": [epochs[reach[row][r] - 1] for r in rs], "runs": [list(r) for r in rs]}
         if len(m) > 1:
-            chosen[row]["chose"] = [picks[row][r][0] for r in rs]
+            chosen[row]["chose"] = [p[0] for p in mine]
     for row, record in chosen.items():  # against the baselines that read what it reads, where the grid trained them
-        record["vs_matching"] = {b: _against(cells, picks, row, b, record)
-                                 for b in matching_baselines(members[row][0]) if b in chosen}
+        rs = [tuple(r) for r in record["runs"]]
+        record["vs_matching"] = {b: against(row, b, rs) for b in matching_baselines(members[row][0]) if b in chosen}
     present = [b for b in chosen if is_baseline(members[b][0])]
     strongest = max(present, key=lambda b: chosen[b]["accuracy"]) if present else None
     if strongest is not None:
         for row, record in chosen.items():
-            record["vs_strongest"] = _against(cells, picks, row, strongest, record)
+            record["vs_strongest"] = against(row, strongest, [tuple(r) for r in record["runs"]])
     return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
             "chosen_epochs": chosen, "made": made_summary(cells, settings)}
 
@@ -206,14 +226,6 @@ def format_made(made: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _against(cells: dict[tuple[int, int, float], dict[str, Any]], picks: dict[str, dict[tuple[int, int], Pick]],
-             row: str, other: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Row `row` against row `other`, each at its own choice, over the runs of `record` where `other` has a pick."""
-    rs = [tuple(r) for r in record["runs"] if tuple(r) in picks[other]]
-    return asdict(paired([_answers(cells, r, picks[row][r]) for r in rs], [_answers(cells, r, picks[other][r]) for r in rs],
-                         [r[0] for r in rs]))
-
-
 def _pm(p: dict[str, Any]) -> str:
     if p["runs"] == 0 or math.isnan(p["mean"]):
         return ""
@@ -221,6 +233,21 @@ def _pm(p: dict[str, Any]) -> str:
     if not math.isnan(p.get("se_seeds", math.nan)):
         runs += f", ± {p['se_seeds']:.3f} (data seeds)"
     return f"{p['mean']:+.3f}{runs}, ± {p['se_problems']:.3f} (problems), {p['runs']} run{'s' * (p['runs'] > 1)}"
+
+
+def _epochs_chosen(row: dict[str, Any], last: float) -> str:
+    """Each run's chosen epochs (and, for a tuned row, variant); where the row lacks cells at the table's last epochs
+    values, the runs grouped by the most epochs they chose among (in the order of the runs' first appearance):
+    "2, 2 (of ≤2); 1 (of ≤1)"."""
+    chose = row.get("chose", [""] * len(row["epochs"]))
+    picks = [f"{e:g}" + (f" `{c}`" if c else "") for e, c in zip(row["epochs"], chose)]
+    of = row.get("of", [last] * len(picks))
+    if all(o == last for o in of):
+        return ", ".join(picks)
+    groups: dict[float, list[str]] = {}
+    for o, p in zip(of, picks):
+        groups.setdefault(o, []).append(p)
+    return "; ".join(", ".join(ps) + f" (of ≤{o:g})" for o, ps in groups.items())
 
 
 def format_fair(table: dict[str, Any]) -> str:
@@ -231,16 +258,19 @@ def format_fair(table: dict[str, Any]) -> str:
                   "|---|---|---|"]
         lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} |" for s, r in rows.items()]
     strongest = table["strongest"]
-    tuned = ("; a row `X (tuned)`: the variant of `X` chosen per run on validation, named after its epochs"
+    last = max((float(e) for e in table["equal_steps"]), default=1.0)  # the table's most epochs
+    notes = ("; a row `X (tuned)`: the variant of `X` chosen per run on validation, named after its epochs"
              if any("chose" in r for r in table["chosen_epochs"].values()) else "")
+    if any(o != last for r in table["chosen_epochs"].values() for o in r.get("of", [])):
+        notes += ("; `(of ≤N)`: chosen among the epochs values up to N, those that row has cells for in those runs; "
+                  "each comparison chooses both rows among the epochs values both have")
     lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`; "
               "the matching baselines: `sft_plus_trusted` for a setting that reads the trusted set, `rft` for one "
-              f"that reads the verdicts{tuned}):\n",
+              f"that reads the verdicts{notes}):\n",
               f"| setting | epochs chosen | accuracy | vs `{b}` | vs `{strongest}` | vs the matching baselines |",
               "|---|---|---|---|---|---|"]
     for s, r in table["chosen_epochs"].items():
-        chose = r.get("chose", [""] * len(r["epochs"]))  # a tuned row: which variant each run chose
-        epochs = ", ".join(f"{e:g}" + (f" `{c}`" if c else "") for e, c in zip(r["epochs"], chose))
+        epochs = _epochs_chosen(r, last)
         matching = "; ".join(f"`{m}` {_pm(p)}" for m, p in r.get("vs_matching", {}).items())
         lines.append(f"| `{s}` | {epochs} | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
                      f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} | {matching} |")
