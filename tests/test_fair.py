@@ -84,7 +84,8 @@ def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
     (a tie: the fewer, 1); x 0.4 then 0.9 (chooses 2). Test (4 problems): sft e1 1000, e2 1100; rft e1 1110, e2 0000;
     x e1 0000, e2 1111. Equal steps at 1 epoch: rft - sft = (0 1 1 0) mean 0.5; x - sft = -0.25. Chosen: sft at 2
     (0.5), rft at 1 (0.75): +0.25; x at 2 (1.0): +0.5. Strongest baseline by chosen accuracy: rft (0.75 > 0.5);
-    x against it: 1111 - 1110 = +0.25."""
+    x against it: 1111 - 1110 = +0.25. At equal steps the strongest baseline is chosen per epochs value: at 1 rft
+    (0.75 > 0.25), x - rft = -0.75; at 2 sft (0.5 > 0), x - sft = +0.5."""
     cells = {
         (1, 1, 1.0): {"sft": _cell([1, 0, 0, 0], 0.5), "rft": _cell([1, 1, 1, 0], 0.6), "x": _cell([0, 0, 0, 0], 0.4)},
         (1, 1, 2.0): {"sft": _cell([1, 1, 0, 0], 0.7), "rft": _cell([0, 0, 0, 0], 0.6), "x": _cell([1, 1, 1, 1], 0.9)},
@@ -95,6 +96,8 @@ def test_epochs_are_chosen_on_validation_and_the_table_reads_test():
     t = fair_table(cells, ["sft", "rft", "x"], [1.0, 2.0])
     eq = t["equal_steps"]["1"]
     assert eq["rft"]["vs_baseline"]["mean"] == 0.5 and eq["x"]["vs_baseline"]["mean"] == -0.25
+    assert t["strongest_at_equal_steps"] == {"1": "rft", "2": "sft"} and eq["x"]["vs_strongest"]["mean"] == -0.75
+    assert t["equal_steps"]["2"]["x"]["vs_strongest"]["mean"] == 0.5
     ch = t["chosen_epochs"]
     assert (ch["sft"]["epochs"], ch["rft"]["epochs"], ch["x"]["epochs"]) == ([2.0], [1.0], [2.0])
     assert ch["rft"]["vs_baseline"]["mean"] == 0.25 and ch["x"]["vs_baseline"]["mean"] == 0.5

@@ -137,6 +137,32 @@ def candidates(cells: dict[tuple[int, int, float], dict[str, Any]], run: tuple[i
     return max((k for k in range(1, len(epochs) + 1) if chosen_pick(cells, run, members, epochs[:k])), default=0)
 
 
+def _equal_steps(cells: dict[tuple[int, int, float], dict[str, Any]], runs: Sequence[tuple[int, int]],
+                 settings: Sequence[str], e: float, baseline: str) -> tuple[dict[str, Any], Optional[str]]:
+    """Each setting at `e` epochs of the baseline's steps, over the runs that have both: its mean test accuracy, its
+    paired difference to `baseline` and to the strongest baseline at these steps (the `is_baseline` row of the
+    highest accuracy); with that row's name."""
+    have = [r for r in runs if baseline in cells.get((*r, e), {})]
+    rows = {}
+    for s in settings:
+        rs = [r for r in have if s in cells[(*r, e)]]
+        if rs:
+            rows[s] = {"accuracy": float(np.mean([np.mean(cells[(*r, e)][s]["correct"]) for r in rs])),
+                       "vs_baseline": asdict(_paired_at(cells, rs, e, s, baseline)), "runs": [list(r) for r in rs]}
+    top = max((b for b in rows if is_baseline(b)), key=lambda b: rows[b]["accuracy"], default=None)
+    for s, row in rows.items():  # over the runs both have
+        rs = [r for r in map(tuple, row["runs"]) if top is not None and top in cells[(*r, e)]]
+        if rs:
+            row["vs_strongest"] = asdict(_paired_at(cells, rs, e, s, top))  # type: ignore[arg-type]
+    return rows, top
+
+
+def _paired_at(cells: dict[tuple[int, int, float], dict[str, Any]], rs: Sequence[tuple[int, int]], e: float, a: str,
+               b: str) -> Paired:
+    return paired([cells[(*r, e)][a]["correct"] for r in rs], [cells[(*r, e)][b]["correct"] for r in rs],
+                  [r[0] for r in rs])
+
+
 def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str],
                epochs: Sequence[float], baseline: str = "sft") -> dict[str, Any]:
     """For each setting: its mean test accuracy and its paired difference to `baseline` at equal steps (each epochs
@@ -148,18 +174,9 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
     epochs values both have, so neither is chosen among more than the other."""
     runs = sorted({(s, t) for s, t, _ in cells})
     at_epochs: dict[str, dict[str, Any]] = {}
+    strongest_at: dict[str, Optional[str]] = {}  # each epochs value's strongest baseline at equal steps
     for e in epochs:
-        have = [r for r in runs if all(x in cells.get((*r, e), {}) for x in (baseline,))]
-        rows = {}
-        for s in settings:
-            rs = [r for r in have if s in cells[(*r, e)]]
-            if not rs:
-                continue
-            acc = [float(np.mean(cells[(*r, e)][s]["correct"])) for r in rs]
-            d = paired([cells[(*r, e)][s]["correct"] for r in rs], [cells[(*r, e)][baseline]["correct"] for r in rs],
-                       [r[0] for r in rs])
-            rows[s] = {"accuracy": float(np.mean(acc)), "vs_baseline": asdict(d)}
-        at_epochs[f"{e:g}"] = rows
+        at_epochs[f"{e:g}"], strongest_at[f"{e:g}"] = _equal_steps(cells, runs, settings, e, baseline)
     members = {s: [s] for s in settings} | {s + TUNED: m for s, m in tunings(settings).items()}
     reach = {row: {r: k for r in runs if (k := candidates(cells, r, m, epochs))} for row, m in members.items()}
 
@@ -193,7 +210,7 @@ def fair_table(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Se
         for row, record in chosen.items():
             record["vs_strongest"] = against(row, strongest, [tuple(r) for r in record["runs"]])
     return {"baseline": baseline, "strongest": strongest, "runs": [list(r) for r in runs], "equal_steps": at_epochs,
-            "chosen_epochs": chosen, "made": made_summary(cells, settings)}
+            "strongest_at_equal_steps": strongest_at, "chosen_epochs": chosen, "made": made_summary(cells, settings)}
 
 
 def made_summary(cells: dict[tuple[int, int, float], dict[str, Any]], settings: Sequence[str]) -> dict[str, Any]:
@@ -254,9 +271,11 @@ def format_fair(table: dict[str, Any]) -> str:
     """The table as Markdown: equal steps per epochs value, then each setting at its chosen epochs."""
     b, lines = table["baseline"], []
     for e, rows in table["equal_steps"].items():
-        lines += [f"\nEqual steps, {e} epoch(s) of `{b}`'s steps (test):\n", f"| setting | accuracy | vs `{b}` |",
-                  "|---|---|---|"]
-        lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} |" for s, r in rows.items()]
+        top = table.get("strongest_at_equal_steps", {}).get(e)
+        lines += [f"\nEqual steps, {e} epoch(s) of `{b}`'s steps (test; strongest baseline at these steps: `{top}`):\n",
+                  f"| setting | accuracy | vs `{b}` | vs `{top}` |", "|---|---|---|---|"]
+        lines += [f"| `{s}` | {r['accuracy']:.3f} | {_pm(r['vs_baseline'])} | "
+                  f"{_pm(r['vs_strongest']) if 'vs_strongest' in r else ''} |" for s, r in rows.items()]
     strongest = table["strongest"]
     last = max((float(e) for e in table["equal_steps"]), default=1.0)  # the table's most epochs
     notes = ("; a row `X (tuned)`: the variant of `X` chosen per run on validation, named after its epochs"
