@@ -9,7 +9,7 @@ another learning rate, another lambda) gets a row with the variant chosen per ru
 `fair_table`: per setting, the mean over runs (data seed x training seed) of its paired test difference to `sft`,
 to the strongest baseline and to its matching baselines, with the standard error over runs (and over data seeds,
 where a data seed has several training seeds) and the mean problem-level paired standard error beside it, at equal steps (each epochs value) and at each setting's own epochs,
-chosen per run on the validation split (`chosen_epochs`).
+chosen per run on the validation split (`chosen_epochs`) among the epochs values the row has cells for (`candidates`).
 """
 
 from __future__ import annotations
