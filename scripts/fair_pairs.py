@@ -9,6 +9,10 @@ test problems with its problem-level standard error, then the mean over the runs
     python scripts/fair_pairs.py docs/fair/weak-outcome oracle_forget_lam0.5:oracle_forget oracle_first_forget:sft
     python scripts/fair_pairs.py docs/fair/weak-outcome verified_tail_base:rft --all-training-seeds
     python scripts/fair_pairs.py docs/fair/weak-outcome verified_tail_base:rft --epochs 2
+    python scripts/fair_pairs.py docs/fair/weak-outcome verified_tail_base:rft --chosen 1,2,3
+
+`--chosen`: each row at its own epochs, chosen per run on validation among those values (both rows among the values
+both have cells for: `report.fair.candidates`), as the table's chosen-epochs section, over the runs given.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tokenforget.report.fair import paired
+from tokenforget.report.fair import candidates, chosen_pick, paired
 
 CELL = re.compile(r"t(\d+)-e[\d.]+\.json")  # training seed, epochs of sft's steps (the table's equal-steps cells)
 
@@ -38,13 +42,28 @@ def read_runs(grid: Path, all_training_seeds: bool, epochs: float = 1) -> list[t
     return runs
 
 
+def chosen_runs(grid: Path, all_training_seeds: bool, epochs: list[float], a: str,
+                b: str) -> list[tuple[int, int, dict[str, Any]]]:
+    """(data seed, training seed, {a: cell row, b: cell row, "chose": "ea vs eb"}) of every run where both rows have
+    a cell at `epochs[0]`: each row at its epochs chosen on validation among the values both have."""
+    cells = {(s, t, e): c for e in epochs for s, t, c in read_runs(grid, all_training_seeds, e)}
+    runs = []
+    for s, t in sorted({(s, t) for s, t, _ in cells}):
+        k = min(candidates(cells, (s, t), [a], epochs), candidates(cells, (s, t), [b], epochs))
+        if k:
+            (_, ea), (_, eb) = chosen_pick(cells, (s, t), [a], epochs[:k]), chosen_pick(cells, (s, t), [b], epochs[:k])
+            runs.append((s, t, {a: cells[(s, t, ea)][a], b: cells[(s, t, eb)][b], "chose": f"{ea:g} vs {eb:g}"}))
+    return runs
+
+
 def pair_lines(runs: list[tuple[int, int, dict[str, Any]]], a: str, b: str) -> list[str]:
     """`a` − `b` in every run that has both: one line per run, then the mean."""
     both = [(s, t, c) for s, t, c in runs if a in c and b in c]
     lines = []
     for s, t, c in both:
         one = paired([c[a]["correct"]], [c[b]["correct"]], [s])
-        lines.append(f"  data seed {s}, training seed {t}: {one.mean:+.3f} ± {one.se_problems:.3f}")
+        chose = f" (epochs {c['chose']})" if "chose" in c else ""
+        lines.append(f"  data seed {s}, training seed {t}{chose}: {one.mean:+.3f} ± {one.se_problems:.3f}")
     p = paired([c[a]["correct"] for *_, c in both], [c[b]["correct"] for *_, c in both], [s for s, *_ in both])
     seeds = "" if math.isnan(p.se_seeds) else f", ± {p.se_seeds:.3f} (data seeds)"  # NaN: one run a data seed
     return [f"{a} − {b}:", *lines,
@@ -57,10 +76,13 @@ def main() -> None:
     parser.add_argument("pairs", nargs="+", help="a:b, the row a against the row b")
     parser.add_argument("--all-training-seeds", action="store_true", help="every training seed, not the data seed's own")
     parser.add_argument("--epochs", type=float, default=1, help="the cells at this many epochs of sft's steps (default 1)")
+    parser.add_argument("--chosen", help="each row at its epochs chosen on validation among these: 1,2,3")
     args = parser.parse_args()
     runs = read_runs(args.grid, args.all_training_seeds, args.epochs)
     for pair in args.pairs:
         a, _, b = pair.partition(":")
+        if args.chosen:
+            runs = chosen_runs(args.grid, args.all_training_seeds, [float(e) for e in args.chosen.split(",")], a, b)
         print("\n".join(pair_lines(runs, a, b)))
 
 

@@ -521,6 +521,18 @@ def test_any_two_rows_paired_from_the_cells_by_hand(tmp_path: Path):
     # 2 epochs, seed 1 only: a 0111, b 0001, d 0110: +0.500, se sqrt((1/3) / 4) = 0.289
     assert pairs.pair_lines(pairs.read_runs(tmp_path, False, 2), "a", "b")[1:] == [
         "  data seed 1, training seed 1: +0.500 ± 0.289", "  mean +0.500 ± nan (runs), ± 0.289 (problems), 1 runs"]
+    # --chosen 1,2: seed 1 has both epochs; a's validation picks 2 (0.9 > 0.5): 0111, b's picks 1 (0.5 > 0.1): 1000,
+    # d = (-1, 1, 1, 1): +0.500, std 1, se 0.500. Seed 2 has 1 epoch only: both at 1, a 1110 - b 0010: +0.500 ± 0.289.
+    chosen = tmp_path / "chosen"
+    for seed, e, a, b in [(1, 1, ([1, 1, 0, 0], 0.5), ([1, 0, 0, 0], 0.5)), (1, 2, ([0, 1, 1, 1], 0.9), ([0, 0, 0, 1], 0.1)),
+                          (2, 1, ([1, 1, 1, 0], 0.5), ([0, 0, 1, 0], 0.5))]:
+        (chosen / f"seed-{seed}" / "cells").mkdir(parents=True, exist_ok=True)
+        (chosen / f"seed-{seed}" / "cells" / f"t{seed}-e{e}.json").write_text(json.dumps(
+            {"a": {"correct": a[0], "val_accuracy": a[1]}, "b": {"correct": b[0], "val_accuracy": b[1]}}))
+    assert pairs.pair_lines(pairs.chosen_runs(chosen, False, [1.0, 2.0], "a", "b"), "a", "b")[1:] == [
+        "  data seed 1, training seed 1 (epochs 2 vs 1): +0.500 ± 0.500",
+        "  data seed 2, training seed 2 (epochs 1 vs 1): +0.500 ± 0.289",
+        "  mean +0.500 ± 0.000 (runs), ± 0.394 (problems), 2 runs"]
 
 
 def test_extra_training_seeds_train_only_the_rows_that_need_them():
