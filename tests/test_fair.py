@@ -595,8 +595,8 @@ def test_every_shipped_grid_parses_and_names_declared_settings():
 
 def test_the_table_from_the_cells_on_disk_alone(tmp_path: Path, capsys):
     """`tokenforget fair --table_only true` trains nothing: a grid of epochs 1 and 2 stopped after its 1-epoch cell
-    (seed 1: sft 1000, rft 1110 on test) gets the table at 1 epoch, rft - sft = (0 1 1 0) = +0.5, and rft is the
-    strongest baseline. A run folder without a cell is refused naming run_dir, exit 2, writing nothing."""
+    (seed 1: sft 1000, rft 1110 on test) gets the table at 1 epoch, rft - sft = (0 1 1 0) = +0.5, rft is the
+    strongest baseline, and the chosen section says 2 epochs were declared and not trained. A run folder without a cell is refused naming run_dir, exit 2, writing nothing."""
     from tokenforget.cli import main
 
     root = tmp_path / "fair"
@@ -610,7 +610,9 @@ def test_the_table_from_the_cells_on_disk_alone(tmp_path: Path, capsys):
     assert list(table["equal_steps"]) == ["1"] and table["strongest"] == "rft"
     assert table["equal_steps"]["1"]["rft"]["vs_baseline"]["mean"] == 0.5
     assert table["grid"] == f'tokenforget fair --run_dir {root} --settings "[rft]" --data_seeds "[1]"'  # not a mode
-    assert (root / "fair_table.md").read_text().startswith("Equal steps, 1 epoch(s)")
+    text = (root / "fair_table.md").read_text()
+    assert text.startswith("Equal steps, 1 epoch(s)")
+    assert "the grid also declares 2 epochs, no cell trained yet: every row is chosen among 1 only" in text
     assert sorted(p.name for p in root.rglob("*")) == ["cells", "fair_results.json", "fair_table.md", "seed-1",
                                                       "t1-e1.json"]  # no model, no stage
     empty = tmp_path / "empty"

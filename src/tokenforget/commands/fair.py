@@ -170,7 +170,8 @@ def write_table(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str
     if not epochs:
         raise UserError(f"config field 'run_dir': no finished cell in {cfg.run_dir}/seed-*/cells/ for data seeds "
                         f"{cfg.data_seeds} (a grid's cells are t<training seed>-e<epochs>.json)")
-    table = {**fair_table(cells, grid_settings(cfg.settings), epochs), "grid": grid_command(cfg)}
+    table = {**fair_table(cells, grid_settings(cfg.settings), epochs), "grid": grid_command(cfg),
+             "untrained_epochs": [e for e in cfg.epochs if e not in epochs]}  # so the table says what it lacks
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / FAIR_RESULTS).write_text(json.dumps({"config": asdict(cfg), "table": table}, indent=2))

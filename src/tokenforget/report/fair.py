@@ -283,6 +283,9 @@ def format_fair(table: dict[str, Any]) -> str:
     if any(o != last for r in table["chosen_epochs"].values() for o in r.get("of", [])):
         notes += ("; `(of ≤N)`: chosen among the epochs values up to N, those that row has cells for in those runs; "
                   "each comparison chooses both rows among the epochs values both have")
+    if table.get("untrained_epochs"):
+        notes += (f"; the grid also declares {', '.join(f'{e:g}' for e in table['untrained_epochs'])} epochs, no "
+                  f"cell trained yet: every row is chosen among {', '.join(table['equal_steps'])} only")
     lines += [f"\nEach setting at its own epochs, chosen on validation (test; strongest baseline: `{strongest}`; "
               "the matching baselines: `sft_plus_trusted` for a setting that reads the trusted set, `rft` for one "
               f"that reads the verdicts{notes}):\n",
