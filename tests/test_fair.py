@@ -218,7 +218,9 @@ def test_every_setting_reads_only_what_the_table_has_a_baseline_for():
 def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     """One data seed x two training seeds x epochs (1, 2) on a tiny model: every cell trains sft, rft and
     verified_tail (which adds sft_plus_trusted) at sft's optimizer steps; the references are trained once per data
-    seed; a rerun trains nothing; the table holds 2 runs (the data seeds' dimension: the hand-worked tests above)."""
+    seed; a rerun trains nothing; the table holds 2 runs (the data seeds' dimension: the hand-worked tests above).
+    Without `keep_models` a cell's final trainings are deleted once it is written: a third training seed's cell
+    leaves no training stage, the first two's (kept) and the references stay."""
     from tokenforget.cli import main
 
     root = tmp_path / "fair"
@@ -227,7 +229,7 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
             "--demo.n_trusted", "8", "--demo.max_new_tokens", "4", "--demo.report_to", "[none]",
             "--settings", "[rft, verified_tail]", "--data_seeds", "[1]", "--train_seeds", "[5, 6]",
             "--epochs", "[1, 2]"]
-    assert main(args) == 0
+    assert main([*args, "--keep_models", "true"]) == 0
     seed1 = root / "seed-1"
     for setting, folder in (("sft", "."), ("rft", "rft"), ("verified_tail", "verified_tail"),
                             ("sft_plus_trusted", "sft_plus_trusted")):
@@ -256,6 +258,10 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     assert main(args) == 0  # a rerun: every cell on disk, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in root.rglob("stage.json")} == mtimes
     assert json.loads((seed1 / "trusted" / "reference" / "stage.json").read_text()) == ref
+    kept = sorted(seed1.glob("**/train-*"))
+    assert main([*args[:-4], "--train_seeds", "[7]", "--epochs", "[1]"]) == 0  # by default a cell's trainings go
+    assert (seed1 / "cells" / "t7-e1.json").is_file() and sorted(seed1.glob("**/train-*")) == kept
+    assert (seed1 / "trusted" / "reference" / "stage.json").is_file()
 
 
 def test_trl_preference_rows_by_hand():

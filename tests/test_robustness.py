@@ -170,13 +170,24 @@ def test_report_without_out_dir_probes_the_run_folders_report(tmp_path, capsys):
     ]
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")])
-def test_a_full_disk_is_one_line_and_leaves_no_half_written_stage(tmp_path, error):
-    """A stage whose save fills the disk (an OSError, or the error safetensors raises): one line naming the stage and
-    the folder; the half-made stage is gone, the finished one before it stays; any other error passes unchanged."""
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 15745664 vs 15745556"  # seen on a full disk
+
+
+@pytest.mark.parametrize(("error", "free"), [(OSError(28, "No space left on device"), 2**30),
+                                             (RuntimeError("Error while serializing: I/O error: No space left on "
+                                                           "device (os error 28)"), 2**30),
+                                             (RuntimeError(TORCH_FULL), 4096)])
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_stage(tmp_path, monkeypatch, error, free):
+    """A stage whose save fills the disk (an OSError, the error safetensors raises, or torch's checkpoint writer's
+    with 4 KiB left free): one line naming the stage and the folder; the half-made stage is gone, the finished one
+    before it stays; any other error, with 1 GiB free, passes unchanged."""
+    import shutil
+    from collections import namedtuple
+
     from tokenforget.runfolder import RunFolder, RunFolderError
 
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(2**40, 2**40 - free, free))
     folder = RunFolder(tmp_path, {}, log=lambda _msg: None)
     folder.ensure("data", "fp1", lambda: 1, lambda _r, d: (d / "rows.txt").write_text("1") and {})
 
@@ -189,6 +200,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_stage(tmp_path, erro
     assert str(caught.value) == (f"[train-sft] no space left on the device of {tmp_path}: the stage was discarded, "
                                  "the finished stages are kept; free space and rerun to resume")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "data"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(2**40, 2**40 - 2**30, 2**30))
     with pytest.raises(ValueError, match="not a disk"):
         folder.ensure("train-sft", "fp2", lambda: 2, lambda _r, _d: (_ for _ in ()).throw(ValueError("not a disk")))
 

@@ -230,6 +230,10 @@ class FairConfig:
     table_only: bool = False
     """Train nothing: write the table from the cells already in `run_dir` (a grid stopped midway, or cells copied
     from another machine), at the epochs that have cells."""
+    keep_models: bool = False
+    """Keep each cell's final trainings (merged model and adapter: 590 MB each for SmolLM2-135M) once its answers are
+    in the cell file. By default they are deleted there: 48 trainings would hold 28 GB; references, scores and
+    evaluations stay, and a later grid that needs one trains it again."""
 
     def __post_init__(self) -> None:
         _check(self.demo.n_val >= 1, "demo.n_val", "the epochs are chosen on a validation split: set n_val >= 1 (120 measured)")

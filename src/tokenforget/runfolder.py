@@ -45,10 +45,20 @@ from tokenforget.version import made_by
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.json"
+# below this much free space a failed save is a full disk, whatever the writer raised: torch's zip writer says
+# "unexpected pos" (a Trainer checkpoint's optimizer state), not ENOSPC
+FULL_BELOW = 64 * 2**20
 # `tokenforget audit`'s folder and files in a run folder (read by the report too)
 AUDIT_DIR, TABLE_FILE, ROWS_FILE, SUMMARY_FILE = "audit", "audit.parquet", "audit.jsonl", "audit.json"
 
 T = TypeVar("T")
+
+
+def nearly_full(path: Path) -> bool:
+    """Under `FULL_BELOW` free on the device of `path` (or of its nearest folder that exists)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free < FULL_BELOW
 
 
 class RunFolderError(UserError):
@@ -261,12 +271,14 @@ class RunFolder:
     @contextlib.contextmanager
     def disk_full_is_one_line(self, name: str) -> Iterator[None]:
         """A full disk while a stage is made (a trainer's save raises OSError, safetensors an error of its own that
-        names os error 28) becomes one line naming the stage and the folder: `writing` has already discarded the
-        half-made stage, and the stages before it stay, so freeing space and rerunning resumes here."""
+        names os error 28, torch's checkpoint writer "unexpected pos": any error with under `FULL_BELOW` left free)
+        becomes one line naming the stage and the folder: `writing` has already discarded the half-made stage, and
+        the stages before it stay, so freeing space and rerunning resumes here."""
         try:
             yield
         except Exception as e:
-            full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e)
+            full = ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e)
+                    or nearly_full(self.root))
             if not full:
                 raise
             raise RunFolderError(f"[{name}] no space left on the device of {self.root}: the stage was discarded, "

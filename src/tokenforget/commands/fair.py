@@ -11,9 +11,10 @@ chosen per run on validation; a setting that reads the trusted set brings `sft_p
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from tokenforget.command_config import DemoConfig, FairConfig, WeakConfig
 from tokenforget.commands.demo import run_demo
@@ -114,7 +115,18 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
                 log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
                 results = run_demo(replace(cell_config(cfg, seed, train_seed, epochs), settings=settings), log)
                 write_cell(out, cell_record(results))
+                if not cfg.keep_models:
+                    drop_trainings(results["stages"].values(), log)
     return write_table(cfg, log)
+
+
+def drop_trainings(stages: Iterable[str], log: Callable[[str], None]) -> None:
+    """A written cell's final-training stages deleted (`FairConfig.keep_models`): the cell holds their answers."""
+    folders = sorted({Path(s) for s in stages if Path(s).is_dir()})
+    size = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+    for folder in folders:
+        shutil.rmtree(folder)
+    log(f"[fair] the cell's {len(folders)} final trainings deleted ({size / 1e9:.2f} GB; keep_models: true keeps them)")
 
 
 def write_cell(out: Path, record: dict[str, Any]) -> None:
@@ -186,6 +198,9 @@ PER_CELL = ("run_dir", "seed", "train_seed", "epochs", "equal_steps", "settings"
             "micro_batch_size", "nll_problems")
 
 
+HOW_RUN = ("table_only", "keep_models")  # how a grid is run, not what it measures: not in its command line
+
+
 def grid_command(cfg: FairConfig) -> str:
     """The command line of this grid: `tokenforget fair` with every field that differs from its default."""
     def shown(value: Any) -> str:
@@ -198,7 +213,7 @@ def grid_command(cfg: FairConfig) -> str:
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(defaults[key], dict):
                 out += flags(value, defaults[key], f"{prefix}{key}.")
-            elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL) and key != "table_only":
+            elif value != defaults[key] and not (prefix == "demo." and key in PER_CELL) and key not in HOW_RUN:
                 out.append(f"--{prefix}{key} {shown(value)}")
         return out
 
