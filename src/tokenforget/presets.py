@@ -46,13 +46,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # right one learned. No reference is trained and no data beyond the file is read. At sft's optimizer steps
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds above
     # sft (+0.039) but not above training on the right answers alone (rft, -0.014; at 2-3 epochs, validation's choice,
-    # +0.019 +- 0.006 over 3 runs, yet not above ignoring wrong answers whole: +0.008), and at or above the same cut on
-    # a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3 data seeds x
-    # 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9; on 3 data seeds no choice saw,
-    # +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts, rft is the baseline to beat. The cut helps
-    # where the base model finds the mistake itself least likely (the recurring total: the cut is on it in 64-72% of the
-    # wrong answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring most of the
-    # answer.
+    # +0.013 +- 0.005 over 9 runs, 6 of them not yet trained at 3 epochs; +-0.017 over problems), and at or above the
+    # same cut on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3
+    # data seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9; on 3 data seeds
+    # no choice saw, +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts, rft is the baseline to beat. The
+    # cut helps where the base model finds the mistake itself least likely (the recurring total: the cut is on it in
+    # 64-72% of the wrong answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring
+    # most of the answer.
     "verified": {
         "score": {"method": "base_loss"},
         "partition": {"selection": "verified_tail"},
