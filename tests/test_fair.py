@@ -602,7 +602,8 @@ def test_every_shipped_grid_parses_and_names_declared_settings():
 def test_the_table_from_the_cells_on_disk_alone(tmp_path: Path, capsys):
     """`tokenforget fair --table_only true` trains nothing: a grid of epochs 1 and 2 stopped after its 1-epoch cell
     (seed 1: sft 1000, rft 1110 on test) gets the table at 1 epoch, rft - sft = (0 1 1 0) = +0.5, rft is the
-    strongest baseline, and the chosen section says 2 epochs were declared and not trained. A run folder without a cell is refused naming run_dir, exit 2, writing nothing."""
+    strongest baseline, and the chosen section says 2 epochs were declared and not trained. A run folder without a
+    cell is refused naming run_dir, exit 2, writing nothing."""
     from tokenforget.cli import main
 
     root = tmp_path / "fair"
