@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -262,6 +263,13 @@ def test_a_fair_grid_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path):
     assert main([*args[:-4], "--train_seeds", "[7]", "--epochs", "[1]"]) == 0  # by default a cell's trainings go
     assert (seed1 / "cells" / "t7-e1.json").is_file() and sorted(seed1.glob("**/train-*")) == kept
     assert (seed1 / "trusted" / "reference" / "stage.json").is_file()
+    cell = json.loads((seed1 / "cells" / "t7-e1.json").read_text())
+    stages = sorted(root.rglob("stage.json"))
+    assert main([*args[:-8], "--settings", "[rft, verified_tail, verified_whole]", "--data_seeds", "[1]",
+                 "--train_seeds", "[7]", "--epochs", "[1]", "--keep_models", "true"]) == 0  # one setting more
+    new = sorted(p.parent for p in set(root.rglob("train-*/stage.json")) - set(stages))  # sft not trained again
+    assert [p.relative_to(seed1).as_posix() for p in new] == ["verified_whole/train-ignore-t7"]
+    assert json.loads((seed1 / "cells" / "t7-e1.json").read_text()) == {**cell, "verified_whole": ANY}
 
 
 def test_trl_preference_rows_by_hand():
@@ -419,28 +427,29 @@ def test_an_installed_copy_in_another_repository_gives_its_version(tmp_path: Pat
     assert module.code_commit() == f"tokenforget {module.__version__}"
 
 
-def test_a_cell_is_done_only_with_every_setting(tmp_path: Path):
-    """A grid that adds settings runs its finished cells again (their stages reused): a cell file is done for a
-    grid whose settings it holds all of."""
-    from tokenforget.commands.fair import cell_done
+def test_a_cell_lacks_the_settings_its_file_does_not_hold(tmp_path: Path):
+    """A grid that adds settings runs its finished cells again for the new settings alone, in the grid's order; a
+    cell file is done for a grid whose settings it holds all of."""
+    from tokenforget.commands.fair import cell_missing
 
     cell = tmp_path / "t1-e1.json"
-    assert not cell_done(cell, ["sft"])
+    assert cell_missing(cell, ["sft", "rft"]) == ["sft", "rft"]
     cell.write_text(json.dumps({"base": {}, "sft": {}, "rft": {}}))
-    assert cell_done(cell, ["sft", "rft"]) and not cell_done(cell, ["sft", "rft", "kto"])
+    assert cell_missing(cell, ["sft", "rft"]) == []
+    assert cell_missing(cell, ["sft", "kto", "rft", "dpo"]) == ["kto", "dpo"]
 
 
 def test_a_second_grid_adds_its_settings_to_the_cell(tmp_path: Path):
     """Two grids on one run folder (p2: contrastive, p2b: rft): the second's cell keeps the first's models, and a
     model both trained keeps the first record, the one the landed rows were paired with."""
-    from tokenforget.commands.fair import cell_done, write_cell
+    from tokenforget.commands.fair import cell_missing, write_cell
 
     cell = tmp_path / "cells" / "t1-e1.json"
     write_cell(cell, {"sft": {"correct": [1, 0]}, "contrastive": {"correct": [1, 1]}})
     write_cell(cell, {"sft": {"correct": [0, 0]}, "rft": {"correct": [0, 1]}})
     assert json.loads(cell.read_text()) == {"sft": {"correct": [1, 0]}, "contrastive": {"correct": [1, 1]},
                                            "rft": {"correct": [0, 1]}}
-    assert cell_done(cell, ["sft", "contrastive", "rft"]) and not (tmp_path / "cells" / "t1-e1.tmp").exists()
+    assert cell_missing(cell, ["sft", "contrastive", "rft"]) == [] and not (tmp_path / "cells" / "t1-e1.tmp").exists()
 
 
 def test_a_reference_on_the_files_own_right_answers(tmp_path: Path, tiny_tokenizer):

@@ -57,10 +57,12 @@ def cell_settings(cfg: FairConfig, seed: int, train_seed: int) -> list[str]:
     return grid_settings(cfg.extra_seed_settings)
 
 
-def cell_done(out: Path, settings: list[str]) -> bool:
-    """Whether a cell's results on disk hold every setting (a grid that adds settings reruns the cell: its finished
-    stages and evaluations are reused, only the new settings train)."""
-    return out.is_file() and set(settings) <= set(json.loads(out.read_text()))
+def cell_missing(out: Path, settings: list[str]) -> list[str]:
+    """The settings a cell's results on disk lack, in order (empty: done). A grid that adds settings runs the cell
+    again for these alone: the models it holds are neither trained nor evaluated again, since `write_cell` keeps
+    their first record anyway (a deleted `sft` training is retrained only where a new setting starts from it)."""
+    have = set(json.loads(out.read_text())) if out.is_file() else set()
+    return [s for s in settings if s not in have]
 
 
 def pending(cfg: FairConfig) -> list[tuple[int, int, float, list[str]]]:
@@ -70,9 +72,8 @@ def pending(cfg: FairConfig) -> list[tuple[int, int, float, list[str]]]:
     for epochs in cfg.epochs:
         for seed in cfg.data_seeds:
             for train_seed in train_seeds_of(cfg, seed):
-                out_file, settings = cell_file(cfg, seed, train_seed, epochs), cell_settings(cfg, seed, train_seed)
-                have = set(json.loads(out_file.read_text())) if out_file.is_file() else set()
-                out.append((seed, train_seed, epochs, [s for s in settings if s not in have]))
+                out_file = cell_file(cfg, seed, train_seed, epochs)
+                out.append((seed, train_seed, epochs, cell_missing(out_file, cell_settings(cfg, seed, train_seed))))
     return out
 
 
@@ -109,11 +110,12 @@ def run_fair(cfg: FairConfig, log: Callable[[str], None] = print) -> dict[str, A
                 make_weak_sets(WeakConfig(out_dir=str(weak_dir_for(cfg, seed)), seed=seed, model=cfg.demo.model,
                                           report_to=["none"]), log)
             for train_seed in train_seeds_of(cfg, seed):
-                out, settings = cell_file(cfg, seed, train_seed, epochs), cell_settings(cfg, seed, train_seed)
-                if cell_done(out, settings):
+                out = cell_file(cfg, seed, train_seed, epochs)
+                missing = cell_missing(out, cell_settings(cfg, seed, train_seed))
+                if not missing:
                     continue
-                log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs")
-                results = run_demo(replace(cell_config(cfg, seed, train_seed, epochs), settings=settings), log)
+                log(f"[fair] data seed {seed}, training seed {train_seed}, {epochs:g} epochs: {', '.join(missing)}")
+                results = run_demo(replace(cell_config(cfg, seed, train_seed, epochs), settings=missing), log)
                 write_cell(out, cell_record(results))
                 if not cfg.keep_models:
                     drop_trainings(results["stages"].values(), log)
