@@ -45,8 +45,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # token the base model finds least likely (`score.method: base_loss`, `partition.selection: verified_tail`), every
     # right one learned. No reference is trained and no data beyond the file is read. At sft's optimizer steps
     # (docs/results.md, "The fair comparison"): on a weaker model's answers over 3 data seeds x 3 training seeds above
-    # sft (+0.039) but not above training on the right answers alone (rft, -0.014; at 2-3 epochs, validation's choice,
-    # -0.005 +- 0.008 over 9 runs, 2 of them not yet trained at 3 epochs; +-0.017 over problems), and at or above the
+    # sft (+0.039) but not above training on the right answers alone (rft, -0.014; at the epochs 1-3 validation chose,
+    # -0.005 +- 0.008 over the 9 runs, +-0.018 over problems: a tie, ahead in 3 runs of 9), and at or above the
     # same cut on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3
     # data seeds x 3 training seeds) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9; on 3 data seeds
     # no choice saw, +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts, rft is the baseline to beat. The
