@@ -63,9 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and two cross-fitted on the noisy answers (each on a quarter of them); a token is ignored where the noisy ones
     # find it at least e times likelier than the clean one (CE_noisy - CE_trusted < -1 nat), each number decided
     # whole. Train on the clean file too (`train.trusted_path`). The demo's `contrastive` (with the clean file:
-    # `contrastive_plus_trusted`); on the recurring wrong total, above sft given the same clean file in 9 runs of 9
-    # (+0.092, where its cut was chosen) and in 3 data seeds of 3 that no choice saw (+0.035; docs/results.md, "The
-    # fair comparison"). A weaker model's scattered mistakes do not recur, so the noisy
+    # `contrastive_plus_trusted`); on the recurring wrong total, above sft given the same clean file at 1 epoch in 9
+    # runs of 9 (+0.092, where its cut was chosen) and in 3 data seeds of 3 that no choice saw (+0.035), but at 2
+    # epochs, which validation chose, +0.103 +- 0.068 (2 of 3: not established; docs/results.md, "The fair
+    # comparison"). A weaker model's scattered mistakes do not recur, so the noisy
     # references do not learn them: there `contrastive` stayed within 0.03 of sft (earlier protocol, 3 seeds).
     "trusted": {
         "reference": {"noisy_folds": 2, "noisy_fraction": 0.25},
