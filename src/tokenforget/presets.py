@@ -49,11 +49,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # -0.005 +- 0.008 over the 9 runs, +-0.018 over problems: a tie, ahead in 3 runs of 9), and at or above the
     # same cut on a trusted reference (+0.013 over 3 runs: the preset until 2026-12-07); on a recurring wrong total (3
     # data seeds x 3 training seeds, 1 epoch) +0.141 over sft and +0.108 over rft, ahead of rft in 8 runs of 9, but at 2
-    # epochs, which validation chose for both, the lead is +0.021 +- 0.013 (3 data seeds, 2 ahead: not
-    # established); on 3 data seeds no choice saw (1 epoch), +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts, rft is the baseline to beat. The
-    # cut helps where the base model finds the mistake itself least likely (the recurring total: the cut is on it in
-    # 64-72% of the wrong answers); on the weaker model's answers it lands before the mistake in ~80%, which is ignoring
-    # most of the answer.
+    # epochs, which validation chose for both, the lead is +0.021 +- 0.013 (3 data seeds, 2 ahead: not established);
+    # on 3 data seeds no choice saw (1 epoch), +0.079 +- 0.074 over rft (2 of 3: not established). With verdicts,
+    # rft is the baseline to beat. The cut helps where the base model finds the mistake itself least likely (the
+    # recurring total: the cut is on it in 64-72% of the wrong answers); on the weaker model's answers it lands before
+    # the mistake in ~80%, which is ignoring most of the answer.
     "verified": {
         "score": {"method": "base_loss"},
         "partition": {"selection": "verified_tail"},
